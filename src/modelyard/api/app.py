@@ -1,0 +1,48 @@
+"""create_app(settings): the FastAPI application; its lifespan starts and stops the endpoints."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI
+
+from ..registry.registry import Registry
+from ..settings import Settings
+from . import completions, errors, models
+from .middleware import BodyLimits
+from .auth import KeyChecker, require_key
+
+OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
+    registry = registry or Registry(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.start()
+        try:
+            yield
+        finally:
+            app.state.shutting_down = True
+            registry.drain()
+            await registry.stop()
+
+    app = FastAPI(title="modelyard", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible model endpoints")
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.keys = KeyChecker(settings.api_keys)
+    app.state.started = int(time.time())
+    app.state.shutting_down = False
+    errors.install(app)
+    app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
+    auth = [Depends(require_key)]
+    for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
+        app.include_router(completions.router, prefix=prefix, dependencies=auth, include_in_schema=documented)
+        app.include_router(models.router, prefix=prefix, dependencies=auth, include_in_schema=documented)
+    app.include_router(models.admin, prefix="/api/v1", dependencies=auth)
+    app.include_router(models.probes)
+    return app

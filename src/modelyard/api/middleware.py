@@ -1,0 +1,54 @@
+"""ASGI middleware: body-size limit (413) and JSON bodies whatever their Content-Type."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyLimits:
+    """Rejects bodies above `max_bytes` with 413 before reading them into memory, and treats
+    every POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        headers.append((b"content-type", b"application/json"))
+        scope = {**scope, "headers": headers}
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(send, int(length))
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge as exc:
+            await self._too_large(send, exc.args[0])
+
+    async def _too_large(self, send: Send, size: int) -> None:
+        body = json.dumps({"error": {
+            "message": f"request body is {size} bytes, above this server's limit of {self.max_bytes} bytes",
+            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,46 @@
+"""GET /models (OpenAI list), /health, /ready, /api/v1/endpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter()        # under the OpenAI prefixes, behind auth
+admin = APIRouter()         # /api/v1/endpoints, behind auth
+probes = APIRouter()        # /health and /ready, open (load balancers and orchestrators call them)
+
+
+@router.get("/models", summary="List model endpoints")
+async def list_models(request: Request) -> dict:
+    registry = request.app.state.registry
+    return {"object": "list", "data": [
+        {"id": ep.name, "object": "model", "created": request.app.state.started, "owned_by": "modelyard",
+         "state": ep.state.value, "ready": ep.not_ready_reason() is None}
+        for ep in registry.endpoints.values()]}
+
+
+@admin.get("/endpoints", summary="Model endpoints and their state")
+async def list_endpoints(request: Request) -> dict:
+    return {"endpoints": [ep.describe() for ep in request.app.state.registry.endpoints.values()]}
+
+
+@admin.get("/endpoints/{name}", summary="One model endpoint")
+async def get_endpoint(name: str, request: Request) -> dict:
+    return request.app.state.registry.get(name).describe()
+
+
+@probes.get("/health", summary="The process is up and accepting requests")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@probes.get("/ready", summary="Every endpoint can serve; 503 listing those that cannot")
+async def ready(request: Request) -> JSONResponse:
+    app = request.app.state
+    not_ready = {ep.name: ep.not_ready_reason() for ep in app.registry.endpoints.values()
+                 if ep.not_ready_reason() is not None}
+    if app.shutting_down:
+        return JSONResponse({"status": "shutting down", "not_ready": not_ready}, status_code=503)
+    if not_ready:
+        return JSONResponse({"status": "not ready", "not_ready": not_ready}, status_code=503)
+    return JSONResponse({"status": "ready"})

@@ -1,0 +1,74 @@
+"""modelyard serve | pull | models: argv -> Settings -> server or store."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import settings as settings_mod
+from .errors import ModelyardError
+from .store import ModelStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelyard", description="Serve your own language models "
+                                "behind an OpenAI-compatible model-endpoints API.")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the configured endpoints (default: smollm2-135m)")
+    serve.add_argument("--config", type=Path, help="TOML config file ([server], [[endpoints]])")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--model", help="serve this one model ref instead of the config's endpoints")
+    serve.add_argument("--insecure-no-auth", action="store_true", default=None,
+                       help="allow serving beyond loopback with no API keys")
+    pull = sub.add_parser("pull", help="fetch a model into the store")
+    pull.add_argument("ref", help="smollm2-135m, gemma3-270m, a .gguf path, or hf://org/repo/file.gguf")
+    sub.add_parser("models", help="list the models in the store")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        cfg = settings_mod.load()
+        store = ModelStore(cfg.store_dir)
+        if args.command == "pull":
+            m = store.pull(args.ref)
+            print(f"{m.name}  {m.path}  {m.size} bytes  sha256 {m.sha256}")
+        else:
+            models = store.list()
+            for m in models:
+                print(f"{m.name:24} {m.size / 1e6:9.1f} MB  sha256 {m.sha256}  {m.path}")
+            if not models:
+                print(f"no models in {cfg.store_dir} yet; `modelyard pull smollm2-135m` fetches the default")
+        return 0
+    except ModelyardError as exc:
+        print(f"modelyard: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+
+    cfg = settings_mod.load(args.config, host=args.host, port=args.port, model=args.model,
+                            insecure_no_auth=args.insecure_no_auth)
+    cfg.check_auth_policy()
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Pull missing models now, in the foreground, so the user sees the download's progress.
+    store = ModelStore(cfg.store_dir)
+    for ep in cfg.endpoints:
+        if ep.engine == "llamacpp":
+            try:
+                store.resolve(ep.model)
+            except ModelyardError as exc:   # the endpoint will report it as failed; others serve
+                logging.getLogger("modelyard").error("endpoint %s: %s", ep.name, exc)
+    app = create_app(cfg)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
+                timeout_graceful_shutdown=int(cfg.grace_period) or None)
+    return 0

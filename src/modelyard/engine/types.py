@@ -1,0 +1,95 @@
+"""The one request type that crosses the engine boundary, and what engines yield back.
+
+The API layer builds an EngineRequest from a validated HTTP body; engines yield ChoiceDelta
+events and, last, one Usage. Engines never see HTTP; the API never sees which engine runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # end-of-generation token or a stop string
+    LENGTH = "length"    # max_tokens reached
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None           # choice i of n samples with seed + i
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    logprobs: int | None = None       # None: off; k: the sampled token plus k alternatives
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """Params of choice `index`: its own seed, so each choice is reproducible alone."""
+        if self.seed is None:
+            return self
+        return SamplingParams(self.temperature, self.top_p, self.seed + index, self.presence_penalty,
+                              self.frequency_penalty, self.logit_bias, self.logprobs)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt: str | tuple[int, ...]     # text, or token ids
+    sampling: SamplingParams = SamplingParams()
+    n: int = 1
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    echo: bool = False
+    deadline: float | None = None     # time.monotonic() by which generation must end
+
+
+@dataclass
+class TokenLogprobs:
+    """OpenAI's legacy completions logprobs, for the tokens of one delta."""
+
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def extend(self, other: "TokenLogprobs") -> None:
+        self.tokens += other.tokens
+        self.token_logprobs += other.token_logprobs
+        self.top_logprobs += other.top_logprobs
+        self.text_offset += other.text_offset
+
+    def as_dict(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str = ""
+    logprobs: TokenLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
+
+
+EngineOutput = Union[ChoiceDelta, Usage]

@@ -1,0 +1,147 @@
+"""One error tree for modelyard, translated to HTTP at exactly one place (api/errors).
+
+    ModelyardError                      kind             HTTP  OpenAI type
+    ├── InvalidRequest                  INVALID          400   invalid_request_error
+    │   └── ContextOverflow             INVALID          400   invalid_request_error
+    ├── LimitExceeded                   TOO_LARGE        413   invalid_request_error
+    ├── Unauthorized                    AUTH             401   authentication_error
+    ├── RateLimited                     RATE_LIMITED     429   rate_limit_error
+    ├── ModelNotFound                   NOT_FOUND        404   not_found_error
+    ├── EndpointNotReady                NOT_READY        400   model_not_ready
+    ├── QueueFull                       OVERLOADED       503   server_overloaded
+    ├── Upstream4xx                     UPSTREAM_CLIENT  (its own status)
+    ├── UpstreamError                   UPSTREAM         502   upstream_error
+    │   └── UpstreamTimeout             TIMEOUT          504   upstream_timeout
+    ├── DeadlineExceeded                DEADLINE         504   timeout_error
+    ├── StoreError                      STORE            (CLI; 400 if seen by a request)
+    │   └── ChecksumMismatch
+    ├── EngineError                     ENGINE           500   server_error
+    └── ConfigError                     CONFIG           (CLI only)
+
+Code raises these; nobody matches on message text.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ErrorKind(enum.Enum):
+    INVALID = (400, "invalid_request_error")
+    TOO_LARGE = (413, "invalid_request_error")
+    AUTH = (401, "authentication_error")
+    RATE_LIMITED = (429, "rate_limit_error")
+    NOT_FOUND = (404, "not_found_error")
+    NOT_READY = (400, "model_not_ready")
+    OVERLOADED = (503, "server_overloaded")
+    UPSTREAM_CLIENT = (400, "invalid_request_error")
+    UPSTREAM = (502, "upstream_error")
+    TIMEOUT = (504, "upstream_timeout")
+    DEADLINE = (504, "timeout_error")
+    STORE = (400, "model_store_error")
+    ENGINE = (500, "server_error")
+    CONFIG = (500, "config_error")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+    @property
+    def type(self) -> str:
+        return self.value[1]
+
+
+@dataclass
+class ModelyardError(Exception):
+    message: str
+    param: str | None = None
+    code: str | None = None
+    kind = ErrorKind.ENGINE
+    retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind.type,
+                          "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ModelyardError):
+    kind = ErrorKind.INVALID
+
+
+class ContextOverflow(InvalidRequest):
+    pass
+
+
+class LimitExceeded(ModelyardError):
+    kind = ErrorKind.TOO_LARGE
+
+
+class Unauthorized(ModelyardError):
+    kind = ErrorKind.AUTH
+
+
+class RateLimited(ModelyardError):
+    kind = ErrorKind.RATE_LIMITED
+
+
+class ModelNotFound(ModelyardError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class EndpointNotReady(ModelyardError):
+    kind = ErrorKind.NOT_READY
+
+
+class QueueFull(ModelyardError):
+    kind = ErrorKind.OVERLOADED
+
+
+@dataclass
+class Upstream4xx(ModelyardError):
+    """An upstream's own client error, passed on with its status and message."""
+
+    upstream_status: int = 400
+    kind = ErrorKind.UPSTREAM_CLIENT
+
+    @property
+    def status(self) -> int:
+        return self.upstream_status
+
+
+class UpstreamError(ModelyardError):
+    kind = ErrorKind.UPSTREAM
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = ErrorKind.TIMEOUT
+
+
+class DeadlineExceeded(ModelyardError):
+    kind = ErrorKind.DEADLINE
+
+
+class StoreError(ModelyardError):
+    kind = ErrorKind.STORE
+
+
+class ChecksumMismatch(StoreError):
+    pass
+
+
+class EngineError(ModelyardError):
+    kind = ErrorKind.ENGINE
+
+
+class ConfigError(ModelyardError):
+    kind = ErrorKind.CONFIG

@@ -1,0 +1,167 @@
+"""EngineCore.step(): schedule, execute, update. Runs on the engine's one thread."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..engine.types import ChoiceDelta, EngineOutput, FinishReason, TokenLogprobs, Usage
+from ..errors import DeadlineExceeded, EngineError, ModelyardError
+from .request import Request, RequestStatus, Sequence
+from .runner import Logits, Runner, Vocab
+from .sampling import log_softmax_at, top_k
+from .scheduler import Batch, PrefillChunk, Scheduler
+
+Emit = Callable[[list[tuple[Request, object]]], None]   # (request, outputs list | exception)
+
+
+def token_text(piece: bytes) -> str:
+    """A token's text for logprobs; a piece that is not whole UTF-8 is shown as its bytes."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: Runner, vocab: Vocab, emit: Emit) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.vocab = vocab
+        self.emit = emit
+        self._out: dict[Request, list[EngineOutput]] = {}
+
+    def step(self) -> bool:
+        """One engine iteration; False when there was nothing to do."""
+        self._expire_deadlines()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return False
+        try:
+            logits = self.runner.execute(batch)
+            self._update(batch, logits)
+        except ModelyardError as exc:
+            self._fail(batch, exc)
+        except Exception as exc:  # a bug or a C failure must fail its requests, not the engine
+            self._fail(batch, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+        self._flush()
+        return True
+
+    def abort(self, request_id: str, error: ModelyardError | None = None) -> None:
+        req = self.scheduler.find(request_id)
+        if req is not None:
+            self.scheduler.retire(req, RequestStatus.ABORTED)
+            if error is not None:
+                self.emit([(req, error)])
+
+    # -- update -------------------------------------------------------------------------
+
+    def _update(self, batch: Batch, logits: Logits) -> None:
+        for chunk in batch.prefills:
+            self._prefilled(chunk, logits)
+        for req, seq, row in batch.decodes:
+            self._advance(req, seq, logits(row))
+
+    def _prefilled(self, chunk: PrefillChunk, logits: Logits) -> None:
+        req = chunk.request
+        req.num_computed = chunk.end
+        if req.wants_prompt_logprobs:
+            self._score_prompt(chunk, logits)
+        if not req.prefilling:
+            self.scheduler.prompt_done(req)
+            row = logits(chunk.first_row + chunk.end - 1 - chunk.start)
+            for seq in req.seqs:
+                self._advance(req, seq, row)
+
+    def _advance(self, req: Request, seq: Sequence, row: np.ndarray) -> None:
+        """Sample seq's next token from its logits row and turn it into a delta."""
+        sample = seq.sampler.sample(row)
+        seq.output_ids.append(sample.token)
+        eog = self.vocab.is_eog(sample.token)
+        start = len(seq.detok.text)
+        text = seq.detok.flush() if eog else seq.detok.push(self.vocab.piece(sample.token))
+        if sample.logprob is not None and not eog:
+            top = {token_text(self.vocab.piece(t)): lp for t, lp in sample.top} if sample.top else None
+            seq.pending.append((token_text(self.vocab.piece(sample.token)), start, sample.logprob, top))
+        out, stopped = seq.stop.push(text)
+        if not stopped and (eog or len(seq.output_ids) >= req.max_tokens):
+            tail, stopped = seq.stop.push(seq.detok.flush()) if not eog else ("", False)
+            out += tail + ("" if stopped else seq.stop.flush())
+        if stopped or eog:
+            seq.finish = FinishReason.STOP
+        elif len(seq.output_ids) >= req.max_tokens:
+            seq.finish = FinishReason.LENGTH
+        self._deliver(req, seq, out, stopped)
+
+    def _deliver(self, req: Request, seq: Sequence, text: str, cut: bool) -> None:
+        first = seq.emitted == 0 and len(seq.output_ids) == 1
+        seq.emitted += len(text)
+        lp = self._release_logprobs(req, seq, cut)
+        if first and req.echo_text is not None:
+            text = req.echo_text + text
+            if req.prompt_logprobs is not None and lp is not None:
+                echoed = TokenLogprobs(**{k: list(v) for k, v in req.prompt_logprobs.as_dict().items()})
+                echoed.extend(lp)
+                lp = echoed
+        if text or seq.finish or (lp and lp.tokens):
+            self._out.setdefault(req, []).append(ChoiceDelta(seq.index, text, lp, seq.finish))
+        if seq.finished:
+            self.scheduler.release(seq)
+            if req.done:
+                self.scheduler.retire(req, RequestStatus.FINISHED)
+                self._out.setdefault(req, []).append(Usage(req.num_prompt, req.num_output))
+
+    def _release_logprobs(self, req: Request, seq: Sequence, cut: bool) -> TokenLogprobs | None:
+        """Logprobs travel with the text they belong to: a token's entry is sent once text
+        from its start on has been sent; entries of a stop string's tokens are dropped."""
+        if seq.sampler.params.logprobs is None:
+            return None
+        shift = len(req.echo_text) if req.echo_text is not None else 0
+        everything = seq.finished and not cut
+        ready = [e for e in seq.pending if everything or e[1] < seq.emitted]
+        seq.pending = [] if seq.finished else seq.pending[len(ready):]
+        return TokenLogprobs([e[0] for e in ready], [e[2] for e in ready], [e[3] for e in ready],
+                             [e[1] + shift for e in ready])
+
+    def _score_prompt(self, chunk: PrefillChunk, logits: Logits) -> None:
+        """echo + logprobs: each prompt token's logprob given the tokens before it."""
+        req = chunk.request
+        lp = req.prompt_logprobs
+        k = req.seqs[0].sampler.params.logprobs or 0
+        for pos in range(chunk.start, chunk.end):
+            if pos == 0:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            row = logits(chunk.first_row + pos - 1 - chunk.start) if pos > chunk.start else req.last_prompt_row
+            token = req.prompt_ids[pos]
+            ids = np.append(top_k(row, k), token) if k else np.array([token])
+            lps = log_softmax_at(row, ids)
+            lp.token_logprobs.append(float(lps[-1]))
+            lp.top_logprobs.append({token_text(self.vocab.piece(int(t))): float(v)
+                                    for t, v in zip(ids[:-1], lps[:-1])} if k else None)
+        req.last_prompt_row = logits(chunk.first_row + chunk.end - 1 - chunk.start).copy()
+
+    # -- failure, deadlines, output ----------------------------------------------------
+
+    def _fail(self, batch: Batch, error: ModelyardError) -> None:
+        for req in batch.requests:
+            if req.status is RequestStatus.RUNNING:
+                self.scheduler.discard_kv(req)
+                self.scheduler.retire(req, RequestStatus.ABORTED)
+            self._out.pop(req, None)
+            self.emit([(req, error)])
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            if req.deadline is not None and now >= req.deadline:
+                self.abort(req.id, DeadlineExceeded(
+                    f"request {req.id} exceeded its deadline after {now - req.arrival:.1f}s"))
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = list(self._out.items()), {}
+            self.emit(out)

@@ -1,0 +1,178 @@
+"""The ONLY importer of llama_cpp: thin owners of llama.cpp's C handles.
+
+Every C return code becomes an EngineError here, so nothing above this module sees ctypes.
+All calls on a LlamaContext must come from the engine's one scheduler thread (see loop.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp as C
+import numpy as np
+
+from ..errors import EngineError
+
+_GGML_LOG_LEVEL_ERROR = 4
+
+
+@C.llama_log_callback
+def _log_errors_only(level, text, _user_data):  # pragma: no cover - called from C
+    # llama.cpp is chatty (hundreds of lines per load); keep its errors only.
+    if level == _GGML_LOG_LEVEL_ERROR:
+        print(text.decode("utf-8", "replace"), end="", flush=True)
+
+
+@functools.cache
+def _init_backend() -> None:
+    C.llama_log_set(_log_errors_only, ctypes.c_void_p())
+    C.llama_backend_init()
+
+
+def system_info() -> str:
+    return C.llama_print_system_info().decode()
+
+
+class LlamaModel:
+    """Weights and vocabulary of one GGUF file (read-only, shareable across contexts)."""
+
+    def __init__(self, path: Path) -> None:
+        _init_backend()
+        params = C.llama_model_default_params()
+        self._model = C.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {path} (not a valid GGUF model?)")
+        self._vocab = C.llama_model_get_vocab(self._model)
+        self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
+        self._pieces: dict[int, bytes] = {}
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (C.llama_token * cap)()
+        n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            cap = -n
+            buf = (C.llama_token * cap)()
+            n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            raise EngineError(f"tokenization failed ({n})")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as generated text (special tokens render empty)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = C.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def bos(self) -> int | None:
+        bos = C.llama_vocab_bos(self._vocab)
+        return bos if bos >= 0 else None
+
+    @property
+    def eos_text(self) -> str:
+        eos = C.llama_vocab_eos(self._vocab)
+        return C.llama_vocab_get_text(self._vocab, eos).decode("utf-8", "replace") if eos >= 0 else ""
+
+    @property
+    def bos_text(self) -> str:
+        bos = self.bos
+        return C.llama_vocab_get_text(self._vocab, bos).decode("utf-8", "replace") if bos is not None else ""
+
+    def chat_template(self) -> str | None:
+        tpl = C.llama_model_chat_template(self._model, None)
+        return tpl.decode("utf-8") if tpl else None
+
+    def close(self) -> None:
+        if self._model:
+            C.llama_model_free(self._model)
+            self._model = None
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    n_seq: int          # parallel sequences, each in its own KV stream
+    n_ctx_seq: int      # tokens each sequence may hold
+    n_batch: int        # tokens per llama_decode
+    n_threads: int
+    kv_unified: bool = False
+
+
+class LlamaContext:
+    """One llama_context: the KV cache of all sequences and the decode call."""
+
+    def __init__(self, model: LlamaModel, shape: ContextShape) -> None:
+        p = C.llama_context_default_params()
+        p.n_ctx = shape.n_ctx_seq * shape.n_seq
+        p.n_batch = p.n_ubatch = shape.n_batch
+        p.n_seq_max = shape.n_seq
+        p.n_threads = p.n_threads_batch = shape.n_threads
+        p.kv_unified = shape.kv_unified
+        p.no_perf = True
+        self._ctx = C.llama_init_from_model(model._model, p)
+        if not self._ctx:
+            raise EngineError(f"llama.cpp could not create a context of {p.n_ctx} tokens")
+        self._mem = C.llama_get_memory(self._ctx)
+        self.n_vocab = model.n_vocab
+        self.shape = shape
+        self._batch = C.llama_batch_init(shape.n_batch, 0, 1)
+        self._tok = np.ctypeslib.as_array(self._batch.token, shape=(shape.n_batch,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(shape.n_batch,))
+        self._nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(shape.n_batch,))
+        self._want = np.ctypeslib.as_array(self._batch.logits, shape=(shape.n_batch,))
+        self._nseq[:] = 1
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+               logits: Sequence[bool]) -> None:
+        """One llama_decode over a batch; row i's logits are then at logits_row(i)."""
+        n = len(tokens)
+        assert 0 < n <= self.shape.n_batch
+        self._tok[:n] = tokens
+        self._pos[:n] = positions
+        self._want[:n] = logits
+        seq_id = self._batch.seq_id
+        for i, s in enumerate(seqs):
+            seq_id[i][0] = s
+        self._batch.n_tokens = n
+        rc = C.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            # 1: no KV slot for the batch; 2: aborted; <0: fatal. Admission should make 1 impossible.
+            raise EngineError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
+
+    def logits_row(self, i: int) -> np.ndarray:
+        """A zero-copy view of batch row i's logits, valid until the next decode."""
+        ptr = C.llama_get_logits_ith(self._ctx, i)
+        if not ptr:
+            raise EngineError(f"no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def seq_rm(self, seq: int, p0: int = 0, p1: int = -1) -> None:
+        if not C.llama_memory_seq_rm(self._mem, seq, p0, p1):
+            raise EngineError(f"could not drop positions {p0}..{p1} of sequence {seq}")
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Copy src's whole KV to dst (with separate streams: a full buffer copy, applied
+        at the next decode)."""
+        self.seq_rm(dst)
+        C.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+
+    def close(self) -> None:
+        if self._ctx:
+            C.llama_batch_free(self._batch)
+            C.llama_free(self._ctx)
+            self._ctx = None

@@ -1,0 +1,204 @@
+"""LocalEngine: an EngineCore on ONE long-lived thread, fed through an inbox.
+
+ggml's OpenMP workers meet at a barrier about a thousand times per token; calling
+llama_decode from changing threads (a pool, run_in_executor) makes them sleep and wake at
+every barrier and costs up to 3x per token. So exactly one thread, created here, ever
+touches the llama context: it loads the model, steps the core, and exits on stop().
+The event loop talks to it only through the inbox (add, abort) and receives each step's
+outputs in one call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ..engine.types import EngineOutput, EngineRequest, TokenLogprobs, Usage
+from ..errors import ContextOverflow, EngineError, InvalidRequest, ModelyardError, QueueFull
+from ..settings import EndpointSpec
+from .core import EngineCore, token_text
+from .detokenize import Detokenizer
+from .ffi import ContextShape, LlamaContext, LlamaModel
+from .request import Request, Sequence
+from .runner import LlamaCppRunner
+from .sampling import Sampler
+from .scheduler import Scheduler
+from .slots import SlotPool
+from .stop import StopMatcher
+
+_STOP = object()
+
+
+class LocalEngine:
+    def __init__(self, spec: EndpointSpec, model_path: Path) -> None:
+        self.spec = spec
+        self.model_path = model_path
+        self.model: LlamaModel | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._core: EngineCore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sinks: dict[str, object] = {}    # request id -> its output queue's put
+        self._broken: str | None = None
+
+    # -- lifecycle (event loop) ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, args=(started,),
+                                        name=f"engine-{self.spec.name}", daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(started)
+
+    async def stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._inbox.put((_STOP, None))
+            await asyncio.to_thread(self._thread.join)
+
+    def ready_reason(self) -> str | None:
+        return self._broken
+
+    def status(self) -> dict[str, Any]:
+        core = self._core
+        if core is None:
+            return {"in_flight": len(self._sinks)}
+        sched = core.scheduler
+        return {"in_flight": len(self._sinks), "running": len(sched.running),
+                "queue_depth": len(sched.waiting), "slots_total": sched.slots.n,
+                "slots_used": sched.slots.n_used,
+                "cached_tokens": sum(len(c) for c in sched.slots.cached)}
+
+    # -- requests (event loop) ----------------------------------------------------------
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._broken:
+            raise EngineError(f"engine is broken: {self._broken}")
+        if len(self._sinks) >= self.spec.parallel + self.spec.max_queue:
+            raise QueueFull(f"endpoint {self.spec.name!r} is at capacity: {len(self._sinks)} requests "
+                            f"in flight (parallel {self.spec.parallel} + max_queue {self.spec.max_queue})",
+                            retry_after=1.0)
+        outputs: asyncio.Queue = asyncio.Queue()
+        req = self._build(request, outputs.put_nowait)
+        self._sinks[req.id] = outputs.put_nowait
+        self._inbox.put(("add", req))
+        done = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                for out in item:
+                    yield out
+                    if isinstance(out, Usage):
+                        done = True
+                        return
+        finally:
+            del self._sinks[req.id]
+            if not done:   # the consumer left: free the request's slots at once
+                self._inbox.put(("abort", req.id))
+
+    def _build(self, r: EngineRequest, sink) -> Request:
+        """Tokenize and validate on the caller's side, so a bad request costs no engine step."""
+        model = self.model
+        assert model is not None
+        ids = list(r.prompt) if isinstance(r.prompt, tuple) else model.tokenize(r.prompt)
+        if not ids:
+            raise InvalidRequest("prompt is empty: it must contain at least one token", param="prompt")
+        bad = [t for t in ids if not 0 <= t < model.n_vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
+                                 param="prompt")
+        if len(ids) + r.max_tokens > self.spec.context:
+            raise ContextOverflow(
+                f"this endpoint's context is {self.spec.context} tokens per sequence, but the prompt has "
+                f"{len(ids)} tokens and max_tokens is {r.max_tokens} ({len(ids) + r.max_tokens} in all); "
+                "shorten the prompt or lower max_tokens", param="max_tokens")
+        if r.n > self.spec.parallel:
+            raise InvalidRequest(f"n is {r.n}, but this endpoint runs at most {self.spec.parallel} "
+                                 "sequences at once", param="n")
+        seqs = [Sequence(i, Sampler(r.sampling.for_choice(i)), StopMatcher(r.stop)) for i in range(r.n)]
+        echo = None
+        prompt_lp = None
+        if r.echo:
+            echo = r.prompt if isinstance(r.prompt, str) else self._detokenize(ids)
+            if r.sampling.logprobs is not None:
+                prompt_lp = self._prompt_tokens(ids)
+        return Request(r.request_id, ids, r.max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline)
+
+    def _detokenize(self, ids: list[int]) -> str:
+        d = Detokenizer()
+        return "".join(d.push(self.model.piece(t)) for t in ids) + d.flush()
+
+    def _prompt_tokens(self, ids: list[int]) -> TokenLogprobs:
+        d = Detokenizer()
+        lp = TokenLogprobs()
+        for t in ids:
+            lp.text_offset.append(len(d.text))
+            piece = self.model.piece(t)
+            lp.tokens.append(token_text(piece))
+            d.push(piece)
+        return lp
+
+    def _fail_all(self, error: EngineError) -> None:
+        for put in self._sinks.values():
+            put(error)
+
+    def _deliver(self, batch: list[tuple[Request, object]]) -> None:
+        for req, item in batch:
+            req.sink(item)
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _main(self, started: concurrent.futures.Future) -> None:
+        try:
+            self.model = LlamaModel(self.model_path)
+            ctx = LlamaContext(self.model, ContextShape(
+                n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
+                n_batch=max(self.spec.batch, self.spec.parallel), n_threads=self.spec.n_threads))
+        except Exception as exc:  # any load failure marks the endpoint failed, with the reason
+            started.set_exception(exc if isinstance(exc, ModelyardError)
+                                  else EngineError(f"cannot load {self.model_path}: {exc}"))
+            return
+        emit = lambda out: self._loop.call_soon_threadsafe(self._deliver, out)  # noqa: E731
+        scheduler = Scheduler(SlotPool(self.spec.parallel), max(self.spec.batch, self.spec.parallel),
+                              self.spec.prefix_cache)
+        self._core = EngineCore(scheduler, LlamaCppRunner(ctx), self.model, emit)
+        started.set_result(None)
+        try:
+            self._serve()
+        except BaseException as exc:  # the engine itself broke: fail everything, say why
+            self._broken = f"{type(exc).__name__}: {exc}"
+            self._loop.call_soon_threadsafe(self._fail_all, EngineError(f"engine failed: {self._broken}"))
+        finally:
+            ctx.close()
+            self.model.close()
+
+    def _serve(self) -> None:
+        core = self._core
+        while True:
+            block = not core.scheduler.has_work
+            try:
+                while True:
+                    kind, arg = self._inbox.get(block=block)
+                    if kind is _STOP:
+                        self._abort_all("the server is shutting down")
+                        return
+                    if kind == "add":
+                        core.scheduler.add(arg)
+                    else:
+                        core.abort(arg)
+                    block = False
+            except queue.Empty:
+                pass
+            core.step()
+
+    def _abort_all(self, why: str) -> None:
+        sched = self._core.scheduler
+        for req in [*sched.running, *sched.waiting]:
+            self._core.abort(req.id, EngineError(why))

@@ -1,0 +1,98 @@
+"""Request (one prompt) and Sequence (one of its n choices): stored counters, derived state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..engine.types import FinishReason, TokenLogprobs
+from .detokenize import Detokenizer
+from .sampling import Sampler
+from .stop import StopMatcher
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"      # queued; holds no slot
+    RUNNING = "running"      # holds n slots; prefilling, then decoding
+    FINISHED = "finished"    # every choice has its finish reason
+    ABORTED = "aborted"      # cancelled, failed or timed out; slots freed
+
+    def can_become(self, other: "RequestStatus") -> bool:
+        return other in _ALLOWED[self]
+
+
+_ALLOWED = {
+    RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.ABORTED},
+    RequestStatus.RUNNING: {RequestStatus.FINISHED, RequestStatus.ABORTED},
+    RequestStatus.FINISHED: set(),
+    RequestStatus.ABORTED: set(),
+}
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice: its slot's KV holds prompt + output_ids[:-1]; the last output is fed next."""
+
+    index: int
+    sampler: Sampler
+    stop: StopMatcher
+    detok: Detokenizer = field(default_factory=Detokenizer)
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+    emitted: int = 0                         # characters of text sent so far
+    # logprob entries (token text, start offset in the text, logprob, top) not yet sent
+    pending: list[tuple[str, int, float | None, dict[str, float] | None]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    seqs: list[Sequence]
+    sink: Callable[[object], None]           # receives lists of outputs, or an exception
+    echo_text: str | None = None             # prompt text to prepend (echo)
+    # echo + logprobs: tokens and offsets set on arrival, logprobs filled in during prefill
+    prompt_logprobs: TokenLogprobs | None = None
+    last_prompt_row: np.ndarray | None = None   # logits carried across prefill chunks for it
+    deadline: float | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed: int = 0                    # prompt tokens whose KV is in the first slot
+
+    def set_status(self, new: RequestStatus) -> None:
+        assert self.status.can_become(new), f"{self.id}: {self.status} -> {new}"
+        self.status = new
+
+    @property
+    def n(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.num_prompt
+
+    @property
+    def done(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    @property
+    def num_output(self) -> int:
+        return sum(len(s.output_ids) for s in self.seqs)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None

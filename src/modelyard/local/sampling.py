@@ -1,0 +1,87 @@
+"""One logits row + a choice's params -> the next token, its logprob and the top alternatives.
+
+Each choice owns a Sampler with its own seeded generator, so its draws depend on nothing but
+its seed and its own logits: the same request gives the same tokens alone or under any load.
+Logprobs are those of the model's raw distribution (before temperature, penalties and top_p),
+as vLLM and OpenAI report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..engine.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class Sample:
+    token: int
+    logprob: float | None = None                        # set when logprobs were asked for
+    top: tuple[tuple[int, float], ...] | None = None    # (token, logprob), best first
+
+
+def log_softmax_at(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """log p(ids) under softmax(row), without materialising the whole distribution."""
+    m = float(row.max())
+    lse = m + float(np.log(np.exp(row - m, dtype=np.float64).sum()))
+    return row[ids].astype(np.float64) - lse
+
+
+def top_k(row: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries, largest first (ties: lower index first)."""
+    part = np.argpartition(-row, k - 1)[:k]
+    return part[np.lexsort((part, -row[part]))]
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        # seed None: fresh entropy, so unseeded requests differ from each other.
+        self._rng = None if params.greedy else np.random.Generator(np.random.PCG64(params.seed))
+        self._counts: dict[int, int] = {}
+        self._bias = (np.fromiter(params.logit_bias.keys(), np.int64),
+                      np.fromiter(params.logit_bias.values(), np.float32)) if params.logit_bias else None
+
+    @property
+    def _adjusts(self) -> bool:
+        p = self.params
+        return bool(self._bias is not None or (self._counts and (p.presence_penalty or p.frequency_penalty)))
+
+    def sample(self, row: np.ndarray) -> Sample:
+        x = self._adjusted(row) if self._adjusts else row
+        token = int(np.argmax(x)) if self._rng is None else self._draw(x)
+        self._counts[token] = self._counts.get(token, 0) + 1
+        k = self.params.logprobs
+        if k is None:
+            return Sample(token)
+        ids = top_k(row, k) if k > 0 else np.empty(0, np.int64)
+        lps = log_softmax_at(row, np.append(ids, token))
+        top = tuple(zip(ids.tolist(), lps[:-1].tolist()))
+        return Sample(token, float(lps[-1]), top)
+
+    def _adjusted(self, row: np.ndarray) -> np.ndarray:
+        x = row.astype(np.float32, copy=True)
+        if self._bias is not None:
+            x[self._bias[0]] += self._bias[1]
+        p = self.params
+        if self._counts and (p.presence_penalty or p.frequency_penalty):
+            ids = np.fromiter(self._counts.keys(), np.int64)
+            counts = np.fromiter(self._counts.values(), np.float32)
+            x[ids] -= p.frequency_penalty * counts + p.presence_penalty
+        return x
+
+    def _draw(self, x: np.ndarray) -> int:
+        p = self.params
+        z = (x.astype(np.float64) - float(x.max())) / p.temperature
+        probs = np.exp(z)
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            sorted_p = probs[order]
+            cum = np.cumsum(sorted_p)
+            keep = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1   # smallest set reaching top_p
+            cum = cum[:keep]
+            return int(order[min(int(np.searchsorted(cum, self._rng.random() * cum[-1], "right")), keep - 1)])
+        cum = np.cumsum(probs)
+        return int(min(int(np.searchsorted(cum, self._rng.random() * cum[-1], "right")), len(cum) - 1))

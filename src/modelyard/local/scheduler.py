@@ -1,0 +1,153 @@
+"""Which tokens go into the next llama_decode.
+
+NOTE: there is no prefill phase and no decode phase. Each step builds ONE batch: a decode
+token for every running sequence first (so streams keep flowing), then prompt chunks of
+admitted requests in arrival order, up to the step's token budget. A prompt longer than the
+budget is prefilled over several steps, and running streams never wait more than one step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .request import Request, RequestStatus, Sequence
+from .slots import SlotPool
+
+
+@dataclass
+class PrefillChunk:
+    request: Request
+    start: int           # prompt positions [start, end)
+    end: int
+    first_row: int       # batch row of prompt position `start`
+
+
+@dataclass
+class Batch:
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    logits: list[bool] = field(default_factory=list)
+    truncations: list[tuple[int, int]] = field(default_factory=list)   # (slot, keep) before decode
+    copies: list[tuple[int, int]] = field(default_factory=list)        # (src, dst) before decode
+    decodes: list[tuple[Request, Sequence, int]] = field(default_factory=list)  # + logits row
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    def add(self, token: int, pos: int, slot: int, logits: bool) -> int:
+        self.tokens.append(token)
+        self.positions.append(pos)
+        self.slots.append(slot)
+        self.logits.append(logits)
+        return len(self.tokens) - 1
+
+    @property
+    def requests(self) -> set[Request]:
+        return {r for r, _, _ in self.decodes} | {c.request for c in self.prefills}
+
+
+class Scheduler:
+    def __init__(self, slots: SlotPool, step_tokens: int, prefix_cache: bool = True) -> None:
+        assert step_tokens >= slots.n, "a step must fit one decode token per slot"
+        self.slots = slots
+        self.step_tokens = step_tokens
+        self.prefix_cache = prefix_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._truncations: list[tuple[int, int]] = []
+        self._copies: list[tuple[int, int]] = []
+
+    def add(self, req: Request) -> None:
+        """Called when a request arrives (engine thread, from the inbox)."""
+        self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def schedule(self) -> Batch | None:
+        """Called once per engine step: admit what fits, then fill one batch."""
+        self._admit()
+        batch = Batch(truncations=self._truncations, copies=self._copies)
+        self._truncations, self._copies = [], []
+        for req in self.running:
+            if not req.prefilling:
+                for seq in req.seqs:
+                    if not seq.finished:
+                        self._add_decode(batch, req, seq)
+        for req in self.running:
+            if req.prefilling and len(batch.tokens) < self.step_tokens:
+                self._add_prefill(batch, req)
+        return batch if batch.tokens else None
+
+    def _admit(self) -> None:
+        # FIFO: the head waits until its n slots are free, and nobody overtakes it.
+        while self.waiting and self.waiting[0].n <= self.slots.n_free:
+            req = self.waiting.popleft()
+            reuse = self.prefix_cache and not req.wants_prompt_logprobs
+            slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse)
+            # Keep at least the last prompt token to compute: its logits start generation.
+            req.num_computed = min(shared, req.num_prompt - 1)
+            self._truncations.append((slots[0], req.num_computed))
+            self.slots.truncate(slots[0], req.num_computed)
+            for seq, slot in zip(req.seqs, slots):
+                seq.slot = slot
+            for slot in slots[1:]:
+                self.slots.forget(slot)     # refilled by a copy when the prompt is done
+            req.set_status(RequestStatus.RUNNING)
+            self.running.append(req)
+
+    def _add_decode(self, batch: Batch, req: Request, seq: Sequence) -> None:
+        token = seq.output_ids[-1]
+        row = batch.add(token, req.num_prompt + len(seq.output_ids) - 1, seq.slot, True)
+        self.slots.cached[seq.slot].append(token)
+        batch.decodes.append((req, seq, row))
+
+    def _add_prefill(self, batch: Batch, req: Request) -> None:
+        start = req.num_computed
+        end = min(req.num_prompt, start + self.step_tokens - len(batch.tokens))
+        slot = req.seqs[0].slot
+        all_logits = req.wants_prompt_logprobs
+        first = len(batch.tokens)
+        for pos in range(start, end):
+            batch.add(req.prompt_ids[pos], pos, slot, all_logits or pos == req.num_prompt - 1)
+        self.slots.cached[slot].extend(req.prompt_ids[start:end])
+        batch.prefills.append(PrefillChunk(req, start, end, first))
+
+    def prompt_done(self, req: Request) -> None:
+        """Called after the step that computed a request's last prompt token: its siblings
+        get copies of the prompt's KV before their first decode."""
+        src = req.seqs[0].slot
+        for seq in req.seqs[1:]:
+            self._copies.append((src, seq.slot))
+            self.slots.cached[seq.slot] = list(self.slots.cached[src])
+
+    def release(self, seq: Sequence) -> None:
+        """Called when a sequence finishes: its slot (and KV, kept as cache) is free."""
+        self.slots.release(seq.slot)
+
+    def retire(self, req: Request, status: RequestStatus) -> None:
+        """Called when a request is done, aborted or failed; frees any slots it still holds."""
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        elif req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            for seq in req.seqs:
+                if not seq.finished:
+                    self.slots.release(seq.slot)
+        req.set_status(status)
+
+    def discard_kv(self, req: Request) -> None:
+        """After a failed decode, nothing in this request's slots can be trusted."""
+        for seq in req.seqs:
+            if seq.slot >= 0:
+                self.slots.forget(seq.slot)
+
+    def find(self, request_id: str) -> Request | None:
+        for req in self.running:
+            if req.id == request_id:
+                return req
+        for req in self.waiting:
+            if req.id == request_id:
+                return req
+        return None

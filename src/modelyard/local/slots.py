@@ -1,0 +1,81 @@
+"""The pool of llama.cpp sequence ids ("slots"), each remembering the tokens its KV holds.
+
+A finished sequence's KV stays in its slot as a cache: a new prompt that shares a prefix
+with it (a chat history, a system prompt) takes that slot and skips the shared prefill.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class SlotPool:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.cached: list[list[int]] = [[] for _ in range(n)]   # tokens in each slot's KV
+        self._free = set(range(n))
+        self._last_used = [0] * n
+        self._clock = itertools.count(1)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def n_used(self) -> int:
+        return self.n - len(self._free)
+
+    def acquire(self, prompt: Sequence[int], n: int, reuse: bool) -> tuple[list[int], int]:
+        """Take n free slots for a prompt: the first is the one whose cache shares the longest
+        prefix with it (if reuse). Returns (slots, prefix tokens already in the first slot)."""
+        assert n <= len(self._free)
+        first, shared = None, 0
+        if reuse:
+            first, shared = max(((s, common_prefix(self.cached[s], prompt)) for s in self._free),
+                                key=lambda t: (t[1], -t[0]))
+        if not shared:
+            first = self._cheapest(self._free)
+        slots = [first] + self._take_rest(first, n - 1)
+        for s in slots:
+            self._free.discard(s)
+            self._last_used[s] = next(self._clock)
+        return slots, shared
+
+    def _take_rest(self, first: int, k: int) -> list[int]:
+        left = set(self._free) - {first}
+        out = []
+        for _ in range(k):
+            s = self._cheapest(left)
+            left.discard(s)
+            out.append(s)
+        return out
+
+    def _value(self, slot: int) -> tuple[int, int]:
+        # What evicting this slot's cache would lose: empty first, then least recently used.
+        return (1 if self.cached[slot] else 0, self._last_used[slot])
+
+    def _cheapest(self, candidates: set[int]) -> int:
+        # Lowest id among equals keeps busy ids dense, so llama.cpp's per-stream batch
+        # splitting (consecutive sequence ids per ubatch) makes fewer ubatches.
+        return min(candidates, key=lambda s: (self._value(s), s))
+
+    def release(self, slot: int) -> None:
+        assert slot not in self._free
+        self._free.add(slot)
+        self._last_used[slot] = next(self._clock)
+
+    def truncate(self, slot: int, keep: int) -> None:
+        del self.cached[slot][keep:]
+
+    def forget(self, slot: int) -> None:
+        self.cached[slot] = []

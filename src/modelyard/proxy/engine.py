@@ -1,0 +1,298 @@
+"""ProxyEngine: the Engine protocol over remote OpenAI-compatible servers (DESIGN.md, "The upstream engine").
+
+Every request streams from the upstream (one code path; non-streaming callers aggregate our
+events). Replicas are probed in the background; a request goes to the least busy healthy one,
+and moves on only when the connection failed before the upstream saw anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, AsyncIterator
+
+import httpx
+
+from ..engine.types import ChoiceDelta, EngineOutput, EngineRequest, FinishReason, TokenLogprobs, Usage
+from ..errors import (DeadlineExceeded, EndpointNotReady, ModelyardError, Upstream4xx, UpstreamError,
+                      UpstreamTimeout)
+from ..settings import EndpointSpec
+from .sse import SSEError, json_events
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0       # a replica that cannot accept a connection in 5 s is as good as down
+PROBE_TIMEOUT = 2.0
+HEALTH_INTERVAL = 2.0
+# Generous: each streaming request holds one connection for its whole length.
+POOL_LIMITS = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30.0)
+# Only these happen before the upstream saw the request, so only these are safe to retry.
+CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str                              # base URL, e.g. http://host:8001/v1
+    healthy: bool = False
+    in_flight: int = 0
+    last_error: str | None = "not probed yet"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ProxyEngine:
+    def __init__(self, spec: EndpointSpec, transport: httpx.AsyncBaseTransport | None = None, *,
+                 health_interval: float = HEALTH_INTERVAL) -> None:
+        self.spec = spec
+        self._transport = transport
+        self._interval = health_interval
+        self._replicas = [Replica(url.rstrip("/")) for url in spec.urls]
+        self._turn = itertools.count()    # breaks ties between equally loaded replicas
+        self._client: httpx.AsyncClient | None = None
+        self._health: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+        # trust_env=False: settings are the only reader of the environment (no proxy vars).
+        self._client = httpx.AsyncClient(
+            transport=self._transport, headers=headers, limits=POOL_LIMITS, trust_env=False,
+            timeout=httpx.Timeout(self.spec.timeout, connect=CONNECT_TIMEOUT))
+        # No replica answering is not a start failure: the endpoint is just not ready yet.
+        await self.probe_all()
+        self._health = asyncio.create_task(self._health_loop(), name=f"health:{self.spec.name}")
+
+    async def stop(self) -> None:
+        task, self._health = self._health, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def probe(self, replica: Replica) -> None:
+        """One health check: GET base/models; healthy on 2xx."""
+        try:
+            resp = await self._need_client().get(replica.url + "/models", timeout=PROBE_TIMEOUT)
+        except httpx.HTTPError as exc:
+            self._mark_down(replica, _reason(exc))
+            return
+        if resp.is_success:
+            replica.healthy, replica.last_error = True, None
+        else:
+            self._mark_down(replica, f"HTTP {resp.status_code}")
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(r) for r in self._replicas))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.probe_all()
+            except Exception:  # the loop must outlive any surprise, or readiness freezes
+                log.exception("health probe of endpoint %s failed", self.spec.name)
+
+    def _mark_down(self, replica: Replica, reason: str) -> None:
+        if replica.healthy:
+            log.warning("endpoint %s: replica %s is down: %s", self.spec.name, replica.url, reason)
+        replica.healthy, replica.last_error = False, reason
+
+    def ready_reason(self) -> str | None:
+        if any(r.healthy for r in self._replicas):
+            return None
+        return "no replica answers: " + "; ".join(f"{r.url}: {r.last_error}" for r in self._replicas)
+
+    def status(self) -> dict[str, Any]:
+        return {"replicas": [r.as_dict() for r in self._replicas],
+                "in_flight": sum(r.in_flight for r in self._replicas)}
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        replica, resp = await self._send(request_body(self.spec, request), request.deadline)
+        try:
+            if not resp.is_success:
+                await resp.aread()
+                raise map_error(replica.url, resp)
+            async for out in _relay(replica.url, resp, request):
+                yield out
+        except (httpx.HTTPError, SSEError) as exc:
+            raise map_error(replica.url, exc, request.deadline) from exc
+        finally:
+            replica.in_flight -= 1
+            await resp.aclose()   # releases (or, mid-stream, drops) the upstream connection
+
+    async def _send(self, body: dict, deadline: float | None) -> tuple[Replica, httpx.Response]:
+        """Open the upstream stream on the least busy healthy replica, trying the next on connect errors."""
+        client = self._need_client()
+        tried: list[Replica] = []
+        while (replica := self._pick(tried)) is not None:
+            tried.append(replica)
+            replica.in_flight += 1
+            opened = False
+            try:
+                request = client.build_request("POST", replica.url + "/completions", json=body,
+                                               timeout=_timeout(self.spec.timeout, deadline))
+                resp = await client.send(request, stream=True)
+                opened = True
+                return replica, resp
+            except CONNECT_ERRORS as exc:
+                self._mark_down(replica, _reason(exc))
+            except httpx.HTTPError as exc:
+                raise map_error(replica.url, exc, deadline) from exc
+            finally:
+                if not opened:
+                    replica.in_flight -= 1
+        raise EndpointNotReady(self.ready_reason() or "no replica answers")
+
+    def _pick(self, tried: list[Replica]) -> Replica | None:
+        live = [r for r in self._replicas if r.healthy and r not in tried]
+        if not live:
+            return None
+        least = min(r.in_flight for r in live)
+        tied = [r for r in live if r.in_flight == least]
+        return tied[next(self._turn) % len(tied)]
+
+    def _need_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise EndpointNotReady(f"endpoint {self.spec.name!r} is not started")
+        return self._client
+
+
+def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
+    """The upstream completions body; optional fields only when set, for picky servers."""
+    s = req.sampling
+    body: dict[str, Any] = {
+        "model": spec.upstream_model or spec.name,
+        "prompt": req.prompt if isinstance(req.prompt, str) else list(req.prompt),
+        "n": req.n, "max_tokens": req.max_tokens,
+        "temperature": s.temperature, "top_p": s.top_p,
+        "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+    if req.stop:
+        body["stop"] = list(req.stop)
+    if req.echo:
+        body["echo"] = True
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in s.logit_bias.items()}
+    if s.logprobs is not None:
+        body["logprobs"] = s.logprobs
+    return body
+
+
+async def _relay(url: str, resp: httpx.Response, req: EngineRequest) -> AsyncIterator[EngineOutput]:
+    """Upstream chunks -> ChoiceDelta events, then one Usage; a stream cut short raises."""
+    finished: set[int] = set()
+    usage: dict | None = None
+    counted = 0
+    async for event in json_events(resp.aiter_lines()):
+        if req.deadline is not None and time.monotonic() > req.deadline:
+            raise DeadlineExceeded("request deadline passed while the upstream was generating")
+        if event.get("error") or event.get("object") == "error":
+            why = _error_message(event) or json.dumps(event)[:300]
+            raise UpstreamError(f"upstream {url} failed mid-stream: {why}")
+        for raw in event.get("choices") or ():
+            delta = to_delta(raw)
+            if delta is None:
+                continue
+            counted += len(delta.logprobs.tokens) if delta.logprobs else int(bool(delta.text))
+            if delta.finish_reason is not None:
+                finished.add(delta.index)
+            yield delta
+        usage = event.get("usage") or usage
+    missing = sorted(set(range(req.n)) - finished)
+    if missing:
+        raise UpstreamError(f"upstream {url} ended the stream before choices {missing} finished")
+    # An upstream that ignored include_usage gets what we saw: no prompt count, and one
+    # completion token per content chunk (per logprobs token when present).
+    usage = usage or {"prompt_tokens": 0, "completion_tokens": counted}
+    yield Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def to_delta(raw: dict) -> ChoiceDelta | None:
+    """One upstream choice chunk; None when it carries nothing (some servers send empty ones)."""
+    text = raw.get("text") or ""
+    logprobs = to_logprobs(raw.get("logprobs"))
+    reason = raw.get("finish_reason")
+    finish = None if reason is None else FinishReason.LENGTH if reason == "length" else FinishReason.STOP
+    if not text and logprobs is None and finish is None:
+        return None
+    return ChoiceDelta(int(raw.get("index") or 0), text, logprobs, finish)
+
+
+def to_logprobs(raw: dict | None) -> TokenLogprobs | None:
+    if not raw or not raw.get("tokens"):
+        return None
+    n = len(raw["tokens"])
+    aligned = [(list(raw.get(key) or []) + [fill] * n)[:n]      # keep the four lists aligned
+               for key, fill in (("token_logprobs", None), ("top_logprobs", None), ("text_offset", 0))]
+    return TokenLogprobs(list(raw["tokens"]), *aligned)
+
+
+def map_error(url: str, failure: httpx.Response | BaseException,
+              deadline: float | None = None) -> ModelyardError:
+    """The one translation of an upstream failure (an error response or an exception) to ours."""
+    if isinstance(failure, httpx.Response):
+        try:
+            body = failure.json()
+        except ValueError:
+            body = None
+        message = _error_message(body) or failure.text.strip()[:500] or f"HTTP {failure.status_code}"
+        if 400 <= failure.status_code < 500:
+            retry = failure.headers.get("retry-after", "")   # e.g. an upstream 429
+            return Upstream4xx(message, upstream_status=failure.status_code,
+                               retry_after=float(retry) if retry.isdigit() else None)
+        return UpstreamError(f"upstream {url} answered {failure.status_code}: {message}")
+    if isinstance(failure, httpx.TimeoutException):
+        if deadline is not None and time.monotonic() >= deadline:
+            return DeadlineExceeded("request deadline passed while waiting for the upstream")
+        return UpstreamTimeout(f"upstream {url} timed out ({_reason(failure)})")
+    return UpstreamError(f"upstream {url} failed: {_reason(failure)}")
+
+
+def _error_message(body: Any) -> str:
+    """The message in an OpenAI ({"error": {...}}), TGI ({"error": "..."}) or FastAPI ({"detail"}) body."""
+    if not isinstance(body, dict):
+        return ""
+    err = body.get("error", body)
+    if isinstance(err, str):
+        return err
+    if isinstance(err, dict):
+        for key in ("message", "detail"):
+            value = err.get(key)
+            if value:
+                return value if isinstance(value, str) else json.dumps(value)[:500]
+    return ""
+
+
+def _timeout(limit: float, deadline: float | None) -> httpx.Timeout:
+    """Per-request timeouts: the spec's read timeout, shortened to what the deadline leaves."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("request deadline passed before reaching the upstream")
+        limit = min(limit, left)
+    return httpx.Timeout(limit, connect=min(CONNECT_TIMEOUT, limit))
+
+
+def _reason(exc: BaseException) -> str:
+    """A short why for ready_reason and messages (httpx's own texts are often vague or empty)."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect timed out"
+    cause: BaseException | None = exc
+    for _ in range(8):   # the OS error (e.g. "connection refused") sits a few causes down
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno).lower()
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,83 @@
+"""Registry: routing name -> Endpoint. Starts every endpoint in the background, so the server
+answers /health at once and one endpoint that fails to load does not stop the others."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Callable
+
+from ..engine.protocol import Engine
+from ..errors import ModelNotFound
+from ..settings import EndpointSpec, Settings
+from ..store import ModelStore
+from .endpoint import Endpoint, EndpointState
+
+log = logging.getLogger("modelyard.registry")
+
+EngineFactory = Callable[[EndpointSpec, "Path | None"], Engine]
+
+
+def default_engine_factory(spec: EndpointSpec, model_path: Path | None) -> Engine:
+    if spec.engine == "openai":
+        from ..proxy.engine import ProxyEngine
+        return ProxyEngine(spec)
+    from ..local.loop import LocalEngine
+    assert model_path is not None
+    return LocalEngine(spec, model_path)
+
+
+class Registry:
+    def __init__(self, settings: Settings, store: ModelStore | None = None,
+                 engine_factory: EngineFactory = default_engine_factory) -> None:
+        self.store = store or ModelStore(settings.store_dir, progress=False)
+        self._factory = engine_factory
+        self.endpoints = {spec.name: Endpoint(spec) for spec in settings.endpoints}
+        self._tasks: list[asyncio.Task] = []
+
+    def get(self, name: str) -> Endpoint:
+        try:
+            return self.endpoints[name]
+        except KeyError:
+            known = ", ".join(sorted(self.endpoints)) or "none"
+            raise ModelNotFound(f"unknown model endpoint {name!r}; this server serves: {known}",
+                                param="model", code="model_not_found") from None
+
+    def start(self) -> None:
+        """Begin loading every endpoint; returns at once."""
+        self._tasks = [asyncio.create_task(self._load(ep), name=f"load-{ep.name}")
+                       for ep in self.endpoints.values()]
+
+    async def wait_loaded(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _load(self, ep: Endpoint) -> None:
+        try:
+            path = None
+            if ep.spec.engine == "llamacpp":
+                path = await asyncio.to_thread(self.store.resolve, ep.spec.model)
+                ep.model_path = str(path)
+            engine = self._factory(ep.spec, path)
+            await engine.start()
+            ep.engine = engine
+            ep.become(EndpointState.READY)
+            log.info("endpoint %s ready (%s)", ep.name, ep.model_path or ep.spec.urls)
+        except Exception as exc:  # noqa: BLE001 - any failure is this endpoint's state, not the server's
+            ep.become(EndpointState.FAILED, f"{type(exc).__name__}: {exc}")
+            log.error("endpoint %s failed: %s", ep.name, ep.reason)
+
+    def drain(self) -> None:
+        for ep in self.endpoints.values():
+            if ep.state is EndpointState.READY:
+                ep.become(EndpointState.DRAINING, "the server is shutting down")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for ep in self.endpoints.values():
+            if ep.engine is not None:
+                await ep.engine.stop()
+            if ep.state is not EndpointState.STOPPED:
+                ep.become(EndpointState.STOPPED, "stopped")

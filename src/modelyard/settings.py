@@ -1,0 +1,160 @@
+"""Settings: the only reader of environment variables and config files.
+
+Parsed once at the edge (cli), frozen, and passed down; nothing else reads os.environ.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+ENGINES = ("llamacpp", "openai")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; each names itself in the 4xx it causes."""
+
+    max_body_bytes: int = 1_000_000
+    max_n: int = 16
+    max_stop: int = 4
+    max_stop_chars: int = 200
+    max_logprobs: int = 5
+    max_prompts: int = 16
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    engine: str = "llamacpp"
+    model: str = DEFAULT_MODEL          # a store ref (llamacpp)
+    context: int = 2048                 # tokens per sequence
+    parallel: int = 16                  # sequences decoded at once
+    threads: int = 0                    # 0: all cores
+    batch: int = 256                    # tokens per llama_decode step (prefill chunk budget)
+    max_queue: int = 256                # requests waiting beyond `parallel`; past it: 503
+    prefix_cache: bool = True
+    # engine = "openai"
+    urls: tuple[str, ...] = ()
+    upstream_model: str | None = None
+    api_key: str | None = None
+    timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"endpoint {self.name!r}: engine must be one of {ENGINES}, got {self.engine!r}")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"endpoint name must be non-empty and contain no '/', got {self.name!r}")
+        for key in ("context", "parallel", "batch"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"endpoint {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.engine == "openai" and not self.urls:
+            raise ConfigError(f"endpoint {self.name!r}: engine 'openai' needs urls = [...]")
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    insecure_no_auth: bool = False
+    store_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "modelyard")
+    endpoints: tuple[EndpointSpec, ...] = (EndpointSpec(name=DEFAULT_MODEL),)
+    limits: Limits = Limits()
+    log_level: str = "info"
+    request_timeout: float = 0.0        # seconds per request; 0: none (X-Request-Timeout may set one)
+    grace_period: float = 30.0          # seconds in-flight requests get to finish on shutdown
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.endpoints]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"endpoint names must be unique; repeated: {sorted(dupes)}")
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check_auth_policy(self) -> None:
+        """Refuse to expose an unauthenticated server beyond this machine."""
+        if not self.api_keys and not self.loopback and not self.insecure_no_auth:
+            raise ConfigError(
+                f"refusing to serve on {self.host} with no API keys: set [server] api_keys or "
+                "MODELYARD_API_KEYS, or pass --insecure-no-auth")
+
+
+def _endpoint(raw: Mapping[str, Any]) -> EndpointSpec:
+    known = set(EndpointSpec.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"[[endpoints]] {raw.get('name')!r}: unknown keys {sorted(unknown)}")
+    if "name" not in raw:
+        raise ConfigError("every [[endpoints]] needs a name")
+    data = dict(raw)
+    if "urls" in data:
+        data["urls"] = tuple(data["urls"])
+    try:
+        return EndpointSpec(**data)
+    except TypeError as exc:
+        raise ConfigError(f"[[endpoints]] {raw['name']!r}: {exc}") from None
+
+
+def load(config: Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from a TOML file, the environment and CLI overrides (in rising priority)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if config is not None:
+        try:
+            doc = tomllib.loads(Path(config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {config}: {exc}") from None
+        server = doc.get("server", {})
+        for key in ("host", "port", "log_level", "request_timeout", "grace_period"):
+            if key in server:
+                values[key] = server[key]
+        if "api_keys" in server:
+            values["api_keys"] = tuple(server["api_keys"])
+        if "store_dir" in server:
+            values["store_dir"] = Path(server["store_dir"]).expanduser()
+        if "limits" in doc:
+            values["limits"] = Limits(**doc["limits"])
+        if "endpoints" in doc:
+            values["endpoints"] = tuple(_endpoint(e) for e in doc["endpoints"])
+    if env.get("MODELYARD_API_KEYS"):
+        keys = tuple(k.strip() for k in env["MODELYARD_API_KEYS"].split(",") if k.strip())
+        values["api_keys"] = tuple(values.get("api_keys", ())) + keys
+    if env.get("MODELYARD_HOME"):
+        values["store_dir"] = Path(env["MODELYARD_HOME"]).expanduser()
+    model = overrides.pop("model", None)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    if model is not None:
+        # --model REF: serve that one model under a name derived from it.
+        settings = replace(settings, endpoints=(EndpointSpec(name=endpoint_name_for(model), model=model),))
+    return settings
+
+
+def endpoint_name_for(ref: str) -> str:
+    """The routing name for `--model REF`: the ref itself for store names, else the file stem."""
+    name = ref.rstrip("/").rsplit("/", 1)[-1]
+    return name[:-5] if name.endswith(".gguf") else name

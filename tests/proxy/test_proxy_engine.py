@@ -1,0 +1,426 @@
+"""ProxyEngine against stub upstreams (httpx.MockTransport) and, once, a real foreign HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from modelyard.engine.types import (ChoiceDelta, EngineRequest, FinishReason, SamplingParams, TokenLogprobs,
+                                    Usage)
+from modelyard.errors import (DeadlineExceeded, EndpointNotReady, Upstream4xx, UpstreamError,
+                              UpstreamTimeout)
+from modelyard.proxy.engine import ProxyEngine
+from modelyard.proxy.sse import SSEDecoder, SSEError, json_events
+from modelyard.settings import EndpointSpec
+
+A, B = "http://a:8001/v1", "http://b:8002/v1"
+USAGE = {"id": "c", "object": "text_completion", "choices": [],
+         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def chunk(text="", index=0, finish=None, logprobs=None):
+    return {"id": "c", "object": "text_completion",
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def sse(*events, done=True) -> bytes:
+    out = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+HELLO = sse(chunk("Hel"), chunk("lo", finish="stop"), USAGE)
+
+
+class Upstream:
+    """A stub of one or more replicas: /models answers per `up`, completions via `complete`."""
+
+    def __init__(self, complete=None):
+        self.complete = complete or (lambda request: httpx.Response(200, content=HELLO))
+        self.up = {"a": True, "b": True}
+        self.seen: list[httpx.Request] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            if not self.up.get(request.url.host, True):
+                raise httpx.ConnectError("connection refused")
+            return httpx.Response(200, json={"object": "list", "data": []})
+        self.seen.append(request)
+        return self.complete(request)
+
+    def hosts(self) -> list[str]:
+        return [r.url.host for r in self.seen]
+
+
+@asynccontextmanager
+async def running(upstream, urls=(A,), health_interval=3600.0, **spec):
+    engine = ProxyEngine(EndpointSpec(name="routed", engine="openai", urls=tuple(urls), **spec),
+                         httpx.MockTransport(upstream), health_interval=health_interval)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def req(prompt="Hi", **kw) -> EngineRequest:
+    return EngineRequest(request_id="r1", prompt=prompt, **kw)
+
+
+async def collect(engine, request=None) -> list:
+    return [out async for out in engine.generate(request or req())]
+
+
+# -- SSE parsing -----------------------------------------------------------------------
+
+async def _lines(*lines):
+    for line in lines:
+        yield line
+
+
+@pytest.mark.anyio
+async def test_sse_comments_multiline_error_event_and_done():
+    lines = [": keep-alive", "data: {\"a\":", "data: 1}", "",
+             "event: error", "data: {\"message\": \"x\"}", "",
+             "data: [DONE]", "", "data: {\"after\": 1}", ""]
+    assert [e async for e in json_events(_lines(*lines))] == [{"a": 1}, {"error": {"message": "x"}}]
+    # The last event counts even without its trailing blank line.
+    assert [e async for e in json_events(_lines("data: {\"b\": 2}"))] == [{"b": 2}]
+    with pytest.raises(SSEError):
+        [e async for e in json_events(_lines("data: not json", ""))]
+    assert SSEDecoder().feed("id: 7") is None
+
+
+# -- requests --------------------------------------------------------------------------
+
+@pytest.mark.anyio
+async def test_body_renames_model_forces_stream_and_sends_auth():
+    upstream = Upstream()
+    sampling = SamplingParams(temperature=0.5, seed=7, logit_bias={42: -100.0}, logprobs=2)
+    async with running(upstream, upstream_model="org/real-model", api_key="sk-up") as engine:
+        await collect(engine, req(prompt=(1, 2, 3), sampling=sampling, n=1, max_tokens=5, stop=("\n",)))
+    sent = upstream.seen[0]
+    body = json.loads(sent.content)
+    assert str(sent.url) == A + "/completions"
+    assert sent.headers["authorization"] == "Bearer sk-up"
+    assert body["model"] == "org/real-model" and body["prompt"] == [1, 2, 3]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["logit_bias"] == {"42": -100.0} and body["seed"] == 7 and body["logprobs"] == 2
+    assert body["stop"] == ["\n"] and body["max_tokens"] == 5 and body["temperature"] == 0.5
+
+
+@pytest.mark.anyio
+async def test_body_defaults_to_routing_name_and_omits_unset_fields():
+    upstream = Upstream()
+    async with running(upstream) as engine:
+        await collect(engine)
+    body = json.loads(upstream.seen[0].content)
+    assert body["model"] == "routed" and body["prompt"] == "Hi"
+    assert not {"stop", "seed", "logit_bias", "logprobs", "echo"} & set(body)
+    assert "authorization" not in upstream.seen[0].headers
+
+
+@pytest.mark.anyio
+async def test_deltas_and_usage_are_re_yielded():
+    lp = {"tokens": ["A", "B"], "token_logprobs": [-0.1, -0.2], "top_logprobs": [{"A": -0.1}, {"B": -0.2}],
+          "text_offset": [2, 3]}
+    body = sse(chunk("A", index=0), chunk("x", index=1), chunk("", index=0),   # empty: skipped
+               chunk("B", index=0, finish="length", logprobs=lp), chunk("", index=1, finish="abort"), USAGE)
+    async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:
+        out = await collect(engine, req(n=2))
+    logprobs = TokenLogprobs(["A", "B"], [-0.1, -0.2], [{"A": -0.1}, {"B": -0.2}], [2, 3])
+    assert out == [ChoiceDelta(0, "A"), ChoiceDelta(1, "x"),
+                   ChoiceDelta(0, "B", logprobs, FinishReason.LENGTH),
+                   ChoiceDelta(1, "", None, FinishReason.STOP),
+                   Usage(3, 2)]
+
+
+@pytest.mark.anyio
+async def test_missing_usage_falls_back_to_counting_chunks():
+    body = sse(chunk("a"), chunk("b"), chunk("c", finish="stop"))
+    async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:
+        out = await collect(engine)
+    assert out[-1] == Usage(0, 3) and sum(isinstance(o, Usage) for o in out) == 1
+
+
+@pytest.mark.anyio
+async def test_balances_by_in_flight_then_round_robin():
+    release = asyncio.Event()
+
+    async def slow():
+        yield b"data: " + json.dumps(chunk("x")).encode() + b"\n\n"
+        await release.wait()
+        yield sse(chunk("y", finish="stop"), USAGE)
+
+    first = [True]
+
+    def complete(request):
+        if first[0]:
+            first[0] = False
+            return httpx.Response(200, content=slow())
+        return httpx.Response(200, content=HELLO)
+
+    upstream = Upstream(complete)
+    async with running(upstream, urls=(A, B)) as engine:
+        held = engine.generate(req())
+        assert (await held.__anext__()).text == "x"
+        assert engine.status()["in_flight"] == 1
+        await collect(engine)                      # goes to the idle replica
+        assert upstream.hosts()[1] != upstream.hosts()[0]
+        release.set()
+        assert [o async for o in held][-1] == Usage(3, 2)
+        assert engine.status()["in_flight"] == 0
+        await collect(engine)
+        await collect(engine)                      # equal load: take turns
+        assert sorted(upstream.hosts()[2:]) == ["a", "b"]
+
+
+@pytest.mark.anyio
+async def test_closing_early_releases_the_request():
+    async def endless():
+        for _ in range(1000):
+            yield b"data: " + json.dumps(chunk("x")).encode() + b"\n\n"
+            await asyncio.sleep(0)
+
+    async with running(Upstream(lambda r: httpx.Response(200, content=endless()))) as engine:
+        gen = engine.generate(req())
+        await gen.__anext__()
+        await gen.aclose()
+        assert engine.status()["in_flight"] == 0
+
+
+@pytest.mark.anyio
+async def test_connect_error_retries_on_another_replica():
+    def complete(request):
+        if request.url.host == "a":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, content=HELLO)
+
+    upstream = Upstream(complete)
+    async with running(upstream, urls=(A, B)) as engine:
+        out = await collect(engine)
+        assert upstream.hosts() == ["a", "b"] and out[-1] == Usage(3, 2)
+        replicas = {r["url"]: r for r in engine.status()["replicas"]}
+        assert not replicas[A]["healthy"] and "refused" in replicas[A]["last_error"]
+        assert replicas[B]["healthy"] and engine.ready_reason() is None
+        await collect(engine)                      # a stays out until a probe brings it back
+        assert upstream.hosts()[-1] == "b"
+
+
+@pytest.mark.anyio
+async def test_all_replicas_down_is_not_ready_naming_them():
+    def refuse(request):
+        raise httpx.ConnectError("connection refused")
+
+    async with running(Upstream(refuse), urls=(A, B)) as engine:
+        with pytest.raises(EndpointNotReady) as info:
+            await collect(engine)
+        assert A in str(info.value) and B in str(info.value)
+        assert engine.ready_reason() == str(info.value)
+
+
+@pytest.mark.anyio
+async def test_none_answering_at_start_is_not_ready_and_recovers_without_restart():
+    upstream = Upstream()
+    upstream.up = {"a": False, "b": False}
+    async with running(upstream, urls=(A, B)) as engine:
+        reason = engine.ready_reason()
+        assert reason.startswith("no replica answers: ") and A in reason and B in reason
+        with pytest.raises(EndpointNotReady):
+            await collect(engine)
+        assert upstream.seen == []                 # no replica was healthy: nothing was sent
+        upstream.up["b"] = True
+        await engine.probe_all()
+        assert engine.ready_reason() is None
+        assert (await collect(engine))[-1] == Usage(3, 2)
+        upstream.up["b"] = False
+        await engine.probe_all()
+        assert engine.ready_reason() is not None
+
+
+@pytest.mark.anyio
+async def test_background_probe_brings_a_replica_back():
+    upstream = Upstream()
+    upstream.up["a"] = False
+    async with running(upstream, health_interval=0.01) as engine:
+        assert engine.ready_reason() is not None
+        upstream.up["a"] = True
+        for _ in range(200):                       # bounded: 2 s at most
+            if engine.ready_reason() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.ready_reason() is None
+
+
+@pytest.mark.anyio
+async def test_probe_non_2xx_is_unhealthy():
+    async with running(lambda r: httpx.Response(503, json={"detail": "loading"})) as engine:
+        assert engine.ready_reason() == f"no replica answers: {A}: HTTP 503"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status, payload, message", [
+    (400, {"error": {"message": "prompt too long", "type": "invalid_request_error"}}, "prompt too long"),
+    (422, {"detail": "bad field"}, "bad field"),
+    (404, {"error": "model not found"}, "model not found"),
+])
+async def test_upstream_4xx_passes_status_and_message(status, payload, message):
+    async with running(Upstream(lambda r: httpx.Response(status, json=payload))) as engine:
+        with pytest.raises(Upstream4xx) as info:
+            await collect(engine)
+    assert info.value.status == status and info.value.message == message
+
+
+@pytest.mark.anyio
+async def test_upstream_429_keeps_retry_after():
+    upstream = Upstream(lambda r: httpx.Response(429, headers={"retry-after": "3"}, text="slow down"))
+    async with running(upstream) as engine:
+        with pytest.raises(Upstream4xx) as info:
+            await collect(engine)
+    assert (info.value.status, info.value.retry_after, info.value.message) == (429, 3.0, "slow down")
+
+
+@pytest.mark.anyio
+async def test_upstream_5xx_is_502_naming_replica():
+    upstream = Upstream(lambda r: httpx.Response(500, json={"error": {"message": "CUDA OOM"}}))
+    async with running(upstream) as engine:
+        with pytest.raises(UpstreamError) as info:
+            await collect(engine)
+    assert type(info.value) is UpstreamError and info.value.status == 502
+    assert A in info.value.message and "500" in info.value.message and "CUDA OOM" in info.value.message
+    assert engine.status()["in_flight"] == 0
+
+
+@pytest.mark.anyio
+async def test_timeout_is_504():
+    def slow(request):
+        raise httpx.ReadTimeout("read timed out")
+
+    async with running(Upstream(slow)) as engine:
+        with pytest.raises(UpstreamTimeout) as info:
+            await collect(engine)
+    assert info.value.status == 504
+
+
+@pytest.mark.anyio
+async def test_passed_deadline_is_deadline_exceeded():
+    async with running(Upstream()) as engine:
+        with pytest.raises(DeadlineExceeded):
+            await collect(engine, req(deadline=time.monotonic() - 1))
+
+
+async def _broken():
+    yield sse(chunk("Hel"), done=False)
+    raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("content, why", [
+    (_broken, "RemoteProtocolError"),
+    (lambda: sse(chunk("Hel"), {"error": {"message": "engine died"}}), "engine died"),
+    (lambda: sse(chunk("Hel"), USAGE), "before choices [0] finished"),   # ended with no finish_reason
+    (lambda: sse(chunk("Hel"), done=False) + b"data: {oops\n\n", "not JSON"),
+])
+async def test_stream_broken_midway_raises_after_the_deltas_that_arrived(content, why):
+    got = []
+    async with running(Upstream(lambda r: httpx.Response(200, content=content()))) as engine:
+        with pytest.raises(UpstreamError) as info:
+            async for out in engine.generate(req()):
+                got.append(out)
+        assert engine.status()["in_flight"] == 0
+    assert got == [ChoiceDelta(0, "Hel")]
+    assert type(info.value) is UpstreamError and why in info.value.message
+
+
+@pytest.mark.anyio
+async def test_generate_after_stop_is_not_ready():
+    async with running(Upstream()) as engine:
+        pass
+    with pytest.raises(EndpointNotReady):
+        await collect(engine)
+
+
+# -- a real foreign server ---------------------------------------------------------------
+
+def _tiny_upstream(cancelled: threading.Event):
+    """A minimal OpenAI-style completions server: 'forever' streams until the client leaves."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
+    async def completions(request):
+        body = await request.json()
+
+        async def events():
+            if body["prompt"] == "forever":
+                try:
+                    for _ in range(400):           # bounded: ~20 s at most
+                        yield "data: " + json.dumps(chunk("."), separators=(",", ":")) + "\n\n"
+                        await asyncio.sleep(0.05)
+                finally:
+                    cancelled.set()
+                return
+            for piece in (chunk(body["model"] + ":"), chunk(" hi", finish="stop"), USAGE):
+                yield "data: " + json.dumps(piece) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/models", models),
+                             Route("/v1/completions", completions, methods=["POST"])])
+
+
+@pytest.mark.anyio
+async def test_real_upstream_completes_cancels_and_goes_unready_when_stopped():
+    import uvicorn
+
+    cancelled = threading.Event()
+    server = uvicorn.Server(uvicorn.Config(_tiny_upstream(cancelled), log_level="warning", lifespan="off"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    engine = ProxyEngine(EndpointSpec(name="routed", engine="openai", urls=(url,), upstream_model="tiny"))
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            await asyncio.sleep(0.05)
+        await engine.start()
+        assert engine.ready_reason() is None
+        out = await collect(engine)
+        assert "".join(o.text for o in out if isinstance(o, ChoiceDelta)) == "tiny: hi"
+        assert out[-1] == Usage(3, 2)
+
+        gen = engine.generate(req(prompt="forever"))
+        await gen.__anext__()
+        await gen.aclose()                         # the client left: the upstream must notice
+        for _ in range(100):
+            if cancelled.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert cancelled.is_set()
+    finally:
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 10)
+        sock.close()
+    assert not thread.is_alive()
+    await engine.probe_all()
+    reason = engine.ready_reason()
+    await engine.stop()
+    assert reason == f"no replica answers: {url}: connection refused"
