@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 
 from ..registry.registry import Registry
 from ..settings import Settings
-from . import completions, errors, models
+from . import chat, completions, errors, models
 from .middleware import BodyLimits
 from .auth import KeyChecker, require_key
 
@@ -42,6 +42,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     auth = [Depends(require_key)]
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
         app.include_router(completions.router, prefix=prefix, dependencies=auth, include_in_schema=documented)
+        app.include_router(chat.router, prefix=prefix, dependencies=auth, include_in_schema=documented)
         app.include_router(models.router, prefix=prefix, dependencies=auth, include_in_schema=documented)
     app.include_router(models.admin, prefix="/api/v1", dependencies=auth)
     app.include_router(models.probes)

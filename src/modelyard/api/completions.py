@@ -24,19 +24,19 @@ ERRORS = {400: {"model": ErrorResponse, "description": "Invalid model endpoint s
           503: {"model": ErrorResponse, "description": "The endpoint's queue is full; retry after Retry-After."}}
 
 
-def check_limits(body: CompletionRequest, limits: Limits) -> None:
-    n = body.n or 1
+def check_limits(limits: Limits, n: int, stops: tuple[str, ...], logprobs: int | None, prompts: int) -> None:
+    """The server's own limits (settings), reported as 422s on the offending field."""
     if n > limits.max_n:
         raise limit_error("n", n, limits.max_n, "n")
-    if len(body.stops) > limits.max_stop:
-        raise limit_error("stop", len(body.stops), limits.max_stop, "the number of stop strings")
-    longest = max((len(s) for s in body.stops), default=0)
+    if len(stops) > limits.max_stop:
+        raise limit_error("stop", len(stops), limits.max_stop, "the number of stop strings")
+    longest = max((len(s) for s in stops), default=0)
     if longest > limits.max_stop_chars:
         raise limit_error("stop", longest, limits.max_stop_chars, "the length of a stop string")
-    if len(body.prompts) > limits.max_prompts:
-        raise limit_error("prompt", len(body.prompts), limits.max_prompts, "the number of prompts")
-    if body.logprobs is not None and body.logprobs > limits.max_logprobs:
-        raise limit_error("logprobs", body.logprobs, limits.max_logprobs, "logprobs")
+    if prompts > limits.max_prompts:
+        raise limit_error("prompt", prompts, limits.max_prompts, "the number of prompts")
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise limit_error("logprobs", logprobs, limits.max_logprobs, "logprobs")
 
 
 def deadline_for(request: Request) -> float | None:
@@ -53,15 +53,20 @@ def deadline_for(request: Request) -> float | None:
     return time.monotonic() + min(given) if given else None
 
 
-def engine_requests(body: CompletionRequest, cmpl_id: str, deadline: float | None) -> list[EngineRequest]:
-    sampling = SamplingParams(
+def sampling_params(body: CompletionRequest, logprobs: int | None) -> SamplingParams:
+    """Sampling fields shared by /completions and /chat/completions; absent means default."""
+    return SamplingParams(
         temperature=body.temperature if body.temperature is not None else 0.0,
         top_p=body.top_p if body.top_p is not None else 1.0,
         seed=body.seed,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
-        logprobs=body.logprobs)
+        logprobs=logprobs)
+
+
+def engine_requests(body: CompletionRequest, cmpl_id: str, deadline: float | None) -> list[EngineRequest]:
+    sampling = sampling_params(body, body.logprobs)
     return [EngineRequest(request_id=f"{cmpl_id}-{i}", prompt=prompt, sampling=sampling, n=body.n or 1,
                           max_tokens=body.max_tokens or 16, stop=body.stops, echo=bool(body.echo),
                           deadline=deadline)
@@ -74,7 +79,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     """Given a prompt, returns one or more predicted completions, optionally with the
     probabilities of alternative tokens at each position."""
     state = request.app.state
-    check_limits(body, state.settings.limits)
+    check_limits(state.settings.limits, body.n or 1, body.stops, body.logprobs, len(body.prompts))
     engine = state.registry.get(body.model).require_ready()
     cmpl_id = f"cmpl-{uuid.uuid4().hex}"
     streams = [engine.generate(r) for r in engine_requests(body, cmpl_id, deadline_for(request))]

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+def _token_id_keys(bias: dict[str, float]) -> dict[str, float]:
+    for key in bias:
+        if not key.isdigit():
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+    return bias
+
+
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], AfterValidator(_token_id_keys)]
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds,
@@ -38,7 +48,7 @@ class CompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: LogitBias | None = None
     user: str | None = None
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
@@ -64,14 +74,6 @@ class CompletionRequest(BaseModel):
     def _suffix(cls, v: str | None) -> str | None:
         if v:
             raise ValueError("suffix (fill-in-the-middle) is not supported by this server")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key in v or {}:
-            if not key.lstrip("-").isdigit() or int(key) < 0:
-                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
         return v
 
     # -- derived, absent-means-default -----------------------------------------------

@@ -98,6 +98,7 @@ class Completion:
     texts: dict[int, list[str]] = field(default_factory=dict)
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)     # choices that have sent a chunk
 
     def index(self, prompt: int, delta: ChoiceDelta) -> int:
         return prompt * self.n + delta.index

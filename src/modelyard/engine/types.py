@@ -48,6 +48,9 @@ class EngineRequest:
     stop: tuple[str, ...] = ()
     echo: bool = False
     deadline: float | None = None     # time.monotonic() by which generation must end
+    # chat: the engine renders these with the model's template (embedded) or passes them on
+    # to the upstream's /chat/completions (proxy); `prompt` is then unused.
+    messages: tuple[dict, ...] | None = None
 
 
 @dataclass

@@ -98,6 +98,26 @@ class LlamaModel:
         tpl = C.llama_model_chat_template(self._model, None)
         return tpl.decode("utf-8") if tpl else None
 
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = C.llama_model_meta_val_str(self._model, key.encode(), buf, 256)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def apply_builtin_template(self, name: str, messages: list[tuple[str, str]]) -> str:
+        """llama.cpp's own C++ rendering of a named chat format (for GGUFs without a template)."""
+        chat = (C.llama_chat_message * len(messages))(
+            *[C.llama_chat_message(role.encode(), content.encode()) for role, content in messages])
+        size = 256 + sum(len(c.encode()) + 32 for _, c in messages)
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_chat_apply_template(name.encode(), chat, len(messages), True, buf, size)
+            if n < 0:
+                raise EngineError(f"llama.cpp does not know the chat format {name!r}")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n
+        raise EngineError("chat template rendering did not converge")
+
     def close(self) -> None:
         if self._model:
             C.llama_model_free(self._model)

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 from ..engine.types import EngineOutput, EngineRequest, TokenLogprobs, Usage
 from ..errors import ContextOverflow, EngineError, InvalidRequest, ModelyardError, QueueFull
 from ..settings import EndpointSpec
+from .chat_template import ChatTemplate
 from .core import EngineCore, token_text
 from .detokenize import Detokenizer
 from .ffi import ContextShape, LlamaContext, LlamaModel
@@ -107,13 +108,17 @@ class LocalEngine:
         """Tokenize and validate on the caller's side, so a bad request costs no engine step."""
         model = self.model
         assert model is not None
-        ids = list(r.prompt) if isinstance(r.prompt, tuple) else model.tokenize(r.prompt)
+        ids = self._prompt_ids(r)
         if not ids:
             raise InvalidRequest("prompt is empty: it must contain at least one token", param="prompt")
         bad = [t for t in ids if not 0 <= t < model.n_vocab]
         if bad:
             raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
                                  param="prompt")
+        out_of_vocab = [t for t in r.sampling.logit_bias if not 0 <= t < model.n_vocab]
+        if out_of_vocab:
+            raise InvalidRequest(f"logit_bias names token {out_of_vocab[0]}, outside the vocabulary "
+                                 f"(0..{model.n_vocab - 1})", param="logit_bias")
         if len(ids) + r.max_tokens > self.spec.context:
             raise ContextOverflow(
                 f"this endpoint's context is {self.spec.context} tokens per sequence, but the prompt has "
@@ -125,11 +130,19 @@ class LocalEngine:
         seqs = [Sequence(i, Sampler(r.sampling.for_choice(i)), StopMatcher(r.stop)) for i in range(r.n)]
         echo = None
         prompt_lp = None
-        if r.echo:
+        if r.echo and r.messages is None:
             echo = r.prompt if isinstance(r.prompt, str) else self._detokenize(ids)
             if r.sampling.logprobs is not None:
                 prompt_lp = self._prompt_tokens(ids)
         return Request(r.request_id, ids, r.max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline)
+
+    def _prompt_ids(self, r: EngineRequest) -> list[int]:
+        if r.messages is not None:
+            text = self._chat.render(r.messages)
+            # A template that writes the BOS itself must not get a second one from the tokenizer.
+            bos = self.model.bos_text
+            return self.model.tokenize(text, add_special=not (bos and text.startswith(bos)))
+        return list(r.prompt) if isinstance(r.prompt, tuple) else self.model.tokenize(r.prompt)
 
     def _detokenize(self, ids: list[int]) -> str:
         d = Detokenizer()
@@ -158,6 +171,7 @@ class LocalEngine:
     def _main(self, started: concurrent.futures.Future) -> None:
         try:
             self.model = LlamaModel(self.model_path)
+            self._chat = ChatTemplate(self.model)
             ctx = LlamaContext(self.model, ContextShape(
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
                 n_batch=max(self.spec.batch, self.spec.parallel), n_threads=self.spec.n_threads))

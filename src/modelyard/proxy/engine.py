@@ -136,7 +136,8 @@ class ProxyEngine:
             replica.in_flight += 1
             opened = False
             try:
-                request = client.build_request("POST", replica.url + "/completions", json=body,
+                path = "/chat/completions" if "messages" in body else "/completions"
+                request = client.build_request("POST", replica.url + path, json=body,
                                                timeout=_timeout(self.spec.timeout, deadline))
                 resp = await client.send(request, stream=True)
                 opened = True
@@ -169,12 +170,19 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
     s = req.sampling
     body: dict[str, Any] = {
         "model": spec.upstream_model or spec.name,
-        "prompt": req.prompt if isinstance(req.prompt, str) else list(req.prompt),
         "n": req.n, "max_tokens": req.max_tokens,
         "temperature": s.temperature, "top_p": s.top_p,
         "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
         "stream": True, "stream_options": {"include_usage": True},
     }
+    if req.messages is not None:
+        body["messages"] = list(req.messages)
+        if s.logprobs is not None:
+            body["logprobs"], body["top_logprobs"] = True, s.logprobs
+    else:
+        body["prompt"] = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
+        if s.logprobs is not None:
+            body["logprobs"] = s.logprobs
     if req.stop:
         body["stop"] = list(req.stop)
     if req.echo:
@@ -183,8 +191,6 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
         body["seed"] = s.seed
     if s.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in s.logit_bias.items()}
-    if s.logprobs is not None:
-        body["logprobs"] = s.logprobs
     return body
 
 
@@ -219,13 +225,27 @@ async def _relay(url: str, resp: httpx.Response, req: EngineRequest) -> AsyncIte
 
 def to_delta(raw: dict) -> ChoiceDelta | None:
     """One upstream choice chunk; None when it carries nothing (some servers send empty ones)."""
-    text = raw.get("text") or ""
-    logprobs = to_logprobs(raw.get("logprobs"))
+    if "delta" in raw:   # a chat chunk
+        text = raw["delta"].get("content") or ""
+        logprobs = chat_to_logprobs(raw.get("logprobs"))
+    else:
+        text = raw.get("text") or ""
+        logprobs = to_logprobs(raw.get("logprobs"))
     reason = raw.get("finish_reason")
     finish = None if reason is None else FinishReason.LENGTH if reason == "length" else FinishReason.STOP
     if not text and logprobs is None and finish is None:
         return None
     return ChoiceDelta(int(raw.get("index") or 0), text, logprobs, finish)
+
+
+def chat_to_logprobs(raw: dict | None) -> TokenLogprobs | None:
+    """Chat's {"content": [{"token", "logprob", "top_logprobs": [...]}]} in our one shape."""
+    items = (raw or {}).get("content") or []
+    if not items:
+        return None
+    return TokenLogprobs([i["token"] for i in items], [i.get("logprob") for i in items],
+                         [{t["token"]: t["logprob"] for t in i.get("top_logprobs") or []} for i in items],
+                         [0] * len(items))
 
 
 def to_logprobs(raw: dict | None) -> TokenLogprobs | None:
