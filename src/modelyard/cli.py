@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .api.app import create_app
+    from .server import Server
 
     cfg = settings_mod.load(args.config, host=args.host, port=args.port, model=args.model,
                             insecure_no_auth=args.insecure_no_auth)
@@ -68,7 +67,5 @@ def serve(args: argparse.Namespace) -> int:
                 store.resolve(ep.model)
             except ModelyardError as exc:   # the endpoint will report it as failed; others serve
                 logging.getLogger("modelyard").error("endpoint %s: %s", ep.name, exc)
-    app = create_app(cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
-                timeout_graceful_shutdown=int(cfg.grace_period) or None)
+    Server(create_app(cfg), cfg).run()
     return 0

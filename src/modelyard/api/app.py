@@ -8,10 +8,11 @@ from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
+from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
 from . import chat, completions, errors, models
-from .middleware import BodyLimits
+from .middleware import BodyLimits, RequestLog
 from .auth import KeyChecker, require_key
 
 OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
@@ -39,6 +40,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.shutting_down = False
     errors.install(app)
     app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(RequestLog)
+    app.state.metrics = Metrics(registry)
     auth = [Depends(require_key)]
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
         app.include_router(completions.router, prefix=prefix, dependencies=auth, include_in_schema=documented)

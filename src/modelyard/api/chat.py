@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..engine.types import ChoiceDelta, EngineRequest, TokenLogprobs
-from .completions import ERRORS, check_limits, deadline_for, sampling_params
+from .completions import ERRORS, check_limits, deadline_for, reporter, sampling_params
 from .schemas import LogitBias, StreamOptions
 from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
 
@@ -105,6 +105,7 @@ class ChatCompletion(Completion):
 @router.post("/chat/completions", responses=ERRORS, summary="Create Chat Completion")
 async def create_chat_completion(body: ChatRequest, request: Request) -> Response:
     state = request.app.state
+    report = reporter(request, body.model)
     check_limits(state.settings.limits, body.n or 1, body.stops, body.top_logprobs, 1)
     engine = state.registry.get(body.model).require_ready()
     cmpl_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -112,7 +113,7 @@ async def create_chat_completion(body: ChatRequest, request: Request) -> Respons
                         sampling=sampling_params(body, body.k_logprobs), n=body.n or 1,
                         max_tokens=body.max_completion_tokens or body.max_tokens or 16, stop=body.stops,
                         deadline=deadline_for(request))
-    out = ChatCompletion(cmpl_id, int(time.time()), body.model, body.n or 1)
+    out = ChatCompletion(cmpl_id, int(time.time()), body.model, body.n or 1, on_done=report)
     events = merge(await prime_all([engine.generate(req)]))
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     if body.stream:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -65,6 +66,19 @@ def sampling_params(body: CompletionRequest, logprobs: int | None) -> SamplingPa
         logprobs=logprobs)
 
 
+def reporter(request: Request, endpoint: str) -> Callable[[Completion], None]:
+    """What a finished generation tells the metrics and the request log."""
+    request.state.endpoint = endpoint
+
+    def report(out: Completion) -> None:
+        request.app.state.metrics.generation(endpoint, out.t0, out.first_token, out.prompt_tokens,
+                                             out.completion_tokens)
+        request.state.log = {"id": out.id, "prompt_tokens": out.prompt_tokens,
+                             "completion_tokens": out.completion_tokens,
+                             "ttft_ms": round((out.first_token - out.t0) * 1000, 1) if out.first_token else None}
+    return report
+
+
 def engine_requests(body: CompletionRequest, cmpl_id: str, deadline: float | None) -> list[EngineRequest]:
     sampling = sampling_params(body, body.logprobs)
     return [EngineRequest(request_id=f"{cmpl_id}-{i}", prompt=prompt, sampling=sampling, n=body.n or 1,
@@ -79,11 +93,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     """Given a prompt, returns one or more predicted completions, optionally with the
     probabilities of alternative tokens at each position."""
     state = request.app.state
+    report = reporter(request, body.model)
     check_limits(state.settings.limits, body.n or 1, body.stops, body.logprobs, len(body.prompts))
     engine = state.registry.get(body.model).require_ready()
     cmpl_id = f"cmpl-{uuid.uuid4().hex}"
     streams = [engine.generate(r) for r in engine_requests(body, cmpl_id, deadline_for(request))]
-    out = Completion(cmpl_id, int(time.time()), body.model, body.n or 1)
+    out = Completion(cmpl_id, int(time.time()), body.model, body.n or 1, on_done=report)
     events = merge(await prime_all(streams))
     if body.stream:
         return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,3 +53,31 @@ class BodyLimits:
 
 class _TooLarge(Exception):
     pass
+
+
+class RequestLog:
+    """Counts and logs every API request once it has fully ended (streams included), with the
+    endpoint and token counts the route left in request.state."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(("/api/", "/v1/")):
+            return await self.app(scope, receive, send)
+        started = time.monotonic()
+        status = 500
+        state = scope.setdefault("state", {})
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            metrics = scope["app"].state.metrics
+            metrics.request(state.get("endpoint", "-"), scope["path"], status, time.monotonic() - started,
+                            state.get("log", {}))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter()        # under the OpenAI prefixes, behind auth
 admin = APIRouter()         # /api/v1/endpoints, behind auth
@@ -44,3 +45,8 @@ async def ready(request: Request) -> JSONResponse:
     if not_ready:
         return JSONResponse({"status": "not ready", "not_ready": not_ready}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+@probes.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

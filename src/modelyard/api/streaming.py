@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import Request
 
@@ -99,6 +100,17 @@ class Completion:
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     started: set[int] = field(default_factory=set)     # choices that have sent a chunk
+    on_done: Callable[["Completion"], None] | None = None  # metrics and the request log
+    t0: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+    def saw(self, d: ChoiceDelta) -> None:
+        if self.first_token is None and d.text:
+            self.first_token = time.monotonic()
+
+    def done(self) -> None:
+        if self.on_done is not None:
+            self.on_done(self)
 
     def index(self, prompt: int, delta: ChoiceDelta) -> int:
         return prompt * self.n + delta.index
@@ -144,6 +156,7 @@ async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: b
     try:
         async for prompt, event in events:
             if isinstance(event, ChoiceDelta):
+                out.saw(event)
                 chunk = out.chunk(prompt, event)
                 if include_usage:
                     chunk["usage"] = None
@@ -152,6 +165,7 @@ async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: b
                 out.add_usage(event)
         if include_usage:
             yield sse({**out.envelope([]), "usage": out.usage})
+        out.done()
     except ModelyardError as exc:
         yield sse(exc.body())          # an error event, never a silent cut
     except Exception as exc:  # noqa: BLE001
@@ -166,9 +180,11 @@ async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: b
 async def collect(events: AsyncIterator[Event], out: Completion) -> dict:
     async for prompt, event in events:
         if isinstance(event, ChoiceDelta):
+            out.saw(event)
             out.collect(prompt, event)
         else:
             out.add_usage(event)
+    out.done()
     return out.body()
 
 

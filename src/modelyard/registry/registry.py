@@ -67,17 +67,23 @@ class Registry:
             ep.become(EndpointState.FAILED, f"{type(exc).__name__}: {exc}")
             log.error("endpoint %s failed: %s", ep.name, ep.reason)
 
+    @property
+    def in_flight(self) -> int:
+        return sum(ep.engine.status().get("in_flight", 0) for ep in self.endpoints.values() if ep.engine)
+
     def drain(self) -> None:
         for ep in self.endpoints.values():
             if ep.state is EndpointState.READY:
                 ep.become(EndpointState.DRAINING, "the server is shutting down")
 
     async def stop(self) -> None:
+        """Ends every endpoint (requests in flight end with an error). Safe to call twice."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for ep in self.endpoints.values():
             if ep.engine is not None:
                 await ep.engine.stop()
+                ep.engine = None
             if ep.state is not EndpointState.STOPPED:
                 ep.become(EndpointState.STOPPED, "stopped")

@@ -1,0 +1,79 @@
+"""Prometheus metrics (prometheus-client), one CollectorRegistry per app so tests can make many.
+
+Counters and histograms are updated as requests end; endpoint state, queue depth and in-flight
+are read from the registry at scrape time, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from .registry.registry import Registry
+
+log = logging.getLogger("modelyard.requests")
+
+LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+PER_TOKEN = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class Metrics:
+    def __init__(self, registry: "Registry") -> None:
+        self.prom = CollectorRegistry()
+        self.requests = Counter("modelyard_requests", "HTTP requests by endpoint, route and status",
+                                ["endpoint", "route", "status"], registry=self.prom)
+        self.prompt_tokens = Counter("modelyard_prompt_tokens", "Prompt tokens processed",
+                                     ["endpoint"], registry=self.prom)
+        self.completion_tokens = Counter("modelyard_completion_tokens", "Tokens generated",
+                                         ["endpoint"], registry=self.prom)
+        self.ttft = Histogram("modelyard_time_to_first_token_seconds", "Time to first token",
+                              ["endpoint"], buckets=LATENCY, registry=self.prom)
+        self.tpot = Histogram("modelyard_time_per_output_token_seconds", "Time per output token after the first",
+                              ["endpoint"], buckets=PER_TOKEN, registry=self.prom)
+        self.latency = Histogram("modelyard_request_duration_seconds", "End-to-end request latency",
+                                 ["endpoint", "route"], buckets=LATENCY, registry=self.prom)
+        self.prom.register(_EndpointCollector(registry))
+
+    def generation(self, endpoint: str, started: float, first_token: float | None,
+                   prompt_tokens: int, completion_tokens: int) -> None:
+        """Called once per finished generation (streamed or not)."""
+        self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
+        self.completion_tokens.labels(endpoint).inc(completion_tokens)
+        if first_token is not None:
+            self.ttft.labels(endpoint).observe(first_token - started)
+            if completion_tokens > 1:
+                self.tpot.labels(endpoint).observe((time.monotonic() - first_token) / (completion_tokens - 1))
+
+    def request(self, endpoint: str, route: str, status: int, seconds: float, extra: dict) -> None:
+        self.requests.labels(endpoint, route, str(status)).inc()
+        self.latency.labels(endpoint, route).observe(seconds)
+        # One structured line per request; never the prompt (only ids, sizes and timings).
+        log.info(json.dumps({"endpoint": endpoint, "route": route, "status": status,
+                             "latency_ms": round(seconds * 1000, 1), **extra}))
+
+    def render(self) -> bytes:
+        return generate_latest(self.prom)
+
+
+class _EndpointCollector:
+    def __init__(self, registry: "Registry") -> None:
+        self.registry = registry
+
+    def collect(self):
+        ready = GaugeMetricFamily("modelyard_endpoint_ready", "1 when the endpoint can serve now",
+                                  labels=["endpoint", "state"])
+        queue = GaugeMetricFamily("modelyard_queue_depth", "Requests waiting for a slot", labels=["endpoint"])
+        in_flight = GaugeMetricFamily("modelyard_in_flight", "Requests admitted and not finished",
+                                      labels=["endpoint"])
+        for ep in self.registry.endpoints.values():
+            ready.add_metric([ep.name, ep.state.value], 1.0 if ep.not_ready_reason() is None else 0.0)
+            status = ep.engine.status() if ep.engine is not None else {}
+            queue.add_metric([ep.name], float(status.get("queue_depth", 0)))
+            in_flight.add_metric([ep.name], float(status.get("in_flight", 0)))
+        yield from (ready, queue, in_flight)
