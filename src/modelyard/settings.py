@@ -35,6 +35,25 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class KeySpec:
+    """An API key ("sk-..." or "sha256:<hex>") with optional per-minute quotas (0: unlimited)."""
+
+    key: str
+    rpm: int = 0          # requests per minute
+    tpm: int = 0          # prompt + completion tokens per minute
+
+    def __post_init__(self) -> None:
+        if self.key.startswith("sha256:"):
+            digest = self.key[7:]
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                raise ConfigError("an API key given as sha256:<hex> needs 64 hex digits")
+        elif not self.key:
+            raise ConfigError("an API key must not be empty")
+        if self.rpm < 0 or self.tpm < 0:
+            raise ConfigError(f"quotas must be >= 0 (rpm={self.rpm}, tpm={self.tpm})")
+
+
+@dataclass(frozen=True)
 class EndpointSpec:
     name: str
     engine: str = "llamacpp"
@@ -72,6 +91,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
+    keys: tuple[KeySpec, ...] = ()      # [[keys]]: keys with quotas
     insecure_no_auth: bool = False
     store_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "modelyard")
     endpoints: tuple[EndpointSpec, ...] = (EndpointSpec(name=DEFAULT_MODEL),)
@@ -95,9 +115,13 @@ class Settings:
         except ValueError:
             return False
 
+    @property
+    def all_keys(self) -> tuple[KeySpec, ...]:
+        return tuple(KeySpec(k) for k in self.api_keys) + self.keys
+
     def check_auth_policy(self) -> None:
         """Refuse to expose an unauthenticated server beyond this machine."""
-        if not self.api_keys and not self.loopback and not self.insecure_no_auth:
+        if not self.all_keys and not self.loopback and not self.insecure_no_auth:
             raise ConfigError(
                 f"refusing to serve on {self.host} with no API keys: set [server] api_keys or "
                 "MODELYARD_API_KEYS, or pass --insecure-no-auth")
@@ -136,6 +160,11 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
             values["api_keys"] = tuple(server["api_keys"])
         if "store_dir" in server:
             values["store_dir"] = Path(server["store_dir"]).expanduser()
+        if "keys" in doc:
+            try:
+                values["keys"] = tuple(KeySpec(**k) for k in doc["keys"])
+            except TypeError as exc:
+                raise ConfigError(f"[[keys]]: {exc}") from None
         if "limits" in doc:
             values["limits"] = Limits(**doc["limits"])
         if "endpoints" in doc:

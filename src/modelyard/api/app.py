@@ -35,7 +35,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                   description="OpenAI-compatible model endpoints")
     app.state.settings = settings
     app.state.registry = registry
-    app.state.keys = KeyChecker(settings.api_keys)
+    app.state.keys = KeyChecker(settings.all_keys)
     app.state.started = int(time.time())
     app.state.shutting_down = False
     errors.install(app)

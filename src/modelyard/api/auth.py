@@ -1,45 +1,87 @@
-"""Authorization: Bearer <key>. Keys may be configured in clear or as "sha256:<hex>" so that a
-config file holds no secrets; comparison is constant-time either way, and keys are never logged."""
+"""Authorization: Bearer <key>, and per-key quotas.
+
+Keys may be configured in clear or as "sha256:<hex>" so that a config file holds no secrets.
+Only digests are kept and compared (constant time, equal length); keys are never logged.
+Quotas are sliding one-minute windows of requests and of tokens per key; past them, 429 with
+Retry-After saying when the window frees up.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from collections import deque
 
 from fastapi import Request
 
-from ..errors import Unauthorized
+from ..errors import RateLimited, Unauthorized
+from ..settings import KeySpec
+
+WINDOW = 60.0
+
+
+class Quota:
+    def __init__(self, rpm: int, tpm: int) -> None:
+        self.rpm, self.tpm = rpm, tpm
+        self._requests: deque[float] = deque()
+        self._tokens: deque[tuple[float, int]] = deque()
+        self._token_sum = 0
+
+    def _expire(self, now: float) -> None:
+        while self._requests and self._requests[0] <= now - WINDOW:
+            self._requests.popleft()
+        while self._tokens and self._tokens[0][0] <= now - WINDOW:
+            self._token_sum -= self._tokens.popleft()[1]
+
+    def admit(self, now: float) -> None:
+        """Called as a request arrives: counts it, or raises RateLimited."""
+        self._expire(now)
+        if self.rpm and len(self._requests) >= self.rpm:
+            raise RateLimited(f"rate limit: {self.rpm} requests per minute for this key",
+                              code="rate_limit_exceeded", retry_after=self._requests[0] + WINDOW - now)
+        if self.tpm and self._token_sum >= self.tpm:
+            raise RateLimited(f"rate limit: {self.tpm} tokens per minute for this key "
+                              f"({self._token_sum} used in the last minute)",
+                              code="rate_limit_exceeded", retry_after=self._tokens[0][0] + WINDOW - now)
+        self._requests.append(now)
+
+    def spend(self, tokens: int, now: float) -> None:
+        """Called when a request ends, with the tokens it used."""
+        self._tokens.append((now, tokens))
+        self._token_sum += tokens
 
 
 class KeyChecker:
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        # Compare digests only: equal length, constant time, and no clear keys kept around.
-        self._digests = [bytes.fromhex(k[7:]) if k.startswith("sha256:") else _digest(k) for k in keys]
+    def __init__(self, keys: tuple[KeySpec, ...]) -> None:
+        self._keys = [(_configured_digest(k.key), Quota(k.rpm, k.tpm)) for k in keys]
 
     @property
     def enabled(self) -> bool:
-        return bool(self._digests)
+        return bool(self._keys)
 
-    def check(self, authorization: str | None) -> str | None:
-        """Returns the matching key's digest (hex) for quotas, or raises Unauthorized."""
+    def check(self, authorization: str | None) -> Quota | None:
+        """The caller's quota (None when auth is off), or Unauthorized / RateLimited."""
         if not self.enabled:
             return None
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        digest = _digest(token.strip())
-        ok = False
-        for d in self._digests:
-            ok |= hmac.compare_digest(d, digest)
-        if not ok:
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        found = None
+        for d, quota in self._keys:     # no early exit: the time taken does not depend on which key
+            if hmac.compare_digest(d, digest):
+                found = quota
+        if found is None:
             raise Unauthorized("invalid API key", code="invalid_api_key")
-        return digest.hex()
+        found.admit(time.monotonic())
+        return found
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+def _configured_digest(key: str) -> bytes:
+    return bytes.fromhex(key[7:]) if key.startswith("sha256:") else hashlib.sha256(key.encode()).digest()
 
 
 async def require_key(request: Request) -> None:
     """FastAPI dependency on every API route."""
-    request.state.key = request.app.state.keys.check(request.headers.get("authorization"))
+    request.state.quota = request.app.state.keys.check(request.headers.get("authorization"))

@@ -73,6 +73,9 @@ def reporter(request: Request, endpoint: str) -> Callable[[Completion], None]:
     def report(out: Completion) -> None:
         request.app.state.metrics.generation(endpoint, out.t0, out.first_token, out.prompt_tokens,
                                              out.completion_tokens)
+        quota = getattr(request.state, "quota", None)
+        if quota is not None:
+            quota.spend(out.prompt_tokens + out.completion_tokens, time.monotonic())
         request.state.log = {"id": out.id, "prompt_tokens": out.prompt_tokens,
                              "completion_tokens": out.completion_tokens,
                              "ttft_ms": round((out.first_token - out.t0) * 1000, 1) if out.first_token else None}
