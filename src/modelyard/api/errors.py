@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import ModelyardError
 
@@ -29,6 +30,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ModelyardError)
     async def _ours(request: Request, exc: ModelyardError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's and FastAPI's own errors (unknown route 404, wrong method 405, a body that
+        # is not UTF-8 400) in OpenAI's shape rather than {"detail": "<string>"}.
+        kind = "not_found_error" if exc.status_code == 404 else (
+            "server_error" if exc.status_code >= 500 else "invalid_request_error")
+        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

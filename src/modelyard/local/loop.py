@@ -72,7 +72,8 @@ class LocalEngine:
         return {"in_flight": len(self._sinks), "running": len(sched.running),
                 "queue_depth": len(sched.waiting), "slots_total": sched.slots.n,
                 "slots_used": sched.slots.n_used,
-                "cached_tokens": sum(len(c) for c in sched.slots.cached)}
+                "cached_tokens": sum(len(c) for c in sched.slots.cached),
+                "prefix_reused_tokens": sched.reused_tokens}
 
     # -- requests (event loop) ----------------------------------------------------------
 

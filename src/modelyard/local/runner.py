@@ -26,9 +26,11 @@ class LlamaCppRunner:
         self.ctx = ctx
 
     def execute(self, batch: Batch) -> Logits:
-        for slot, keep in batch.truncations:
-            self.ctx.seq_rm(slot, keep)
+        # Copies first: they were decided a step earlier, and a slot they read or write may
+        # since have been freed and re-admitted (its truncation comes with this batch).
         for src, dst in batch.copies:
             self.ctx.seq_cp(src, dst)
+        for slot, keep in batch.truncations:
+            self.ctx.seq_rm(slot, keep)
         self.ctx.decode(batch.tokens, batch.positions, batch.slots, batch.logits)
         return self.ctx.logits_row

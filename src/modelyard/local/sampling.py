@@ -32,7 +32,11 @@ def log_softmax_at(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def top_k(row: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest entries, largest first (ties: lower index first)."""
     part = np.argpartition(-row, k - 1)[:k]
-    return part[np.lexsort((part, -row[part]))]
+    # argpartition keeps an arbitrary one of the values tied at the cut: take the lowest ids.
+    cut = row[part].min()
+    above = np.flatnonzero(row > cut)
+    ids = np.concatenate([above, np.flatnonzero(row == cut)[: k - len(above)]])
+    return ids[np.lexsort((ids, -row[ids]))]
 
 
 class Sampler:

@@ -29,8 +29,8 @@ class Batch:
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     logits: list[bool] = field(default_factory=list)
-    truncations: list[tuple[int, int]] = field(default_factory=list)   # (slot, keep) before decode
-    copies: list[tuple[int, int]] = field(default_factory=list)        # (src, dst) before decode
+    copies: list[tuple[int, int]] = field(default_factory=list)        # (src, dst), applied first
+    truncations: list[tuple[int, int]] = field(default_factory=list)   # (slot, keep), then these
     decodes: list[tuple[Request, Sequence, int]] = field(default_factory=list)  # + logits row
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -56,6 +56,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._truncations: list[tuple[int, int]] = []
         self._copies: list[tuple[int, int]] = []
+        self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
 
     def add(self, req: Request) -> None:
         """Called when a request arrives (engine thread, from the inbox)."""
@@ -78,7 +79,10 @@ class Scheduler:
         for req in self.running:
             if req.prefilling and len(batch.tokens) < self.step_tokens:
                 self._add_prefill(batch, req)
-        return batch if batch.tokens else None
+        if not batch.tokens:   # nothing to decode: KV work waits for the next batch
+            self._truncations, self._copies = batch.truncations, batch.copies
+            return None
+        return batch
 
     def _admit(self) -> None:
         # FIFO: the head waits until its n slots are free, and nobody overtakes it.
@@ -88,6 +92,7 @@ class Scheduler:
             slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse)
             # Keep at least the last prompt token to compute: its logits start generation.
             req.num_computed = min(shared, req.num_prompt - 1)
+            self.reused_tokens += req.num_computed
             self._truncations.append((slots[0], req.num_computed))
             self.slots.truncate(slots[0], req.num_computed)
             for seq, slot in zip(req.seqs, slots):
@@ -140,7 +145,7 @@ class Scheduler:
     def discard_kv(self, req: Request) -> None:
         """After a failed decode, nothing in this request's slots can be trusted."""
         for seq in req.seqs:
-            if seq.slot >= 0:
+            if seq.slot >= 0 and not seq.finished:   # a finished choice's slot may be another's now
                 self.slots.forget(seq.slot)
 
     def find(self, request_id: str) -> Request | None:
