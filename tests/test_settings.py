@@ -1,0 +1,90 @@
+"""Settings: parsed once from TOML + env + flags, frozen, validated with errors naming the key."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+import modelyard
+from modelyard.errors import ConfigError
+from modelyard.settings import DEFAULT_MODEL, load
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_serve_the_default_model_on_loopback():
+    s = load(env={})
+    assert (s.host, s.port) == ("127.0.0.1", 8000)
+    assert [e.name for e in s.endpoints] == [DEFAULT_MODEL]
+    assert s.endpoints[0].model == DEFAULT_MODEL and s.loopback
+
+
+def test_config_file_env_and_flags_in_rising_priority(tmp_path):
+    cfg = write(tmp_path, """
+[server]
+host = "127.0.0.2"
+port = 9000
+api_keys = ["k1"]
+[[endpoints]]
+name = "a"
+model = "/m/a.gguf"
+context = 1024
+parallel = 4
+[[endpoints]]
+name = "b"
+engine = "openai"
+urls = ["http://127.0.0.1:1/v1"]
+""")
+    s = load(cfg, env={"MODELYARD_API_KEYS": "k2, k3"}, port=9001)
+    assert s.host == "127.0.0.2" and s.port == 9001
+    assert s.api_keys == ("k1", "k2", "k3")
+    assert [(e.name, e.engine, e.context, e.parallel) for e in s.endpoints] == [
+        ("a", "llamacpp", 1024, 4), ("b", "openai", 2048, 16)]
+    assert s.endpoints[1].urls == ("http://127.0.0.1:1/v1",)
+
+
+def test_model_flag_serves_that_one_model(tmp_path):
+    s = load(env={}, model=str(tmp_path / "tiny.gguf"))
+    assert [(e.name, e.model) for e in s.endpoints] == [("tiny", str(tmp_path / "tiny.gguf"))]
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[[endpoints]]\nname = "a"\nbogus = 1', "bogus"),
+    ('[[endpoints]]\nname = "a"\nengine = "vllm"', "engine"),
+    ('[[endpoints]]\nname = "a"\ncontext = 0', "context"),
+    ('[[endpoints]]\nname = "a"\nengine = "openai"', "urls"),
+    ('[[endpoints]]\nname = "a"\n[[endpoints]]\nname = "a"', "unique"),
+    ('[[keys]]\nkey = "sha256:abc"', "64 hex"),
+    ("not toml [", "cannot read"),
+])
+def test_bad_config_names_the_problem(tmp_path, text, words):
+    with pytest.raises(ConfigError, match=words):
+        load(write(tmp_path, text), env={})
+
+
+def test_no_keys_beyond_loopback_is_refused_unless_insecure():
+    with pytest.raises(ConfigError, match="--insecure-no-auth"):
+        load(env={}, host="0.0.0.0").check_auth_policy()
+    load(env={}, host="0.0.0.0", insecure_no_auth=True).check_auth_policy()
+    load(env={"MODELYARD_API_KEYS": "k"}, host="0.0.0.0").check_auth_policy()
+    load(env={}, host="::1").check_auth_policy()
+
+
+def test_keys_table_with_quotas_and_hashes(tmp_path):
+    digest = hashlib.sha256(b"sk-b").hexdigest()
+    s = load(write(tmp_path, f'[[keys]]\nkey = "sk-a"\nrpm = 3\n[[keys]]\nkey = "sha256:{digest}"\ntpm = 20'), env={})
+    assert [(k.key, k.rpm, k.tpm) for k in s.all_keys] == [("sk-a", 3, 0), (f"sha256:{digest}", 0, 20)]
+
+
+def test_public_surface_is_exactly_all():
+    public = {name for name in vars(modelyard) if not name.startswith("_")}
+    modules = {"api", "cli", "engine", "errors", "local", "metrics", "proxy", "registry", "server",
+               "settings", "store"}
+    assert public - modules == set(modelyard.__all__)
+    for name in modelyard.__all__:
+        assert getattr(modelyard, name) is not None
