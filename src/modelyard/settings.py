@@ -64,6 +64,7 @@ class EndpointSpec:
     batch: int = 256                    # tokens per llama_decode step (prefill chunk budget)
     max_queue: int = 256                # requests waiting beyond `parallel`; past it: 503
     prefix_cache: bool = True
+    convert: str | None = None          # opt-in: "q8_0" | "q4_0" (faster kernels, different output)
     # engine = "openai"
     urls: tuple[str, ...] = ()
     upstream_model: str | None = None

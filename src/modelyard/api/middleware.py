@@ -26,20 +26,31 @@ class BodyLimits:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(send, int(length))
         seen = 0
+        too_large: int | None = None
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    too_large = seen
                     raise _TooLarge(seen)
             return message
 
+        async def guarded(message: Message) -> None:
+            # FastAPI turns any exception raised while it reads the body into its own 400
+            # ("There was an error parsing the body"): once the limit is hit, that answer is
+            # dropped and the 413 below goes out instead.
+            if too_large is None:
+                await send(message)
+
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge as exc:
-            await self._too_large(send, exc.args[0])
+            await self.app(scope, limited, guarded)
+        except _TooLarge:
+            pass
+        if too_large is not None:
+            await self._too_large(send, too_large)
 
     async def _too_large(self, send: Send, size: int) -> None:
         body = json.dumps({"error": {

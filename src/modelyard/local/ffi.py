@@ -124,6 +124,21 @@ class LlamaModel:
             self._model = None
 
 
+QUANTS = {"q8_0": C.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": C.LLAMA_FTYPE_MOSTLY_Q4_0}
+
+
+def quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
+    """llama.cpp's own quantizer (requantizing from the published file)."""
+    _init_backend()
+    params = C.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = QUANTS[kind]
+    params.allow_requantize = True
+    rc = C.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise EngineError(f"llama.cpp could not convert {src} to {kind} (code {rc})")
+
+
 @dataclass(frozen=True)
 class ContextShape:
     n_seq: int          # parallel sequences, each in its own KV stream

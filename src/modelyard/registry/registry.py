@@ -57,6 +57,10 @@ class Registry:
             path = None
             if ep.spec.engine == "llamacpp":
                 path = await asyncio.to_thread(self.store.resolve, ep.spec.model)
+                if ep.spec.convert:
+                    from ..local.convert import converted
+                    path = await asyncio.to_thread(converted, path, ep.spec.convert,
+                                                   self.store.root / "converted", ep.spec.n_threads)
                 ep.model_path = str(path)
             engine = self._factory(ep.spec, path)
             await engine.start()
