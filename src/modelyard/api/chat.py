@@ -10,11 +10,11 @@ from typing import Annotated, Literal, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.types import ChoiceDelta, EngineRequest, TokenLogprobs
 from .completions import ERRORS, check_limits, deadline_for, reporter, sampling_params
-from .schemas import LogitBias, StreamOptions
+from .schemas import GenerationRequest
 from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
 
 router = APIRouter()
@@ -36,37 +36,11 @@ class Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1)
+class ChatRequest(GenerationRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1)
-    stop: Union[str, Annotated[list[str], Field(min_length=1)], None] = None
-    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: LogitBias | None = None
-    user: str | None = None
-
-    @field_validator("stream_options")
-    @classmethod
-    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if v is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return v
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def k_logprobs(self) -> int | None:
@@ -115,9 +89,8 @@ async def create_chat_completion(body: ChatRequest, request: Request) -> Respons
                         deadline=deadline_for(request))
     out = ChatCompletion(cmpl_id, int(time.time()), body.model, body.n or 1, on_done=report)
     events = merge(await prime_all([engine.generate(req)]))
-    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return StreamingResponse(to_sse(events, out, include_usage), media_type="text/event-stream",
+        return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     result = await unless_disconnected(request, asyncio.ensure_future(collect(events, out)))
     return Response(status_code=499) if result is None else JSONResponse(result)

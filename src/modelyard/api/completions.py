@@ -14,7 +14,7 @@ from ..engine.types import EngineRequest, SamplingParams
 from ..errors import InvalidRequest
 from ..settings import Limits
 from .errors import limit_error
-from .schemas import CompletionRequest, CompletionResponse, ErrorResponse
+from .schemas import CompletionRequest, CompletionResponse, ErrorResponse, GenerationRequest
 from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
 
 router = APIRouter()
@@ -54,7 +54,7 @@ def deadline_for(request: Request) -> float | None:
     return time.monotonic() + min(given) if given else None
 
 
-def sampling_params(body: CompletionRequest, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: GenerationRequest, logprobs: int | None) -> SamplingParams:
     """Sampling fields shared by /completions and /chat/completions; absent means default."""
     return SamplingParams(
         temperature=body.temperature if body.temperature is not None else 0.0,

@@ -30,11 +30,12 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class CompletionRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """Fields shared by /completions and /chat/completions, validated the same way."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    prompt: Prompt
     temperature: float | None = Field(None, ge=0, le=2)
     n: int | None = Field(None, ge=1)
     stop: Union[str, Annotated[list[str], Field(min_length=1)], None] = None
@@ -42,16 +43,11 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    # OpenAI completions fields beyond the spec
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool | None = False
     top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: LogitBias | None = None
     user: str | None = None
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -59,6 +55,25 @@ class CompletionRequest(BaseModel):
         if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
         return v
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Prompt
+    # OpenAI completions fields beyond the spec
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
 
     @field_validator("best_of")
     @classmethod
@@ -88,17 +103,6 @@ class CompletionRequest(BaseModel):
         if isinstance(p[0], int):
             return [tuple(p)]
         return [tuple(ids) for ids in p]
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
-
 
 class ErrorBody(BaseModel):
     message: str

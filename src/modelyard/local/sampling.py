@@ -43,7 +43,9 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         # seed None: fresh entropy, so unseeded requests differ from each other.
-        self._rng = None if params.greedy else np.random.Generator(np.random.PCG64(params.seed))
+        # PCG64 takes seeds in [0, 2**64); the API allows negative ones, and seed + i may overflow.
+        seed = None if params.seed is None else params.seed % 2**64
+        self._rng = None if params.greedy else np.random.Generator(np.random.PCG64(seed))
         self._counts: dict[int, int] = {}
         self._bias = (np.fromiter(params.logit_bias.keys(), np.int64),
                       np.fromiter(params.logit_bias.values(), np.float32)) if params.logit_bias else None
