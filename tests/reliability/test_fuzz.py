@@ -1,0 +1,138 @@
+"""Property-based fuzzing of the whole HTTP API with schemathesis, from the server's own
+/openapi.json, against a live `modelyard serve` (parallel 2, context 256, max_queue 4, default
+limits). Bodies are random, valid and invalid: whatever arrives, the server answers with
+
+- no 5xx, except 503 with Retry-After and the OpenAI error body (a full queue);
+- 422 with FastAPI's {"detail": [{"loc", "msg", "type"}]}; every other 4xx with OpenAI's
+  {"error": {"message", "type", "param", "code"}};
+- a 200 event stream that ends with [DONE], after a finish_reason or an error event that is
+  not an internal error.
+
+The run is bounded: FUZZ_EXAMPLES per operation, and FUZZ_BUDGET seconds for all of them (past
+it the remaining examples are skipped cheaply; at least one example per operation always runs).
+Context 256 turns most random max_tokens into an instant 400; the valid rest generate at most
+255 tokens. Three bodies in four get the served model's name, so that they reach the engine
+rather than stop at the 404 for an unknown endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import schemathesis                   # a dev extra (pyproject.toml)
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+
+from helpers import assert_openai_error, assert_validation_error, check_stream_end, config, live_server
+
+pytestmark = pytest.mark.model
+
+FUZZ_EXAMPLES = int(os.environ.get("MODELYARD_FUZZ_EXAMPLES", "30"))
+FUZZ_BUDGET = float(os.environ.get("MODELYARD_FUZZ_BUDGET", "150"))
+REQUEST_TIMEOUT = 60.0
+
+_started: float | None = None
+_seen: dict[str, int] = {}          # operation -> examples actually sent
+_statuses: dict[int, int] = {}      # status -> count, for the summary
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("fuzz"), config(parallel=2, context=256, max_queue=4)) as srv:
+        yield srv
+        # the fuzzing left the endpoint alive and idle
+        ep = srv.wait_idle()
+        assert ep["state"] == "ready" and ep["in_flight"] == 0 and ep["slots_used"] == 0, ep
+    print(f"\nfuzz: examples per operation {_seen}; statuses {dict(sorted(_statuses.items()))}")
+
+
+def _documented_operations() -> list[tuple[str, str, bool]]:
+    """The app's own operations, from its OpenAPI document built in process (no model loaded)."""
+    from modelyard.api.app import create_app
+    from modelyard.settings import EndpointSpec, Settings
+    doc = create_app(Settings(endpoints=(EndpointSpec(name="x"),))).openapi()
+    return [(method.upper(), path, "requestBody" in op)
+            for path, item in doc["paths"].items() for method, op in item.items()]
+
+
+# (method, path, mode): every operation with valid data; those with a body also with invalid data
+# (a path parameter that takes any string, or no input at all, has no invalid value to make).
+DOCUMENTED = _documented_operations()
+OPERATIONS = [(m, p) for m, p, _ in DOCUMENTED]
+CASES = [(m, p, mode) for m, p, inputs in DOCUMENTED for mode in ("positive", "negative")
+         if mode == "positive" or inputs]
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_server):
+    """The live server's /openapi.json, loaded by schemathesis; it documents the same operations."""
+    loaded = schemathesis.openapi.from_url(f"{fuzz_server.base}/openapi.json")
+    live = sorted((op.ok().method.upper(), op.ok().path) for op in loaded.get_all_operations())
+    assert live == sorted(OPERATIONS)
+    return loaded
+
+
+def check_response(response) -> None:
+    status = response.status_code
+    ctype = ",".join(response.headers.get("content-type", []))
+    text = response.content.decode("utf-8", errors="replace")
+    where = f"{response.request.method} {response.request.url} -> {status}: {text[:500]}"
+    if status >= 500:
+        assert status == 503, f"server error: {where}"
+        retry = response.headers.get("retry-after", [])
+        assert retry and retry[0].isdigit() and int(retry[0]) >= 1, f"503 without Retry-After: {where}"
+        assert_openai_error(json.loads(text), "server_overloaded")
+        return
+    if 400 <= status < 500:
+        body = json.loads(text)     # every error is JSON
+        if status == 422:
+            assert_validation_error(body)
+        else:
+            assert_openai_error(body)
+        return
+    assert status in (200,), f"unexpected status: {where}"
+    if "text/event-stream" in ctype:
+        assert not response.stream_cut_short, where
+        lines = text.splitlines()
+        events = [line[5:].strip() for line in lines if line.startswith("data:")]
+        parsed = [e if e == "[DONE]" else json.loads(e) for e in events]
+        how = check_stream_end(parsed)
+        if how == "error":
+            assert parsed[-2]["error"]["type"] != "server_error", f"internal error in stream: {where}"
+    elif "application/json" in ctype:
+        json.loads(text)
+
+
+def test_every_operation_is_fuzzed():
+    assert {m for m, _ in OPERATIONS} >= {"GET", "POST"}
+    assert any(p.endswith("/completions") and not p.endswith("/chat/completions") for _, p in OPERATIONS)
+    assert any(p.endswith("/chat/completions") for _, p in OPERATIONS)
+
+
+@pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{mode} {m} {p}" for m, p, mode in CASES])
+def test_api_holds_under_random_input(method, path, mode, api_schema, fuzz_server):
+    global _started
+    if _started is None:
+        _started = time.monotonic()
+    operation = api_schema[path][method]
+    label = f"{mode} {method} {path}"
+    strategy = operation.as_strategy(generation_mode=GenerationMode(mode))
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+    @given(case=strategy, routed=st.sampled_from([True, True, True, False]))
+    def run(case, routed: bool) -> None:
+        if routed and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = fuzz_server.model   # reach the engine, not just the 404
+        if _seen.get(label) and time.monotonic() - _started > FUZZ_BUDGET:
+            return                      # over the time budget: skip the rest cheaply
+        _seen[label] = _seen.get(label, 0) + 1
+        response = case.call(base_url=fuzz_server.base, headers=fuzz_server.headers, timeout=REQUEST_TIMEOUT)
+        _statuses[response.status_code] = _statuses.get(response.status_code, 0) + 1
+        check_response(response)
+
+    run()
