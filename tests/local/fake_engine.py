@@ -167,6 +167,7 @@ class FakeContext:
         self.kv: list[list[int]] = [[] for _ in range(n_slots)]
         self.rows: dict[int, np.ndarray] = {}
         self.fail_next: BaseException | None = None     # raised by the next decode
+        self.fail_when = None                           # slots -> bool: a decode touching them fails
         self.ops: list[tuple] = []                      # ("rm", seq, p0) / ("cp", src, dst) / ("decode", n)
         self.violations: list[KVViolation] = []
 
@@ -191,6 +192,8 @@ class FakeContext:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
+        if self.fail_when is not None and self.fail_when(set(seqs)):
+            raise EngineError(f"llama_decode failed with code -1 on slots {sorted(set(seqs))}")
         for i, (tok, pos, s, want) in enumerate(zip(tokens, positions, seqs, logits)):
             assert 0 <= tok < V
             if pos != len(self.kv[s]):
@@ -229,6 +232,10 @@ class FakeRunner:
 
     def fail_next_decode(self, exc: BaseException | None = None) -> None:
         self.ctx.fail_next = exc or EngineError("llama_decode failed with code 1")
+
+    def fail_decodes_touching(self, *slots: int) -> None:
+        """Every decode whose batch holds one of these slots fails (a persistent fault)."""
+        self.ctx.fail_when = lambda used: bool(used & set(slots))
 
 
 # -- outputs --------------------------------------------------------------------------------

@@ -370,10 +370,12 @@ def test_failed_batch_does_not_forget_a_slot_another_request_took() -> None:
     h.step()                                     # A: choice 0 -> EOG, its slot is free again
     assert a.seqs[0].finished and not a.seqs[1].finished
     b = h.add("B", [q, L("x"), L("y")], max_tokens=1)   # takes that slot, reusing "q"
-    h.runner.fail_next_decode()
-    h.step()                                     # A's decode + C's chunk fill the step; it fails
+    broken = {a.seqs[1].slot, h.requests["C"].seqs[0].slot}
+    h.runner.fail_decodes_touching(*broken)
+    h.step()                                     # A's decode + C's chunk fill the step; both fail
+    h.runner.ctx.fail_when = None
     assert b.seqs[0].slot == a.seqs[0].slot and b.num_computed == 1
-    assert not any(rid == "B" for rec in h.batches[-1:] for rid, _, _ in rec.prefills)
+    assert not any(rid == "B" for rec in h.batches[-3:] for rid, _, _ in rec.prefills)
     assert isinstance(h.result("A").error, EngineError) and isinstance(h.result("C").error, EngineError)
     h.run()
     assert text_of(h, "B") == "z"

@@ -89,9 +89,11 @@ def srv():
 
 class Fault:
     """Makes LlamaCppRunner.execute raise for the marked request's batches: at its prefill, or at
-    its decode once it has `after_tokens` output tokens. Fires `times` times."""
+    its decode once it has `after_tokens` output tokens. Fires `times` times (default: every
+    time, like a request that really breaks the decode; a batch that fails is retried request
+    by request, so a shared batch fires twice: once together, once for the marked one alone)."""
 
-    def __init__(self, after_tokens: int | None = None, times: int = 1) -> None:
+    def __init__(self, after_tokens: int | None = None, times: int = 10**6) -> None:
         self.after_tokens, self.left, self.fired = after_tokens, times, 0
         self.batch_sizes: list[int] = []      # requests in each failed batch
         self._original = LlamaCppRunner.execute
@@ -192,24 +194,20 @@ def test_fault_mid_stream_is_an_error_event_then_done(srv, inject):
 
 
 def test_fault_next_to_a_concurrent_request_ends_both_cleanly(srv, inject):
-    """What holds today for the request sharing the faulty batch: it ends with its finish_reason
-    or an error event, then [DONE], never a cut; and the endpoint recovers."""
+    """The request sharing the faulty batch ends with its finish_reason, then [DONE], never a
+    cut; and the endpoint recovers."""
     fault = inject()
     other = _Stream(srv, {"prompt": "The weather today is", "max_tokens": 40, "logit_bias": NO_EOG})
     other.start()
     other.wait_first_chunk()
     r = _complete(srv, MARKER, max_tokens=4)
     other.join(60)
-    assert fault.fired == 1 and r.status_code == 500, r.text
+    assert r.status_code == 500, r.text
     assert not other.is_alive() and other.error is None and other.status == 200
     assert check_stream_end(sse_events(iter(other.lines))) in ("finished", "error")
     _assert_healthy_after(srv)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: EngineCore.step fails every request of a batch whose execute raised (core._fail), so a "
-    "request decoding in the same batch as the faulty one gets the error event too; isolating it "
-    "needs the core to retry the batch's other requests without the failing one"))
 def test_fault_in_one_request_spares_a_concurrent_one(srv, inject):
     """The other request is decoding when the marked one's prefill fails: it still completes."""
     fault = inject()
@@ -218,7 +216,7 @@ def test_fault_in_one_request_spares_a_concurrent_one(srv, inject):
     other.wait_first_chunk()
     r = _complete(srv, MARKER, max_tokens=4)
     other.join(60)
-    assert fault.fired == 1
+    assert fault.batch_sizes in ([2, 1], [1]), fault.batch_sizes   # together then alone, or alone
     assert r.status_code == 500, r.text
     assert "injected" in assert_openai_error(r.json(), "server_error")["message"]
     assert not other.is_alive() and other.error is None and other.status == 200

@@ -17,6 +17,12 @@ from .scheduler import Batch, PrefillChunk, Scheduler
 Emit = Callable[[list[tuple[Request, object]]], None]   # (request, outputs list | exception)
 
 
+def _engine_error(exc: Exception) -> ModelyardError:
+    if isinstance(exc, ModelyardError):
+        return exc
+    return EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+
+
 def token_text(piece: bytes) -> str:
     """A token's text for logprobs; a piece that is not whole UTF-8 is shown as its bytes."""
     try:
@@ -39,14 +45,26 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return False
+        if not self._run(batch):
+            # Which request broke the decode is unknown: retry each alone, fail only the guilty.
+            for part in batch.split():
+                self._run(part, last_try=True)
+        self._flush()
+        return True
+
+    def _run(self, batch: Batch, last_try: bool = False) -> bool:
+        """Execute and update one batch; False if the decode failed and may be retried."""
         try:
             logits = self.runner.execute(batch)
+        except Exception as exc:  # a C failure must fail its requests, not the engine
+            if not last_try and len(batch.requests) > 1:
+                return False
+            self._fail(batch, _engine_error(exc))
+            return True
+        try:
             self._update(batch, logits)
-        except ModelyardError as exc:
-            self._fail(batch, exc)
-        except Exception as exc:  # a bug or a C failure must fail its requests, not the engine
-            self._fail(batch, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-        self._flush()
+        except Exception as exc:  # a bug in one request's update: fail the batch, keep serving
+            self._fail(batch, _engine_error(exc))
         return True
 
     def abort(self, request_id: str, error: ModelyardError | None = None) -> None:

@@ -41,6 +41,28 @@ class Batch:
         self.logits.append(logits)
         return len(self.tokens) - 1
 
+    def split(self) -> list["Batch"]:
+        """One batch per request, each first rolling its slots back to where this batch began:
+        after a failed decode (which may have written part of the KV) each request is retried
+        alone, so only the one at fault fails."""
+        parts: dict[Request, Batch] = {}
+        for req, seq, row in self.decodes:
+            part = parts.setdefault(req, Batch())
+            part.truncations.append((seq.slot, self.positions[row]))
+            part.decodes.append((req, seq, part.add(self.tokens[row], self.positions[row], seq.slot, True)))
+        for chunk in self.prefills:
+            part = parts.setdefault(chunk.request, Batch())
+            slot = chunk.request.seqs[0].slot
+            part.truncations.append((slot, chunk.start))
+            first = len(part.tokens)
+            for row in range(chunk.first_row, chunk.first_row + chunk.end - chunk.start):
+                part.add(self.tokens[row], self.positions[row], slot, self.logits[row])
+            part.prefills.append(PrefillChunk(chunk.request, chunk.start, chunk.end, first))
+        for req, part in parts.items():
+            mine = {seq.slot for seq in req.seqs}
+            part.copies = [(src, dst) for src, dst in self.copies if dst in mine]
+        return list(parts.values())
+
     @property
     def requests(self) -> set[Request]:
         return {r for r, _, _ in self.decodes} | {c.request for c in self.prefills}
