@@ -1,0 +1,77 @@
+"""GET /models, /ready and /api/v1/endpoints against the session's real server, which serves
+one ready endpoint (smollm2-135m) and one that failed to load (broken: its file is missing)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.model
+
+MODEL = "smollm2-135m"
+MISSING = "/nonexistent/x.gguf"
+
+
+@pytest.mark.parametrize("prefix", ["/api/v1/compatibility/openai/v1", "/v1"])
+def test_models_lists_endpoints_with_state(server, prefix):
+    r = httpx.get(f"{server.base}{prefix}/models", headers=server.headers, timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list"
+    by_id = {m["id"]: m for m in body["data"]}
+    assert set(by_id) == {MODEL, "broken"}
+    for m in body["data"]:
+        assert m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]
+    assert by_id[MODEL]["state"] == "ready" and by_id[MODEL]["ready"] is True
+    assert by_id["broken"]["state"] == "failed" and by_id["broken"]["ready"] is False
+
+
+def test_models_needs_the_key(server):
+    r = httpx.get(f"{server.api}/models", timeout=10)
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_openai_client_lists_models(server):
+    openai = pytest.importorskip("openai")
+    ids = {m.id for m in openai.OpenAI(base_url=server.api, api_key=server.key, max_retries=0).models.list()}
+    assert ids == {MODEL, "broken"}
+
+
+def test_ready_is_503_listing_the_failed_endpoint(server):
+    r = httpx.get(f"{server.base}/ready", timeout=10)      # open: no key
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert set(body["not_ready"]) == {"broken"}
+    assert "failed" in body["not_ready"]["broken"] and MISSING in body["not_ready"]["broken"]
+
+
+def test_health_is_200_even_with_a_failed_endpoint(server):
+    r = httpx.get(f"{server.base}/health", timeout=10)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_endpoints_show_states_and_reasons(server):
+    r = httpx.get(f"{server.base}/api/v1/endpoints", headers=server.headers, timeout=10)
+    assert r.status_code == 200, r.text
+    eps = {e["name"]: e for e in r.json()["endpoints"]}
+    assert set(eps) == {MODEL, "broken"}
+    ok, bad = eps[MODEL], eps["broken"]
+    assert ok["state"] == "ready" and ok["ready"] is True and ok["reason"] is None
+    assert ok["engine"] == "llamacpp" and ok["model"] == MODEL and ok["model_path"].endswith(".gguf")
+    assert ok["slots_total"] == 4 and ok["slots_used"] >= 0 and ok["in_flight"] >= 0
+    assert bad["state"] == "failed" and bad["ready"] is False
+    assert MISSING in bad["reason"] and bad["model_path"] is None
+
+
+def test_one_endpoint(server):
+    r = httpx.get(f"{server.base}/api/v1/endpoints/broken", headers=server.headers, timeout=10)
+    assert r.status_code == 200 and r.json()["state"] == "failed"
+    r = httpx.get(f"{server.base}/api/v1/endpoints/nope", headers=server.headers, timeout=10)
+    assert r.status_code == 404
+    assert "nope" in r.json()["error"]["message"]
+
+
+def test_endpoints_need_the_key(server):
+    assert httpx.get(f"{server.base}/api/v1/endpoints", timeout=10).status_code == 401
+    assert httpx.get(f"{server.base}/api/v1/endpoints/{MODEL}", timeout=10).status_code == 401
