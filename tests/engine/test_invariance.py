@@ -89,7 +89,7 @@ def test_prefix_of_a_finished_request_is_reused(server):
     n_shared = len(httpx.post(server.api + "/completions", json={
         "model": server.model, "prompt": shared, "max_tokens": 1, "echo": True, "logprobs": 0},
         headers=server.headers).json()["choices"][0]["logprobs"]["tokens"])
-    assert reused >= n_shared - 1, (reused, n_shared)
+    assert reused >= n_shared - 2, (reused, n_shared)   # the last two prompt tokens are always computed
     assert first["text"] and second["text"]
     idle = status()
     assert idle["slots_used"] == 0 and idle["in_flight"] == 0

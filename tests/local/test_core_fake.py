@@ -347,7 +347,7 @@ def test_echo_logprobs_disable_prefix_reuse() -> None:
 # -- failures -----------------------------------------------------------------------------------
 
 def test_transient_decode_failure_is_retried_request_by_request() -> None:
-    h = Harness(n_slots=3, step_tokens=3)
+    h = Harness(n_slots=3, step_tokens=5)
     h.add("A", "ab", max_tokens=5)
     h.step()                                          # A is decoding
     h.add("B", "klmnopq", max_tokens=2)               # its chunk takes the rest of the step
@@ -361,7 +361,7 @@ def test_transient_decode_failure_is_retried_request_by_request() -> None:
 
 
 def test_failed_decode_fails_only_the_guilty_request_and_the_core_keeps_serving() -> None:
-    h = Harness(n_slots=3, step_tokens=3)
+    h = Harness(n_slots=3, step_tokens=5)
     a = h.add("A", "ab", max_tokens=5)
     h.step()                                          # A is decoding
     b = h.add("B", "klmnopq", max_tokens=2)           # its chunk takes the rest of the step

@@ -41,14 +41,15 @@ def test_decodes_first_then_prompt_chunks_up_to_the_budget() -> None:
         n_prefill = sum(e - s for _, s, e in rec.prefills)
         assert len(rec.decodes) + n_prefill == len(rec.tokens)
 
-    # B's 20-token prompt is chunked by what the budget leaves after A's decode token
+    # B's 20-token prompt is chunked by what the budget leaves after A's decode token, but
+    # never into a one-token chunk (another kernel path): 12..19 would leave 19..20 alone
     b_chunks = [(s, e) for rec in h.batches for rid, s, e in rec.prefills if rid == "B"]
-    assert b_chunks == [(0, 5), (5, 12), (12, 19), (19, 20)]
+    assert b_chunks == [(0, 5), (5, 12), (12, 18), (18, 20)]
     # only the last prompt position asks for logits
     first = h.batches[0]
     assert first.logits == [False, False, True] + [False] * 5
     last_b = h.batches[3]
-    assert last_b.tokens[-1] == L("t") and last_b.positions[-1] == 19 and last_b.logits == [True, True]
+    assert last_b.tokens[-1] == L("t") and last_b.positions[-1] == 19 and last_b.logits == [True, False, True]
     # the running stream gets a token every step while B prefills
     assert produced[:5] == [1, 2, 3, 4, 5]
     assert text_of(h, "A") == "defghijklm"
@@ -68,7 +69,7 @@ def test_positions_and_slots_of_decodes() -> None:
 
 
 def test_every_prefill_row_goes_to_the_requests_first_slot_in_order() -> None:
-    h = Harness(n_slots=3, step_tokens=3)
+    h = Harness(n_slots=3, step_tokens=5)
     reqs = [h.add(f"R{i}", LETTERS[i:i + 7], n=1, max_tokens=2) for i in range(3)]
     h.run()
     covered = {r.id: [] for r in reqs}
@@ -166,9 +167,10 @@ def test_prefix_reuse_takes_the_slot_and_prefills_only_the_rest() -> None:
     h.run()
     first = h.batches[n_before]
     assert b.seqs[0].slot == slot
-    assert first.truncations == [(slot, 4)]
-    assert first.prefills == [("B", 4, 6)]
-    assert first.positions == [4, 5] and first.tokens == encode("xy")
+    # only the prompt-computed "abc" is reused: "d" was decoded alone (another kernel path)
+    assert first.truncations == [(slot, 3)]
+    assert first.prefills == [("B", 3, 6)]
+    assert first.positions == [3, 4, 5] and first.tokens == encode("dxy")
     assert text_of(h, "B") == "z"
 
 
@@ -191,18 +193,19 @@ def test_fully_cached_prompt_recomputes_its_last_token() -> None:
     h.run()
     slot = a.seqs[0].slot
     n_before = len(h.batches)
-    h.add("B", "abcde", max_tokens=3)            # all 5 tokens are in the cache
+    h.add("B", "abcde", max_tokens=3)            # all 5 tokens are in the cache, "de" decoded
     h.run()
     first = h.batches[n_before]
-    assert first.truncations == [(slot, 4)]
-    assert first.prefills == [("B", 4, 5)] and first.logits == [True]
+    assert first.truncations == [(slot, 3)]
+    assert first.prefills == [("B", 3, 5)] and first.logits == [False, True]
     assert text_of(h, "B") == "fgh"
-    # the same prompt again: only its last token is recomputed
+    # the same prompt again: its last two tokens are recomputed (a one-token chunk would not
+    # be the computation a cold prefill does)
     n_before = len(h.batches)
     h.add("C", "abc", max_tokens=3)
     h.run()
-    assert h.batches[n_before].truncations == [(slot, 2)]
-    assert h.batches[n_before].prefills == [("C", 2, 3)]
+    assert h.batches[n_before].truncations == [(slot, 1)]
+    assert h.batches[n_before].prefills == [("C", 1, 3)]
     assert text_of(h, "C") == "def"
 
 
@@ -358,23 +361,23 @@ def test_pending_copies_survive_a_step_with_nothing_to_run() -> None:
 def test_failed_batch_does_not_forget_a_slot_another_request_took() -> None:
     """A's choice 0 finished earlier; its slot went to B, which got no room in the failing
     batch. Discarding A's KV must not wipe B's slot: B's prefix stays in that KV."""
-    q, r = L("q"), L("r")
+    p, q, r = L("p"), L("q"), L("r")
 
     def nxt(hist):
-        return coin(EOG, r) if hist == (q,) else sure(counting(hist))
+        return coin(EOG, r) if hist == (p, q) else sure(counting(hist))
 
     seed = find_seed(coin(EOG, r), [EOG, r])
-    h = Harness(n_slots=3, step_tokens=3, model=scripted(nxt))
-    a = h.add("A", [q], n=2, max_tokens=5, sampling=SamplingParams(temperature=1.0, seed=seed))
+    h = Harness(n_slots=3, step_tokens=5, model=scripted(nxt))
+    a = h.add("A", [p, q], n=2, max_tokens=5, sampling=SamplingParams(temperature=1.0, seed=seed))
     h.add("C", "abcdefghij", max_tokens=2)
     h.step()                                     # A: choice 0 -> EOG, its slot is free again
     assert a.seqs[0].finished and not a.seqs[1].finished
-    b = h.add("B", [q, L("x"), L("y")], max_tokens=1)   # takes that slot, reusing "q"
+    b = h.add("B", [p, q, L("x"), L("y")], max_tokens=1)   # takes that slot, reusing "pq"
     broken = {a.seqs[1].slot, h.requests["C"].seqs[0].slot}
     h.runner.fail_decodes_touching(*broken)
     h.step()                                     # A's decode + C's chunk fill the step; both fail
     h.runner.ctx.fail_when = None
-    assert b.seqs[0].slot == a.seqs[0].slot and b.num_computed == 1
+    assert b.seqs[0].slot == a.seqs[0].slot and b.num_computed == 2
     assert not any(rid == "B" for rec in h.batches[-3:] for rid, _, _ in rec.prefills)
     assert isinstance(h.result("A").error, EngineError) and isinstance(h.result("C").error, EngineError)
     h.run()
@@ -387,7 +390,7 @@ def test_failed_batch_does_not_forget_a_slot_another_request_took() -> None:
 def _scenario(seed: int) -> None:
     rnd = random.Random(seed)
     n_slots = rnd.randint(1, 4)
-    h = Harness(n_slots=n_slots, step_tokens=rnd.randint(n_slots, 8), prefix_cache=rnd.random() < 0.8)
+    h = Harness(n_slots=n_slots, step_tokens=rnd.randint(n_slots + 2, 8), prefix_cache=rnd.random() < 0.8)
     bases = ["abcdefgh", "abcxyz", "klmnop", "ab"]
     specs, arrivals = {}, {}
     for i in range(rnd.randint(3, 10)):

@@ -175,13 +175,13 @@ class LocalEngine:
             self._chat = ChatTemplate(self.model)
             ctx = LlamaContext(self.model, ContextShape(
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
-                n_batch=max(self.spec.batch, self.spec.parallel), n_threads=self.spec.n_threads))
+                n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads))
         except Exception as exc:  # any load failure marks the endpoint failed, with the reason
             started.set_exception(exc if isinstance(exc, ModelyardError)
                                   else EngineError(f"cannot load {self.model_path}: {exc}"))
             return
         emit = lambda out: self._loop.call_soon_threadsafe(self._deliver, out)  # noqa: E731
-        scheduler = Scheduler(SlotPool(self.spec.parallel), max(self.spec.batch, self.spec.parallel),
+        scheduler = Scheduler(SlotPool(self.spec.parallel), max(self.spec.batch, self.spec.parallel + 2),
                               self.spec.prefix_cache)
         self._core = EngineCore(scheduler, LlamaCppRunner(ctx), self.model, emit)
         started.set_result(None)

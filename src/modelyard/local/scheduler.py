@@ -70,7 +70,9 @@ class Batch:
 
 class Scheduler:
     def __init__(self, slots: SlotPool, step_tokens: int, prefix_cache: bool = True) -> None:
-        assert step_tokens >= slots.n, "a step must fit one decode token per slot"
+        # Room for a decode token per slot, and for a prompt chunk of >= 2 tokens that never
+        # leaves a single token behind (so every prompt makes progress).
+        assert step_tokens >= slots.n + 2, "a step must fit a decode per slot and a 3-token chunk"
         self.slots = slots
         self.step_tokens = step_tokens
         self.prefix_cache = prefix_cache
@@ -112,8 +114,10 @@ class Scheduler:
             req = self.waiting.popleft()
             reuse = self.prefix_cache and not req.wants_prompt_logprobs
             slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse)
-            # Keep at least the last prompt token to compute: its logits start generation.
-            req.num_computed = min(shared, req.num_prompt - 1)
+            # Compute at least the last two prompt tokens: the last one's logits start the
+            # generation, and a chunk of one token would take another kernel path than the
+            # same prompt prefilled without a cache (see slots.reusable).
+            req.num_computed = max(0, min(shared, req.num_prompt - 2))
             self.reused_tokens += req.num_computed
             self._truncations.append((slots[0], req.num_computed))
             self.slots.truncate(slots[0], req.num_computed)
@@ -127,18 +131,24 @@ class Scheduler:
     def _add_decode(self, batch: Batch, req: Request, seq: Sequence) -> None:
         token = seq.output_ids[-1]
         row = batch.add(token, req.num_prompt + len(seq.output_ids) - 1, seq.slot, True)
-        self.slots.cached[seq.slot].append(token)
+        self.slots.append_decoded(seq.slot, token)
         batch.decodes.append((req, seq, row))
 
     def _add_prefill(self, batch: Batch, req: Request) -> None:
         start = req.num_computed
         end = min(req.num_prompt, start + self.step_tokens - len(batch.tokens))
+        # Chunks of one token take another kernel path than chunks of two or more: never cut
+        # a prompt into one, whatever room this step has, so chunking never shows in the output.
+        if req.num_prompt - end == 1:
+            end -= 1
+        if end - start < min(2, req.num_prompt - start):
+            return
         slot = req.seqs[0].slot
         all_logits = req.wants_prompt_logprobs
         first = len(batch.tokens)
         for pos in range(start, end):
             batch.add(req.prompt_ids[pos], pos, slot, all_logits or pos == req.num_prompt - 1)
-        self.slots.cached[slot].extend(req.prompt_ids[start:end])
+        self.slots.extend_prompt(slot, req.prompt_ids[start:end])
         batch.prefills.append(PrefillChunk(req, start, end, first))
 
     def prompt_done(self, req: Request) -> None:
@@ -147,7 +157,7 @@ class Scheduler:
         src = req.seqs[0].slot
         for seq in req.seqs[1:]:
             self._copies.append((src, seq.slot))
-            self.slots.cached[seq.slot] = list(self.slots.cached[src])
+            self.slots.copy(src, seq.slot)
 
     def release(self, seq: Sequence) -> None:
         """Called when a sequence finishes: its slot (and KV, kept as cache) is free."""

@@ -23,6 +23,10 @@ class SlotPool:
     def __init__(self, n: int) -> None:
         self.n = n
         self.cached: list[list[int]] = [[] for _ in range(n)]   # tokens in each slot's KV
+        # How many leading cached tokens were computed as prompt chunks of >= 2 tokens. Only
+        # those are reused: a token decoded alone takes another kernel path (the logits differ
+        # in the last bits), so reusing it would make output depend on what ran before.
+        self.reusable: list[int] = [0] * n
         self._free = set(range(n))
         self._last_used = [0] * n
         self._clock = itertools.count(1)
@@ -41,7 +45,8 @@ class SlotPool:
         assert n <= len(self._free)
         first, shared = None, 0
         if reuse:
-            first, shared = max(((s, common_prefix(self.cached[s], prompt)) for s in self._free),
+            first, shared = max(((s, min(self.reusable[s], common_prefix(self.cached[s], prompt)))
+                                 for s in self._free),
                                 key=lambda t: (t[1], -t[0]))
         if not shared:
             first = self._cheapest(self._free)
@@ -76,6 +81,20 @@ class SlotPool:
 
     def truncate(self, slot: int, keep: int) -> None:
         del self.cached[slot][keep:]
+        self.reusable[slot] = min(self.reusable[slot], keep)
 
     def forget(self, slot: int) -> None:
         self.cached[slot] = []
+        self.reusable[slot] = 0
+
+    def append_decoded(self, slot: int, token: int) -> None:
+        self.cached[slot].append(token)
+
+    def extend_prompt(self, slot: int, tokens: list[int]) -> None:
+        if len(tokens) >= 2 and self.reusable[slot] == len(self.cached[slot]):
+            self.reusable[slot] += len(tokens)
+        self.cached[slot].extend(tokens)
+
+    def copy(self, src: int, dst: int) -> None:
+        self.cached[dst] = list(self.cached[src])
+        self.reusable[dst] = self.reusable[src]

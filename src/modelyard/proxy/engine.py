@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0       # a replica that cannot accept a connection in 5 s is as good as down
 PROBE_TIMEOUT = 2.0
 HEALTH_INTERVAL = 2.0
+# A replica that accepted the probe's connection but did not answer in time is busy, maybe not
+# down (llama-cpp-python's server answers /models only between generations): it is marked down
+# after this many such probes in a row. Refused or unreachable: down at once.
+SLOW_PROBES_TO_DOWN = 3
 # Generous: each streaming request holds one connection for its whole length.
 POOL_LIMITS = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30.0)
 # Only these happen before the upstream saw the request, so only these are safe to retry.
@@ -41,6 +45,7 @@ class Replica:
     healthy: bool = False
     in_flight: int = 0
     last_error: str | None = "not probed yet"
+    slow_probes: int = 0                  # probes in a row that connected but timed out
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,9 +85,18 @@ class ProxyEngine:
         """One health check: GET base/models; healthy on 2xx."""
         try:
             resp = await self._need_client().get(replica.url + "/models", timeout=PROBE_TIMEOUT)
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            replica.slow_probes += 1
+            if not replica.healthy or replica.slow_probes >= SLOW_PROBES_TO_DOWN:
+                self._mark_down(replica, _reason(exc))
+            else:
+                log.info("endpoint %s: replica %s was slow to answer a probe (%d in a row)",
+                         self.spec.name, replica.url, replica.slow_probes)
+            return
         except httpx.HTTPError as exc:
             self._mark_down(replica, _reason(exc))
             return
+        replica.slow_probes = 0
         if resp.is_success:
             replica.healthy, replica.last_error = True, None
         else:
