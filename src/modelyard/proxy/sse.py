@@ -76,6 +76,10 @@ async def json_events(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
             continue
         obj = decode(*pending)
         if obj is None:
+            # Read the body to its end: only a fully read response gives its connection back
+            # to the pool (closing it here cost a new upstream connection per request).
+            async for _ in lines:
+                pass
             return
         yield obj
     pending = decoder.flush()

@@ -1,0 +1,270 @@
+"""Several model endpoints side by side in ONE gateway process, from one TOML config:
+
+    smollm2-135m   embedded llama.cpp (the default model)
+    gemma3-270m    embedded llama.cpp (a second architecture)
+    remote-smol    engine "openai": a SECOND modelyard process serving smollm2-135m upstream
+
+Both processes use the same engine settings for smollm2-135m (parallel 2, context 512, one
+thread), so greedy text through the remote endpoint must equal the embedded endpoint's.
+Every process listens on loopback only and is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+KEY = "multi-key"
+OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
+START_TIMEOUT = 120.0
+SMOL, GEMMA, REMOTE = "smollm2-135m", "gemma3-270m", "remote-smol"
+NAMES = (SMOL, GEMMA, REMOTE)
+PROMPT = "The capital of France is"
+ENGINE = "context = 512\nparallel = 2\nthreads = 1\n"
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen
+    base: str
+    log: Path
+
+    @property
+    def api(self) -> str:
+        return self.base + OPENAI_PREFIX
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(tmp: Path, name: str, config: str) -> Proc:
+    """`modelyard serve` on a free loopback port with `config`; returns at once."""
+    cfg, log, port = tmp / f"{name}.toml", tmp / f"{name}.log", free_port()
+    cfg.write_text(config)
+    env = {k: v for k, v in os.environ.items() if k != "MODELYARD_API_KEYS"}
+    env["PYTHONUNBUFFERED"] = "1"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "modelyard", "serve", "--config", str(cfg),
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return Proc(proc, f"http://127.0.0.1:{port}", log)
+
+
+def wait_for(what: str, check: Callable[[], bool], p: Proc, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if p.proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {p.proc.returncode}:\n{p.tail()}")
+        try:
+            if check():
+                return
+        except httpx.TransportError as exc:
+            last = exc
+        time.sleep(0.25)
+    raise RuntimeError(f"{what}: not within {timeout:.0f}s (last error: {last!r}):\n{p.tail()}")
+
+
+def ready(p: Proc) -> bool:
+    return httpx.get(p.base + "/ready", timeout=5).status_code == 200
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    p = serve(tmp_path_factory.mktemp("multi"), "upstream",
+              f'[server]\nlog_level = "info"\n\n[[endpoints]]\nname = "{SMOL}"\nmodel = "{SMOL}"\n{ENGINE}')
+    try:
+        wait_for("upstream ready", lambda: ready(p), p)
+        yield p
+    finally:
+        stop(p.proc)
+
+
+def gateway_config(upstream_api: str) -> str:
+    return f"""\
+[server]
+api_keys = ["{KEY}"]
+log_level = "info"
+
+[[endpoints]]
+name = "{SMOL}"
+model = "{SMOL}"
+{ENGINE}
+[[endpoints]]
+name = "{GEMMA}"
+model = "{GEMMA}"
+{ENGINE}
+[[endpoints]]
+name = "{REMOTE}"
+engine = "openai"
+urls = ["{upstream_api}"]
+upstream_model = "{SMOL}"
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: Proc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    p = serve(tmp_path_factory.mktemp("multi-gw"), "gateway", gateway_config(upstream.base + "/v1"))
+    try:
+        wait_for("gateway ready (all three endpoints)", lambda: ready(p), p)
+        yield p
+    finally:
+        stop(p.proc)
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Proc):
+    with openai.OpenAI(base_url=gateway.api, api_key=KEY, max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def admin(gateway: Proc) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+def test_openai_client_lists_all_three_with_state(client):
+    assert {m.id for m in client.models.list()} == set(NAMES)
+    raw = client.models.with_raw_response.list()
+    body = raw.http_response.json()
+    by_id = {m["id"]: m for m in body["data"]}
+    assert set(by_id) == set(NAMES)
+    for name, m in by_id.items():
+        assert m["object"] == "model" and m["state"] == "ready" and m["ready"] is True, (name, m)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_completes_on_each_endpoint_streaming_and_not(client, name):
+    done = client.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert done.model == name
+    text = done.choices[0].text
+    assert text and done.choices[0].finish_reason in ("length", "stop")
+    assert 1 <= done.usage.completion_tokens <= 8 and done.usage.prompt_tokens > 0
+
+    chunks = list(client.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks and all(c.model == name for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chat_on_each_endpoint(client, name):
+    done = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say hello."}],
+                                          max_tokens=6, temperature=0)
+    assert done.model == name and done.choices[0].message.role == "assistant"
+    assert done.usage.completion_tokens <= 6
+
+
+def test_remote_greedy_text_equals_embedded(client):
+    prompt = "Once upon a time, in a small village,"
+    texts = {}
+    for name in (SMOL, REMOTE):
+        done = client.completions.create(model=name, prompt=prompt, max_tokens=16, temperature=0)
+        assert done.model == name
+        texts[name] = done.choices[0].text
+    assert texts[REMOTE] == texts[SMOL] and texts[SMOL]
+    # and the remote stream, re-framed under the routing name, carries the same text
+    chunks = list(client.completions.create(model=REMOTE, prompt=prompt, max_tokens=16, temperature=0,
+                                            stream=True))
+    assert {c.model for c in chunks} == {REMOTE}
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == texts[SMOL]
+
+
+def test_endpoints_route_shows_engine_state_and_replicas(admin, upstream):
+    r = admin.get("/api/v1/endpoints")
+    assert r.status_code == 200, r.text
+    eps = {e["name"]: e for e in r.json()["endpoints"]}
+    assert set(eps) == set(NAMES)
+    for name in (SMOL, GEMMA):
+        ep = eps[name]
+        assert ep["engine"] == "llamacpp" and ep["state"] == "ready" and ep["ready"] is True, ep
+        assert ep["model"] == name and ep["model_path"].endswith(f"{name}.gguf")
+        assert ep["slots_total"] == 2 and "queue_depth" in ep and "in_flight" in ep
+    remote = eps[REMOTE]
+    assert remote["engine"] == "openai" and remote["state"] == "ready" and remote["ready"] is True, remote
+    assert remote["model"] == SMOL
+    assert [(x["url"], x["healthy"], x["last_error"]) for x in remote["replicas"]] == \
+        [(upstream.base + "/v1", True, None)]
+    single = admin.get(f"/api/v1/endpoints/{REMOTE}")
+    assert single.status_code == 200 and single.json()["replicas"][0]["healthy"] is True
+
+
+def _samples(text: str) -> list[tuple[str, dict, float]]:
+    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def _value(samples, name: str, **labels) -> float:
+    """The sum over the samples called `name` whose labels include `labels` (0 when none)."""
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
+def test_metrics_per_endpoint(client, gateway):
+    for name in NAMES:
+        client.completions.create(model=name, prompt=PROMPT, max_tokens=4, temperature=0)
+        list(client.completions.create(model=name, prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
+    # The request counter is bumped once the response has fully ended, a moment after the
+    # client has the last byte: poll briefly.
+    deadline = time.monotonic() + 10
+    while True:
+        r = httpx.get(gateway.base + "/metrics", timeout=10)      # open, like /health
+        assert r.status_code == 200
+        samples = _samples(r.text)
+        if all(_value(samples, "modelyard_requests_total", endpoint=n, status="200") >= 2 for n in NAMES) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for name in NAMES:
+        assert _value(samples, "modelyard_requests_total", endpoint=name, status="200") >= 2, name
+        assert _value(samples, "modelyard_requests_total", endpoint=name,
+                      route="/api/v1/compatibility/openai/v1/completions") >= 2, name
+        assert _value(samples, "modelyard_prompt_tokens_total", endpoint=name) > 0, name
+        assert _value(samples, "modelyard_completion_tokens_total", endpoint=name) >= 8, name
+        assert _value(samples, "modelyard_time_to_first_token_seconds_count", endpoint=name) >= 2, name
+        assert _value(samples, "modelyard_time_to_first_token_seconds_bucket", endpoint=name, le="+Inf") >= 2
+        assert _value(samples, "modelyard_time_per_output_token_seconds_count", endpoint=name) >= 2, name
+        assert _value(samples, "modelyard_request_duration_seconds_count", endpoint=name) >= 2, name
+        assert _value(samples, "modelyard_endpoint_ready", endpoint=name, state="ready") == 1.0, name
+        for gauge in ("modelyard_queue_depth", "modelyard_in_flight"):
+            found = [v for n, lab, v in samples if n == gauge and lab.get("endpoint") == name]
+            assert found == [0.0], (gauge, name, found)        # idle now
