@@ -83,29 +83,14 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
     return err
 
 
-def endpoint_status(server) -> dict:
-    r = httpx.get(f"{server.base}/api/v1/endpoints/{MODEL}", headers=server.headers, timeout=10)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def wait_idle(server, timeout: float = 10.0) -> dict:
-    """The endpoint's status once nothing runs, waits or holds a slot (or at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = endpoint_status(server)
-        if not (st["slots_used"] or st["in_flight"] or st["running"] or st["queue_depth"]):
-            return st
-        if time.monotonic() > deadline:
-            return st
-        time.sleep(0.1)
+BUSY = ("slots_used", "in_flight", "running", "queue_depth")   # all 0: nothing runs, waits or holds a slot
 
 
 @pytest.fixture(autouse=True)
 def no_leaks(server):
     """After every test the endpoint must be idle again: no slot, request or queue entry left."""
     yield
-    st = wait_idle(server)
+    st = server.wait_idle(timeout=10, fields=BUSY)
     assert (st["slots_used"], st["in_flight"], st["running"], st["queue_depth"]) == (0, 0, 0, 0), \
         f"the endpoint is not idle after this test: {st}"
 
@@ -701,12 +686,12 @@ def test_disconnect_mid_stream_stops_generation(server):
                 if line.startswith("data: {"):
                     got += 1
                     if got == 2:
-                        busy = endpoint_status(server)
+                        busy = server.endpoint()
                         assert busy["slots_used"] >= 1 and busy["in_flight"] >= 1, busy
                         break       # leaving iter_lines early closes the connection (httpx)
             r.close()
     left = time.monotonic()
-    status = wait_idle(server, 10)
+    status = server.wait_idle(timeout=10, fields=BUSY)
     took = time.monotonic() - left
     assert status["slots_used"] == 0 and status["in_flight"] == 0, status
     # The other ~478 tokens would take several seconds even at 100 tokens/s.

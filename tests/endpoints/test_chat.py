@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
+
+from servers import OPENAI_PREFIX, ServerProcess, served
 
 from modelyard import settings as settings_mod
 from modelyard.local.chat_template import ChatTemplate
@@ -35,8 +31,6 @@ pytestmark = pytest.mark.model
 
 KEY = "chat-key"
 UPSTREAM_KEY = "chat-upstream-key"
-OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
-START_TIMEOUT = 120.0
 SMOL, GEMMA, REMOTE = "smollm2-135m", "gemma3-270m", "remote-smol"
 
 SYSTEM_USER = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
@@ -109,84 +103,21 @@ def test_gemma3_has_no_template_and_uses_llamacpps_gemma_format(models):
 
 # -- over HTTP ------------------------------------------------------------------------------------
 
-@dataclass
-class Proc:
-    proc: subprocess.Popen
-    base: str
-    log: Path
-
-    @property
-    def api(self) -> str:
-        return self.base + OPENAI_PREFIX
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 ENGINE = "context = 512\nparallel = 2\nthreads = 1\n"
 
 
-def _serve(tmp: Path, name: str, config: str) -> Proc:
-    """`modelyard serve` on a free loopback port; returns once /ready is 200 (all endpoints ready)."""
-    cfg, log, port = tmp / f"{name}.toml", tmp / f"{name}.log", _free_port()
-    cfg.write_text(config)
-    env = {k: v for k, v in os.environ.items() if k != "MODELYARD_API_KEYS"}
-    env["PYTHONUNBUFFERED"] = "1"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "modelyard", "serve", "--config", str(cfg),
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    p = Proc(proc, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{p.tail()}")
-            try:
-                if httpx.get(p.base + "/ready", timeout=5).status_code == 200:
-                    return p
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready after {START_TIMEOUT:.0f}s:\n{p.tail()}")
-            time.sleep(0.25)
-    except BaseException:
-        _stop(proc)
-        raise
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with served(tmp_path_factory.mktemp("chat-up"),
+                f'[server]\napi_keys = ["{UPSTREAM_KEY}"]\nlog_level = "info"\n\n'
+                f'[[endpoints]]\nname = "{SMOL}"\nmodel = "{SMOL}"\n{ENGINE}',
+                name="upstream", key=UPSTREAM_KEY) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    p = _serve(tmp_path_factory.mktemp("chat-up"), "upstream",
-               f'[server]\napi_keys = ["{UPSTREAM_KEY}"]\nlog_level = "info"\n\n'
-               f'[[endpoints]]\nname = "{SMOL}"\nmodel = "{SMOL}"\n{ENGINE}')
-    yield p
-    _stop(p.proc)
-
-
-@pytest.fixture(scope="module")
-def gateway(upstream: Proc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    p = _serve(tmp_path_factory.mktemp("chat-gw"), "gateway", f"""\
+def gateway(upstream: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with served(tmp_path_factory.mktemp("chat-gw"), f"""\
 [server]
 api_keys = ["{KEY}"]
 log_level = "info"
@@ -205,13 +136,12 @@ engine = "openai"
 urls = ["{upstream.api}"]
 upstream_model = "{SMOL}"
 api_key = "{UPSTREAM_KEY}"
-""")
-    yield p
-    _stop(p.proc)
+""", name="gateway", key=KEY) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
-def api(gateway: Proc) -> Iterator[httpx.Client]:
+def api(gateway: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway.api, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as c:
         yield c
@@ -356,7 +286,7 @@ def test_max_completion_tokens_caps_the_completion(api, name):
     assert chat(api, name, max_tokens=2)["usage"]["completion_tokens"] == 2
 
 
-def _chat_lines(upstream: Proc) -> int:
+def _chat_lines(upstream: ServerProcess) -> int:
     """Chat completions the upstream logged as answered."""
     return upstream.log.read_text(errors="replace").count(
         f'"route": "{OPENAI_PREFIX}/chat/completions", "status": 200')

@@ -11,18 +11,13 @@ Every process listens on loopback only and is stopped by its PID.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
+
+from servers import ServerProcess, served
 
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -30,8 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 pytestmark = pytest.mark.model
 
 KEY = "multi-key"
-OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
-START_TIMEOUT = 120.0
 SMOL, GEMMA, REMOTE = "smollm2-135m", "gemma3-270m", "remote-smol"
 NAMES = (SMOL, GEMMA, REMOTE)
 PROMPT = "The capital of France is"
@@ -40,81 +33,12 @@ ENGINE = "context = 512\nparallel = 2\nthreads = 1\n"
 
 # -- processes ------------------------------------------------------------------------------------
 
-@dataclass
-class Proc:
-    proc: subprocess.Popen
-    base: str
-    log: Path
-
-    @property
-    def api(self) -> str:
-        return self.base + OPENAI_PREFIX
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(tmp: Path, name: str, config: str) -> Proc:
-    """`modelyard serve` on a free loopback port with `config`; returns at once."""
-    cfg, log, port = tmp / f"{name}.toml", tmp / f"{name}.log", free_port()
-    cfg.write_text(config)
-    env = {k: v for k, v in os.environ.items() if k != "MODELYARD_API_KEYS"}
-    env["PYTHONUNBUFFERED"] = "1"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "modelyard", "serve", "--config", str(cfg),
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    return Proc(proc, f"http://127.0.0.1:{port}", log)
-
-
-def wait_for(what: str, check: Callable[[], bool], p: Proc, timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        if p.proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {p.proc.returncode}:\n{p.tail()}")
-        try:
-            if check():
-                return
-        except httpx.TransportError as exc:
-            last = exc
-        time.sleep(0.25)
-    raise RuntimeError(f"{what}: not within {timeout:.0f}s (last error: {last!r}):\n{p.tail()}")
-
-
-def ready(p: Proc) -> bool:
-    return httpx.get(p.base + "/ready", timeout=5).status_code == 200
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    p = serve(tmp_path_factory.mktemp("multi"), "upstream",
-              f'[server]\nlog_level = "info"\n\n[[endpoints]]\nname = "{SMOL}"\nmodel = "{SMOL}"\n{ENGINE}')
-    try:
-        wait_for("upstream ready", lambda: ready(p), p)
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with served(tmp_path_factory.mktemp("multi"),
+                f'[server]\nlog_level = "info"\n\n[[endpoints]]\nname = "{SMOL}"\nmodel = "{SMOL}"\n{ENGINE}',
+                name="upstream") as p:
         yield p
-    finally:
-        stop(p.proc)
 
 
 def gateway_config(upstream_api: str) -> str:
@@ -140,23 +64,21 @@ upstream_model = "{SMOL}"
 
 
 @pytest.fixture(scope="module")
-def gateway(upstream: Proc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    p = serve(tmp_path_factory.mktemp("multi-gw"), "gateway", gateway_config(upstream.base + "/v1"))
-    try:
-        wait_for("gateway ready (all three endpoints)", lambda: ready(p), p)
+def gateway(upstream: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # served() waits for /ready: all three endpoints
+    with served(tmp_path_factory.mktemp("multi-gw"), gateway_config(upstream.base + "/v1"),
+                name="gateway", key=KEY) as p:
         yield p
-    finally:
-        stop(p.proc)
 
 
 @pytest.fixture(scope="module")
-def client(gateway: Proc):
+def client(gateway: ServerProcess):
     with openai.OpenAI(base_url=gateway.api, api_key=KEY, max_retries=0, timeout=60) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def admin(gateway: Proc) -> Iterator[httpx.Client]:
+def admin(gateway: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
         yield c
 

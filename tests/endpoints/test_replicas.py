@@ -12,9 +12,6 @@ Every process listens on loopback only and is stopped by its PID.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +22,8 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
+from servers import ServerProcess, free_port, modelyard_process, status_is, wait_for, wait_ready
+
 from modelyard import settings as settings_mod
 from modelyard.proxy.engine import SLOW_PROBES_TO_DOWN, ProxyEngine
 from modelyard.settings import EndpointSpec
@@ -33,107 +32,27 @@ from modelyard.store import ModelStore
 KEY = "replicas-key"
 MODEL = "smollm2-135m"
 POOL = "pool"
-START_TIMEOUT = 120.0
 RECOVERY_TIMEOUT = 15.0      # the proxy probes every 2 s; this leaves room on a loaded machine
 PROMPT = "The capital of France is"
 
 
 # -- processes ------------------------------------------------------------------------------------
 
-@dataclass
-class Proc:
-    argv: list[str]
-    port: int
-    log: Path
-    proc: subprocess.Popen | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, log: Path | None = None) -> "Proc":
-        self.log = log or self.log
-        env = {k: v for k, v in os.environ.items() if k != "MODELYARD_API_KEYS"}
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL by PID: the replica vanishes like a crashed machine, without draining."""
-        assert self.proc is not None and self.proc.poll() is None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.text().splitlines()[-lines:]) or "(no log)"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, check: Callable[[], bool], p: Proc, timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        if p.proc is not None and p.proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {p.proc.returncode}:\n{p.tail()}")
-        try:
-            if check():
-                return
-        except httpx.TransportError as exc:
-            last = exc
-        time.sleep(0.25)
-    raise RuntimeError(f"{what}: not within {timeout:.0f}s (last error: {last!r}):\n{p.tail()}")
-
-
-def modelyard(tmp: Path, name: str, config: str) -> Proc:
-    cfg = tmp / f"{name}.toml"
-    cfg.write_text(config)
-    port = free_port()
-    return Proc([sys.executable, "-m", "modelyard", "serve", "--config", str(cfg), "--host", "127.0.0.1",
-                 "--port", str(port)], port, tmp / f"{name}.log")
-
-
-def status_is(url: str, code: int = 200) -> Callable[[], bool]:
-    return lambda: httpx.get(url, timeout=5).status_code == code
-
-
-def served_by_a(a: Proc) -> int:
+def served_by_a(a: ServerProcess) -> int:
     """Completions that modelyard replica A answered (its structured request log)."""
-    return a.text().count('"route": "/v1/completions", "status": 200')
+    return a.log_text().count('"route": "/v1/completions", "status": 200')
 
 
-def served_by_b(b: Proc) -> int:
+def served_by_b(b: ServerProcess) -> int:
     """Completions that llama-cpp-python's server answered (uvicorn's access log)."""
-    return b.text().count('"POST /v1/completions HTTP/1.1" 200')
+    return b.log_text().count('"POST /v1/completions HTTP/1.1" 200')
 
 
 @dataclass
 class Stack:
-    a: Proc
-    b: Proc
-    gateway: Proc
+    a: ServerProcess
+    b: ServerProcess
+    gateway: ServerProcess
     tmp: Path
 
     @property
@@ -148,16 +67,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.importorskip(mod)
     tmp = tmp_path_factory.mktemp("replicas")
     model_path = ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False).resolve(MODEL)
-    a = modelyard(tmp, "replica-a", f'[server]\nlog_level = "info"\n\n[[endpoints]]\nname = "{MODEL}"\n'
-                                    f'model = "{MODEL}"\ncontext = 512\nparallel = 2\nthreads = 1\n')
+    a = modelyard_process(tmp, f'[server]\nlog_level = "info"\n\n[[endpoints]]\nname = "{MODEL}"\n'
+                               f'model = "{MODEL}"\ncontext = 512\nparallel = 2\nthreads = 1\n', name="replica-a")
     port_b = free_port()
-    b = Proc([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host", "127.0.0.1",
-              "--port", str(port_b), "--n_ctx", "1024", "--n_threads", "1", "--verbose", "False",
-              # Its default (True) ends a stream with [DONE] and no finish_reason as soon as any
-              # other request waits for the model -- our health probe included.
-              "--interrupt_requests", "False"],
-             port_b, tmp / "replica-b.log")
-    gw = modelyard(tmp, "gateway", f"""\
+    b = ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+                       "--host", "127.0.0.1", "--port", str(port_b), "--n_ctx", "1024", "--n_threads", "1",
+                       "--verbose", "False",
+                       # Its default (True) ends a stream with [DONE] and no finish_reason as soon as any
+                       # other request waits for the model -- our health probe included.
+                       "--interrupt_requests", "False"],
+                      port_b, tmp / "replica-b.log")
+    gw = modelyard_process(tmp, f"""\
 [server]
 api_keys = ["{KEY}"]
 log_level = "info"
@@ -168,15 +88,15 @@ engine = "openai"
 urls = ["{a.base}/v1", "{b.base}/v1"]
 upstream_model = "{MODEL}"
 timeout = 60
-""")
+""", name="gateway", key=KEY, model=POOL)
     procs = [a, b, gw]
     try:
         a.start()
         b.start()
-        wait_for("replica A (modelyard) ready", status_is(a.base + "/ready"), a)
+        wait_ready(a, "replica A (modelyard) ready")
         wait_for("replica B (llama_cpp.server) answers /v1/models", status_is(b.base + "/v1/models"), b)
         gw.start()
-        wait_for("gateway ready", status_is(gw.base + "/ready"), gw)
+        wait_ready(gw, "gateway ready")
         yield Stack(a, b, gw, tmp)
     finally:
         for p in reversed(procs):
@@ -321,7 +241,7 @@ def test_failover_outage_and_recovery(stack, api):
 
     # 3. A comes back on the same port: the gateway notices on its own.
     stack.a.start(stack.tmp / "replica-a-restarted.log")
-    wait_for("replica A ready again", status_is(stack.a.base + "/ready"), stack.a)
+    wait_ready(stack.a, "replica A ready again")
     t0 = time.monotonic()
     eventually("gateway ready again", lambda: httpx.get(stack.gateway.base + "/ready", timeout=5).status_code
                == 200, RECOVERY_TIMEOUT)

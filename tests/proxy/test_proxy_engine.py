@@ -63,10 +63,14 @@ class Upstream:
         return [r.url.host for r in self.seen]
 
 
+def proxy_engine(upstream, urls=(A,), health_interval=3600.0, **spec) -> ProxyEngine:
+    return ProxyEngine(EndpointSpec(name="routed", engine="openai", urls=tuple(urls), **spec),
+                       httpx.MockTransport(upstream), health_interval=health_interval)
+
+
 @asynccontextmanager
 async def running(upstream, urls=(A,), health_interval=3600.0, **spec):
-    engine = ProxyEngine(EndpointSpec(name="routed", engine="openai", urls=tuple(urls), **spec),
-                         httpx.MockTransport(upstream), health_interval=health_interval)
+    engine = proxy_engine(upstream, urls, health_interval, **spec)
     await engine.start()
     try:
         yield engine
@@ -345,8 +349,9 @@ async def test_stream_broken_midway_raises_after_the_deltas_that_arrived(content
 
 @pytest.mark.anyio
 async def test_generate_after_stop_is_not_ready():
-    async with running(Upstream()) as engine:
-        pass
+    engine = proxy_engine(Upstream())
+    await engine.start()
+    await engine.stop()
     with pytest.raises(EndpointNotReady):
         await collect(engine)
 

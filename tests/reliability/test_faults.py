@@ -17,7 +17,8 @@ import httpx
 import pytest
 import uvicorn
 
-from helpers import KEY, MODEL, OPENAI_PREFIX, assert_openai_error, check_stream_end, sse_events
+from helpers import KEY, MODEL, assert_openai_error, check_stream_end, sse_events
+from servers import ServerAPI
 
 from modelyard.api.app import create_app
 from modelyard.errors import EngineError
@@ -31,7 +32,9 @@ NO_EOG = {"0": -100, "2": -100, "4": -100}              # run to max_tokens
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
-class InProcessServer:
+class InProcessServer(ServerAPI):
+    key, model = KEY, MODEL
+
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
@@ -56,27 +59,6 @@ class InProcessServer:
         self.server.should_exit = True
         self.thread.join(30)
         assert not self.thread.is_alive(), "uvicorn did not stop"
-
-    @property
-    def api(self) -> str:
-        return self.base + OPENAI_PREFIX
-
-    @property
-    def headers(self) -> dict:
-        return {"Authorization": f"Bearer {KEY}"}
-
-    def endpoint(self) -> dict:
-        r = httpx.get(f"{self.base}/api/v1/endpoints/{MODEL}", headers=self.headers, timeout=10)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def wait_idle(self, timeout: float = 10.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            ep = self.endpoint()
-            if (ep.get("in_flight"), ep.get("slots_used")) == (0, 0) or time.monotonic() > deadline:
-                return ep
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +112,7 @@ def _complete(srv, prompt, **kw) -> httpx.Response:
 
 
 def _assert_healthy_after(srv) -> None:
-    ep = srv.wait_idle()
+    ep = srv.wait_idle(timeout=10)
     assert ep["state"] == "ready" and ep["ready"] is True, ep
     assert ep["in_flight"] == 0 and ep["slots_used"] == 0, ep
     assert httpx.get(f"{srv.base}/ready", timeout=5).status_code == 200
