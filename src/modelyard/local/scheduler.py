@@ -95,11 +95,13 @@ class Scheduler:
         self._admit()
         batch = Batch(truncations=self._truncations, copies=self._copies)
         self._truncations, self._copies = [], []
-        for req in self.running:
-            if not req.prefilling:
-                for seq in req.seqs:
-                    if not seq.finished:
-                        self._add_decode(batch, req, seq)
+        # In slot order: with a KV stream per sequence, llama.cpp puts only consecutive,
+        # increasing sequence ids into one ubatch, and each ubatch reads all the weights again
+        # (16 decodes in admission order cost 1.6-1.8x the same in slot order).
+        decoding = [(req, seq) for req in self.running if not req.prefilling
+                    for seq in req.seqs if not seq.finished]
+        for req, seq in sorted(decoding, key=lambda rs: rs[1].slot):
+            self._add_decode(batch, req, seq)
         for req in self.running:
             if req.prefilling and len(batch.tokens) < self.step_tokens:
                 self._add_prefill(batch, req)
