@@ -98,7 +98,7 @@ class EngineCore:
         sample = seq.sampler.sample(row)
         seq.output_ids.append(sample.token)
         eog = self.vocab.is_eog(sample.token)
-        start = len(seq.detok.text)
+        start = seq.detok.length
         text = seq.detok.flush() if eog else seq.detok.push(self.vocab.piece(sample.token))
         if sample.logprob is not None and not eog:
             top = {token_text(self.vocab.piece(t)): lp for t, lp in sample.top} if sample.top else None

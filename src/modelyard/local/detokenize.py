@@ -19,6 +19,7 @@ class Detokenizer:
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._parts: list[str] = []
+        self.length = 0                      # characters emitted so far (hot path: no join)
 
     def push(self, piece: bytes) -> str:
         """Feed one token's bytes; return the text that is now complete."""
@@ -38,4 +39,5 @@ class Detokenizer:
     def _emit(self, out: str) -> str:
         if out:
             self._parts.append(out)
+            self.length += len(out)
         return out

@@ -153,7 +153,7 @@ class LocalEngine:
         d = Detokenizer()
         lp = TokenLogprobs()
         for t in ids:
-            lp.text_offset.append(len(d.text))
+            lp.text_offset.append(d.length)
             piece = self.model.piece(t)
             lp.tokens.append(token_text(piece))
             d.push(piece)
