@@ -61,7 +61,7 @@ class EndpointSpec:
     context: int = 2048                 # tokens per sequence
     parallel: int = 16                  # sequences decoded at once
     threads: int = 0                    # 0: all cores
-    batch: int = 256                    # tokens per llama_decode step (prefill chunk budget)
+    batch: int = 512                    # tokens per llama_decode step (prefill chunk budget)
     max_queue: int = 256                # requests waiting beyond `parallel`; past it: 503
     prefix_cache: bool = True
     convert: str | None = None          # opt-in: "q8_0" | "q4_0" (faster kernels, different output)
