@@ -579,9 +579,31 @@ def report(rounds: list[dict], levels: list[int], peer: str | None) -> dict:
         ratio = _ratio(sh[0], di[0])
         agg["prefix"][name] = {"shared_ttft_p50": sh, "distinct_ttft_p50": di, "shared_over_distinct": ratio}
         lines.append(f"  {name:<17} shared {_ms(sh[0])}  distinct {_ms(di[0])}  shared/distinct {_f(ratio, 2)}x")
+    lines += targets(agg, levels, peer)
     print("\n".join(lines), flush=True)
     agg["table"] = lines
     return agg
+
+
+def targets(agg: dict, levels: list[int], peer: str | None) -> list[str]:
+    """Issue 3's targets, each MET or MISSED with the measured figure (n/a when not measured)."""
+    def ratio(c: int, metric: str) -> float | None:
+        return agg["levels"].get(str(c), {}).get("ratio", {}).get(metric) if peer else None
+
+    checks = [("c=16 output tok/s >= 1.0x peer", ratio(16, "output_tok_s"), lambda r: r >= 1.0),
+              ("c=16 TTFT p50 <= 1.0x peer", ratio(16, "ttft_p50"), lambda r: r <= 1.0),
+              ("c=1 output tok/s >= 0.95x peer", ratio(1, "output_tok_s"), lambda r: r >= 0.95),
+              ("c=1 TTFT p50 <= 1.1x peer", ratio(1, "ttft_p50"), lambda r: r <= 1.1)]
+    for c in levels:
+        pct = agg.get("ceiling", {}).get(str(c), {}).get("modelyard_pct")
+        checks.append((f"c={c} >= 93% of the e2e ceiling", pct, lambda p: p >= 93.0))
+    prefix = agg["prefix"].get("modelyard", {}).get("shared_over_distinct")
+    checks.append(("shared 512-token prefix TTFT p50 <= 0.3x distinct", prefix, lambda r: r <= 0.3))
+    out = ["", "targets (issue 3)"]
+    for name, value, ok in checks:
+        verdict = "n/a   " if value is None else ("MET   " if ok(value) else "MISSED")
+        out.append(f"  {verdict} {name}: {'-' if value is None else f'{value:.3g}'}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
