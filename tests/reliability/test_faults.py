@@ -175,21 +175,6 @@ def test_fault_mid_stream_is_an_error_event_then_done(srv, inject):
     _assert_healthy_after(srv)
 
 
-def test_fault_next_to_a_concurrent_request_ends_both_cleanly(srv, inject):
-    """The request sharing the faulty batch ends with its finish_reason, then [DONE], never a
-    cut; and the endpoint recovers."""
-    fault = inject()
-    other = _Stream(srv, {"prompt": "The weather today is", "max_tokens": 40, "logit_bias": NO_EOG})
-    other.start()
-    other.wait_first_chunk()
-    r = _complete(srv, MARKER, max_tokens=4)
-    other.join(60)
-    assert r.status_code == 500, r.text
-    assert not other.is_alive() and other.error is None and other.status == 200
-    assert check_stream_end(sse_events(iter(other.lines))) in ("finished", "error")
-    _assert_healthy_after(srv)
-
-
 def test_fault_in_one_request_spares_a_concurrent_one(srv, inject):
     """The other request is decoding when the marked one's prefill fails: it still completes."""
     fault = inject()

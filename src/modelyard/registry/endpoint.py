@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..engine.protocol import Engine
 from ..errors import EndpointNotReady
@@ -37,7 +37,6 @@ class Endpoint:
     reason: str | None = "loading the model"
     engine: Engine | None = None
     model_path: str | None = None
-    counters: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
