@@ -62,8 +62,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from common import free_port, median_spread as _med, ratio as _ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelyard" / "peers"
@@ -90,12 +90,6 @@ TARGETS = {"added_latency": 0.25, "added_ttft": 0.1, "rps_nonstream": 3.0, "rps_
 
 # ---------------------------------------------------------------------------------------
 # processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_cpu(pid: int) -> float:
@@ -527,17 +521,6 @@ def _frame(f: str) -> str:
 
 def _ms(x: float | None) -> str:
     return "     -" if x is None else f"{1000 * x:6.2f}"
-
-
-def _med(xs: list[float | None]) -> tuple[float | None, float | None, float | None]:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None, None
-    return statistics.median(xs), min(xs), max(xs)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def _fmt(t: tuple[float | None, float | None, float | None], scale: float = 1.0, nd: int = 2) -> str:

@@ -37,7 +37,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from common import free_port, median_spread as _med, ratio as _ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "modelyard"
@@ -157,12 +158,6 @@ def build_prompts(model: Path, n_level: int, n_prefix: int, prompt_tokens: int, 
 
 # ---------------------------------------------------------------------------------------
 # servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -476,17 +471,6 @@ def _ms(x: float | None) -> str:
 
 def _f(x: float | None, nd: int = 1) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
-
-
-def _med(xs: list[float | None]) -> tuple[float | None, float | None, float | None]:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None, None
-    return statistics.median(xs), min(xs), max(xs)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 METRICS = [("output_tok_s", "out tok/s", 1.0), ("requests_s", "req/s", 1.0), ("ttft_p50", "TTFT p50 ms", 1000.0),

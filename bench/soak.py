@@ -49,7 +49,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENDPOINT = "smollm2-135m"
@@ -311,12 +312,6 @@ def _check_stops(spec: Spec, rec: Record) -> None:
 
 # ---------------------------------------------------------------------------------------
 # the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int | None:
@@ -587,7 +582,7 @@ def report(res: Results, args: argparse.Namespace) -> bool:
     if rss:
         print(f"   start {start / 1024:.1f} MiB  end {end / 1024:.1f} MiB  max {max(rss) / 1024:.1f} MiB  "
               f"growth {growth * 100:+.1f}%  ({len(res.rss)} samples)")
-    print(f"   samples: " + ", ".join(f"{s['t']:.0f}s={(s['kib'] or 0) / 1024:.1f}" for s in res.rss))
+    print("   samples: " + ", ".join(f"{s['t']:.0f}s={(s['kib'] or 0) / 1024:.1f}" for s in res.rss))
 
     print(f"\n-- endpoint after {args.idle:.0f}s idle: " + json.dumps(res.endpoint_after_idle))
     if res.endpoint_final != res.endpoint_after_idle:
