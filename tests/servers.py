@@ -209,3 +209,29 @@ def served(directory: Path, config: str, *, name: str = "server", key: str | Non
         code = srv.stop()
         if code not in (0, -signal.SIGTERM) or show_log():
             print(f"\n--- modelyard {name} log (exit {code}) ---\n{srv.log_tail()}")
+
+
+def side_by_side_config(key: str, upstream_api: str, upstream_key: str | None = None) -> str:
+    """A gateway serving smollm2-135m and gemma3-270m embedded (small, 1 thread) beside
+    "remote-smol", an openai-engine endpoint on `upstream_api` serving smollm2-135m."""
+    engine = "context = 512\nparallel = 2\nthreads = 1\n"
+    auth = f'api_key = "{upstream_key}"\n' if upstream_key else ""
+    return f"""\
+[server]
+api_keys = ["{key}"]
+log_level = "info"
+
+[[endpoints]]
+name = "smollm2-135m"
+model = "smollm2-135m"
+{engine}
+[[endpoints]]
+name = "gemma3-270m"
+model = "gemma3-270m"
+{engine}
+[[endpoints]]
+name = "remote-smol"
+engine = "openai"
+urls = ["{upstream_api}"]
+upstream_model = "smollm2-135m"
+{auth}"""

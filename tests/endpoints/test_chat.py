@@ -20,7 +20,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from servers import OPENAI_PREFIX, ServerProcess, served
+from servers import OPENAI_PREFIX, ServerProcess, served, side_by_side_config
 
 from modelyard import settings as settings_mod
 from modelyard.local.chat_template import ChatTemplate
@@ -117,26 +117,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess
 
 @pytest.fixture(scope="module")
 def gateway(upstream: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with served(tmp_path_factory.mktemp("chat-gw"), f"""\
-[server]
-api_keys = ["{KEY}"]
-log_level = "info"
-
-[[endpoints]]
-name = "{SMOL}"
-model = "{SMOL}"
-{ENGINE}
-[[endpoints]]
-name = "{GEMMA}"
-model = "{GEMMA}"
-{ENGINE}
-[[endpoints]]
-name = "{REMOTE}"
-engine = "openai"
-urls = ["{upstream.api}"]
-upstream_model = "{SMOL}"
-api_key = "{UPSTREAM_KEY}"
-""", name="gateway", key=KEY) as p:
+    with served(tmp_path_factory.mktemp("chat-gw"), side_by_side_config(KEY, upstream.api, UPSTREAM_KEY),
+                name="gateway", key=KEY) as p:
         yield p
 
 

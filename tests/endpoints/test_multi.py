@@ -17,7 +17,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from servers import ServerProcess, served
+from servers import ServerProcess, served, side_by_side_config
 
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -41,32 +41,10 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess
         yield p
 
 
-def gateway_config(upstream_api: str) -> str:
-    return f"""\
-[server]
-api_keys = ["{KEY}"]
-log_level = "info"
-
-[[endpoints]]
-name = "{SMOL}"
-model = "{SMOL}"
-{ENGINE}
-[[endpoints]]
-name = "{GEMMA}"
-model = "{GEMMA}"
-{ENGINE}
-[[endpoints]]
-name = "{REMOTE}"
-engine = "openai"
-urls = ["{upstream_api}"]
-upstream_model = "{SMOL}"
-"""
-
-
 @pytest.fixture(scope="module")
 def gateway(upstream: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # served() waits for /ready: all three endpoints
-    with served(tmp_path_factory.mktemp("multi-gw"), gateway_config(upstream.base + "/v1"),
+    with served(tmp_path_factory.mktemp("multi-gw"), side_by_side_config(KEY, upstream.base + "/v1"),
                 name="gateway", key=KEY) as p:
         yield p
 
