@@ -67,12 +67,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from common import free_port, median_spread as _med, ratio as _ratio
+from common import ServerProc, free_port, median_spread as _med, ratio as _ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelyard" / "peers"
@@ -116,84 +116,13 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-@dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    port: int
-    ready_path: str
-    env: dict[str, str | None] = field(default_factory=dict)   # None: unset
-    config_text: str | None = None
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, workdir: Path, timeout: float) -> float:
-        self.log_path = workdir / f"{self.name}.{int(time.time() * 1000)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_")}
-        for k, v in self.env.items():
-            if v is None:
-                env.pop(k, None)
-            else:
-                env[k] = v
-        t0 = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            # its own session: a gateway that forks workers is stopped as one group (by our PID)
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
-        deadline = t0 + timeout
-        with httpx.Client(timeout=2.0, trust_env=False) as c:
-            while time.perf_counter() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; "
-                                       f"log {self.log_path}:\n{self.tail()}")
-                try:
-                    if c.get(self.base + self.ready_path).status_code == 200:
-                        return time.perf_counter() - t0
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; log {self.log_path}:\n{self.tail()}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        try:   # anything it forked (same process group, whose id is its PID) goes with it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def tail(self, n: int = 25) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])  # type: ignore[union-attr]
-        except (OSError, AttributeError):
-            return ""
-
-
-def stub_proc(chunk_delay_ms: float) -> Proc:
+def stub_proc(chunk_delay_ms: float) -> ServerProc:
     port = free_port()
-    return Proc("stub", [sys.executable, str(ROOT / "bench" / "stub_upstream.py"), "--port", str(port),
+    return ServerProc("stub", [sys.executable, str(ROOT / "bench" / "stub_upstream.py"), "--port", str(port),
                          "--chunk-delay-ms", str(chunk_delay_ms)], port, "/stats")
 
 
-def modelyard_proc(workdir: Path, stub: Proc) -> Proc:
+def modelyard_proc(workdir: Path, stub: ServerProc) -> ServerProc:
     port = free_port()
     text = (f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 2\n'
             f'api_keys = ["{API_KEY}"]\n\n'
@@ -201,11 +130,11 @@ def modelyard_proc(workdir: Path, stub: Proc) -> Proc:
     cfg = workdir / "modelyard.toml"
     cfg.write_text(text)
     env = {"PYTHONPATH": str(ROOT / "src")}
-    return Proc("modelyard", [sys.executable, "-m", "modelyard", "serve", "--config", str(cfg)], port,
+    return ServerProc("modelyard", [sys.executable, "-m", "modelyard", "serve", "--config", str(cfg)], port,
                 "/ready", env=env, config_text=text)
 
 
-def litellm_proc(workdir: Path, stub: Proc, exe: Path) -> Proc:
+def litellm_proc(workdir: Path, stub: ServerProc, exe: Path) -> ServerProc:
     port = free_port()
     text = (f"model_list:\n  - model_name: {MODEL}\n    litellm_params:\n      model: openai/{MODEL}\n"
             f"      api_base: {stub.base}/v1\n      api_key: sk-dummy\n"
@@ -218,7 +147,7 @@ def litellm_proc(workdir: Path, stub: Proc, exe: Path) -> Proc:
                                   "NO_DOCS": "True"}
     for k in ("DATABASE_URL", "LITELLM_MASTER_KEY", "REDIS_HOST", "REDIS_URL", "LITELLM_LICENSE"):
         env[k] = None
-    return Proc("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+    return ServerProc("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
                             "--num_workers", "1"], port, "/health/liveliness", env=env, config_text=text)
 
 
@@ -351,12 +280,12 @@ class Plan:
     clients: str = "per-worker"   # one pooled AsyncClient per worker, or "one" shared by all
 
 
-def stub_stats(stub: Proc) -> dict:
+def stub_stats(stub: ServerProc) -> dict:
     with httpx.Client(timeout=5.0, trust_env=False) as c:
         return c.get(stub.base + "/stats").json()
 
 
-async def measure(base: str, plan: Plan, stub: Proc, gateway_pid: int | None) -> dict:
+async def measure(base: str, plan: Plan, stub: ServerProc, gateway_pid: int | None) -> dict:
     """One target's turn: warm-up, then the four timed phases."""
     lim = httpx.Limits(max_connections=plan.concurrency * 2, max_keepalive_connections=plan.concurrency * 2)
     out: dict = {"phases": {}}
@@ -445,7 +374,7 @@ async def measure(base: str, plan: Plan, stub: Proc, gateway_pid: int | None) ->
 # profile
 
 
-def profile_modelyard(workdir: Path, stub: Proc, plan: Plan, outdir: Path) -> dict:
+def profile_modelyard(workdir: Path, stub: ServerProc, plan: Plan, outdir: Path) -> dict:
     """An untimed modelyard turn whose load phases run under py-spy; top frames by own samples."""
     outdir.mkdir(parents=True, exist_ok=True)
     gw = modelyard_proc(workdir, stub)
@@ -654,7 +583,7 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def run_turn(name: str, proc: Proc | None, base: str, plan: Plan, stub: Proc, workdir: Path,
+def run_turn(name: str, proc: ServerProc | None, base: str, plan: Plan, stub: ServerProc, workdir: Path,
              start_timeout: float) -> dict:
     res: dict = {"loadavg": os.getloadavg()[0]}
     print(f"  {name} (load average {res['loadavg']:.2f})", flush=True)

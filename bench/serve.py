@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import httpx
 
-from common import free_port, median_spread as _med, ratio as _ratio
+from common import ServerProc, free_port, median_spread as _med, ratio as _ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "modelyard"
@@ -161,62 +160,15 @@ def build_prompts(model: Path, n_level: int, n_prefix: int, prompt_tokens: int, 
 
 
 @dataclass
-class Server:
-    name: str
-    argv: list[str]
-    port: int
-    ready_path: str
+class Server(ServerProc):
+    """A peer or modelyard under test: where it takes completions and which model name."""
+
     completions_path: str = "/v1/completions"
     model_field: str = ENDPOINT
-    config_text: str | None = None
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def command(self) -> str:
         return " ".join(self.argv)
-
-    def start(self, workdir: Path, timeout: float = 120.0) -> float:
-        self.log_path = workdir / f"{self.name}.{int(time.time())}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_")}
-        t0 = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, cwd=ROOT)
-        deadline = t0 + timeout
-        with httpx.Client(timeout=2.0) as c:
-            while time.perf_counter() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; "
-                                       f"log: {self.log_path}\n{self.tail()}")
-                try:
-                    if c.get(self.base + self.ready_path).status_code == 200:
-                        return time.perf_counter() - t0
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; log: {self.log_path}\n{self.tail()}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except (OSError, AttributeError):
-            return ""
 
 
 def modelyard_server(workdir: Path, threads: int) -> Server:
