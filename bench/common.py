@@ -4,6 +4,7 @@ sys.path and `from common import ...` works)."""
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import socket
 import statistics
@@ -106,3 +107,15 @@ class ServerProc:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])  # type: ignore[union-attr]
         except (OSError, AttributeError):
             return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name, recorded beside every figure."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"

@@ -72,7 +72,7 @@ from pathlib import Path
 
 import httpx
 
-from common import ServerProc, free_port, median_spread as _med, ratio as _ratio
+from common import ServerProc, cpu_model, free_port, median_spread as _med, ratio as _ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelyard" / "peers"
@@ -572,15 +572,6 @@ def report(record: dict) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def run_turn(name: str, proc: ServerProc | None, base: str, plan: Plan, stub: ServerProc, workdir: Path,

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import httpx
 
-from common import ServerProc, free_port, median_spread as _med, ratio as _ratio
+from common import ServerProc, cpu_model as _cpu_model, free_port, median_spread as _med, ratio as _ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "modelyard"
@@ -629,15 +629,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _version(cmd: list[str]) -> str | None:

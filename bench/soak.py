@@ -59,7 +59,7 @@ from pathlib import Path
 
 import httpx
 
-from common import free_port
+from common import cpu_model, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENDPOINT = "smollm2-135m"
@@ -324,15 +324,6 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 class ServerProc:
