@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from modelyard.engine.types import SamplingParams
-from modelyard.local.sampling import Sampler, log_softmax_at, top_k
+from modelyard.local.sampling import Sampler, log_softmax_at, nucleus, top_k
 
 
 def draws(params: SamplingParams, row: np.ndarray, n: int) -> list[int]:
@@ -93,6 +93,30 @@ def test_top_p_with_unsorted_logits() -> None:
     row = NUCLEUS_ROW[[2, 0, 3, 1]]              # same distribution, shuffled ids
     got = draws(SamplingParams(temperature=1.0, top_p=0.7, seed=3), row, 500)
     assert set(got) == {1, 3}
+
+
+def reference_nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The slow, obvious definition: sort everything (stable), cut where the mass reaches top_p."""
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order])
+    return order[: int(np.searchsorted(cum, top_p * probs.sum())) + 1]
+
+
+@pytest.mark.parametrize("vocab,temperature,top_p,ties", [
+    (49_152, 0.8, 0.95, False),     # smollm2's row at the sampled benchmark's settings
+    (262_144, 0.8, 0.95, False),    # gemma3's
+    (262_144, 5.0, 0.99, False),    # nearly flat: the head must grow to most of the row
+    (1_000, 1.0, 0.5, True),        # many exact ties at every cut
+    (50, 1.0, 1.0 - 1e-9, False),   # the whole row
+])
+def test_nucleus_equals_a_full_stable_sort(vocab: int, temperature: float, top_p: float, ties: bool) -> None:
+    rng = np.random.default_rng(vocab)
+    for _ in range(5):
+        logits = rng.normal(0, 3, vocab).astype(np.float32)
+        if ties:
+            logits = np.round(logits)
+        probs = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
+        assert nucleus(probs, top_p).tolist() == reference_nucleus(probs, top_p).tolist()
 
 
 # -- logit_bias --------------------------------------------------------------------------------

@@ -82,12 +82,26 @@ class Sampler:
         p = self.params
         z = (x.astype(np.float64) - float(x.max())) / p.temperature
         probs = np.exp(z)
-        if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            sorted_p = probs[order]
-            cum = np.cumsum(sorted_p)
-            keep = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1   # smallest set reaching top_p
-            cum = cum[:keep]
-            return int(order[min(int(np.searchsorted(cum, self._rng.random() * cum[-1], "right")), keep - 1)])
-        cum = np.cumsum(probs)
-        return int(min(int(np.searchsorted(cum, self._rng.random() * cum[-1], "right")), len(cum) - 1))
+        ids = nucleus(probs, p.top_p) if p.top_p < 1.0 else None
+        cum = np.cumsum(probs[ids] if ids is not None else probs)
+        i = min(int(np.searchsorted(cum, self._rng.random() * cum[-1], "right")), len(cum) - 1)
+        return int(ids[i]) if ids is not None else i
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The smallest set of most likely tokens whose mass reaches top_p of the whole, most
+    likely first (ties: lower id first), as a stable sort of the whole row would order them.
+
+    Sorting gemma3's 262,144-token row took ~20 ms a token on the engine thread; the set is
+    almost always within the first few hundred tokens, so only a growing head is sorted
+    (top_k: argpartition, then a sort of k entries).
+    """
+    target = top_p * float(probs.sum())
+    k = 64
+    while True:
+        k = min(k, len(probs))
+        ids = top_k(probs, k)
+        cum = np.cumsum(probs[ids])
+        if cum[-1] >= target or k == len(probs):
+            return ids[: min(int(np.searchsorted(cum, target)) + 1, k)]
+        k *= 8
