@@ -8,6 +8,7 @@ bench/quality.py measures what it costs. Converted files are cached beside the o
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -21,7 +22,8 @@ def converted(path: Path, kind: str, cache: Path, threads: int) -> Path:
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    # Unique per call: two endpoints of one server may convert the same file at once.
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         ffi.quantize(path, tmp, kind, threads)
         os.replace(tmp, out)         # never a half-written file under the final name
