@@ -64,6 +64,10 @@ class EndpointSpec:
     batch: int = 512                    # tokens per llama_decode step (prefill chunk budget)
     max_queue: int = 256                # requests waiting beyond `parallel`; past it: 503
     prefix_cache: bool = True
+    prefix_cache_mib: int = 512         # host memory for prompt KV beyond the slots (LRU); 0: none
+    # True: a request's output does not depend on what else runs (no weight repacking, no flash
+    # attention); False trades that for llama.cpp's fastest kernels (docs/performance.md).
+    deterministic: bool = True
     convert: str | None = None          # opt-in: "q8_0" | "q4_0" (faster kernels, different output)
     # engine = "openai"
     urls: tuple[str, ...] = ()
@@ -79,6 +83,8 @@ class EndpointSpec:
         for key in ("context", "parallel", "batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"endpoint {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.prefix_cache_mib < 0:
+            raise ConfigError(f"endpoint {self.name!r}: prefix_cache_mib must be >= 0, got {self.prefix_cache_mib}")
         if self.engine == "openai" and not self.urls:
             raise ConfigError(f"endpoint {self.name!r}: engine 'openai' needs urls = [...]")
 

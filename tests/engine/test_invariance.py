@@ -1,16 +1,51 @@
-"""The embedded engine end to end on the real model: output independent of load, n>1 equal to
-separate seeded requests, prefix reuse. Runs against the session server (parallel 4, batch 128)."""
+"""Output independent of load, for every quant type the store serves: the same greedy and
+seeded requests give bit-identical tokens and logprobs alone, repeated (prefix reuse), among
+staggered concurrent requests of mixed lengths, chunked differently (another step budget),
+and after their prompt's KV went to host memory and came back.
+
+Models: smollm2-135m (Q4_1), gemma3-270m (Q4_K_M, repacked by llama.cpp on x86 unless
+deterministic), and smollm2 converted to Q4_0 and Q8_0 (both repacked too, and served by
+llama.cpp's tinyBLAS for batches of >= 2 rows). One server holds them all, each twice: with
+a 128-token step budget and with a 48-token one.
+"""
 
 from __future__ import annotations
 
 import random
 import threading
 import time
+from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
 
+from servers import ServerProcess, served
+
 pytestmark = pytest.mark.model
+
+KEY = "inv-key"
+MODELS = {"smol-q4_1": ("smollm2-135m", None), "gemma-q4_k": ("gemma3-270m", None),
+          "smol-q4_0": ("smollm2-135m", "q4_0"), "smol-q8_0": ("smollm2-135m", "q8_0")}
+CHUNKED = "-b48"   # the same model with another step budget
+
+
+def _config() -> str:
+    out = [f'[server]\napi_keys = ["{KEY}"]\n']
+    for name, (model, convert) in MODELS.items():
+        for suffix, batch in (("", 128), (CHUNKED, 48)):
+            out.append(f'[[endpoints]]\nname = "{name}{suffix}"\nmodel = "{model}"\ncontext = 512\n'
+                       f'parallel = 4\nbatch = {batch}\nthreads = 1\n'
+                       + (f'convert = "{convert}"\n' if convert else ""))
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def inv_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    names = tuple(n + s for n in MODELS for s in ("", CHUNKED))
+    with served(tmp_path_factory.mktemp("invariance"), _config(), key=KEY, endpoints=names) as srv:
+        yield srv
+
 
 WORDS = ("river stone lantern maple orbit velvet harbor cinder meadow quartz falcon ember willow "
          "glacier tundra copper saffron violet marble thunder").split()
@@ -21,15 +56,15 @@ def prompt(i: int, words: int) -> str:
     return f"Story {i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) + ". Then"
 
 
-# Prompt lengths from a few tokens to ~300: longer than the step budget (128), so their
-# prefill is chunked and interleaved with other requests' decodes under load.
-CASES = [dict(prompt=prompt(i, w), max_tokens=12, logprobs=2, **sampling)
-         for i, w in enumerate((3, 40, 150, 260))
-         for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 1000 + i})]
+# From a few tokens to ~300: longer than either step budget, so prefill is chunked and
+# interleaved with other requests' decodes under load.
+CASES = [dict(prompt=prompt(i, w), max_tokens=10, logprobs=2, **sampling)
+         for i, w in enumerate((3, 40, 150, 250))
+         for sampling in ({"temperature": 0}, {"temperature": 0.9, "top_p": 0.95, "seed": 1000 + i})]
 
 
-def complete(server, body: dict) -> dict:
-    r = httpx.post(server.api + "/completions", json={"model": server.model, **body},
+def complete(server: ServerProcess, model: str, body: dict) -> dict:
+    r = httpx.post(server.api + "/completions", json={"model": model, **body},
                    headers=server.headers, timeout=600)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]
@@ -41,20 +76,25 @@ def fingerprint(choice: dict) -> tuple:
         tuple(tuple(sorted(t.items())) for t in lp["top_logprobs"])
 
 
-def test_output_identical_alone_and_under_staggered_load(server):
-    alone = [fingerprint(complete(server, c)) for c in CASES]
-    # Twice the cases, in shuffled order, arriving at random times over ~1.5 s: more requests
-    # than slots (queueing), chunked prefill beside decodes, and cached prefixes reused.
+def endpoint(server: ServerProcess, model: str) -> dict:
+    r = httpx.get(f"{server.base}/api/v1/endpoints/{model}", headers=server.headers, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def under_load(server: ServerProcess, model: str) -> dict[int, list[tuple]]:
+    """Every case twice, shuffled, arriving at random times over ~1.5 s: more requests than
+    slots (queueing), chunked prefill beside decodes of 1 to 4 rows, cached prefixes reused."""
     order = list(range(len(CASES))) * 2
     rng = random.Random(7)
     rng.shuffle(order)
-    results: dict[int, list] = {i: [] for i in range(len(CASES))}
+    results: dict[int, list[tuple]] = {i: [] for i in range(len(CASES))}
     errors: list[BaseException] = []
 
     def run(i: int, delay: float) -> None:
         time.sleep(delay)
         try:
-            results[i].append(fingerprint(complete(server, CASES[i])))
+            results[i].append(fingerprint(complete(server, model, CASES[i])))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -62,10 +102,59 @@ def test_output_identical_alone_and_under_staggered_load(server):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=900)
+        t.join(timeout=600)
     assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_output_identical_alone_repeated_under_load_and_chunked_differently(inv_server, model):
+    alone = [fingerprint(complete(inv_server, model, c)) for c in CASES]
+    repeated = [fingerprint(complete(inv_server, model, c)) for c in CASES]
+    loaded = under_load(inv_server, model)
+    chunked = [fingerprint(complete(inv_server, model + CHUNKED, c)) for c in CASES]
+    status = endpoint(inv_server, model)
+    assert status["deterministic"] is True
+    assert status["prefix_reused_tokens"] > 0          # the repeats did reuse cached prefixes
     for i, case in enumerate(CASES):
-        assert results[i] == [alone[i], alone[i]], f"case {i} ({case['temperature']=}) changed under load"
+        what = f"case {i} (temperature {case['temperature']}, {len(case['prompt'])} chars)"
+        assert repeated[i] == alone[i], f"{what} changed when repeated (prefix reuse)"
+        assert loaded[i] == [alone[i], alone[i]], f"{what} changed under load"
+        assert chunked[i] == alone[i], f"{what} changed with another step budget"
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_kv_restored_from_host_memory_gives_identical_output(inv_server, model):
+    target = dict(prompt=prompt(500, 120), max_tokens=8, logprobs=2, temperature=0)
+    first = fingerprint(complete(inv_server, model, target))
+    before = endpoint(inv_server, model)
+    # Other long prompts, one at a time, until the target's slot has been taken (4 slots,
+    # least recently used first): its prompt KV goes to host memory.
+    for i in range(5):
+        complete(inv_server, model, dict(prompt=prompt(600 + i, 120), max_tokens=2))
+    again = fingerprint(complete(inv_server, model, target))
+    after = endpoint(inv_server, model)
+    assert after["host_cache_hits"] == before["host_cache_hits"] + 1
+    assert after["host_cache_hit_tokens"] - before["host_cache_hit_tokens"] >= 100
+    assert 0 < after["host_cache_bytes"] <= after["host_cache_capacity_bytes"]
+    assert again == first
+
+
+def test_status_says_what_llama_cpp_runs(inv_server):
+    status = endpoint(inv_server, "gemma-q4_k")
+    features = status["system_info"]
+    cpu = Path("/proc/cpuinfo").read_text()
+    assert ("AVX2 = 1" in features) == (" avx2" in cpu)
+    # deterministic: every weight in the plain CPU buffer, none repacked
+    assert status["weight_buffers_mib"] and "CPU_REPACK" not in status["weight_buffers_mib"]
+    assert status["kernels"] == {"weight_repacking": False, "flash_attention": False, "tiled_kquant_matmul": False}
+    assert "endpoint gemma-q4_k: deterministic=True" in inv_server.log_text()
+
+
+# -- on the session server (the default model) ---------------------------------------------------
+
+def complete_default(server, body: dict) -> dict:
+    return complete(server, server.model, body)
 
 
 def test_n_choices_equal_separate_seeded_requests(server):
@@ -73,7 +162,7 @@ def test_n_choices_equal_separate_seeded_requests(server):
     r = httpx.post(server.api + "/completions", json={"model": server.model, "n": 3, **body},
                    headers=server.headers, timeout=600)
     choices = sorted(r.json()["choices"], key=lambda c: c["index"])
-    separate = [complete(server, {**body, "seed": 42 + i})["text"] for i in range(3)]
+    separate = [complete_default(server, {**body, "seed": 42 + i})["text"] for i in range(3)]
     assert [c["text"] for c in choices] == separate
     assert len(set(separate)) > 1, "seeded choices should differ from each other"
 
@@ -82,9 +171,9 @@ def test_prefix_of_a_finished_request_is_reused(server):
     status = lambda: httpx.get(f"{server.base}/api/v1/endpoints/{server.model}",  # noqa: E731
                                headers=server.headers).json()
     shared = prompt(123, 120)
-    first = complete(server, {"prompt": shared + " A", "max_tokens": 2})
+    first = complete_default(server, {"prompt": shared + " A", "max_tokens": 2})
     before = status()["prefix_reused_tokens"]
-    second = complete(server, {"prompt": shared + " B", "max_tokens": 2})
+    second = complete_default(server, {"prompt": shared + " B", "max_tokens": 2})
     reused = status()["prefix_reused_tokens"] - before
     n_shared = len(httpx.post(server.api + "/completions", json={
         "model": server.model, "prompt": shared, "max_tokens": 1, "echo": True, "logprobs": 0},

@@ -26,6 +26,7 @@ from modelyard.errors import EngineError
 from modelyard.local.core import EngineCore, token_text
 from modelyard.local.detokenize import Detokenizer
 from modelyard.local.request import Request, Sequence
+from modelyard.local.prefix_cache import HostCache
 from modelyard.local.runner import LlamaCppRunner
 from modelyard.local.sampling import Sampler
 from modelyard.local.scheduler import Batch, Scheduler
@@ -183,6 +184,18 @@ class FakeContext:
         self.ops.append(("cp", src, dst))
         self.kv[dst] = list(self.kv[src])
 
+    def seq_state(self, seq: int) -> tuple[int, ...]:
+        self.ops.append(("save", seq))
+        return tuple(self.kv[seq])
+
+    @staticmethod
+    def state_nbytes(state: tuple[int, ...]) -> int:
+        return 100 * len(state)          # a made-up size per token
+
+    def set_seq_state(self, seq: int, state: tuple[int, ...]) -> None:
+        self.ops.append(("restore", seq))
+        self.kv[seq] = list(state)
+
     def decode(self, tokens, positions, seqs, logits) -> None:
         n = len(tokens)
         assert 0 < n <= self.n_batch, f"batch of {n} tokens, n_batch {self.n_batch}"
@@ -213,9 +226,9 @@ class FakeContext:
 class FakeRunner:
     """runner.Runner: records each batch, then runs the real LlamaCppRunner on a FakeContext."""
 
-    def __init__(self, model: Model, n_slots: int, n_batch: int) -> None:
+    def __init__(self, model: Model, n_slots: int, n_batch: int, host_cache: HostCache | None = None) -> None:
         self.ctx = FakeContext(model, n_slots, n_batch)
-        self._runner = LlamaCppRunner(self.ctx)
+        self._runner = LlamaCppRunner(self.ctx, host_cache)
         self.batches: list[BatchRecord] = []
         self.raise_in_execute: BaseException | None = None   # raised before touching the KV
 
@@ -303,11 +316,12 @@ def prompt_tokens(vocab: FakeVocab, ids: list[int]) -> TokenLogprobs:
 
 class Harness:
     def __init__(self, n_slots: int = 4, step_tokens: int = 16, prefix_cache: bool = True,
-                 model: Model | None = None) -> None:
+                 model: Model | None = None, host_cache_bytes: int = 0) -> None:
         self.vocab = FakeVocab()
-        self.runner = FakeRunner(model or scripted(), n_slots, step_tokens)
+        self.host_cache = HostCache(host_cache_bytes)
+        self.runner = FakeRunner(model or scripted(), n_slots, step_tokens, self.host_cache)
         self.pool = SlotPool(n_slots)
-        self.sched = Scheduler(self.pool, step_tokens, prefix_cache)
+        self.sched = Scheduler(self.pool, step_tokens, prefix_cache, self.host_cache)
         self.emits: list[list[tuple[Request, object]]] = []
         self.core = EngineCore(self.sched, self.runner, self.vocab, self._emit)
         self.sinks: dict[str, list] = {}

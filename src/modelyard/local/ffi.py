@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,13 +21,23 @@ import numpy as np
 from ..errors import EngineError
 
 _GGML_LOG_LEVEL_ERROR = 4
+_BUFFER_LINE = re.compile(r"(\S+) (?:model|KV|compute) buffer size = +([0-9.]+) MiB")
+
+# llama.cpp logs through one process-wide C callback, from the thread that makes the call;
+# a model loads on its endpoint's engine thread, so a thread-local list collects that load's
+# buffer lines without mixing endpoints that load at the same time.
+_capture = threading.local()
 
 
 @C.llama_log_callback
 def _log_errors_only(level, text, _user_data):  # pragma: no cover - called from C
-    # llama.cpp is chatty (hundreds of lines per load); keep its errors only.
+    # llama.cpp is chatty (hundreds of lines per load); keep its errors, and the lines that
+    # say which buffer types hold the weights (CPU_REPACK or CPU: which kernels run).
+    line = text.decode("utf-8", "replace")
     if level == _GGML_LOG_LEVEL_ERROR:
-        print(text.decode("utf-8", "replace"), end="", flush=True)
+        print(line, end="", flush=True)
+    elif "buffer size" in line and getattr(_capture, "lines", None) is not None:
+        _capture.lines.append(line)
 
 
 @functools.cache
@@ -33,17 +46,59 @@ def _init_backend() -> None:
     C.llama_backend_init()
 
 
+def choose_kernels(deterministic: bool) -> None:
+    """Process-wide kernel switches; call before the first context exists (ggml reads them
+    once, when it plans its first graph).
+
+    ggml's tiled K-quant matmul (Q2_K..Q6_K, IQ*) takes over from the per-row dot products
+    for batches of >= 8 rows, and computes a row differently from them: gemma3-270m's
+    Q4_K_M logits changed by up to 1.3 with how a prompt was chunked (0.0 with it off). It
+    can only be switched off for the whole process, so one deterministic endpoint turns it
+    off for all; prefill speed was the same without it (docs/performance.md).
+    """
+    if deterministic:
+        os.environ["GGML_CPU_TILED_MM"] = "0"
+
+
+def tiled_kquant_matmul() -> bool:
+    """Whether ggml's tiled K-quant matmul is on in this process (see choose_kernels)."""
+    return os.environ.get("GGML_CPU_TILED_MM", "1").strip() not in ("0", "")
+
+
 def system_info() -> str:
     return C.llama_print_system_info().decode()
 
 
-class LlamaModel:
-    """Weights and vocabulary of one GGUF file (read-only, shareable across contexts)."""
+def _buffers(lines: list[str]) -> dict[str, float]:
+    """llama.cpp's "<type> model buffer size = N MiB" lines -> {type: MiB} (weights only)."""
+    out: dict[str, float] = {}
+    for line in lines:
+        m = _BUFFER_LINE.search(line)
+        if m and " model buffer" in line:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
 
-    def __init__(self, path: Path) -> None:
+
+class LlamaModel:
+    """Weights and vocabulary of one GGUF file (read-only, shareable across contexts).
+
+    repack=False keeps every weight in ggml's plain CPU layout. With it on, llama.cpp moves
+    Q4_0, Q4_K, IQ4_NL and Q8_0 weights into the CPU_REPACK buffer on AVX2 CPUs, whose
+    kernels compute rows in groups (a 4-row GEMM, a GEMV for the rest), so a row's logits
+    depend on how many rows its batch has: gemma3-270m's Q4_K_M changed its greedy text
+    under load on an AVX2-only EPYC. The plain layout computes each row alone.
+    """
+
+    def __init__(self, path: Path, repack: bool = True) -> None:
         _init_backend()
         params = C.llama_model_default_params()
-        self._model = C.llama_model_load_from_file(str(path).encode(), params)
+        params.use_extra_bufts = repack
+        _capture.lines = []
+        try:
+            self._model = C.llama_model_load_from_file(str(path).encode(), params)
+            self.buffers = _buffers(_capture.lines)
+        finally:
+            _capture.lines = None
         if not self._model:
             raise EngineError(f"llama.cpp could not load {path} (not a valid GGUF model?)")
         self._vocab = C.llama_model_get_vocab(self._model)
@@ -146,6 +201,7 @@ class ContextShape:
     n_batch: int        # tokens per llama_decode
     n_threads: int
     kv_unified: bool = False
+    flash_attn: bool = False
 
 
 class LlamaContext:
@@ -163,7 +219,8 @@ class LlamaContext:
         # many query rows a sequence has in the ubatch, so the same prompt chunked differently
         # (as load decides) gave other logits (max |diff| 0.49 on a 240-token prompt). Plain
         # attention gives bit-identical logits for any chunking of >= 2 tokens.
-        p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.flash_attn_type = (C.LLAMA_FLASH_ATTN_TYPE_AUTO if shape.flash_attn
+                             else C.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = C.llama_init_from_model(model._model, p)
         if not self._ctx:
             raise EngineError(f"llama.cpp could not create a context of {p.n_ctx} tokens")
@@ -210,6 +267,24 @@ class LlamaContext:
         at the next decode)."""
         self.seq_rm(dst)
         C.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+
+    def seq_state(self, seq: int) -> ctypes.Array:
+        """A copy of one sequence's KV (cells, positions, data) in host memory."""
+        size = C.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        if C.llama_state_seq_get_data(self._ctx, buf, size, seq) != size:
+            raise EngineError(f"could not save the KV of sequence {seq}")
+        return buf
+
+    @staticmethod
+    def state_nbytes(state: ctypes.Array) -> int:
+        return ctypes.sizeof(state)
+
+    def set_seq_state(self, seq: int, state: ctypes.Array) -> None:
+        """Replace sequence seq's KV with a saved one (from seq_state of any sequence)."""
+        size = ctypes.sizeof(state)
+        if C.llama_state_seq_set_data(self._ctx, state, size, seq) != size:
+            raise EngineError(f"could not restore {size} bytes of KV into sequence {seq}")
 
     def close(self) -> None:
         if self._ctx:

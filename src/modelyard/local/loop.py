@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -23,7 +24,8 @@ from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore, token_text
 from .detokenize import Detokenizer
-from .ffi import ContextShape, LlamaContext, LlamaModel
+from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
+from .prefix_cache import HostCache
 from .request import Request, Sequence
 from .runner import LlamaCppRunner
 from .sampling import Sampler
@@ -32,6 +34,7 @@ from .slots import SlotPool
 from .stop import StopMatcher
 
 _STOP = object()
+log = logging.getLogger("modelyard.engine")
 
 
 class LocalEngine:
@@ -45,6 +48,8 @@ class LocalEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sinks: dict[str, object] = {}    # request id -> its output queue's put
         self._broken: str | None = None
+        self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
+        self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
 
     # -- lifecycle (event loop) ---------------------------------------------------------
 
@@ -69,11 +74,16 @@ class LocalEngine:
         if core is None:
             return {"in_flight": len(self._sinks)}
         sched = core.scheduler
+        host = self._host_cache
         return {"in_flight": len(self._sinks), "running": len(sched.running),
                 "queue_depth": len(sched.waiting), "slots_total": sched.slots.n,
                 "slots_used": sched.slots.n_used,
                 "cached_tokens": sum(len(c) for c in sched.slots.cached),
-                "prefix_reused_tokens": sched.reused_tokens}
+                "prefix_reused_tokens": sched.reused_tokens,
+                "host_cache_entries": len(host), "host_cache_bytes": host.bytes,
+                "host_cache_capacity_bytes": host.capacity, "host_cache_hits": host.hits,
+                "host_cache_hit_tokens": host.hit_tokens, "host_cache_evictions": host.evictions,
+                **self.build_info}
 
     # -- requests (event loop) ----------------------------------------------------------
 
@@ -171,19 +181,31 @@ class LocalEngine:
 
     def _main(self, started: concurrent.futures.Future) -> None:
         try:
-            self.model = LlamaModel(self.model_path)
+            # deterministic: weights in the plain layout and plain attention (see ffi), so a
+            # row's logits never depend on the rows beside it.
+            self.model = LlamaModel(self.model_path, repack=not self.spec.deterministic)
             self._chat = ChatTemplate(self.model)
             ctx = LlamaContext(self.model, ContextShape(
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
-                n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads))
+                n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads,
+                flash_attn=not self.spec.deterministic))
+            kernels = {"weight_repacking": not self.spec.deterministic,
+                       "flash_attention": not self.spec.deterministic,
+                       "tiled_kquant_matmul": tiled_kquant_matmul()}
+            self.build_info = {"deterministic": self.spec.deterministic, "kernels": kernels,
+                               "weight_buffers_mib": self.model.buffers, "system_info": system_info().strip()}
+            # So that a report from a user's machine says which kernels ran.
+            log.info("endpoint %s: deterministic=%s, kernels %s, weight buffers (MiB) %s, llama.cpp: %s",
+                     self.spec.name, self.spec.deterministic, kernels, self.model.buffers,
+                     self.build_info["system_info"])
         except Exception as exc:  # any load failure marks the endpoint failed, with the reason
             started.set_exception(exc if isinstance(exc, ModelyardError)
                                   else EngineError(f"cannot load {self.model_path}: {exc}"))
             return
         emit = lambda out: self._loop.call_soon_threadsafe(self._deliver, out)  # noqa: E731
         scheduler = Scheduler(SlotPool(self.spec.parallel), max(self.spec.batch, self.spec.parallel + 2),
-                              self.spec.prefix_cache)
-        self._core = EngineCore(scheduler, LlamaCppRunner(ctx), self.model, emit)
+                              self.spec.prefix_cache, self._host_cache)
+        self._core = EngineCore(scheduler, LlamaCppRunner(ctx, self._host_cache), self.model, emit)
         started.set_result(None)
         try:
             self._serve()

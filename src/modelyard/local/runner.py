@@ -6,7 +6,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from ..errors import EngineError
 from .ffi import LlamaContext
+from .prefix_cache import HostCache
 from .scheduler import Batch
 
 Logits = Callable[[int], np.ndarray]   # batch row -> logits (valid until the next execute)
@@ -32,14 +34,21 @@ class LlamaCppRunner:
     separate calls cost about nothing.
     """
 
-    def __init__(self, ctx: LlamaContext) -> None:
+    def __init__(self, ctx: LlamaContext, host_cache: HostCache | None = None) -> None:
         self.ctx = ctx
+        self.host_cache = host_cache
 
     def execute(self, batch: Batch) -> Logits:
         # Copies first: they were decided a step earlier, and a slot they read or write may
-        # since have been freed and re-admitted (its truncation comes with this batch).
+        # since have been freed and re-admitted (its truncation comes with this batch). Saves
+        # next (a copy's target holds what the slot pool says only after the copy), then
+        # restores and truncations, which overwrite what the saves read.
         for src, dst in batch.copies:
             self.ctx.seq_cp(src, dst)
+        for slot, prefix in batch.saves:
+            self._save(slot, prefix)
+        for slot, entry in batch.restores:
+            self.ctx.set_seq_state(slot, entry.state)
         for slot, keep in batch.truncations:
             self.ctx.seq_rm(slot, keep)
         kept: dict[int, np.ndarray] = {}
@@ -51,6 +60,15 @@ class LlamaCppRunner:
         if n_decode:
             self._decode(batch, range(n_decode))
         return lambda row: kept[row] if row >= n_decode else self.ctx.logits_row(row)
+
+    def _save(self, slot: int, prefix: tuple[int, ...]) -> None:
+        assert self.host_cache is not None
+        self.ctx.seq_rm(slot, len(prefix))   # only the prompt-computed prefix is worth keeping
+        try:
+            state = self.ctx.seq_state(slot)
+        except EngineError:   # a cache that could not be filled is a miss later, not a failure
+            return
+        self.host_cache.put(prefix, state, self.ctx.state_nbytes(state))
 
     def _decode(self, batch: Batch, rows: range) -> None:
         s = slice(rows.start, rows.stop)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from .prefix_cache import Entry, HostCache
 from .request import Request, RequestStatus, Sequence
 from .slots import SlotPool
 
@@ -29,8 +30,11 @@ class Batch:
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     logits: list[bool] = field(default_factory=list)
-    copies: list[tuple[int, int]] = field(default_factory=list)        # (src, dst), applied first
-    truncations: list[tuple[int, int]] = field(default_factory=list)   # (slot, keep), then these
+    # KV work before the decode, applied in this order (see LlamaCppRunner.execute):
+    copies: list[tuple[int, int]] = field(default_factory=list)        # (src, dst)
+    saves: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)   # (slot, prefix) to host
+    restores: list[tuple[int, Entry]] = field(default_factory=list)    # (slot, host entry)
+    truncations: list[tuple[int, int]] = field(default_factory=list)   # (slot, keep)
     decodes: list[tuple[Request, Sequence, int]] = field(default_factory=list)  # + logits row
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -61,6 +65,9 @@ class Batch:
         for req, part in parts.items():
             mine = {seq.slot for seq in req.seqs}
             part.copies = [(src, dst) for src, dst in self.copies if dst in mine]
+            # Saves are not retried: the first try ran them before any decode, and a slot may
+            # hold a restored entry since. Restores are: set_data replaces the whole slot.
+            part.restores = [(slot, e) for slot, e in self.restores if slot in mine]
         return list(parts.values())
 
     @property
@@ -69,7 +76,8 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotPool, step_tokens: int, prefix_cache: bool = True) -> None:
+    def __init__(self, slots: SlotPool, step_tokens: int, prefix_cache: bool = True,
+                 host_cache: HostCache | None = None) -> None:
         # Room for a decode token per slot, and for a prompt chunk of >= 2 tokens that never
         # leaves a single token behind (so every prompt makes progress).
         assert step_tokens >= slots.n + 2, "a step must fit a decode per slot and a 3-token chunk"
@@ -80,6 +88,9 @@ class Scheduler:
         self.running: list[Request] = []
         self._truncations: list[tuple[int, int]] = []
         self._copies: list[tuple[int, int]] = []
+        self._saves: list[tuple[int, tuple[int, ...]]] = []
+        self._restores: list[tuple[int, Entry]] = []
+        self.host_cache = host_cache if prefix_cache else None
         self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
 
     def add(self, req: Request) -> None:
@@ -93,8 +104,11 @@ class Scheduler:
     def schedule(self) -> Batch | None:
         """Called once per engine step: admit what fits, then fill one batch."""
         self._admit()
-        batch = Batch(truncations=self._truncations, copies=self._copies)
-        self._truncations, self._copies = [], []
+        # Saves and restores are decided at admission, which always adds a prompt chunk, so
+        # they never wait for a later batch (copies and truncations may).
+        batch = Batch(truncations=self._truncations, copies=self._copies, saves=self._saves,
+                      restores=self._restores)
+        self._truncations, self._copies, self._saves, self._restores = [], [], [], []
         # In slot order: with a KV stream per sequence, llama.cpp puts only consecutive,
         # increasing sequence ids into one ubatch, and each ubatch reads all the weights again
         # (16 decodes in admission order cost 1.6-1.8x the same in slot order).
@@ -116,6 +130,12 @@ class Scheduler:
             req = self.waiting.popleft()
             reuse = self.prefix_cache and not req.wants_prompt_logprobs
             slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse)
+            entry, from_host = self.host_cache.best(req.prompt_ids) if reuse and self.host_cache else (None, 0)
+            restore = entry is not None and min(from_host, req.num_prompt - 2) > min(shared, req.num_prompt - 2)
+            self._save_overwritten(slots, 0 if restore else shared)
+            if restore:
+                self._restore(slots[0], entry, from_host)
+                shared = from_host
             # Compute at least the last two prompt tokens: the last one's logits start the
             # generation, and a chunk of one token would take another kernel path than the
             # same prompt prefilled without a cache (see slots.reusable).
@@ -129,6 +149,24 @@ class Scheduler:
                 self.slots.forget(slot)     # refilled by a copy when the prompt is done
             req.set_status(RequestStatus.RUNNING)
             self.running.append(req)
+
+    def _save_overwritten(self, slots: list[int], first_keeps: int) -> None:
+        """Before a new prompt takes these slots, keep the prompt-computed prefixes it would
+        overwrite in the host cache (the first slot keeps `first_keeps` of its tokens)."""
+        if self.host_cache is None:
+            return
+        for i, slot in enumerate(slots):
+            prefix = tuple(self.slots.cached[slot][: self.slots.reusable[slot]])
+            if len(prefix) > (first_keeps if i == 0 else 0) and self.host_cache.worth_saving(prefix):
+                self._saves.append((slot, prefix))
+
+    def _restore(self, slot: int, entry: Entry, shared: int) -> None:
+        # set_data replaces the slot's whole KV: earlier truncations of it have no object.
+        self._truncations = [(s, k) for s, k in self._truncations if s != slot]
+        self._restores.append((slot, entry))
+        self.slots.cached[slot] = list(entry.tokens)
+        self.slots.reusable[slot] = len(entry.tokens)
+        self.host_cache.use(entry, shared)
 
     def _add_decode(self, batch: Batch, req: Request, seq: Sequence) -> None:
         token = seq.output_ids[-1]

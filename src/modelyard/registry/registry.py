@@ -46,6 +46,10 @@ class Registry:
 
     def start(self) -> None:
         """Begin loading every endpoint; returns at once."""
+        local = [ep.spec for ep in self.endpoints.values() if ep.spec.engine == "llamacpp"]
+        if local:
+            from ..local.ffi import choose_kernels
+            choose_kernels(deterministic=any(spec.deterministic for spec in local))
         self._tasks = [asyncio.create_task(self._load(ep), name=f"load-{ep.name}")
                        for ep in self.endpoints.values()]
 

@@ -1,0 +1,112 @@
+"""The host prefix cache (local/prefix_cache.py) with the scheduler and the real runner on a
+FakeContext: saves happen when a slot is overwritten, restores put the exact KV back (the fake
+context checks every position), the byte bound and LRU order hold."""
+
+from __future__ import annotations
+
+from fake_engine import Harness, encode
+
+from modelyard.local.prefix_cache import MIN_TOKENS, HostCache
+
+LONG_A = "abcdefghij" * 4          # 40 tokens: above MIN_TOKENS
+LONG_B = "klmnopqrst" * 4
+LONG_C = "uvwxyuvwxy" * 4
+
+
+def text_of(h: Harness, rid: str) -> str:
+    return h.result(rid).choices[0].text
+
+
+def run_one(h: Harness, rid: str, prompt: str, **kw):
+    req = h.add(rid, prompt, max_tokens=3, **kw)
+    h.run()
+    assert h.result(rid).error is None
+    return req
+
+
+def test_an_overwritten_slot_is_saved_and_restored_exactly() -> None:
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000)
+    run_one(h, "A1", LONG_A)
+    run_one(h, "B", LONG_B)                     # takes A's only slot: A's prefix goes to host
+    assert len(h.host_cache) == 1 and h.host_cache.saves == 1
+    n_before = len(h.batches)
+    run_one(h, "A2", LONG_A)
+    first = h.batches[n_before]
+    # A's 40 prompt tokens come back from host memory; the last two are always computed.
+    assert ("restore", 0) in h.runner.ctx.ops
+    assert first.prefills == [("A2", 38, 40)]
+    assert h.host_cache.hits == 1 and h.host_cache.hit_tokens == 40
+    assert h.sched.reused_tokens == 38
+    assert text_of(h, "A2") == text_of(h, "A1")
+
+
+def test_only_the_prompt_computed_prefix_is_saved() -> None:
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000)
+    run_one(h, "A", LONG_A)                     # the slot then holds 40 prompt + 2 decoded tokens
+    run_one(h, "B", LONG_B)
+    entry, shared = h.host_cache.best(encode(LONG_A + "zz"))
+    assert entry is not None and entry.tokens == tuple(encode(LONG_A)) and shared == 40
+    assert h.host_cache.bytes == 100 * 40       # the fake's size: decoded tokens were cut first
+
+
+def test_a_free_slot_with_the_longer_prefix_wins_over_the_host_copy() -> None:
+    h = Harness(n_slots=2, step_tokens=64, host_cache_bytes=1_000_000)
+    run_one(h, "A", LONG_A)
+    run_one(h, "B", LONG_B)
+    restores = [op for op in h.runner.ctx.ops if op[0] == "restore"]
+    run_one(h, "A2", LONG_A)                    # A's slot still holds it: no host traffic
+    assert [op for op in h.runner.ctx.ops if op[0] == "restore"] == restores
+    assert h.host_cache.hits == 0
+
+
+def test_short_prefixes_are_not_saved() -> None:
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000)
+    run_one(h, "A", "abcdefgh")                 # 8 tokens < MIN_TOKENS
+    run_one(h, "B", LONG_B)
+    assert len(h.host_cache) == 0 and MIN_TOKENS > 8
+
+
+def test_bytes_stay_within_capacity_least_recently_used_out() -> None:
+    # Room for two 40-token entries (100 fake bytes a token).
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=8_000)
+    for rid, prompt in (("A", LONG_A), ("B", LONG_B), ("C", LONG_C), ("D", "zyxwvutsrq" * 4)):
+        run_one(h, rid, prompt)
+        assert h.host_cache.bytes <= 8_000
+    # A, B, C were saved in turn; A was the least recently used when C's save needed room.
+    assert h.host_cache.evictions == 1
+    assert h.host_cache.best(encode(LONG_A))[1] == 0
+    assert h.host_cache.best(encode(LONG_B))[1] == 40 and h.host_cache.best(encode(LONG_C))[1] == 40
+
+
+def test_no_host_cache_without_prefix_cache() -> None:
+    h = Harness(n_slots=1, step_tokens=64, prefix_cache=False, host_cache_bytes=1_000_000)
+    run_one(h, "A", LONG_A)
+    run_one(h, "B", LONG_B)
+    run_one(h, "A2", LONG_A)
+    assert len(h.host_cache) == 0 and h.host_cache.hits == 0
+    assert text_of(h, "A2") == text_of(h, "A")
+
+
+def test_restore_then_longer_prompt_extends_the_entry() -> None:
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000)
+    run_one(h, "A", LONG_A)
+    run_one(h, "B", LONG_B)
+    run_one(h, "A+", LONG_A + "klmno")          # restores A's 40, computes the rest
+    run_one(h, "C", LONG_C)                     # overwrites: A+ (45 tokens) replaces A's entry
+    entries = [h.host_cache.best(encode(p))[1] for p in (LONG_A + "klmno", LONG_B)]
+    assert entries == [45, 40] and len(h.host_cache) == 2
+
+
+# -- the pure bookkeeping -----------------------------------------------------------------------
+
+def test_host_cache_put_skips_what_it_cannot_hold_and_dedupes_prefixes() -> None:
+    c = HostCache(1000)
+    c.put(range(40), "s1", 2000)                # larger than the whole cache
+    assert len(c) == 0 and c.bytes == 0
+    c.put(range(40), "s1", 400)
+    assert not c.worth_saving(list(range(35)))  # held already, as a prefix of an entry
+    assert c.worth_saving(list(range(41)))
+    c.put(range(50), "s2", 500)                 # supersedes the 40-token entry
+    assert len(c) == 1 and c.bytes == 500
+    entry, shared = c.best(list(range(45)) + [999])
+    assert entry is not None and entry.state == "s2" and shared == 45
