@@ -158,13 +158,12 @@ def build_prompts(model: Path, counts: dict[str, int], n_prefix: int, prompt_tok
         rng = random.Random(seed)
         heads: list[str] = []
         seen: set[int] = set()
-        for w in WORDS:
+        for w in WORDS:       # every spelling whose first token is new (one per word is too few)
             for cand in (w.capitalize(), w, w.upper()):
                 first = tok.first(cand + ",")
                 if first not in seen:
                     seen.add(first)
                     heads.append(cand)
-                    break
         need = sum(counts.values()) + 3 * n_prefix + 2
         if len(heads) < need:
             raise SystemExit(f"only {len(heads)} distinct first tokens for {need} prompts; lower the counts")
@@ -213,8 +212,6 @@ def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str |
 def peer_server(peer: str, path: Path, alias: str, threads: int) -> ServerProc:
     port = free_port()
     if peer == "llama-server":
-        if not os.access(LLAMA_SERVER, os.X_OK):
-            raise SystemExit(f"{LLAMA_SERVER} is missing: build it with scripts/bench-peers")
         # default batching kept: -b 2048 -ub 512; -c is the total context (16 x 1024)
         return ServerProc(peer, [str(LLAMA_SERVER), "-m", str(path), "--parallel", str(PARALLEL),
                                  "-c", str(PARALLEL * CONTEXT), "-t", str(threads), "--port", str(port),
@@ -601,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                 a.cache_concurrency or (4 if q else 16), 0 if a.no_shared_prefix else prefix_n, prefix_c,
                 a.seed, a.deterministic)
     peer = None if a.peer == "none" else a.peer
+    if peer == "llama-server" and not os.access(LLAMA_SERVER, os.X_OK):
+        raise SystemExit(f"{LLAMA_SERVER} is missing: build it with scripts/bench-peers (or --peer none)")
     if a.model:
         models = [Model(a.model.stem, str(a.model.resolve()))]
     else:
