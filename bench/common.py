@@ -1,19 +1,26 @@
-"""Small helpers every benchmark script shares (run as `python bench/X.py`, so `bench/` is on
-sys.path and `from common import ...` works)."""
+"""What every benchmark script shares (run as `python bench/X.py`, so `bench/` is on sys.path and
+`from common import ...` works): loopback ports, the one percentile, medians over rounds, the one
+server wrapper, and the one SSE client."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import os
 import platform
 import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -21,6 +28,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """The q-quantile (0 <= q <= 1) by linear interpolation between the two closest ranks: the
+    value at fractional position q * (n - 1) of the sorted values (numpy's default, Hyndman and
+    Fan's type 7). p50 of an even count is the mean of the middle two; None for no values. The
+    one definition every bench script uses, so p50/p95 figures compare across them."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be within [0, 1], got {q}")
+    xs = sorted(xs)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def median_spread(xs: list[float | None]) -> tuple[float | None, float | None, float | None]:
@@ -35,6 +57,34 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def cpu_model() -> str:
+    """The CPU's model name, recorded beside every figure."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_simd_flags() -> str:
+    """The vector-extension flags /proc/cpuinfo lists (what llama.cpp's kernels can use)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                keep = ("avx", "fma", "f16c", "bmi2", "amx", "sse4_2")
+                return " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(keep))
+    except OSError:
+        pass
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# servers
+
+
 @dataclass
 class ServerProc:
     """A server the benchmark starts on loopback, waits for, and stops by PID (with anything
@@ -46,8 +96,11 @@ class ServerProc:
     ready_path: str
     env: dict[str, str | None] = field(default_factory=dict)   # None: unset
     config_text: str | None = None
+    stop_timeout: float = 15.0       # SIGTERM, then this long before SIGKILL
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    exit_code: int | None = None     # after stop(): the exit status (negative: the signal)
+    stop_seconds: float | None = None
 
     @property
     def base(self) -> str:
@@ -57,6 +110,10 @@ class ServerProc:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.argv)
 
     def start(self, workdir: Path, timeout: float = 120.0) -> float:
         self.log_path = workdir / f"{self.name}.{int(time.time() * 1000)}.log"
@@ -90,32 +147,154 @@ class ServerProc:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        t0 = time.monotonic()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
+                print(f"{self.name} did not exit within {self.stop_timeout:.0f}s of SIGTERM: killed",
+                      file=sys.stderr)
                 proc.kill()
                 proc.wait(timeout=10)
+        self.exit_code, self.stop_seconds = proc.returncode, time.monotonic() - t0
         try:   # anything it forked (same process group, whose id is its PID) goes with it
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
-    def tail(self, n: int = 25) -> str:
+    def log_lines(self) -> list[str]:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])  # type: ignore[union-attr]
+            return self.log_path.read_text(errors="replace").splitlines()  # type: ignore[union-attr]
         except (OSError, AttributeError):
-            return ""
+            return []
+
+    def tail(self, n: int = 25) -> str:
+        return "\n".join(self.log_lines()[-n:])
 
 
-def cpu_model() -> str:
-    """The CPU's model name, recorded beside every figure."""
+def modelyard_proc(workdir: Path, config_text: str, port: int, name: str = "modelyard") -> ServerProc:
+    """`python -m modelyard serve` on this checkout's source (PYTHONPATH=<root>/src, this
+    interpreter), with config_text written to <workdir>/<name>.toml."""
+    cfg = workdir / f"{name}.toml"
+    cfg.write_text(config_text)
+    return ServerProc(name, [sys.executable, "-m", "modelyard", "serve", "--config", str(cfg)], port, "/ready",
+                      env={"PYTHONPATH": str(ROOT / "src")}, config_text=config_text)
+
+
+# ---------------------------------------------------------------------------------------
+# the one SSE client
+
+
+@dataclass
+class Stream:
+    """One streamed completion or chat completion, as the client saw it. Times are seconds
+    after the request was sent."""
+
+    status: int | None = None           # HTTP status; None: no response (see error)
+    ttft: float | None = None           # first chunk with text
+    token_times: list[float] = field(default_factory=list)   # every chunk with text
+    texts: dict[int, str] = field(default_factory=dict)      # choice index -> text
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    usage: dict | None = None           # the usage chunk (stream_options.include_usage)
+    events: int = 0                     # JSON events read
+    done: bool = False                  # [DONE] seen
+    closed_early: bool = False          # the caller's close_after cut the stream
+    error: str | None = None            # non-200 body, error event, transport error, cancellation
+    exception: str | None = None        # the transport error's type (no answer, or a cut one)
+    total: float | None = None          # send -> end of stream
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts[k] for k in sorted(self.texts))
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.finish_reasons.get(0) or next(iter(self.finish_reasons.values()), None)
+
+    @property
+    def completion_tokens(self) -> int:
+        """The server's count when it sent usage, else one per text chunk."""
+        if self.usage and self.usage.get("completion_tokens") is not None:
+            return int(self.usage["completion_tokens"])
+        return len(self.token_times)
+
+    @property
+    def tpot(self) -> float | None:
+        """(last text chunk - first) / (completion tokens - 1): decode time per output token."""
+        n = self.completion_tokens
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 and self.token_times else None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.error is None and self.done
+
+
+def _piece(choice: dict) -> str:
+    if "delta" in choice:
+        return (choice.get("delta") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def _error_message(raw: bytes) -> str:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
+        err = json.loads(raw).get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:300]
+    except (ValueError, AttributeError):
         pass
-    return platform.processor() or "unknown"
+    return raw[:300].decode(errors="replace")
+
+
+async def stream(client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None,
+                 close_after: int = 0, out: Stream | None = None) -> Stream:
+    """POST body (with "stream": true) to url and read the SSE answer. close_after > 0: leave
+    after that many events (a client disconnecting mid-stream). `out`, when given, is filled in
+    place, so a caller that is cancelled still holds what arrived. Transport errors and bad JSON
+    become `error`; cancellation is recorded and re-raised."""
+    res = out if out is not None else Stream()
+    t0 = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json={**body, "stream": True}, headers=headers) as resp:
+            res.status = resp.status_code
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {_error_message(await resp.aread())}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    res.done = True
+                    break
+                event = json.loads(data)
+                now = time.perf_counter() - t0
+                res.events += 1
+                if event.get("error"):
+                    res.error = res.error or f"error event: {str(event['error'])[:300]}"
+                for ch in event.get("choices") or ():
+                    i = ch.get("index", 0)
+                    piece = _piece(ch)
+                    res.texts[i] = res.texts.get(i, "") + piece
+                    if piece:
+                        res.token_times.append(now)
+                        if res.ttft is None:
+                            res.ttft = now
+                    if ch.get("finish_reason"):
+                        res.finish_reasons[i] = ch["finish_reason"]
+                if event.get("usage"):
+                    res.usage = event["usage"]
+                if close_after and res.events >= close_after:
+                    res.closed_early = True
+                    return res       # leaving the block closes the connection mid-stream
+            if not res.done and res.error is None:
+                res.error = "the stream ended without [DONE]"
+    except (httpx.HTTPError, ValueError) as exc:
+        res.exception = type(exc).__name__
+        res.error = f"{type(exc).__name__}: {exc}"[:300]
+    except asyncio.CancelledError:
+        res.error = "cancelled"
+        raise
+    finally:
+        res.total = time.perf_counter() - t0
+    return res

@@ -72,7 +72,8 @@ from pathlib import Path
 
 import httpx
 
-from common import ServerProc, cpu_model, free_port, median_spread as _med, ratio as _ratio
+import common
+from common import ServerProc, cpu_model, free_port, median_spread as _med, percentile, ratio as _ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelyard" / "peers"
@@ -122,16 +123,12 @@ def stub_proc(chunk_delay_ms: float) -> ServerProc:
                          "--chunk-delay-ms", str(chunk_delay_ms)], port, "/stats")
 
 
-def modelyard_proc(workdir: Path, stub: ServerProc) -> ServerProc:
+def gateway_proc(workdir: Path, stub: ServerProc) -> ServerProc:
     port = free_port()
-    text = (f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 2\n'
-            f'api_keys = ["{API_KEY}"]\n\n'
-            f'[[endpoints]]\nname = "{MODEL}"\nengine = "openai"\nurls = ["{stub.base}/v1"]\n')
-    cfg = workdir / "modelyard.toml"
-    cfg.write_text(text)
-    env = {"PYTHONPATH": str(ROOT / "src")}
-    return ServerProc("modelyard", [sys.executable, "-m", "modelyard", "serve", "--config", str(cfg)], port,
-                "/ready", env=env, config_text=text)
+    return common.modelyard_proc(workdir, (
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 2\n'
+        f'api_keys = ["{API_KEY}"]\n\n'
+        f'[[endpoints]]\nname = "{MODEL}"\nengine = "openai"\nurls = ["{stub.base}/v1"]\n'), port)
 
 
 def litellm_proc(workdir: Path, stub: ServerProc, exe: Path) -> ServerProc:
@@ -187,8 +184,7 @@ def request_body(api: str, stream: bool) -> tuple[str, dict]:
 
 
 def _text(choice: dict) -> str:
-    if "delta" in choice:
-        return (choice.get("delta") or {}).get("content") or ""
+    """A non-streamed choice's text (streamed ones: common.stream)."""
     if "message" in choice:
         return (choice.get("message") or {}).get("content") or ""
     return choice.get("text") or ""
@@ -207,34 +203,11 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> Sample:
             if text != ANSWER:
                 return Sample(False, total, error=f"unexpected text {text!r}")
             return Sample(True, total, usage=bool(data.get("usage")))
-        ttft = None
-        parts: list[str] = []
-        done = usage = False
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                return Sample(False, time.perf_counter() - t0, error=f"HTTP {resp.status_code}: {resp.text[:200]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    continue
-                obj = json.loads(data)
-                if obj.get("error"):
-                    return Sample(False, time.perf_counter() - t0, error=f"error event: {data[:200]}")
-                for c in obj.get("choices") or ():
-                    piece = _text(c)
-                    if piece:
-                        if ttft is None:
-                            ttft = time.perf_counter() - t0
-                        parts.append(piece)
-                usage = usage or bool(obj.get("usage"))
-        total = time.perf_counter() - t0
-        if "".join(parts) != ANSWER or not done:
-            return Sample(False, total, ttft, error=f"stream text {''.join(parts)!r}, [DONE] seen: {done}")
-        return Sample(True, total, ttft, usage=usage)
+        st = await common.stream(client, url, body)
+        if not st.ok or st.text != ANSWER:
+            return Sample(False, st.total or 0.0, st.ttft,
+                          error=st.error or f"stream text {st.text!r}, [DONE] seen: {st.done}")
+        return Sample(True, st.total or 0.0, st.ttft, usage=st.usage is not None)
     except (httpx.HTTPError, ValueError) as exc:
         return Sample(False, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}"[:200])
 
@@ -260,13 +233,6 @@ async def concurrent(clients: list[httpx.AsyncClient], url: str, body: dict, con
 
     await asyncio.gather(*(worker(clients[i % len(clients)]) for i in range(concurrency)))
     return samples, time.perf_counter() - t0
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 @dataclass
@@ -341,7 +307,7 @@ async def measure(base: str, plan: Plan, stub: ServerProc, gateway_pid: int | No
             upstream = after["requests"] - before["requests"] - 1   # less our own /stats call
             ph = {
                 "concurrency": conc, "requests": len(samples), "ok": len(good), "wall_s": wall,
-                "p50": pct([s.total for s in good], 0.5), "p90": pct([s.total for s in good], 0.9),
+                "p50": percentile([s.total for s in good], 0.5), "p90": percentile([s.total for s in good], 0.9),
                 "rps": len(good) / wall if wall > 0 else None,
                 "upstream_connections": conns,
                 "connections_per_100": 100 * conns / len(samples) if samples else None,
@@ -349,8 +315,8 @@ async def measure(base: str, plan: Plan, stub: ServerProc, gateway_pid: int | No
                 "usage_seen": sum(s.usage for s in good),
             }
             if body.get("stream"):
-                ph["ttft_p50"] = pct([s.ttft for s in good if s.ttft is not None], 0.5)
-                ph["ttft_p90"] = pct([s.ttft for s in good if s.ttft is not None], 0.9)
+                ph["ttft_p50"] = percentile([s.ttft for s in good if s.ttft is not None], 0.5)
+                ph["ttft_p90"] = percentile([s.ttft for s in good if s.ttft is not None], 0.9)
             if cpu0 is not None and cpu1 is not None and samples:
                 ph["gateway_cpu_ms_per_request"] = 1000 * (cpu1 - cpu0) / len(samples)
             if samples:
@@ -377,7 +343,7 @@ async def measure(base: str, plan: Plan, stub: ServerProc, gateway_pid: int | No
 def profile_modelyard(workdir: Path, stub: ServerProc, plan: Plan, outdir: Path) -> dict:
     """An untimed modelyard turn whose load phases run under py-spy; top frames by own samples."""
     outdir.mkdir(parents=True, exist_ok=True)
-    gw = modelyard_proc(workdir, stub)
+    gw = gateway_proc(workdir, stub)
     gw.start(workdir, 60)
     result: dict = {}
     try:
@@ -647,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {rnd + 1}/{rounds}", flush=True)
                 r: dict = {"targets": {}}
                 r["targets"]["direct"] = run_turn("direct", None, stub.base, plan, stub, workdir, 0)
-                r["targets"]["modelyard"] = run_turn("modelyard", modelyard_proc(workdir, stub), "", plan, stub,
+                r["targets"]["modelyard"] = run_turn("modelyard", gateway_proc(workdir, stub), "", plan, stub,
                                                      workdir, 60)
                 if use_litellm:
                     r["targets"]["litellm"] = run_turn("litellm", litellm_proc(workdir, stub, a.litellm), "", plan,

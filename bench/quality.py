@@ -37,9 +37,9 @@ def distributions(path: Path, tokens: list[int] | None, limit: int) -> tuple[lis
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kinds", default="q8_0,q4_0")
-    ap.add_argument("--tokens", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", default="q8_0,q4_0", help="conversions to compare, comma-separated (default q8_0,q4_0)")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens of the fixed text to score (default 256)")
     args = ap.parse_args()
     src = ModelStore(Path.home() / ".cache" / "modelyard", progress=False).resolve("smollm2-135m")
     ids, ref = distributions(src, None, args.tokens)

@@ -48,8 +48,6 @@ import platform
 import random
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,9 +57,8 @@ from pathlib import Path
 
 import httpx
 
-from common import cpu_model, free_port
+from common import ServerProc, Stream, cpu_model, free_port, modelyard_proc, percentile, stream
 
-ROOT = Path(__file__).resolve().parent.parent
 ENDPOINT = "smollm2-135m"
 PARALLEL, CONTEXT, MAX_QUEUE, THREADS = 16, 1024, 64, 2
 GRACE = 10                      # the server's grace_period (seconds) on SIGTERM
@@ -208,11 +205,11 @@ class Record:
     error: str | None = None         # error body's message or the exception
 
 
-def _text_of(choice: dict, chat: bool, stream: bool) -> str:
+def _text_of(choice: dict, chat: bool) -> str:
+    """A non-streamed choice's text (streamed ones: common.stream)."""
     if not chat:
         return choice.get("text") or ""
-    part = choice.get("delta" if stream else "message") or {}
-    return part.get("content") or ""
+    return (choice.get("message") or {}).get("content") or ""
 
 
 async def send(client: httpx.AsyncClient, base: str, key: str, spec: Spec, phase: str, timeout: float) -> Record:
@@ -226,7 +223,7 @@ async def send(client: httpx.AsyncClient, base: str, key: str, spec: Spec, phase
     chat = spec.path.startswith("/chat")
     t0 = time.perf_counter()
     try:
-        await asyncio.wait_for(_exchange(client, url, headers, spec, rec, chat, t0), timeout)
+        await asyncio.wait_for(_exchange(client, url, headers, spec, rec, chat), timeout)
     except asyncio.TimeoutError:
         rec.status = "timeout"
         rec.error = f"no complete answer within {timeout:.0f}s"
@@ -241,7 +238,7 @@ async def send(client: httpx.AsyncClient, base: str, key: str, spec: Spec, phase
 
 
 async def _exchange(client: httpx.AsyncClient, url: str, headers: dict, spec: Spec, rec: Record,
-                    chat: bool, t0: float) -> None:
+                    chat: bool) -> None:
     if not spec.stream:
         r = await client.post(url, json=spec.body, headers=headers)
         rec.status = r.status_code
@@ -257,50 +254,29 @@ async def _exchange(client: httpx.AsyncClient, url: str, headers: dict, spec: Sp
             rec.problem = f"200 without choices: {r.text[:200]}"
             return
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        rec.texts = [_text_of(c, chat, False) for c in choices]
+        rec.texts = [_text_of(c, chat) for c in choices]
         rec.completion_tokens = (data.get("usage") or {}).get("completion_tokens")
         if len(choices) != spec.n:
             rec.problem = f"{len(choices)} choices for n={spec.n}"
         _check_stops(spec, rec)
         return
-    async with client.stream("POST", url, json=spec.body, headers=headers) as r:
-        rec.status = r.status_code
-        if r.status_code != 200:
-            raw = await r.aread()
-            try:
-                rec.error = json.loads(raw).get("error", {}).get("message")
-            except (ValueError, AttributeError):
-                rec.error = raw[:200].decode(errors="replace")
-            return
-        texts: dict[int, list[str]] = defaultdict(list)
-        done = False
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            payload = line[6:]
-            if payload == "[DONE]":
-                done = True
-                break
-            event = json.loads(payload)
-            if "error" in event:
-                rec.problem = f"error event in a 200 stream: {event['error']}"[:300]
-                continue
-            rec.chunks += 1
-            if event.get("usage"):
-                rec.completion_tokens = event["usage"].get("completion_tokens")
-            for c in event.get("choices") or []:
-                t = _text_of(c, chat, True)
-                if t and rec.ttft is None:
-                    rec.ttft = time.perf_counter() - t0
-                texts[c.get("index", 0)].append(t)
-            if spec.close_after and rec.chunks >= spec.close_after:
-                return              # leaving the block closes the connection mid-stream
-        rec.texts = ["".join(texts[k]) for k in sorted(texts)]
-        if not done and rec.problem is None:
-            rec.problem = "stream ended without [DONE]"
-        elif len(texts) != spec.n and rec.problem is None:
-            rec.problem = f"{len(texts)} choices streamed for n={spec.n}"
-        _check_stops(spec, rec)
+    s: Stream = await stream(client, url, spec.body, headers, close_after=spec.close_after)
+    rec.status, rec.ttft, rec.chunks = s.status or rec.status, s.ttft, s.events
+    rec.completion_tokens = (s.usage or {}).get("completion_tokens")
+    if s.exception and s.exception != "JSONDecodeError":
+        rec.status, rec.error = "conn_error", s.error
+        return
+    if s.status != 200:
+        rec.error = s.error
+        return
+    if s.closed_early:
+        return
+    rec.texts = [s.texts[k] for k in sorted(s.texts)]
+    if s.error:
+        rec.problem = f"in a 200 stream: {s.error}"[:300]
+    elif len(s.texts) != spec.n:
+        rec.problem = f"{len(s.texts)} choices streamed for n={spec.n}"
+    _check_stops(spec, rec)
 
 
 def _check_stops(spec: Spec, rec: Record) -> None:
@@ -324,84 +300,19 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-
-
-class ServerProc:
-    def __init__(self, workdir: Path, key: str, log_level: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.config = workdir / "soak.toml"
-        self.log = workdir / "server.log"
-        self.config.write_text(
-            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\napi_keys = ["{key}"]\n'
+def soak_server(workdir: Path, key: str, log_level: str) -> ServerProc:
+    port = free_port()
+    text = (f'[server]\nhost = "127.0.0.1"\nport = {port}\napi_keys = ["{key}"]\n'
             f'log_level = "{log_level}"\ngrace_period = {GRACE}\n\n'
             f'[[endpoints]]\nname = "{ENDPOINT}"\nmodel = "smollm2-135m"\nparallel = {PARALLEL}\n'
             f'context = {CONTEXT}\nmax_queue = {MAX_QUEUE}\nthreads = {THREADS}\n')
-        self.proc: subprocess.Popen | None = None
-        self.exit_code: int | None = None
-        self.stop_seconds: float | None = None
+    srv = modelyard_proc(workdir, text, port, name="soak")
+    srv.stop_timeout = GRACE + 30       # SIGKILL only if it outlives the grace period by far (reported)
+    return srv
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
-    def start(self, timeout: float) -> float:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_")}
-        py = ROOT / ".venv" / "bin" / "python"
-        argv = [str(py if py.exists() else Path(sys.executable)), "-m", "modelyard", "serve",
-                "--config", str(self.config)]
-        t0 = time.monotonic()
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, cwd=ROOT)
-        with httpx.Client(timeout=3.0) as c:
-            while time.monotonic() - t0 < timeout:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode} while starting:\n{self.tail()}")
-                try:
-                    if c.get(self.base + "/ready").status_code == 200:
-                        return time.monotonic() - t0
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM by PID; SIGKILL only if it outlives the grace period by far (reported)."""
-        proc = self.proc
-        if proc is None or self.exit_code is not None:
-            return
-        t0 = time.monotonic()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=GRACE + 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-                print(f"server did not exit within {GRACE + 30}s of SIGTERM: killed", file=sys.stderr)
-        self.exit_code = proc.returncode
-        self.stop_seconds = time.monotonic() - t0
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def bad_log_lines(self) -> list[str]:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return []
-        return [ln for ln in lines if " ERROR " in ln or " CRITICAL " in ln or ln.startswith("Traceback")]
-
-    def warning_lines(self) -> list[str]:
-        try:
-            return [ln for ln in self.log.read_text(errors="replace").splitlines() if " WARNING " in ln]
-        except OSError:
-            return []
+def bad_log_lines(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if " ERROR " in ln or " CRITICAL " in ln or ln.startswith("Traceback")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -501,14 +412,6 @@ async def drive(args: argparse.Namespace, srv: ServerProc, key: str, res: Result
         res.rss.append({"t": round(time.monotonic() - t_load, 1), "kib": rss_kib(srv.pid), "at": "end (after idle)"})
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = max(0, min(len(xs) - 1, round(q * (len(xs) - 1))))
-    return xs[k]
-
-
 def is_unexpected(r: Record) -> bool:
     return r.status in ("timeout", "conn_error") or (isinstance(r.status, int) and r.status >= 500 and r.status != 503)
 
@@ -557,13 +460,13 @@ def report(res: Results, args: argparse.Namespace) -> bool:
     tokens = sum(r.completion_tokens or 0 for r in ok)
     print(f"\n-- latency of successful requests (load phase, disconnects excluded): {len(ok)}")
     if lat:
-        print(f"   p50 {pct(lat, 0.5):.2f}s  p99 {pct(lat, 0.99):.2f}s  max {max(lat):.2f}s;"
-              f"  streaming TTFT p50 {pct(ttft, 0.5) or 0:.2f}s p99 {pct(ttft, 0.99) or 0:.2f}s;"
+        print(f"   p50 {percentile(lat, 0.5):.2f}s  p99 {percentile(lat, 0.99):.2f}s  max {max(lat):.2f}s;"
+              f"  streaming TTFT p50 {percentile(ttft, 0.5) or 0:.2f}s p99 {percentile(ttft, 0.99) or 0:.2f}s;"
               f"  {tokens} completion tokens reported ({tokens / max(1e-9, res.meta.get('load_seconds') or 1):.1f}/s)")
         for kind in VALID:
             xs = [r.latency for r in ok if r.kind == kind]
             if xs:
-                print(f"   {kind:14} n={len(xs):5d}  p50 {pct(xs, 0.5):6.2f}s  p99 {pct(xs, 0.99):6.2f}s")
+                print(f"   {kind:14} n={len(xs):5d}  p50 {percentile(xs, 0.5):6.2f}s  p99 {percentile(xs, 0.99):6.2f}s")
 
     rss = [s["kib"] for s in res.rss if s["kib"]]
     start = res.rss[0]["kib"] if res.rss else None
@@ -623,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-soak-"))
     key = "sk-soak-" + secrets.token_hex(8)
-    srv = ServerProc(workdir, key, args.log_level)
+    srv = soak_server(workdir, key, args.log_level)
     res = Results(meta={
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_model(),
         "cores": os.cpu_count(), "python": platform.python_version(), "args": vars(args) | {"json": str(args.json)},
@@ -632,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         "workdir": str(workdir)})
     passed = False
     try:
-        started = srv.start(args.start_timeout)
-        print(f"server pid {srv.pid} on {srv.base} ready in {started:.1f}s; log {srv.log}", flush=True)
+        started = srv.start(workdir, args.start_timeout)
+        print(f"server pid {srv.pid} on {srv.base} ready in {started:.1f}s; log {srv.log_path}", flush=True)
         res.meta["ready_seconds"] = round(started, 1)
         asyncio.run(drive(args, srv, key, res))
     except (RuntimeError, asyncio.TimeoutError) as exc:
@@ -643,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         srv.stop()
         res.server_exit, res.server_stop_s = srv.exit_code, srv.stop_seconds
-        res.log_errors, res.log_warnings = srv.bad_log_lines(), len(srv.warning_lines())
+        lines = srv.log_lines()
+        res.log_errors, res.log_warnings = bad_log_lines(lines), sum(" WARNING " in ln for ln in lines)
     if res.records:
         passed = report(res, args)
     else:
