@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from .registry.registry import Registry
@@ -71,9 +71,20 @@ class _EndpointCollector:
         queue = GaugeMetricFamily("modelyard_queue_depth", "Requests waiting for a slot", labels=["endpoint"])
         in_flight = GaugeMetricFamily("modelyard_in_flight", "Requests admitted and not finished",
                                       labels=["endpoint"])
+        host_bytes = GaugeMetricFamily("modelyard_prefix_cache_host_bytes",
+                                       "Bytes of prompt KV held in host memory beyond the slots", labels=["endpoint"])
+        host_hits = CounterMetricFamily("modelyard_prefix_cache_host_hits",
+                                        "Prompts whose prefix KV was restored from host memory", labels=["endpoint"])
+        host_tokens = CounterMetricFamily("modelyard_prefix_cache_host_hit_tokens",
+                                          "Prompt tokens restored from host memory instead of computed",
+                                          labels=["endpoint"])
         for ep in self.registry.endpoints.values():
             ready.add_metric([ep.name, ep.state.value], 1.0 if ep.not_ready_reason() is None else 0.0)
             status = ep.engine.status() if ep.engine is not None else {}
             queue.add_metric([ep.name], float(status.get("queue_depth", 0)))
             in_flight.add_metric([ep.name], float(status.get("in_flight", 0)))
-        yield from (ready, queue, in_flight)
+            if "host_cache_bytes" in status:
+                host_bytes.add_metric([ep.name], float(status["host_cache_bytes"]))
+                host_hits.add_metric([ep.name], float(status["host_cache_hits"]))
+                host_tokens.add_metric([ep.name], float(status["host_cache_hit_tokens"]))
+        yield from (ready, queue, in_flight, host_bytes, host_hits, host_tokens)

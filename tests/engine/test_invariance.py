@@ -19,6 +19,7 @@ from typing import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from servers import ServerProcess, served
 
@@ -138,6 +139,10 @@ def test_kv_restored_from_host_memory_gives_identical_output(inv_server, model):
     assert after["host_cache_hit_tokens"] - before["host_cache_hit_tokens"] >= 100
     assert 0 < after["host_cache_bytes"] <= after["host_cache_capacity_bytes"]
     assert again == first
+    metrics = {(s.name, s.labels.get("endpoint")): s.value for family in text_string_to_metric_families(
+        httpx.get(inv_server.base + "/metrics", timeout=10).text) for s in family.samples}
+    assert metrics["modelyard_prefix_cache_host_hits_total", model] == after["host_cache_hits"]
+    assert metrics["modelyard_prefix_cache_host_bytes", model] == after["host_cache_bytes"]
 
 
 def test_status_says_what_llama_cpp_runs(inv_server):
