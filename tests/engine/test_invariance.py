@@ -3,10 +3,10 @@ seeded requests give bit-identical tokens and logprobs alone, repeated (prefix r
 staggered concurrent requests of mixed lengths, chunked differently (another step budget),
 and after their prompt's KV went to host memory and came back.
 
-Models: smollm2-135m (Q4_1), gemma3-270m (Q4_K_M, repacked by llama.cpp on x86 unless
-deterministic), and smollm2 converted to Q4_0 and Q8_0 (both repacked too, and served by
-llama.cpp's tinyBLAS for batches of >= 2 rows). One server holds them all, each twice: with
-a 128-token step budget and with a 48-token one.
+Models: smollm2-135m (Q4_1), gemma3-270m (Q4_K_M: repacked, and taken by ggml's tiled K-quant
+matmul for batches of >= 8 rows, unless deterministic), and smollm2 converted to Q4_0 and Q8_0
+(repacked too, and served by llama.cpp's tinyBLAS for batches of >= 2 rows). One server holds
+them all, each twice: with a 128-token step budget and with a 48-token one (tests/engine/matrix.py).
 """
 
 from __future__ import annotations
@@ -15,38 +15,15 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
+from matrix import CHUNKED, MODELS
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import ServerProcess, served
+from servers import ServerProcess
 
 pytestmark = pytest.mark.model
-
-KEY = "inv-key"
-MODELS = {"smol-q4_1": ("smollm2-135m", None), "gemma-q4_k": ("gemma3-270m", None),
-          "smol-q4_0": ("smollm2-135m", "q4_0"), "smol-q8_0": ("smollm2-135m", "q8_0")}
-CHUNKED = "-b48"   # the same model with another step budget
-
-
-def _config() -> str:
-    out = [f'[server]\napi_keys = ["{KEY}"]\n']
-    for name, (model, convert) in MODELS.items():
-        for suffix, batch in (("", 128), (CHUNKED, 48)):
-            out.append(f'[[endpoints]]\nname = "{name}{suffix}"\nmodel = "{model}"\ncontext = 512\n'
-                       f'parallel = 4\nbatch = {batch}\nthreads = 1\n'
-                       + (f'convert = "{convert}"\n' if convert else ""))
-    return "\n".join(out)
-
-
-@pytest.fixture(scope="module")
-def inv_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    names = tuple(n + s for n in MODELS for s in ("", CHUNKED))
-    with served(tmp_path_factory.mktemp("invariance"), _config(), key=KEY, endpoints=names) as srv:
-        yield srv
-
 
 WORDS = ("river stone lantern maple orbit velvet harbor cinder meadow quartz falcon ember willow "
          "glacier tundra copper saffron violet marble thunder").split()

@@ -83,6 +83,7 @@ class LocalEngine:
                 "host_cache_entries": len(host), "host_cache_bytes": host.bytes,
                 "host_cache_capacity_bytes": host.capacity, "host_cache_hits": host.hits,
                 "host_cache_hit_tokens": host.hit_tokens, "host_cache_evictions": host.evictions,
+                "peak_logits_rows": core.runner.peak_logits_rows,
                 **self.build_info}
 
     # -- requests (event loop) ----------------------------------------------------------

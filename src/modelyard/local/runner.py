@@ -37,6 +37,7 @@ class LlamaCppRunner:
     def __init__(self, ctx: LlamaContext, host_cache: HostCache | None = None) -> None:
         self.ctx = ctx
         self.host_cache = host_cache
+        self.peak_logits_rows = 0   # the most logits rows one llama_decode asked for (memory)
 
     def execute(self, batch: Batch) -> Logits:
         # Copies first: they were decided a step earlier, and a slot they read or write may
@@ -72,4 +73,5 @@ class LlamaCppRunner:
 
     def _decode(self, batch: Batch, rows: range) -> None:
         s = slice(rows.start, rows.stop)
+        self.peak_logits_rows = max(self.peak_logits_rows, sum(batch.logits[s]))
         self.ctx.decode(batch.tokens[s], batch.positions[s], batch.slots[s], batch.logits[s])

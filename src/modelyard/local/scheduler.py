@@ -15,6 +15,11 @@ from .prefix_cache import Entry, HostCache
 from .request import Request, RequestStatus, Sequence
 from .slots import SlotPool
 
+# echo + logprobs needs a logits row per prompt token, and llama.cpp's output buffer keeps the
+# largest size any decode asked for: 512 rows of gemma3's 262,144-token vocabulary are 512 MiB
+# (and as much again for the runner's copies). Such prompts are prefilled this many tokens a step.
+PROMPT_LOGITS_ROWS = 32
+
 
 @dataclass
 class PrefillChunk:
@@ -177,6 +182,8 @@ class Scheduler:
     def _add_prefill(self, batch: Batch, req: Request) -> None:
         start = req.num_computed
         end = min(req.num_prompt, start + self.step_tokens - len(batch.tokens))
+        if req.wants_prompt_logprobs:
+            end = min(end, start + PROMPT_LOGITS_ROWS)
         # Chunks of one token take another kernel path than chunks of two or more: never cut
         # a prompt into one, whatever room this step has, so chunking never shows in the output.
         if req.num_prompt - end == 1:
