@@ -50,13 +50,17 @@ def fuzz_server(tmp_path_factory):
     print(f"\nfuzz: examples per operation {_seen}; statuses {dict(sorted(_statuses.items()))}")
 
 
-def _documented_operations() -> list[tuple[str, str, bool]]:
-    """The app's own operations, from its OpenAPI document built in process (no model loaded)."""
+def _document() -> dict:
+    """The app's OpenAPI document, built in process (no model loaded)."""
     from modelyard.api.app import create_app
     from modelyard.settings import EndpointSpec, Settings
-    doc = create_app(Settings(endpoints=(EndpointSpec(name="x"),))).openapi()
+    return create_app(Settings(endpoints=(EndpointSpec(name="x"),))).openapi()
+
+
+def _documented_operations() -> list[tuple[str, str, bool]]:
+    """The app's own operations."""
     return [(method.upper(), path, "requestBody" in op)
-            for path, item in doc["paths"].items() for method, op in item.items()]
+            for path, item in _document()["paths"].items() for method, op in item.items()]
 
 
 # (method, path, mode): every operation with valid data; those with a body also with invalid data
@@ -105,6 +109,20 @@ def check_response(response) -> None:
             assert parsed[-2]["error"]["type"] != "server_error", f"internal error in stream: {where}"
     elif "application/json" in ctype:
         json.loads(text)
+
+
+@pytest.mark.parametrize("body", ["CompletionRequest", "ChatRequest"])
+def test_the_schema_leads_the_fuzzer_to_real_token_ids(body):
+    """Keys without a pattern are random strings: the fuzzer never sent a token id nor a key
+    like "²" that str.isdigit accepts and int() rejects (a 500 it did not find)."""
+    import re
+
+    bias = _document()["components"]["schemas"][body]["properties"]["logit_bias"]
+    obj = next(s for s in bias.get("anyOf", [bias]) if s.get("type") == "object")
+    pattern = obj["propertyNames"]["pattern"]
+    assert re.fullmatch(pattern, "0") and re.fullmatch(pattern, "49151")
+    assert not any(re.fullmatch(pattern, k) for k in ("²", "-1", "1.5", "", "x", "01"))
+    assert obj["additionalProperties"] == {"type": "number", "minimum": -100, "maximum": 100}
 
 
 def test_every_operation_is_fuzzed():
