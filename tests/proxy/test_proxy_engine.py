@@ -421,6 +421,15 @@ async def test_malformed_first_chunk_raises_before_any_delta(first):
 
 
 @pytest.mark.anyio
+async def test_an_error_event_mid_stream_does_not_echo_our_key():
+    body = sse(chunk("a"), {"error": {"message": f"key {SECRET} revoked"}})
+    async with running(Upstream(lambda r: httpx.Response(200, content=body)), api_key=SECRET) as engine:
+        with pytest.raises(UpstreamError) as info:
+            await collect(engine)
+    assert "revoked" in info.value.message and SECRET not in info.value.message
+
+
+@pytest.mark.anyio
 async def test_malformed_usage_is_an_upstream_error():
     body = sse(chunk("x", finish="stop"), {"choices": [], "usage": {"prompt_tokens": "three"}})
     async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:

@@ -134,7 +134,7 @@ class ProxyEngine:
             if not resp.is_success:
                 await resp.aread()
                 raise map_error(replica.url, resp, secret=self.spec.api_key)
-            async for out in _relay(replica.url, resp, request):
+            async for out in _relay(replica.url, resp, request, self.spec.api_key):
                 yield out
         except (httpx.HTTPError, SSEError) as exc:
             raise map_error(replica.url, exc, request.deadline, secret=self.spec.api_key) from exc
@@ -211,7 +211,8 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
     return body
 
 
-async def _relay(url: str, resp: httpx.Response, req: EngineRequest) -> AsyncIterator[EngineOutput]:
+async def _relay(url: str, resp: httpx.Response, req: EngineRequest,
+                 secret: str | None = None) -> AsyncIterator[EngineOutput]:
     """Upstream chunks -> ChoiceDelta events, then one Usage; a stream cut short raises."""
     finished: set[int] = set()
     usage: dict | None = None
@@ -221,7 +222,7 @@ async def _relay(url: str, resp: httpx.Response, req: EngineRequest) -> AsyncIte
             raise DeadlineExceeded("request deadline passed while the upstream was generating")
         if event.get("error") or event.get("object") == "error":
             why = _error_message(event) or json.dumps(event)[:300]
-            raise UpstreamError(f"upstream {url} failed mid-stream: {why}")
+            raise UpstreamError(f"upstream {url} failed mid-stream: {redact(why, secret)}")
         for delta in read_chunk(event, req.n):
             counted += len(delta.logprobs.tokens) if delta.logprobs else int(bool(delta.text))
             if delta.finish_reason is not None:
