@@ -9,8 +9,9 @@
     ├── ModelNotFound                   NOT_FOUND        404   not_found_error
     ├── EndpointNotReady                NOT_READY        400   model_not_ready
     ├── QueueFull                       OVERLOADED       503   server_overloaded
-    ├── Upstream4xx                     UPSTREAM_CLIENT  (its own status)
-    ├── UpstreamError                   UPSTREAM         502   upstream_error
+    ├── Upstream4xx                     UPSTREAM_CLIENT  (its own status: 400, 413, 422, 429)
+    ├── UpstreamError                   UPSTREAM         502   upstream_error  (also an upstream 401/403/404:
+    │                                                                          our config, not the client's)
     │   └── UpstreamTimeout             TIMEOUT          504   upstream_timeout
     ├── DeadlineExceeded                DEADLINE         504   timeout_error
     ├── StoreError                      STORE            (CLI; 400 if seen by a request)

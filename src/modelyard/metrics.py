@@ -9,22 +9,32 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.routing import compile_path
 
 if TYPE_CHECKING:
     from .registry.registry import Registry
 
 log = logging.getLogger("modelyard.requests")
 
+# Label values come only from the app's own routes and the configured endpoint names: a path
+# or a model name chosen by a client would make one time series per value (unbounded memory
+# and scrapes). Everything else is counted in these buckets.
+OTHER_ROUTE = "other"
+UNKNOWN_ENDPOINT = "unknown"
+NO_ENDPOINT = "-"          # routes that name no endpoint (/models, /api/v1/endpoints)
+
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
 class Metrics:
-    def __init__(self, registry: "Registry") -> None:
+    def __init__(self, registry: "Registry", routes: Iterable[str] = ()) -> None:
+        self.registry = registry
+        self.route_label = RouteLabels(routes)
         self.prom = CollectorRegistry()
         self.requests = Counter("modelyard_requests", "HTTP requests by endpoint, route and status",
                                 ["endpoint", "route", "status"], registry=self.prom)
@@ -50,7 +60,14 @@ class Metrics:
             if completion_tokens > 1:
                 self.tpot.labels(endpoint).observe((time.monotonic() - first_token) / (completion_tokens - 1))
 
-    def request(self, endpoint: str, route: str, status: int, seconds: float, extra: dict) -> None:
+    def endpoint_label(self, name: str) -> str:
+        if name == NO_ENDPOINT or name in self.registry.endpoints:
+            return name
+        return UNKNOWN_ENDPOINT
+
+    def request(self, endpoint: str, path: str, status: int, seconds: float, extra: dict) -> None:
+        """One ended request; `endpoint` (the name the client sent) and `path` are bucketed here."""
+        endpoint, route = self.endpoint_label(endpoint), self.route_label(path)
         self.requests.labels(endpoint, route, str(status)).inc()
         self.latency.labels(endpoint, route).observe(seconds)
         # One structured line per request; never the prompt (only ids, sizes and timings).
@@ -61,9 +78,24 @@ class Metrics:
         return generate_latest(self.prom)
 
 
+class RouteLabels:
+    """Request path -> the template of the app's route that serves it (/api/v1/endpoints/{name}),
+    or OTHER_ROUTE. Matched on the path alone: a wrong method on a route counts under it."""
+
+    def __init__(self, templates: Iterable[str]) -> None:
+        self._routes = [(compile_path(t)[0], t) for t in templates]
+
+    def __call__(self, path: str) -> str:
+        for regex, template in self._routes:
+            if regex.match(path):
+                return template
+        return OTHER_ROUTE
+
+
 class _EndpointCollector:
-    def __init__(self, registry: "Registry") -> None:
+    def __init__(self, registry: "Registry", routes: Iterable[str] = ()) -> None:
         self.registry = registry
+        self.route_label = RouteLabels(routes)
 
     def collect(self):
         ready = GaugeMetricFamily("modelyard_endpoint_ready", "1 when the endpoint can serve now",

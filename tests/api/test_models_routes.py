@@ -52,6 +52,7 @@ def test_health_is_200_even_with_a_failed_endpoint(server):
 
 
 def test_endpoints_show_states_and_reasons(server):
+    server.wait_idle()
     r = httpx.get(f"{server.base}/api/v1/endpoints", headers=server.headers, timeout=10)
     assert r.status_code == 200, r.text
     eps = {e["name"]: e for e in r.json()["endpoints"]}
@@ -59,7 +60,7 @@ def test_endpoints_show_states_and_reasons(server):
     ok, bad = eps[MODEL], eps["broken"]
     assert ok["state"] == "ready" and ok["ready"] is True and ok["reason"] is None
     assert ok["engine"] == "llamacpp" and ok["model"] == MODEL and ok["model_path"].endswith(".gguf")
-    assert ok["slots_total"] == 4 and ok["slots_used"] >= 0 and ok["in_flight"] >= 0
+    assert (ok["slots_total"], ok["slots_used"], ok["in_flight"], ok["queue_depth"]) == (4, 0, 0, 0), ok
     assert bad["state"] == "failed" and bad["ready"] is False
     assert MISSING in bad["reason"] and bad["model_path"] is None
 

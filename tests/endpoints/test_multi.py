@@ -139,10 +139,13 @@ def _value(samples, name: str, **labels) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
-def test_metrics_per_endpoint(client, gateway):
+def test_metrics_per_endpoint(client, gateway, admin):
     for name in NAMES:
         client.completions.create(model=name, prompt=PROMPT, max_tokens=4, temperature=0)
         list(client.completions.create(model=name, prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
+        assert admin.get(f"/api/v1/endpoints/{name}").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="not-configured", prompt=PROMPT, max_tokens=1)
     # The request counter is bumped once the response has fully ended, a moment after the
     # client has the last byte: poll briefly.
     deadline = time.monotonic() + 10
@@ -151,13 +154,16 @@ def test_metrics_per_endpoint(client, gateway):
         assert r.status_code == 200
         samples = _samples(r.text)
         if all(_value(samples, "modelyard_requests_total", endpoint=n, status="200") >= 2 for n in NAMES) \
+                and _value(samples, "modelyard_requests_total", endpoint="unknown") >= 1 \
                 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     for name in NAMES:
         assert _value(samples, "modelyard_requests_total", endpoint=name, status="200") >= 2, name
+        # Labels are route templates and configured names, never what the client typed.
         assert _value(samples, "modelyard_requests_total", endpoint=name,
                       route="/api/v1/compatibility/openai/v1/completions") >= 2, name
+        assert not [lab for n, lab, _ in samples if name in lab.get("route", "")], name
         assert _value(samples, "modelyard_prompt_tokens_total", endpoint=name) > 0, name
         assert _value(samples, "modelyard_completion_tokens_total", endpoint=name) >= 8, name
         assert _value(samples, "modelyard_time_to_first_token_seconds_count", endpoint=name) >= 2, name
@@ -168,3 +174,6 @@ def test_metrics_per_endpoint(client, gateway):
         for gauge in ("modelyard_queue_depth", "modelyard_in_flight"):
             found = [v for n, lab, v in samples if n == gauge and lab.get("endpoint") == name]
             assert found == [0.0], (gauge, name, found)        # idle now
+    assert _value(samples, "modelyard_requests_total", route="/api/v1/endpoints/{name}", status="200") >= 3
+    assert _value(samples, "modelyard_requests_total", endpoint="unknown", status="404") >= 1
+    assert not [lab for n, lab, _ in samples if "not-configured" in lab.values()]

@@ -140,14 +140,42 @@ async def test_deltas_and_usage_are_re_yielded():
     lp = {"tokens": ["A", "B"], "token_logprobs": [-0.1, -0.2], "top_logprobs": [{"A": -0.1}, {"B": -0.2}],
           "text_offset": [2, 3]}
     body = sse(chunk("A", index=0), chunk("x", index=1), chunk("", index=0),   # empty: skipped
-               chunk("B", index=0, finish="length", logprobs=lp), chunk("", index=1, finish="abort"), USAGE)
+               chunk("B", index=0, finish="length", logprobs=lp), chunk("", index=1, finish="content_filter"),
+               USAGE)
     async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:
         out = await collect(engine, req(n=2))
     logprobs = TokenLogprobs(["A", "B"], [-0.1, -0.2], [{"A": -0.1}, {"B": -0.2}], [2, 3])
     assert out == [ChoiceDelta(0, "A"), ChoiceDelta(1, "x"),
                    ChoiceDelta(0, "B", logprobs, FinishReason.LENGTH),
-                   ChoiceDelta(1, "", None, FinishReason.STOP),
+                   ChoiceDelta(1, "", None, FinishReason.CONTENT_FILTER),
                    Usage(3, 2)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reason, ours", [
+    ("stop", FinishReason.STOP), ("length", FinishReason.LENGTH),
+    ("content_filter", FinishReason.CONTENT_FILTER), ("tool_calls", FinishReason.TOOL_CALLS),
+    ("function_call", FinishReason.FUNCTION_CALL),
+    ("eos_token", FinishReason.STOP), ("stop_sequence", FinishReason.STOP),     # TGI's names
+])
+async def test_finish_reasons_pass_through(reason, ours):
+    body = sse(chunk("a", finish=reason), USAGE)
+    async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:
+        out = await collect(engine)
+    assert out[0] == ChoiceDelta(0, "a", None, ours) and ours.value in (reason, "stop")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reason, why", [("abort", "aborted"), ("cancelled", "unknown finish_reason")])
+async def test_abort_or_unknown_finish_reason_is_an_upstream_error(reason, why):
+    """vLLM's "abort" is a choice the upstream dropped unfinished: not a stop."""
+    body = sse(chunk("a"), chunk("", finish=reason), USAGE)
+    got = []
+    async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:
+        with pytest.raises(UpstreamError) as info:
+            async for out in engine.generate(req()):
+                got.append(out)
+    assert got == [ChoiceDelta(0, "a")] and why in info.value.message and info.value.status == 502
 
 
 @pytest.mark.anyio
@@ -277,13 +305,37 @@ async def test_probe_non_2xx_is_unhealthy():
 @pytest.mark.parametrize("status, payload, message", [
     (400, {"error": {"message": "prompt too long", "type": "invalid_request_error"}}, "prompt too long"),
     (422, {"detail": "bad field"}, "bad field"),
-    (404, {"error": "model not found"}, "model not found"),
+    (413, {"error": "prompt is too large"}, "prompt is too large"),
 ])
 async def test_upstream_4xx_passes_status_and_message(status, payload, message):
     async with running(Upstream(lambda r: httpx.Response(status, json=payload))) as engine:
         with pytest.raises(Upstream4xx) as info:
             await collect(engine)
     assert info.value.status == status and info.value.message == message
+
+
+SECRET = "sk-upstream-0123456789abcdef"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status, payload, said", [
+    (401, {"error": {"message": f"Incorrect API key provided: {SECRET}.", "code": "invalid_api_key"}},
+     "Incorrect API key provided"),
+    (401, {"error": {"message": "Incorrect API key provided: sk-upst************cdef."}}, "Incorrect API key"),
+    (403, {"error": "project has no access"}, "project has no access"),
+    (404, {"error": {"message": "The model `org/nope` does not exist"}}, "does not exist"),
+])
+async def test_upstream_rejecting_our_config_is_502_saying_why_without_the_key(status, payload, said):
+    """Our key or model name is wrong upstream: the client's own key and model were fine."""
+    upstream = Upstream(lambda r: httpx.Response(status, json=payload))
+    async with running(upstream, api_key=SECRET) as engine:
+        with pytest.raises(UpstreamError) as info:
+            await collect(engine)
+    err = info.value
+    assert type(err) is UpstreamError and err.status == 502 and err.code == "upstream_misconfigured"
+    assert said in err.message and f"HTTP {status}" in err.message and A in err.message
+    body = json.dumps(err.body())
+    assert SECRET not in body and "cdef" not in body and "sk-upst" not in body
 
 
 @pytest.mark.anyio
@@ -335,6 +387,12 @@ async def _broken():
     (lambda: sse(chunk("Hel"), {"error": {"message": "engine died"}}), "engine died"),
     (lambda: sse(chunk("Hel"), USAGE), "before choices [0] finished"),   # ended with no finish_reason
     (lambda: sse(chunk("Hel"), done=False) + b"data: {oops\n\n", "not JSON"),
+    (lambda: sse(chunk("Hel"), {"choices": "nope"}), "malformed chunk"),
+    (lambda: sse(chunk("Hel"), {"choices": [{"index": 0, "delta": None}]}), "malformed chunk"),
+    (lambda: sse(chunk("Hel"), {"choices": [{"index": 0, "text": 7, "finish_reason": "stop"}]}),
+     "malformed chunk"),
+    (lambda: sse(chunk("Hel"), chunk("x", index=3, finish="stop")), "choice index 3"),
+    (lambda: sse(chunk("Hel"), chunk("x", finish="stop", logprobs={"tokens": [1, 2]})), "malformed chunk"),
 ])
 async def test_stream_broken_midway_raises_after_the_deltas_that_arrived(content, why):
     got = []
@@ -345,6 +403,51 @@ async def test_stream_broken_midway_raises_after_the_deltas_that_arrived(content
         assert engine.status()["in_flight"] == 0
     assert got == [ChoiceDelta(0, "Hel")]
     assert type(info.value) is UpstreamError and why in info.value.message
+
+
+@pytest.mark.anyio
+@pytest.mark.anyio
+@pytest.mark.parametrize("first", [{"choices": [{"delta": {"content": ["a"]}, "index": 0}]},
+                                   {"choices": [{"index": "zero", "text": "a"}]}, {"choices": [3]}])
+async def test_malformed_first_chunk_raises_before_any_delta(first):
+    """The API primes the first event: this is a 502 before any header, never a 500."""
+    body = sse(first, chunk("a", finish="stop"), USAGE)
+    async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:
+        stream = engine.generate(req())
+        with pytest.raises(UpstreamError) as info:
+            await stream.__anext__()
+        assert engine.status()["in_flight"] == 0
+    assert info.value.status == 502 and "malformed chunk" in info.value.message
+
+
+@pytest.mark.anyio
+async def test_an_error_event_mid_stream_does_not_echo_our_key():
+    body = sse(chunk("a"), {"error": {"message": f"key {SECRET} revoked"}})
+    async with running(Upstream(lambda r: httpx.Response(200, content=body)), api_key=SECRET) as engine:
+        with pytest.raises(UpstreamError) as info:
+            await collect(engine)
+    assert "revoked" in info.value.message and SECRET not in info.value.message
+
+
+@pytest.mark.anyio
+async def test_malformed_usage_is_an_upstream_error():
+    body = sse(chunk("x", finish="stop"), {"choices": [], "usage": {"prompt_tokens": "three"}})
+    async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:
+        with pytest.raises(UpstreamError) as info:
+            await collect(engine)
+    assert "malformed usage" in info.value.message
+
+
+@pytest.mark.anyio
+async def test_chat_without_max_tokens_leaves_the_upstream_its_default():
+    upstream = Upstream()
+    messages = ({"role": "user", "content": "hi"},)
+    async with running(upstream) as engine:
+        await collect(engine, req(prompt="", messages=messages))
+        await collect(engine, req(prompt="", messages=messages, max_tokens=5))
+    unset, five = (json.loads(r.content) for r in upstream.seen)
+    assert "max_tokens" not in unset and unset["messages"] == list(messages)
+    assert five["max_tokens"] == 5
 
 
 @pytest.mark.anyio

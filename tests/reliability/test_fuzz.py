@@ -34,6 +34,7 @@ pytestmark = pytest.mark.model
 FUZZ_EXAMPLES = int(os.environ.get("MODELYARD_FUZZ_EXAMPLES", "30"))
 FUZZ_BUDGET = float(os.environ.get("MODELYARD_FUZZ_BUDGET", "150"))
 REQUEST_TIMEOUT = 60.0
+MAX_STREAM_EVENTS = 4 * 256
 
 _started: float | None = None
 _seen: dict[str, int] = {}          # operation -> examples actually sent
@@ -50,13 +51,17 @@ def fuzz_server(tmp_path_factory):
     print(f"\nfuzz: examples per operation {_seen}; statuses {dict(sorted(_statuses.items()))}")
 
 
-def _documented_operations() -> list[tuple[str, str, bool]]:
-    """The app's own operations, from its OpenAPI document built in process (no model loaded)."""
+def _document() -> dict:
+    """The app's OpenAPI document, built in process (no model loaded)."""
     from modelyard.api.app import create_app
     from modelyard.settings import EndpointSpec, Settings
-    doc = create_app(Settings(endpoints=(EndpointSpec(name="x"),))).openapi()
+    return create_app(Settings(endpoints=(EndpointSpec(name="x"),))).openapi()
+
+
+def _documented_operations() -> list[tuple[str, str, bool]]:
+    """The app's own operations."""
     return [(method.upper(), path, "requestBody" in op)
-            for path, item in doc["paths"].items() for method, op in item.items()]
+            for path, item in _document()["paths"].items() for method, op in item.items()]
 
 
 # (method, path, mode): every operation with valid data; those with a body also with invalid data
@@ -71,6 +76,9 @@ CASES = [(m, p, mode) for m, p, inputs in DOCUMENTED for mode in ("positive", "n
 def api_schema(fuzz_server):
     """The live server's /openapi.json, loaded by schemathesis; it documents the same operations."""
     loaded = schemathesis.openapi.from_url(f"{fuzz_server.base}/openapi.json")
+    # schemathesis stops reading a stream after 20 events and calls it cut short; a chat without
+    # max_tokens runs to the end of the 256-token context: read every event n <= 2 choices make.
+    loaded.config.max_stream_events = MAX_STREAM_EVENTS
     live = sorted((op.ok().method.upper(), op.ok().path) for op in loaded.get_all_operations())
     assert live == sorted(OPERATIONS)
     return loaded
@@ -105,6 +113,20 @@ def check_response(response) -> None:
             assert parsed[-2]["error"]["type"] != "server_error", f"internal error in stream: {where}"
     elif "application/json" in ctype:
         json.loads(text)
+
+
+@pytest.mark.parametrize("body", ["CompletionRequest", "ChatRequest"])
+def test_the_schema_leads_the_fuzzer_to_real_token_ids(body):
+    """Keys without a pattern are random strings: the fuzzer never sent a token id nor a key
+    like "²" that str.isdigit accepts and int() rejects (a 500 it did not find)."""
+    import re
+
+    bias = _document()["components"]["schemas"][body]["properties"]["logit_bias"]
+    obj = next(s for s in bias.get("anyOf", [bias]) if s.get("type") == "object")
+    pattern = obj["propertyNames"]["pattern"]
+    assert re.fullmatch(pattern, "0") and re.fullmatch(pattern, "49151")
+    assert not any(re.fullmatch(pattern, k) for k in ("²", "-1", "1.5", "", "x", "01"))
+    assert obj["additionalProperties"] == {"type": "number", "minimum": -100, "maximum": 100}
 
 
 def test_every_operation_is_fuzzed():

@@ -31,8 +31,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             registry.drain()
             await registry.stop()
 
+    # The interactive docs and the OpenAPI document are a map of the API for whoever can reach
+    # it, and /docs loads its page from a CDN: served on loopback only (README, "Configuration").
+    docs = settings.loopback
     app = FastAPI(title="modelyard", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible model endpoints")
+                  description="OpenAI-compatible model endpoints",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.registry = registry
     app.state.keys = KeyChecker(settings.all_keys)
@@ -41,12 +46,14 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestLog)
-    app.state.metrics = Metrics(registry)
     auth = [Depends(require_key)]
+    routes: list[str] = []      # every route template we serve: the only route labels of metrics
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
-        app.include_router(completions.router, prefix=prefix, dependencies=auth, include_in_schema=documented)
-        app.include_router(chat.router, prefix=prefix, dependencies=auth, include_in_schema=documented)
-        app.include_router(models.router, prefix=prefix, dependencies=auth, include_in_schema=documented)
+        for router in (completions.router, chat.router, models.router):
+            app.include_router(router, prefix=prefix, dependencies=auth, include_in_schema=documented)
+            routes += [prefix + r.path for r in router.routes]
     app.include_router(models.admin, prefix="/api/v1", dependencies=auth)
     app.include_router(models.probes)
+    routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
+    app.state.metrics = Metrics(registry, routes)
     return app

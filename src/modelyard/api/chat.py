@@ -1,21 +1,20 @@
 """POST /chat/completions: messages -> the engine (which applies the model's chat template, or
-passes them upstream) -> OpenAI's chat shapes. Same event stream as /completions."""
+passes them upstream) -> OpenAI's chat shapes. Same pipeline as /completions (api/pipeline)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import Annotated, Literal, Union
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.types import ChoiceDelta, EngineRequest, TokenLogprobs
-from .completions import ERRORS, check_limits, deadline_for, reporter, sampling_params
+from .pipeline import ERRORS, respond, sampling_params
 from .schemas import GenerationRequest
-from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
+from .streaming import Completion
 
 router = APIRouter()
 
@@ -78,19 +77,13 @@ class ChatCompletion(Completion):
 
 @router.post("/chat/completions", responses=ERRORS, summary="Create Chat Completion")
 async def create_chat_completion(body: ChatRequest, request: Request) -> Response:
-    state = request.app.state
-    report = reporter(request, body.model)
-    check_limits(state.settings.limits, body.n or 1, body.stops, body.top_logprobs, 1)
-    engine = state.registry.get(body.model).require_ready()
-    cmpl_id = f"chatcmpl-{uuid.uuid4().hex}"
-    req = EngineRequest(request_id=cmpl_id, prompt="", messages=tuple(m.as_dict() for m in body.messages),
-                        sampling=sampling_params(body, body.k_logprobs), n=body.n or 1,
-                        max_tokens=body.max_completion_tokens or body.max_tokens or 16, stop=body.stops,
-                        deadline=deadline_for(request))
-    out = ChatCompletion(cmpl_id, int(time.time()), body.model, body.n or 1, on_done=report)
-    events = merge(await prime_all([engine.generate(req)]))
-    if body.stream:
-        return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    result = await unless_disconnected(request, asyncio.ensure_future(collect(events, out)))
-    return Response(status_code=499) if result is None else JSONResponse(result)
+    out = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, body.n or 1)
+
+    def build(deadline: float | None) -> list[EngineRequest]:
+        # No max_tokens: None, which the engine resolves to the room the templated prompt leaves.
+        messages = tuple(m.as_dict() for m in body.messages)
+        return [EngineRequest(request_id=out.id, prompt="", messages=messages,
+                              sampling=sampling_params(body, body.k_logprobs), n=body.n or 1,
+                              max_tokens=body.max_completion_tokens or body.max_tokens, stop=body.stops,
+                              deadline=deadline)]
+    return await respond(request, body, out, logprobs=body.top_logprobs, prompts=1, build=build)

@@ -6,19 +6,29 @@ Unknown fields are ignored. Validation failures become FastAPI's 422 {"detail": 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
 
-def _token_id_keys(bias: dict[str, float]) -> dict[str, float]:
-    for key in bias:
-        if not key.isdigit():
-            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
-    return bias
+# A token id as a JSON object key: ASCII digits only. `str.isdigit` also accepts "²" and "٣",
+# which int() then rejects (a 500); the one pattern serves validation and the OpenAPI document,
+# so fuzzing from the schema generates real token ids as well as malformed keys.
+TOKEN_ID_KEY = r"^(0|[1-9][0-9]*)$"
 
 
-LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], AfterValidator(_token_id_keys)]
+def _token_id_key(key: str) -> str:
+    if not re.fullmatch(TOKEN_ID_KEY, key, re.ASCII):
+        raise ValueError(f"logit_bias keys must be token ids (non-negative integers without sign or "
+                         f"leading zeros), got {key!r}")
+    return key
+
+
+LogitBias = Annotated[
+    dict[Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]],
+    WithJsonSchema({"type": "object", "propertyNames": {"type": "string", "pattern": TOKEN_ID_KEY},
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})]
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds,

@@ -14,6 +14,10 @@ from typing import Mapping, Union
 class FinishReason(str, enum.Enum):
     STOP = "stop"        # end-of-generation token or a stop string
     LENGTH = "length"    # max_tokens reached
+    # Only an upstream (proxy engine) reports these; they pass through as OpenAI defines them.
+    CONTENT_FILTER = "content_filter"
+    TOOL_CALLS = "tool_calls"
+    FUNCTION_CALL = "function_call"
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,10 @@ class EngineRequest:
     prompt: str | tuple[int, ...]     # text, or token ids
     sampling: SamplingParams = SamplingParams()
     n: int = 1
-    max_tokens: int = 16
+    # None: the client set no limit, so the engine gives what is left of the context after the
+    # prompt (chat's default, as OpenAI's); only the engine knows the prompt's length after
+    # templating. /completions resolves OpenAI's 16 itself.
+    max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     echo: bool = False
     deadline: float | None = None     # time.monotonic() by which generation must end

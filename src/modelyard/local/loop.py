@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ..engine.types import EngineOutput, EngineRequest, TokenLogprobs, Usage
-from ..errors import ContextOverflow, EngineError, InvalidRequest, ModelyardError, QueueFull
+from ..errors import EngineError, InvalidRequest, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore, token_text
 from .detokenize import Detokenizer
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
 from .prefix_cache import HostCache
-from .request import Request, Sequence
+from .request import Request, Sequence, completion_budget
 from .runner import LlamaCppRunner
 from .sampling import Sampler
 from .scheduler import Scheduler
@@ -131,11 +131,7 @@ class LocalEngine:
         if out_of_vocab:
             raise InvalidRequest(f"logit_bias names token {out_of_vocab[0]}, outside the vocabulary "
                                  f"(0..{model.n_vocab - 1})", param="logit_bias")
-        if len(ids) + r.max_tokens > self.spec.context:
-            raise ContextOverflow(
-                f"this endpoint's context is {self.spec.context} tokens per sequence, but the prompt has "
-                f"{len(ids)} tokens and max_tokens is {r.max_tokens} ({len(ids) + r.max_tokens} in all); "
-                "shorten the prompt or lower max_tokens", param="max_tokens")
+        max_tokens = completion_budget(r.max_tokens, len(ids), self.spec.context)
         if r.n > self.spec.parallel:
             raise InvalidRequest(f"n is {r.n}, but this endpoint runs at most {self.spec.parallel} "
                                  "sequences at once", param="n")
@@ -146,7 +142,7 @@ class LocalEngine:
             echo = r.prompt if isinstance(r.prompt, str) else self._detokenize(ids)
             if r.sampling.logprobs is not None:
                 prompt_lp = self._prompt_tokens(ids)
-        return Request(r.request_id, ids, r.max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline)
+        return Request(r.request_id, ids, max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline)
 
     def _prompt_ids(self, r: EngineRequest) -> list[int]:
         if r.messages is not None:

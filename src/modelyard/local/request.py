@@ -10,9 +10,29 @@ from typing import Callable
 import numpy as np
 
 from ..engine.types import FinishReason, TokenLogprobs
+from ..errors import ContextOverflow
 from .detokenize import Detokenizer
 from .sampling import Sampler
 from .stop import StopMatcher
+
+
+def completion_budget(max_tokens: int | None, prompt_tokens: int, context: int) -> int:
+    """The tokens a request may generate: its max_tokens if it fits the context with the prompt,
+    or, when the client set none (None), all the room the prompt leaves (OpenAI's chat default,
+    as vLLM and llama-server do). Raises ContextOverflow, naming the numbers, when it cannot fit."""
+    if max_tokens is None:
+        if prompt_tokens >= context:
+            raise ContextOverflow(
+                f"this endpoint's context is {context} tokens per sequence, and the prompt has "
+                f"{prompt_tokens} tokens, leaving no room to generate; shorten the prompt",
+                param="messages")
+        return context - prompt_tokens
+    if prompt_tokens + max_tokens > context:
+        raise ContextOverflow(
+            f"this endpoint's context is {context} tokens per sequence, but the prompt has "
+            f"{prompt_tokens} tokens and max_tokens is {max_tokens} ({prompt_tokens + max_tokens} in all); "
+            "shorten the prompt or lower max_tokens", param="max_tokens")
+    return max_tokens
 
 
 class RequestStatus(enum.Enum):

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator
@@ -132,11 +133,11 @@ class ProxyEngine:
         try:
             if not resp.is_success:
                 await resp.aread()
-                raise map_error(replica.url, resp)
-            async for out in _relay(replica.url, resp, request):
+                raise map_error(replica.url, resp, secret=self.spec.api_key)
+            async for out in _relay(replica.url, resp, request, self.spec.api_key):
                 yield out
         except (httpx.HTTPError, SSEError) as exc:
-            raise map_error(replica.url, exc, request.deadline) from exc
+            raise map_error(replica.url, exc, request.deadline, secret=self.spec.api_key) from exc
         finally:
             replica.in_flight -= 1
             await resp.aclose()   # releases (or, mid-stream, drops) the upstream connection
@@ -184,7 +185,7 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
     s = req.sampling
     body: dict[str, Any] = {
         "model": spec.upstream_model or spec.name,
-        "n": req.n, "max_tokens": req.max_tokens,
+        "n": req.n,
         "temperature": s.temperature, "top_p": s.top_p,
         "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
         "stream": True, "stream_options": {"include_usage": True},
@@ -197,6 +198,8 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
         body["prompt"] = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
         if s.logprobs is not None:
             body["logprobs"] = s.logprobs
+    if req.max_tokens is not None:   # unset (chat): the upstream's own default, not ours
+        body["max_tokens"] = req.max_tokens
     if req.stop:
         body["stop"] = list(req.stop)
     if req.echo:
@@ -208,7 +211,8 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
     return body
 
 
-async def _relay(url: str, resp: httpx.Response, req: EngineRequest) -> AsyncIterator[EngineOutput]:
+async def _relay(url: str, resp: httpx.Response, req: EngineRequest,
+                 secret: str | None = None) -> AsyncIterator[EngineOutput]:
     """Upstream chunks -> ChoiceDelta events, then one Usage; a stream cut short raises."""
     finished: set[int] = set()
     usage: dict | None = None
@@ -218,11 +222,8 @@ async def _relay(url: str, resp: httpx.Response, req: EngineRequest) -> AsyncIte
             raise DeadlineExceeded("request deadline passed while the upstream was generating")
         if event.get("error") or event.get("object") == "error":
             why = _error_message(event) or json.dumps(event)[:300]
-            raise UpstreamError(f"upstream {url} failed mid-stream: {why}")
-        for raw in event.get("choices") or ():
-            delta = to_delta(raw)
-            if delta is None:
-                continue
+            raise UpstreamError(f"upstream {url} failed mid-stream: {redact(why, secret)}")
+        for delta in read_chunk(event, req.n):
             counted += len(delta.logprobs.tokens) if delta.logprobs else int(bool(delta.text))
             if delta.finish_reason is not None:
                 finished.add(delta.index)
@@ -233,8 +234,49 @@ async def _relay(url: str, resp: httpx.Response, req: EngineRequest) -> AsyncIte
         raise UpstreamError(f"upstream {url} ended the stream before choices {missing} finished")
     # An upstream that ignored include_usage gets what we saw: no prompt count, and one
     # completion token per content chunk (per logprobs token when present).
-    usage = usage or {"prompt_tokens": 0, "completion_tokens": counted}
-    yield Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    yield read_usage(usage) if usage is not None else Usage(0, counted)
+
+
+# Foreign JSON read with plain indexing raises one of these when its shape is wrong.
+_SHAPE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
+
+
+def read_chunk(event: dict, n: int) -> list[ChoiceDelta]:
+    """The choice deltas of one upstream chunk; SSEError (a 502, or an error event once the
+    stream has started) when the chunk is not the shape OpenAI's API defines."""
+    try:
+        deltas = [d for d in (to_delta(raw) for raw in event.get("choices") or ()) if d is not None]
+    except _SHAPE_ERRORS as exc:
+        raise SSEError(f"upstream sent a malformed chunk ({type(exc).__name__}: {exc}): "
+                       f"{json.dumps(event)[:200]}") from None
+    wrong = [d.index for d in deltas if not 0 <= d.index < n]
+    if wrong:
+        raise SSEError(f"upstream sent choice index {wrong[0]}, but {n} choice(s) were asked for")
+    return deltas
+
+
+def read_usage(usage: Any) -> Usage:
+    try:
+        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    except _SHAPE_ERRORS:
+        raise SSEError(f"upstream sent malformed usage: {json.dumps(usage)[:200]}") from None
+
+
+# OpenAI's finish reasons pass through as they are. Other servers' names for the same things
+# (TGI's) are translated. vLLM's "abort" means the upstream dropped the choice unfinished: an
+# error, not a stop. Anything else is a malformed chunk.
+FINISH_REASONS = {r.value: r for r in FinishReason} | {
+    "eos_token": FinishReason.STOP, "stop_sequence": FinishReason.STOP}
+
+
+def finish_reason(reason: Any) -> FinishReason | None:
+    if reason is None:
+        return None
+    if reason == "abort":
+        raise UpstreamError("upstream aborted the generation before it finished (finish_reason 'abort')")
+    if reason not in FINISH_REASONS:
+        raise SSEError(f"upstream sent an unknown finish_reason: {json.dumps(reason)[:100]}")
+    return FINISH_REASONS[reason]
 
 
 def to_delta(raw: dict) -> ChoiceDelta | None:
@@ -245,8 +287,9 @@ def to_delta(raw: dict) -> ChoiceDelta | None:
     else:
         text = raw.get("text") or ""
         logprobs = to_logprobs(raw.get("logprobs"))
-    reason = raw.get("finish_reason")
-    finish = None if reason is None else FinishReason.LENGTH if reason == "length" else FinishReason.STOP
+    finish = finish_reason(raw.get("finish_reason"))
+    if not isinstance(text, str):
+        raise TypeError(f"text/content is {type(text).__name__}, not a string")
     if not text and logprobs is None and finish is None:
         return None
     return ChoiceDelta(int(raw.get("index") or 0), text, logprobs, finish)
@@ -257,7 +300,7 @@ def chat_to_logprobs(raw: dict | None) -> TokenLogprobs | None:
     items = (raw or {}).get("content") or []
     if not items:
         return None
-    return TokenLogprobs([i["token"] for i in items], [i.get("logprob") for i in items],
+    return TokenLogprobs(_strings([i["token"] for i in items]), [i.get("logprob") for i in items],
                          [{t["token"]: t["logprob"] for t in i.get("top_logprobs") or []} for i in items],
                          [0] * len(items))
 
@@ -268,28 +311,59 @@ def to_logprobs(raw: dict | None) -> TokenLogprobs | None:
     n = len(raw["tokens"])
     aligned = [(list(raw.get(key) or []) + [fill] * n)[:n]      # keep the four lists aligned
                for key, fill in (("token_logprobs", None), ("top_logprobs", None), ("text_offset", 0))]
-    return TokenLogprobs(list(raw["tokens"]), *aligned)
+    return TokenLogprobs(_strings(raw["tokens"]), *aligned)
+
+
+def _strings(tokens: Any) -> list[str]:
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise TypeError("logprobs tokens must be a list of strings")
+    return tokens
+
+
+# Upstream answers that blame our configuration (its key, its model name, its URL), not the
+# client's request: passing them on would tell the client that ITS key or model is wrong.
+# They are 502s saying what the upstream said. Other 4xx (400, 413, 422, 429) are about the
+# request and keep their status.
+MISCONFIGURED = {401: "rejected this endpoint's API key", 402: "refused payment", 403: "forbade the request",
+                 404: "does not know the model or route", 405: "does not allow the method",
+                 407: "wants proxy credentials"}
 
 
 def map_error(url: str, failure: httpx.Response | BaseException,
-              deadline: float | None = None) -> ModelyardError:
-    """The one translation of an upstream failure (an error response or an exception) to ours."""
+              deadline: float | None = None, secret: str | None = None) -> ModelyardError:
+    """The one translation of an upstream failure (an error response or an exception) to ours.
+    `secret`, the key we send upstream, never appears in what we pass on."""
     if isinstance(failure, httpx.Response):
         try:
             body = failure.json()
         except ValueError:
             body = None
-        message = _error_message(body) or failure.text.strip()[:500] or f"HTTP {failure.status_code}"
-        if 400 <= failure.status_code < 500:
+        status = failure.status_code
+        message = redact(_error_message(body) or failure.text.strip()[:500] or f"HTTP {status}", secret)
+        if status in MISCONFIGURED:
+            return UpstreamError(f"upstream {url} {MISCONFIGURED[status]} (HTTP {status}): {message}; "
+                                 "check this endpoint's configuration", code="upstream_misconfigured")
+        if 400 <= status < 500:
             retry = failure.headers.get("retry-after", "")   # e.g. an upstream 429
-            return Upstream4xx(message, upstream_status=failure.status_code,
+            return Upstream4xx(message, upstream_status=status,
                                retry_after=float(retry) if retry.isdigit() else None)
-        return UpstreamError(f"upstream {url} answered {failure.status_code}: {message}")
+        return UpstreamError(f"upstream {url} answered {status}: {message}")
     if isinstance(failure, httpx.TimeoutException):
         if deadline is not None and time.monotonic() >= deadline:
             return DeadlineExceeded("request deadline passed while waiting for the upstream")
         return UpstreamTimeout(f"upstream {url} timed out ({_reason(failure)})")
-    return UpstreamError(f"upstream {url} failed: {_reason(failure)}")
+    return UpstreamError(f"upstream {url} failed: {redact(_reason(failure), secret)}")
+
+
+# What an upstream may echo of a key: ours verbatim, or a masked one such as OpenAI's
+# "Incorrect API key provided: sk-proj-****...1234" (prefix and last digits are still ours).
+_KEY_LIKE = re.compile(r"\bsk-[^\s'\",;]*|\bBearer\s+\S+|\S*\*{3,}\S*", re.IGNORECASE)
+
+
+def redact(message: str, secret: str | None) -> str:
+    if secret:
+        message = message.replace(secret, "[redacted]")
+    return _KEY_LIKE.sub("[redacted]", message)
 
 
 def _error_message(body: Any) -> str:

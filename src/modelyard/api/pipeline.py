@@ -1,0 +1,105 @@
+"""The one request pipeline behind /completions and /chat/completions.
+
+limits -> endpoint -> engine streams, primed (request errors before any header) -> SSE or one
+JSON body. The two routes differ only in how they build EngineRequests and which shapes their
+`Completion` writes; everything else is here, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine.types import EngineRequest, SamplingParams
+from ..errors import InvalidRequest
+from ..settings import Limits
+from .errors import limit_error
+from .schemas import ErrorResponse, GenerationRequest
+from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
+
+ERRORS = {400: {"model": ErrorResponse, "description": "Invalid model endpoint specified or model endpoint not ready."},
+          401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
+          404: {"model": ErrorResponse, "description": "Unknown model endpoint requested."},
+          503: {"model": ErrorResponse, "description": "The endpoint's queue is full; retry after Retry-After."}}
+
+# No proxy (nginx) may hold events back: each chunk must reach the client as it is made.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def respond(request: Request, body: GenerationRequest, out: Completion, *, logprobs: int | None,
+                  prompts: int, build: Callable[[float | None], list[EngineRequest]]) -> Response:
+    """Run one validated request: `build(deadline)` makes its EngineRequests, `out` its bodies."""
+    state = request.app.state
+    out.on_done = reporter(request, body.model)
+    check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
+    deadline = deadline_for(request)
+    engine = state.registry.get(body.model).require_ready()
+    events = merge(await prime_all([engine.generate(r) for r in build(deadline)]))
+    if body.stream:
+        return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    result = await unless_disconnected(request, asyncio.ensure_future(collect(events, out)))
+    if result is None:   # the client left; nobody will read this
+        return Response(status_code=499)
+    return JSONResponse(result)
+
+
+def check_limits(limits: Limits, n: int, stops: tuple[str, ...], logprobs: int | None, prompts: int) -> None:
+    """The server's own limits (settings), reported as 422s on the offending field."""
+    if n > limits.max_n:
+        raise limit_error("n", n, limits.max_n, "n")
+    if len(stops) > limits.max_stop:
+        raise limit_error("stop", len(stops), limits.max_stop, "the number of stop strings")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > limits.max_stop_chars:
+        raise limit_error("stop", longest, limits.max_stop_chars, "the length of a stop string")
+    if prompts > limits.max_prompts:
+        raise limit_error("prompt", prompts, limits.max_prompts, "the number of prompts")
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise limit_error("logprobs", logprobs, limits.max_logprobs, "logprobs")
+
+
+def deadline_for(request: Request) -> float | None:
+    """The request's time limit: the server's setting, shortened by an X-Request-Timeout header."""
+    limits = [request.app.state.settings.request_timeout or None]
+    header = request.headers.get("x-request-timeout")
+    if header:
+        try:
+            limits.append(float(header))
+        except ValueError:
+            raise InvalidRequest(f"X-Request-Timeout must be a number of seconds, got {header!r}",
+                                 param="X-Request-Timeout") from None
+    given = [t for t in limits if t]
+    return time.monotonic() + min(given) if given else None
+
+
+def sampling_params(body: GenerationRequest, logprobs: int | None) -> SamplingParams:
+    """Sampling fields shared by /completions and /chat/completions; absent means default."""
+    return SamplingParams(
+        temperature=body.temperature if body.temperature is not None else 0.0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+        logprobs=logprobs)
+
+
+def reporter(request: Request, endpoint: str) -> Callable[[Completion], None]:
+    """What a finished generation tells the metrics and the request log."""
+    request.state.endpoint = endpoint
+
+    def report(out: Completion) -> None:
+        request.app.state.metrics.generation(endpoint, out.t0, out.first_token, out.prompt_tokens,
+                                             out.completion_tokens)
+        quota = getattr(request.state, "quota", None)
+        if quota is not None:
+            quota.spend(out.prompt_tokens + out.completion_tokens, time.monotonic())
+        request.state.log = {"id": out.id, "prompt_tokens": out.prompt_tokens,
+                             "completion_tokens": out.completion_tokens,
+                             "ttft_ms": round((out.first_token - out.t0) * 1000, 1) if out.first_token else None}
+    return report

@@ -1,0 +1,183 @@
+"""A real `modelyard serve` gateway in front of a scripted upstream (a tiny OpenAI-style server in
+this process, on loopback): what a client sees when the upstream rejects our configuration,
+reports a finish reason, or sends garbage. The prompt (or the chat message) picks the script."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from typing import Iterator
+
+import httpx
+import pytest
+
+from servers import served
+
+KEY = "gateway-key"
+SECRET = "sk-upstream-0123456789abcdef"     # the key the gateway sends upstream
+REMOTE = "remote"
+
+SCRIPTS = {
+    "401": (401, {"error": {"message": f"Incorrect API key provided: {SECRET}.", "type": "invalid_request_error",
+                            "code": "invalid_api_key"}}),
+    "403": (403, {"error": {"message": "Project does not have access to this model"}}),
+    "404": (404, {"error": {"message": "The model `org/nope` does not exist or you do not have access to it."}}),
+    "400": (400, {"error": {"message": "prompt is too long for this model"}}),
+}
+
+
+def _chunk(text: str = "", finish: str | None = None, chat: bool = False) -> dict:
+    choice = ({"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text})
+    return {"id": "up", "object": "chat.completion.chunk" if chat else "text_completion",
+            "choices": [{**choice, "logprobs": None, "finish_reason": finish}]}
+
+
+def _events(script: str, chat: bool) -> list[str]:
+    usage = {"id": "up", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    if script.startswith("finish:"):
+        parts = [_chunk("hel", chat=chat), _chunk("lo", script.split(":", 1)[1], chat=chat), usage]
+    elif script == "garbage-first":
+        parts = [{"choices": [{"index": 0, "delta": None}]}, _chunk("x", "stop", chat=chat)]
+    elif script == "garbage-mid":
+        return ["data: " + json.dumps(_chunk("hel", chat=chat)) + "\n\n", "data: {not json\n\n"]
+    else:
+        parts = [_chunk("ok", "stop", chat=chat), usage]
+    return ["data: " + json.dumps(p) + "\n\n" for p in parts] + ["data: [DONE]\n\n"]
+
+
+def _upstream(seen: list[dict]):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "org/model", "object": "model"}]})
+
+    async def generate(request):
+        body = await request.json()
+        seen.append(body)
+        chat = "messages" in body
+        script = body["messages"][-1]["content"] if chat else body["prompt"]
+        if script in SCRIPTS:
+            status, payload = SCRIPTS[script]
+            return JSONResponse(payload, status_code=status)
+
+        async def stream():
+            for event in _events(script, chat):
+                yield event
+                await asyncio.sleep(0)
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/models", models),
+                             Route("/v1/completions", generate, methods=["POST"]),
+                             Route("/v1/chat/completions", generate, methods=["POST"])])
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[str, list[dict]]]:
+    import uvicorn
+
+    seen: list[dict] = []
+    server = uvicorn.Server(uvicorn.Config(_upstream(seen), log_level="warning", lifespan="off"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", seen
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream, tmp_path_factory) -> Iterator[httpx.Client]:
+    url, _ = upstream
+    config = (f'[server]\napi_keys = ["{KEY}"]\nlog_level = "info"\n\n[[endpoints]]\nname = "{REMOTE}"\n'
+              f'engine = "openai"\nurls = ["{url}"]\nupstream_model = "org/model"\napi_key = "{SECRET}"\n')
+    with served(tmp_path_factory.mktemp("upstream-http"), config, name="gateway", key=KEY) as srv:
+        with httpx.Client(base_url=srv.api, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            yield c
+
+
+def complete(gateway: httpx.Client, script: str, **extra) -> httpx.Response:
+    return gateway.post("/completions", json={"model": REMOTE, "prompt": script, "max_tokens": 4, **extra})
+
+
+def chat(gateway: httpx.Client, script: str, **extra) -> httpx.Response:
+    return gateway.post("/chat/completions", json={"model": REMOTE, "messages": [{"role": "user", "content": script}],
+                                                   **extra})
+
+
+def stream_events(gateway: httpx.Client, script: str) -> tuple[int, list]:
+    with gateway.stream("POST", "/completions", json={"model": REMOTE, "prompt": script, "max_tokens": 4,
+                                                      "stream": True}) as r:
+        lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    return r.status_code, [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("status", ["401", "403", "404"])
+def test_upstream_rejecting_our_config_is_502_saying_what_it_said(gateway, status):
+    for r in (complete(gateway, status), chat(gateway, status)):
+        assert r.status_code == 502, r.text
+        err = r.json()["error"]
+        assert err["type"] == "upstream_error" and err["code"] == "upstream_misconfigured", err
+        assert f"HTTP {status}" in err["message"]
+        assert SCRIPTS[status][1]["error"]["message"].split(":")[0].split("`")[0] in err["message"], err
+        assert SECRET not in r.text and "sk-upstream" not in r.text
+
+
+def test_an_upstream_400_is_still_the_clients_400(gateway):
+    r = complete(gateway, "400")
+    assert r.status_code == 400 and "prompt is too long" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("reason", ["stop", "length", "content_filter", "tool_calls", "function_call"])
+def test_openai_finish_reasons_pass_through(gateway, reason):
+    r = complete(gateway, f"finish:{reason}")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == reason and r.json()["choices"][0]["text"] == "hello"
+    r = chat(gateway, f"finish:{reason}")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == reason
+    status, events = stream_events(gateway, f"finish:{reason}")
+    assert status == 200 and events[-1] == "[DONE]"
+    assert [c["finish_reason"] for e in events[:-1] for c in e["choices"]] == [None, reason]
+
+
+def test_an_upstream_abort_is_an_error_not_a_stop(gateway):
+    r = complete(gateway, "finish:abort")
+    assert r.status_code == 502 and "abort" in r.json()["error"]["message"], r.text
+    status, events = stream_events(gateway, "finish:abort")
+    assert status == 200 and events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "upstream_error" and "abort" in events[-2]["error"]["message"]
+
+
+def test_a_malformed_first_chunk_is_a_502_before_any_header(gateway):
+    for r in (complete(gateway, "garbage-first"), chat(gateway, "garbage-first")):
+        assert r.status_code == 502, r.text
+        assert "malformed chunk" in r.json()["error"]["message"]
+    status, events = stream_events(gateway, "garbage-first")
+    assert status == 502
+
+
+def test_garbage_mid_stream_is_an_error_event_or_a_502(gateway):
+    r = complete(gateway, "garbage-mid")
+    assert r.status_code == 502 and "not JSON" in r.json()["error"]["message"], r.text
+    status, events = stream_events(gateway, "garbage-mid")
+    assert status == 200 and events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["text"] == "hel"
+    assert events[-2]["error"]["type"] == "upstream_error", events
+
+
+def test_chat_without_max_tokens_leaves_the_upstream_its_default(gateway, upstream):
+    _, seen = upstream
+    assert chat(gateway, "finish:stop").status_code == 200
+    assert "max_tokens" not in seen[-1] and seen[-1]["model"] == "org/model"
+    assert chat(gateway, "finish:stop", max_tokens=7).status_code == 200
+    assert seen[-1]["max_tokens"] == 7
+    assert gateway.post("/completions", json={"model": REMOTE, "prompt": "finish:stop"}).status_code == 200
+    assert seen[-1]["max_tokens"] == 16              # completions: OpenAI's default, said explicitly
