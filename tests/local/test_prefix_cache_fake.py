@@ -110,3 +110,15 @@ def test_host_cache_put_skips_what_it_cannot_hold_and_dedupes_prefixes() -> None
     assert len(c) == 1 and c.bytes == 500
     entry, shared = c.best(list(range(45)) + [999])
     assert entry is not None and entry.state == "s2" and shared == 45
+
+
+def test_shared_prefix_against_the_obvious_loop() -> None:
+    import numpy as np
+
+    from modelyard.local.prefix_cache import shared_prefix
+    from modelyard.local.slots import common_prefix
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        a = rng.integers(0, 3, rng.integers(0, 12))
+        b = rng.integers(0, 3, rng.integers(0, 12))
+        assert shared_prefix(a, b) == common_prefix(a.tolist(), b.tolist())

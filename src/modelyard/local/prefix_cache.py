@@ -18,10 +18,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .slots import common_prefix
+import numpy as np
 
 # Prefixes shorter than this are not worth a host copy: recomputing them is about as fast.
 MIN_TOKENS = 32
+
+
+def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of two token arrays (vectorised: entries are compared at
+    every admission, and many may share a long system prompt)."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,6 +37,7 @@ class Entry:
     tokens: tuple[int, ...]     # the prompt tokens whose KV `state` holds, from position 0
     state: Any                  # the saved KV (ffi.LlamaContext.seq_state)
     nbytes: int
+    ids: np.ndarray             # tokens as an array, for shared_prefix
 
 
 class HostCache:
@@ -50,14 +59,16 @@ class HostCache:
         admission, before the bytes exist): long enough, and not held already."""
         if self.capacity <= 0 or len(tokens) < MIN_TOKENS:
             return False
-        return not any(len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens)
+        ids = np.asarray(tokens, np.int64)
+        return not any(len(e.ids) >= len(ids) and shared_prefix(e.ids, ids) == len(ids)
                        for e in self._entries.values())
 
     def best(self, prompt: Sequence[int]) -> tuple[Entry | None, int]:
         """The entry sharing the longest prefix with prompt, and that length."""
         found, shared = None, 0
+        ids = np.asarray(prompt, np.int64)
         for entry in self._entries.values():
-            n = common_prefix(entry.tokens, prompt)
+            n = shared_prefix(entry.ids, ids)
             if n > shared:
                 found, shared = entry, n
         return found, shared
@@ -76,14 +87,15 @@ class HostCache:
         if nbytes > self.capacity:
             return
         tokens = tuple(tokens)
+        ids = np.asarray(tokens, np.int64)
         # An entry that is a prefix of this one is worth nothing more.
         for key in [k for k, e in self._entries.items()
-                    if len(e.tokens) <= len(tokens) and common_prefix(e.tokens, tokens) == len(e.tokens)]:
+                    if len(e.ids) <= len(ids) and shared_prefix(e.ids, ids) == len(e.ids)]:
             self._drop(key)
         while self.bytes + nbytes > self.capacity:
             self._drop(next(iter(self._entries)))
             self.evictions += 1
-        self._entries[next(self._ids)] = Entry(tokens, state, nbytes)
+        self._entries[next(self._ids)] = Entry(tokens, state, nbytes, ids)
         self.bytes += nbytes
         self.saves += 1
 
