@@ -12,6 +12,7 @@ from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
 from . import chat, completions, errors, models
+from .disconnect import CancelOnDisconnect
 from .middleware import BodyLimits, RequestLog
 from .auth import KeyChecker, require_key
 
@@ -39,7 +40,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.started = int(time.time())
     app.state.shutting_down = False
     errors.install(app)
+    # Outermost last: RequestLog sees every answer, CancelOnDisconnect watches the whole request.
     app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(RequestLog)
     app.state.metrics = Metrics(registry)
     auth = [Depends(require_key)]

@@ -7,6 +7,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .disconnect import CLIENT_GONE
+
 
 class BodyLimits:
     """Rejects bodies above `max_bytes` with 413 before reading them into memory, and treats
@@ -89,6 +91,8 @@ class RequestLog:
         try:
             await self.app(scope, receive, watch)
         finally:
+            if state.get("client_gone") and status == 500:    # left before any answer
+                status = CLIENT_GONE
             metrics = scope["app"].state.metrics
             metrics.request(state.get("endpoint", "-"), scope["path"], status, time.monotonic() - started,
                             state.get("log", {}))
