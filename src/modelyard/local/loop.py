@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -31,7 +32,9 @@ from .scheduler import Scheduler
 from .slots import SlotPool
 from .stop import StopMatcher
 
+log = logging.getLogger("modelyard.engine")
 _STOP = object()
+STOPPED = "the endpoint is stopped"
 
 
 class LocalEngine:
@@ -45,6 +48,7 @@ class LocalEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sinks: dict[str, object] = {}    # request id -> its output queue's put
         self._broken: str | None = None
+        self._stopped = False
 
     # -- lifecycle (event loop) ---------------------------------------------------------
 
@@ -54,12 +58,31 @@ class LocalEngine:
         self._thread = threading.Thread(target=self._main, args=(started,),
                                         name=f"engine-{self.spec.name}", daemon=True)
         self._thread.start()
-        await asyncio.wrap_future(started)
+        try:
+            await asyncio.shield(asyncio.wrap_future(started))
+        except asyncio.CancelledError:
+            # Stopped while loading: the thread finishes loading (a C call cannot be cut), then
+            # reads the stop and closes what it made. Waiting for that keeps nothing leaking.
+            await self.stop()
+            log.info("endpoint %s: stopped while loading; the engine thread closed the model and ended",
+                     self.spec.name)
+            raise
 
     async def stop(self) -> None:
+        """Ends the engine thread (requests in flight end with an error); later requests are
+        refused at once. Safe to call twice, and while the model is still loading."""
+        self._stopped = True
         if self._thread is not None and self._thread.is_alive():
             self._inbox.put((_STOP, None))
             await asyncio.to_thread(self._thread.join)
+        # Requests that reached the inbox after the stop was read never reach a step: end them.
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                arg.sink(EngineError(STOPPED))
 
     def ready_reason(self) -> str | None:
         return self._broken
@@ -80,6 +103,8 @@ class LocalEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._broken:
             raise EngineError(f"engine is broken: {self._broken}")
+        if self._stopped or self._thread is None or not self._thread.is_alive():
+            raise EngineError(STOPPED if self._stopped else "the engine is not running")
         if len(self._sinks) >= self.spec.parallel + self.spec.max_queue:
             raise QueueFull(f"endpoint {self.spec.name!r} is at capacity: {len(self._sinks)} requests "
                             f"in flight (parallel {self.spec.parallel} + max_queue {self.spec.max_queue})",
@@ -170,6 +195,9 @@ class LocalEngine:
     # -- the engine thread ----------------------------------------------------------------
 
     def _main(self, started: concurrent.futures.Future) -> None:
+        # Running from here on, `started` cannot be cancelled under us: start() being cancelled
+        # (a stop while loading) leaves it for nobody, and its set_result cannot raise.
+        started.set_running_or_notify_cancel()
         try:
             self.model = LlamaModel(self.model_path)
             self._chat = ChatTemplate(self.model)
