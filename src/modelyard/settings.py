@@ -38,7 +38,7 @@ class Limits:
 class KeySpec:
     """An API key ("sk-..." or "sha256:<hex>") with optional per-minute quotas (0: unlimited)."""
 
-    key: str
+    key: str = field(repr=False)       # never in a repr (logs, tracebacks)
     rpm: int = 0          # requests per minute
     tpm: int = 0          # prompt + completion tokens per minute
 
@@ -66,9 +66,9 @@ class EndpointSpec:
     prefix_cache: bool = True
     convert: str | None = None          # opt-in: "q8_0" | "q4_0" (faster kernels, different output)
     # engine = "openai"
-    urls: tuple[str, ...] = ()
+    urls: tuple[str, ...] = field(default=(), repr=False)     # may hold user:password@
     upstream_model: str | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -91,7 +91,7 @@ class EndpointSpec:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     keys: tuple[KeySpec, ...] = ()      # [[keys]]: keys with quotas
     insecure_no_auth: bool = False
     store_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "modelyard")
