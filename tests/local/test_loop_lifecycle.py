@@ -81,3 +81,60 @@ def test_generate_after_stop_is_refused_at_once(model_path, thread_errors):
 
     asyncio.run(main())
     assert thread_errors == []
+
+
+def test_tokenizing_and_chat_rendering_run_off_the_event_loop(model_path):
+    """A long prompt's tokenizing (or a chat template's rendering) on the event loop would stall
+    every other stream meanwhile: they run on a worker thread, never on the loop's."""
+    engine = _engine(model_path)
+    seen: list[tuple[str, threading.Thread]] = []
+
+    async def main() -> None:
+        await engine.start()
+        loop_thread = threading.current_thread()
+        model = engine.model
+        tokenize, render = model.tokenize, engine._chat.render
+        model.tokenize = lambda *a, **k: seen.append(("tokenize", threading.current_thread())) or tokenize(*a, **k)
+        engine._chat.render = lambda *a, **k: seen.append(("render", threading.current_thread())) or render(*a, **k)
+        try:
+            await _first(engine)
+            chat = EngineRequest(request_id="r2", prompt="", messages=({"role": "user", "content": "Hi"},),
+                                 sampling=SamplingParams(), n=1, max_tokens=2)
+            await engine.generate(chat).__anext__()
+        finally:
+            await engine.stop()
+        assert {what for what, _ in seen} == {"tokenize", "render"}, seen
+        assert all(t is not loop_thread and t is not engine._thread for _, t in seen), seen
+
+    asyncio.run(main())
+
+
+def test_a_consumer_that_falls_behind_is_aborted_not_buffered(model_path, monkeypatch):
+    """Nobody reads the stream after its first event (a client that reads too slowly): once
+    MAX_PENDING steps of output wait for it, the request is aborted (its slot is freed, the engine
+    never waits), and the reader's next event is the error, ahead of the stale output."""
+    from modelyard.local import loop as loop_mod
+    monkeypatch.setattr(loop_mod, "MAX_PENDING", 8, raising=False)
+    engine = _engine(model_path)
+
+    async def main() -> None:
+        await engine.start()
+        try:
+            stream = engine.generate(EngineRequest(
+                request_id="slow", prompt="Once upon a time", n=1, max_tokens=200,
+                sampling=SamplingParams(logit_bias={0: -100.0, 1: -100.0, 2: -100.0})))
+            await stream.__anext__()
+            for _ in range(600):        # until the engine has let go of it (bounded: 60 s)
+                status = engine.status()
+                if status["running"] == 0 and status["queue_depth"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert status["running"] == 0 and status["slots_used"] == 0, status
+            with pytest.raises(EngineError, match="reads too slowly"):
+                async for _ in stream:
+                    pass
+            assert engine.status()["in_flight"] == 0
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())

@@ -35,6 +35,7 @@ from .stop import StopMatcher
 log = logging.getLogger("modelyard.engine")
 _STOP = object()
 STOPPED = "the endpoint is stopped"
+MAX_PENDING = 1024      # steps of one request's output waiting for its consumer; past it: aborted
 
 
 class LocalEngine:
@@ -110,11 +111,18 @@ class LocalEngine:
                             f"in flight (parallel {self.spec.parallel} + max_queue {self.spec.max_queue})",
                             retry_after=1.0)
         outputs: asyncio.Queue = asyncio.Queue()
-        req = self._build(request, outputs.put_nowait)
-        self._sinks[req.id] = outputs.put_nowait
-        self._inbox.put(("add", req))
-        done = False
+        sink = self._bounded_sink(request.request_id, outputs)
+        self._sinks[request.request_id] = sink      # counted in flight (capacity) from now on
+        done = True
         try:
+            # Tokenizing (and rendering a chat template) a long prompt takes a while: on a worker
+            # thread, so that no other stream waits for it. Only llama_decode needs the engine
+            # thread; the vocabulary is read-only.
+            req = await asyncio.to_thread(self._build, request, sink)
+            if self._stopped:           # stopped meanwhile: nobody would read the inbox
+                raise EngineError(STOPPED)
+            self._inbox.put(("add", req))
+            done = False
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
@@ -126,9 +134,32 @@ class LocalEngine:
                         done = True
                         return
         finally:
-            del self._sinks[req.id]
+            del self._sinks[request.request_id]
             if not done:   # the consumer left: free the request's slots at once
-                self._inbox.put(("abort", req.id))
+                self._inbox.put(("abort", request.request_id))
+
+    def _bounded_sink(self, request_id: str, outputs: asyncio.Queue):
+        """The request's output queue's put, bounded: a consumer more than MAX_PENDING steps behind
+        (a streaming client that reads slowly) would make the queue grow with every step, and the
+        engine thread must never wait for one client. Past the bound the request is aborted and its
+        consumer gets the error next, ahead of the output it will never read."""
+        overflowed = False
+
+        def put(item: object) -> None:
+            nonlocal overflowed
+            if overflowed:
+                return
+            if outputs.qsize() >= MAX_PENDING and not isinstance(item, BaseException):
+                overflowed = True
+                while not outputs.empty():
+                    outputs.get_nowait()
+                outputs.put_nowait(EngineError(
+                    f"the client reads too slowly: {MAX_PENDING} steps of output were waiting for it; "
+                    "the request was aborted"))
+                self._inbox.put(("abort", request_id))
+                return
+            outputs.put_nowait(item)
+        return put
 
     def _build(self, r: EngineRequest, sink) -> Request:
         """Tokenize and validate on the caller's side, so a bad request costs no engine step."""
