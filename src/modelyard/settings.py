@@ -100,6 +100,7 @@ class Settings:
     log_level: str = "info"
     request_timeout: float = 0.0        # seconds per request; 0: none (X-Request-Timeout may set one)
     grace_period: float = 30.0          # seconds in-flight requests get to finish on shutdown
+    allowed_origins: tuple[str, ...] = ()   # web origins whose pages may call the server ("*": any)
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.endpoints]
@@ -159,6 +160,8 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
                 values[key] = server[key]
         if "api_keys" in server:
             values["api_keys"] = tuple(server["api_keys"])
+        if "allowed_origins" in server:
+            values["allowed_origins"] = tuple(server["allowed_origins"])
         if "store_dir" in server:
             values["store_dir"] = Path(server["store_dir"]).expanduser()
         if "keys" in doc:

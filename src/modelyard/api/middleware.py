@@ -12,7 +12,8 @@ from .disconnect import CLIENT_GONE
 
 class BodyLimits:
     """Rejects bodies above `max_bytes` with 413 before reading them into memory, and treats
-    every POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too."""
+    every POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too.
+    (A browser's POST must say application/json: api/origin.BrowserGuard refuses it before.)"""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
