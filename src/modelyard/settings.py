@@ -65,6 +65,7 @@ class EndpointSpec:
     max_queue: int = 256                # requests waiting beyond `parallel`; past it: 503
     prefix_cache: bool = True
     convert: str | None = None          # opt-in: "q8_0" | "q4_0" (faster kernels, different output)
+    chat_parse_special: bool = False    # special tokens written inside chat messages are parsed (HF's way)
     # engine = "openai"
     urls: tuple[str, ...] = field(default=(), repr=False)     # may hold user:password@
     upstream_model: str | None = None

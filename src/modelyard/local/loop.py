@@ -195,10 +195,7 @@ class LocalEngine:
 
     def _prompt_ids(self, r: EngineRequest) -> list[int]:
         if r.messages is not None:
-            text = self._chat.render(r.messages)
-            # A template that writes the BOS itself must not get a second one from the tokenizer.
-            bos = self.model.bos_text
-            return self.model.tokenize(text, add_special=not (bos and text.startswith(bos)))
+            return self._chat.tokens(r.messages, self.model.tokenize, self.spec.chat_parse_special)
         return list(r.prompt) if isinstance(r.prompt, tuple) else self.model.tokenize(r.prompt)
 
     def _detokenize(self, ids: list[int]) -> str:
