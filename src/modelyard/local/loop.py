@@ -59,12 +59,15 @@ class LocalEngine:
         self._thread = threading.Thread(target=self._main, args=(started,),
                                         name=f"engine-{self.spec.name}", daemon=True)
         self._thread.start()
+        loaded = asyncio.wrap_future(started)
         try:
-            await asyncio.shield(asyncio.wrap_future(started))
+            await asyncio.shield(loaded)
         except asyncio.CancelledError:
             # Stopped while loading: the thread finishes loading (a C call cannot be cut), then
             # reads the stop and closes what it made. Waiting for that keeps nothing leaking.
             await self.stop()
+            if loaded.done() and not loaded.cancelled():
+                loaded.exception()      # a load that failed after all needs no "never retrieved"
             log.info("endpoint %s: stopped while loading; the engine thread closed the model and ended",
                      self.spec.name)
             raise
