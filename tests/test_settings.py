@@ -8,6 +8,7 @@ import pytest
 
 import modelyard
 from modelyard.errors import ConfigError
+from modelyard import settings as settings_mod
 from modelyard.settings import DEFAULT_MODEL, load
 
 
@@ -83,8 +84,20 @@ def test_keys_table_with_quotas_and_hashes(tmp_path):
 
 def test_public_surface_is_exactly_all():
     public = {name for name in vars(modelyard) if not name.startswith("_")}
-    modules = {"api", "cli", "engine", "errors", "local", "metrics", "proxy", "registry", "server",
+    modules = {"api", "cli", "engine", "errors", "local", "metrics", "proxy", "redact", "registry", "server",
                "settings", "store"}
     assert public - modules == set(modelyard.__all__)
     for name in modelyard.__all__:
         assert getattr(modelyard, name) is not None
+
+
+def test_reprs_hold_no_secrets():
+    s = settings_mod.Settings(
+        api_keys=("sk-plain-secret",), keys=(settings_mod.KeySpec("sk-quota-secret", rpm=5),),
+        endpoints=(settings_mod.EndpointSpec(name="r", engine="openai", urls=("http://u:pw-secret@h/v1",),
+                                             api_key="sk-upstream-secret"),))
+    text = repr(s) + repr(s.endpoints[0]) + repr(s.keys[0]) + str(s)
+    for secret in ("sk-plain-secret", "sk-quota-secret", "pw-secret", "sk-upstream-secret"):
+        assert secret not in text, secret
+    assert "rpm=5" in text and "name='r'" in text      # the rest is still there to debug with
+

@@ -345,4 +345,4 @@ def test_pull_the_real_default_model():
 
     assert entry.path == root.expanduser() / "models" / "smollm2-135m.gguf"
     assert (entry.size, entry.sha256) == (known.size, known.sha256)
-    assert store_mod._hash_file(entry.path) == known.sha256  # the bytes on disk, not just the sidecar
+    assert store_mod.file_sha256(entry.path) == known.sha256  # the bytes on disk, not just the sidecar

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import settings as settings_mod
 from .errors import ModelyardError
+from .redact import install_log_filter
 from .store import ModelStore
 
 
@@ -59,6 +60,7 @@ def serve(args: argparse.Namespace) -> int:
                             insecure_no_auth=args.insecure_no_auth)
     cfg.check_auth_policy()
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()       # no URL credentials in any log line
     # Pull missing models now, in the foreground, so the user sees the download's progress.
     store = ModelStore(cfg.store_dir)
     for ep in cfg.endpoints:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .redact import redact
+
 
 class ErrorKind(enum.Enum):
     INVALID = (400, "invalid_request_error")
@@ -60,6 +62,8 @@ class ModelyardError(Exception):
     code: str | None = None
     kind = ErrorKind.ENGINE
     retry_after: float | None = None
+    # Why, for trusted callers only (it may name files, exception text, upstream hosts).
+    detail: str | None = None
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -71,8 +75,9 @@ class ModelyardError(Exception):
     def status(self) -> int:
         return self.kind.status
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind.type,
+    def body(self, detail: bool = False) -> dict:
+        message = f"{self.message} ({self.detail})" if detail and self.detail else self.message
+        return {"error": {"message": redact(message), "type": self.kind.type,
                           "param": self.param, "code": self.code}}
 
 

@@ -38,7 +38,7 @@ class Limits:
 class KeySpec:
     """An API key ("sk-..." or "sha256:<hex>") with optional per-minute quotas (0: unlimited)."""
 
-    key: str
+    key: str = field(repr=False)       # never in a repr (logs, tracebacks)
     rpm: int = 0          # requests per minute
     tpm: int = 0          # prompt + completion tokens per minute
 
@@ -69,10 +69,11 @@ class EndpointSpec:
     # attention); False trades that for llama.cpp's fastest kernels (docs/performance.md).
     deterministic: bool = True
     convert: str | None = None          # opt-in: "q8_0" | "q4_0" (faster kernels, different output)
+    chat_parse_special: bool = False    # special tokens written inside chat messages are parsed (HF's way)
     # engine = "openai"
-    urls: tuple[str, ...] = ()
+    urls: tuple[str, ...] = field(default=(), repr=False)     # may hold user:password@
     upstream_model: str | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -97,7 +98,7 @@ class EndpointSpec:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     keys: tuple[KeySpec, ...] = ()      # [[keys]]: keys with quotas
     insecure_no_auth: bool = False
     store_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "modelyard")
@@ -106,6 +107,7 @@ class Settings:
     log_level: str = "info"
     request_timeout: float = 0.0        # seconds per request; 0: none (X-Request-Timeout may set one)
     grace_period: float = 30.0          # seconds in-flight requests get to finish on shutdown
+    allowed_origins: tuple[str, ...] = ()   # web origins whose pages may call the server ("*": any)
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.endpoints]
@@ -165,6 +167,8 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
                 values[key] = server[key]
         if "api_keys" in server:
             values["api_keys"] = tuple(server["api_keys"])
+        if "allowed_origins" in server:
+            values["allowed_origins"] = tuple(server["allowed_origins"])
         if "store_dir" in server:
             values["store_dir"] = Path(server["store_dir"]).expanduser()
         if "keys" in doc:

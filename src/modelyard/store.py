@@ -99,7 +99,7 @@ class ModelStore:
         """Fetch `ref` into the store unless a sound copy is already there; return its entry."""
         if _is_path(ref):
             path = _check_local(ref)
-            return StoredModel(path.stem, path, path.stat().st_size, _hash_file(path))
+            return StoredModel(path.stem, path, path.stat().st_size, file_sha256(path))
         if ref.startswith(HF_PREFIX):
             name = _hf_name(ref)
             return self._entry(name) or self._fetch_hf(ref, name)
@@ -312,7 +312,8 @@ def _has_magic(path: Path) -> bool:
         return False
 
 
-def _hash_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks."""
     hasher = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):

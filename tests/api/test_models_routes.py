@@ -38,12 +38,21 @@ def test_openai_client_lists_models(server):
     assert ids == {MODEL, "broken"}
 
 
-def test_ready_is_503_listing_the_failed_endpoint(server):
-    r = httpx.get(f"{server.base}/ready", timeout=10)      # open: no key
+def test_ready_is_503_listing_the_failed_endpoint_by_state(server):
+    r = httpx.get(f"{server.base}/ready", timeout=10)      # open: no key, so states only
+    assert r.status_code == 503, r.text
+    assert r.json() == {"status": "not ready", "not_ready": {"broken": "failed"}}
+    assert "nonexistent" not in r.text and "Error" not in r.text
+
+
+def test_ready_gives_reasons_to_a_key_holder(server):
+    r = httpx.get(f"{server.base}/ready", headers=server.headers, timeout=10)
     assert r.status_code == 503, r.text
     body = r.json()
     assert set(body["not_ready"]) == {"broken"}
-    assert "failed" in body["not_ready"]["broken"] and MISSING in body["not_ready"]["broken"]
+    assert body["not_ready"]["broken"].startswith("failed") and MISSING in body["not_ready"]["broken"]
+    wrong = httpx.get(f"{server.base}/ready", headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert wrong.json()["not_ready"] == {"broken": "failed"}
 
 
 def test_health_is_200_even_with_a_failed_endpoint(server):

@@ -232,8 +232,10 @@ def test_failover_outage_and_recovery(stack, api):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "model_not_ready" and url_a in err["message"] and url_b in err["message"], err
-    ready = httpx.get(stack.gateway.base + "/ready", timeout=5)
+    ready = httpx.get(stack.gateway.base + "/ready", timeout=5)       # open: states only
     assert ready.status_code == 503, ready.text
+    assert ready.json()["not_ready"] == {POOL: "unavailable"}, ready.text
+    ready = httpx.get(stack.gateway.base + "/ready", headers=stack.gateway.headers, timeout=5)
     assert POOL in ready.json()["not_ready"] and url_a in ready.json()["not_ready"][POOL]
     desc = api.get(f"/api/v1/endpoints/{POOL}").json()
     assert desc["ready"] is False and url_b in desc["reason"], desc

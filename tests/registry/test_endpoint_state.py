@@ -29,7 +29,9 @@ def test_not_ready_reason_and_400():
     ep.become(EndpointState.FAILED, "StoreError: no such file /x.gguf")
     with pytest.raises(EndpointNotReady) as err:
         ep.require_ready()
-    assert err.value.status == 400 and "/x.gguf" in err.value.message
+    # The path is the detail (trusted callers only), not the message anyone may see.
+    assert err.value.status == 400 and "/x.gguf" not in err.value.message and "failed" in err.value.message
+    assert "/x.gguf" not in str(err.value.body()) and "/x.gguf" in err.value.body(detail=True)["error"]["message"]
 
 
 class FakeEngine:

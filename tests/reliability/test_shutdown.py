@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from helpers import assert_openai_error, check_stream_end, config, live_server, sse_events
+from helpers import KEY, MODEL, assert_openai_error, check_stream_end, config, live_server, sse_events
+from servers import modelyard_process
 
 pytestmark = pytest.mark.model
 
@@ -156,3 +157,39 @@ def test_second_sigterm_during_the_drain_exits_at_once(tmp_path):
         assert took < 5, took
         assert code == 0, srv.log_tail()
         assert "second signal" in srv.log_text()
+
+
+def test_sigterm_while_the_model_loads_exits_0_cleanly(tmp_path):
+    """SIGTERM once the endpoint has its file and is loading it on the engine thread (gemma3-270m,
+    with room for 16 sequences of 2,048 tokens, is the slowest to load): the load finishes, the
+    engine thread closes what it made and ends, and the process exits 0 with no traceback.
+    (tests/local/test_loop_lifecycle.py proves the same of LocalEngine in process.)"""
+    cfg = config(api_keys=(KEY,)).replace(
+        f'name = "{MODEL}"\nmodel = "{MODEL}"\ncontext = 256\nparallel = 2\n',
+        'name = "gemma3-270m"\nmodel = "gemma3-270m"\ncontext = 2048\nparallel = 16\n')
+    assert "gemma3-270m" in cfg
+    srv = modelyard_process(tmp_path, cfg, key=KEY, model="gemma3-270m").start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:      # until the file is resolved: from then on the engine thread is loading it
+            assert not srv.exited(), srv.log_tail()
+            assert time.monotonic() < deadline, srv.log_tail()
+            try:
+                ep = srv.endpoint()
+            except httpx.TransportError:
+                ep = {}
+            if ep.get("state") == "ready":
+                pytest.fail("the model loaded before the test could stop it: not a test")
+            if ep.get("state") == "loading" and ep.get("model_path"):
+                break
+            time.sleep(0.01)
+        srv.signal(signal.SIGTERM)
+        code = srv.proc.wait(timeout=60)
+    finally:
+        srv.stop(timeout=5)
+    log = srv.log_text()
+    assert code == 0, log
+    assert "Traceback" not in log and "InvalidStateError" not in log, log
+    # The shutdown waited for the engine thread to finish the load and close it (not a daemon
+    # thread killed mid-load, or dead of an exception with the context never freed).
+    assert "gemma3-270m: stopped while loading; the engine thread closed the model and ended" in log, log

@@ -7,18 +7,22 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
 from . import chat, completions, errors, models
+from .disconnect import CancelOnDisconnect
 from .middleware import BodyLimits, RequestLog
+from .origin import BrowserGuard, allowed_origin_keys
 from .auth import KeyChecker, require_key
 
 OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
 
 
 def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
+    allowed_origin_keys(settings.allowed_origins)      # a bad origin is a ConfigError now
     registry = registry or Registry(settings)
 
     @asynccontextmanager
@@ -44,7 +48,14 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.started = int(time.time())
     app.state.shutting_down = False
     errors.install(app)
+    # Outermost last: RequestLog sees every answer, BrowserGuard refuses web pages before any
+    # work, CancelOnDisconnect watches the whole request.
     app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(CancelOnDisconnect)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BrowserGuard, settings=settings, keyless=not settings.all_keys)
     app.add_middleware(RequestLog)
     auth = [Depends(require_key)]
     routes: list[str] = []      # every route template we serve: the only route labels of metrics

@@ -67,14 +67,24 @@ class KeyChecker:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        found = self._find(token)
+        if found is None:
+            raise Unauthorized("invalid API key", code="invalid_api_key")
+        found.admit(time.monotonic())
+        return found
+
+    def knows(self, authorization: str | None) -> bool:
+        """Whether the header carries a configured key (no quota is counted: for open routes)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        return self.enabled and scheme.lower() == "bearer" and bool(token.strip()) and \
+            self._find(token) is not None
+
+    def _find(self, token: str) -> Quota | None:
         digest = hashlib.sha256(token.strip().encode()).digest()
         found = None
         for d, quota in self._keys:     # no early exit: the time taken does not depend on which key
             if hmac.compare_digest(d, digest):
                 found = quota
-        if found is None:
-            raise Unauthorized("invalid API key", code="invalid_api_key")
-        found.admit(time.monotonic())
         return found
 
 
@@ -85,3 +95,14 @@ def _configured_digest(key: str) -> bytes:
 async def require_key(request: Request) -> None:
     """FastAPI dependency on every API route."""
     request.state.quota = request.app.state.keys.check(request.headers.get("authorization"))
+
+
+def may_see_reasons(request: Request) -> bool:
+    """Whether this caller may be told why an endpoint is not ready (file paths, exception text,
+    upstream hosts; secrets are redacted for everyone): a holder of a valid key, or anyone when
+    the server has no keys and listens on loopback only (its callers are this machine's users,
+    who can read its log). Everyone else gets states only."""
+    keys = request.app.state.keys
+    if keys.enabled:
+        return keys.knows(request.headers.get("authorization"))
+    return request.app.state.settings.loopback

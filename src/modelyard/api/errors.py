@@ -10,13 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import ModelyardError
+from .auth import may_see_reasons
 
 log = logging.getLogger("modelyard.api")
 
 
-def error_response(exc: ModelyardError) -> JSONResponse:
+def error_response(exc: ModelyardError, detail: bool = False) -> JSONResponse:
+    """The error's body; its detail (why an endpoint is not ready) only if `detail`."""
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(detail), status_code=exc.status, headers=headers)
 
 
 def limit_error(field: str, value: object, limit: int, what: str) -> RequestValidationError:
@@ -29,7 +31,7 @@ def limit_error(field: str, value: object, limit: int, what: str) -> RequestVali
 def install(app: FastAPI) -> None:
     @app.exception_handler(ModelyardError)
     async def _ours(request: Request, exc: ModelyardError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, may_see_reasons(request))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

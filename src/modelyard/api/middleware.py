@@ -7,10 +7,13 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .disconnect import CLIENT_GONE
+
 
 class BodyLimits:
     """Rejects bodies above `max_bytes` with 413 before reading them into memory, and treats
-    every POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too."""
+    every POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too.
+    (A browser's POST must say application/json: api/origin.BrowserGuard refuses it before.)"""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -89,6 +92,8 @@ class RequestLog:
         try:
             await self.app(scope, receive, watch)
         finally:
+            if state.get("client_gone") and status == 500:    # left before any answer
+                status = CLIENT_GONE
             metrics = scope["app"].state.metrics
             metrics.request(state.get("endpoint", "-"), scope["path"], status, time.monotonic() - started,
                             state.get("log", {}))

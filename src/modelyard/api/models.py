@@ -6,6 +6,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..redact import redact
+from .auth import may_see_reasons
+
 router = APIRouter()        # under the OpenAI prefixes, behind auth
 admin = APIRouter()         # /api/v1/endpoints, behind auth
 probes = APIRouter()        # /health and /ready, open (load balancers and orchestrators call them)
@@ -22,12 +25,13 @@ async def list_models(request: Request) -> dict:
 
 @admin.get("/endpoints", summary="Model endpoints and their state")
 async def list_endpoints(request: Request) -> dict:
-    return {"endpoints": [ep.describe() for ep in request.app.state.registry.endpoints.values()]}
+    detail = may_see_reasons(request)
+    return {"endpoints": [ep.describe(detail) for ep in request.app.state.registry.endpoints.values()]}
 
 
 @admin.get("/endpoints/{name}", summary="One model endpoint")
 async def get_endpoint(name: str, request: Request) -> dict:
-    return request.app.state.registry.get(name).describe()
+    return request.app.state.registry.get(name).describe(may_see_reasons(request))
 
 
 @probes.get("/health", summary="The process is up and accepting requests")
@@ -37,9 +41,12 @@ async def health() -> dict:
 
 @probes.get("/ready", summary="Every endpoint can serve; 503 listing those that cannot")
 async def ready(request: Request) -> JSONResponse:
+    """Open (probes send no key): it lists the states of the endpoints that cannot serve; their
+    reasons only to trusted callers (a valid key, or a keyless loopback server)."""
     app = request.app.state
-    not_ready = {ep.name: ep.not_ready_reason() for ep in app.registry.endpoints.values()
-                 if ep.not_ready_reason() is not None}
+    detail = may_see_reasons(request)
+    not_ready = {ep.name: redact(ep.not_ready_reason()) if detail else ep.not_ready_state()
+                 for ep in app.registry.endpoints.values() if ep.not_ready_reason() is not None}
     if app.shutting_down:
         return JSONResponse({"status": "shutting down", "not_ready": not_ready}, status_code=503)
     if not_ready:

@@ -106,15 +106,16 @@ class LlamaModel:
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
         self._pieces: dict[int, bytes] = {}
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """`parse_special`: text such as "<|im_end|>" becomes that special token (else plain text)."""
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (C.llama_token * cap)()
-        n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
         if n < 0:  # buffer too small: -n is the size needed
             cap = -n
             buf = (C.llama_token * cap)()
-            n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+            n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
         if n < 0:
             raise EngineError(f"tokenization failed ({n})")
         return list(buf[:n])

@@ -33,8 +33,11 @@ from .scheduler import Scheduler
 from .slots import SlotPool
 from .stop import StopMatcher
 
+log = logging.getLogger("modelyard.engine")
 _STOP = object()
 log = logging.getLogger("modelyard.engine")
+STOPPED = "the endpoint is stopped"
+MAX_PENDING = 1024      # steps of one request's output waiting for its consumer; past it: aborted
 
 
 class LocalEngine:
@@ -50,6 +53,7 @@ class LocalEngine:
         self._broken: str | None = None
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
+        self._stopped = False
 
     # -- lifecycle (event loop) ---------------------------------------------------------
 
@@ -59,12 +63,34 @@ class LocalEngine:
         self._thread = threading.Thread(target=self._main, args=(started,),
                                         name=f"engine-{self.spec.name}", daemon=True)
         self._thread.start()
-        await asyncio.wrap_future(started)
+        loaded = asyncio.wrap_future(started)
+        try:
+            await asyncio.shield(loaded)
+        except asyncio.CancelledError:
+            # Stopped while loading: the thread finishes loading (a C call cannot be cut), then
+            # reads the stop and closes what it made. Waiting for that keeps nothing leaking.
+            await self.stop()
+            if loaded.done() and not loaded.cancelled():
+                loaded.exception()      # a load that failed after all needs no "never retrieved"
+            log.info("endpoint %s: stopped while loading; the engine thread closed the model and ended",
+                     self.spec.name)
+            raise
 
     async def stop(self) -> None:
+        """Ends the engine thread (requests in flight end with an error); later requests are
+        refused at once. Safe to call twice, and while the model is still loading."""
+        self._stopped = True
         if self._thread is not None and self._thread.is_alive():
             self._inbox.put((_STOP, None))
             await asyncio.to_thread(self._thread.join)
+        # Requests that reached the inbox after the stop was read never reach a step: end them.
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                arg.sink(EngineError(STOPPED))
 
     def ready_reason(self) -> str | None:
         return self._broken
@@ -91,16 +117,25 @@ class LocalEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._broken:
             raise EngineError(f"engine is broken: {self._broken}")
+        if self._stopped or self._thread is None or not self._thread.is_alive():
+            raise EngineError(STOPPED if self._stopped else "the engine is not running")
         if len(self._sinks) >= self.spec.parallel + self.spec.max_queue:
             raise QueueFull(f"endpoint {self.spec.name!r} is at capacity: {len(self._sinks)} requests "
                             f"in flight (parallel {self.spec.parallel} + max_queue {self.spec.max_queue})",
                             retry_after=1.0)
         outputs: asyncio.Queue = asyncio.Queue()
-        req = self._build(request, outputs.put_nowait)
-        self._sinks[req.id] = outputs.put_nowait
-        self._inbox.put(("add", req))
-        done = False
+        sink = self._bounded_sink(request.request_id, outputs)
+        self._sinks[request.request_id] = sink      # counted in flight (capacity) from now on
+        done = True
         try:
+            # Tokenizing (and rendering a chat template) a long prompt takes a while: on a worker
+            # thread, so that no other stream waits for it. Only llama_decode needs the engine
+            # thread; the vocabulary is read-only.
+            req = await asyncio.to_thread(self._build, request, sink)
+            if self._stopped:           # stopped meanwhile: nobody would read the inbox
+                raise EngineError(STOPPED)
+            self._inbox.put(("add", req))
+            done = False
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
@@ -112,9 +147,32 @@ class LocalEngine:
                         done = True
                         return
         finally:
-            del self._sinks[req.id]
+            del self._sinks[request.request_id]
             if not done:   # the consumer left: free the request's slots at once
-                self._inbox.put(("abort", req.id))
+                self._inbox.put(("abort", request.request_id))
+
+    def _bounded_sink(self, request_id: str, outputs: asyncio.Queue):
+        """The request's output queue's put, bounded: a consumer more than MAX_PENDING steps behind
+        (a streaming client that reads slowly) would make the queue grow with every step, and the
+        engine thread must never wait for one client. Past the bound the request is aborted and its
+        consumer gets the error next, ahead of the output it will never read."""
+        overflowed = False
+
+        def put(item: object) -> None:
+            nonlocal overflowed
+            if overflowed:
+                return
+            if outputs.qsize() >= MAX_PENDING and not isinstance(item, BaseException):
+                overflowed = True
+                while not outputs.empty():
+                    outputs.get_nowait()
+                outputs.put_nowait(EngineError(
+                    f"the client reads too slowly: {MAX_PENDING} steps of output were waiting for it; "
+                    "the request was aborted"))
+                self._inbox.put(("abort", request_id))
+                return
+            outputs.put_nowait(item)
+        return put
 
     def _build(self, r: EngineRequest, sink) -> Request:
         """Tokenize and validate on the caller's side, so a bad request costs no engine step."""
@@ -146,10 +204,7 @@ class LocalEngine:
 
     def _prompt_ids(self, r: EngineRequest) -> list[int]:
         if r.messages is not None:
-            text = self._chat.render(r.messages)
-            # A template that writes the BOS itself must not get a second one from the tokenizer.
-            bos = self.model.bos_text
-            return self.model.tokenize(text, add_special=not (bos and text.startswith(bos)))
+            return self._chat.tokens(r.messages, self.model.tokenize, self.spec.chat_parse_special)
         return list(r.prompt) if isinstance(r.prompt, tuple) else self.model.tokenize(r.prompt)
 
     def _detokenize(self, ids: list[int]) -> str:
@@ -177,6 +232,9 @@ class LocalEngine:
     # -- the engine thread ----------------------------------------------------------------
 
     def _main(self, started: concurrent.futures.Future) -> None:
+        # Running from here on, `started` cannot be cancelled under us: start() being cancelled
+        # (a stop while loading) leaves it for nobody, and its set_result cannot raise.
+        started.set_running_or_notify_cancel()
         try:
             # deterministic: weights in the plain layout and plain attention (see ffi), so a
             # row's logits never depend on the rows beside it.

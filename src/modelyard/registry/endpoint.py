@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..engine.protocol import Engine
 from ..errors import EndpointNotReady
+from ..redact import redact
 from ..settings import EndpointSpec
 
 
@@ -52,17 +53,44 @@ class Endpoint:
             return f"{self.state.value}: {self.reason}" if self.reason else self.state.value
         return self.engine.ready_reason() if self.engine is not None else "no engine"
 
+    def not_ready_state(self) -> str | None:
+        """None when ready; else the state alone ("loading", "failed", "draining", "unavailable"
+        for a ready endpoint whose engine cannot serve): what anyone may be told."""
+        if self.state is not EndpointState.READY:
+            return self.state.value
+        return None if self.not_ready_reason() is None else "unavailable"
+
     def require_ready(self) -> Engine:
         why = self.not_ready_reason()
         if why is not None:
-            raise EndpointNotReady(f"model endpoint {self.name!r} is not ready ({why})",
-                                   param="model", code="model_not_ready")
+            # The message says the state; the reason (paths, exception text, upstream hosts) is
+            # the detail, shown to trusted callers only (api/errors).
+            raise EndpointNotReady(f"model endpoint {self.name!r} is not ready ({self.not_ready_state()})",
+                                   param="model", code="model_not_ready", detail=redact(why))
         assert self.engine is not None
         return self.engine
 
-    def describe(self) -> dict:
+    def describe(self, detail: bool = False) -> dict:
+        """State and counters; with `detail` (trusted callers) also the reason, the model ref and
+        its file (secrets redacted)."""
         engine = self.engine.status() if self.engine is not None and self.state is EndpointState.READY else {}
-        return {"name": self.name, "state": self.state.value, "ready": self.not_ready_reason() is None,
-                "reason": self.not_ready_reason(), "engine": self.spec.engine,
-                "model": self.spec.model if self.spec.engine == "llamacpp" else self.spec.upstream_model,
-                "model_path": self.model_path, **engine}
+        if not detail:     # counters only: replica lists name upstream hosts
+            engine = {k: v for k, v in engine.items() if isinstance(v, (int, float, bool))}
+        out = {"name": self.name, "state": self.state.value, "ready": self.not_ready_reason() is None,
+               "engine": self.spec.engine, **_redacted(engine)}
+        if detail:
+            why = self.not_ready_reason()
+            model = self.spec.model if self.spec.engine == "llamacpp" else self.spec.upstream_model
+            out.update(reason=redact(why) if why else None, model=model, model_path=self.model_path)
+        return out
+
+
+def _redacted(value):
+    """`value` (JSON-like) with URL credentials masked in every string in it."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v) for v in value]
+    return value

@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..engine.protocol import Engine
 from ..errors import ModelNotFound
+from ..redact import redact
 from ..settings import EndpointSpec, Settings
 from ..store import ModelStore
 from .endpoint import Endpoint, EndpointState
@@ -70,9 +71,9 @@ class Registry:
             await engine.start()
             ep.engine = engine
             ep.become(EndpointState.READY)
-            log.info("endpoint %s ready (%s)", ep.name, ep.model_path or ep.spec.urls)
+            log.info("endpoint %s ready (%s)", ep.name, redact(str(ep.model_path or list(ep.spec.urls))))
         except Exception as exc:  # noqa: BLE001 - any failure is this endpoint's state, not the server's
-            ep.become(EndpointState.FAILED, f"{type(exc).__name__}: {exc}")
+            ep.become(EndpointState.FAILED, redact(f"{type(exc).__name__}: {exc}"))
             log.error("endpoint %s failed: %s", ep.name, ep.reason)
 
     @property
