@@ -33,7 +33,6 @@ from .scheduler import Scheduler
 from .slots import SlotPool
 from .stop import StopMatcher
 
-log = logging.getLogger("modelyard.engine")
 _STOP = object()
 log = logging.getLogger("modelyard.engine")
 STOPPED = "the endpoint is stopped"
@@ -254,6 +253,8 @@ class LocalEngine:
                      self.spec.name, self.spec.deterministic, kernels, self.model.buffers,
                      self.build_info["system_info"])
         except Exception as exc:  # any load failure marks the endpoint failed, with the reason
+            if self.model is not None:      # the weights loaded, the context did not
+                self.model.close()
             started.set_exception(exc if isinstance(exc, ModelyardError)
                                   else EngineError(f"cannot load {self.model_path}: {exc}"))
             return
