@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel, system_info
+from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel, choose_kernels, system_info
 from modelyard.settings import EndpointSpec
 
 DEFAULT_MODEL = Path.home() / ".cache" / "modelyard" / "models" / "smollm2-135m.gguf"
@@ -54,9 +54,12 @@ def _prefill(ctx: LlamaContext, ids: list[int], b: int, n_batch: int) -> float:
 
 
 def measure(model_path: Path, batches: list[int], prompt: int, steps: int, threads: int,
-            n_seq: int, n_ctx_seq: int, n_batch: int) -> dict:
-    model = LlamaModel(model_path)
-    shape = ContextShape(n_seq=n_seq, n_ctx_seq=n_ctx_seq, n_batch=max(n_batch, n_seq), n_threads=threads)
+            n_seq: int, n_ctx_seq: int, n_batch: int, deterministic: bool = True) -> dict:
+    # The kernels an endpoint with this `deterministic` runs (see modelyard.local.ffi).
+    choose_kernels(deterministic)
+    model = LlamaModel(model_path, repack=not deterministic)
+    shape = ContextShape(n_seq=n_seq, n_ctx_seq=n_ctx_seq, n_batch=max(n_batch, n_seq), n_threads=threads,
+                         flash_attn=not deterministic)
     ctx = LlamaContext(model, shape)
     try:
         ids = _prompt_tokens(model, prompt)
@@ -77,7 +80,8 @@ def measure(model_path: Path, batches: list[int], prompt: int, steps: int, threa
                         "decode_tok_s": b * steps / t_dec, "ms_per_step": 1000 * t_dec / steps})
         _clear(ctx, n_seq)
         return {"model": str(model_path), "threads": threads, "n_seq": n_seq, "n_ctx_seq": n_ctx_seq,
-                "n_batch": shape.n_batch, "prompt": prompt, "system_info": system_info(), "results": out}
+                "n_batch": shape.n_batch, "prompt": prompt, "deterministic": deterministic,
+                "weight_buffers_mib": model.buffers, "system_info": system_info(), "results": out}
     finally:
         ctx.close()
         model.close()
@@ -95,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ctx-seq", type=int, default=1024)
     p.add_argument("--n-batch", type=int, default=spec.batch,
                    help=f"tokens per llama_decode (modelyard's endpoint default: {spec.batch})")
+    p.add_argument("--deterministic", choices=("true", "false"), default="true",
+                   help="the kernels of an endpoint with this setting (default: true, modelyard's default)")
     p.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",") if x.strip()]
     if a.prompt + a.steps > a.n_ctx_seq:
         p.error("--prompt + --steps must fit --n-ctx-seq")
-    res = measure(a.model, batches, a.prompt, a.steps, a.threads, a.n_seq, a.n_ctx_seq, a.n_batch)
+    res = measure(a.model, batches, a.prompt, a.steps, a.threads, a.n_seq, a.n_ctx_seq, a.n_batch,
+                  a.deterministic == "true")
     text = json.dumps(res)
     if a.json:
         a.json.write_text(text)

@@ -360,10 +360,12 @@ async def session(server: ServerProc, m: Model, plan: Plan, ps: PromptSet, workd
     return out
 
 
-def run_ceiling(path: Path, levels: list[int], threads: int, steps: int) -> dict:
+def run_ceiling(path: Path, levels: list[int], threads: int, steps: int, deterministic: str | None) -> dict:
+    # The ceiling of the kernels modelyard's endpoint runs (deterministic unless told otherwise).
     cmd = [sys.executable, str(ROOT / "bench" / "ceiling.py"), "--model", str(path),
            "--batches", ",".join(str(min(c, PARALLEL)) for c in levels), "--threads", str(threads),
-           "--n-seq", str(PARALLEL), "--n-ctx-seq", str(CONTEXT), "--steps", str(steps)]
+           "--n-seq", str(PARALLEL), "--n-ctx-seq", str(CONTEXT), "--steps", str(steps),
+           "--deterministic", deterministic or "true"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     if p.returncode != 0:
@@ -628,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in models:
                 print(f"round {rnd + 1}/{rounds}: {m.name}", flush=True)
                 if not a.no_ceiling:
-                    r["ceiling"][m.name] = run_ceiling(files[m.name], levels, a.threads, 64)
+                    r["ceiling"][m.name] = run_ceiling(files[m.name], levels, a.threads, 64, a.deterministic)
                 servers = [modelyard_server(workdir, m, a.threads, a.deterministic)]
                 if peer:
                     servers.append(peer_server(peer, files[m.name], m.name, a.threads))
