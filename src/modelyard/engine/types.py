@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Callable, Mapping, Union
 
 
 class FinishReason(str, enum.Enum):
@@ -58,6 +58,12 @@ class EngineRequest:
     # chat: the engine renders these with the model's template (embedded) or passes them on
     # to the upstream's /chat/completions (proxy); `prompt` is then unused.
     messages: tuple[dict, ...] | None = None
+    # Token metering (per-key tpm quotas, api/auth). An engine that counts tokens calls
+    # reserve(most it may use: prompt + n * max_tokens, resolved) before any work, which may
+    # raise RateLimited, and settle(tokens computed: prompt prefilled + generated) once, on the
+    # event loop, when the request ends however it ends. None: not metered.
+    reserve: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    settle: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

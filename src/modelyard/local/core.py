@@ -70,9 +70,15 @@ class EngineCore:
     def abort(self, request_id: str, error: ModelyardError | None = None) -> None:
         req = self.scheduler.find(request_id)
         if req is not None:
-            self.scheduler.retire(req, RequestStatus.ABORTED)
+            self._retire(req, RequestStatus.ABORTED)
             if error is not None:
                 self.emit([(req, error)])
+
+    def _retire(self, req: Request, status: RequestStatus) -> None:
+        """Every way a request ends passes here, so its quota is settled however it ended."""
+        self.scheduler.retire(req, status)
+        if req.on_end is not None:
+            req.on_end(req.num_charged)
 
     # -- update -------------------------------------------------------------------------
 
@@ -128,7 +134,7 @@ class EngineCore:
         if seq.finished:
             self.scheduler.release(seq)
             if req.done:
-                self.scheduler.retire(req, RequestStatus.FINISHED)
+                self._retire(req, RequestStatus.FINISHED)
                 self._out.setdefault(req, []).append(Usage(req.num_prompt, req.num_output))
 
     def _release_logprobs(self, req: Request, seq: Sequence, cut: bool) -> TokenLogprobs | None:
@@ -168,7 +174,7 @@ class EngineCore:
         for req in batch.requests:
             if req.status is RequestStatus.RUNNING:
                 self.scheduler.discard_kv(req)
-                self.scheduler.retire(req, RequestStatus.ABORTED)
+                self._retire(req, RequestStatus.ABORTED)
             self._out.pop(req, None)
             self.emit([(req, error)])
 

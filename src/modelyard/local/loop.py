@@ -97,6 +97,10 @@ class LocalEngine:
                             retry_after=1.0)
         outputs: asyncio.Queue = asyncio.Queue()
         req = self._build(request, outputs.put_nowait)
+        if request.reserve is not None:   # may raise RateLimited: before the engine sees it
+            request.reserve(req.num_prompt + req.n * req.max_tokens)
+            settle, loop = request.settle, self._loop
+            req.on_end = lambda used: loop.call_soon_threadsafe(settle, used)
         self._sinks[req.id] = outputs.put_nowait
         self._inbox.put(("add", req))
         done = False
