@@ -66,6 +66,31 @@ class EngineRequest:
     settle: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
 
 
+_BYTES = "bytes:"
+
+
+def token_text(piece: bytes) -> str:
+    """A token's text for logprobs; a piece that is not whole UTF-8 is shown as its bytes
+    ("bytes:\\xe2\\x80", as OpenAI writes them). `token_bytes` is its inverse."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return _BYTES + "".join(f"\\x{b:02x}" for b in piece)
+
+
+def token_bytes(text: str) -> bytes:
+    """A logprobs token's raw bytes: the piece itself, also for a partial UTF-8 byte token."""
+    if text.startswith(_BYTES):
+        hexes = text[len(_BYTES):].split("\\x")[1:]
+        try:
+            raw = bytes(int(h, 16) for h in hexes)
+        except ValueError:
+            raw = None
+        if raw is not None and token_text(raw) == text:
+            return raw
+    return text.encode("utf-8")
+
+
 @dataclass
 class TokenLogprobs:
     """OpenAI's legacy completions logprobs, for the tokens of one delta."""
