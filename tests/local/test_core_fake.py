@@ -246,7 +246,9 @@ def test_text_offsets_match_the_concatenated_text() -> None:
     assert len(lp.tokens) == len(script)             # the EOG token has no entry
     assert lp.tokens[:2] == ["a", "ab"]
     assert lp.tokens[2] == "bytes:\\xc3"
-    assert lp.top_logprobs == [None] * len(script)    # logprobs=0: no alternatives
+    # logprobs=0: no alternatives, but each sampled token's own entry, as OpenAI and vLLM send
+    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
+    assert all(isinstance(v, float) for v in lp.token_logprobs)
     assert lp.text_offset == [0, 1, 3, 3, 4, 5, 5, 5, 6]
     for tok, off in zip(lp.tokens, lp.text_offset):
         if not tok.startswith("bytes:"):
@@ -321,7 +323,9 @@ def test_echo_logprobs_score_the_prompt_across_chunks() -> None:
     for pos in range(1, 13):
         ref = ref_logprobs(model(tuple(full[:pos])))
         assert lp.token_logprobs[pos] == pytest.approx(ref[full[pos]], abs=1e-5), pos
-        assert len(lp.top_logprobs[pos]) == 2
+        top = lp.top_logprobs[pos]       # the 2 best, then the token itself if not among them
+        assert len(top) == (2 if lp.tokens[pos] in list(top)[:2] else 3), (pos, top)
+        assert top[lp.tokens[pos]] == pytest.approx(lp.token_logprobs[pos]), pos
     # the prompt's entries are sent once, with the first delta
     deltas = [o for o in h.result("A").items if isinstance(o, ChoiceDelta)]
     assert deltas[0].logprobs.tokens[:10] == list("abcdefghij")
@@ -503,3 +507,16 @@ def test_each_step_emits_once() -> None:
     steps = h.run()
     assert len(h.emits) == steps
     assert all(len({id(r) for r, _ in e}) == len(e) for e in h.emits)   # one entry per request
+
+
+def test_echo_logprobs_zero_gives_each_prompt_token_its_own_entry() -> None:
+    """logprobs=0 with echo: every prompt token after the first has its logprob and its own
+    top_logprobs entry (not nulls), as for sampled tokens."""
+    model = scripted()
+    h = Harness(model=model)
+    h.add("A", encode("abcd"), echo=True, max_tokens=1, sampling=SamplingParams(logprobs=0))
+    h.run()
+    lp = one(h, "A").logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(v, float) for v in lp.token_logprobs[1:])
+    assert lp.top_logprobs[1:] == [{t: v} for t, v in zip(lp.tokens[1:], lp.token_logprobs[1:])]

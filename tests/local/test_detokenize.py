@@ -112,3 +112,19 @@ def test_arbitrary_bytes_never_raise(pieces: list[bytes]) -> None:
     out = "".join(d.push(p) for p in pieces) + d.flush()
     assert out == b"".join(pieces).decode("utf-8", errors="replace")
     assert d.text == out
+
+
+# -- align_to_text: echoed prompt tokens against the text they came from ---------------------
+
+def test_align_gives_written_control_tokens_their_text_and_added_ones_none() -> None:
+    """ids: an added BOS (0), a control token written in the text (1, "<s>"), then "hi", and a
+    byte token pair splitting "é". Control tokens render as empty pieces."""
+    from modelyard.local.detokenize import align_to_text
+    pieces = {0: b"", 1: b"", 2: b"hi", 3: b"\xc3", 4: b"\xa9"}
+    vocab = {"<s>": [1], "hi": [2]}
+    text = "<s>hié"
+    got, offsets = align_to_text(text, [0, 1, 2, 3, 4], pieces.__getitem__, lambda s: vocab.get(s, [9, 9]))
+    assert got == [b"", b"<s>", b"hi", b"\xc3", b"\xa9"]
+    assert offsets == [0, 0, 3, 5, 5]
+    ends = offsets[1:] + [len(text)]
+    assert [text[a:b] for a, b in zip(offsets[:3], ends[:3])] == ["", "<s>", "hi"]

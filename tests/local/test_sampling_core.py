@@ -188,7 +188,20 @@ def test_penalties_leave_logprobs_raw() -> None:
     assert (first.token, second.token) == (0, 1)
     ref = np.log(softmax(PEN_ROW))
     assert second.logprob == pytest.approx(ref[1], abs=1e-6)
-    assert second.top == ()
+    # logprobs=0: no alternatives, but the sampled token's own entry (OpenAI's legacy contract)
+    assert [t for t, _ in second.top] == [1] and second.top[0][1] == pytest.approx(ref[1])
+
+
+def test_top_logprobs_include_the_sampled_token_even_below_the_k_best() -> None:
+    """The penalty makes the second draw token 1, which is not the raw row's best: the k = 1
+    best (token 0) come first, then the sampled token, k + 1 entries, all from the raw row."""
+    s = Sampler(SamplingParams(frequency_penalty=5.0, logprobs=1))
+    first, second = s.sample(PEN_ROW), s.sample(PEN_ROW)
+    ref = np.log(softmax(PEN_ROW))
+    assert first.token == 0 and [t for t, _ in first.top] == [0]    # already among the best
+    assert second.token == 1
+    assert [t for t, _ in second.top] == [0, 1]
+    assert [v for _, v in second.top] == pytest.approx([ref[0], ref[1]])
 
 
 # -- log_softmax_at and top_k --------------------------------------------------------------------

@@ -4,6 +4,13 @@ Keys may be configured in clear or as "sha256:<hex>" so that a config file holds
 Only digests are kept and compared (constant time, equal length); keys are never logged.
 Quotas are sliding one-minute windows of requests and of tokens per key; past them, 429 with
 Retry-After saying when the window frees up.
+
+Tokens are reserved before any work and settled when the request ends: the engine reserves
+prompt tokens + n * max_tokens once it has tokenized the prompt and resolved max_tokens (chat
+without max_tokens: the room the prompt leaves, so prompt + budget = the endpoint's context per
+sequence), and settles to what it computed (prompt tokens prefilled + tokens generated) however
+the request ended: finished, aborted by a client that left, failed or timed out. So a burst is
+admitted only while its reservations fit, and nobody gets tokens for free by disconnecting.
 """
 
 from __future__ import annotations
@@ -21,18 +28,35 @@ from ..settings import KeySpec
 WINDOW = 60.0
 
 
+class Charge:
+    """One engine request's tokens in its key's window: reserved at admission, then settled."""
+
+    __slots__ = ("at", "tokens", "expired", "settled")
+
+    def __init__(self, at: float, tokens: int) -> None:
+        self.at, self.tokens, self.expired, self.settled = at, tokens, False, False
+
+
 class Quota:
     def __init__(self, rpm: int, tpm: int) -> None:
         self.rpm, self.tpm = rpm, tpm
         self._requests: deque[float] = deque()
-        self._tokens: deque[tuple[float, int]] = deque()
+        self._tokens: deque[Charge] = deque()
         self._token_sum = 0
 
     def _expire(self, now: float) -> None:
         while self._requests and self._requests[0] <= now - WINDOW:
             self._requests.popleft()
-        while self._tokens and self._tokens[0][0] <= now - WINDOW:
-            self._token_sum -= self._tokens.popleft()[1]
+        while self._tokens and self._tokens[0].at <= now - WINDOW:
+            c = self._tokens.popleft()
+            c.expired = True
+            self._token_sum -= c.tokens
+
+    @property
+    def used(self) -> int:
+        """Tokens spent or reserved in the last minute."""
+        self._expire(time.monotonic())
+        return self._token_sum
 
     def admit(self, now: float) -> None:
         """Called as a request arrives: counts it, or raises RateLimited."""
@@ -43,13 +67,66 @@ class Quota:
         if self.tpm and self._token_sum >= self.tpm:
             raise RateLimited(f"rate limit: {self.tpm} tokens per minute for this key "
                               f"({self._token_sum} used in the last minute)",
-                              code="rate_limit_exceeded", retry_after=self._tokens[0][0] + WINDOW - now)
+                              code="rate_limit_exceeded", retry_after=self._tokens[0].at + WINDOW - now)
         self._requests.append(now)
 
-    def spend(self, tokens: int, now: float) -> None:
-        """Called when a request ends, with the tokens it used."""
-        self._tokens.append((now, tokens))
+    def reserve(self, tokens: int, now: float) -> Charge:
+        """Before any work: the most a request may use, or RateLimited if that does not fit."""
+        self._expire(now)
+        if self.tpm and self._token_sum + tokens > self.tpm:
+            why = (f"rate limit: {self.tpm} tokens per minute for this key ({self._token_sum} used in "
+                   f"the last minute); this request may use up to {tokens} tokens (prompt + max_tokens)")
+            if tokens > self.tpm:   # can never fit: say so rather than let the client wait
+                raise RateLimited(why + f", more than the whole quota; lower max_tokens or shorten the prompt",
+                                  code="rate_limit_exceeded", retry_after=WINDOW)
+            raise RateLimited(why, code="rate_limit_exceeded", retry_after=self._frees(tokens, now))
+        charge = Charge(now, tokens)
+        self._tokens.append(charge)
         self._token_sum += tokens
+        return charge
+
+    def settle(self, charge: Charge, tokens: int) -> None:
+        """When the request ends: its reservation becomes what it actually used."""
+        if charge.settled:
+            return
+        charge.settled = True
+        if not charge.expired:     # a charge older than the window no longer counts either way
+            self._token_sum += tokens - charge.tokens
+            charge.tokens = tokens
+
+    def spend(self, tokens: int, now: float) -> None:
+        """Charge after the fact, for an engine that does not meter (a remote one: only the
+        upstream tokenizes, so nothing is known before its answer)."""
+        self._expire(now)
+        self._tokens.append(Charge(now, tokens))
+        self._token_sum += tokens
+
+    def meter(self) -> "Meter":
+        return Meter(self)
+
+    def _frees(self, tokens: int, now: float) -> float:
+        """Seconds until enough of the window expires for `tokens` more to fit."""
+        left = self._token_sum
+        for c in self._tokens:
+            left -= c.tokens
+            if left + tokens <= self.tpm:
+                return c.at + WINDOW - now
+        return WINDOW
+
+
+class Meter:
+    """The reserve/settle pair one EngineRequest carries (see engine.types.EngineRequest)."""
+
+    def __init__(self, quota: Quota) -> None:
+        self.quota = quota
+        self.charge: Charge | None = None
+
+    def reserve(self, tokens: int) -> None:
+        self.charge = self.quota.reserve(tokens, time.monotonic())
+
+    def settle(self, tokens: int) -> None:
+        if self.charge is not None:
+            self.quota.settle(self.charge, tokens)
 
 
 class KeyChecker:

@@ -8,6 +8,7 @@ JSON body. The two routes differ only in how they build EngineRequests and which
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Callable
 
@@ -38,7 +39,7 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
     engine = state.registry.get(body.model).require_ready()
-    events = merge(await prime_all([engine.generate(r) for r in build(deadline)]))
+    events = merge(await prime_all([engine.generate(r) for r in metered(request, build(deadline))]))
     if body.stream:
         return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
@@ -46,6 +47,17 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     if result is None:   # the client left; nobody will read this
         return Response(status_code=499)
     return JSONResponse(result)
+
+
+def metered(request: Request, reqs: list[EngineRequest]) -> list[EngineRequest]:
+    """Give each EngineRequest its key's tpm meter: the engine reserves before any work and
+    settles when the request ends (api/auth)."""
+    quota = getattr(request.state, "quota", None)
+    if quota is None or not quota.tpm:
+        return reqs
+    meters = [quota.meter() for _ in reqs]
+    request.state.meters = meters
+    return [dataclasses.replace(r, reserve=m.reserve, settle=m.settle) for r, m in zip(reqs, meters)]
 
 
 def check_limits(limits: Limits, n: int, stops: tuple[str, ...], logprobs: int | None, prompts: int) -> None:
@@ -97,7 +109,8 @@ def reporter(request: Request, endpoint: str) -> Callable[[Completion], None]:
         request.app.state.metrics.generation(endpoint, out.t0, out.first_token, out.prompt_tokens,
                                              out.completion_tokens)
         quota = getattr(request.state, "quota", None)
-        if quota is not None:
+        meters = getattr(request.state, "meters", [])
+        if meters and not any(m.charge for m in meters):   # an engine that does not meter
             quota.spend(out.prompt_tokens + out.completion_tokens, time.monotonic())
         request.state.log = {"id": out.id, "prompt_tokens": out.prompt_tokens,
                              "completion_tokens": out.completion_tokens,

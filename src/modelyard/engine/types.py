@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Callable, Mapping, Union
 
 
 class FinishReason(str, enum.Enum):
@@ -58,6 +58,37 @@ class EngineRequest:
     # chat: the engine renders these with the model's template (embedded) or passes them on
     # to the upstream's /chat/completions (proxy); `prompt` is then unused.
     messages: tuple[dict, ...] | None = None
+    # Token metering (per-key tpm quotas, api/auth). An engine that counts tokens calls
+    # reserve(most it may use: prompt + n * max_tokens, resolved) before any work, which may
+    # raise RateLimited, and settle(tokens computed: prompt prefilled + generated) once, on the
+    # event loop, when the request ends however it ends. None: not metered.
+    reserve: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    settle: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+
+
+_BYTES = "bytes:"
+
+
+def token_text(piece: bytes) -> str:
+    """A token's text for logprobs; a piece that is not whole UTF-8 is shown as its bytes
+    ("bytes:\\xe2\\x80", as OpenAI writes them). `token_bytes` is its inverse."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return _BYTES + "".join(f"\\x{b:02x}" for b in piece)
+
+
+def token_bytes(text: str) -> bytes:
+    """A logprobs token's raw bytes: the piece itself, also for a partial UTF-8 byte token."""
+    if text.startswith(_BYTES):
+        hexes = text[len(_BYTES):].split("\\x")[1:]
+        try:
+            raw = bytes(int(h, 16) for h in hexes)
+        except ValueError:
+            raw = None
+        if raw is not None and token_text(raw) == text:
+            return raw
+    return text.encode("utf-8")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine.types import ChoiceDelta, EngineOutput, FinishReason, TokenLogprobs, Usage
+from ..engine.types import ChoiceDelta, EngineOutput, FinishReason, TokenLogprobs, Usage, token_text
 from ..errors import DeadlineExceeded, EngineError, ModelyardError
 from .request import Request, RequestStatus, Sequence
 from .runner import Logits, Runner, Vocab
@@ -21,14 +21,6 @@ def _engine_error(exc: Exception) -> ModelyardError:
     if isinstance(exc, ModelyardError):
         return exc
     return EngineError(f"generation failed: {type(exc).__name__}: {exc}")
-
-
-def token_text(piece: bytes) -> str:
-    """A token's text for logprobs; a piece that is not whole UTF-8 is shown as its bytes."""
-    try:
-        return piece.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
 
 class EngineCore:
@@ -70,9 +62,15 @@ class EngineCore:
     def abort(self, request_id: str, error: ModelyardError | None = None) -> None:
         req = self.scheduler.find(request_id)
         if req is not None:
-            self.scheduler.retire(req, RequestStatus.ABORTED)
+            self._retire(req, RequestStatus.ABORTED)
             if error is not None:
                 self.emit([(req, error)])
+
+    def _retire(self, req: Request, status: RequestStatus) -> None:
+        """Every way a request ends passes here, so its quota is settled however it ended."""
+        self.scheduler.retire(req, status)
+        if req.on_end is not None:
+            req.on_end(req.num_charged)
 
     # -- update -------------------------------------------------------------------------
 
@@ -101,7 +99,7 @@ class EngineCore:
         start = seq.detok.length
         text = seq.detok.flush() if eog else seq.detok.push(self.vocab.piece(sample.token))
         if sample.logprob is not None and not eog:
-            top = {token_text(self.vocab.piece(t)): lp for t, lp in sample.top} if sample.top else None
+            top = {token_text(self.vocab.piece(t)): lp for t, lp in sample.top}
             seq.pending.append((token_text(self.vocab.piece(sample.token)), start, sample.logprob, top))
         out, stopped = seq.stop.push(text)
         if not stopped and (eog or len(seq.output_ids) >= req.max_tokens):
@@ -128,7 +126,7 @@ class EngineCore:
         if seq.finished:
             self.scheduler.release(seq)
             if req.done:
-                self.scheduler.retire(req, RequestStatus.FINISHED)
+                self._retire(req, RequestStatus.FINISHED)
                 self._out.setdefault(req, []).append(Usage(req.num_prompt, req.num_output))
 
     def _release_logprobs(self, req: Request, seq: Sequence, cut: bool) -> TokenLogprobs | None:
@@ -158,8 +156,11 @@ class EngineCore:
             ids = np.append(top_k(row, k), token) if k else np.array([token])
             lps = log_softmax_at(row, ids)
             lp.token_logprobs.append(float(lps[-1]))
-            lp.top_logprobs.append({token_text(self.vocab.piece(int(t))): float(v)
-                                    for t, v in zip(ids[:-1], lps[:-1])} if k else None)
+            # the k best, then the prompt's own token if it is not among them (as for samples)
+            top = {token_text(self.vocab.piece(int(t))): float(v) for t, v in zip(ids[:-1], lps[:-1])}
+            if token not in ids[:-1]:
+                top[token_text(self.vocab.piece(token))] = float(lps[-1])
+            lp.top_logprobs.append(top)
         req.last_prompt_row = logits(chunk.first_row + chunk.end - 1 - chunk.start).copy()
 
     # -- failure, deadlines, output ----------------------------------------------------
@@ -168,7 +169,7 @@ class EngineCore:
         for req in batch.requests:
             if req.status is RequestStatus.RUNNING:
                 self.scheduler.discard_kv(req)
-                self.scheduler.retire(req, RequestStatus.ABORTED)
+                self._retire(req, RequestStatus.ABORTED)
             self._out.pop(req, None)
             self.emit([(req, error)])
 

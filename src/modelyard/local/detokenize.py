@@ -9,8 +9,9 @@ Invalid bytes become U+FFFD (REPLACEMENT CHARACTER); it never raises.
 from __future__ import annotations
 
 import codecs
+from typing import Callable
 
-__all__ = ["Detokenizer"]
+__all__ = ["Detokenizer", "align_to_text"]
 
 
 class Detokenizer:
@@ -41,3 +42,33 @@ class Detokenizer:
             self._parts.append(out)
             self.length += len(out)
         return out
+
+
+def align_to_text(text: str, ids: list[int], piece: Callable[[int], bytes],
+                  tokenize: Callable[[str], list[int]], longest_special: int = 64) -> tuple[list[bytes], list[int]]:
+    """echo + logprobs: each prompt token's bytes and its offset (in characters) in `text`, the
+    text it was tokenized from, so that text[offset[i]:offset[i+1]] is token i's text.
+
+    Pieces alone do not add up to the text: a control token written in the prompt
+    ("<start_of_turn>", "<|im_start|>") renders as an empty piece but takes its written text,
+    while one the tokenizer added (gemma's BOS) takes none. An empty piece is given the shortest
+    text at its position that tokenizes to exactly that token, or none. A token that ends inside
+    a UTF-8 character is placed at the character's start, as a stream's offsets are."""
+    raw = text.encode("utf-8")
+    pos = 0
+    pieces, offsets = [], []
+    for t in ids:
+        p = piece(t)
+        if not p:
+            for end in range(pos + 1, min(len(raw), pos + longest_special) + 1):
+                try:
+                    candidate = raw[pos:end].decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                if tokenize(candidate) == [t]:
+                    p = raw[pos:end]
+                    break
+        offsets.append(len(raw[:pos].decode("utf-8", "ignore")))
+        pieces.append(p)
+        pos += len(p)
+    return pieces, offsets

@@ -23,7 +23,7 @@ from ..errors import EngineError, InvalidRequest, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore, token_text
-from .detokenize import Detokenizer
+from .detokenize import Detokenizer, align_to_text
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
 from .prefix_cache import HostCache
 from .request import Request, Sequence, completion_budget
@@ -133,6 +133,10 @@ class LocalEngine:
             req = await asyncio.to_thread(self._build, request, sink)
             if self._stopped:           # stopped meanwhile: nobody would read the inbox
                 raise EngineError(STOPPED)
+            if request.reserve is not None:   # may raise RateLimited: before the engine sees it
+                request.reserve(req.num_prompt + req.n * req.max_tokens)
+                settle, loop = request.settle, self._loop
+                req.on_end = lambda used: loop.call_soon_threadsafe(settle, used)
             self._inbox.put(("add", req))
             done = False
             while True:
@@ -198,7 +202,7 @@ class LocalEngine:
         if r.echo and r.messages is None:
             echo = r.prompt if isinstance(r.prompt, str) else self._detokenize(ids)
             if r.sampling.logprobs is not None:
-                prompt_lp = self._prompt_tokens(ids)
+                prompt_lp = self._prompt_tokens(ids, echo)
         return Request(r.request_id, ids, max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline)
 
     def _prompt_ids(self, r: EngineRequest) -> list[int]:
@@ -210,15 +214,12 @@ class LocalEngine:
         d = Detokenizer()
         return "".join(d.push(self.model.piece(t)) for t in ids) + d.flush()
 
-    def _prompt_tokens(self, ids: list[int]) -> TokenLogprobs:
-        d = Detokenizer()
-        lp = TokenLogprobs()
-        for t in ids:
-            lp.text_offset.append(d.length)
-            piece = self.model.piece(t)
-            lp.tokens.append(token_text(piece))
-            d.push(piece)
-        return lp
+    def _prompt_tokens(self, ids: list[int], echo: str) -> TokenLogprobs:
+        """The echoed prompt's tokens and offsets, aligned to the echoed text (control tokens
+        written in the prompt keep their text; see align_to_text)."""
+        pieces, offsets = align_to_text(echo, ids, self.model.piece,
+                                        lambda s: self.model.tokenize(s, add_special=False))
+        return TokenLogprobs(tokens=[token_text(p) for p in pieces], text_offset=offsets)
 
     def _fail_all(self, error: EngineError) -> None:
         for put in self._sinks.values():

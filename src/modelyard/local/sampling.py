@@ -19,7 +19,9 @@ from ..engine.types import SamplingParams
 class Sample:
     token: int
     logprob: float | None = None                        # set when logprobs were asked for
-    top: tuple[tuple[int, float], ...] | None = None    # (token, logprob), best first
+    # (token, logprob): the k best, best first, then the sampled token if it is not among them
+    # (OpenAI's and vLLM's legacy contract: up to k + 1 entries, the sampled one always there)
+    top: tuple[tuple[int, float], ...] | None = None
 
 
 def log_softmax_at(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -63,8 +65,10 @@ class Sampler:
         if k is None:
             return Sample(token)
         ids = top_k(row, k) if k > 0 else np.empty(0, np.int64)
-        lps = log_softmax_at(row, np.append(ids, token))
+        lps = log_softmax_at(row, np.append(ids, token))      # the raw row only: batch-invariant
         top = tuple(zip(ids.tolist(), lps[:-1].tolist()))
+        if token not in ids:
+            top += ((token, float(lps[-1])),)
         return Sample(token, float(lps[-1]), top)
 
     def _adjusted(self, row: np.ndarray) -> np.ndarray:
