@@ -115,8 +115,7 @@ def test_host_cache_put_skips_what_it_cannot_hold_and_dedupes_prefixes() -> None
 def test_shared_prefix_against_the_obvious_loop() -> None:
     import numpy as np
 
-    from modelyard.local.prefix_cache import shared_prefix
-    from modelyard.local.slots import common_prefix
+    from modelyard.local.slots import common_prefix, shared_prefix
     rng = np.random.default_rng(3)
     for _ in range(200):
         a = rng.integers(0, 3, rng.integers(0, 12))

@@ -20,16 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .slots import shared_prefix
+
 # Prefixes shorter than this are not worth a host copy: recomputing them is about as fast.
 MIN_TOKENS = 32
-
-
-def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the common prefix of two token arrays (vectorised: entries are compared at
-    every admission, and many may share a long system prompt)."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,14 +9,26 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+import numpy as np
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists (the slots' caches grow every step, so they
+    stay lists: converting one to an array costs more than this loop)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
             break
         n += 1
     return n
+
+
+def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """common_prefix of two token arrays, vectorised (the host cache's entries are immutable
+    arrays, compared with every admitted prompt)."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
 
 
 class SlotPool:
