@@ -1,7 +1,8 @@
-"""The one request type that crosses the engine boundary, and what engines yield back.
+"""The request types that cross the engine boundary, and what engines give back.
 
-The API layer builds an EngineRequest from a validated HTTP body; engines yield ChoiceDelta
-events and, last, one Usage. Engines never see HTTP; the API never sees which engine runs.
+The API layer builds an EngineRequest (completions, chat) or an EmbeddingRequest from a validated
+HTTP body; generating engines yield ChoiceDelta events and, last, one Usage; embedding engines
+return one EmbeddingResult. Engines never see HTTP; the API never sees which engine runs.
 """
 
 from __future__ import annotations
@@ -134,3 +135,27 @@ class Usage:
 
 
 EngineOutput = Union[ChoiceDelta, Usage]
+
+
+class ModelType(str, enum.Enum):
+    """What an endpoint serves (the platform's `model_type`): one kind per endpoint."""
+    COMPLETIONS = "COMPLETIONS"     # /completions and /chat/completions
+    EMBEDDINGS = "EMBEDDINGS"       # /embeddings
+
+
+@dataclass
+class EmbeddingRequest:
+    request_id: str
+    # Normalised by the API: a string input becomes [string], a list of ids becomes [[ids]].
+    inputs: tuple[str, ...] | tuple[tuple[int, ...], ...]
+    dimensions: int | None = None     # None: the model's own; engines that cannot reduce raise
+    truncate: bool = False            # True: inputs past the context are cut (documented), else 400
+    deadline: float | None = None
+    reserve: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    settle: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: tuple[tuple[float, ...], ...]   # one per input, in input order, as the model's library gives them
+    prompt_tokens: int
