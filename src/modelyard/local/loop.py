@@ -18,20 +18,18 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from ..engine.types import EngineOutput, EngineRequest, TokenLogprobs, Usage
-from ..errors import EngineError, InvalidRequest, ModelyardError, QueueFull
+from ..engine.types import EngineOutput, EngineRequest, Usage
+from ..errors import EngineError, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
-from .core import EngineCore, token_text
-from .detokenize import Detokenizer, align_to_text
+from .core import EngineCore
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
 from .prefix_cache import HostCache
-from .request import Request, Sequence, completion_budget
+from .prepare import prepare
+from .request import Request
 from .runner import LlamaCppRunner
-from .sampling import Sampler
 from .scheduler import Scheduler
 from .slots import SlotPool
-from .stop import StopMatcher
 
 _STOP = object()
 log = logging.getLogger("modelyard.engine")
@@ -178,48 +176,8 @@ class LocalEngine:
         return put
 
     def _build(self, r: EngineRequest, sink) -> Request:
-        """Tokenize and validate on the caller's side, so a bad request costs no engine step."""
-        model = self.model
-        assert model is not None
-        ids = self._prompt_ids(r)
-        if not ids:
-            raise InvalidRequest("prompt is empty: it must contain at least one token", param="prompt")
-        bad = [t for t in ids if not 0 <= t < model.n_vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
-                                 param="prompt")
-        out_of_vocab = [t for t in r.sampling.logit_bias if not 0 <= t < model.n_vocab]
-        if out_of_vocab:
-            raise InvalidRequest(f"logit_bias names token {out_of_vocab[0]}, outside the vocabulary "
-                                 f"(0..{model.n_vocab - 1})", param="logit_bias")
-        max_tokens = completion_budget(r.max_tokens, len(ids), self.spec.context)
-        if r.n > self.spec.parallel:
-            raise InvalidRequest(f"n is {r.n}, but this endpoint runs at most {self.spec.parallel} "
-                                 "sequences at once", param="n")
-        seqs = [Sequence(i, Sampler(r.sampling.for_choice(i)), StopMatcher(r.stop)) for i in range(r.n)]
-        echo = None
-        prompt_lp = None
-        if r.echo and r.messages is None:
-            echo = r.prompt if isinstance(r.prompt, str) else self._detokenize(ids)
-            if r.sampling.logprobs is not None:
-                prompt_lp = self._prompt_tokens(ids, echo)
-        return Request(r.request_id, ids, max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline)
-
-    def _prompt_ids(self, r: EngineRequest) -> list[int]:
-        if r.messages is not None:
-            return self._chat.tokens(r.messages, self.model.tokenize, self.spec.chat_parse_special)
-        return list(r.prompt) if isinstance(r.prompt, tuple) else self.model.tokenize(r.prompt)
-
-    def _detokenize(self, ids: list[int]) -> str:
-        d = Detokenizer()
-        return "".join(d.push(self.model.piece(t)) for t in ids) + d.flush()
-
-    def _prompt_tokens(self, ids: list[int], echo: str) -> TokenLogprobs:
-        """The echoed prompt's tokens and offsets, aligned to the echoed text (control tokens
-        written in the prompt keep their text; see align_to_text)."""
-        pieces, offsets = align_to_text(echo, ids, self.model.piece,
-                                        lambda s: self.model.tokenize(s, add_special=False))
-        return TokenLogprobs(tokens=[token_text(p) for p in pieces], text_offset=offsets)
+        return prepare(r, self.model, self._chat, context=self.spec.context, parallel=self.spec.parallel,
+                       parse_special=self.spec.chat_parse_special, sink=sink)
 
     def _fail_all(self, error: EngineError) -> None:
         for put in self._sinks.values():
