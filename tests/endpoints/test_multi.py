@@ -177,3 +177,29 @@ def test_metrics_per_endpoint(client, gateway, admin):
     assert _value(samples, "modelyard_requests_total", route="/api/v1/endpoints/{name}", status="200") >= 3
     assert _value(samples, "modelyard_requests_total", endpoint="unknown", status="404") >= 1
     assert not [lab for n, lab, _ in samples if "not-configured" in lab.values()]
+
+
+# -- vLLM's tokenizer routes, per endpoint ----------------------------------------------------------
+
+def test_tokenize_answers_each_embedded_endpoint_with_its_own_tokenizer(admin, client):
+    """gemma3's tokenizer adds a BOS, smollm2's does not: add_special_tokens decides it, and the
+    tokens are what /completions feeds the model (its usage counts them)."""
+    for name, has_bos in ((SMOL, False), (GEMMA, True)):
+        info = admin.get("/tokenizer_info", params={"model": name}).json()
+        assert info["add_bos_token"] is has_bos and info["model_max_length"] == 512, info
+        with_special = admin.post("/tokenize", json={"model": name, "prompt": PROMPT}).json()
+        plain = admin.post("/tokenize", json={"model": name, "prompt": PROMPT, "add_special_tokens": False}).json()
+        assert with_special["tokens"][1 if has_bos else 0:] == plain["tokens"], (name, with_special, plain)
+        assert len(with_special["tokens"]) - len(plain["tokens"]) == int(has_bos)
+        usage = client.completions.create(model=name, prompt=PROMPT, max_tokens=1).usage
+        assert usage.prompt_tokens == with_special["count"], name
+        back = admin.post("/detokenize", json={"model": name, "tokens": plain["tokens"]}).json()
+        assert back == {"prompt": PROMPT}
+
+
+def test_tokenize_needs_a_model_when_several_endpoints_and_refuses_a_remote_one(admin):
+    r = admin.post("/tokenize", json={"prompt": PROMPT})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    assert "2 embedded endpoints" in r.json()["error"]["message"]
+    r = admin.get("/tokenizer_info", params={"model": REMOTE})
+    assert r.status_code == 400 and "remote engine" in r.json()["error"]["message"], r.text

@@ -17,8 +17,8 @@ def build(prompt, **kw):
 
 @pytest.mark.parametrize("prompt, kw, param, words", [
     ("", {}, "prompt", "empty"),
-    ([1, 40], {}, "prompt", "token 40 is outside the vocabulary (0..39)"),
-    ([-1], {}, "prompt", "token -1 is outside"),
+    ([1, 40], {}, "prompt", "prompt holds token 40, which is outside the vocabulary (0..39)"),
+    ([-1], {}, "prompt", "token -1, which is outside"),
     ("ab", {"sampling": SamplingParams(logit_bias={99: 1.0})}, "logit_bias", "token 99, outside"),
     ("ab", {"n": 5}, "n", "n is 5, but this endpoint runs at most 4"),
     ("ab", {"max_tokens": 31}, "max_tokens", "31"),

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from ..engine.types import EngineOutput, EngineRequest, Usage
 from ..errors import EngineError, ModelyardError, QueueFull
@@ -25,7 +26,7 @@ from .chat_template import ChatTemplate
 from .core import EngineCore
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
 from .prefix_cache import HostCache
-from .prepare import prepare
+from .prepare import check_ids, detokenize, prepare, prompt_ids
 from .request import Request
 from .runner import LlamaCppRunner
 from .scheduler import Scheduler
@@ -51,6 +52,9 @@ class LocalEngine:
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
         self._stopped = False
+        self._vocab_cond = threading.Condition()
+        self._vocab_readers = 0
+        self._vocab_closed = False
 
     # -- lifecycle (event loop) ---------------------------------------------------------
 
@@ -176,8 +180,66 @@ class LocalEngine:
         return put
 
     def _build(self, r: EngineRequest, sink) -> Request:
-        return prepare(r, self.model, self._chat, context=self.spec.context, parallel=self.spec.parallel,
-                       parse_special=self.spec.chat_parse_special, sink=sink)
+        with self._vocab_use():
+            return prepare(r, self.model, self._chat, context=self.spec.context, parallel=self.spec.parallel,
+                           parse_special=self.spec.chat_parse_special, sink=sink)
+
+    @contextlib.contextmanager
+    def _vocab_use(self) -> Iterator[LlamaModel]:
+        """Worker threads read the vocabulary while the engine thread may be closing the model
+        (a stop): the close waits for every reader, and no reader starts after it."""
+        with self._vocab_cond:
+            if self.model is None or self._vocab_closed:
+                raise EngineError(STOPPED if self._stopped else "the engine is not running")
+            self._vocab_readers += 1
+        try:
+            yield self.model
+        finally:
+            with self._vocab_cond:
+                self._vocab_readers -= 1
+                self._vocab_cond.notify_all()
+
+    def _close_model(self) -> None:
+        with self._vocab_cond:
+            self._vocab_closed = True
+            self._vocab_cond.wait_for(lambda: self._vocab_readers == 0)
+        self.model.close()
+
+    # -- the tokenizer routes (/tokenize, /detokenize, /tokenizer_info) ----------------------
+    # On worker threads like _build: the vocabulary is read-only, and a long text must not
+    # stall the event loop.
+
+    async def tokenize(self, text: str | None, messages: tuple[dict, ...] | None, add_special: bool) -> list[int]:
+        """Text as /completions tokenizes a prompt (special tokens written in it parsed), or
+        `messages` as /chat/completions feeds them to the model."""
+        def run() -> list[int]:
+            with self._vocab_use() as model:
+                if messages is not None:
+                    r = EngineRequest("tokenize", "", messages=messages)
+                    return prompt_ids(r, model, self._chat, self.spec.chat_parse_special)
+                return model.tokenize(text or "", add_special)
+        return await asyncio.to_thread(run)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        def run() -> str:
+            with self._vocab_use() as model:
+                check_ids(ids, model, "tokens")
+                return detokenize(model, ids)
+        return await asyncio.to_thread(run)
+
+    async def token_strs(self, ids: list[int]) -> list[str]:
+        def run() -> list[str]:
+            with self._vocab_use() as model:
+                check_ids(ids, model, "tokens")
+                return [model.vocab_text(t) for t in ids]
+        return await asyncio.to_thread(run)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        with self._vocab_use() as model:
+            return {"tokenizer_class": f"llama.cpp:{model.vocab_type}", "vocab_size": model.n_vocab,
+                    "bos_token": model.bos_text or None, "eos_token": model.eos_text or None,
+                    "add_bos_token": model.add_bos, "model_max_length": self.spec.context,
+                    "chat_template": model.chat_template()}
 
     def _fail_all(self, error: EngineError) -> None:
         for put in self._sinks.values():
@@ -213,7 +275,7 @@ class LocalEngine:
                      self.build_info["system_info"])
         except Exception as exc:  # any load failure marks the endpoint failed, with the reason
             if self.model is not None:      # the weights loaded, the context did not
-                self.model.close()
+                self._close_model()
             started.set_exception(exc if isinstance(exc, ModelyardError)
                                   else EngineError(f"cannot load {self.model_path}: {exc}"))
             return
@@ -229,7 +291,7 @@ class LocalEngine:
             self._loop.call_soon_threadsafe(self._fail_all, EngineError(f"engine failed: {self._broken}"))
         finally:
             ctx.close()
-            self.model.close()
+            self._close_model()
 
     def _serve(self) -> None:
         core = self._core

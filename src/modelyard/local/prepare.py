@@ -40,7 +40,7 @@ def check_ids(ids: Seq[int], vocab: Vocab, param: str) -> None:
     """Token ids a client sent must name tokens of this vocabulary."""
     bad = next((t for t in ids if not 0 <= t < vocab.n_vocab), None)
     if bad is not None:
-        raise InvalidRequest(f"{param} token {bad} is outside the vocabulary (0..{vocab.n_vocab - 1})",
+        raise InvalidRequest(f"{param} holds token {bad}, which is outside the vocabulary (0..{vocab.n_vocab - 1})",
                              param=param)
 
 
