@@ -5,11 +5,13 @@ its upstream cannot take is a 400 naming the field, never a request sent without
 come back as unconstrained text with a 200).
 
   kind            json_schema                   regex        choice               lark / gbnf
-  openai          response_format               -            -                    -
+  openai, ollama  response_format               -            -                    -
   vllm, modelyard structured_outputs.json       .regex       .choice              .grammar
   sglang          response_format               regex        regex (alternation)  ebnf (gbnf only)
   llama-server    json_schema                   -            grammar (GBNF)       grammar (gbnf only)
-  ollama          format                        -            -                    -
+
+(Ollama's native `format` belongs to its /api routes; its OpenAI-compatible /v1, which this
+gateway calls, takes response_format.)
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ def constraint_fields(kind: str, endpoint: str, c: Constraint) -> dict[str, Any]
             return {"structured_outputs": {"json": schema}}
         if kind == "llama-server":
             return {"json_schema": schema}
-        if kind == "ollama":
-            return {"format": "json" if c.source == OBJECT else schema}
         if c.source == OBJECT:
             return {"response_format": {"type": "json_object"}}
         return {"response_format": {"type": "json_schema",
