@@ -204,3 +204,6 @@ def test_same_tokens_alone_and_among_mixed_neighbours(client, server):
         assert after["text"] == before["text"] and after["logprobs"] == before["logprobs"]
     status = server.endpoint()
     assert status["grammar_masks"] > 0 and status["grammar_cache_hits"] >= 1
+    metrics = httpx.get(server.base + "/metrics", headers=server.headers, timeout=10).text
+    requests = [line for line in metrics.splitlines() if line.startswith("modelyard_grammar_requests_total{")]
+    assert requests and float(requests[0].split()[-1]) == status["grammar_requests"] >= 9, requests

@@ -74,7 +74,8 @@ class Grammars:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, llguidance.LLMatcher] = OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="grammar")
-        # counters for the status and /metrics
+        # counters for the status and /metrics (metrics.GRAMMAR_COUNTERS)
+        self.requests = 0
         self.compiled = 0
         self.cache_hits = 0
         self.compile_seconds = 0.0
@@ -94,6 +95,7 @@ class Grammars:
         """One fresh matcher per choice; InvalidRequest if the constraint cannot be compiled."""
         key = (c.kind, c.source, c.strict)
         with self._lock:
+            self.requests += 1
             compiled = self._cache.get(key)
             if compiled is not None:
                 self._cache.move_to_end(key)
@@ -131,7 +133,7 @@ class Grammars:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def status(self) -> dict[str, float | int]:
-        return {"grammar_compiled": self.compiled, "grammar_cache_hits": self.cache_hits,
+        return {"grammar_requests": self.requests, "grammar_compiled": self.compiled, "grammar_cache_hits": self.cache_hits,
                 "grammar_failed": self.failed, "grammar_compile_seconds": round(self.compile_seconds, 6),
                 "grammar_masks": self.masks, "grammar_mask_seconds": round(self.mask_seconds, 6)}
 
