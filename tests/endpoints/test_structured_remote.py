@@ -71,16 +71,29 @@ def test_each_upstream_dialect_gets_the_constraint_or_a_400(gateway, fields, tak
             assert err["param"] == next(iter(fields)) and KINDS[name] in err["message"], err
 
 
-def test_a_required_tool_call_through_a_remote_endpoint(gateway):
+def test_tools_go_upstream_as_sent_and_its_calls_come_back(gateway):
+    """The upstream (a modelyard: its embedded engine constrains the call) makes the call; the
+    gateway relays its tool_calls, whole and streamed, whatever the upstream's dialect."""
     messages = [{"role": "user", "content": "Look up Oslo."}]
     calls = {}
     for name in (SMOL, "remote-vllm", "remote-openai"):
         r = ask(gateway, "/chat/completions", name, messages=messages, tools=[TOOL], tool_choice="required")
         assert r.status_code == 200, (name, r.text)
         choice = r.json()["choices"][0]
-        assert choice["finish_reason"] == "tool_calls", (name, choice)
-        fn = choice["message"]["tool_calls"][0]["function"]
-        calls[name] = (fn["name"], json.loads(fn["arguments"]))
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, (name, choice)
+        (call,) = choice["message"]["tool_calls"]
+        assert call["id"].startswith("call_") and call["type"] == "function"
+        calls[name] = (call["function"]["name"], json.loads(call["function"]["arguments"]))
     assert calls["remote-vllm"] == calls[SMOL] == calls["remote-openai"]
+    with httpx.stream("POST", f"{gateway}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=120, json={"model": "remote-openai", "max_tokens": 40, "messages": messages,
+                                         "tools": [TOOL], "tool_choice": "required", "stream": True}) as r:
+        assert r.status_code == 200
+        data = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    parts = [tc for d in data for c in d["choices"] for tc in c["delta"].get("tool_calls") or []]
+    assert len(parts) == 1 and parts[0]["index"] == 0
+    assert (parts[0]["function"]["name"], json.loads(parts[0]["function"]["arguments"])) == calls[SMOL]
+    assert data[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # "auto" goes upstream too: this upstream's embedded engine refuses it, and says why
     r = ask(gateway, "/chat/completions", "remote-vllm", messages=messages, tools=[TOOL])
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+    assert r.status_code == 400 and "tool_choice" in r.json()["error"]["message"], r.text

@@ -532,3 +532,17 @@ async def test_real_upstream_completes_cancels_and_goes_unready_when_stopped():
     reason = engine.ready_reason()
     await engine.stop()
     assert reason == f"no replica answers: {url}: connection refused"
+
+
+# -- tool-call deltas from an upstream ----------------------------------------------------------
+
+def test_tool_call_deltas_are_read_and_checked():
+    from modelyard.proxy.engine import read_chunk
+    from modelyard.proxy.sse import SSEError
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\""}}]}}]}
+    (delta,) = read_chunk(chunk, 1)
+    assert delta.tool_calls == ({"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{\"a\""}},)
+    bad = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": {"a": 1}}}]}}]}
+    with pytest.raises(SSEError, match="arguments is dict, not a string"):
+        read_chunk(bad, 1)

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from dataclasses import dataclass, field
+
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..engine.types import ChoiceDelta, EngineRequest, TokenLogprobs, token_bytes
@@ -100,11 +102,12 @@ class ChatRequest(GenerationRequest):
         return self._tool_names
 
     @property
-    def tool_mode(self) -> str | None:
+    def tool_mode(self) -> str | dict | None:
+        """tool_choice as given (its default with tools: "auto"); None without tools."""
         if not self.tools:
             return None
         c = self.tool_choice
-        return c if isinstance(c, str) else ("function" if c is not None else "auto")
+        return c.model_dump() if isinstance(c, NamedToolChoice) else (c or "auto")
 
     @property
     def k_logprobs(self) -> int | None:
@@ -123,10 +126,11 @@ def chat_logprobs(lp: TokenLogprobs | None, k: int) -> dict | None:
                         for t, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)]}
 
 
+@dataclass
 class ChatCompletion(Completion):
     """The chat shapes of the same events: message/delta instead of text."""
 
-    top_k = 0     # the request's top_logprobs
+    top_k: int = 0     # the request's top_logprobs
 
     def envelope(self, choices: list[dict], obj: str = "chat.completion.chunk") -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -134,11 +138,24 @@ class ChatCompletion(Completion):
     # tool_choice "required" or named: the output is constrained to {"name", "arguments"} JSON,
     # returned as OpenAI's tool_calls. Streamed whole at the choice's end (one tool-call delta
     # with the complete arguments): the text is only a call once it is complete.
-    tool_names: list[str] | None = None
+    tool_names: list[str] | None = None     # embedded: the functions the constrained text calls
+    # A remote engine's upstream makes the calls itself and streams OpenAI's tool-call deltas:
+    # merged per choice (id and name from the first, arguments concatenated).
+    calls: dict[int, dict[int, dict]] = field(default_factory=dict)
+
+    def collect(self, prompt: int, d: ChoiceDelta) -> None:
+        super().collect(prompt, d)
+        for part in d.tool_calls or ():
+            merged = self.calls.setdefault(self.index(prompt, d), {}).setdefault(int(part.get("index") or 0), {
+                "id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+            fn = part.get("function") or {}
+            merged["id"] = merged["id"] or part.get("id")
+            merged["function"]["name"] = merged["function"]["name"] or fn.get("name")
+            merged["function"]["arguments"] += fn.get("arguments") or ""
 
     def chunk(self, prompt: int, d: ChoiceDelta) -> dict | None:
         i = self.index(prompt, d)
-        if self.tool_names is not None:
+        if self.tool_names is not None or d.tool_calls or i in self.calls:
             self.collect(prompt, d)
             if d.finish_reason is None:
                 return None
@@ -164,6 +181,9 @@ class ChatCompletion(Completion):
 
     def _message(self, i: int) -> tuple[dict, str | None]:
         text, finish = "".join(self.texts.get(i, [])), self.finish.get(i)
+        if i in self.calls:      # relayed from an upstream
+            calls = [{**c, "id": c["id"] or f"call_{uuid.uuid4().hex[:24]}"} for _, c in sorted(self.calls[i].items())]
+            return {"role": "assistant", "content": text or None, "tool_calls": calls}, finish
         if self.tool_names is None or finish != "stop":
             # cut by max_tokens: the partial text, finish "length", as OpenAI does; never repaired
             return {"role": "assistant", "content": text}, finish

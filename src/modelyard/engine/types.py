@@ -75,7 +75,7 @@ class EngineRequest:
     messages: tuple[dict, ...] | None = None
     constraint: Constraint | None = None      # structured output for every choice
     tools: tuple[dict, ...] | None = None     # chat: OpenAI tool definitions, for the chat template
-    tool_choice: str | None = None            # with tools: "auto" | "required" | "function" | "none"
+    tool_choice: str | dict | None = None     # with tools: "auto" | "required" | "none" | a named function
     # Token metering (per-key tpm quotas, api/auth). An engine that counts tokens calls
     # reserve(most it may use: prompt + n * max_tokens, resolved) before any work, which may
     # raise RateLimited, and settle(tokens computed: prompt prefilled + generated) once, on the
@@ -135,6 +135,8 @@ class ChoiceDelta:
     text: str = ""
     logprobs: TokenLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # an upstream's tool-call deltas, as OpenAI streams them ([{"index", "id", "function": {...}}])
+    tool_calls: tuple[dict, ...] | None = None
 
 
 @dataclass(frozen=True)

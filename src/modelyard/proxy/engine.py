@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 import httpx
 
 from ..engine.types import ChoiceDelta, EngineOutput, EngineRequest, FinishReason, TokenLogprobs, Usage
-from ..errors import (DeadlineExceeded, EndpointNotReady, InvalidRequest, ModelyardError, Upstream4xx, UpstreamError,
+from ..errors import (DeadlineExceeded, EndpointNotReady, ModelyardError, Upstream4xx, UpstreamError,
                       UpstreamTimeout)
 from ..settings import EndpointSpec
 from .sse import SSEError, json_events
@@ -227,12 +227,11 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
         body["seed"] = s.seed
     if s.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in s.logit_bias.items()}
-    if req.tools and req.tool_choice == "auto":
-        # The upstream's tool calls would come back in deltas this gateway does not relay yet.
-        raise InvalidRequest("tool_choice 'auto' (the default with tools) is not supported through remote "
-                             "endpoints yet: set tool_choice to 'required' or name a function", param="tool_choice")
-    if req.constraint is not None:
-        # tool_choice required/named arrives here as its call's JSON schema (api/chat maps it back)
+    if req.tools:
+        # The upstream calls tools itself (its template renders them, its parser finds the calls,
+        # "auto" included): tools and tool_choice go as sent, and its tool-call deltas come back.
+        body["tools"], body["tool_choice"] = list(req.tools), req.tool_choice
+    if req.constraint is not None and req.constraint.field != "tools":
         body.update(constraint_fields(spec.upstream_kind, spec.name, req.constraint))
     return body
 
@@ -332,18 +331,40 @@ def finish_reason(reason: Any) -> FinishReason | None:
 
 def to_delta(raw: dict) -> ChoiceDelta | None:
     """One upstream choice chunk; None when it carries nothing (some servers send empty ones)."""
+    calls = None
     if "delta" in raw:   # a chat chunk
         text = raw["delta"].get("content") or ""
         logprobs = chat_to_logprobs(raw.get("logprobs"))
+        calls = tool_call_parts(raw["delta"].get("tool_calls"))
+    elif "message" in raw:   # a whole chat answer sent as one chunk (some servers do)
+        text = raw["message"].get("content") or ""
+        logprobs = chat_to_logprobs(raw.get("logprobs"))
+        calls = tool_call_parts(raw["message"].get("tool_calls"))
     else:
         text = raw.get("text") or ""
         logprobs = to_logprobs(raw.get("logprobs"))
     finish = finish_reason(raw.get("finish_reason"))
     if not isinstance(text, str):
         raise TypeError(f"text/content is {type(text).__name__}, not a string")
-    if not text and logprobs is None and finish is None:
+    if not text and logprobs is None and finish is None and not calls:
         return None
-    return ChoiceDelta(int(raw.get("index") or 0), text, logprobs, finish)
+    return ChoiceDelta(int(raw.get("index") or 0), text, logprobs, finish, calls)
+
+
+def tool_call_parts(raw: Any) -> tuple[dict, ...] | None:
+    """An upstream's tool-call deltas, checked: each a dict whose function's name and arguments
+    (when present) are strings."""
+    if not raw:
+        return None
+    parts = []
+    for i, part in enumerate(raw):
+        fn = part.get("function") or {}
+        for key in ("name", "arguments"):
+            if fn.get(key) is not None and not isinstance(fn[key], str):
+                raise TypeError(f"tool_calls[{i}].function.{key} is {type(fn[key]).__name__}, not a string")
+        parts.append({"index": int(part.get("index", i)), "id": part.get("id"),
+                      "function": {k: fn[k] for k in ("name", "arguments") if fn.get(k) is not None}})
+    return tuple(parts)
 
 
 def chat_to_logprobs(raw: dict | None) -> TokenLogprobs | None:
