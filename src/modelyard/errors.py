@@ -7,6 +7,10 @@
     ├── Unauthorized                    AUTH             401   authentication_error
     ├── RateLimited                     RATE_LIMITED     429   rate_limit_error
     ├── ModelNotFound                   NOT_FOUND        404   not_found_error
+    ├── ObjectNotFound                  NOT_FOUND        404   not_found_error  (control plane: a key, ...)
+    ├── Forbidden                       FORBIDDEN        403   permission_error
+    ├── Conflict                        CONFLICT         409   conflict_error
+    ├── PreconditionFailed              PRECONDITION     412   precondition_failed  (If-Match)
     ├── EndpointNotReady                NOT_READY        400   model_not_ready
     ├── QueueFull                       OVERLOADED       503   server_overloaded
     ├── Upstream4xx                     UPSTREAM_CLIENT  (its own status: 400, 413, 422, 429)
@@ -36,6 +40,9 @@ class ErrorKind(enum.Enum):
     AUTH = (401, "authentication_error")
     RATE_LIMITED = (429, "rate_limit_error")
     NOT_FOUND = (404, "not_found_error")
+    FORBIDDEN = (403, "permission_error")
+    CONFLICT = (409, "conflict_error")
+    PRECONDITION = (412, "precondition_failed")
     NOT_READY = (400, "model_not_ready")
     OVERLOADED = (503, "server_overloaded")
     UPSTREAM_CLIENT = (400, "invalid_request_error")
@@ -103,6 +110,22 @@ class RateLimited(ModelyardError):
 
 class ModelNotFound(ModelyardError):
     kind = ErrorKind.NOT_FOUND
+
+
+class ObjectNotFound(ModelyardError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class Forbidden(ModelyardError):
+    kind = ErrorKind.FORBIDDEN
+
+
+class Conflict(ModelyardError):
+    kind = ErrorKind.CONFLICT
+
+
+class PreconditionFailed(ModelyardError):
+    kind = ErrorKind.PRECONDITION
 
 
 class EndpointNotReady(ModelyardError):

@@ -101,6 +101,24 @@ class EndpointSpec:
         return self.threads or (os.cpu_count() or 1)
 
 
+ADMIN_ROLES = ("admin", "viewer")
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    """A control-plane token (`[[admin_tokens]]` or MODELYARD_ADMIN_TOKEN): admin changes,
+    viewer reads. It is not an inference key, and an inference key is not one of these."""
+    name: str                               # who, in the audit log
+    token: str = field(repr=False)          # or "sha256:<hex>"
+    role: str = "admin"
+
+    def __post_init__(self) -> None:
+        if self.role not in ADMIN_ROLES:
+            raise ConfigError(f"admin token {self.name!r}: role must be one of {ADMIN_ROLES}, got {self.role!r}")
+        if not self.name or not self.token:
+            raise ConfigError("every admin token needs a name and a token")
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -115,6 +133,18 @@ class Settings:
     request_timeout: float = 0.0        # seconds per request; 0: none (X-Request-Timeout may set one)
     grace_period: float = 30.0          # seconds in-flight requests get to finish on shutdown
     allowed_origins: tuple[str, ...] = ()   # web origins whose pages may call the server ("*": any)
+    # The control plane (/api/v1/control): on when an admin token exists. Its store: this URL,
+    # or a SQLite file in the store directory.
+    admin_tokens: tuple[AdminToken, ...] = ()
+    database_url: str | None = field(default=None, repr=False)    # may hold a password
+
+    @property
+    def control_enabled(self) -> bool:
+        return bool(self.admin_tokens)
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.store_dir / 'control.db'}"
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.endpoints]
@@ -137,7 +167,7 @@ class Settings:
 
     def check_auth_policy(self) -> None:
         """Refuse to expose an unauthenticated server beyond this machine."""
-        if not self.all_keys and not self.loopback and not self.insecure_no_auth:
+        if not self.all_keys and not self.control_enabled and not self.loopback and not self.insecure_no_auth:
             raise ConfigError(
                 f"refusing to serve on {self.host} with no API keys: set [server] api_keys or "
                 "MODELYARD_API_KEYS, or pass --insecure-no-auth")
@@ -178,6 +208,13 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
             values["allowed_origins"] = tuple(server["allowed_origins"])
         if "store_dir" in server:
             values["store_dir"] = Path(server["store_dir"]).expanduser()
+        if "database_url" in server:
+            values["database_url"] = server["database_url"]
+        if "admin_tokens" in doc:
+            try:
+                values["admin_tokens"] = tuple(AdminToken(**t) for t in doc["admin_tokens"])
+            except TypeError as exc:
+                raise ConfigError(f"[[admin_tokens]]: {exc}") from None
         if "keys" in doc:
             try:
                 values["keys"] = tuple(KeySpec(**k) for k in doc["keys"])
@@ -190,6 +227,11 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
     if env.get("MODELYARD_API_KEYS"):
         keys = tuple(k.strip() for k in env["MODELYARD_API_KEYS"].split(",") if k.strip())
         values["api_keys"] = tuple(values.get("api_keys", ())) + keys
+    if env.get("MODELYARD_ADMIN_TOKEN"):
+        values["admin_tokens"] = tuple(values.get("admin_tokens", ())) + (
+            AdminToken("env", env["MODELYARD_ADMIN_TOKEN"], "admin"),)
+    if env.get("MODELYARD_DATABASE_URL"):
+        values["database_url"] = env["MODELYARD_DATABASE_URL"]
     if env.get("MODELYARD_HOME"):
         values["store_dir"] = Path(env["MODELYARD_HOME"]).expanduser()
     model = overrides.pop("model", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -12,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
-from . import chat, completions, errors, models, tokenizer
+from . import chat, completions, control, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
 from .middleware import BodyLimits, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
@@ -27,6 +28,15 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sync = None
+        if settings.control_enabled:
+            from ..control.db import open_database
+            from ..control.keys import KeyStore
+            from ..control.sync import KeySync
+            db = await asyncio.to_thread(open_database, settings.database)
+            app.state.key_store = KeyStore(db)
+            app.state.key_sync = sync = KeySync(app.state.key_store, app.state.keys)
+            await sync.start()
         registry.start()
         try:
             yield
@@ -34,6 +44,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             app.state.shutting_down = True
             registry.drain()
             await registry.stop()
+            if sync is not None:
+                await sync.stop()
+                await asyncio.to_thread(app.state.key_store.db.close)
 
     # The interactive docs and the OpenAPI document are a map of the API for whoever can reach
     # it, and /docs loads its page from a CDN: served on loopback only (README, "Configuration").
@@ -44,7 +57,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                   openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.registry = registry
-    app.state.keys = KeyChecker(settings.all_keys)
+    app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled)
     app.state.started = int(time.time())
     app.state.shutting_down = False
     errors.install(app)
@@ -55,7 +68,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BrowserGuard, settings=settings, keyless=not settings.all_keys)
+    app.add_middleware(BrowserGuard, settings=settings, keyless=not (settings.all_keys or settings.control_enabled))
     app.add_middleware(RequestLog)
     auth = [Depends(require_key)]
     routes: list[str] = []      # every route template we serve: the only route labels of metrics
@@ -66,6 +79,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.include_router(models.admin, prefix="/api/v1", dependencies=auth)
     app.include_router(models.probes)
     app.include_router(tokenizer.router, dependencies=auth)     # vLLM's place for them: the root
+    if settings.control_enabled:    # admin tokens, not inference keys (api/control)
+        app.include_router(control.router, prefix="/api/v1/control")
+        routes += ["/api/v1/control" + r.path for r in control.router.routes]
     routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
     routes += [r.path for r in tokenizer.router.routes]
     app.state.metrics = Metrics(registry, routes)

@@ -22,7 +22,7 @@ from collections import deque
 
 from fastapi import Request
 
-from ..errors import RateLimited, Unauthorized
+from ..errors import Forbidden, RateLimited, Unauthorized
 from ..settings import KeySpec
 
 WINDOW = 60.0
@@ -38,8 +38,11 @@ class Charge:
 
 
 class Quota:
-    def __init__(self, rpm: int, tpm: int) -> None:
+    def __init__(self, rpm: int, tpm: int, endpoints: frozenset[str] | None = None,
+                 expires_at: int | None = None) -> None:
         self.rpm, self.tpm = rpm, tpm
+        self.endpoints = endpoints          # a stored key may be limited to these endpoints
+        self.expires_at = expires_at        # unix seconds (a stored key's expiry)
         self._requests: deque[float] = deque()
         self._tokens: deque[Charge] = deque()
         self._token_sum = 0
@@ -130,12 +133,28 @@ class Meter:
 
 
 class KeyChecker:
-    def __init__(self, keys: tuple[KeySpec, ...]) -> None:
+    """Configured keys (the TOML file, the environment) and, with the control plane, the keys of
+    its store: `replace_stored` swaps those in (control/sync, every second), keeping the quota
+    windows of keys that stay."""
+
+    def __init__(self, keys: tuple[KeySpec, ...], control: bool = False) -> None:
         self._keys = [(_configured_digest(k.key), Quota(k.rpm, k.tpm)) for k in keys]
+        self._control = control
+        self._stored: dict[str, tuple[bytes, Quota]] = {}     # key id -> (digest, quota)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._keys) or self._control
+
+    def replace_stored(self, active) -> None:
+        """`active`: control.keys.ActiveKey records (revoked keys are not among them)."""
+        stored = {}
+        for k in active:
+            old = self._stored.get(k.id)
+            quota = old[1] if old is not None else Quota(k.rpm, k.tpm)
+            quota.rpm, quota.tpm, quota.endpoints, quota.expires_at = k.rpm, k.tpm, k.endpoints, k.expires_at
+            stored[k.id] = (k.digest, quota)
+        self._stored = stored      # one assignment: a request sees the old set or the new one
 
     def check(self, authorization: str | None) -> Quota | None:
         """The caller's quota (None when auth is off), or Unauthorized / RateLimited."""
@@ -147,11 +166,13 @@ class KeyChecker:
         found = self._find(token)
         if found is None:
             raise Unauthorized("invalid API key", code="invalid_api_key")
+        if found.expires_at is not None and time.time() >= found.expires_at:
+            raise Unauthorized("this API key has expired", code="expired_api_key")
         found.admit(time.monotonic())
         return found
 
     def knows(self, authorization: str | None) -> bool:
-        """Whether the header carries a configured key (no quota is counted: for open routes)."""
+        """Whether the header carries a valid key (no quota is counted: for open routes)."""
         scheme, _, token = (authorization or "").partition(" ")
         return self.enabled and scheme.lower() == "bearer" and bool(token.strip()) and \
             self._find(token) is not None
@@ -159,10 +180,19 @@ class KeyChecker:
     def _find(self, token: str) -> Quota | None:
         digest = hashlib.sha256(token.strip().encode()).digest()
         found = None
-        for d, quota in self._keys:     # no early exit: the time taken does not depend on which key
+        # no early exit: the time taken does not depend on which key matched
+        for d, quota in [*self._keys, *self._stored.values()]:
             if hmac.compare_digest(d, digest):
                 found = quota
         return found
+
+
+def check_endpoint(request: Request, endpoint: str) -> None:
+    """A key limited to some endpoints (control plane) may use only those."""
+    quota = getattr(request.state, "quota", None)
+    if quota is not None and quota.endpoints is not None and endpoint not in quota.endpoints:
+        raise Forbidden(f"this API key may not use model endpoint {endpoint!r}", param="model",
+                        code="endpoint_not_allowed")
 
 
 def _configured_digest(key: str) -> bytes:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..engine.types import EngineRequest, SamplingParams
 from ..errors import InvalidRequest
 from ..settings import Limits
+from .auth import check_endpoint
 from .errors import limit_error
 from .schemas import ErrorResponse, GenerationRequest
 from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
@@ -38,6 +39,7 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     out.on_done = reporter(request, body.model)
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
+    check_endpoint(request, body.model)
     engine = state.registry.get(body.model).require_ready()
     events = merge(await prime_all([engine.generate(r) for r in metered(request, build(deadline))]))
     if body.stream:

@@ -1,0 +1,158 @@
+"""The control plane's admin API under /api/v1/control (api keys and their audit log).
+
+Platform conventions: objects with `id`, `object`, unix `created_at`/`updated_at`; lists paged by
+`limit` + `after` returning {"object": "list", "data", "has_more", "last_id"}; PATCH where null
+resets a field; 422 in FastAPI's shape; 409 for conflicts; `ETag` on reads and `If-Match` on
+writes (412 when stale).
+
+Admin tokens (`[[admin_tokens]]`, MODELYARD_ADMIN_TOKEN) call it: role `admin` changes, `viewer`
+reads. An inference key is refused (403), and an admin token is no inference key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import Forbidden, Unauthorized
+from ..settings import AdminToken
+
+router = APIRouter()
+
+
+def _digest(token: str) -> bytes:
+    return bytes.fromhex(token[7:]) if token.startswith("sha256:") else hashlib.sha256(token.encode()).digest()
+
+
+def caller(request: Request) -> AdminToken:
+    """The admin token in the Authorization header, or 401/403."""
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'", code="invalid_admin_token")
+    digest = hashlib.sha256(token.strip().encode()).digest()
+    found = None
+    for admin in request.app.state.settings.admin_tokens:     # no early exit (timing)
+        if hmac.compare_digest(_digest(admin.token), digest):
+            found = admin
+    if found is None:
+        if request.app.state.keys.knows(request.headers.get("authorization")):
+            raise Forbidden("an inference API key cannot call the control plane; use an admin token",
+                            code="not_an_admin_token")
+        raise Unauthorized("invalid admin token", code="invalid_admin_token")
+    return found
+
+
+def viewer(request: Request) -> AdminToken:
+    return caller(request)
+
+
+def admin(request: Request) -> AdminToken:
+    who = caller(request)
+    if who.role != "admin":
+        raise Forbidden(f"admin token {who.name!r} is a viewer: it may read, not change", code="read_only_token")
+    return who
+
+
+def actor(who: AdminToken) -> str:
+    return f"{who.role}:{who.name}"
+
+
+class KeyFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=100)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    endpoints: list[str] | None = None
+    expires_at: int | None = Field(None, ge=0)
+
+
+class KeyCreate(KeyFields):
+    name: str = Field(min_length=1, max_length=100)
+
+
+def _check_fields(request: Request, body: KeyFields) -> None:
+    known = request.app.state.registry.endpoints
+    for i, name in enumerate(body.endpoints or ()):
+        if name not in known:
+            raise RequestValidationError([{"type": "value_error", "loc": ["body", "endpoints", i], "input": name,
+                                           "msg": f"unknown model endpoint {name!r}; this server serves: "
+                                                  f"{', '.join(sorted(known))}"}])
+    if body.expires_at is not None and body.expires_at <= time.time():
+        raise RequestValidationError([{"type": "value_error", "loc": ["body", "expires_at"], "input": body.expires_at,
+                                       "msg": "expires_at must be in the future (unix seconds)"}])
+
+
+def _etag(record: dict, response: Response) -> dict:
+    response.headers["ETag"] = f'"{record["revision"]}"'
+    return record
+
+
+def _if_match(value: str | None) -> int | None:
+    if value is None:
+        return None
+    raw = value.strip().removeprefix("W/").strip('"')
+    if not raw.isascii() or not raw.isdigit():
+        raise RequestValidationError([{"type": "value_error", "loc": ["header", "if-match"], "input": value,
+                                       "msg": "If-Match must be an ETag this API sent, such as \"3\""}])
+    return int(raw)
+
+
+async def _write(request: Request, work, *args, **kwargs) -> Any:
+    """A store call on a worker thread, then this process's keys refreshed at once."""
+    result = await asyncio.to_thread(work, *args, **kwargs)
+    await request.app.state.key_sync.refresh()
+    return result
+
+
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+@router.post("/api-keys", status_code=201, summary="Create an API key (its secret is in this answer only)")
+async def create_key(body: KeyCreate, request: Request, response: Response,
+                     who: AdminToken = Depends(admin)) -> dict:
+    _check_fields(request, body)
+    store = request.app.state.key_store
+    record, secret = await _write(request, store.create, actor(who), name=body.name, rpm=body.rpm, tpm=body.tpm,
+                                  endpoints=body.endpoints, expires_at=body.expires_at)
+    return {**_etag(record, response), "secret": secret}
+
+
+@router.get("/api-keys", summary="API keys, oldest first")
+async def list_keys(request: Request, limit: Limit = 20, after: str | None = None,
+                    _: AdminToken = Depends(viewer)) -> dict:
+    return await asyncio.to_thread(request.app.state.key_store.list, limit, after)
+
+
+@router.get("/api-keys/{key_id}", summary="One API key")
+async def get_key(key_id: str, request: Request, response: Response, _: AdminToken = Depends(viewer)) -> dict:
+    return _etag(await asyncio.to_thread(request.app.state.key_store.get, key_id), response)
+
+
+@router.patch("/api-keys/{key_id}", summary="Change a key's name or limits (null resets a limit)")
+async def patch_key(key_id: str, body: KeyFields, request: Request, response: Response,
+                    if_match: Annotated[str | None, Header()] = None, who: AdminToken = Depends(admin)) -> dict:
+    _check_fields(request, body)
+    changes = {k: getattr(body, k) for k in body.model_fields_set}
+    if changes.get("name", "") is None:
+        raise RequestValidationError([{"type": "value_error", "loc": ["body", "name"], "input": None,
+                                       "msg": "a key's name cannot be reset"}])
+    record = await _write(request, request.app.state.key_store.patch, actor(who), key_id, changes, _if_match(if_match))
+    return _etag(record, response)
+
+
+@router.post("/api-keys/{key_id}/revoke", summary="Revoke a key (final; every process refuses it within 2 s)")
+async def revoke_key(key_id: str, request: Request, response: Response, who: AdminToken = Depends(admin)) -> dict:
+    return _etag(await _write(request, request.app.state.key_store.revoke, actor(who), key_id), response)
+
+
+@router.get("/audit-log", summary="Every admin action: who, what, when (ids, never secrets)")
+async def audit_log(request: Request, limit: Limit = 20, after: str | None = None,
+                    _: AdminToken = Depends(viewer)) -> dict:
+    return await asyncio.to_thread(request.app.state.key_store.audit, limit, after)

@@ -1,0 +1,153 @@
+"""The control plane's database: one small interface, two backends, the same SQL.
+
+SQLite is the embedded default (a file in the data directory, WAL, nothing to install);
+PostgreSQL (`database_url = "postgresql://..."`) lets many gateway processes share one store.
+SQL is written once with `?` placeholders and portable types (TEXT, BIGINT); the PostgreSQL
+backend rewrites the placeholders. Calls are blocking and serialised per process: the control
+plane is called by admin requests and a background poll, never by the request path, so callers
+run them on a worker thread (asyncio.to_thread).
+
+Versioned migrations (control/migrations.py) are applied at open, inside a transaction, by
+whichever process gets there first.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..errors import ConfigError
+from .migrations import MIGRATIONS
+
+Row = dict[str, Any]
+
+
+class Database:
+    """A connection with a lock; `transaction()` groups statements atomically."""
+
+    kind = "?"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def _cursor(self):
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._lock:
+            cur = self._cursor()
+            cur.execute(self._sql(sql), tuple(params))
+            cols = [d[0] for d in cur.description or ()]
+            return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            cur = self._cursor()
+            cur.execute(self._sql(sql), tuple(params))
+            return cur.rowcount
+
+    @contextmanager
+    def transaction(self) -> Iterator["Database"]:
+        with self._lock:
+            self._begin()
+            try:
+                yield self
+            except BaseException:
+                self._conn.rollback()
+                raise
+            self._conn.commit()
+
+    def _begin(self) -> None:
+        pass
+
+    def migrate(self) -> int:
+        """Apply what is missing; returns the schema version."""
+        with self.transaction():
+            self.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            self._lock_schema()
+            rows = self.query("SELECT MAX(version) AS v FROM schema_version")
+            current = rows[0]["v"] or 0
+            for version, statements in MIGRATIONS:
+                if version > current:
+                    for statement in statements:
+                        self.execute(statement)
+                    self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                    current = version
+        return current
+
+    def _lock_schema(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class SQLiteDatabase(Database):
+    kind = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN ourselves (IMMEDIATE: take the write lock at once,
+        # so two processes migrating or writing never deadlock on an upgrade from read to write)
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        self.path = path
+
+    def _cursor(self):
+        return self._conn.cursor()
+
+    def _begin(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def data_version(self) -> int:
+        """Changes by other connections (other processes) bump it: a cheap "anything new?"."""
+        with self._lock:
+            return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+class PostgresDatabase(Database):
+    kind = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        import psycopg
+        self._conn = psycopg.connect(url, autocommit=True)
+        self._in_tx = False
+
+    def _cursor(self):
+        return self._conn.cursor()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    @contextmanager
+    def transaction(self) -> Iterator["Database"]:
+        with self._lock, self._conn.transaction():
+            yield self
+
+    def _lock_schema(self) -> None:
+        # one migrating process at a time (held until the transaction ends)
+        self.execute("SELECT pg_advisory_xact_lock(?)", (0x6D6F64656C,))
+
+
+def open_database(url: str) -> Database:
+    """`sqlite:///absolute/path.db` (or a plain path) or `postgresql://...`; migrated."""
+    if url.startswith(("postgresql://", "postgres://")):
+        db: Database = PostgresDatabase(url)
+    elif url.startswith("sqlite:///"):
+        db = SQLiteDatabase(Path(url[len("sqlite:///"):]).expanduser())
+    elif "://" in url:
+        raise ConfigError(f"database_url must be sqlite:///path or postgresql://..., got a {url.split('://')[0]} URL")
+    else:
+        db = SQLiteDatabase(Path(url).expanduser())
+    db.migrate()
+    return db

@@ -1,0 +1,133 @@
+"""Inference API keys managed at run time: created, listed, limited, revoked; every change audited.
+
+The secret exists once, in the answer to the create call: the store keeps its sha256 digest and a
+short prefix to recognise it by, and nothing that leaves the process (responses, logs, the audit
+log) ever holds the secret again. Each key has a `revision`, the ETag of optimistic concurrency:
+a PATCH with a stale If-Match is refused (412), so two admins never overwrite each other unseen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import Conflict, ObjectNotFound, PreconditionFailed
+from .db import Database, Row
+
+SECRET_PREFIX = "sk-my-"
+SHOWN = len(SECRET_PREFIX) + 4          # characters of the secret kept to recognise it by
+LIMIT_FIELDS = ("rpm", "tpm", "endpoints", "expires_at", "name")
+
+
+def new_id(kind: str) -> str:
+    """Sortable by creation (milliseconds first), unique (random tail): the list's cursor."""
+    return f"{kind}_{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ActiveKey:
+    """What the request path needs of a stored key (control/sync keeps these in memory)."""
+    id: str
+    digest: bytes
+    rpm: int
+    tpm: int
+    endpoints: frozenset[str] | None
+    expires_at: int | None
+
+
+def public(row: Row) -> dict[str, Any]:
+    """A key as the admin API shows it: never the secret or its digest."""
+    return {"id": row["id"], "object": "api_key", "name": row["name"], "prefix": row["prefix"],
+            "rpm": row["rpm"], "tpm": row["tpm"],
+            "endpoints": json.loads(row["endpoints"]) if row["endpoints"] is not None else None,
+            "expires_at": row["expires_at"], "created_at": row["created_at"], "updated_at": row["updated_at"],
+            "revoked_at": row["revoked_at"], "revision": row["revision"]}
+
+
+class KeyStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create(self, actor: str, *, name: str, rpm: int | None = None, tpm: int | None = None,
+               endpoints: list[str] | None = None, expires_at: int | None = None) -> tuple[dict, str]:
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        now = int(time.time())
+        key_id = new_id("key")
+        with self.db.transaction() as db:
+            db.execute("INSERT INTO api_keys (id, name, prefix, digest, rpm, tpm, endpoints, expires_at, "
+                       "created_at, updated_at, revoked_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 1)",
+                       (key_id, name, secret[:SHOWN], digest(secret), rpm, tpm,
+                        json.dumps(endpoints) if endpoints is not None else None, expires_at, now, now))
+            self._audit(db, actor, "api_key.create", key_id,
+                        {"name": name, "rpm": rpm, "tpm": tpm, "endpoints": endpoints, "expires_at": expires_at})
+        return self.get(key_id), secret
+
+    def get(self, key_id: str) -> dict:
+        rows = self.db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+        if not rows:
+            raise ObjectNotFound(f"no API key {key_id!r}", param="id", code="api_key_not_found")
+        return public(rows[0])
+
+    def list(self, limit: int, after: str | None = None) -> dict:
+        rows = self.db.query("SELECT * FROM api_keys WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit + 1))
+        data = [public(r) for r in rows[:limit]]
+        return {"object": "list", "data": data, "has_more": len(rows) > limit,
+                "last_id": data[-1]["id"] if data else None}
+
+    def patch(self, actor: str, key_id: str, changes: dict[str, Any], if_match: int | None) -> dict:
+        """`changes` holds only fields the client sent; None resets one (no limit, no expiry)."""
+        unknown = set(changes) - set(LIMIT_FIELDS)
+        assert not unknown, unknown          # the API's model admits only these
+        with self.db.transaction() as db:
+            current = self.get(key_id)
+            if current["revoked_at"] is not None:
+                raise Conflict(f"API key {key_id!r} is revoked; create a new one", param="id")
+            if if_match is not None and if_match != current["revision"]:
+                raise PreconditionFailed(f"API key {key_id!r} is at revision {current['revision']}, not "
+                                         f"{if_match}: read it again and retry", param="If-Match")
+            if changes:
+                sets = ", ".join(f"{k} = ?" for k in changes)
+                values = [json.dumps(v) if k == "endpoints" and v is not None else v for k, v in changes.items()]
+                db.execute(f"UPDATE api_keys SET {sets}, updated_at = ?, revision = revision + 1 WHERE id = ?",
+                           (*values, int(time.time()), key_id))
+                self._audit(db, actor, "api_key.update", key_id, changes)
+        return self.get(key_id)
+
+    def revoke(self, actor: str, key_id: str) -> dict:
+        with self.db.transaction() as db:
+            current = self.get(key_id)
+            if current["revoked_at"] is not None:
+                raise Conflict(f"API key {key_id!r} was revoked already (at {current['revoked_at']})", param="id")
+            now = int(time.time())
+            db.execute("UPDATE api_keys SET revoked_at = ?, updated_at = ?, revision = revision + 1 WHERE id = ?",
+                       (now, now, key_id))
+            self._audit(db, actor, "api_key.revoke", key_id, {})
+        return self.get(key_id)
+
+    def active(self) -> list[ActiveKey]:
+        rows = self.db.query("SELECT id, digest, rpm, tpm, endpoints, expires_at FROM api_keys "
+                             "WHERE revoked_at IS NULL")
+        return [ActiveKey(r["id"], bytes.fromhex(r["digest"]), r["rpm"] or 0, r["tpm"] or 0,
+                          frozenset(json.loads(r["endpoints"])) if r["endpoints"] is not None else None,
+                          r["expires_at"]) for r in rows]
+
+    def audit(self, limit: int, after: str | None = None) -> dict:
+        rows = self.db.query("SELECT * FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit + 1))
+        data = [{"id": r["id"], "object": "audit_entry", "at": r["at"], "actor": r["actor"], "action": r["action"],
+                 "object_id": r["object_id"], "detail": json.loads(r["detail"])} for r in rows[:limit]]
+        return {"object": "list", "data": data, "has_more": len(rows) > limit,
+                "last_id": data[-1]["id"] if data else None}
+
+    @staticmethod
+    def _audit(db: Database, actor: str, action: str, object_id: str, detail: dict) -> None:
+        db.execute("INSERT INTO audit_log (id, at, actor, action, object_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                   (new_id("audit"), int(time.time()), actor, action, object_id, json.dumps(detail)))

@@ -1,0 +1,34 @@
+"""The control plane's schema, as numbered steps (portable SQL: SQLite and PostgreSQL).
+
+Never edit a step that has shipped: add the next one. Times are unix seconds (BIGINT); lists
+are JSON text; booleans are 0/1.
+"""
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            digest TEXT NOT NULL UNIQUE,
+            rpm BIGINT,
+            tpm BIGINT,
+            endpoints TEXT,
+            expires_at BIGINT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            revoked_at BIGINT,
+            revision BIGINT NOT NULL
+        )""",
+        "CREATE INDEX api_keys_updated ON api_keys (updated_at)",
+        """CREATE TABLE audit_log (
+            id TEXT PRIMARY KEY,
+            at BIGINT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            object_id TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_log_at ON audit_log (at)",
+    ]),
+]
