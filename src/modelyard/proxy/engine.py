@@ -19,10 +19,12 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from ..engine.types import ChoiceDelta, EngineOutput, EngineRequest, FinishReason, TokenLogprobs, Usage
+from ..engine.types import (ChoiceDelta, EmbeddingRequest, EmbeddingResult, EngineOutput, EngineRequest,
+                            FinishReason, ModelType, TokenLogprobs, Usage)
 from ..errors import (DeadlineExceeded, EndpointNotReady, ModelyardError, Upstream4xx, UpstreamError,
                       UpstreamTimeout)
 from ..settings import EndpointSpec
+from .embeddings import embedding_body, read_embeddings
 from .sse import SSEError, json_events
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,13 @@ class Replica:
 
 
 class ProxyEngine:
+    model_engine = "OPENAI_PROXY"
+
     def __init__(self, spec: EndpointSpec, transport: httpx.AsyncBaseTransport | None = None, *,
                  health_interval: float = HEALTH_INTERVAL) -> None:
         self.spec = spec
+        # An upstream's kind cannot be probed reliably (OpenAI's /models does not say): configured.
+        self.model_type = ModelType.EMBEDDINGS if spec.kind == "embeddings" else ModelType.COMPLETIONS
         self._transport = transport
         self._interval = health_interval
         self._replicas = [Replica(url.rstrip("/")) for url in spec.urls]
@@ -129,7 +135,8 @@ class ProxyEngine:
                 "in_flight": sum(r.in_flight for r in self._replicas)}
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        replica, resp = await self._send(request_body(self.spec, request), request.deadline)
+        path = "/chat/completions" if request.messages is not None else "/completions"
+        replica, resp = await self._send(path, request_body(self.spec, request), request.deadline)
         try:
             if not resp.is_success:
                 await resp.aread()
@@ -142,7 +149,22 @@ class ProxyEngine:
             replica.in_flight -= 1
             await resp.aclose()   # releases (or, mid-stream, drops) the upstream connection
 
-    async def _send(self, body: dict, deadline: float | None) -> tuple[Replica, httpx.Response]:
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """POST /embeddings upstream: the same replica choice, retries and error mapping as
+        generate; the answer is checked (one finite vector per input) before anyone sees it."""
+        replica, resp = await self._send("/embeddings", embedding_body(self.spec, request), request.deadline)
+        try:
+            await _until(resp.aread(), request.deadline)
+            if not resp.is_success:
+                raise map_error(replica.url, resp, secret=self.spec.api_key)
+            return read_embeddings(replica.url, resp, request)
+        except httpx.HTTPError as exc:
+            raise map_error(replica.url, exc, request.deadline, secret=self.spec.api_key) from exc
+        finally:
+            replica.in_flight -= 1
+            await resp.aclose()
+
+    async def _send(self, path: str, body: dict, deadline: float | None) -> tuple[Replica, httpx.Response]:
         """Open the upstream stream on the least busy healthy replica, trying the next on connect errors."""
         client = self._need_client()
         tried: list[Replica] = []
@@ -151,7 +173,6 @@ class ProxyEngine:
             replica.in_flight += 1
             opened = False
             try:
-                path = "/chat/completions" if "messages" in body else "/completions"
                 request = client.build_request("POST", replica.url + path, json=body,
                                                timeout=_timeout(self.spec.timeout, deadline))
                 resp = await client.send(request, stream=True)
@@ -379,6 +400,17 @@ def _error_message(body: Any) -> str:
             if value:
                 return value if isinstance(value, str) else json.dumps(value)[:500]
     return ""
+
+
+async def _until(work, deadline: float | None):
+    """`work`, or DeadlineExceeded once the request's deadline passes (httpx's timeouts bound
+    each read, not the whole answer)."""
+    if deadline is None:
+        return await work
+    try:
+        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded("request deadline passed while waiting for the upstream's embeddings") from None
 
 
 def _timeout(limit: float, deadline: float | None) -> httpx.Timeout:

@@ -4,15 +4,17 @@ answers /health at once and one endpoint that fails to load does not stop the ot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable
 
 from ..engine.protocol import Engine
+from ..engine.types import ModelType
 from ..errors import ModelNotFound
 from ..redact import redact
 from ..settings import EndpointSpec, Settings
-from ..store import ModelStore
+from ..store import KNOWN, ModelStore
 from .endpoint import Endpoint, EndpointState
 
 log = logging.getLogger("modelyard.registry")
@@ -21,12 +23,37 @@ EngineFactory = Callable[[EndpointSpec, "Path | None"], Engine]
 
 
 def default_engine_factory(spec: EndpointSpec, model_path: Path | None) -> Engine:
+    """`spec.kind` is resolved (never None) when the registry calls this."""
     if spec.engine == "openai":
         from ..proxy.engine import ProxyEngine
         return ProxyEngine(spec)
-    from ..local.loop import LocalEngine
     assert model_path is not None
+    if spec.kind == "embeddings":
+        from ..local.embed import EmbeddingEngine
+        return EmbeddingEngine(spec, model_path)
+    from ..local.loop import LocalEngine
     return LocalEngine(spec, model_path)
+
+
+def declared_type(spec: EndpointSpec) -> ModelType | None:
+    """What an endpoint serves, as far as is known before loading: its `kind`, else the store's
+    known model, else (remote) completions; None for a local file until its header is read."""
+    if spec.kind is not None:
+        return ModelType(spec.kind.upper())
+    if spec.engine == "openai":
+        return ModelType.COMPLETIONS
+    known = KNOWN.get(spec.model)
+    return getattr(known, "model_type", ModelType.COMPLETIONS) if known is not None else None
+
+
+async def loaded_type(spec: EndpointSpec, path: Path | None) -> ModelType:
+    """`declared_type`, or what the GGUF's header says (read off the event loop)."""
+    declared = declared_type(spec)
+    if declared is not None:
+        return declared
+    assert path is not None
+    from ..local.gguf_header import model_type
+    return await asyncio.to_thread(model_type, path)
 
 
 class Registry:
@@ -34,7 +61,7 @@ class Registry:
                  engine_factory: EngineFactory = default_engine_factory) -> None:
         self.store = store or ModelStore(settings.store_dir, progress=False)
         self._factory = engine_factory
-        self.endpoints = {spec.name: Endpoint(spec) for spec in settings.endpoints}
+        self.endpoints = {spec.name: Endpoint(spec, model_type=declared_type(spec)) for spec in settings.endpoints}
         self._tasks: list[asyncio.Task] = []
 
     def get(self, name: str) -> Endpoint:
@@ -67,7 +94,8 @@ class Registry:
                     path = await asyncio.to_thread(converted, path, ep.spec.convert,
                                                    self.store.root / "converted", ep.spec.n_threads)
                 ep.model_path = str(path)
-            engine = self._factory(ep.spec, path)
+            ep.model_type = await loaded_type(ep.spec, path)
+            engine = self._factory(dataclasses.replace(ep.spec, kind=ep.model_type.value.lower()), path)
             await engine.start()
             ep.engine = engine
             ep.become(EndpointState.READY)
