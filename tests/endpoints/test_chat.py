@@ -76,7 +76,7 @@ def models() -> Iterator[dict[str, LlamaModel]]:
 
 
 def prompt_tokens(model: LlamaModel, text: str) -> int:
-    """What the embedded engine feeds llama.cpp for a rendered chat (see LocalEngine._prompt_ids)."""
+    """What the embedded engine feeds llama.cpp for a rendered chat (see prepare.prompt_ids)."""
     bos = model.bos_text
     return len(model.tokenize(text, add_special=not (bos and text.startswith(bos))))
 

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 pytestmark = pytest.mark.model
 
 KEY = "multi-key"
+TPM_KEY, TPM = "sk-remote-tpm", 3 * 16 + 8     # room for three requests of 10 + 6 tokens, not four
 SMOL, GEMMA, REMOTE = "smollm2-135m", "gemma3-270m", "remote-smol"
 NAMES = (SMOL, GEMMA, REMOTE)
 PROMPT = "The capital of France is"
@@ -44,8 +45,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess
 @pytest.fixture(scope="module")
 def gateway(upstream: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # served() waits for /ready: all three endpoints
-    with served(tmp_path_factory.mktemp("multi-gw"), side_by_side_config(KEY, upstream.base + "/v1"),
-                name="gateway", key=KEY) as p:
+    config = side_by_side_config(KEY, upstream.base + "/v1") + f'\n[[keys]]\nkey = "{TPM_KEY}"\ntpm = {TPM}\n'
+    with served(tmp_path_factory.mktemp("multi-gw"), config, name="gateway", key=KEY) as p:
         yield p
 
 
@@ -177,3 +178,49 @@ def test_metrics_per_endpoint(client, gateway, admin):
     assert _value(samples, "modelyard_requests_total", route="/api/v1/endpoints/{name}", status="200") >= 3
     assert _value(samples, "modelyard_requests_total", endpoint="unknown", status="404") >= 1
     assert not [lab for n, lab, _ in samples if "not-configured" in lab.values()]
+
+
+# -- vLLM's tokenizer routes, per endpoint ----------------------------------------------------------
+
+def test_tokenize_answers_each_embedded_endpoint_with_its_own_tokenizer(admin, client):
+    """gemma3's tokenizer adds a BOS, smollm2's does not: add_special_tokens decides it, and the
+    tokens are what /completions feeds the model (its usage counts them)."""
+    for name, has_bos in ((SMOL, False), (GEMMA, True)):
+        info = admin.get("/tokenizer_info", params={"model": name}).json()
+        assert info["add_bos_token"] is has_bos and info["model_max_length"] == 512, info
+        with_special = admin.post("/tokenize", json={"model": name, "prompt": PROMPT}).json()
+        plain = admin.post("/tokenize", json={"model": name, "prompt": PROMPT, "add_special_tokens": False}).json()
+        assert with_special["tokens"][1 if has_bos else 0:] == plain["tokens"], (name, with_special, plain)
+        assert len(with_special["tokens"]) - len(plain["tokens"]) == int(has_bos)
+        usage = client.completions.create(model=name, prompt=PROMPT, max_tokens=1).usage
+        assert usage.prompt_tokens == with_special["count"], name
+        back = admin.post("/detokenize", json={"model": name, "tokens": plain["tokens"]}).json()
+        assert back == {"prompt": PROMPT}
+
+
+def test_tokenize_needs_a_model_when_several_endpoints_and_refuses_a_remote_one(admin):
+    r = admin.post("/tokenize", json={"prompt": PROMPT})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    assert "2 embedded endpoints" in r.json()["error"]["message"]
+    r = admin.get("/tokenizer_info", params={"model": REMOTE})
+    assert r.status_code == 400 and "remote engine" in r.json()["error"]["message"], r.text
+
+
+# -- quotas on a remote endpoint -------------------------------------------------------------------
+
+def test_tpm_holds_on_a_remote_endpoint(gateway):
+    """The upstream counts the tokens, yet the key's tpm is reserved before the request goes
+    upstream and settled to the upstream's usage: the fourth request of 16 tokens does not fit.
+    Chat without max_tokens reserves the endpoint's context per choice, more than this key has."""
+    api, auth = gateway.api, {"Authorization": f"Bearer {TPM_KEY}"}
+    chat = httpx.post(f"{api}/chat/completions", headers=auth, timeout=60,
+                      json={"model": REMOTE, "messages": [{"role": "user", "content": "Hi"}]})
+    assert chat.status_code == 429 and f"{TPM} tokens per minute" in chat.json()["error"]["message"], chat.text
+    body = {"model": REMOTE, "prompt": list(range(1000, 1010)), "max_tokens": 6,
+            "logit_bias": {"0": -100, "1": -100, "2": -100}}     # no end token: exactly 10 + 6 tokens
+    for i in range(3):
+        r = httpx.post(f"{api}/completions", headers=auth, json=body, timeout=60)
+        assert r.status_code == 200, (i, r.text)
+        assert r.json()["usage"]["total_tokens"] == 16
+    r = httpx.post(f"{api}/completions", headers=auth, json=body, timeout=60)
+    assert r.status_code == 429 and f"{TPM} tokens per minute" in r.json()["error"]["message"], r.text

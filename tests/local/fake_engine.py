@@ -11,7 +11,7 @@
   EngineCore turns it into a failed batch). FakeRunner wraps the REAL LlamaCppRunner around
   it (so the order of truncations and copies is production's) and records every batch.
 * Harness: Scheduler + SlotPool + EngineCore + FakeRunner; requests are built by hand the way
-  LocalEngine._build builds them; outputs are collected per request.
+  production's `prepare` builds them (as LocalEngine does); outputs are collected per request.
 """
 
 from __future__ import annotations
@@ -21,17 +21,16 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from modelyard.engine.types import ChoiceDelta, FinishReason, SamplingParams, TokenLogprobs, Usage
+from modelyard.engine.types import ChoiceDelta, EngineRequest, FinishReason, SamplingParams, TokenLogprobs, Usage
 from modelyard.errors import EngineError
-from modelyard.local.core import EngineCore, token_text
-from modelyard.local.detokenize import Detokenizer
-from modelyard.local.request import Request, Sequence
+from modelyard.local.core import EngineCore
+from modelyard.local.prepare import prepare
+from modelyard.local.request import Request
 from modelyard.local.prefix_cache import HostCache
 from modelyard.local.runner import LlamaCppRunner
 from modelyard.local.sampling import Sampler
 from modelyard.local.scheduler import Batch, Scheduler
 from modelyard.local.slots import SlotPool
-from modelyard.local.stop import StopMatcher
 
 # -- vocabulary -----------------------------------------------------------------------------
 
@@ -42,6 +41,7 @@ AB = 32                     # one token, two letters: "ab"
 SPECIAL = 33                # a special token that renders empty (not EOG)
 EOG = 39
 V = 40
+CONTEXT = 4096              # the fake context: room for any prompt + max_tokens the tests use
 
 
 def _pieces() -> dict[int, bytes]:
@@ -66,7 +66,7 @@ def L(ch: str) -> int:
 
 
 class FakeVocab:
-    """What EngineCore (runner.Vocab) and LocalEngine._build need from a model."""
+    """What EngineCore (runner.Vocab) and prepare.prepare need from a model."""
 
     n_vocab = V
 
@@ -300,24 +300,13 @@ def collect(items: list) -> Result:
     return Result(choices, usage, error, flat)
 
 
-def prompt_tokens(vocab: FakeVocab, ids: list[int]) -> TokenLogprobs:
-    """LocalEngine._prompt_tokens: tokens and offsets of an echoed prompt."""
-    d = Detokenizer()
-    lp = TokenLogprobs()
-    for t in ids:
-        lp.text_offset.append(len(d.text))
-        piece = vocab.piece(t)
-        lp.tokens.append(token_text(piece))
-        d.push(piece)
-    return lp
-
-
 # -- the harness ----------------------------------------------------------------------------
 
 class Harness:
     def __init__(self, n_slots: int = 4, step_tokens: int = 16, prefix_cache: bool = True,
                  model: Model | None = None, host_cache_bytes: int = 0) -> None:
         self.vocab = FakeVocab()
+        self.n_slots = n_slots
         self.host_cache = HostCache(host_cache_bytes)
         self.runner = FakeRunner(model or scripted(), n_slots, step_tokens, self.host_cache)
         self.pool = SlotPool(n_slots)
@@ -336,17 +325,12 @@ class Harness:
     def build(self, rid: str, prompt: str | list[int], *, n: int = 1, max_tokens: int = 16,
               stop: tuple[str, ...] = (), echo: bool = False, sampling: SamplingParams = SamplingParams(),
               deadline: float | None = None) -> Request:
-        """As LocalEngine._build does (validation left out)."""
+        """With the production code (prepare.prepare), as LocalEngine builds them."""
         sink = self.sinks.setdefault(rid, [])
-        ids = list(prompt) if not isinstance(prompt, str) else self.vocab.tokenize(prompt)
-        assert ids
-        seqs = [Sequence(i, Sampler(sampling.for_choice(i)), StopMatcher(stop)) for i in range(n)]
-        echo_text = prompt_lp = None
-        if echo:
-            echo_text = prompt if isinstance(prompt, str) else self.vocab.text(ids)
-            if sampling.logprobs is not None:
-                prompt_lp = prompt_tokens(self.vocab, ids)
-        req = Request(rid, ids, max_tokens, seqs, sink.append, echo_text, prompt_lp, deadline=deadline)
+        r = EngineRequest(rid, prompt if isinstance(prompt, str) else tuple(prompt), sampling, n=n,
+                          max_tokens=max_tokens, stop=stop, echo=echo, deadline=deadline)
+        req = prepare(r, self.vocab, None, context=CONTEXT, parallel=self.n_slots, parse_special=False,
+                      sink=sink.append)
         self.requests[rid] = req
         return req
 

@@ -14,6 +14,7 @@ from modelyard.engine.types import ChoiceDelta, FinishReason, SamplingParams, Us
 from modelyard.errors import DeadlineExceeded, EngineError, InvalidRequest
 from modelyard.local.core import token_text
 from modelyard.local.request import RequestStatus
+from modelyard.local.sampling import Sampler
 
 GREEDY_LP3 = SamplingParams(logprobs=3)
 
@@ -429,7 +430,9 @@ def test_exception_while_updating_fails_the_batch_without_partial_outputs() -> N
     request of that batch gets the error and none of the step's deltas, A's included."""
     h = Harness(n_slots=3)
     h.add("A", "abc", max_tokens=3)
-    h.add("B", "xy", max_tokens=3, sampling=SamplingParams(logit_bias={1000: 1.0}))
+    b = h.build("B", "xy", max_tokens=3)
+    b.seqs[0].sampler = Sampler(SamplingParams(logit_bias={1000: 1.0}))   # what prepare() refuses
+    h.sched.add(b)
     h.step()
     for rid in "AB":
         res = h.result(rid)

@@ -20,7 +20,7 @@ import pytest
 from servers import served
 
 KEY = "gateway-key"
-QUOTA_KEY = "quota-key"          # tpm = 5
+QUOTA_KEY = "quota-key"          # tpm = 40
 SECRET = "sk-upstream-embed-0123456789"
 EMBED, CHAT = "remote-embed", "remote-chat"
 MAX_INPUTS = 4
@@ -110,7 +110,7 @@ log_level = "info"
 
 [[keys]]
 key = "{QUOTA_KEY}"
-tpm = 5
+tpm = 40
 
 [limits]
 max_embedding_inputs = {MAX_INPUTS}
@@ -262,11 +262,18 @@ def test_models_and_endpoints_show_type_and_engine(gateway, client):
 
 
 def test_prompt_tokens_count_against_the_tpm_quota(gateway):
+    """The gateway reserves a bound before going upstream (27 bytes + 2 = 29 here), then settles
+    to what the upstream counted (6, one per word), or 0 when the upstream refused."""
+    six = "one two three four five six"
     with httpx.Client(base_url=gateway.api, headers={"Authorization": f"Bearer {QUOTA_KEY}"}, timeout=30) as c:
-        first = embed(c, "one two three four five six")      # 6 tokens: charged once the upstream said
-        assert first.status_code == 200, first.text
-        second = embed(c, "one")
-        assert second.status_code == 429 and "5 tokens per minute" in second.json()["error"]["message"]
+        assert embed(c, six).status_code == 200
+        assert embed(c, six).status_code == 200          # 6 + 29 fits in 40: the first was settled to 6
+        assert embed(c, "400").status_code == 400         # refused upstream: costs nothing
+        third = embed(c, six)                             # 12 + 29 does not fit
+        assert third.status_code == 429, third.text
+        assert "(12 used in the last minute)" in third.json()["error"]["message"], third.text
+        whole = embed(c, "x" * 50)
+        assert whole.status_code == 429 and "more than the whole quota" in whole.text
 
 
 def _scrape(gateway) -> dict[str, float]:

@@ -12,7 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
-from . import chat, completions, embeddings, errors, models
+from . import chat, completions, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
 from .middleware import BodyLimits, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
@@ -65,6 +65,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             routes += [prefix + r.path for r in router.routes]
     app.include_router(models.admin, prefix="/api/v1", dependencies=auth)
     app.include_router(models.probes)
+    app.include_router(tokenizer.router, dependencies=auth)     # vLLM's place for them: the root
     routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
+    routes += [r.path for r in tokenizer.router.routes]
     app.state.metrics = Metrics(registry, routes)
     return app

@@ -79,6 +79,10 @@ def _buffers(lines: list[str]) -> dict[str, float]:
     return out
 
 
+# llama_vocab_type's values (llama.h): the tokenizer family of a GGUF
+_VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
+
+
 class LlamaModel:
     """Weights and vocabulary of one GGUF file (read-only, shareable across contexts).
 
@@ -149,6 +153,19 @@ class LlamaModel:
     def bos_text(self) -> str:
         bos = self.bos
         return C.llama_vocab_get_text(self._vocab, bos).decode("utf-8", "replace") if bos is not None else ""
+
+    def vocab_text(self, token: int) -> str:
+        """The token as the vocabulary writes it ("Ġhello", "<|im_end|>"): HF's convert_ids_to_tokens."""
+        return C.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether tokenizing with add_special puts the BOS first (the GGUF says)."""
+        return bool(C.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def vocab_type(self) -> str:
+        return _VOCAB_TYPES.get(C.llama_vocab_type(self._vocab), "unknown")
 
     def chat_template(self) -> str | None:
         tpl = C.llama_model_chat_template(self._model, None)

@@ -12,26 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
-from ..engine.types import EngineOutput, EngineRequest, ModelType, TokenLogprobs, Usage
-from ..errors import EngineError, InvalidRequest, ModelyardError, QueueFull
+from ..engine.types import EngineOutput, EngineRequest, ModelType, Usage
+from ..errors import EngineError, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
-from .core import EngineCore, token_text
-from .detokenize import Detokenizer, align_to_text
+from .core import EngineCore
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
 from .prefix_cache import HostCache
-from .request import Request, Sequence, completion_budget
+from .prepare import check_ids, detokenize, prepare, prompt_ids
+from .request import Request
 from .runner import LlamaCppRunner
-from .sampling import Sampler
 from .scheduler import Scheduler
 from .slots import SlotPool
-from .stop import StopMatcher
 
 _STOP = object()
 log = logging.getLogger("modelyard.engine")
@@ -56,6 +55,9 @@ class LocalEngine:
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
         self._stopped = False
+        self._vocab_cond = threading.Condition()
+        self._vocab_readers = 0
+        self._vocab_closed = False
 
     # -- lifecycle (event loop) ---------------------------------------------------------
 
@@ -181,48 +183,66 @@ class LocalEngine:
         return put
 
     def _build(self, r: EngineRequest, sink) -> Request:
-        """Tokenize and validate on the caller's side, so a bad request costs no engine step."""
-        model = self.model
-        assert model is not None
-        ids = self._prompt_ids(r)
-        if not ids:
-            raise InvalidRequest("prompt is empty: it must contain at least one token", param="prompt")
-        bad = [t for t in ids if not 0 <= t < model.n_vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
-                                 param="prompt")
-        out_of_vocab = [t for t in r.sampling.logit_bias if not 0 <= t < model.n_vocab]
-        if out_of_vocab:
-            raise InvalidRequest(f"logit_bias names token {out_of_vocab[0]}, outside the vocabulary "
-                                 f"(0..{model.n_vocab - 1})", param="logit_bias")
-        max_tokens = completion_budget(r.max_tokens, len(ids), self.spec.context)
-        if r.n > self.spec.parallel:
-            raise InvalidRequest(f"n is {r.n}, but this endpoint runs at most {self.spec.parallel} "
-                                 "sequences at once", param="n")
-        seqs = [Sequence(i, Sampler(r.sampling.for_choice(i)), StopMatcher(r.stop)) for i in range(r.n)]
-        echo = None
-        prompt_lp = None
-        if r.echo and r.messages is None:
-            echo = r.prompt if isinstance(r.prompt, str) else self._detokenize(ids)
-            if r.sampling.logprobs is not None:
-                prompt_lp = self._prompt_tokens(ids, echo)
-        return Request(r.request_id, ids, max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline)
+        with self._vocab_use():
+            return prepare(r, self.model, self._chat, context=self.spec.context, parallel=self.spec.parallel,
+                           parse_special=self.spec.chat_parse_special, sink=sink)
 
-    def _prompt_ids(self, r: EngineRequest) -> list[int]:
-        if r.messages is not None:
-            return self._chat.tokens(r.messages, self.model.tokenize, self.spec.chat_parse_special)
-        return list(r.prompt) if isinstance(r.prompt, tuple) else self.model.tokenize(r.prompt)
+    @contextlib.contextmanager
+    def _vocab_use(self) -> Iterator[LlamaModel]:
+        """Worker threads read the vocabulary while the engine thread may be closing the model
+        (a stop): the close waits for every reader, and no reader starts after it."""
+        with self._vocab_cond:
+            if self.model is None or self._vocab_closed:
+                raise EngineError(STOPPED if self._stopped else "the engine is not running")
+            self._vocab_readers += 1
+        try:
+            yield self.model
+        finally:
+            with self._vocab_cond:
+                self._vocab_readers -= 1
+                self._vocab_cond.notify_all()
 
-    def _detokenize(self, ids: list[int]) -> str:
-        d = Detokenizer()
-        return "".join(d.push(self.model.piece(t)) for t in ids) + d.flush()
+    def _close_model(self) -> None:
+        with self._vocab_cond:
+            self._vocab_closed = True
+            self._vocab_cond.wait_for(lambda: self._vocab_readers == 0)
+        self.model.close()
 
-    def _prompt_tokens(self, ids: list[int], echo: str) -> TokenLogprobs:
-        """The echoed prompt's tokens and offsets, aligned to the echoed text (control tokens
-        written in the prompt keep their text; see align_to_text)."""
-        pieces, offsets = align_to_text(echo, ids, self.model.piece,
-                                        lambda s: self.model.tokenize(s, add_special=False))
-        return TokenLogprobs(tokens=[token_text(p) for p in pieces], text_offset=offsets)
+    # -- the tokenizer routes (/tokenize, /detokenize, /tokenizer_info) ----------------------
+    # On worker threads like _build: the vocabulary is read-only, and a long text must not
+    # stall the event loop.
+
+    async def tokenize(self, text: str | None, messages: tuple[dict, ...] | None, add_special: bool) -> list[int]:
+        """Text as /completions tokenizes a prompt (special tokens written in it parsed), or
+        `messages` as /chat/completions feeds them to the model."""
+        def run() -> list[int]:
+            with self._vocab_use() as model:
+                if messages is not None:
+                    r = EngineRequest("tokenize", "", messages=messages)
+                    return prompt_ids(r, model, self._chat, self.spec.chat_parse_special)
+                return model.tokenize(text or "", add_special)
+        return await asyncio.to_thread(run)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        def run() -> str:
+            with self._vocab_use() as model:
+                check_ids(ids, model, "tokens")
+                return detokenize(model, ids)
+        return await asyncio.to_thread(run)
+
+    async def token_strs(self, ids: list[int]) -> list[str]:
+        def run() -> list[str]:
+            with self._vocab_use() as model:
+                check_ids(ids, model, "tokens")
+                return [model.vocab_text(t) for t in ids]
+        return await asyncio.to_thread(run)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        with self._vocab_use() as model:
+            return {"tokenizer_class": f"llama.cpp:{model.vocab_type}", "vocab_size": model.n_vocab,
+                    "bos_token": model.bos_text or None, "eos_token": model.eos_text or None,
+                    "add_bos_token": model.add_bos, "model_max_length": self.spec.context,
+                    "chat_template": model.chat_template()}
 
     def _fail_all(self, error: EngineError) -> None:
         for put in self._sinks.values():
@@ -258,7 +278,7 @@ class LocalEngine:
                      self.build_info["system_info"])
         except Exception as exc:  # any load failure marks the endpoint failed, with the reason
             if self.model is not None:      # the weights loaded, the context did not
-                self.model.close()
+                self._close_model()
             started.set_exception(exc if isinstance(exc, ModelyardError)
                                   else EngineError(f"cannot load {self.model_path}: {exc}"))
             return
@@ -274,7 +294,7 @@ class LocalEngine:
             self._loop.call_soon_threadsafe(self._fail_all, EngineError(f"engine failed: {self._broken}"))
         finally:
             ctx.close()
-            self.model.close()
+            self._close_model()
 
     def _serve(self) -> None:
         core = self._core

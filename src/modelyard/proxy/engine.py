@@ -40,6 +40,9 @@ SLOW_PROBES_TO_DOWN = 3
 POOL_LIMITS = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30.0)
 # Only these happen before the upstream saw the request, so only these are safe to retry.
 CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+# tpm reservation of a chat prompt: per message, room for its role markup (and once for the
+# generation prompt); generous, since the settlement corrects it to what the upstream counted.
+CHAT_MARKUP_TOKENS = 16
 
 
 @dataclass(eq=False)
@@ -135,34 +138,65 @@ class ProxyEngine:
                 "in_flight": sum(r.in_flight for r in self._replicas)}
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        path = "/chat/completions" if request.messages is not None else "/completions"
-        replica, resp = await self._send(path, request_body(self.spec, request), request.deadline)
+        # tpm: the prompt's tokens are the upstream's to count, so the reservation is a bound
+        # (see prompt_bound) plus max_tokens per choice (unset: the endpoint's `context`), and the
+        # settlement is what the upstream reports, or, for a stream cut short, the bound plus the
+        # tokens seen. An upstream that refused the request computed nothing: 0.
+        bound = prompt_bound(request)
+        if request.reserve is not None:
+            request.reserve(bound + request.n * (request.max_tokens or self.spec.context))
+        tally = Tally()
+        replica = resp = None
         try:
+            path = "/chat/completions" if request.messages is not None else "/completions"
+            replica, resp = await self._send(path, request_body(self.spec, request), request.deadline)
             if not resp.is_success:
                 await resp.aread()
                 raise map_error(replica.url, resp, secret=self.spec.api_key)
-            async for out in _relay(replica.url, resp, request, self.spec.api_key):
+            tally.started = True
+            async for out in _relay(replica.url, resp, request, tally, self.spec.api_key):
                 yield out
         except (httpx.HTTPError, SSEError) as exc:
-            raise map_error(replica.url, exc, request.deadline, secret=self.spec.api_key) from exc
+            raise map_error(replica.url if replica else self.spec.name, exc, request.deadline,
+                            secret=self.spec.api_key) from exc
         finally:
-            replica.in_flight -= 1
-            await resp.aclose()   # releases (or, mid-stream, drops) the upstream connection
+            if request.settle is not None:
+                request.settle(tally.used(bound))
+            if replica is not None:
+                replica.in_flight -= 1
+            if resp is not None:
+                await resp.aclose()   # releases (or, mid-stream, drops) the upstream connection
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """POST /embeddings upstream: the same replica choice, retries and error mapping as
-        generate; the answer is checked (one finite vector per input) before anyone sees it."""
-        replica, resp = await self._send("/embeddings", embedding_body(self.spec, request), request.deadline)
+        generate; the answer is checked (one finite vector per input) before anyone sees it.
+        tpm as generate: each input's bound reserved, settled to the upstream's count (0 if it
+        refused, the bound if it answered without one)."""
+        bound = sum(text_bound(x) for x in request.inputs)
+        if request.reserve is not None:
+            request.reserve(bound)
+        used = 0
+        replica = resp = None
         try:
-            await _until(resp.aread(), request.deadline)
+            replica, resp = await self._send("/embeddings", embedding_body(self.spec, request), request.deadline)
             if not resp.is_success:
+                await _until(resp.aread(), request.deadline)
                 raise map_error(replica.url, resp, secret=self.spec.api_key)
-            return read_embeddings(replica.url, resp, request)
+            used = bound
+            await _until(resp.aread(), request.deadline)
+            result = read_embeddings(replica.url, resp, request)
+            used = result.prompt_tokens or bound
+            return result
         except httpx.HTTPError as exc:
-            raise map_error(replica.url, exc, request.deadline, secret=self.spec.api_key) from exc
+            raise map_error(replica.url if replica else self.spec.name, exc, request.deadline,
+                            secret=self.spec.api_key) from exc
         finally:
-            replica.in_flight -= 1
-            await resp.aclose()
+            if request.settle is not None:
+                request.settle(used)
+            if replica is not None:
+                replica.in_flight -= 1
+            if resp is not None:
+                await resp.aclose()
 
     async def _send(self, path: str, body: dict, deadline: float | None) -> tuple[Replica, httpx.Response]:
         """Open the upstream stream on the least busy healthy replica, trying the next on connect errors."""
@@ -232,12 +266,41 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
     return body
 
 
-async def _relay(url: str, resp: httpx.Response, req: EngineRequest,
+@dataclass
+class Tally:
+    """What one upstream request used, for its tpm settlement."""
+    started: bool = False            # the upstream accepted it
+    seen: int = 0                    # completion tokens seen in its chunks
+    usage: Usage | None = None       # what it reported
+
+    def used(self, prompt_bound: int) -> int:
+        if self.usage is not None and self.usage.prompt_tokens:
+            return self.usage.prompt_tokens + self.usage.completion_tokens
+        return prompt_bound + self.seen if self.started else 0
+
+
+def prompt_bound(req: EngineRequest) -> int:
+    """At most this many prompt tokens: every token of the tokenizers upstreams run (byte-level
+    BPE, SentencePiece with byte fallback, WordPiece) covers at least one byte, plus room for the
+    specials a tokenizer or a chat template adds."""
+    if req.messages is not None:
+        return sum(len(str(m.get("content") or "").encode()) + CHAT_MARKUP_TOKENS for m in req.messages) \
+            + CHAT_MARKUP_TOKENS
+    return text_bound(req.prompt)
+
+
+def text_bound(prompt: str | tuple[int, ...]) -> int:
+    """prompt_bound of one text (or token-id) prompt or embeddings input."""
+    if isinstance(prompt, tuple):
+        return len(prompt)
+    return len(prompt.encode()) + 2
+
+
+async def _relay(url: str, resp: httpx.Response, req: EngineRequest, tally: Tally,
                  secret: str | None = None) -> AsyncIterator[EngineOutput]:
     """Upstream chunks -> ChoiceDelta events, then one Usage; a stream cut short raises."""
     finished: set[int] = set()
     usage: dict | None = None
-    counted = 0
     async for event in json_events(resp.aiter_lines()):
         if req.deadline is not None and time.monotonic() > req.deadline:
             raise DeadlineExceeded("request deadline passed while the upstream was generating")
@@ -245,7 +308,7 @@ async def _relay(url: str, resp: httpx.Response, req: EngineRequest,
             why = _error_message(event) or json.dumps(event)[:300]
             raise UpstreamError(f"upstream {url} failed mid-stream: {redact(why, secret)}")
         for delta in read_chunk(event, req.n):
-            counted += len(delta.logprobs.tokens) if delta.logprobs else int(bool(delta.text))
+            tally.seen += len(delta.logprobs.tokens) if delta.logprobs else int(bool(delta.text))
             if delta.finish_reason is not None:
                 finished.add(delta.index)
             yield delta
@@ -255,7 +318,8 @@ async def _relay(url: str, resp: httpx.Response, req: EngineRequest,
         raise UpstreamError(f"upstream {url} ended the stream before choices {missing} finished")
     # An upstream that ignored include_usage gets what we saw: no prompt count, and one
     # completion token per content chunk (per logprobs token when present).
-    yield read_usage(usage) if usage is not None else Usage(0, counted)
+    tally.usage = read_usage(usage) if usage is not None else Usage(0, tally.seen)
+    yield tally.usage
 
 
 # Foreign JSON read with plain indexing raises one of these when its shape is wrong.
