@@ -12,6 +12,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from typing import Iterator
 
 import httpx
@@ -58,6 +59,7 @@ def _upstream(seen: list[dict]):
         if script == "slow":                     # until the gateway hangs up (at most 3 s)
             for _ in range(60):
                 if await request.is_disconnected():
+                    body["hung_up"] = True
                     return Response(status_code=499)
                 await asyncio.sleep(0.05)
         vectors = [vector(t) for t in texts]
@@ -215,6 +217,20 @@ def test_the_deadline_bounds_the_upstream_wait(client, gateway):
     r = client.post("/embeddings", json={"model": EMBED, "input": "slow"}, headers={"X-Request-Timeout": "0.3"})
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error", r.text
     assert gateway.wait_idle(fields=("in_flight",))["in_flight"] == 0
+
+
+def test_a_client_that_leaves_cancels_the_upstream_request(gateway, upstream):
+    _, seen = upstream
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.api}/embeddings", json={"model": EMBED, "input": ["slow", "leaving"]},
+                   headers=gateway.headers, timeout=httpx.Timeout(0.5, connect=5))
+    assert gateway.wait_idle(fields=("in_flight",))["in_flight"] == 0
+    [mine] = [b for b in seen if b["input"] == ["slow", "leaving"]]
+    for _ in range(40):                    # the upstream notices within its 50 ms poll
+        if mine.get("hung_up"):
+            break
+        time.sleep(0.05)
+    assert mine.get("hung_up") is True
 
 
 def test_cross_kind_requests_are_400s(client):
