@@ -57,6 +57,7 @@ def test_a_corrupt_header_is_a_store_error(tmp_path):
 
 def test_declared_kind_before_loading():
     assert declared_type(EndpointSpec(name="a")) is ModelType.COMPLETIONS                  # smollm2: known
+    assert declared_type(EndpointSpec(name="a", model="minilm-l6-v2")) is ModelType.EMBEDDINGS
     assert declared_type(EndpointSpec(name="a", kind="embeddings")) is ModelType.EMBEDDINGS
     assert declared_type(EndpointSpec(name="a", engine="openai", urls=("http://h/v1",))) is ModelType.COMPLETIONS
     assert declared_type(EndpointSpec(name="a", model="/some/file.gguf")) is None         # read at load

@@ -43,7 +43,7 @@ def declared_type(spec: EndpointSpec) -> ModelType | None:
     if spec.engine == "openai":
         return ModelType.COMPLETIONS
     known = KNOWN.get(spec.model)
-    return getattr(known, "model_type", ModelType.COMPLETIONS) if known is not None else None
+    return known.model_type if known is not None else None
 
 
 async def loaded_type(spec: EndpointSpec, path: Path | None) -> ModelType:
