@@ -185,6 +185,15 @@ def test_kinds_on_embedded_endpoints(srv, client):
     assert (ep["model_type"], ep["model_engine"], ep["in_flight"], ep["queue_depth"]) == ("EMBEDDINGS", "LLAMA_CPP", 0, 0)
 
 
+def test_tokenizer_routes_are_for_the_completions_endpoint(srv):
+    """Without `model`, /tokenize takes the one embedded completions endpoint (the embedders
+    beside it do not count); naming an embeddings endpoint is the wrong kind's 400."""
+    r = httpx.post(f"{srv.base}/tokenize", json={"prompt": "Hello"}, headers=srv.headers, timeout=30)
+    assert r.status_code == 200 and r.json()["count"] >= 1, r.text
+    r = httpx.post(f"{srv.base}/tokenize", json={"model": MINILM, "prompt": "Hello"}, headers=srv.headers, timeout=30)
+    assert r.status_code == 400 and "is an embeddings endpoint" in r.json()["error"]["message"], r.text
+
+
 def test_prompt_tokens_are_reserved_against_the_tpm_quota(srv):
     with httpx.Client(base_url=srv.api, headers={"Authorization": f"Bearer {QUOTA_KEY}"}, timeout=60) as c:
         too_big = embed(c, "word " * (QUOTA + 10))                   # more tokens than the whole quota
