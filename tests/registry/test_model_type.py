@@ -114,6 +114,30 @@ def test_the_factory_gets_the_kind_read_from_the_file(tmp_path):
     assert reg.get("e").model_type is ModelType.EMBEDDINGS and reg.get("c").model_type is ModelType.COMPLETIONS
 
 
+def test_a_kind_the_model_contradicts_fails_the_endpoint_saying_so(tmp_path):
+    bert = write_gguf(tmp_path / "bert.gguf", "bert", 1)
+    settings = Settings(store_dir=tmp_path, endpoints=(
+        EndpointSpec(name="generate-from-bert", model=str(bert), kind="completions"),
+        EndpointSpec(name="embed-with-bert", model=str(bert), kind="embeddings"),
+        EndpointSpec(name="embed-with-smollm", model="smollm2-135m", kind="embeddings")))
+    built = []
+
+    async def scenario():
+        reg = Registry(settings, engine_factory=lambda spec, path: built.append(spec.name) or Started(spec))
+        reg.start()
+        await reg.wait_loaded()
+        reasons = {name: ep.reason for name, ep in reg.endpoints.items()}
+        await reg.stop()
+        return reasons
+
+    reasons = asyncio.run(scenario())
+    assert built == ["embed-with-bert"] and reasons["embed-with-bert"] is None           # the others never got an engine (nor a download)
+    assert "has kind = 'completions', but its model" in reasons["generate-from-bert"]
+    assert "is an embedding model" in reasons["generate-from-bert"]
+    assert "kind = 'embeddings', but its model 'smollm2-135m' is a completions model" in reasons["embed-with-smollm"]
+    assert not (tmp_path / "models").exists()     # smollm2 was not fetched to find that out
+
+
 def test_wrong_kind_is_a_400_whatever_the_state():
     ep = Endpoint(EndpointSpec(name="e", engine="openai", urls=("http://h/v1",), kind="embeddings"),
                   model_type=ModelType.EMBEDDINGS)

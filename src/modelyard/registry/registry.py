@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..engine.protocol import Engine
 from ..engine.types import ModelType
-from ..errors import ModelNotFound
+from ..errors import ConfigError, ModelNotFound
 from ..redact import redact
 from ..settings import EndpointSpec, Settings
 from ..store import KNOWN, ModelStore
@@ -46,14 +46,14 @@ def declared_type(spec: EndpointSpec) -> ModelType | None:
     return known.model_type if known is not None else None
 
 
-async def loaded_type(spec: EndpointSpec, path: Path | None) -> ModelType:
-    """`declared_type`, or what the GGUF's header says (read off the event loop)."""
-    declared = declared_type(spec)
-    if declared is not None:
-        return declared
-    assert path is not None
-    from ..local.gguf_header import model_type
-    return await asyncio.to_thread(model_type, path)
+def checked_type(spec: EndpointSpec, found: ModelType) -> ModelType:
+    """`found` (what the store or the GGUF's header says a local model is), which a configured
+    `kind` must agree with: ConfigError otherwise, so the endpoint fails saying so rather than
+    generating from an encoder or failing obscurely in the engine."""
+    if spec.kind is not None and ModelType(spec.kind.upper()) is not found:
+        raise ConfigError(f"endpoint {spec.name!r} has kind = {spec.kind!r}, but its model {spec.model!r} is "
+                          f"{'an embedding' if found is ModelType.EMBEDDINGS else 'a completions'} model")
+    return found
 
 
 class Registry:
@@ -87,6 +87,9 @@ class Registry:
     async def _load(self, ep: Endpoint) -> None:
         try:
             path = None
+            known = KNOWN.get(ep.spec.model) if ep.spec.engine == "llamacpp" else None
+            if known is not None:       # before any download
+                ep.model_type = checked_type(ep.spec, known.model_type)
             if ep.spec.engine == "llamacpp":
                 path = await asyncio.to_thread(self.store.resolve, ep.spec.model)
                 if ep.spec.convert:
@@ -94,7 +97,9 @@ class Registry:
                     path = await asyncio.to_thread(converted, path, ep.spec.convert,
                                                    self.store.root / "converted", ep.spec.n_threads)
                 ep.model_path = str(path)
-            ep.model_type = await loaded_type(ep.spec, path)
+            if ep.spec.engine == "llamacpp" and known is None:     # a file: its header says
+                from ..local.gguf_header import model_type
+                ep.model_type = checked_type(ep.spec, await asyncio.to_thread(model_type, path))
             engine = self._factory(dataclasses.replace(ep.spec, kind=ep.model_type.value.lower()), path)
             await engine.start()
             ep.engine = engine
