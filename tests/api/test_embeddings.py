@@ -114,6 +114,10 @@ def vectors(r: httpx.Response) -> list[list[float]]:
     return [d["embedding"] for d in r.json()["data"]]
 
 
+def float32(vector: list[float]) -> bytes:
+    return struct.pack(f"<{len(vector)}f", *vector)
+
+
 def dot(a, b) -> float:
     return sum(x * y for x, y in zip(a, b))
 
@@ -123,10 +127,11 @@ def test_openai_client_default_base64_equals_the_float_answer(srv, client):
     oc = openai.OpenAI(base_url=srv.api, api_key=KEY, max_retries=0)
     out = oc.embeddings.create(model=MINILM, input=TEXTS)            # base64 on the wire, decoded by the client
     floats = embed(client, TEXTS)
-    assert [d.embedding for d in out.data] == vectors(floats)        # the same float32 bits either way
+    # the same float32 bits either way: JSON carries each in 9 digits, base64 as its 4 bytes
+    assert [float32(d.embedding) for d in out.data] == [float32(v) for v in vectors(floats)]
     assert out.usage.prompt_tokens == floats.json()["usage"]["prompt_tokens"] > 0
     raw = embed(client, TEXTS[0], encoding_format="base64").json()["data"][0]["embedding"]
-    assert list(struct.unpack("<384f", base64.b64decode(raw))) == vectors(floats)[0]
+    assert base64.b64decode(raw) == struct.pack("<384f", *vectors(floats)[0])
 
 
 def test_openais_shape_unit_vectors_and_meaning(client):

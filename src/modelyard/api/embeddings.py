@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import math
 import struct
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ..engine.types import EmbeddingRequest, EmbeddingResult, ModelType
 from ..errors import EngineError
@@ -49,17 +51,34 @@ async def create_embeddings(body: CreateEmbeddingRequest, request: Request) -> R
     state.metrics.embedding(body.model, len(inputs), result.prompt_tokens)
     charge_unmetered(request, result.prompt_tokens)
     request.state.log = {"id": req.request_id, "inputs": len(inputs), "prompt_tokens": result.prompt_tokens}
-    return JSONResponse(response_body(body.model, result, body.encoding_format or "float"))
+    return Response(response_body(body.model, result, body.encoding_format or "float"), media_type="application/json")
 
 
-def response_body(model: str, result: EmbeddingResult, encoding: str) -> dict:
-    encode = as_base64 if encoding == "base64" else list
-    return {"object": "list", "model": model,
-            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
-            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
+def response_body(model: str, result: EmbeddingResult, encoding: str) -> bytes:
+    """OpenAI's body, written directly: json.dumps writes each float32 value as the 17 digits
+    of a float64 repr, 3x slower (~30 ms for 64 x 384 values on a shared 2-core machine) and a
+    half longer than the 9 digits that carry a float32 exactly."""
+    encode = as_base64 if encoding == "base64" else as_floats
+    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{encode(v)}}}'
+                    for i, v in enumerate(result.vectors))
+    n = result.prompt_tokens
+    return (f'{{"object":"list","data":[{data}],"model":{json.dumps(model)},'
+            f'"usage":{{"prompt_tokens":{n},"total_tokens":{n}}}}}').encode()
+
+
+def as_floats(vector: tuple[float, ...]) -> str:
+    """A JSON array of the vector's float32 values, 9 significant digits each: what any float32
+    needs to come back bit for bit (FLT_DECIMAL_DIG): float32(the parsed number) is the value."""
+    if 0.0 in vector:     # "%g" writes -0.0 as "-0", which JSON readers take for the integer 0
+        text = "[" + ",".join("-0.0" if x == 0 and math.copysign(1.0, x) < 0 else "%.9g" % x for x in vector) + "]"
+    else:
+        text = "[" + ",".join(["%.9g"] * len(vector)) % tuple(vector) + "]"
+    if "n" in text:      # nan or inf, which JSON cannot carry: an engine bug, never sent as a body
+        raise EngineError("the engine returned a vector that is not finite")
+    return text
 
 
 def as_base64(vector: tuple[float, ...]) -> str:
-    """OpenAI's base64 encoding: the vector's float32 values, little-endian, base64 (what the
-    official client decodes with numpy.frombuffer(..., dtype="float32"))."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    """OpenAI's base64 encoding, as a JSON string: the vector's float32 values, little-endian,
+    base64 (what the official client decodes with numpy.frombuffer(..., dtype="float32"))."""
+    return '"' + base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii") + '"'
