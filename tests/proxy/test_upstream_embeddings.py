@@ -259,6 +259,14 @@ def test_bad_bodies_are_422s_naming_the_field(client):
     assert "input 1 is an empty string" in r.text
 
 
+def test_the_key_is_required_and_user_is_accepted(gateway, client):
+    r = httpx.post(f"{gateway.api}/embeddings", json={"model": EMBED, "input": "a"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(f"{gateway.base}/v1/embeddings", json={"model": EMBED, "input": "a", "user": "u-1"},
+                   headers=gateway.headers, timeout=10)          # the /v1 alias
+    assert r.status_code == 200 and r.json()["data"][0]["embedding"] == vector("a"), r.text
+
+
 def test_too_many_inputs_is_a_422_naming_the_limit(client):
     r = embed(client, ["x"] * (MAX_INPUTS + 1))
     assert r.status_code == 422, r.text
