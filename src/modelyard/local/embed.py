@@ -8,7 +8,9 @@ complete. Only the engine thread touches the llama context (why: loop.py's docst
 
 Endpoint settings, as an encoder reads them: `context` caps one input's tokens (at most the
 model's trained length), `parallel` is the inputs per llama_decode, `batch` the tokens per
-llama_decode (raised to hold one whole input: a non-causal sequence cannot be split).
+llama_decode (an input longer than that runs alone: a non-causal sequence cannot be split).
+Attention runs over the whole decode (flash attention is off, see ffi.EmbeddingContext), so on a
+CPU decodes of ~256 tokens cost less per input than 512-token ones.
 """
 
 from __future__ import annotations
@@ -220,10 +222,9 @@ class EmbeddingEngine:
         bare, full = model.tokenize("x", add_special=False), model.tokenize("x")
         at = full.index(bare[0])
         self._affixes = (full[:at], full[at + len(bare):])
-        align = simd_lanes()
-        n_tokens = -(-max(self.spec.batch, self.context) // align) * align   # holds the longest input
-        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), n_tokens, align)
-        ctx = EmbeddingContext(model, packer.max_seqs + 1, packer.max_tokens, self.spec.n_threads)
+        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes())
+        capacity = packer.aligned(max(self.spec.batch, self.context))   # holds the longest input
+        ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads)
         self._packer = packer
         log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "
                  "%d tokens per decode, llama.cpp: %s", self.spec.name, self.pooling, model.n_embd,
@@ -231,26 +232,28 @@ class EmbeddingEngine:
         return ctx
 
     def _serve(self, ctx: EmbeddingContext) -> None:
-        while True:
-            block = not self._jobs
-            try:
-                while True:
-                    kind, arg = self._inbox.get(block=block)
-                    if kind is _STOP:
-                        self._fail_all(EngineError("the server is shutting down"))
-                        return
-                    if kind == "add":
-                        self._jobs.append(arg)
-                    elif arg in self._jobs:         # abort: the waiter is gone, nobody to tell
-                        self._jobs.remove(arg)
-                    block = False
-            except queue.Empty:
-                pass
+        while self._drain(block=not self._jobs):
             self._expire_deadlines()
             packed = self._packer.pack(self._jobs)
             if packed is not None:
                 self._step(ctx, packed)
             self._count_jobs()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply what the inbox holds (waiting for one message when idle); False on stop."""
+        try:
+            while True:
+                kind, arg = self._inbox.get(block=block)
+                if kind is _STOP:
+                    self._fail_all(EngineError("the server is shutting down"))
+                    return False
+                if kind == "add":
+                    self._jobs.append(arg)
+                elif arg in self._jobs:         # abort: the waiter is gone, nobody to tell
+                    self._jobs.remove(arg)
+                block = False
+        except queue.Empty:
+            return True
 
     def _step(self, ctx: EmbeddingContext, packed: Packed) -> None:
         """One llama_decode for the packed inputs; pool each one's rows; finish complete jobs."""
