@@ -217,6 +217,11 @@ class EmbeddingEngine:
         if model.pooling is None:
             raise EngineError(f"{self.model_path} declares no pooling: it is not an embedding model "
                               "(serve it as a completions endpoint)")
+        if model.causal:
+            # Causal embedders (last-token pooling over a KV cache) need a cache per sequence,
+            # cleared between inputs: not built. Say so instead of computing something else.
+            raise EngineError(f"{self.model_path} is a causal model: the embedded embeddings engine "
+                              "serves non-causal encoders (BERT and its kin)")
         self.pooling = model.pooling
         self.context = min(self.spec.context, model.n_ctx_train)
         bare, full = model.tokenize("x", add_special=False), model.tokenize("x")

@@ -168,6 +168,12 @@ class LlamaModel:
         value = self.meta(f"{arch}.pooling_type") if arch else None
         return _POOLING.get(value) if value is not None else None
 
+    @property
+    def causal(self) -> bool:
+        """Whether attention is causal (a decoder: the default); encoders (BERT) say false."""
+        arch = self.meta("general.architecture")
+        return (self.meta(f"{arch}.attention.causal") if arch else None) != "false"
+
     def apply_builtin_template(self, name: str, messages: list[tuple[str, str]]) -> str:
         """llama.cpp's own C++ rendering of a named chat format (for GGUFs without a template)."""
         chat = (C.llama_chat_message * len(messages))(
