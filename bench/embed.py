@@ -1,7 +1,7 @@
 """Embeddings benchmark: modelyard against llama-server `--embedding --pooling mean` on the same GGUF.
 
     python bench/embed.py [--sentences 1000] [--sizes 1,16,64] [--levels 1,8] [--threads 2]
-                          [--smoke] [--json PATH]
+                          [--deterministic true|false] [--smoke] [--json PATH]
 
 Both servers run the store's minilm-l6-v2 GGUF (converted once by modelyard's store) with the same
 threads; both stay up, and the load goes to one at a time, level by level, modelyard first, then
@@ -57,13 +57,14 @@ def sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 62))) + "." for _ in range(n)]
 
 
-def modelyard_server(workdir: Path, threads: int) -> ServerProc:
+def modelyard_server(workdir: Path, threads: int, deterministic: bool = True) -> ServerProc:
     port = free_port()
     return modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 5\n'
         f'store_dir = "{CACHE}"\n\n'
         f'[[endpoints]]\nname = "{MODEL}"\nmodel = "{MODEL}"\nparallel = {PARALLEL}\nbatch = {BATCH}\n'
-        f'context = 512\nmax_queue = 1024\nthreads = {threads}\n'), port)
+        f'context = 512\nmax_queue = 1024\nthreads = {threads}\n'
+        f'deterministic = {"true" if deterministic else "false"}\n'), port)
 
 
 def peer_server(path: Path, threads: int) -> ServerProc:
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="1,8", help="concurrent clients")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peer", choices=["llama-server", "none"], default="llama-server")
+    p.add_argument("--deterministic", choices=["true", "false"], default="true",
+                   help="modelyard's endpoint: true (default) keeps vectors bit-identical whatever the "
+                        "batch; false turns flash attention on and lane padding off")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", type=Path)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="modelyard-bench-embed-") as tmp:
-        servers = [modelyard_server(Path(tmp), a.threads)]
+        servers = [modelyard_server(Path(tmp), a.threads, a.deterministic == "true")]
         if a.peer == "llama-server":
             servers.append(peer_server(path, a.threads))
         try:

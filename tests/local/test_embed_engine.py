@@ -234,3 +234,16 @@ def test_a_completions_model_fails_to_load_as_an_embeddings_engine(store, run):
     with pytest.raises(EngineError, match="declares no pooling: it is not an embedding model"):
         run(wrong.start())
     run(wrong.stop())
+
+
+def test_deterministic_false_trades_bit_identity_for_flash_attention_not_meaning(engine, store, run):
+    fast = EmbeddingEngine(spec(deterministic=False), store.resolve(MODEL))
+    run(fast.start())
+    try:
+        inputs = mixed_inputs()
+        got = embed(run, fast, inputs).vectors
+        assert fast.status()["alignment"] == 1 and fast.status()["padding_tokens_total"] == 0
+    finally:
+        run(fast.stop())
+    exact = embed(run, engine, inputs).vectors
+    assert min(float(np.dot(a, b)) for a, b in zip(got, exact)) > 0.99999

@@ -10,7 +10,8 @@ Endpoint settings, as an encoder reads them: `context` caps one input's tokens (
 model's trained length), `parallel` is the inputs per llama_decode, `batch` the tokens per
 llama_decode (an input longer than that runs alone: a non-causal sequence cannot be split).
 Attention runs over the whole decode (flash attention is off, see ffi.EmbeddingContext), so on a
-CPU decodes of ~256 tokens cost less per input than 512-token ones.
+CPU decodes of ~256 tokens cost less per input than 512-token ones. `deterministic = false` trades
+the batch invariance for speed, as for completions: flash attention on, no lane padding.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class EmbeddingEngine:
     def status(self) -> dict[str, Any]:
         packer = self._packer
         limits = ({"context": self.context, "max_inputs_per_decode": packer.max_seqs,
-                   "max_tokens_per_decode": packer.max_tokens, "alignment": packer.align}
+                   "max_tokens_per_decode": packer.max_tokens, "alignment": packer.align,
+                   "deterministic": self.spec.deterministic}
                   if packer is not None else {})
         return {"in_flight": self._in_flight, **self._counts, **limits}
 
@@ -227,13 +229,14 @@ class EmbeddingEngine:
         bare, full = model.tokenize("x", add_special=False), model.tokenize("x")
         at = full.index(bare[0])
         self._affixes = (full[:at], full[at + len(bare):])
-        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes())
+        exact = self.spec.deterministic
+        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1)
         capacity = packer.aligned(max(self.spec.batch, self.context))   # holds the longest input
-        ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads)
+        ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn=not exact)
         self._packer = packer
         log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "
-                 "%d tokens per decode, llama.cpp: %s", self.spec.name, self.pooling, model.n_embd,
-                 self.context, packer.max_seqs, packer.max_tokens, system_info().strip())
+                 "%d tokens per decode, deterministic=%s, llama.cpp: %s", self.spec.name, self.pooling,
+                 model.n_embd, self.context, packer.max_seqs, packer.max_tokens, exact, system_info().strip())
         return ctx
 
     def _serve(self, ctx: EmbeddingContext) -> None:
