@@ -71,3 +71,29 @@ def test_pooling_then_l2_normalisation(how, expected):
     want = np.array(expected) / np.linalg.norm(expected)
     assert np.allclose(v, want, atol=1e-7)
     assert abs(np.linalg.norm(v) - 1.0) < 1e-6
+
+
+def test_an_aborted_job_leaves_the_engine_threads_queue_before_any_of_its_inputs_run(tmp_path):
+    """What the engine thread does with its inbox (EmbeddingEngine._drain), without a model."""
+    from modelyard.local.embed import EmbeddingEngine
+    from modelyard.settings import EndpointSpec
+
+    engine = EmbeddingEngine(EndpointSpec(name="e"), tmp_path / "unused.gguf")
+    finished: list[object] = []
+    kept, aborted = job("kept", 3), job("aborted", 3)
+    aborted.finish = finished.append
+    for message in (("add", kept), ("add", aborted), ("abort", aborted)):
+        engine._inbox.put(message)
+
+    assert engine._drain(block=False) is True
+    assert list(engine._jobs) == [kept] and finished == []     # nobody waits for the aborted one
+
+
+def test_an_input_longer_than_the_budget_runs_alone():
+    packer = Packer(max_seqs=8, max_tokens=16, align=8)
+    a = job("a", 40, 3)
+
+    first, second = packer.pack(deque([a])), packer.pack(deque([a]))
+
+    assert [s.index for s in first.spans] == [0] and len(first.tokens) == 40
+    assert [s.index for s in second.spans] == [1]

@@ -16,7 +16,7 @@ import pytest
 from bert_reference import Bert, WordPiece, extract_model
 from modelyard import settings as settings_mod
 from modelyard.engine.types import EmbeddingRequest, EngineRequest, ModelType
-from modelyard.errors import ContextOverflow, DeadlineExceeded, InvalidRequest, QueueFull
+from modelyard.errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequest, QueueFull
 from modelyard.local.embed import EmbeddingEngine
 from modelyard.settings import EndpointSpec
 from modelyard.store import KNOWN, ModelStore, file_sha256
@@ -227,3 +227,23 @@ def test_a_full_queue_answers_queue_full(store, run):
         assert isinstance(second, QueueFull) and "parallel 1 + max_queue 0" in str(second)
     finally:
         run(small.stop())
+
+
+def test_a_completions_model_fails_to_load_as_an_embeddings_engine(store, run):
+    wrong = EmbeddingEngine(spec(name="smollm2-135m", model="smollm2-135m"), store.resolve("smollm2-135m"))
+    with pytest.raises(EngineError, match="declares no pooling: it is not an embedding model"):
+        run(wrong.start())
+    run(wrong.stop())
+
+
+def test_deterministic_false_trades_bit_identity_for_flash_attention_not_meaning(engine, store, run):
+    fast = EmbeddingEngine(spec(deterministic=False), store.resolve(MODEL))
+    run(fast.start())
+    try:
+        inputs = mixed_inputs()
+        got = embed(run, fast, inputs).vectors
+        assert fast.status()["alignment"] == 1 and fast.status()["padding_tokens_total"] == 0
+    finally:
+        run(fast.stop())
+    exact = embed(run, engine, inputs).vectors
+    assert min(float(np.dot(a, b)) for a, b in zip(got, exact)) > 0.99999

@@ -8,7 +8,10 @@ complete. Only the engine thread touches the llama context (why: loop.py's docst
 
 Endpoint settings, as an encoder reads them: `context` caps one input's tokens (at most the
 model's trained length), `parallel` is the inputs per llama_decode, `batch` the tokens per
-llama_decode (raised to hold one whole input: a non-causal sequence cannot be split).
+llama_decode (an input longer than that runs alone: a non-causal sequence cannot be split).
+Attention runs over the whole decode (flash attention is off, see ffi.EmbeddingContext), so on a
+CPU decodes of ~256 tokens cost less per input than 512-token ones. `deterministic = false` trades
+the batch invariance for speed, as for completions: flash attention on, no lane padding.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ class EmbeddingEngine:
     def status(self) -> dict[str, Any]:
         packer = self._packer
         limits = ({"context": self.context, "max_inputs_per_decode": packer.max_seqs,
-                   "max_tokens_per_decode": packer.max_tokens, "alignment": packer.align}
+                   "max_tokens_per_decode": packer.max_tokens, "alignment": packer.align,
+                   "deterministic": self.spec.deterministic}
                   if packer is not None else {})
         return {"in_flight": self._in_flight, **self._counts, **limits}
 
@@ -215,42 +219,49 @@ class EmbeddingEngine:
         if model.pooling is None:
             raise EngineError(f"{self.model_path} declares no pooling: it is not an embedding model "
                               "(serve it as a completions endpoint)")
+        if model.causal:
+            # Causal embedders (last-token pooling over a KV cache) need a cache per sequence,
+            # cleared between inputs: not built. Say so instead of computing something else.
+            raise EngineError(f"{self.model_path} is a causal model: the embedded embeddings engine "
+                              "serves non-causal encoders (BERT and its kin)")
         self.pooling = model.pooling
         self.context = min(self.spec.context, model.n_ctx_train)
         bare, full = model.tokenize("x", add_special=False), model.tokenize("x")
         at = full.index(bare[0])
         self._affixes = (full[:at], full[at + len(bare):])
-        align = simd_lanes()
-        n_tokens = -(-max(self.spec.batch, self.context) // align) * align   # holds the longest input
-        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), n_tokens, align)
-        ctx = EmbeddingContext(model, packer.max_seqs + 1, packer.max_tokens, self.spec.n_threads)
+        exact = self.spec.deterministic
+        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1)
+        capacity = packer.aligned(max(self.spec.batch, self.context))   # holds the longest input
+        ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn=not exact)
         self._packer = packer
         log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "
-                 "%d tokens per decode, llama.cpp: %s", self.spec.name, self.pooling, model.n_embd,
-                 self.context, packer.max_seqs, packer.max_tokens, system_info().strip())
+                 "%d tokens per decode, deterministic=%s, llama.cpp: %s", self.spec.name, self.pooling,
+                 model.n_embd, self.context, packer.max_seqs, packer.max_tokens, exact, system_info().strip())
         return ctx
 
     def _serve(self, ctx: EmbeddingContext) -> None:
-        while True:
-            block = not self._jobs
-            try:
-                while True:
-                    kind, arg = self._inbox.get(block=block)
-                    if kind is _STOP:
-                        self._fail_all(EngineError("the server is shutting down"))
-                        return
-                    if kind == "add":
-                        self._jobs.append(arg)
-                    elif arg in self._jobs:         # abort: the waiter is gone, nobody to tell
-                        self._jobs.remove(arg)
-                    block = False
-            except queue.Empty:
-                pass
+        while self._drain(block=not self._jobs):
             self._expire_deadlines()
             packed = self._packer.pack(self._jobs)
             if packed is not None:
                 self._step(ctx, packed)
             self._count_jobs()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply what the inbox holds (waiting for one message when idle); False on stop."""
+        try:
+            while True:
+                kind, arg = self._inbox.get(block=block)
+                if kind is _STOP:
+                    self._fail_all(EngineError("the server is shutting down"))
+                    return False
+                if kind == "add":
+                    self._jobs.append(arg)
+                elif arg in self._jobs:         # abort: the waiter is gone, nobody to tell
+                    self._jobs.remove(arg)
+                block = False
+        except queue.Empty:
+            return True
 
     def _step(self, ctx: EmbeddingContext, packed: Packed) -> None:
         """One llama_decode for the packed inputs; pool each one's rows; finish complete jobs."""

@@ -75,7 +75,6 @@ class Packer:
     sequences and tokens left. An input never waits behind a later one."""
 
     def __init__(self, max_seqs: int, max_tokens: int, align: int) -> None:
-        assert max_tokens % align == 0
         self.max_seqs, self.max_tokens, self.align = max_seqs, max_tokens, align
         self.filler_seq = max_seqs       # sequence ids 0..max_seqs-1 are inputs; the context has one more
 
@@ -83,13 +82,15 @@ class Packer:
         return -(-n // self.align) * self.align
 
     def pack(self, jobs: deque[EmbedJob]) -> Packed | None:
-        """One batch from the jobs' pending inputs; None when none is pending. max_tokens holds
-        the longest input admission lets through, so the head input always fits."""
+        """One batch from the jobs' pending inputs; None when none is pending. The first input
+        is taken whatever its length (the context holds the longest one admission lets through),
+        the others while the batch stays within max_tokens."""
         out = Packed([], [], [], [])
         for job in jobs:
             while job.next < len(job.inputs):
                 ids = job.inputs[job.next]
-                if len(out.spans) == self.max_seqs or len(out.tokens) + self.aligned(len(ids)) > self.max_tokens:
+                full = len(out.spans) == self.max_seqs or len(out.tokens) + self.aligned(len(ids)) > self.max_tokens
+                if out.spans and full:
                     return out
                 self._place(out, job, ids)
         return out if out.spans else None

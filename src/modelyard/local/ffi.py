@@ -185,6 +185,12 @@ class LlamaModel:
         value = self.meta(f"{arch}.pooling_type") if arch else None
         return _POOLING.get(value) if value is not None else None
 
+    @property
+    def causal(self) -> bool:
+        """Whether attention is causal (a decoder: the default); encoders (BERT) say false."""
+        arch = self.meta("general.architecture")
+        return (self.meta(f"{arch}.attention.causal") if arch else None) != "false"
+
     def apply_builtin_template(self, name: str, messages: list[tuple[str, str]]) -> str:
         """llama.cpp's own C++ rendering of a named chat format (for GGUFs without a template)."""
         chat = (C.llama_chat_message * len(messages))(
@@ -340,17 +346,19 @@ class EmbeddingContext:
     caller pools each sequence's own rows), and the caller starts each sequence at a multiple
     of simd_lanes() and pads the batch to one: then the other sequences' terms are exact zeros
     in lanes of their own, and a vector is bit-identical alone or in any batch (tested).
-    Flash attention stays off: its CPU kernel takes a tiled path for big batches only.
+    Flash attention stays off for that (flash_attn=False): its CPU kernel takes a tiled path for
+    big batches only. On, it skips the other sequences' keys, which is cheaper for big batches.
     """
 
-    def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int) -> None:
+    def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int,
+                 flash_attn: bool = False) -> None:
         p = C.llama_context_default_params()
         p.n_ctx = p.n_batch = p.n_ubatch = n_batch   # non-causal: a sequence never spans two ubatches
         p.n_seq_max = n_seq
         p.n_threads = p.n_threads_batch = n_threads
         p.embeddings = True
         p.pooling_type = C.LLAMA_POOLING_TYPE_NONE
-        p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.no_perf = True
         self._ctx = C.llama_init_from_model(model._model, p)
         if not self._ctx:
