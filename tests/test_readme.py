@@ -3,6 +3,7 @@ are substituted), so the docs cannot rot."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -17,9 +18,9 @@ README = (Path(__file__).parent.parent / "README.md").read_text()
 DEFAULT_BASE = "http://127.0.0.1:8000"
 
 
-def block(lang: str) -> str:
-    found = re.findall(rf"```{lang}\n(.*?)```", README, re.S)
-    assert found, f"README has no ```{lang} example"
+def block(lang: str, containing: str = "") -> str:
+    found = [b for b in re.findall(rf"```{lang}\n(.*?)```", README, re.S) if containing in b]
+    assert found, f"README has no ```{lang} example" + (f" with {containing!r}" if containing else "")
     return found[0]
 
 
@@ -48,3 +49,13 @@ def test_openai_example(server):
     first_line = out.stdout.splitlines()[0]
     assert "Paris" in first_line
     assert len(out.stdout) > len(first_line) + 10   # the streamed story followed
+
+
+def test_structured_output_example(server):
+    code = block("python", "response_format").replace(DEFAULT_BASE, server.base)
+    code = code.replace('api_key="none"', f'api_key="{server.key}"')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    city, call = out.stdout.splitlines()
+    assert set(ast.literal_eval(city)) == {"name", "country"}
+    assert call.startswith("get_weather {'city': ")

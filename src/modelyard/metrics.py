@@ -99,6 +99,18 @@ class RouteLabels:
         return OTHER_ROUTE
 
 
+# Structured output (local/grammar.Grammars.status): counters, by endpoint.
+GRAMMAR_COUNTERS = {
+    "grammar_requests": "Requests with structured output (a grammar per choice)",
+    "grammar_compiled": "Grammars compiled (cache misses that compiled)",
+    "grammar_cache_hits": "Requests whose grammar was already compiled",
+    "grammar_failed": "Constraints refused: invalid, unsupported or too slow to compile",
+    "grammar_compile_seconds": "Seconds spent compiling grammars",
+    "grammar_masks": "Token masks computed (one per constrained token)",
+    "grammar_mask_seconds": "Seconds spent computing and applying token masks",
+}
+
+
 class _EndpointCollector:
     def __init__(self, registry: "Registry", routes: Iterable[str] = ()) -> None:
         self.registry = registry
@@ -117,6 +129,8 @@ class _EndpointCollector:
         host_tokens = CounterMetricFamily("modelyard_prefix_cache_host_hit_tokens",
                                           "Prompt tokens restored from host memory instead of computed",
                                           labels=["endpoint"])
+        grammar = {key: CounterMetricFamily(f"modelyard_{key}", doc, labels=["endpoint"])
+                   for key, doc in GRAMMAR_COUNTERS.items()}
         for ep in self.registry.endpoints.values():
             ready.add_metric([ep.name, ep.state.value], 1.0 if ep.not_ready_reason() is None else 0.0)
             status = ep.engine.status() if ep.engine is not None else {}
@@ -126,4 +140,7 @@ class _EndpointCollector:
                 host_bytes.add_metric([ep.name], float(status["host_cache_bytes"]))
                 host_hits.add_metric([ep.name], float(status["host_cache_hits"]))
                 host_tokens.add_metric([ep.name], float(status["host_cache_hit_tokens"]))
-        yield from (ready, queue, in_flight, host_bytes, host_hits, host_tokens)
+            for key, family in grammar.items():
+                if key in status:
+                    family.add_metric([ep.name], float(status[key]))
+        yield from (ready, queue, in_flight, host_bytes, host_hits, host_tokens, *grammar.values())

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from modelyard.engine.types import ChoiceDelta, EngineRequest, FinishReason, SamplingParams, TokenLogprobs, Usage
+from modelyard.engine.types import ChoiceDelta, Constraint, EngineRequest, FinishReason, SamplingParams, TokenLogprobs, Usage
 from modelyard.errors import EngineError
 from modelyard.local.core import EngineCore
 from modelyard.local.prepare import prepare
@@ -85,6 +85,25 @@ class FakeVocab:
 
 def encode(text: str) -> list[int]:
     return FakeVocab().tokenize(text)
+
+
+class _LLVocab:
+    """The fake vocabulary as llguidance's TokenizerWrapper wants it: token bytes (specials
+    marked with 0xff, llguidance's convention), the end token, and a tokenizer of bytes."""
+    eos_token_id = EOG
+    bos_token_id = None
+    special_token_ids = list(range(SPECIAL, V))
+    tokens = [PIECES[t] if t < SPECIAL else b"\xff<s%d>" % t for t in range(V)]
+
+    def __call__(self, data: bytes) -> list[int]:
+        return encode(data.decode("utf-8", "replace"))
+
+
+def fake_grammars():
+    """Production's Grammars over the fake vocabulary."""
+    import llguidance
+    from modelyard.local.grammar import Grammars
+    return Grammars(lambda: llguidance.LLTokenizer(llguidance.TokenizerWrapper(_LLVocab())))
 
 
 # -- the scripted "model" -------------------------------------------------------------------
@@ -306,6 +325,7 @@ class Harness:
     def __init__(self, n_slots: int = 4, step_tokens: int = 16, prefix_cache: bool = True,
                  model: Model | None = None, host_cache_bytes: int = 0) -> None:
         self.vocab = FakeVocab()
+        self.grammars = fake_grammars()
         self.n_slots = n_slots
         self.host_cache = HostCache(host_cache_bytes)
         self.runner = FakeRunner(model or scripted(), n_slots, step_tokens, self.host_cache)
@@ -324,13 +344,13 @@ class Harness:
 
     def build(self, rid: str, prompt: str | list[int], *, n: int = 1, max_tokens: int = 16,
               stop: tuple[str, ...] = (), echo: bool = False, sampling: SamplingParams = SamplingParams(),
-              deadline: float | None = None) -> Request:
+              deadline: float | None = None, constraint: Constraint | None = None) -> Request:
         """With the production code (prepare.prepare), as LocalEngine builds them."""
         sink = self.sinks.setdefault(rid, [])
         r = EngineRequest(rid, prompt if isinstance(prompt, str) else tuple(prompt), sampling, n=n,
-                          max_tokens=max_tokens, stop=stop, echo=echo, deadline=deadline)
+                          max_tokens=max_tokens, stop=stop, echo=echo, deadline=deadline, constraint=constraint)
         req = prepare(r, self.vocab, None, context=CONTEXT, parallel=self.n_slots, parse_special=False,
-                      sink=sink.append)
+                      sink=sink.append, grammars=self.grammars)
         self.requests[rid] = req
         return req
 

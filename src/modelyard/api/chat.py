@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal, Union
+import json
+from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..engine.types import ChoiceDelta, EngineRequest, TokenLogprobs, token_bytes
 from .pipeline import ERRORS, respond, sampling_params
 from .schemas import GenerationRequest
+from .structured import json_constraint, tool_call_schema
 from .streaming import Completion
 
 router = APIRouter()
@@ -35,11 +37,74 @@ class Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: ToolName
+
+
 class ChatRequest(GenerationRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[Tool], Field(min_length=1)] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    _tool_names: list[str] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _tool_call(self) -> "ChatRequest":
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if not self.tools:
+            return self
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tools: function names must be unique, got {names}")
+        choice = self.tool_choice
+        wanted = choice.model_dump() if isinstance(choice, NamedToolChoice) else (choice or "auto")
+        if wanted == "auto":
+            return self     # the engine decides whether it can (embedded: a 400 saying what works)
+        made = tool_call_schema([t.model_dump() for t in self.tools], wanted)
+        if made is not None:
+            if self._constraint is not None:
+                raise ValueError(f"tool_choice {wanted if isinstance(wanted, str) else 'function'} "
+                                 f"constrains the output already; drop {self._constraint.field}")
+            schema, self._tool_names = made
+            self._constraint = json_constraint(schema, "tools")
+        return self
+
+    @property
+    def tool_names(self) -> list[str] | None:
+        """The functions the output is a call of (tool_choice required or named), else None."""
+        return self._tool_names
+
+    @property
+    def tool_mode(self) -> str | None:
+        if not self.tools:
+            return None
+        c = self.tool_choice
+        return c if isinstance(c, str) else ("function" if c is not None else "auto")
 
     @property
     def k_logprobs(self) -> int | None:
@@ -66,24 +131,55 @@ class ChatCompletion(Completion):
     def envelope(self, choices: list[dict], obj: str = "chat.completion.chunk") -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def chunk(self, prompt: int, d: ChoiceDelta) -> dict:
+    # tool_choice "required" or named: the output is constrained to {"name", "arguments"} JSON,
+    # returned as OpenAI's tool_calls. Streamed whole at the choice's end (one tool-call delta
+    # with the complete arguments): the text is only a call once it is complete.
+    tool_names: list[str] | None = None
+
+    def chunk(self, prompt: int, d: ChoiceDelta) -> dict | None:
         i = self.index(prompt, d)
+        if self.tool_names is not None:
+            self.collect(prompt, d)
+            if d.finish_reason is None:
+                return None
+            message, finish = self._message(i)
+            delta = dict(message)
+            for n, call in enumerate(delta.get("tool_calls") or ()):
+                call["index"] = n           # a delta's tool calls say which call they extend
+            return self.envelope([{"index": i, "delta": delta,
+                                   "logprobs": chat_logprobs(self.logprobs.get(i), self.top_k),
+                                   "finish_reason": finish}])
         delta = {"content": d.text} if i in self.started else {"role": "assistant", "content": d.text}
         self.started.add(i)
         return self.envelope([{"index": i, "delta": delta, "logprobs": chat_logprobs(d.logprobs, self.top_k),
                                "finish_reason": d.finish_reason.value if d.finish_reason else None}])
 
     def body(self) -> dict:
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(self.texts.get(i, []))},
-                    "logprobs": chat_logprobs(self.logprobs.get(i), self.top_k), "finish_reason": self.finish.get(i)}
-                   for i in sorted(self.texts)]
+        choices = []
+        for i in sorted(self.texts):
+            message, finish = self._message(i)
+            choices.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(self.logprobs.get(i), self.top_k), "finish_reason": finish})
         return {**self.envelope(choices, "chat.completion"), "usage": self.usage}
+
+    def _message(self, i: int) -> tuple[dict, str | None]:
+        text, finish = "".join(self.texts.get(i, [])), self.finish.get(i)
+        if self.tool_names is None or finish != "stop":
+            # cut by max_tokens: the partial text, finish "length", as OpenAI does; never repaired
+            return {"role": "assistant", "content": text}, finish
+        call = json.loads(text)      # the grammar made it a complete call of an allowed tool
+        return {"role": "assistant", "content": None, "tool_calls": [{
+            "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)},
+        }]}, "tool_calls"
 
 
 @router.post("/chat/completions", responses=ERRORS, summary="Create Chat Completion")
 async def create_chat_completion(body: ChatRequest, request: Request) -> Response:
     out = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, body.n or 1)
     out.top_k = body.top_logprobs or 0
+    out.tool_names = body.tool_names
+    tools = tuple(t.model_dump() for t in body.tools) if body.tools else None
 
     def build(deadline: float | None) -> list[EngineRequest]:
         # No max_tokens: None, which the engine resolves to the room the templated prompt leaves.
@@ -91,5 +187,6 @@ async def create_chat_completion(body: ChatRequest, request: Request) -> Respons
         return [EngineRequest(request_id=out.id, prompt="", messages=messages,
                               sampling=sampling_params(body, body.k_logprobs), n=body.n or 1,
                               max_tokens=body.max_completion_tokens or body.max_tokens, stop=body.stops,
-                              deadline=deadline)]
+                              deadline=deadline, constraint=body.structured, tools=tools,
+                              tool_choice=body.tool_mode)]
     return await respond(request, body, out, logprobs=body.top_logprobs, prompts=1, build=build)

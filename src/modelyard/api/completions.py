@@ -22,7 +22,7 @@ def engine_requests(body: CompletionRequest, cmpl_id: str, deadline: float | Non
     sampling = sampling_params(body, body.logprobs)
     return [EngineRequest(request_id=f"{cmpl_id}-{i}", prompt=prompt, sampling=sampling, n=body.n or 1,
                           max_tokens=body.max_tokens or DEFAULT_MAX_TOKENS, stop=body.stops,
-                          echo=bool(body.echo), deadline=deadline)
+                          echo=bool(body.echo), deadline=deadline, constraint=body.structured)
             for i, prompt in enumerate(body.prompts)]
 
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema,
+                      field_validator, model_validator)
+
+from ..engine.types import Constraint
+from .structured import StructuredFields
 
 
 # A token id as a JSON object key: ASCII digits only. `str.isdigit` also accepts "²" and "٣",
@@ -52,8 +56,9 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class GenerationRequest(BaseModel):
-    """Fields shared by /completions and /chat/completions, validated the same way."""
+class GenerationRequest(StructuredFields):
+    """Fields shared by /completions and /chat/completions, validated the same way (with the
+    structured-output fields of api/structured)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -70,6 +75,17 @@ class GenerationRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: LogitBias | None = None
     user: str | None = None
+
+    _constraint: Constraint | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "GenerationRequest":
+        self._constraint = self.constraint()       # two constraints: a 422 naming both
+        return self
+
+    @property
+    def structured(self) -> Constraint | None:
+        return self._constraint
 
     @field_validator("stream_options")
     @classmethod

@@ -158,6 +158,8 @@ async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: b
             if isinstance(event, ChoiceDelta):
                 out.saw(event)
                 chunk = out.chunk(prompt, event)
+                if chunk is None:          # held back (a tool call is sent once complete)
+                    continue
                 if include_usage:
                     chunk["usage"] = None
                 yield sse(chunk)

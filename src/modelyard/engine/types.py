@@ -44,6 +44,20 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """Structured output: what every choice's text must match, whatever the request field that
+    asked for it (response_format, vLLM's structured_outputs/guided_*, llama-server's
+    json_schema/grammar, a chat tool call). `source` is canonical, so equal constraints compile once."""
+    kind: str            # one of KINDS
+    source: str          # JSON schema (compact JSON, key order kept), regex, JSON list of choices, or grammar
+    field: str           # the request field, for errors ("response_format", "structured_outputs.regex")
+    strict: bool = True  # False: unsupported schema keywords are ignored (logged), not refused
+
+
+CONSTRAINT_KINDS = ("json_schema", "regex", "choice", "lark", "gbnf")
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     request_id: str
     prompt: str | tuple[int, ...]     # text, or token ids
@@ -59,6 +73,9 @@ class EngineRequest:
     # chat: the engine renders these with the model's template (embedded) or passes them on
     # to the upstream's /chat/completions (proxy); `prompt` is then unused.
     messages: tuple[dict, ...] | None = None
+    constraint: Constraint | None = None      # structured output for every choice
+    tools: tuple[dict, ...] | None = None     # chat: OpenAI tool definitions, for the chat template
+    tool_choice: str | None = None            # with tools: "auto" | "required" | "function" | "none"
     # Token metering (per-key tpm quotas, api/auth). An engine that counts tokens calls
     # reserve(most it may use: prompt + n * max_tokens, resolved) before any work, which may
     # raise RateLimited, and settle(tokens computed: prompt prefilled + generated) once, on the

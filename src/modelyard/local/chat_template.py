@@ -86,11 +86,12 @@ class ChatTemplate:
     def available(self) -> bool:
         return self._jinja is not None or self.builtin is not None
 
-    def render(self, messages: Sequence[dict]) -> str:
+    def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
         if self._jinja is not None:
+            extra = {"tools": list(tools)} if tools else {}     # templates that know tools render them
             try:
                 return self._jinja.render(messages=list(messages), add_generation_prompt=True,
-                                          bos_token=self.bos_token, eos_token=self.eos_token)
+                                          bos_token=self.bos_token, eos_token=self.eos_token, **extra)
             except TemplateError as exc:
                 raise InvalidRequest(f"cannot render the chat template: {exc}", param="messages") from None
         if self.builtin is not None:
@@ -103,11 +104,11 @@ class ChatTemplate:
                                  param="messages", code="chat_template_error")
         raise InvalidRequest("this model has no chat template; use /completions", param="messages")
 
-    def segments(self, messages: Sequence[dict]) -> list[Segment]:
+    def segments(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[Segment]:
         """The rendered prompt cut into the template's markup and the messages' contents, in order."""
         nonce = secrets.token_hex(8)
         marked = [{**m, "content": f" \ue000{nonce}:{i}\ue001 "} for i, m in enumerate(messages)]
-        text = self.render(marked)
+        text = self.render(marked, tools)
         found = re.compile(rf"( ?)\ue000{nonce}:(\d+)\ue001( ?)")
         out: list[Segment] = []
         at = 0
@@ -123,16 +124,17 @@ class ChatTemplate:
         out.append((text[at:], False))
         return [s for s in out if s[0]]
 
-    def tokens(self, messages: Sequence[dict], tokenize: Tokenize, parse_special: bool = False) -> list[int]:
+    def tokens(self, messages: Sequence[dict], tokenize: Tokenize, parse_special: bool = False,
+               tools: Sequence[dict] | None = None) -> list[int]:
         """The prompt's token ids. A BOS is added unless the template writes one itself. With
         `parse_special`, the whole rendering is tokenized as one text, special tokens parsed
         everywhere (Hugging Face's and llama-server's way)."""
         if parse_special:
-            text = self.render(messages)
+            text = self.render(messages, tools)
             return tokenize(text, add_special=not (self.bos_token and text.startswith(self.bos_token)),
                             parse_special=True)
         ids: list[int] = []
-        for n, (text, content) in enumerate(self.segments(messages)):
+        for n, (text, content) in enumerate(self.segments(messages, tools)):
             first = n == 0 and not (self.bos_token and text.startswith(self.bos_token))
             ids += tokenize(text, add_special=first, parse_special=not content)
         return ids

@@ -30,6 +30,7 @@ class EngineCore:
         self.vocab = vocab
         self.emit = emit
         self._out: dict[Request, list[EngineOutput]] = {}
+        self._failed: list[tuple[Request, ModelyardError]] = []     # requests to fail after an update
 
     def step(self) -> bool:
         """One engine iteration; False when there was nothing to do."""
@@ -79,6 +80,12 @@ class EngineCore:
             self._prefilled(chunk, logits)
         for req, seq, row in batch.decodes:
             self._advance(req, seq, logits(row))
+        failed, self._failed = self._failed, []
+        for req, error in failed:
+            if req.status is RequestStatus.RUNNING:
+                self._out.pop(req, None)
+                self.scheduler.discard_kv(req)
+                self.abort(req.id, error)
 
     def _prefilled(self, chunk: PrefillChunk, logits: Logits) -> None:
         req = chunk.request
@@ -93,7 +100,20 @@ class EngineCore:
 
     def _advance(self, req: Request, seq: Sequence, row: np.ndarray) -> None:
         """Sample seq's next token from its logits row and turn it into a delta."""
-        sample = seq.sampler.sample(row)
+        grammar_done = False
+        if seq.matcher is not None:
+            # The mask comes first: logit_bias, penalties, temperature and top_p act on the
+            # tokens the grammar allows, and logprobs are the constrained distribution's.
+            row = seq.matcher.masked(row)
+            sample = seq.sampler.sample(row)
+            if not seq.matcher.consume(sample.token):
+                # It sampled from the mask, so this is llguidance disagreeing with itself: fail
+                # this request alone (after the update), never hand out unconstrained text.
+                self._failed.append((req, EngineError(
+                    f"structured output failed: the grammar refused token {sample.token} ({seq.matcher.error})")))
+            grammar_done = seq.matcher.done
+        else:
+            sample = seq.sampler.sample(row)
         seq.output_ids.append(sample.token)
         eog = self.vocab.is_eog(sample.token)
         start = seq.detok.length
@@ -102,10 +122,10 @@ class EngineCore:
             top = {token_text(self.vocab.piece(t)): lp for t, lp in sample.top}
             seq.pending.append((token_text(self.vocab.piece(sample.token)), start, sample.logprob, top))
         out, stopped = seq.stop.push(text)
-        if not stopped and (eog or len(seq.output_ids) >= req.max_tokens):
+        if not stopped and (eog or grammar_done or len(seq.output_ids) >= req.max_tokens):
             tail, stopped = seq.stop.push(seq.detok.flush()) if not eog else ("", False)
             out += tail + ("" if stopped else seq.stop.flush())
-        if stopped or eog:
+        if stopped or eog or grammar_done:
             seq.finish = FinishReason.STOP
         elif len(seq.output_ids) >= req.max_tokens:
             seq.finish = FinishReason.LENGTH

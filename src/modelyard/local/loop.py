@@ -25,6 +25,7 @@ from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
+from .grammar import Grammars
 from .prefix_cache import HostCache
 from .prepare import check_ids, detokenize, prepare, prompt_ids
 from .request import Request
@@ -55,6 +56,7 @@ class LocalEngine:
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
         self._stopped = False
+        self._grammars: Grammars | None = None
         self._vocab_cond = threading.Condition()
         self._vocab_readers = 0
         self._vocab_closed = False
@@ -114,6 +116,7 @@ class LocalEngine:
                 "host_cache_capacity_bytes": host.capacity, "host_cache_hits": host.hits,
                 "host_cache_hit_tokens": host.hit_tokens, "host_cache_evictions": host.evictions,
                 "peak_logits_rows": core.runner.peak_logits_rows,
+                **(self._grammars.status() if self._grammars else {}),
                 **self.build_info}
 
     # -- requests (event loop) ----------------------------------------------------------
@@ -185,7 +188,7 @@ class LocalEngine:
     def _build(self, r: EngineRequest, sink) -> Request:
         with self._vocab_use():
             return prepare(r, self.model, self._chat, context=self.spec.context, parallel=self.spec.parallel,
-                           parse_special=self.spec.chat_parse_special, sink=sink)
+                           parse_special=self.spec.chat_parse_special, sink=sink, grammars=self._grammars)
 
     @contextlib.contextmanager
     def _vocab_use(self) -> Iterator[LlamaModel]:
@@ -206,6 +209,8 @@ class LocalEngine:
         with self._vocab_cond:
             self._vocab_closed = True
             self._vocab_cond.wait_for(lambda: self._vocab_readers == 0)
+        if self._grammars is not None:      # its tokenizer points into the vocabulary
+            self._grammars.close()
         self.model.close()
 
     # -- the tokenizer routes (/tokenize, /detokenize, /tokenizer_info) ----------------------
@@ -263,6 +268,7 @@ class LocalEngine:
             # row's logits never depend on the rows beside it.
             self.model = LlamaModel(self.model_path, repack=not self.spec.deterministic)
             self._chat = ChatTemplate(self.model)
+            self._grammars = Grammars(self.model.ll_tokenizer)
             ctx = LlamaContext(self.model, ContextShape(
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
                 n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads,

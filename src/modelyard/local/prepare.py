@@ -14,6 +14,7 @@ from ..engine.types import EngineRequest, TokenLogprobs, token_text
 from ..errors import InvalidRequest
 from .chat_template import ChatTemplate
 from .detokenize import Detokenizer, align_to_text
+from .grammar import Grammars
 from .request import Request, Sequence, completion_budget
 from .sampling import Sampler
 from .stop import StopMatcher
@@ -32,7 +33,7 @@ def prompt_ids(r: EngineRequest, vocab: Vocab, chat: ChatTemplate | None, parse_
     if r.messages is not None:
         if chat is None:
             raise InvalidRequest("this endpoint has no chat template; use /completions", param="messages")
-        return chat.tokens(r.messages, vocab.tokenize, parse_special)
+        return chat.tokens(r.messages, vocab.tokenize, parse_special, tools=r.tools)
     return list(r.prompt) if isinstance(r.prompt, tuple) else vocab.tokenize(r.prompt)
 
 
@@ -58,8 +59,13 @@ def echo_tokens(vocab: Vocab, ids: list[int], echo: str) -> TokenLogprobs:
 
 
 def prepare(r: EngineRequest, vocab: Vocab, chat: ChatTemplate | None, *, context: int, parallel: int,
-            parse_special: bool, sink: Callable[[object], None]) -> Request:
+            parse_special: bool, sink: Callable[[object], None], grammars: Grammars | None = None) -> Request:
     """Tokenize and validate before the engine sees the request, so a bad one costs no step."""
+    if r.tools and r.tool_choice == "auto":
+        raise InvalidRequest("tool_choice 'auto' (the default with tools) is not supported by embedded "
+                             "endpoints: set tool_choice to 'required' or name a function (the answer is then "
+                             "a call, constrained to its parameters), or 'none' for a text answer",
+                             param="tool_choice")
     ids = prompt_ids(r, vocab, chat, parse_special)
     if not ids:
         raise InvalidRequest("prompt is empty: it must contain at least one token", param="prompt")
@@ -73,6 +79,12 @@ def prepare(r: EngineRequest, vocab: Vocab, chat: ChatTemplate | None, *, contex
         raise InvalidRequest(f"n is {r.n}, but this endpoint runs at most {parallel} sequences at once",
                              param="n")
     seqs = [Sequence(i, Sampler(r.sampling.for_choice(i)), StopMatcher(r.stop)) for i in range(r.n)]
+    if r.constraint is not None:
+        if grammars is None:
+            raise InvalidRequest(f"{r.constraint.field}: this endpoint has no structured output",
+                                 param=r.constraint.field)
+        for seq, matcher in zip(seqs, grammars.matchers(r.constraint, r.n)):
+            seq.matcher = matcher
     echo = prompt_lp = None
     if r.echo and r.messages is None:
         echo = r.prompt if isinstance(r.prompt, str) else detokenize(vocab, ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from ..errors import ContextOverflow
 from .detokenize import Detokenizer
 from .sampling import Sampler
 from .stop import StopMatcher
+
+if TYPE_CHECKING:
+    from .grammar import Matcher
 
 
 def completion_budget(max_tokens: int | None, prompt_tokens: int, context: int) -> int:
@@ -62,6 +65,7 @@ class Sequence:
     stop: StopMatcher
     detok: Detokenizer = field(default_factory=Detokenizer)
     slot: int = -1
+    matcher: "Matcher | None" = None          # structured output: this choice's grammar state
     output_ids: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     emitted: int = 0                         # characters of text sent so far

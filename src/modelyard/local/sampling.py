@@ -66,7 +66,9 @@ class Sampler:
             return Sample(token)
         ids = top_k(row, k) if k > 0 else np.empty(0, np.int64)
         lps = log_softmax_at(row, np.append(ids, token))      # the raw row only: batch-invariant
-        top = tuple(zip(ids.tolist(), lps[:-1].tolist()))
+        # A constrained row (local/grammar) holds -inf for what the grammar forbids: those are
+        # not alternatives, and JSON has no -inf.
+        top = tuple((t, lp) for t, lp in zip(ids.tolist(), lps[:-1].tolist()) if lp != -np.inf)
         if token not in ids:
             top += ((token, float(lps[-1])),)
         return Sample(token, float(lps[-1]), top)

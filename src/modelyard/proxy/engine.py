@@ -21,11 +21,12 @@ import httpx
 
 from ..engine.types import (ChoiceDelta, EmbeddingRequest, EmbeddingResult, EngineOutput, EngineRequest,
                             FinishReason, ModelType, TokenLogprobs, Usage)
-from ..errors import (DeadlineExceeded, EndpointNotReady, ModelyardError, Upstream4xx, UpstreamError,
+from ..errors import (DeadlineExceeded, EndpointNotReady, InvalidRequest, ModelyardError, Upstream4xx, UpstreamError,
                       UpstreamTimeout)
 from ..settings import EndpointSpec
 from .embeddings import embedding_body, read_embeddings
 from .sse import SSEError, json_events
+from .structured import constraint_fields
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,13 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
         body["seed"] = s.seed
     if s.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in s.logit_bias.items()}
+    if req.tools and req.tool_choice == "auto":
+        # The upstream's tool calls would come back in deltas this gateway does not relay yet.
+        raise InvalidRequest("tool_choice 'auto' (the default with tools) is not supported through remote "
+                             "endpoints yet: set tool_choice to 'required' or name a function", param="tool_choice")
+    if req.constraint is not None:
+        # tool_choice required/named arrives here as its call's JSON schema (api/chat maps it back)
+        body.update(constraint_fields(spec.upstream_kind, spec.name, req.constraint))
     return body
 
 
