@@ -321,3 +321,4 @@ def test_metrics_and_the_request_log(gateway, client):
              if '"route": "/api/v1/compatibility/openai/v1/embeddings"' in line]
     assert lines and lines[-1]["endpoint"] == EMBED and lines[-1]["status"] == 200
     assert lines[-1]["inputs"] == 2 and lines[-1]["prompt_tokens"] == 5 and lines[-1]["id"].startswith("embd-")
+    assert "count these words" not in gateway.log_text()          # sizes and ids, never the inputs
