@@ -84,8 +84,8 @@ def test_keys_table_with_quotas_and_hashes(tmp_path):
 
 def test_public_surface_is_exactly_all():
     public = {name for name in vars(modelyard) if not name.startswith("_")}
-    modules = {"api", "cli", "engine", "errors", "local", "metrics", "proxy", "redact", "registry", "server",
-               "settings", "store"}
+    modules = {"api", "bert_gguf", "cli", "engine", "errors", "local", "metrics", "proxy", "redact", "registry",
+               "server", "settings", "store"}
     assert public - modules == set(modelyard.__all__)
     for name in modelyard.__all__:
         assert getattr(modelyard, name) is not None

@@ -42,6 +42,8 @@ class Metrics:
                                      ["endpoint"], registry=self.prom)
         self.completion_tokens = Counter("modelyard_completion_tokens", "Tokens generated",
                                          ["endpoint"], registry=self.prom)
+        self.embedding_inputs = Counter("modelyard_embedding_inputs", "Inputs embedded (one vector each)",
+                                        ["endpoint"], registry=self.prom)
         self.ttft = Histogram("modelyard_time_to_first_token_seconds", "Time to first token",
                               ["endpoint"], buckets=LATENCY, registry=self.prom)
         self.tpot = Histogram("modelyard_time_per_output_token_seconds", "Time per output token after the first",
@@ -59,6 +61,11 @@ class Metrics:
             self.ttft.labels(endpoint).observe(first_token - started)
             if completion_tokens > 1:
                 self.tpot.labels(endpoint).observe((time.monotonic() - first_token) / (completion_tokens - 1))
+
+    def embedding(self, endpoint: str, inputs: int, prompt_tokens: int) -> None:
+        """Called once per answered /embeddings request (its count and latency are the route's)."""
+        self.embedding_inputs.labels(endpoint).inc(inputs)
+        self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
 
     def endpoint_label(self, name: str) -> str:
         if name == NO_ENDPOINT or name in self.registry.endpoints:

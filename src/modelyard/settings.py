@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 ENGINES = ("llamacpp", "openai")
+KINDS = ("completions", "embeddings")
 # What an engine = "openai" endpoint's upstream is, so that structured-output requests are
 # translated into the fields it takes (proxy/structured.py); "openai": response_format only.
 UPSTREAM_KINDS = ("openai", "vllm", "sglang", "llama-server", "ollama", "modelyard")
@@ -35,6 +36,7 @@ class Limits:
     max_stop_chars: int = 200
     max_logprobs: int = 5
     max_prompts: int = 16
+    max_embedding_inputs: int = 2048    # inputs per /embeddings request (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ class EndpointSpec:
     deterministic: bool = True
     convert: str | None = None          # opt-in: "q8_0" | "q4_0" (faster kernels, different output)
     chat_parse_special: bool = False    # special tokens written inside chat messages are parsed (HF's way)
+    # What the endpoint serves: "completions" (completions and chat) or "embeddings". None: the
+    # store's known model says, else the GGUF's header (llamacpp); a remote one is completions.
+    kind: str | None = None
     # engine = "openai"
     urls: tuple[str, ...] = field(default=(), repr=False)     # may hold user:password@
     upstream_model: str | None = None
@@ -90,6 +95,8 @@ class EndpointSpec:
                 raise ConfigError(f"endpoint {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
         if self.prefix_cache_mib < 0:
             raise ConfigError(f"endpoint {self.name!r}: prefix_cache_mib must be >= 0, got {self.prefix_cache_mib}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise ConfigError(f"endpoint {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.upstream_kind not in UPSTREAM_KINDS:
             raise ConfigError(f"endpoint {self.name!r}: upstream_kind must be one of {UPSTREAM_KINDS}, "
                               f"got {self.upstream_kind!r}")

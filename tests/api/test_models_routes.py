@@ -24,6 +24,9 @@ def test_models_lists_endpoints_with_state(server, prefix):
         assert m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]
     assert by_id[MODEL]["state"] == "ready" and by_id[MODEL]["ready"] is True
     assert by_id["broken"]["state"] == "failed" and by_id["broken"]["ready"] is False
+    assert (by_id[MODEL]["model_type"], by_id[MODEL]["model_engine"]) == ("COMPLETIONS", "LLAMA_CPP")
+    # broken's file never opened: its kind is unknown (a store model or a GGUF header tells it)
+    assert (by_id["broken"]["model_type"], by_id["broken"]["model_engine"]) == (None, "LLAMA_CPP")
 
 
 def test_models_needs_the_key(server):
@@ -69,6 +72,7 @@ def test_endpoints_show_states_and_reasons(server):
     ok, bad = eps[MODEL], eps["broken"]
     assert ok["state"] == "ready" and ok["ready"] is True and ok["reason"] is None
     assert ok["engine"] == "llamacpp" and ok["model"] == MODEL and ok["model_path"].endswith(".gguf")
+    assert (ok["model_type"], ok["model_engine"]) == ("COMPLETIONS", "LLAMA_CPP")
     assert (ok["slots_total"], ok["slots_used"], ok["in_flight"], ok["queue_depth"]) == (4, 0, 0, 0), ok
     assert bad["state"] == "failed" and bad["ready"] is False
     assert MISSING in bad["reason"] and bad["model_path"] is None

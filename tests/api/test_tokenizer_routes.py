@@ -50,7 +50,7 @@ def test_tokenizer_info_names_the_special_tokens_and_the_template(root):
 
 
 @pytest.mark.parametrize("method, path, body, status, param, words", [
-    ("post", "/tokenize", {"prompt": "x"}, 400, "model", "2 embedded endpoints"),
+    ("post", "/tokenize", {"prompt": "x"}, 400, "model", "2 embedded completions endpoints"),
     ("post", "/tokenize", {"model": "nope", "prompt": "x"}, 404, "model", "unknown model endpoint 'nope'"),
     ("post", "/tokenize", {"model": "broken", "prompt": "x"}, 400, "model", "not ready"),
     ("post", "/detokenize", {"model": MODEL, "tokens": [49152]}, 400, "tokens",

@@ -201,7 +201,7 @@ def test_tokenize_answers_each_embedded_endpoint_with_its_own_tokenizer(admin, c
 def test_tokenize_needs_a_model_when_several_endpoints_and_refuses_a_remote_one(admin):
     r = admin.post("/tokenize", json={"prompt": PROMPT})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
-    assert "2 embedded endpoints" in r.json()["error"]["message"]
+    assert "2 embedded completions endpoints" in r.json()["error"]["message"]
     r = admin.get("/tokenizer_info", params={"model": REMOTE})
     assert r.status_code == 400 and "remote engine" in r.json()["error"]["message"], r.text
 

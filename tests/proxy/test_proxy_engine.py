@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from modelyard.engine.types import (ChoiceDelta, EngineRequest, FinishReason, SamplingParams, TokenLogprobs,
-                                    Usage)
+from modelyard.engine.types import (ChoiceDelta, EmbeddingRequest, EmbeddingResult, EngineRequest, FinishReason,
+                                    ModelType, SamplingParams, TokenLogprobs, Usage)
 from modelyard.errors import (DeadlineExceeded, EndpointNotReady, Upstream4xx, UpstreamError,
                               UpstreamTimeout)
 from modelyard.proxy.engine import ProxyEngine
@@ -546,3 +546,89 @@ def test_tool_call_deltas_are_read_and_checked():
     bad = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": {"a": 1}}}]}}]}
     with pytest.raises(SSEError, match="arguments is dict, not a string"):
         read_chunk(bad, 1)
+
+
+# -- embeddings ------------------------------------------------------------------------
+
+def embeddings_answer(request: httpx.Request) -> httpx.Response:
+    body = json.loads(request.content)
+    data = [{"object": "embedding", "index": i, "embedding": [float(i), 0.5]} for i in range(len(body["input"]))]
+    return httpx.Response(200, json={"object": "list", "data": data, "usage": {"prompt_tokens": 7}})
+
+
+def embedding_req(*inputs, **kw) -> EmbeddingRequest:
+    return EmbeddingRequest(request_id="e1", inputs=inputs or ("a",), **kw)
+
+
+@pytest.mark.anyio
+async def test_embed_posts_to_embeddings_and_reads_the_vectors():
+    upstream = Upstream(embeddings_answer)
+    async with running(upstream, upstream_model="org/embedder", api_key="sk-up", kind="embeddings") as engine:
+        assert engine.model_type is ModelType.EMBEDDINGS and engine.model_engine == "OPENAI_PROXY"
+        result = await engine.embed(embedding_req("a", "b"))
+        assert engine.status()["in_flight"] == 0
+    sent = upstream.seen[0]
+    assert str(sent.url) == A + "/embeddings" and sent.headers["authorization"] == "Bearer sk-up"
+    assert json.loads(sent.content) == {"model": "org/embedder", "input": ["a", "b"], "encoding_format": "base64"}
+    assert result == EmbeddingResult(((0.0, 0.5), (1.0, 0.5)), 7)
+
+
+@pytest.mark.anyio
+async def test_embed_retries_a_connect_error_on_another_replica():
+    def answer(request):
+        if request.url.host == "a":
+            raise httpx.ConnectError("connection refused")
+        return embeddings_answer(request)
+
+    upstream = Upstream(answer)
+    async with running(upstream, urls=(A, B), kind="embeddings") as engine:
+        assert (await engine.embed(embedding_req("x"))).vectors == ((0.0, 0.5),)
+        assert upstream.hosts() == ["a", "b"]
+        replicas = {r["url"]: r for r in engine.status()["replicas"]}
+        assert not replicas[A]["healthy"] and replicas[B]["healthy"]
+        assert engine.status()["in_flight"] == 0
+
+
+@pytest.mark.anyio
+async def test_embed_maps_upstream_errors_like_generate():
+    statuses = iter([401, 400, 500])
+
+    def answer(request):
+        return httpx.Response(next(statuses), json={"error": {"message": "sk-up-secret is wrong"}})
+
+    async with running(Upstream(answer), api_key="sk-up-secret", kind="embeddings") as engine:
+        with pytest.raises(UpstreamError) as info:
+            await engine.embed(embedding_req())
+        assert info.value.code == "upstream_misconfigured" and "sk-up-secret" not in info.value.message
+        with pytest.raises(Upstream4xx) as client_error:
+            await engine.embed(embedding_req())
+        assert client_error.value.status == 400
+        with pytest.raises(UpstreamError) as server_error:
+            await engine.embed(embedding_req())
+        assert server_error.value.status == 502 and "answered 500" in server_error.value.message
+        assert engine.status()["in_flight"] == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("answer, why", [
+    ({"data": [{"embedding": [1.0]}]}, "1 vectors for 2 inputs"),
+    ({"data": [{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]}, "index 0 at position 1"),
+    ({"data": [{"embedding": [1.0]}, {"embedding": "not base64!"}]}, "malformed"),
+    ({"data": [{"embedding": [1.0]}, {"embedding": [True]}]}, "list of numbers"),
+    ({"vectors": []}, "malformed"),
+])
+async def test_embed_rejects_malformed_answers(answer, why):
+    async with running(Upstream(lambda r: httpx.Response(200, json=answer)), kind="embeddings") as engine:
+        with pytest.raises(UpstreamError) as info:
+            await engine.embed(embedding_req("a", "b"))
+    assert info.value.status == 502 and why in info.value.message
+
+
+@pytest.mark.anyio
+async def test_embed_reads_base64_vectors():
+    import base64
+    import struct
+    packed = base64.b64encode(struct.pack("<3f", 1.5, -2.0, 0.25)).decode()
+    answer = {"data": [{"index": 0, "embedding": packed}], "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+    async with running(Upstream(lambda r: httpx.Response(200, json=answer)), kind="embeddings") as engine:
+        assert await engine.embed(embedding_req("a", dimensions=3)) == EmbeddingResult(((1.5, -2.0, 0.25),), 2)

@@ -79,3 +79,14 @@ def test_a_client_that_leaves_while_decoding_is_aborted(srv):
             assert srv.endpoint()["running"] == 1
     ep = srv.wait_idle(timeout=5.0, fields=BUSY)
     assert _busy(ep) == {f: 0 for f in BUSY}, _busy(ep)
+
+
+def test_a_non_streaming_client_that_leaves_while_decoding_is_aborted(srv):
+    """Its answer is being collected (past priming) when it leaves: the collection is cancelled
+    with the route, not left to decode 1,500 tokens for nobody."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "logit_bias": NO_EOG}
+    with pytest.raises(httpx.TimeoutException):      # 1,500 tokens on one thread take far longer than 2 s
+        httpx.post(f"{srv.api}/completions", json=body, headers=srv.headers,
+                   timeout=httpx.Timeout(2.0, connect=5.0))
+    ep = srv.wait_idle(timeout=5.0, fields=BUSY)
+    assert _busy(ep) == {f: 0 for f in BUSY}, _busy(ep)

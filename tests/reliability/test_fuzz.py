@@ -1,6 +1,7 @@
 """Property-based fuzzing of the whole HTTP API with schemathesis, from the server's own
 /openapi.json, against a live `modelyard serve` (parallel 2, context 256, max_queue 4, default
-limits). Bodies are random, valid and invalid: whatever arrives, the server answers with
+limits; minilm-l6-v2 beside it for /embeddings). Bodies are random, valid and invalid: whatever
+arrives, the server answers with
 
 - no 5xx, except 503 with Retry-After and the OpenAI error body (a full queue);
 - 422 with FastAPI's {"detail": [{"loc", "msg", "type"}]}; every other 4xx with OpenAI's
@@ -35,6 +36,7 @@ FUZZ_EXAMPLES = int(os.environ.get("MODELYARD_FUZZ_EXAMPLES", "30"))
 FUZZ_BUDGET = float(os.environ.get("MODELYARD_FUZZ_BUDGET", "150"))
 REQUEST_TIMEOUT = 60.0
 MAX_STREAM_EVENTS = 4 * 256
+EMBEDDER = "minilm-l6-v2"           # /embeddings bodies are routed to it, the rest to the default model
 
 _started: float | None = None
 _seen: dict[str, int] = {}          # operation -> examples actually sent
@@ -43,11 +45,16 @@ _statuses: dict[int, int] = {}      # status -> count, for the summary
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    with live_server(tmp_path_factory.mktemp("fuzz"), config(parallel=2, context=256, max_queue=4)) as srv:
+    embedder = f'[[endpoints]]\nname = "{EMBEDDER}"\nmodel = "{EMBEDDER}"\nthreads = 1\nmax_queue = 4\n'
+    with live_server(tmp_path_factory.mktemp("fuzz"), config(parallel=2, context=256, max_queue=4,
+                                                              extra=embedder)) as srv:
         yield srv
         # the fuzzing left the endpoint alive and idle
         ep = srv.wait_idle()
         assert ep["state"] == "ready" and ep["in_flight"] == 0 and ep["slots_used"] == 0, ep
+        srv.model = EMBEDDER
+        ep = srv.wait_idle(fields=("in_flight", "queue_depth", "running"))
+        assert ep["state"] == "ready" and (ep["in_flight"], ep["queue_depth"], ep["running"]) == (0, 0, 0), ep
     print(f"\nfuzz: examples per operation {_seen}; statuses {dict(sorted(_statuses.items()))}")
 
 
@@ -149,7 +156,8 @@ def test_api_holds_under_random_input(method, path, mode, api_schema, fuzz_serve
     @given(case=strategy, routed=st.sampled_from([True, True, True, False]))
     def run(case, routed: bool) -> None:
         if routed and isinstance(case.body, dict) and "model" in case.body:
-            case.body["model"] = fuzz_server.model   # reach the engine, not just the 404
+            # reach the engine, not just the 404 (or the wrong kind's 400)
+            case.body["model"] = EMBEDDER if path.endswith("/embeddings") else fuzz_server.model
         if _seen.get(label) and time.monotonic() - _started > FUZZ_BUDGET:
             return                      # over the time budget: skip the rest cheaply
         _seen[label] = _seen.get(label, 0) + 1

@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
-from . import chat, completions, control, errors, models, tokenizer
+from . import chat, completions, control, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
 from .middleware import BodyLimits, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
@@ -73,7 +73,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     auth = [Depends(require_key)]
     routes: list[str] = []      # every route template we serve: the only route labels of metrics
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
-        for router in (completions.router, chat.router, models.router):
+        for router in (completions.router, chat.router, embeddings.router, models.router):
             app.include_router(router, prefix=prefix, dependencies=auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
     app.include_router(models.admin, prefix="/api/v1", dependencies=auth)

@@ -19,6 +19,7 @@ async def list_models(request: Request) -> dict:
     registry = request.app.state.registry
     return {"object": "list", "data": [
         {"id": ep.name, "object": "model", "created": request.app.state.started, "owned_by": "modelyard",
+         "model_type": ep.model_type.value if ep.model_type else None, "model_engine": ep.model_engine,
          "state": ep.state.value, "ready": ep.not_ready_reason() is None}
         for ep in registry.endpoints.values()]}
 

@@ -2,7 +2,8 @@
 
 limits -> endpoint -> engine streams, primed (request errors before any header) -> SSE or one
 JSON body. The two routes differ only in how they build EngineRequests and which shapes their
-`Completion` writes; everything else is here, so they cannot drift apart.
+`Completion` writes; everything else is here, so they cannot drift apart. /embeddings
+(api/embeddings) shares the endpoint lookup, deadline and metering helpers.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine.types import EngineRequest, SamplingParams
+from ..engine.protocol import Engine
+from ..engine.types import EmbeddingRequest, EngineRequest, ModelType, SamplingParams
 from ..errors import InvalidRequest
 from ..settings import Limits
 from .auth import check_endpoint
@@ -39,8 +41,7 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     out.on_done = reporter(request, body.model)
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
-    check_endpoint(request, body.model)
-    engine = state.registry.get(body.model).require_ready()
+    engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
     events = merge(await prime_all([engine.generate(r) for r in metered(request, build(deadline))]))
     if body.stream:
         return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",
@@ -51,8 +52,20 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     return JSONResponse(result)
 
 
-def metered(request: Request, reqs: list[EngineRequest]) -> list[EngineRequest]:
-    """Give each EngineRequest its key's tpm meter: the engine reserves before any work and
+def ready_engine(request: Request, name: str, kind: ModelType) -> Engine:
+    """The engine of endpoint `name`: 404 unknown, 403 when the key may not use it, 400 when it
+    serves the other kind, 400 not ready."""
+    endpoint = request.app.state.registry.get(name)
+    check_endpoint(request, name)
+    endpoint.require_type(kind, request.url.path.rsplit("/v1", 1)[-1])
+    return endpoint.require_ready()
+
+
+R = TypeVar("R", EngineRequest, EmbeddingRequest)
+
+
+def metered(request: Request, reqs: list[R]) -> list[R]:
+    """Give each engine request its key's tpm meter: the engine reserves before any work and
     settles when the request ends (api/auth)."""
     quota = getattr(request.state, "quota", None)
     if quota is None or not quota.tpm:
@@ -110,11 +123,16 @@ def reporter(request: Request, endpoint: str) -> Callable[[Completion], None]:
     def report(out: Completion) -> None:
         request.app.state.metrics.generation(endpoint, out.t0, out.first_token, out.prompt_tokens,
                                              out.completion_tokens)
-        quota = getattr(request.state, "quota", None)
-        meters = getattr(request.state, "meters", [])
-        if meters and not any(m.charge for m in meters):   # an engine that does not meter
-            quota.spend(out.prompt_tokens + out.completion_tokens, time.monotonic())
+        charge_unmetered(request, out.prompt_tokens + out.completion_tokens)
         request.state.log = {"id": out.id, "prompt_tokens": out.prompt_tokens,
                              "completion_tokens": out.completion_tokens,
                              "ttft_ms": round((out.first_token - out.t0) * 1000, 1) if out.first_token else None}
     return report
+
+
+def charge_unmetered(request: Request, tokens: int) -> None:
+    """After the fact, the tokens of a request whose engine did not meter (a remote one: only
+    the upstream tokenizes, so nothing is known before its answer)."""
+    meters = getattr(request.state, "meters", [])
+    if meters and not any(m.charge for m in meters):
+        request.state.quota.spend(tokens, time.monotonic())

@@ -7,7 +7,7 @@ Unknown fields are ignored. Validation failures become FastAPI's 422 {"detail": 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema,
                       field_validator, model_validator)
@@ -37,6 +37,18 @@ LogitBias = Annotated[
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds,
                Annotated[list[TokenIds], Field(min_length=1)]]
+
+
+def each_prompt(p: Prompt) -> tuple[str | tuple[int, ...], ...]:
+    """A prompt field (completions' `prompt`, embeddings' `input`) as its separate items: a
+    string is one, a list of ids is one, a list of strings or of id lists is one per entry."""
+    if isinstance(p, str):
+        return (p,)
+    if isinstance(p[0], str):
+        return tuple(p)  # type: ignore[arg-type]
+    if isinstance(p[0], int):
+        return (tuple(p),)  # type: ignore[arg-type]
+    return tuple(tuple(ids) for ids in p)  # type: ignore[union-attr]
 
 
 class StreamOptions(BaseModel):
@@ -121,14 +133,56 @@ class CompletionRequest(GenerationRequest):
 
     @property
     def prompts(self) -> list[str | tuple[int, ...]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if isinstance(p[0], str):
-            return list(p)
-        if isinstance(p[0], int):
-            return [tuple(p)]
-        return [tuple(ids) for ids in p]
+        return list(each_prompt(self.prompt))
+
+class CreateEmbeddingRequest(BaseModel):
+    """OpenAI's embeddings body, plus `truncate` (modelyard's, as TEI's): an input longer than
+    the model's context is cut to it instead of answering 400."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    input: Prompt = Field(description="A string, a list of strings, a list of token ids, or a list of "
+                                      "token-id lists; each is embedded separately, in order.")
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float", description="base64: each vector as little-endian float32 bytes, base64-encoded (OpenAI's)")
+    dimensions: int | None = Field(None, ge=1, description="Output size, for models that can reduce theirs")
+    user: str | None = None
+    truncate: bool | None = Field(False, description="Cut inputs longer than the model's context to it "
+                                                     "(default: such an input is a 400 naming it)")
+
+    @field_validator("input")
+    @classmethod
+    def _no_empty_input(cls, v: Prompt) -> Prompt:
+        texts = [v] if isinstance(v, str) else v
+        empty = next((i for i, t in enumerate(texts) if isinstance(t, str) and not t), None)
+        if empty is not None:
+            raise ValueError(f"input {empty} is an empty string; every input must have at least one character")
+        return v
+
+    @property
+    def inputs(self) -> tuple[str, ...] | tuple[tuple[int, ...], ...]:
+        """One entry per vector asked for: a string input becomes (string,), ids ((ids),)."""
+        return each_prompt(self.input)  # type: ignore[return-value]
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CreateEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
 
 class ErrorBody(BaseModel):
     message: str

@@ -14,7 +14,9 @@ from typing import Annotated, Literal, Union
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.types import ModelType
 from ..errors import InvalidRequest
+from .auth import check_endpoint
 from .chat import Message
 
 router = APIRouter()
@@ -49,13 +51,16 @@ class Detokenize(BaseModel):
 def _engine(request: Request, model: str | None):
     registry = request.app.state.registry
     if model is None:
-        local = [ep for ep in registry.endpoints.values() if ep.spec.engine == "llamacpp"]
+        local = [ep for ep in registry.endpoints.values()
+                 if ep.spec.engine == "llamacpp" and ep.model_type is not ModelType.EMBEDDINGS]
         if len(local) != 1:
             names = ", ".join(sorted(registry.endpoints)) or "none"
-            raise InvalidRequest(f"model is required: this server has {len(local)} embedded endpoints "
-                                 f"({names}); name one", param="model")
+            raise InvalidRequest(f"model is required: this server has {len(local)} embedded completions "
+                                 f"endpoints ({names}); name one", param="model")
         model = local[0].name
     ep = registry.get(model)
+    check_endpoint(request, model)
+    ep.require_type(ModelType.COMPLETIONS, request.url.path)
     engine = ep.require_ready()
     if not hasattr(engine, "tokenize"):
         raise InvalidRequest(f"model endpoint {model!r} is served by a remote engine; its tokenizer is the "

@@ -108,6 +108,7 @@ class LlamaModel:
         self._vocab = C.llama_model_get_vocab(self._model)
         self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
+        self.n_embd: int = C.llama_model_n_embd(self._model)
         self._pieces: dict[int, bytes] = {}
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -182,6 +183,20 @@ class LlamaModel:
         n = C.llama_model_meta_val_str(self._model, key.encode(), buf, 256)
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
+    @property
+    def pooling(self) -> str | None:
+        """The pooling the GGUF declares ("mean", "cls", "last"), None for a model without one
+        (a completions model)."""
+        arch = self.meta("general.architecture")
+        value = self.meta(f"{arch}.pooling_type") if arch else None
+        return _POOLING.get(value) if value is not None else None
+
+    @property
+    def causal(self) -> bool:
+        """Whether attention is causal (a decoder: the default); encoders (BERT) say false."""
+        arch = self.meta("general.architecture")
+        return (self.meta(f"{arch}.attention.causal") if arch else None) != "false"
+
     def apply_builtin_template(self, name: str, messages: list[tuple[str, str]]) -> str:
         """llama.cpp's own C++ rendering of a named chat format (for GGUFs without a template)."""
         chat = (C.llama_chat_message * len(messages))(
@@ -201,6 +216,15 @@ class LlamaModel:
         if self._model:
             C.llama_model_free(self._model)
             self._model = None
+
+
+_POOLING = {"1": "mean", "2": "cls", "3": "last"}
+
+
+def simd_lanes() -> int:
+    """float32 lanes of the vector width ggml's CPU kernels run with here (AVX-512: 16, else 8;
+    8 also covers NEON's 4). EmbeddingContext's callers align sequences to it (see there)."""
+    return 16 if "AVX512 = 1" in system_info() else 8
 
 
 QUANTS = {"q8_0": C.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": C.LLAMA_FTYPE_MOSTLY_Q4_0}
@@ -309,6 +333,68 @@ class LlamaContext:
         size = ctypes.sizeof(state)
         if C.llama_state_seq_set_data(self._ctx, state, size, seq) != size:
             raise EngineError(f"could not restore {size} bytes of KV into sequence {seq}")
+
+    def close(self) -> None:
+        if self._ctx:
+            C.llama_batch_free(self._batch)
+            C.llama_free(self._ctx)
+            self._ctx = None
+
+
+class EmbeddingContext:
+    """A llama_context in embeddings mode for a non-causal encoder (BERT): no KV cache, one
+    llama_decode computes every token's last hidden state, for many sequences at once.
+
+    Batch invariance (an input's vector never depends on its neighbours): llama.cpp pools in
+    the graph with a matmul over all the batch's tokens, and its attention sums over all the
+    batch's keys, so where a sequence sits changes which SIMD lane (and which kernel: tinyBLAS
+    needs rows in multiples of the lane count) adds its terms up. So pooling is off here (the
+    caller pools each sequence's own rows), and the caller starts each sequence at a multiple
+    of simd_lanes() and pads the batch to one: then the other sequences' terms are exact zeros
+    in lanes of their own, and a vector is bit-identical alone or in any batch (tested).
+    Flash attention stays off for that (flash_attn=False): its CPU kernel takes a tiled path for
+    big batches only. On, it skips the other sequences' keys, which is cheaper for big batches.
+    """
+
+    def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int,
+                 flash_attn: bool = False) -> None:
+        p = C.llama_context_default_params()
+        p.n_ctx = p.n_batch = p.n_ubatch = n_batch   # non-causal: a sequence never spans two ubatches
+        p.n_seq_max = n_seq
+        p.n_threads = p.n_threads_batch = n_threads
+        p.embeddings = True
+        p.pooling_type = C.LLAMA_POOLING_TYPE_NONE
+        p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.no_perf = True
+        self._ctx = C.llama_init_from_model(model._model, p)
+        if not self._ctx:
+            raise EngineError(f"llama.cpp could not create an embeddings context of {n_batch} tokens")
+        self.n_embd, self.n_batch = model.n_embd, n_batch
+        self._batch = C.llama_batch_init(n_batch, 0, 1)
+        self._tok = np.ctypeslib.as_array(self._batch.token, shape=(n_batch,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(n_batch,))
+        self._nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n_batch,))
+        self._want = np.ctypeslib.as_array(self._batch.logits, shape=(n_batch,))
+        self._nseq[:] = 1
+        self._want[:] = 1            # every token's hidden state is an output
+
+    def encode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
+        """One llama_decode; returns a copy of the hidden states, [len(tokens), n_embd] float32."""
+        n = len(tokens)
+        assert 0 < n <= self.n_batch
+        self._tok[:n] = tokens
+        self._pos[:n] = positions
+        seq_id = self._batch.seq_id
+        for i, s in enumerate(seqs):
+            seq_id[i][0] = s
+        self._batch.n_tokens = n
+        rc = C.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc} on an embeddings batch of {n} tokens")
+        ptr = C.llama_get_embeddings(self._ctx)
+        if not ptr:
+            raise EngineError("llama.cpp returned no embeddings")
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_embd)).copy()
 
     def close(self) -> None:
         if self._ctx:

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
-from ..engine.types import EngineOutput, EngineRequest, Usage
+from ..engine.types import EngineOutput, EngineRequest, ModelType, Usage
 from ..errors import EngineError, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
@@ -40,6 +40,9 @@ MAX_PENDING = 1024      # steps of one request's output waiting for its consumer
 
 
 class LocalEngine:
+    model_type = ModelType.COMPLETIONS
+    model_engine = "LLAMA_CPP"
+
     def __init__(self, spec: EndpointSpec, model_path: Path) -> None:
         self.spec = spec
         self.model_path = model_path

@@ -19,10 +19,12 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from ..engine.types import ChoiceDelta, EngineOutput, EngineRequest, FinishReason, TokenLogprobs, Usage
+from ..engine.types import (ChoiceDelta, EmbeddingRequest, EmbeddingResult, EngineOutput, EngineRequest,
+                            FinishReason, ModelType, TokenLogprobs, Usage)
 from ..errors import (DeadlineExceeded, EndpointNotReady, ModelyardError, Upstream4xx, UpstreamError,
                       UpstreamTimeout)
 from ..settings import EndpointSpec
+from .embeddings import embedding_body, read_embeddings
 from .sse import SSEError, json_events
 from .structured import constraint_fields
 
@@ -57,9 +59,13 @@ class Replica:
 
 
 class ProxyEngine:
+    model_engine = "OPENAI_PROXY"
+
     def __init__(self, spec: EndpointSpec, transport: httpx.AsyncBaseTransport | None = None, *,
                  health_interval: float = HEALTH_INTERVAL) -> None:
         self.spec = spec
+        # An upstream's kind cannot be probed reliably (OpenAI's /models does not say): configured.
+        self.model_type = ModelType.EMBEDDINGS if spec.kind == "embeddings" else ModelType.COMPLETIONS
         self._transport = transport
         self._interval = health_interval
         self._replicas = [Replica(url.rstrip("/")) for url in spec.urls]
@@ -143,7 +149,8 @@ class ProxyEngine:
         tally = Tally()
         replica = resp = None
         try:
-            replica, resp = await self._send(request_body(self.spec, request), request.deadline)
+            path = "/chat/completions" if request.messages is not None else "/completions"
+            replica, resp = await self._send(path, request_body(self.spec, request), request.deadline)
             if not resp.is_success:
                 await resp.aread()
                 raise map_error(replica.url, resp, secret=self.spec.api_key)
@@ -161,7 +168,38 @@ class ProxyEngine:
             if resp is not None:
                 await resp.aclose()   # releases (or, mid-stream, drops) the upstream connection
 
-    async def _send(self, body: dict, deadline: float | None) -> tuple[Replica, httpx.Response]:
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """POST /embeddings upstream: the same replica choice, retries and error mapping as
+        generate; the answer is checked (one finite vector per input) before anyone sees it.
+        tpm as generate: each input's bound reserved, settled to the upstream's count (0 if it
+        refused, the bound if it answered without one)."""
+        bound = sum(text_bound(x) for x in request.inputs)
+        if request.reserve is not None:
+            request.reserve(bound)
+        used = 0
+        replica = resp = None
+        try:
+            replica, resp = await self._send("/embeddings", embedding_body(self.spec, request), request.deadline)
+            if not resp.is_success:
+                await _until(resp.aread(), request.deadline)
+                raise map_error(replica.url, resp, secret=self.spec.api_key)
+            used = bound
+            await _until(resp.aread(), request.deadline)
+            result = read_embeddings(replica.url, resp, request)
+            used = result.prompt_tokens or bound
+            return result
+        except httpx.HTTPError as exc:
+            raise map_error(replica.url if replica else self.spec.name, exc, request.deadline,
+                            secret=self.spec.api_key) from exc
+        finally:
+            if request.settle is not None:
+                request.settle(used)
+            if replica is not None:
+                replica.in_flight -= 1
+            if resp is not None:
+                await resp.aclose()
+
+    async def _send(self, path: str, body: dict, deadline: float | None) -> tuple[Replica, httpx.Response]:
         """Open the upstream stream on the least busy healthy replica, trying the next on connect errors."""
         client = self._need_client()
         tried: list[Replica] = []
@@ -170,7 +208,6 @@ class ProxyEngine:
             replica.in_flight += 1
             opened = False
             try:
-                path = "/chat/completions" if "messages" in body else "/completions"
                 request = client.build_request("POST", replica.url + path, json=body,
                                                timeout=_timeout(self.spec.timeout, deadline))
                 resp = await client.send(request, stream=True)
@@ -256,9 +293,14 @@ def prompt_bound(req: EngineRequest) -> int:
     if req.messages is not None:
         return sum(len(str(m.get("content") or "").encode()) + CHAT_MARKUP_TOKENS for m in req.messages) \
             + CHAT_MARKUP_TOKENS
-    if isinstance(req.prompt, tuple):
-        return len(req.prompt)
-    return len(req.prompt.encode()) + 2
+    return text_bound(req.prompt)
+
+
+def text_bound(prompt: str | tuple[int, ...]) -> int:
+    """prompt_bound of one text (or token-id) prompt or embeddings input."""
+    if isinstance(prompt, tuple):
+        return len(prompt)
+    return len(prompt.encode()) + 2
 
 
 async def _relay(url: str, resp: httpx.Response, req: EngineRequest, tally: Tally,
@@ -451,6 +493,17 @@ def _error_message(body: Any) -> str:
             if value:
                 return value if isinstance(value, str) else json.dumps(value)[:500]
     return ""
+
+
+async def _until(work, deadline: float | None):
+    """`work`, or DeadlineExceeded once the request's deadline passes (httpx's timeouts bound
+    each read, not the whole answer)."""
+    if deadline is None:
+        return await work
+    try:
+        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded("request deadline passed while waiting for the upstream's embeddings") from None
 
 
 def _timeout(limit: float, deadline: float | None) -> httpx.Timeout:

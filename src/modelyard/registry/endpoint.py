@@ -6,7 +6,8 @@ import enum
 from dataclasses import dataclass
 
 from ..engine.protocol import Engine
-from ..errors import EndpointNotReady
+from ..engine.types import ModelType
+from ..errors import EndpointNotReady, InvalidRequest
 from ..redact import redact
 from ..settings import EndpointSpec
 
@@ -38,10 +39,26 @@ class Endpoint:
     reason: str | None = "loading the model"
     engine: Engine | None = None
     model_path: str | None = None
+    # What it serves; None only for a local file whose header is not read yet (registry).
+    model_type: ModelType | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def model_engine(self) -> str:
+        """The platform's `model_engine`, known from the configuration alone."""
+        return ENGINE_NAMES[self.spec.engine]
+
+    def require_type(self, wanted: ModelType, route: str) -> None:
+        """A 400 when the endpoint is known to serve the other kind (before readiness: the
+        request is wrong whatever the endpoint's state)."""
+        if self.model_type is not None and self.model_type is not wanted:
+            serves = ("/embeddings" if self.model_type is ModelType.EMBEDDINGS
+                      else "/completions and /chat/completions")
+            raise InvalidRequest(f"model endpoint {self.name!r} is {_a(self.model_type)} endpoint: it serves "
+                                 f"{serves}, not {route}", param="model", code="wrong_model_type")
 
     def become(self, state: EndpointState, reason: str | None = None) -> None:
         assert self.state.can_become(state), f"endpoint {self.name}: {self.state} -> {state}"
@@ -77,12 +94,20 @@ class Endpoint:
         if not detail:     # counters only: replica lists name upstream hosts
             engine = {k: v for k, v in engine.items() if isinstance(v, (int, float, bool))}
         out = {"name": self.name, "state": self.state.value, "ready": self.not_ready_reason() is None,
-               "engine": self.spec.engine, **_redacted(engine)}
+               "engine": self.spec.engine, "model_type": self.model_type.value if self.model_type else None,
+               "model_engine": self.model_engine, **_redacted(engine)}
         if detail:
             why = self.not_ready_reason()
             model = self.spec.model if self.spec.engine == "llamacpp" else self.spec.upstream_model
             out.update(reason=redact(why) if why else None, model=model, model_path=self.model_path)
         return out
+
+
+ENGINE_NAMES = {"llamacpp": "LLAMA_CPP", "openai": "OPENAI_PROXY"}
+
+
+def _a(kind: ModelType) -> str:
+    return "an embeddings" if kind is ModelType.EMBEDDINGS else "a completions"
 
 
 def _redacted(value):

