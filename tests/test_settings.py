@@ -84,8 +84,8 @@ def test_keys_table_with_quotas_and_hashes(tmp_path):
 
 def test_public_surface_is_exactly_all():
     public = {name for name in vars(modelyard) if not name.startswith("_")}
-    modules = {"api", "bert_gguf", "cli", "engine", "errors", "local", "metrics", "proxy", "redact", "registry",
-               "server", "settings", "store"}
+    modules = {"api", "bert_gguf", "cli", "control", "engine", "errors", "local", "metrics", "proxy", "redact",
+               "registry", "server", "settings", "store"}
     assert public - modules == set(modelyard.__all__)
     for name in modelyard.__all__:
         assert getattr(modelyard, name) is not None
@@ -95,9 +95,12 @@ def test_reprs_hold_no_secrets():
     s = settings_mod.Settings(
         api_keys=("sk-plain-secret",), keys=(settings_mod.KeySpec("sk-quota-secret", rpm=5),),
         endpoints=(settings_mod.EndpointSpec(name="r", engine="openai", urls=("http://u:pw-secret@h/v1",),
-                                             api_key="sk-upstream-secret"),))
-    text = repr(s) + repr(s.endpoints[0]) + repr(s.keys[0]) + str(s)
-    for secret in ("sk-plain-secret", "sk-quota-secret", "pw-secret", "sk-upstream-secret"):
+                                             api_key="sk-upstream-secret"),),
+        admin_tokens=(settings_mod.AdminToken("ops", "adm-token-secret"),),
+        database_url="postgresql://u:db-secret@h/db", quota_backend="redis", redis_url="redis://:redis-secret@h/0")
+    text = repr(s) + repr(s.endpoints[0]) + repr(s.keys[0]) + repr(s.admin_tokens[0]) + str(s)
+    for secret in ("sk-plain-secret", "sk-quota-secret", "pw-secret", "sk-upstream-secret", "adm-token-secret",
+                   "db-secret", "redis-secret"):
         assert secret not in text, secret
     assert "rpm=5" in text and "name='r'" in text      # the rest is still there to debug with
 
