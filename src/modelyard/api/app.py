@@ -57,7 +57,11 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                   openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.registry = registry
-    app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled)
+    shared = None
+    if settings.quota_backend == "redis":
+        from .shared_quota import RedisQuotas
+        shared = RedisQuotas(settings.redis_url, settings.quota_processes)
+    app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled, shared=shared)
     app.state.started = int(time.time())
     app.state.shutting_down = False
     errors.install(app)
@@ -85,4 +89,5 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
     routes += [r.path for r in tokenizer.router.routes]
     app.state.metrics = Metrics(registry, routes)
+    app.state.metrics.quotas = shared
     return app
