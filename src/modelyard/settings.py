@@ -143,6 +143,11 @@ class Settings:
     # The control plane (/api/v1/control): on when an admin token exists. Its store: this URL,
     # or a SQLite file in the store directory.
     admin_tokens: tuple[AdminToken, ...] = ()
+    # [quota]: where per-key windows live. "memory": this process; "redis": shared by every
+    # process on `redis_url`; `processes` is how many share it (the fallback's divisor).
+    quota_backend: str = "memory"
+    redis_url: str | None = field(default=None, repr=False)       # may hold a password
+    quota_processes: int = 1
     database_url: str | None = field(default=None, repr=False)    # may hold a password
 
     @property
@@ -154,6 +159,12 @@ class Settings:
         return self.database_url or f"sqlite:///{self.store_dir / 'control.db'}"
 
     def __post_init__(self) -> None:
+        if self.quota_backend not in ("memory", "redis"):
+            raise ConfigError(f"[quota] backend must be 'memory' or 'redis', got {self.quota_backend!r}")
+        if self.quota_backend == "redis" and not self.redis_url:
+            raise ConfigError("[quota] backend = 'redis' needs redis_url (redis://host:port/0 or unix:///path.sock)")
+        if self.quota_processes < 1:
+            raise ConfigError(f"[quota] processes must be >= 1, got {self.quota_processes}")
         names = [e.name for e in self.endpoints]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -217,6 +228,13 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
             values["store_dir"] = Path(server["store_dir"]).expanduser()
         if "database_url" in server:
             values["database_url"] = server["database_url"]
+        quota = doc.get("quota", {})
+        unknown = set(quota) - {"backend", "redis_url", "processes"}
+        if unknown:
+            raise ConfigError(f"[quota]: unknown keys {sorted(unknown)}")
+        for key, name in (("backend", "quota_backend"), ("redis_url", "redis_url"), ("processes", "quota_processes")):
+            if key in quota:
+                values[name] = quota[key]
         if "admin_tokens" in doc:
             try:
                 values["admin_tokens"] = tuple(AdminToken(**t) for t in doc["admin_tokens"])

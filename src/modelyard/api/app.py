@@ -28,15 +28,18 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sync = None
+        sync = usage = None
         if settings.control_enabled:
             from ..control.db import open_database
             from ..control.keys import KeyStore
             from ..control.sync import KeySync
+            from ..control.usage import UsageRecorder
             db = await asyncio.to_thread(open_database, settings.database)
             app.state.key_store = KeyStore(db)
             app.state.key_sync = sync = KeySync(app.state.key_store, app.state.keys)
+            app.state.usage = usage = UsageRecorder(db)
             await sync.start()
+            await usage.start()
         registry.start()
         try:
             yield
@@ -46,6 +49,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await registry.stop()
             if sync is not None:
                 await sync.stop()
+                await usage.stop()          # the last flush, after the last request
                 await asyncio.to_thread(app.state.key_store.db.close)
 
     # The interactive docs and the OpenAPI document are a map of the API for whoever can reach
@@ -57,7 +61,11 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                   openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.registry = registry
-    app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled)
+    shared = None
+    if settings.quota_backend == "redis":
+        from .shared_quota import RedisQuotas
+        shared = RedisQuotas(settings.redis_url, settings.quota_processes)
+    app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled, shared=shared)
     app.state.started = int(time.time())
     app.state.shutting_down = False
     errors.install(app)
@@ -85,4 +93,5 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
     routes += [r.path for r in tokenizer.router.routes]
     app.state.metrics = Metrics(registry, routes)
+    app.state.metrics.quotas = shared
     return app

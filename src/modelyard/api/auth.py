@@ -42,6 +42,7 @@ class Quota:
                  expires_at: int | None = None) -> None:
         self.rpm, self.tpm = rpm, tpm
         self.endpoints = endpoints          # a stored key may be limited to these endpoints
+        self.key_id = ""                    # the key's id in usage records (never its secret)
         self.expires_at = expires_at        # unix seconds (a stored key's expiry)
         self._requests: deque[float] = deque()
         self._tokens: deque[Charge] = deque()
@@ -137,8 +138,12 @@ class KeyChecker:
     its store: `replace_stored` swaps those in (control/sync, every second), keeping the quota
     windows of keys that stay."""
 
-    def __init__(self, keys: tuple[KeySpec, ...], control: bool = False) -> None:
-        self._keys = [(_configured_digest(k.key), Quota(k.rpm, k.tpm)) for k in keys]
+    def __init__(self, keys: tuple[KeySpec, ...], control: bool = False, shared=None) -> None:
+        # shared: api/shared_quota.RedisQuotas, whose windows every process sees
+        self._make = shared.quota if shared is not None else (lambda rpm, tpm, ident: Quota(rpm, tpm))
+        self._keys = [(d, self._make(k.rpm, k.tpm, d)) for k in keys for d in (_configured_digest(k.key),)]
+        for d, quota in self._keys:      # usage rows name a configured key by its digest's start
+            quota.key_id = f"config:{d.hex()[:12]}"
         self._control = control
         self._stored: dict[str, tuple[bytes, Quota]] = {}     # key id -> (digest, quota)
 
@@ -151,7 +156,8 @@ class KeyChecker:
         stored = {}
         for k in active:
             old = self._stored.get(k.id)
-            quota = old[1] if old is not None else Quota(k.rpm, k.tpm)
+            quota = old[1] if old is not None else self._make(k.rpm, k.tpm, k.digest)
+            quota.key_id = k.id
             quota.rpm, quota.tpm, quota.endpoints, quota.expires_at = k.rpm, k.tpm, k.endpoints, k.expires_at
             stored[k.id] = (k.digest, quota)
         self._stored = stored      # one assignment: a request sees the old set or the new one

@@ -156,3 +156,12 @@ async def revoke_key(key_id: str, request: Request, response: Response, who: Adm
 async def audit_log(request: Request, limit: Limit = 20, after: str | None = None,
                     _: AdminToken = Depends(viewer)) -> dict:
     return await asyncio.to_thread(request.app.state.key_store.audit, limit, after)
+
+
+@router.get("/usage", summary="Requests and tokens per key and endpoint, by minute, hour or day")
+async def usage(request: Request, granularity: Annotated[str, Query(pattern="^(minute|hour|day)$")] = "hour",
+                key_id: str | None = None, endpoint: str | None = None,
+                start: Annotated[int | None, Query(ge=0)] = None, end: Annotated[int | None, Query(ge=0)] = None,
+                _: AdminToken = Depends(viewer)) -> dict:
+    from ..control.usage import query
+    return await asyncio.to_thread(query, request.app.state.key_store.db, granularity, key_id, endpoint, start, end)

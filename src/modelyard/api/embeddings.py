@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from ..engine.types import EmbeddingRequest, EmbeddingResult, ModelType
 from ..errors import EngineError
 from .errors import limit_error
-from .pipeline import ERRORS, charge_unmetered, deadline_for, metered, ready_engine
+from .pipeline import ERRORS, account, deadline_for, metered, ready_engine
 from .schemas import CreateEmbeddingRequest, CreateEmbeddingResponse
 from .streaming import unless_disconnected
 
@@ -49,7 +49,7 @@ async def create_embeddings(body: CreateEmbeddingRequest, request: Request) -> R
     if len(result.vectors) != len(inputs):
         raise EngineError(f"the engine returned {len(result.vectors)} vectors for {len(inputs)} inputs")
     state.metrics.embedding(body.model, len(inputs), result.prompt_tokens)
-    charge_unmetered(request, result.prompt_tokens)
+    account(request, body.model, result.prompt_tokens, 0)
     request.state.log = {"id": req.request_id, "inputs": len(inputs), "prompt_tokens": result.prompt_tokens}
     return Response(response_body(body.model, result, body.encoding_format or "float"), media_type="application/json")
 

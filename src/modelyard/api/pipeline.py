@@ -123,11 +123,21 @@ def reporter(request: Request, endpoint: str) -> Callable[[Completion], None]:
     def report(out: Completion) -> None:
         request.app.state.metrics.generation(endpoint, out.t0, out.first_token, out.prompt_tokens,
                                              out.completion_tokens)
-        charge_unmetered(request, out.prompt_tokens + out.completion_tokens)
+        account(request, endpoint, out.prompt_tokens, out.completion_tokens)
         request.state.log = {"id": out.id, "prompt_tokens": out.prompt_tokens,
                              "completion_tokens": out.completion_tokens,
                              "ttft_ms": round((out.first_token - out.t0) * 1000, 1) if out.first_token else None}
     return report
+
+
+def account(request: Request, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """A finished request's tokens: the key's tpm if its engine did not meter, and its usage
+    (control plane: kept in memory, flushed to the store every few seconds)."""
+    charge_unmetered(request, prompt_tokens + completion_tokens)
+    usage = getattr(request.app.state, "usage", None)
+    quota = getattr(request.state, "quota", None)
+    if usage is not None and quota is not None:
+        usage.record(quota.key_id, endpoint, prompt_tokens, completion_tokens)
 
 
 def charge_unmetered(request: Request, tokens: int) -> None:

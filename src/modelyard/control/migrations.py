@@ -31,4 +31,18 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         )""",
         "CREATE INDEX audit_log_at ON audit_log (at)",
     ]),
+    (2, [
+        # One row per key, endpoint and minute; the request path adds to memory, a flush every
+        # few seconds upserts here (control/usage.py).
+        """CREATE TABLE usage (
+            key_id TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            minute BIGINT NOT NULL,
+            requests BIGINT NOT NULL,
+            prompt_tokens BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL,
+            PRIMARY KEY (key_id, endpoint, minute)
+        )""",
+        "CREATE INDEX usage_minute ON usage (minute)",
+    ]),
 ]

@@ -1,0 +1,44 @@
+"""A real redis-server for the tests: a unix socket in a temporary directory (no TCP port),
+no persistence, stopped by its PID. Debian's redis-server package (scripts/install --dev)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def redis_server() -> Iterator[tuple[str, int]]:
+    """Yields (url, pid)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed: scripts/install --dev installs it (apt)"
+    root = Path(tempfile.mkdtemp(prefix="modelyard-redis-"))
+    sock = root / "redis.sock"
+    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                             "--save", "", "--appendonly", "no", "--dir", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"unix://{sock}", proc.pid
+    finally:
+        try:
+            os.kill(proc.pid, signal.SIGCONT)      # a test may have stopped it
+        except ProcessLookupError:
+            pass
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
