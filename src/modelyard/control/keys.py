@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +25,18 @@ SHOWN = len(SECRET_PREFIX) + 4          # characters of the secret kept to recog
 LIMIT_FIELDS = ("rpm", "tpm", "endpoints", "expires_at", "name")
 
 
+_last_us = 0
+_id_lock = threading.Lock()
+
+
 def new_id(kind: str) -> str:
-    """Sortable by creation (milliseconds first), unique (random tail): the list's cursor."""
-    return f"{kind}_{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
+    """Sortable by creation (microseconds first, strictly increasing within a process), unique
+    across processes (random tail): the lists' cursor."""
+    global _last_us
+    with _id_lock:
+        _last_us = max(time.time_ns() // 1000, _last_us + 1)
+        stamp = _last_us
+    return f"{kind}_{stamp:014x}{os.urandom(5).hex()}"
 
 
 def digest(secret: str) -> str:
