@@ -23,7 +23,7 @@ ENGINES = ("llamacpp", "openai")
 KINDS = ("completions", "embeddings")
 # What an engine = "openai" endpoint's upstream is, so that structured-output requests are
 # translated into the fields it takes (proxy/structured.py); "openai": response_format only.
-UPSTREAM_KINDS = ("openai", "vllm", "sglang", "llama-server", "ollama", "modelyard")
+UPSTREAM_SERVERS = ("openai", "vllm", "sglang", "llama-server", "ollama", "modelyard")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class EndpointSpec:
     # engine = "openai"
     urls: tuple[str, ...] = field(default=(), repr=False)     # may hold user:password@
     upstream_model: str | None = None
-    upstream_kind: str = "openai"       # one of UPSTREAM_KINDS
+    upstream_server: str = "openai"       # one of UPSTREAM_SERVERS
     api_key: str | None = field(default=None, repr=False)
     timeout: float = 600.0
 
@@ -97,9 +97,9 @@ class EndpointSpec:
             raise ConfigError(f"endpoint {self.name!r}: prefix_cache_mib must be >= 0, got {self.prefix_cache_mib}")
         if self.kind is not None and self.kind not in KINDS:
             raise ConfigError(f"endpoint {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.upstream_kind not in UPSTREAM_KINDS:
-            raise ConfigError(f"endpoint {self.name!r}: upstream_kind must be one of {UPSTREAM_KINDS}, "
-                              f"got {self.upstream_kind!r}")
+        if self.upstream_server not in UPSTREAM_SERVERS:
+            raise ConfigError(f"endpoint {self.name!r}: upstream_server must be one of {UPSTREAM_SERVERS}, "
+                              f"got {self.upstream_server!r}")
         if self.engine == "openai" and not self.urls:
             raise ConfigError(f"endpoint {self.name!r}: engine 'openai' needs urls = [...]")
 

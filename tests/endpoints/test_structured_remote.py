@@ -1,5 +1,5 @@
 """Structured output through remote endpoints: the constraint is translated into the fields the
-upstream's dialect takes (`upstream_kind`), and what it cannot take is a 400, never an
+upstream's dialect takes (`upstream_server`), and what it cannot take is a 400, never an
 unconstrained answer. The upstream is a second real modelyard, which accepts every dialect, so
 each translation is checked end to end: greedy text through the gateway equals the embedded
 endpoint's (same model, same engine settings)."""
@@ -32,7 +32,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     up_cfg = f'[[endpoints]]\nname = "{SMOL}"\n{ENGINE}'
     with served(tmp_path_factory.mktemp("so-up"), up_cfg, name="upstream") as up:
         remotes = "".join(f'\n[[endpoints]]\nname = "{name}"\nengine = "openai"\nurls = ["{up.base}/v1"]\n'
-                          f'upstream_model = "{SMOL}"\nupstream_kind = "{kind}"\n' for name, kind in KINDS.items())
+                          f'upstream_model = "{SMOL}"\nupstream_server = "{kind}"\n' for name, kind in KINDS.items())
         cfg = f'[server]\napi_keys = ["{KEY}"]\n\n[[endpoints]]\nname = "{SMOL}"\n{ENGINE}{remotes}'
         with served(tmp_path_factory.mktemp("so-gw"), cfg, name="gateway", key=KEY) as gw:
             yield gw.base + "/v1"

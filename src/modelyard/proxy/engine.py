@@ -269,7 +269,7 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
         # "auto" included): tools and tool_choice go as sent, and its tool-call deltas come back.
         body["tools"], body["tool_choice"] = list(req.tools), req.tool_choice
     if req.constraint is not None and req.constraint.field != "tools":
-        body.update(constraint_fields(spec.upstream_kind, spec.name, req.constraint))
+        body.update(constraint_fields(spec.upstream_server, spec.name, req.constraint))
     return body
 
 

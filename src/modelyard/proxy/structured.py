@@ -1,6 +1,6 @@
 """A structured-output Constraint -> the request fields a remote upstream takes.
 
-Upstreams speak different dialects, so the endpoint says which one (`upstream_kind`); a constraint
+Upstreams speak different dialects, so the endpoint says which one (`upstream_server`); a constraint
 its upstream cannot take is a 400 naming the field, never a request sent without it (which would
 come back as unconstrained text with a 200).
 
@@ -53,5 +53,5 @@ def constraint_fields(kind: str, endpoint: str, c: Constraint) -> dict[str, Any]
         if c.kind == "gbnf":
             return {"grammar": c.source}
     raise InvalidRequest(f"{c.field}: endpoint {endpoint!r} forwards to a {kind} upstream, which takes no "
-                         f"{c.kind} constraint (set upstream_kind if the upstream is vLLM, SGLang, llama-server "
+                         f"{c.kind} constraint (set upstream_server if the upstream is vLLM, SGLang, llama-server "
                          "or modelyard)", param=c.field)
