@@ -4,7 +4,7 @@ Upstreams speak different dialects, so the endpoint says which one (`upstream_se
 its upstream cannot take is a 400 naming the field, never a request sent without it (which would
 come back as unconstrained text with a 200).
 
-  kind            json_schema                   regex        choice               lark / gbnf
+  upstream_server json_schema                   regex        choice               lark / gbnf
   openai, ollama  response_format               -            -                    -
   vllm, modelyard structured_outputs.json       .regex       .choice              .grammar
   sglang          response_format               regex        regex (alternation)  ebnf (gbnf only)
