@@ -29,3 +29,38 @@ def grammars(smollm2: LlamaModel) -> Iterator[Grammars]:
     g = Grammars(smollm2.ll_tokenizer)
     yield g
     g.close()
+
+
+KEY = "structured-key"
+# One thread (the machine is shared); four slots so that requests batch; a body limit above
+# 1 MB so that the adversarial tests' large schemas reach the compiler (test_adversarial).
+SERVER_CONFIG = f"""\
+[server]
+api_keys = ["{KEY}"]
+log_level = "info"
+
+[limits]
+max_body_bytes = 2500000
+
+[[endpoints]]
+name = "smollm2-135m"
+model = "smollm2-135m"
+context = 1024
+parallel = 4
+threads = 1
+"""
+
+
+@pytest.fixture(scope="session")
+def structured_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    from servers import served
+    with served(tmp_path_factory.mktemp("structured"), SERVER_CONFIG, key=KEY,
+                show_log=lambda: bool(request.session.testsfailed)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def openai_client(structured_server):
+    import openai
+    with openai.OpenAI(base_url=structured_server.api, api_key=KEY, max_retries=0, timeout=120) as c:
+        yield c

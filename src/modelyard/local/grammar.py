@@ -56,7 +56,12 @@ def grammar_text(c: Constraint) -> str:
         if c.kind == "lark":
             return llguidance.LLMatcher.grammar_from_lark(c.source)
         if c.kind == "gbnf":
-            return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(c.source))
+            try:
+                lark = gbnf_to_lark(c.source)
+            except Exception as exc:    # noqa: BLE001 - it raises bare Exception for a missing,
+                # duplicate or absent root rule: the client's grammar, so a 400, not a 500
+                raise InvalidRequest(f"{c.field} cannot be used: {exc}", param=c.field) from None
+            return llguidance.LLMatcher.grammar_from_lark(lark)
     except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
         raise InvalidRequest(f"{c.field} cannot be used: {exc}", param=c.field) from None
     raise InvalidRequest(f"{c.field}: unknown constraint kind {c.kind!r}", param=c.field)
