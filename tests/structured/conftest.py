@@ -4,6 +4,7 @@ server), and the corpus (tests/structured/corpus.py) with its instances."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -24,9 +25,19 @@ def smollm2() -> Iterator[LlamaModel]:
     model.close()
 
 
+def quiet_tokenizer(model: LlamaModel):
+    """llguidance's llama.cpp adapter calls llama_token_get_attr, which llama-cpp-python marks
+    deprecated: one DeprecationWarning per token (49,152) without this."""
+    def make():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return model.ll_tokenizer()
+    return make
+
+
 @pytest.fixture(scope="session")
 def grammars(smollm2: LlamaModel) -> Iterator[Grammars]:
-    g = Grammars(smollm2.ll_tokenizer)
+    g = Grammars(quiet_tokenizer(smollm2))
     yield g
     g.close()
 

@@ -73,3 +73,38 @@ def test_corpus_schemas_end_to_end(openai_client, structured_server) -> None:
     assert stops >= 10
     ep = structured_server.wait_idle()
     assert ep["in_flight"] == 0 and ep["slots_used"] == 0
+
+
+TOOLS = 8
+
+
+def test_tool_calls_with_corpus_parameters(openai_client) -> None:
+    """tool_choice "required" with a corpus schema as the function's parameters: the call
+    names the tool, its arguments parse and validate (or the answer is cut at max_tokens)."""
+    entries = [e for e in e2e_sample() if e.schema.get("type") == "object"][:TOOLS]
+    assert len(entries) == TOOLS
+
+    def call(entry):
+        name = "make_" + re.sub(r"[^A-Za-z0-9_]", "_", entry.name.split("/")[1])[:50]
+        r = openai_client.chat.completions.create(
+            model="smollm2-135m", temperature=0, max_tokens=MAX_TOKENS,
+            messages=[{"role": "user", "content": f"Call {name} with example arguments."}],
+            tools=[{"type": "function", "function": {"name": name, "parameters": entry.schema}}],
+            tool_choice="required")
+        return name, r
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, entries))
+    calls = 0
+    for e, (name, r) in zip(entries, results):
+        choice = r.choices[0]
+        if choice.finish_reason == "length":
+            continue
+        assert choice.finish_reason == "tool_calls", (e.name, choice)
+        [tc] = choice.message.tool_calls
+        assert tc.type == "function" and tc.function.name == name and tc.id
+        args = json.loads(tc.function.arguments)
+        assert list(validator(e.schema).iter_errors(args)) == [], (e.name, tc.function.arguments)
+        calls += 1
+    print(f"\n{TOOLS} tool calls: {calls} complete and valid, {TOOLS - calls} cut at max_tokens")
+    assert calls >= 2
