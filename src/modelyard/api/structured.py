@@ -143,8 +143,32 @@ def tool_call_schema(tools: list[dict], choice: str | dict) -> tuple[dict, list[
         names = [name]
     else:
         names = list(by_name)
+    # `parameters` is a document of its own: its "#/$defs/..." refs (pydantic writes them for any
+    # nested model) are rebased to where it now sits, or they would point at nothing (a 400).
+    at = ["/properties/arguments"] if len(names) == 1 else [f"/anyOf/{i}/properties/arguments"
+                                                            for i in range(len(names))]
     calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
               "properties": {"name": {"const": name},
-                             "arguments": by_name[name].get("parameters") or {"type": "object"}}}
-             for name in names]
+                             "arguments": _embedded(by_name[name].get("parameters") or {"type": "object"}, pointer)}}
+             for name, pointer in zip(names, at)]
     return (calls[0] if len(calls) == 1 else {"anyOf": calls}), names
+
+
+_VALUES = ("const", "enum", "default", "examples")     # instances, not schemas: refs there are data
+
+
+def _embedded(schema: dict, pointer: str) -> dict:
+    """A whole schema document moved to `pointer` inside another: refs rebased, and its own
+    $id/$schema dropped (an $id there would make "#" mean the moved document again)."""
+    return _rebased({k: v for k, v in schema.items() if k not in ("$id", "$schema")}, pointer)
+
+
+def _rebased(schema: Any, pointer: str) -> Any:
+    """`schema` with each local $ref ("#...") prefixed by `pointer`, its new place in a document."""
+    if isinstance(schema, dict):
+        return {k: (f"#{pointer}{v[1:]}" if k == "$ref" and isinstance(v, str) and v.startswith("#")
+                    else v if k in _VALUES else _rebased(v, pointer))
+                for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_rebased(v, pointer) for v in schema]
+    return schema
