@@ -139,3 +139,39 @@ def test_sampling_a_masked_row_equals_sampling_among_the_allowed_tokens_only(top
         i = min(int(np.searchsorted(cum, u * cum[-1], "right")), len(cum) - 1)
         assert token == allowed[ids[i]], trial
         assert np.isfinite(log_softmax_at(dense, np.array([token]))).all()
+
+
+def test_a_slow_compile_costs_only_its_own_request(monkeypatch):
+    """Compiles that take long (an adversarial schema) use their own compilers and time: a small
+    grammar submitted meanwhile compiles at once, and the slow ones are 400s after their own
+    COMPILE_TIMEOUT, counted from when each started."""
+    import threading
+    import time as _time
+
+    from modelyard.local import grammar as g
+    monkeypatch.setattr(g, "COMPILE_TIMEOUT", 0.3)
+    h = Harness()
+    real = h.grammars._compile
+    release = threading.Event()
+
+    def slow_or_fast(c):
+        if c.source.startswith("slow"):
+            release.wait(5)
+        return real(c)
+    monkeypatch.setattr(h.grammars, "_compile", slow_or_fast)
+    errors = []
+
+    def slow(k):
+        try:
+            h.grammars.matchers(regex(f"slow{k}[a-z]"), 1)
+        except InvalidRequest as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=slow, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    _time.sleep(0.05)
+    assert len(h.grammars.matchers(regex("[x-z]+"), 1)) == 1     # not queued behind the slow two
+    for t in threads:
+        t.join(5)
+    release.set()
+    assert len(errors) == 2 and all("did not compile within 0.3 s" in e.message for e in errors)
