@@ -20,7 +20,6 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -30,16 +29,15 @@ from ..engine.types import EmbeddingRequest, EmbeddingResult, EngineOutput, Engi
 from ..errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequest, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .embed_batch import EmbedJob, Packed, Packer, pool
+from .engine_thread import STOP, STOPPED, EngineThread
 from .ffi import EmbeddingContext, LlamaModel, simd_lanes, system_info
 
-_STOP = object()
 log = logging.getLogger("modelyard.engine")
-STOPPED = "the endpoint is stopped"
 # Sequence ids a llama context takes (llama_max_parallel_sequences); one is the filler's.
 MAX_SEQ = 256
 
 
-class EmbeddingEngine:
+class EmbeddingEngine(EngineThread):
     model_type = ModelType.EMBEDDINGS
     model_engine = "LLAMA_CPP"
 
@@ -50,13 +48,10 @@ class EmbeddingEngine:
         self.pooling = ""
         self.context = 0                 # the longest input, in tokens (after load)
         self._affixes: tuple[list[int], list[int]] = ([], [])   # what tokenize adds: [CLS] / [SEP]
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._init_thread()
         self._packer: Packer | None = None
         self._jobs: deque[EmbedJob] = deque()       # engine thread only
         self._broken: str | None = None
-        self._stopped = False
         self._in_flight = 0                          # event loop only
         # Written by the engine thread, read by status(): plain ints.
         self._counts = {"queue_depth": 0, "running": 0, "slots_used": 0, "inputs_total": 0,
@@ -65,33 +60,10 @@ class EmbeddingEngine:
     # -- lifecycle (event loop) ---------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        started: concurrent.futures.Future = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._main, args=(started,),
-                                        name=f"engine-{self.spec.name}", daemon=True)
-        self._thread.start()
-        loaded = asyncio.wrap_future(started)
-        try:
-            await asyncio.shield(loaded)
-        except asyncio.CancelledError:
-            await self.stop()           # the thread finishes loading, reads the stop, closes
-            if loaded.done() and not loaded.cancelled():
-                loaded.exception()
-            raise
+        await self._start_thread(self.spec.name)
 
-    async def stop(self) -> None:
-        """Ends the engine thread; requests in flight end with an error. Safe to call twice."""
-        self._stopped = True
-        if self._thread is not None and self._thread.is_alive():
-            self._inbox.put((_STOP, None))
-            await asyncio.to_thread(self._thread.join)
-        while True:                     # jobs that reached the inbox after the stop was read
-            try:
-                kind, arg = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "add":
-                arg.finish(EngineError(STOPPED))
+    def _refuse(self, job) -> None:
+        job.finish(EngineError(STOPPED))
 
     def ready_reason(self) -> str | None:
         return self._broken
@@ -114,8 +86,7 @@ class EmbeddingEngine:
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         if self._broken:
             raise EngineError(f"engine is broken: {self._broken}")
-        if self._stopped or self._thread is None or not self._thread.is_alive():
-            raise EngineError(STOPPED if self._stopped else "the engine is not running")
+        self._check_running()
         capacity = self.spec.parallel + self.spec.max_queue
         if self._in_flight >= capacity:
             raise QueueFull(f"endpoint {self.spec.name!r} is at capacity: {self._in_flight} requests in "
@@ -252,7 +223,7 @@ class EmbeddingEngine:
         try:
             while True:
                 kind, arg = self._inbox.get(block=block)
-                if kind is _STOP:
+                if kind is STOP:
                     self._fail_all(EngineError("the server is shutting down"))
                     return False
                 if kind == "add":

@@ -1,11 +1,7 @@
-"""LocalEngine: an EngineCore on ONE long-lived thread, fed through an inbox.
+"""LocalEngine: an EngineCore on ONE long-lived thread (local/engine_thread), fed through an inbox.
 
-ggml's OpenMP workers meet at a barrier about a thousand times per token; calling
-llama_decode from changing threads (a pool, run_in_executor) makes them sleep and wake at
-every barrier and costs up to 3x per token. So exactly one thread, created here, ever
-touches the llama context: it loads the model, steps the core, and exits on stop().
-The event loop talks to it only through the inbox (add, abort) and receives each step's
-outputs in one call_soon_threadsafe.
+The thread loads the model, steps the core, and exits on stop(). The event loop talks to it
+only through the inbox (add, abort) and receives each step's outputs in one call_soon_threadsafe.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ from ..errors import EngineError, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore
+from .engine_thread import STOP, STOPPED, EngineThread
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
 from .grammar import Grammars
 from .prefix_cache import HostCache
@@ -33,13 +30,11 @@ from .runner import LlamaCppRunner
 from .scheduler import Scheduler
 from .slots import SlotPool
 
-_STOP = object()
 log = logging.getLogger("modelyard.engine")
-STOPPED = "the endpoint is stopped"
 MAX_PENDING = 1024      # steps of one request's output waiting for its consumer; past it: aborted
 
 
-class LocalEngine:
+class LocalEngine(EngineThread):
     model_type = ModelType.COMPLETIONS
     model_engine = "LLAMA_CPP"
 
@@ -47,15 +42,12 @@ class LocalEngine:
         self.spec = spec
         self.model_path = model_path
         self.model: LlamaModel | None = None
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._init_thread()
         self._core: EngineCore | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._sinks: dict[str, object] = {}    # request id -> its output queue's put
         self._broken: str | None = None
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
-        self._stopped = False
         self._grammars: Grammars | None = None
         self._vocab_cond = threading.Condition()
         self._vocab_readers = 0
@@ -64,39 +56,15 @@ class LocalEngine:
     # -- lifecycle (event loop) ---------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        started: concurrent.futures.Future = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._main, args=(started,),
-                                        name=f"engine-{self.spec.name}", daemon=True)
-        self._thread.start()
-        loaded = asyncio.wrap_future(started)
         try:
-            await asyncio.shield(loaded)
+            await self._start_thread(self.spec.name)
         except asyncio.CancelledError:
-            # Stopped while loading: the thread finishes loading (a C call cannot be cut), then
-            # reads the stop and closes what it made. Waiting for that keeps nothing leaking.
-            await self.stop()
-            if loaded.done() and not loaded.cancelled():
-                loaded.exception()      # a load that failed after all needs no "never retrieved"
             log.info("endpoint %s: stopped while loading; the engine thread closed the model and ended",
                      self.spec.name)
             raise
 
-    async def stop(self) -> None:
-        """Ends the engine thread (requests in flight end with an error); later requests are
-        refused at once. Safe to call twice, and while the model is still loading."""
-        self._stopped = True
-        if self._thread is not None and self._thread.is_alive():
-            self._inbox.put((_STOP, None))
-            await asyncio.to_thread(self._thread.join)
-        # Requests that reached the inbox after the stop was read never reach a step: end them.
-        while True:
-            try:
-                kind, arg = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "add":
-                arg.sink(EngineError(STOPPED))
+    def _refuse(self, req: Request) -> None:
+        req.sink(EngineError(STOPPED))
 
     def ready_reason(self) -> str | None:
         return self._broken
@@ -124,8 +92,7 @@ class LocalEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._broken:
             raise EngineError(f"engine is broken: {self._broken}")
-        if self._stopped or self._thread is None or not self._thread.is_alive():
-            raise EngineError(STOPPED if self._stopped else "the engine is not running")
+        self._check_running()
         if len(self._sinks) >= self.spec.parallel + self.spec.max_queue:
             raise QueueFull(f"endpoint {self.spec.name!r} is at capacity: {len(self._sinks)} requests "
                             f"in flight (parallel {self.spec.parallel} + max_queue {self.spec.max_queue})",
@@ -309,7 +276,7 @@ class LocalEngine:
             try:
                 while True:
                     kind, arg = self._inbox.get(block=block)
-                    if kind is _STOP:
+                    if kind is STOP:
                         self._abort_all("the server is shutting down")
                         return
                     if kind == "add":
