@@ -131,3 +131,19 @@ def test_two_gateways_on_one_postgresql_share_keys_within_two_seconds(tmp_path: 
         assert until(lambda: complete(a, key).status_code == 401) < 2.0
         for s in (a, b):
             assert key not in s.log_text()
+
+
+def test_rotation_with_a_grace_period(srv):
+    with ctl(srv.base, ADMIN) as admin:
+        created = admin.post("/api-keys", json={"name": "rotating"}).json()
+        old = created["secret"]
+        r = admin.post(f"/api-keys/{created['id']}/rotate", json={"grace_seconds": 2})
+        assert r.status_code == 200, r.text
+        new = r.json()["secret"]
+        srv.secrets = [*getattr(srv, "secrets", []), old, new]
+        assert complete(srv, new).status_code == 200 and complete(srv, old).status_code == 200
+        until(lambda: complete(srv, old).status_code == 401, timeout=4.0)      # once its grace ends
+        assert complete(srv, new).status_code == 200
+        assert admin.post(f"/api-keys/{created['id']}/rotate", json={"grace_seconds": -1}).status_code == 422
+        with ctl(srv.base, VIEWER) as viewer:
+            assert viewer.post(f"/api-keys/{created['id']}/rotate").status_code == 403

@@ -96,3 +96,23 @@ def test_two_processes_worth_of_connections_see_each_others_writes(db, tmp_path)
         assert KeyStore(other).active() == []
     finally:
         other.close()
+
+
+def test_rotation_gives_a_new_secret_and_keeps_the_old_one_for_its_grace(db):
+    keys = KeyStore(db)
+    record, old = keys.create("admin:a", name="k", rpm=3)
+    rotated, new = keys.rotate("admin:a", record["id"], grace_seconds=600)
+    assert new != old and rotated["id"] == record["id"] and rotated["rpm"] == 3
+    assert rotated["prefix"] == new[:len(rotated["prefix"])] and rotated["revision"] == record["revision"] + 1
+    assert rotated["previous_valid_until"] is not None
+    (active,) = keys.active()
+    assert active.digest.hex() == digest(new) and active.previous.hex() == digest(old)
+    gone, newest = keys.rotate("admin:a", record["id"], grace_seconds=0)
+    (active,) = keys.active()
+    assert active.previous.hex() == digest(new) and gone["previous_valid_until"] is None
+    stored = json.dumps(db.query("SELECT * FROM api_keys")) + json.dumps(keys.audit(limit=10))
+    assert not any(s in stored for s in (old, new, newest))
+    keys.revoke("admin:a", record["id"])
+    assert keys.active() == []
+    with pytest.raises(Conflict):
+        keys.rotate("admin:a", record["id"], grace_seconds=1)

@@ -145,7 +145,8 @@ class KeyChecker:
         for d, quota in self._keys:      # usage rows name a configured key by its digest's start
             quota.key_id = f"config:{d.hex()[:12]}"
         self._control = control
-        self._stored: dict[str, tuple[bytes, Quota]] = {}     # key id -> (digest, quota)
+        # key id -> ((digest, valid until or None), ...), quota): a rotated key has two digests
+        self._stored: dict[str, tuple[tuple[tuple[bytes, int | None], ...], Quota]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -159,7 +160,8 @@ class KeyChecker:
             quota = old[1] if old is not None else self._make(k.rpm, k.tpm, k.digest)
             quota.key_id = k.id
             quota.rpm, quota.tpm, quota.endpoints, quota.expires_at = k.rpm, k.tpm, k.endpoints, k.expires_at
-            stored[k.id] = (k.digest, quota)
+            digests = ((k.digest, None),) + (((k.previous, k.previous_until),) if k.previous else ())
+            stored[k.id] = (digests, quota)
         self._stored = stored      # one assignment: a request sees the old set or the new one
 
     def check(self, authorization: str | None) -> Quota | None:
@@ -187,9 +189,14 @@ class KeyChecker:
         digest = hashlib.sha256(token.strip().encode()).digest()
         found = None
         # no early exit: the time taken does not depend on which key matched
-        for d, quota in [*self._keys, *self._stored.values()]:
+        for d, quota in self._keys:
             if hmac.compare_digest(d, digest):
                 found = quota
+        now = time.time()
+        for digests, quota in self._stored.values():
+            for d, until in digests:      # a rotated key's previous secret, until its grace ends
+                if hmac.compare_digest(d, digest) and (until is None or now < until):
+                    found = quota
         return found
 
 

@@ -147,6 +147,19 @@ async def patch_key(key_id: str, body: KeyFields, request: Request, response: Re
     return _etag(record, response)
 
 
+class Rotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace_seconds: int = Field(3600, ge=0, le=30 * 86400)   # how long the old secret keeps working
+
+
+@router.post("/api-keys/{key_id}/rotate", summary="A new secret for a key; the old one works for grace_seconds")
+async def rotate_key(key_id: str, request: Request, response: Response, body: Rotate | None = None,
+                     who: AdminToken = Depends(admin)) -> dict:
+    grace = (body or Rotate()).grace_seconds
+    record, secret = await _write(request, request.app.state.key_store.rotate, actor(who), key_id, grace)
+    return {**_etag(record, response), "secret": secret}
+
+
 @router.post("/api-keys/{key_id}/revoke", summary="Revoke a key (final; every process refuses it within 2 s)")
 async def revoke_key(key_id: str, request: Request, response: Response, who: AdminToken = Depends(admin)) -> dict:
     return _etag(await _write(request, request.app.state.key_store.revoke, actor(who), key_id), response)

@@ -52,6 +52,8 @@ class ActiveKey:
     tpm: int
     endpoints: frozenset[str] | None
     expires_at: int | None
+    previous: bytes | None = None        # the digest before the last rotation, valid until:
+    previous_until: int | None = None
 
 
 def public(row: Row) -> dict[str, Any]:
@@ -60,7 +62,10 @@ def public(row: Row) -> dict[str, Any]:
             "rpm": row["rpm"], "tpm": row["tpm"],
             "endpoints": json.loads(row["endpoints"]) if row["endpoints"] is not None else None,
             "expires_at": row["expires_at"], "created_at": row["created_at"], "updated_at": row["updated_at"],
-            "revoked_at": row["revoked_at"], "revision": row["revision"]}
+            "revoked_at": row["revoked_at"], "revision": row["revision"],
+            # after a rotation: until when the previous secret still works (None: it does not)
+            "previous_valid_until": row["previous_until"] if row.get("previous_until") and
+            row["previous_until"] > time.time() else None}
 
 
 class KeyStore:
@@ -123,12 +128,28 @@ class KeyStore:
             self._audit(db, actor, "api_key.revoke", key_id, {})
         return self.get(key_id)
 
+    def rotate(self, actor: str, key_id: str, grace_seconds: int) -> tuple[dict, str]:
+        """A new secret for the key (its id, limits and usage stay); the old one keeps working
+        for `grace_seconds`, so clients can switch without an outage."""
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        now = int(time.time())
+        with self.db.transaction() as db:
+            current = self.get(key_id)
+            if current["revoked_at"] is not None:
+                raise Conflict(f"API key {key_id!r} is revoked; create a new one", param="id")
+            db.execute("UPDATE api_keys SET previous_digest = digest, previous_until = ?, digest = ?, prefix = ?, "
+                       "updated_at = ?, revision = revision + 1 WHERE id = ?",
+                       (now + grace_seconds, digest(secret), secret[:SHOWN], now, key_id))
+            self._audit(db, actor, "api_key.rotate", key_id, {"grace_seconds": grace_seconds})
+        return self.get(key_id), secret
+
     def active(self) -> list[ActiveKey]:
-        rows = self.db.query("SELECT id, digest, rpm, tpm, endpoints, expires_at FROM api_keys "
-                             "WHERE revoked_at IS NULL")
+        rows = self.db.query("SELECT id, digest, rpm, tpm, endpoints, expires_at, previous_digest, previous_until "
+                             "FROM api_keys WHERE revoked_at IS NULL")
         return [ActiveKey(r["id"], bytes.fromhex(r["digest"]), r["rpm"] or 0, r["tpm"] or 0,
                           frozenset(json.loads(r["endpoints"])) if r["endpoints"] is not None else None,
-                          r["expires_at"]) for r in rows]
+                          r["expires_at"], bytes.fromhex(r["previous_digest"]) if r["previous_digest"] else None,
+                          r["previous_until"]) for r in rows]
 
     def audit(self, limit: int, after: str | None = None) -> dict:
         rows = self.db.query("SELECT * FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit + 1))

@@ -45,4 +45,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         )""",
         "CREATE INDEX usage_minute ON usage (minute)",
     ]),
+    (3, [
+        # rotation: the secret a key had before its last rotation stays valid until previous_until
+        "ALTER TABLE api_keys ADD COLUMN previous_digest TEXT",
+        "ALTER TABLE api_keys ADD COLUMN previous_until BIGINT",
+    ]),
 ]
