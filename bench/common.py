@@ -81,6 +81,18 @@ def cpu_simd_flags() -> str:
     return "unknown"
 
 
+def machine_line() -> str:
+    """What every report ends with, so its figures are recorded with the machine they came from."""
+    import datetime as dt
+    return (f"(record in docs/performance.md: {cpu_model()}; flags {cpu_simd_flags()}; "
+            f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)")
+
+
+def ints(text: str) -> list[int]:
+    """A comma-separated list of whole numbers (the scripts' level options)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 # ---------------------------------------------------------------------------------------
 # servers
 

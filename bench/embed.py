@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import random
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from common import ROOT, ServerProc, cpu_model, cpu_simd_flags, free_port, modelyard_proc, percentile, ratio
+from common import ROOT, ServerProc, cpu_model, free_port, ints, machine_line, modelyard_proc, percentile, ratio
 
 sys.path.insert(0, str(ROOT / "src"))
 CACHE = Path(os.environ.get("MODELYARD_HOME") or Path.home() / ".cache" / "modelyard").expanduser()
@@ -132,13 +131,8 @@ def report(results: list[dict], threads: int) -> list[str]:
         met = all(x is not None and x >= 1.0 for x in ratios)
         out.append(f"target >= 1.0x llama-server at every level: {'MET' if met else 'MISSED'} "
                    f"(min {min(x for x in ratios if x is not None):.2f}x)")
-    out.append(f"(record in docs/performance.md: {cpu_model()}; flags {cpu_simd_flags()}; "
-               f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)")
+    out.append(machine_line())
     return out
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     texts = sentences(a.sentences or (64 if a.smoke else 1000), a.seed)
-    sizes = _ints(a.sizes or ("1,16" if a.smoke else "1,16,64"))
-    levels = _ints(a.levels)
+    sizes = ints(a.sizes or ("1,16" if a.smoke else "1,16,64"))
+    levels = ints(a.levels)
     if a.peer == "llama-server" and not os.access(LLAMA_SERVER, os.X_OK):
         raise SystemExit(f"{LLAMA_SERVER} is missing: build it with scripts/bench-peers (or --peer none)")
     from modelyard.store import ModelStore

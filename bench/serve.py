@@ -65,8 +65,8 @@ from pathlib import Path
 
 import httpx
 
-from common import (ROOT, ServerProc, Stream, cpu_model, cpu_simd_flags, free_port, median_spread as _med,
-                    modelyard_proc, percentile, ratio as _ratio, stream)
+from common import (ROOT, ServerProc, Stream, cpu_model, cpu_simd_flags, free_port, ints, machine_line,
+                    median_spread as _med, modelyard_proc, percentile, ratio as _ratio, stream)
 
 sys.path.insert(0, str(ROOT / "src"))
 CACHE = Path(os.environ.get("MODELYARD_HOME") or Path.home() / ".cache" / "modelyard").expanduser()
@@ -543,16 +543,11 @@ def targets(rounds: list[dict], agg: dict, models: list[Model], plan: Plan, peer
     out += _verdicts("targets (issue 8)", c8)
     if len(rounds) < 2:
         out.append(f"  ({len(rounds)} round: the targets ask for medians of at least 2, --rounds 2)")
-    out.append(f"  (record in docs/performance.md: {cpu_model()}; flags {cpu_simd_flags()}; "
-               f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)")
+    out.append("  " + machine_line())
     return out
 
 
 # ---------------------------------------------------------------------------------------
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     q = a.quick
-    levels = _ints(a.levels or ("1,4" if q else "1,4,16"))
-    sampled = _ints(a.sampled_levels if a.sampled_levels is not None else ("4" if q else "16"))
+    levels = ints(a.levels or ("1,4" if q else "1,4,16"))
+    sampled = ints(a.sampled_levels if a.sampled_levels is not None else ("4" if q else "16"))
     rounds = 1 if q and a.rounds == 2 else a.rounds
     requests = {c: a.requests or (max(2, c) if q else max(4, 2 * c)) for c in set(levels) | set(sampled)}
     cache_n = a.cache_prompts if a.cache_prompts is not None else (4 if q else 32)

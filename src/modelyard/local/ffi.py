@@ -252,6 +252,23 @@ class ContextShape:
     flash_attn: bool = False
 
 
+def _run_batch(ctx, batch, tok, pos, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+               what: str) -> None:
+    """Fill a llama_batch (one sequence id per row; its token and position arrays are `tok`
+    and `pos`) and run llama_decode on it."""
+    n = len(tokens)
+    tok[:n] = tokens
+    pos[:n] = positions
+    seq_id = batch.seq_id
+    for i, s in enumerate(seqs):
+        seq_id[i][0] = s
+    batch.n_tokens = n
+    rc = C.llama_decode(ctx, batch)
+    if rc != 0:
+        # 1: no KV slot for the batch; 2: aborted; <0: fatal. Admission should make 1 impossible.
+        raise EngineError(f"llama_decode failed with code {rc} on {what} of {n} tokens")
+
+
 class LlamaContext:
     """One llama_context: the KV cache of all sequences and the decode call."""
 
@@ -287,17 +304,8 @@ class LlamaContext:
         """One llama_decode over a batch; row i's logits are then at logits_row(i)."""
         n = len(tokens)
         assert 0 < n <= self.shape.n_batch
-        self._tok[:n] = tokens
-        self._pos[:n] = positions
         self._want[:n] = logits
-        seq_id = self._batch.seq_id
-        for i, s in enumerate(seqs):
-            seq_id[i][0] = s
-        self._batch.n_tokens = n
-        rc = C.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            # 1: no KV slot for the batch; 2: aborted; <0: fatal. Admission should make 1 impossible.
-            raise EngineError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
+        _run_batch(self._ctx, self._batch, self._tok, self._pos, tokens, positions, seqs, "a batch")
 
     def logits_row(self, i: int) -> np.ndarray:
         """A zero-copy view of batch row i's logits, valid until the next decode."""
@@ -382,15 +390,7 @@ class EmbeddingContext:
         """One llama_decode; returns a copy of the hidden states, [len(tokens), n_embd] float32."""
         n = len(tokens)
         assert 0 < n <= self.n_batch
-        self._tok[:n] = tokens
-        self._pos[:n] = positions
-        seq_id = self._batch.seq_id
-        for i, s in enumerate(seqs):
-            seq_id[i][0] = s
-        self._batch.n_tokens = n
-        rc = C.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise EngineError(f"llama_decode failed with code {rc} on an embeddings batch of {n} tokens")
+        _run_batch(self._ctx, self._batch, self._tok, self._pos, tokens, positions, seqs, "an embeddings batch")
         ptr = C.llama_get_embeddings(self._ctx)
         if not ptr:
             raise EngineError("llama.cpp returned no embeddings")
