@@ -87,21 +87,23 @@ class EndpointSpec:
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
-            raise ConfigError(f"endpoint {self.name!r}: engine must be one of {ENGINES}, got {self.engine!r}")
+            raise ConfigError(f"endpoint {self.name!r}: engine must be one of {ENGINES}, got {self.engine!r}",
+                              param="engine")
         if not self.name or "/" in self.name:
-            raise ConfigError(f"endpoint name must be non-empty and contain no '/', got {self.name!r}")
+            raise ConfigError(f"endpoint name must be non-empty and contain no '/', got {self.name!r}", param="name")
         for key in ("context", "parallel", "batch"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"endpoint {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"endpoint {self.name!r}: {key} must be >= 1, got {getattr(self, key)}", param=key)
         if self.prefix_cache_mib < 0:
-            raise ConfigError(f"endpoint {self.name!r}: prefix_cache_mib must be >= 0, got {self.prefix_cache_mib}")
+            raise ConfigError(f"endpoint {self.name!r}: prefix_cache_mib must be >= 0, got {self.prefix_cache_mib}",
+                              param="prefix_cache_mib")
         if self.kind is not None and self.kind not in KINDS:
-            raise ConfigError(f"endpoint {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(f"endpoint {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}", param="kind")
         if self.upstream_server not in UPSTREAM_SERVERS:
             raise ConfigError(f"endpoint {self.name!r}: upstream_server must be one of {UPSTREAM_SERVERS}, "
-                              f"got {self.upstream_server!r}")
+                              f"got {self.upstream_server!r}", param="upstream_server")
         if self.engine == "openai" and not self.urls:
-            raise ConfigError(f"endpoint {self.name!r}: engine 'openai' needs urls = [...]")
+            raise ConfigError(f"endpoint {self.name!r}: engine 'openai' needs urls = [...]", param="urls")
 
     @property
     def n_threads(self) -> int:
@@ -191,7 +193,8 @@ class Settings:
                 "MODELYARD_API_KEYS, or pass --insecure-no-auth")
 
 
-def _endpoint(raw: Mapping[str, Any]) -> EndpointSpec:
+def endpoint_spec(raw: Mapping[str, Any]) -> EndpointSpec:
+    """An [[endpoints]] table (or a stored run-time endpoint) -> a checked EndpointSpec."""
     known = set(EndpointSpec.__dataclass_fields__)
     unknown = set(raw) - known
     if unknown:
@@ -248,7 +251,7 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
         if "limits" in doc:
             values["limits"] = Limits(**doc["limits"])
         if "endpoints" in doc:
-            values["endpoints"] = tuple(_endpoint(e) for e in doc["endpoints"])
+            values["endpoints"] = tuple(endpoint_spec(e) for e in doc["endpoints"])
     if env.get("MODELYARD_API_KEYS"):
         keys = tuple(k.strip() for k in env["MODELYARD_API_KEYS"].split(",") if k.strip())
         values["api_keys"] = tuple(values.get("api_keys", ())) + keys
@@ -266,6 +269,13 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
         # --model REF: serve that one model under a name derived from it.
         settings = replace(settings, endpoints=(EndpointSpec(name=endpoint_name_for(model), model=model),))
     return settings
+
+
+def spec_fields(spec: EndpointSpec) -> dict[str, Any]:
+    """The inverse of `endpoint_spec`: every field, JSON-ready (what the control store keeps)."""
+    fields = {name: getattr(spec, name) for name in EndpointSpec.__dataclass_fields__}
+    fields["urls"] = list(spec.urls)
+    return fields
 
 
 def endpoint_name_for(ref: str) -> str:

@@ -136,6 +136,16 @@ class ModelStore:
             return self._entry(ref, known.size, known.sha256) or self._fetch_known(ref, known)
         return self._entry(ref) or _unknown(ref)
 
+    def check(self, ref: str) -> None:
+        """Raise what `pull` would for a ref it can never fetch (an unknown name, a missing or
+        non-GGUF path, a malformed hf ref), without fetching anything."""
+        if _is_path(ref):
+            _check_local(ref)
+        elif ref.startswith(HF_PREFIX):
+            _hf_split(ref)
+        elif ref not in KNOWN and self._entry(ref) is None:
+            _unknown(ref)
+
     def list(self) -> list[StoredModel]:
         """Complete entries in the store, by name (partial downloads and temp files are skipped)."""
         if not self.models.is_dir():

@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
-from . import chat, completions, control, embeddings, errors, models, tokenizer
+from . import chat, completions, control, control_endpoints, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
 from .middleware import BodyLimits, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
@@ -31,14 +31,21 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         sync = usage = None
         if settings.control_enabled:
             from ..control.db import open_database
+            from ..control.endpoint_sync import EndpointSync
+            from ..control.endpoints import EndpointStore
             from ..control.keys import KeyStore
-            from ..control.sync import KeySync
+            from ..control.notify import ChangeFeed
+            from ..control.sync import ControlSync
             from ..control.usage import UsageRecorder
             db = await asyncio.to_thread(open_database, settings.database)
             app.state.key_store = KeyStore(db)
-            app.state.key_sync = sync = KeySync(app.state.key_store, app.state.keys)
+            app.state.endpoint_store = EndpointStore(db)
+            endpoints = EndpointSync(app.state.endpoint_store, registry)
+            app.state.control_sync = sync = ControlSync(app.state.key_store, app.state.keys,
+                                                        feed=ChangeFeed(db, settings.database_url),
+                                                        also=(endpoints.refresh,))
             app.state.usage = usage = UsageRecorder(db)
-            await sync.start()
+            await sync.start()        # stored endpoints join the registry before it starts loading
             await usage.start()
         registry.start()
         try:
@@ -88,8 +95,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.include_router(models.probes)
     app.include_router(tokenizer.router, dependencies=auth)     # vLLM's place for them: the root
     if settings.control_enabled:    # admin tokens, not inference keys (api/control)
-        app.include_router(control.router, prefix="/api/v1/control")
-        routes += ["/api/v1/control" + r.path for r in control.router.routes]
+        for router in (control.router, control_endpoints.router):
+            app.include_router(router, prefix="/api/v1/control")
+            routes += ["/api/v1/control" + r.path for r in router.routes]
     routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
     routes += [r.path for r in tokenizer.router.routes]
     app.state.metrics = Metrics(registry, routes)

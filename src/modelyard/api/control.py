@@ -94,7 +94,7 @@ def _etag(record: dict, response: Response) -> dict:
     return record
 
 
-def _if_match(value: str | None) -> int | None:
+def revision_of(value: str | None) -> int | None:
     if value is None:
         return None
     raw = value.strip().removeprefix("W/").strip('"')
@@ -107,7 +107,7 @@ def _if_match(value: str | None) -> int | None:
 async def _write(request: Request, work, *args, **kwargs) -> Any:
     """A store call on a worker thread, then this process's keys refreshed at once."""
     result = await asyncio.to_thread(work, *args, **kwargs)
-    await request.app.state.key_sync.refresh()
+    await request.app.state.control_sync.refresh()
     return result
 
 
@@ -143,7 +143,7 @@ async def patch_key(key_id: str, body: KeyFields, request: Request, response: Re
     if changes.get("name", "") is None:
         raise RequestValidationError([{"type": "value_error", "loc": ["body", "name"], "input": None,
                                        "msg": "a key's name cannot be reset"}])
-    record = await _write(request, request.app.state.key_store.patch, actor(who), key_id, changes, _if_match(if_match))
+    record = await _write(request, request.app.state.key_store.patch, actor(who), key_id, changes, revision_of(if_match))
     return _etag(record, response)
 
 

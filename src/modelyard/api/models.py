@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..redact import redact
+from ..registry.endpoint import EndpointState
 from .auth import may_see_reasons
 
 router = APIRouter()        # under the OpenAI prefixes, behind auth
@@ -18,7 +19,8 @@ probes = APIRouter()        # /health and /ready, open (load balancers and orche
 async def list_models(request: Request) -> dict:
     registry = request.app.state.registry
     return {"object": "list", "data": [
-        {"id": ep.name, "object": "model", "created": request.app.state.started, "owned_by": "modelyard",
+        {"id": ep.name, "object": "model.deleted" if ep.state is EndpointState.DELETING else "model",
+         "created": request.app.state.started, "owned_by": "modelyard",
          "model_type": ep.model_type.value if ep.model_type else None, "model_engine": ep.model_engine,
          "state": ep.state.value, "ready": ep.not_ready_reason() is None}
         for ep in registry.endpoints.values()]}
@@ -40,14 +42,16 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@probes.get("/ready", summary="Every endpoint can serve; 503 listing those that cannot")
+@probes.get("/ready", summary="Every endpoint that should be loaded can serve; 503 listing those that cannot")
 async def ready(request: Request) -> JSONResponse:
     """Open (probes send no key): it lists the states of the endpoints that cannot serve; their
     reasons only to trusted callers (a valid key, or a keyless loopback server)."""
     app = request.app.state
     detail = may_see_reasons(request)
+    # An endpoint an admin unloaded or is deleting is not wanted: it does not make the server unready.
     not_ready = {ep.name: redact(ep.not_ready_reason()) if detail else ep.not_ready_state()
-                 for ep in app.registry.endpoints.values() if ep.not_ready_reason() is not None}
+                 for ep in app.registry.endpoints.values()
+                 if ep.desired == "loaded" and ep.not_ready_reason() is not None}
     if app.shutting_down:
         return JSONResponse({"status": "shutting down", "not_ready": not_ready}, status_code=503)
     if not_ready:

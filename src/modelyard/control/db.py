@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from .migrations import MIGRATIONS
 
 Row = dict[str, Any]
+CHANNEL = "modelyard_control"      # PostgreSQL NOTIFY channel: keys or endpoints changed
 
 
 class Database:
@@ -84,6 +85,10 @@ class Database:
     def _lock_schema(self) -> None:
         pass
 
+    def notify_change(self) -> None:
+        """Inside a transaction that changed keys or endpoints: tell the other processes when it
+        commits (PostgreSQL's NOTIFY; SQLite's readers see `data_version` move instead)."""
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -133,6 +138,9 @@ class PostgresDatabase(Database):
     def transaction(self) -> Iterator["Database"]:
         with self._lock, self._conn.transaction():
             yield self
+
+    def notify_change(self) -> None:
+        self.execute("SELECT pg_notify(?, '')", (CHANNEL,))
 
     def _lock_schema(self) -> None:
         # one migrating process at a time (held until the transaction ends)

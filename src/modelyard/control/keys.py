@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Conflict, ObjectNotFound, PreconditionFailed
 from .db import Database, Row
+from .records import audit as write_audit, new_id, page
 
 SECRET_PREFIX = "sk-my-"
 SHOWN = len(SECRET_PREFIX) + 4          # characters of the secret kept to recognise it by
 LIMIT_FIELDS = ("rpm", "tpm", "endpoints", "expires_at", "name")
-
-
-_last_us = 0
-_id_lock = threading.Lock()
-
-
-def new_id(kind: str) -> str:
-    """Sortable by creation (microseconds first, strictly increasing within a process), unique
-    across processes (random tail): the lists' cursor."""
-    global _last_us
-    with _id_lock:
-        _last_us = max(time.time_ns() // 1000, _last_us + 1)
-        stamp = _last_us
-    return f"{kind}_{stamp:014x}{os.urandom(5).hex()}"
 
 
 def digest(secret: str) -> str:
@@ -84,6 +69,7 @@ class KeyStore:
                         json.dumps(endpoints) if endpoints is not None else None, expires_at, now, now))
             self._audit(db, actor, "api_key.create", key_id,
                         {"name": name, "rpm": rpm, "tpm": tpm, "endpoints": endpoints, "expires_at": expires_at})
+            db.notify_change()
         return self.get(key_id), secret
 
     def get(self, key_id: str) -> dict:
@@ -94,9 +80,7 @@ class KeyStore:
 
     def list(self, limit: int, after: str | None = None) -> dict:
         rows = self.db.query("SELECT * FROM api_keys WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit + 1))
-        data = [public(r) for r in rows[:limit]]
-        return {"object": "list", "data": data, "has_more": len(rows) > limit,
-                "last_id": data[-1]["id"] if data else None}
+        return page(rows, limit, public)
 
     def patch(self, actor: str, key_id: str, changes: dict[str, Any], if_match: int | None) -> dict:
         """`changes` holds only fields the client sent; None resets one (no limit, no expiry)."""
@@ -115,6 +99,7 @@ class KeyStore:
                 db.execute(f"UPDATE api_keys SET {sets}, updated_at = ?, revision = revision + 1 WHERE id = ?",
                            (*values, int(time.time()), key_id))
                 self._audit(db, actor, "api_key.update", key_id, changes)
+                db.notify_change()
         return self.get(key_id)
 
     def revoke(self, actor: str, key_id: str) -> dict:
@@ -126,6 +111,7 @@ class KeyStore:
             db.execute("UPDATE api_keys SET revoked_at = ?, updated_at = ?, revision = revision + 1 WHERE id = ?",
                        (now, now, key_id))
             self._audit(db, actor, "api_key.revoke", key_id, {})
+            db.notify_change()
         return self.get(key_id)
 
     def rotate(self, actor: str, key_id: str, grace_seconds: int) -> tuple[dict, str]:
@@ -141,6 +127,7 @@ class KeyStore:
                        "updated_at = ?, revision = revision + 1 WHERE id = ?",
                        (now + grace_seconds, digest(secret), secret[:SHOWN], now, key_id))
             self._audit(db, actor, "api_key.rotate", key_id, {"grace_seconds": grace_seconds})
+            db.notify_change()
         return self.get(key_id), secret
 
     def active(self) -> list[ActiveKey]:
@@ -153,12 +140,8 @@ class KeyStore:
 
     def audit(self, limit: int, after: str | None = None) -> dict:
         rows = self.db.query("SELECT * FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit + 1))
-        data = [{"id": r["id"], "object": "audit_entry", "at": r["at"], "actor": r["actor"], "action": r["action"],
-                 "object_id": r["object_id"], "detail": json.loads(r["detail"])} for r in rows[:limit]]
-        return {"object": "list", "data": data, "has_more": len(rows) > limit,
-                "last_id": data[-1]["id"] if data else None}
+        return page(rows, limit, lambda r: {"id": r["id"], "object": "audit_entry", "at": r["at"], "actor": r["actor"],
+                                            "action": r["action"], "object_id": r["object_id"],
+                                            "detail": json.loads(r["detail"])})
 
-    @staticmethod
-    def _audit(db: Database, actor: str, action: str, object_id: str, detail: dict) -> None:
-        db.execute("INSERT INTO audit_log (id, at, actor, action, object_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                   (new_id("audit"), int(time.time()), actor, action, object_id, json.dumps(detail)))
+    _audit = staticmethod(write_audit)

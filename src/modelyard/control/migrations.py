@@ -50,4 +50,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE api_keys ADD COLUMN previous_digest TEXT",
         "ALTER TABLE api_keys ADD COLUMN previous_until BIGINT",
     ]),
+    (5, [
+        # Run-time model endpoints (control/endpoints.py): the spec as JSON (settings.spec_fields),
+        # what an admin asked for (loaded / unloaded); a deleted endpoint's row is removed.
+        """CREATE TABLE model_endpoints (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            spec TEXT NOT NULL,
+            desired TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            revision BIGINT NOT NULL
+        )""",
+    ]),
 ]

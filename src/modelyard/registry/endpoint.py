@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from ..engine.protocol import Engine
 from ..engine.types import ModelType
@@ -16,19 +17,25 @@ class EndpointState(str, enum.Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
-    DRAINING = "draining"
-    STOPPED = "stopped"
+    DRAINING = "draining"       # finishing what it has, taking nothing new (unload, shutdown)
+    UNLOADED = "unloaded"       # an admin unloaded it: known, listed, no engine
+    DELETING = "deleting"       # being deleted: finishing what it has; listed as "model.deleted"
+    STOPPED = "stopped"         # the server is stopping, or it was deleted: final
 
     def can_become(self, other: "EndpointState") -> bool:
         return other in _ALLOWED[self]
 
 
+_S = EndpointState
+# Unload and delete may come in any state but a final one (a load in progress is cancelled).
 _ALLOWED = {
-    EndpointState.LOADING: {EndpointState.READY, EndpointState.FAILED, EndpointState.STOPPED},
-    EndpointState.READY: {EndpointState.DRAINING, EndpointState.FAILED, EndpointState.STOPPED},
-    EndpointState.FAILED: {EndpointState.LOADING, EndpointState.STOPPED},
-    EndpointState.DRAINING: {EndpointState.STOPPED},
-    EndpointState.STOPPED: set(),
+    _S.LOADING: {_S.READY, _S.FAILED, _S.UNLOADED, _S.DELETING, _S.STOPPED},
+    _S.READY: {_S.DRAINING, _S.FAILED, _S.DELETING, _S.STOPPED},
+    _S.FAILED: {_S.LOADING, _S.UNLOADED, _S.DELETING, _S.STOPPED},
+    _S.DRAINING: {_S.UNLOADED, _S.DELETING, _S.STOPPED},
+    _S.UNLOADED: {_S.LOADING, _S.DELETING, _S.STOPPED},
+    _S.DELETING: {_S.STOPPED},
+    _S.STOPPED: set(),
 }
 
 
@@ -41,6 +48,23 @@ class Endpoint:
     model_path: str | None = None
     # What it serves; None only for a local file whose header is not read yet (registry).
     model_type: ModelType | None = None
+    source: str = "config"          # "config" (the TOML file) or "api" (the control plane's store)
+    id: str = ""                    # the control plane's id ("config:<name>" for config ones)
+    # What an admin asked for (registry's reconciler moves the state there): "loaded",
+    # "unloaded" or "deleted"; a new spec waiting to replace the running one; the stored
+    # revision applied (a bump while failed means "try again").
+    desired: str = "loaded"
+    pending_spec: EndpointSpec | None = None
+    revision: int = 1
+    created_at: int = 0             # unix seconds (the stored row's; config ones: the server's start)
+    updated_at: int = 0
+    # Bytes fetched / total while the model file is being pulled into the store (else None).
+    progress: tuple[int, int] | None = None
+    # Called after every state change (registry/events: the admin API's event stream).
+    on_change: Callable[["Endpoint"], None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"config:{self.spec.name}"
 
     @property
     def name(self) -> str:
@@ -63,6 +87,10 @@ class Endpoint:
     def become(self, state: EndpointState, reason: str | None = None) -> None:
         assert self.state.can_become(state), f"endpoint {self.name}: {self.state} -> {state}"
         self.state, self.reason = state, reason
+        if state is not EndpointState.LOADING:
+            self.progress = None
+        if self.on_change is not None:
+            self.on_change(self)
 
     def not_ready_reason(self) -> str | None:
         """None when requests can be served now; else why not (loading, failed, upstream down)."""

@@ -1,5 +1,13 @@
 """Registry: routing name -> Endpoint. Starts every endpoint in the background, so the server
-answers /health at once and one endpoint that fails to load does not stop the others."""
+answers /health at once and one endpoint that fails to load does not stop the others.
+
+Endpoints of the control plane come and go at run time (`add`, `update`, `delete`). Each change
+sets what the endpoint should be (`desired`: loaded, unloaded or deleted; a pending spec) and
+kicks the endpoint's one reconciler task, which moves it there step by step: drain what is in
+flight (up to the grace period), stop the engine, load again. One task per endpoint acts, so
+changes that arrive while it works (an unload during a load, a delete during a drain) are
+simply the next step, never a race between two tasks on one engine.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from typing import Callable
 
 from ..engine.protocol import Engine
 from ..engine.types import ModelType
-from ..errors import ConfigError, ModelNotFound
+from ..errors import Conflict, ConfigError, ModelNotFound
 from ..redact import redact
 from ..settings import EndpointSpec, Settings
 from ..store import KNOWN, ModelStore
@@ -20,6 +28,8 @@ from .endpoint import Endpoint, EndpointState
 log = logging.getLogger("modelyard.registry")
 
 EngineFactory = Callable[[EndpointSpec, "Path | None"], Engine]
+DRAIN_POLL = 0.05          # seconds between looks at a draining engine's in-flight count
+S = EndpointState
 
 
 def default_engine_factory(spec: EndpointSpec, model_path: Path | None) -> Engine:
@@ -61,8 +71,17 @@ class Registry:
                  engine_factory: EngineFactory = default_engine_factory) -> None:
         self.store = store or ModelStore(settings.store_dir, progress=False)
         self._factory = engine_factory
-        self.endpoints = {spec.name: Endpoint(spec, model_type=declared_type(spec)) for spec in settings.endpoints}
-        self._tasks: list[asyncio.Task] = []
+        self.grace = settings.grace_period
+        self.endpoints: dict[str, Endpoint] = {}
+        self._tasks: dict[str, asyncio.Task] = {}       # name -> its reconciler (or first load)
+        self._listeners: list[Callable[[Endpoint], None]] = []
+        self._started = False
+        for spec in settings.endpoints:
+            self._put(Endpoint(spec, model_type=declared_type(spec)))
+
+    def _put(self, ep: Endpoint) -> None:
+        ep.on_change = self._changed
+        self.endpoints[ep.name] = ep
 
     def get(self, name: str) -> Endpoint:
         try:
@@ -72,19 +91,161 @@ class Registry:
             raise ModelNotFound(f"unknown model endpoint {name!r}; this server serves: {known}",
                                 param="model", code="model_not_found") from None
 
+    # ---- change notification (the admin API's event stream) --------------------------------
+
+    def listen(self, callback: Callable[[Endpoint], None]) -> Callable[[], None]:
+        """`callback(endpoint)` after every state change, and once when an endpoint is removed
+        (its state is then STOPPED and it is no longer in `endpoints`); returns the unsubscribe."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
+
+    def _changed(self, ep: Endpoint) -> None:
+        for callback in list(self._listeners):
+            callback(ep)
+
+    # ---- start and stop ----------------------------------------------------------------------
+
     def start(self) -> None:
-        """Begin loading every endpoint; returns at once."""
+        """Begin loading every endpoint that should be loaded; returns at once."""
         local = [ep.spec for ep in self.endpoints.values() if ep.spec.engine == "llamacpp"]
         if local:
             from ..local.ffi import choose_kernels
             choose_kernels(deterministic=any(spec.deterministic for spec in local))
-        self._tasks = [asyncio.create_task(self._load(ep), name=f"load-{ep.name}")
-                       for ep in self.endpoints.values()]
+        self._started = True
+        for ep in self.endpoints.values():
+            if ep.state is S.LOADING:
+                self._tasks[ep.name] = asyncio.create_task(self._first_load(ep), name=f"load-{ep.name}")
 
     async def wait_loaded(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _first_load(self, ep: Endpoint) -> None:
+        await self._load(ep)
+        await self._reconcile(ep)
+
+    # ---- run-time changes (control plane) ----------------------------------------------------
+
+    def add(self, spec: EndpointSpec, *, id: str, desired: str = "loaded", revision: int = 1) -> Endpoint:
+        """A new endpoint from the control plane's store; loads in the background."""
+        if spec.name in self.endpoints:
+            raise Conflict(f"a model endpoint named {spec.name!r} exists already in this process "
+                           f"({self.endpoints[spec.name].source})", param="name", code="endpoint_exists")
+        self._check_kernels(spec)
+        unloaded = desired != "loaded"
+        ep = Endpoint(spec, model_type=declared_type(spec), source="api", id=id, desired=desired, revision=revision,
+                      state=S.UNLOADED if unloaded else S.LOADING,
+                      reason="unloaded" if unloaded else "loading the model")
+        self._put(ep)
+        self._changed(ep)
+        if not unloaded:
+            self._kick(ep, first=True)
+        return ep
+
+    def update(self, name: str, spec: EndpointSpec, *, desired: str, revision: int) -> Endpoint:
+        """The stored endpoint changed (its spec, what it should be, or only its revision: a
+        failed endpoint then tries again)."""
+        ep = self.get(name)
+        if spec != ep.spec:
+            self._check_kernels(spec)
+            ep.pending_spec = spec
+        ep.desired, ep.revision = desired, revision
+        if desired == "loaded" and ep.state is S.FAILED and ep.pending_spec is None:
+            ep.pending_spec = ep.spec           # try again with the same spec
+        if desired == "unloaded" and ep.state is S.READY:
+            ep.become(S.DRAINING, "unloading: finishing the requests in flight")    # refuse new ones now
+        self._kick(ep)
+        return ep
+
+    def delete(self, name: str) -> Endpoint:
+        """Refuses new requests at once (not ready: deleting; the models list says model.deleted),
+        lets those in flight finish (up to the grace period), then stops and removes it."""
+        ep = self.get(name)
+        ep.desired = "deleted"
+        if ep.state not in (S.DELETING, S.STOPPED):
+            ep.become(S.DELETING, "being deleted: finishing the requests in flight")
+        self._kick(ep)
+        return ep
+
+    def _check_kernels(self, spec: EndpointSpec) -> None:
+        """Kernels are chosen once per process (local/ffi.choose_kernels): a deterministic
+        endpoint cannot join a process whose contexts already run the non-invariant kernels."""
+        if spec.engine != "llamacpp" or not spec.deterministic:
+            return
+        from ..local.ffi import choose_kernels, tiled_kquant_matmul
+        if not tiled_kquant_matmul():
+            return
+        if any(ep.engine is not None and ep.spec.engine == "llamacpp" for ep in self.endpoints.values()):
+            raise Conflict(f"endpoint {spec.name!r} asks deterministic = true, but this process already runs "
+                           "llama.cpp endpoints with deterministic = false (the kernel choice is process-wide); "
+                           "set deterministic = false or serve it from another process", param="deterministic",
+                           code="kernel_conflict")
+        choose_kernels(deterministic=True)
+
+    def _kick(self, ep: Endpoint, first: bool = False) -> None:
+        task = self._tasks.get(ep.name)
+        if task is not None and not task.done():
+            return           # the running reconciler reads `desired` again after each step
+        if not self._started:                # start() will load it
+            return
+        work = self._first_load(ep) if first else self._reconcile(ep)
+        self._tasks[ep.name] = asyncio.create_task(work, name=f"reconcile-{ep.name}")
+
+    async def _reconcile(self, ep: Endpoint) -> None:
+        """Move `ep` to what it should be, one step at a time, reading `desired` again after
+        every step (it may change during any await); returns when the state matches it."""
+        while True:
+            if ep.desired == "deleted":
+                await self._release(ep, S.DELETING, "being deleted: finishing the requests in flight")
+                ep.become(S.STOPPED, "deleted")
+                if self.endpoints.get(ep.name) is ep:
+                    del self.endpoints[ep.name]
+                self._tasks.pop(ep.name, None)
+                self._changed(ep)
+                log.info("endpoint %s deleted", ep.name)
+                return
+            if ep.desired == "unloaded":
+                if ep.state is not S.UNLOADED:
+                    await self._release(ep, S.DRAINING, "unloading: finishing the requests in flight")
+                    if ep.desired != "unloaded":
+                        continue
+                    ep.become(S.UNLOADED, "unloaded")
+                self._apply_pending(ep)        # the next load uses it
+                return
+            # desired: loaded
+            if ep.pending_spec is not None:
+                if ep.engine is not None or ep.state in (S.READY, S.DRAINING):
+                    await self._release(ep, S.DRAINING, "reloading with a new configuration")
+                    if ep.desired != "loaded":
+                        continue
+                    ep.become(S.UNLOADED, "reloading with a new configuration")
+                self._apply_pending(ep)
+            elif ep.state is not S.UNLOADED:
+                return                          # ready, or failed until someone asks again
+            ep.become(S.LOADING, "loading the model")
+            await self._load(ep)
+
+    @staticmethod
+    def _apply_pending(ep: Endpoint) -> None:
+        if ep.pending_spec is not None:
+            ep.spec, ep.pending_spec = ep.pending_spec, None
+            ep.model_type = declared_type(ep.spec)
+
+    async def _release(self, ep: Endpoint, state: EndpointState, reason: str) -> None:
+        """Refuse new requests (`state`), let those in flight finish for up to the grace period,
+        then stop the engine (what is left ends with an error event)."""
+        if ep.state is not state and ep.state.can_become(state):
+            ep.become(state, reason)
+        engine, ep.engine = ep.engine, None
+        if engine is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace
+        while engine.status().get("in_flight", 0) and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
+        await engine.stop()
 
     async def _load(self, ep: Endpoint) -> None:
+        engine = None
         try:
             path = None
             known = KNOWN.get(ep.spec.model) if ep.spec.engine == "llamacpp" else None
@@ -103,11 +264,17 @@ class Registry:
             engine = self._factory(dataclasses.replace(ep.spec, kind=ep.model_type.value.lower()), path)
             await engine.start()
             ep.engine = engine
-            ep.become(EndpointState.READY)
+            if ep.state is S.LOADING:       # not unloaded or deleted meanwhile (the reconciler goes on)
+                ep.become(S.READY)
             log.info("endpoint %s ready (%s)", ep.name, redact(str(ep.model_path or list(ep.spec.urls))))
+        except asyncio.CancelledError:
+            if engine is not None and ep.engine is None:
+                await asyncio.shield(engine.stop())
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure is this endpoint's state, not the server's
-            ep.become(EndpointState.FAILED, redact(f"{type(exc).__name__}: {exc}"))
-            log.error("endpoint %s failed: %s", ep.name, ep.reason)
+            if ep.state is S.LOADING:
+                ep.become(S.FAILED, redact(f"{type(exc).__name__}: {exc}"))
+            log.error("endpoint %s failed: %s", ep.name, redact(f"{type(exc).__name__}: {exc}"))
 
     @property
     def in_flight(self) -> int:
@@ -115,17 +282,19 @@ class Registry:
 
     def drain(self) -> None:
         for ep in self.endpoints.values():
-            if ep.state is EndpointState.READY:
-                ep.become(EndpointState.DRAINING, "the server is shutting down")
+            if ep.state is S.READY:
+                ep.become(S.DRAINING, "the server is shutting down")
 
     async def stop(self) -> None:
         """Ends every endpoint (requests in flight end with an error). Safe to call twice."""
-        for task in self._tasks:
+        self._started = False
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for ep in self.endpoints.values():
             if ep.engine is not None:
                 await ep.engine.stop()
                 ep.engine = None
-            if ep.state is not EndpointState.STOPPED:
-                ep.become(EndpointState.STOPPED, "stopped")
+            if ep.state is not S.STOPPED:
+                ep.become(S.STOPPED, "stopped")

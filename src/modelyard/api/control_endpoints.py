@@ -1,0 +1,327 @@
+"""Run-time model endpoints in the admin API: /api/v1/control/model-endpoints.
+
+Create (an embedded model from the store, or remote replicas), get, list, patch (the engine
+reloads with the new config), delete (in-flight requests finish; meanwhile the models list
+shows "object": "model.deleted"), load/unload, and a server-sent-events stream of each
+endpoint's state as full snapshots. Endpoints from the TOML file are listed with
+source "config" and cannot be changed here (409 config_managed): the file owns them.
+
+Writes go to the control store first; control/endpoint_sync then applies the stored rows to this
+process's registry (right away) and every other process's (within the sync bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..control.endpoints import StoredEndpoint, shown_spec
+from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
+from ..registry.endpoint import Endpoint, EndpointState
+from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields
+from .control import actor, admin, revision_of, viewer
+
+router = APIRouter()
+KEEPALIVE = 15.0        # seconds between SSE comments on a quiet stream (proxies close idle ones)
+SNAPSHOT_POLL = 1.0     # seconds between looks for changes that are not state changes (replicas, counters)
+PREFIX = "/model-endpoints"
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+class EndpointFields(BaseModel):
+    """What an admin may set; every field but `name` may be changed by PATCH (null: the default)."""
+    model_config = ConfigDict(extra="forbid")
+    engine: Literal["llamacpp", "openai"] | None = None
+    model: str | None = Field(None, min_length=1, max_length=1000)
+    kind: Literal["completions", "embeddings"] | None = None
+    context: int | None = Field(None, ge=16, le=1_048_576)
+    parallel: int | None = Field(None, ge=1, le=256)
+    threads: int | None = Field(None, ge=0, le=1024)
+    batch: int | None = Field(None, ge=1, le=65_536)
+    max_queue: int | None = Field(None, ge=0, le=100_000)
+    prefix_cache: bool | None = None
+    prefix_cache_mib: int | None = Field(None, ge=0, le=1_048_576)
+    deterministic: bool | None = None
+    convert: Literal["q8_0", "q4_0"] | None = None
+    chat_parse_special: bool | None = None
+    urls: list[Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2000)]] | None = \
+        Field(None, min_length=1, max_length=64)
+    upstream_model: str | None = Field(None, min_length=1, max_length=1000)
+    upstream_server: Literal[UPSTREAM_SERVERS] | None = None      # type: ignore[valid-type]
+    api_key: str | None = Field(None, min_length=1, max_length=4096)
+    timeout: float | None = Field(None, gt=0, le=86_400)
+
+
+class EndpointCreate(EndpointFields):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    desired: Literal["loaded", "unloaded"] = "loaded"
+
+
+def _invalid(loc: list, value: Any, msg: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": loc, "input": value, "msg": msg}])
+
+
+def _spec(fields: dict[str, Any]) -> EndpointSpec:
+    """Fields -> a checked spec; what EndpointSpec refuses is a 422 naming it."""
+    try:
+        spec = endpoint_spec({k: tuple(v) if k == "urls" else v for k, v in fields.items()})
+    except ConfigError as exc:
+        raise _invalid(["body", exc.param] if exc.param else ["body"], fields.get(exc.param or ""),
+                       exc.message) from None
+    return spec
+
+
+def _check_model(request: Request, spec: EndpointSpec) -> None:
+    if spec.engine != "llamacpp":
+        return
+    try:
+        request.app.state.registry.store.check(spec.model)
+    except ModelyardError as exc:
+        raise _invalid(["body", "model"], spec.model, exc.message) from None
+
+
+def _config_managed(ep: Endpoint) -> Conflict:
+    if ep.source != "config":
+        return Conflict(f"model endpoint {ep.name!r} is being deleted", param="id", code="endpoint_deleting")
+    return Conflict(f"model endpoint {ep.name!r} comes from the server's config file: change it there and "
+                    "restart (the API changes only endpoints it created)", param="id", code="config_managed")
+
+
+def render(ep: Endpoint | None, row: StoredEndpoint | None = None, state: EndpointState | None = None,
+           reason: str | None = None, started: int = 0) -> dict[str, Any]:
+    """The admin API's object. `row` (stored endpoints) says what is wanted, `ep` (this
+    process's registry) what is; `state`/`reason` override the endpoint's (an event's moment)."""
+    spec = row.spec if row is not None else ep.spec
+    status = ep.engine.status() if ep is not None and ep.engine is not None else {}
+    replicas = None
+    if spec.engine == "openai":
+        listed = status.get("replicas")
+        replicas = ({"healthy": sum(1 for r in listed if r.get("healthy")), "total": len(listed)}
+                    if listed is not None else {"healthy": 0, "total": len(spec.urls)})
+    if ep is None:      # stored, not applied in this process yet (within the sync bound)
+        state_value, why = ("unloaded" if row.desired == "unloaded" else "loading"), "not applied in this process yet"
+    else:
+        state_value = (state or ep.state).value
+        why = reason if state is not None else (ep.not_ready_reason() if ep.state is EndpointState.READY else ep.reason)
+    progress = {"completed": ep.progress[0], "total": ep.progress[1]} if ep is not None and ep.progress else None
+    model_type = ep.model_type.value.lower() if ep is not None and ep.model_type else spec.kind
+    return {"id": row.id if row is not None else ep.id, "object": "model_endpoint", "name": spec.name,
+            "source": "api" if row is not None else ep.source, "engine": spec.engine,
+            "model_engine": {"llamacpp": "LLAMA_CPP", "openai": "OPENAI_PROXY"}[spec.engine],
+            "kind": model_type, "model": spec.model if spec.engine == "llamacpp" else spec.upstream_model,
+            "config": shown_spec(spec), "desired": row.desired if row is not None else ep.desired,
+            "state": state_value, "reason": why, "progress": progress, "replicas": replicas,
+            "in_flight": int(status.get("in_flight", 0)), "queued": int(status.get("queue_depth", 0)),
+            "created_at": row.created_at if row is not None else (ep.created_at or started),
+            "updated_at": row.updated_at if row is not None else (ep.updated_at or started),
+            "revision": row.revision if row is not None else ep.revision}
+
+
+async def _row(request: Request, endpoint_id: str) -> tuple[Endpoint | None, StoredEndpoint | None]:
+    registry = request.app.state.registry
+    ep = next((e for e in registry.endpoints.values() if e.id == endpoint_id), None)
+    if ep is not None and ep.source == "config":
+        return ep, None
+    try:
+        row = await asyncio.to_thread(request.app.state.endpoint_store.get, endpoint_id)
+    except ObjectNotFound:
+        if ep is not None and ep.desired == "deleted":     # still draining here: shown until gone
+            return ep, None
+        raise
+    return ep, row
+
+
+async def _apply(request: Request) -> None:
+    """This process applies what it just wrote at once (the others within the sync bound)."""
+    await request.app.state.control_sync.refresh()
+
+
+def _answer(request: Request, response: Response, ep: Endpoint | None, row: StoredEndpoint | None) -> dict:
+    body = render(ep, row, started=request.app.state.started)
+    response.headers["ETag"] = f'"{body["revision"]}"'
+    return body
+
+
+def _here(request: Request, row: StoredEndpoint) -> Endpoint | None:
+    ep = request.app.state.registry.endpoints.get(row.name)
+    return ep if ep is not None and ep.id == row.id else None
+
+
+@router.post(PREFIX, status_code=201, summary="Create a model endpoint (it loads in the background)")
+async def create_endpoint(body: EndpointCreate, request: Request, response: Response,
+                          who: AdminToken = Depends(admin)) -> dict:
+    fields = {k: v for k, v in body.model_dump(exclude={"desired"}).items() if k in body.model_fields_set or k == "name"}
+    spec = _spec(fields)
+    _check_model(request, spec)
+    registry = request.app.state.registry
+    if spec.name in registry.endpoints and registry.endpoints[spec.name].source == "config":
+        raise Conflict(f"model endpoint {spec.name!r} is served from this server's config file", param="name",
+                       code="endpoint_exists")
+    row = await asyncio.to_thread(request.app.state.endpoint_store.create, actor(who), spec, body.desired)
+    await _apply(request)
+    return _answer(request, response, _here(request, row), row)
+
+
+@router.get(PREFIX, summary="Model endpoints (config ones first), by id")
+async def list_endpoints(request: Request, limit: Limit = 20, after: str | None = None,
+                         _: AdminToken = Depends(viewer)) -> dict:
+    started = request.app.state.started
+    config = sorted((ep for ep in request.app.state.registry.endpoints.values() if ep.source == "config"),
+                    key=lambda e: e.id)
+    data = [render(ep, started=started) for ep in config if ep.id > (after or "")][:limit + 1]
+    if len(data) <= limit:
+        cursor = max(after or "", data[-1]["id"] if data else "")
+        rows = await asyncio.to_thread(request.app.state.endpoint_store.page, limit + 1 - len(data), cursor)
+        data += [render(_here(request, r), r, started=started) for r in rows]
+    page = data[:limit]
+    return {"object": "list", "data": page, "has_more": len(data) > limit,
+            "last_id": page[-1]["id"] if page else None}
+
+
+@router.get(PREFIX + "/events", summary="Server-sent events: every endpoint's state as it changes")
+async def all_events(request: Request, _: AdminToken = Depends(viewer)) -> StreamingResponse:
+    return sse(endpoint_events(request.app, None))
+
+
+@router.get(PREFIX + "/{endpoint_id}", summary="One model endpoint")
+async def get_endpoint(endpoint_id: str, request: Request, response: Response,
+                       _: AdminToken = Depends(viewer)) -> dict:
+    ep, row = await _row(request, endpoint_id)
+    return _answer(request, response, ep, row)
+
+
+@router.get(PREFIX + "/{endpoint_id}/events", summary="Server-sent events: one endpoint's state as it changes")
+async def one_endpoint_events(endpoint_id: str, request: Request, _: AdminToken = Depends(viewer)) -> StreamingResponse:
+    await _row(request, endpoint_id)          # 404 for an unknown id, before the stream starts
+    return sse(endpoint_events(request.app, endpoint_id))
+
+
+@router.patch(PREFIX + "/{endpoint_id}", summary="Change an endpoint's config (it reloads); null resets a field")
+async def patch_endpoint(endpoint_id: str, body: EndpointFields, request: Request, response: Response,
+                         if_match: Annotated[str | None, Header()] = None, who: AdminToken = Depends(admin)) -> dict:
+    ep, row = await _row(request, endpoint_id)
+    if row is None:
+        raise _config_managed(ep)
+    fields = spec_fields(row.spec)
+    default = EndpointSpec(name=row.name)
+    for key in body.model_fields_set:
+        value = getattr(body, key)
+        fields[key] = spec_fields(default)[key] if value is None else value
+    spec = _spec(fields)
+    _check_model(request, spec)
+    row = await asyncio.to_thread(request.app.state.endpoint_store.update, actor(who), endpoint_id,
+                                  revision_of(if_match), spec=spec)
+    await _apply(request)
+    return _answer(request, response, _here(request, row), row)
+
+
+async def _desire(request: Request, response: Response, endpoint_id: str, desired: str, who: AdminToken,
+                  if_match: str | None) -> dict:
+    ep, row = await _row(request, endpoint_id)
+    if row is None:
+        raise _config_managed(ep)
+    row = await asyncio.to_thread(request.app.state.endpoint_store.update, actor(who), endpoint_id,
+                                  revision_of(if_match), desired=desired, action=f"model_endpoint.{desired[:-2]}")
+    await _apply(request)
+    response.status_code = 202
+    return _answer(request, response, _here(request, row), row)
+
+
+@router.post(PREFIX + "/{endpoint_id}/load", status_code=202, summary="Load it (a failed one tries again)")
+async def load_endpoint(endpoint_id: str, request: Request, response: Response,
+                        if_match: Annotated[str | None, Header()] = None, who: AdminToken = Depends(admin)) -> dict:
+    return await _desire(request, response, endpoint_id, "loaded", who, if_match)
+
+
+@router.post(PREFIX + "/{endpoint_id}/unload", status_code=202,
+             summary="Unload it: in-flight requests finish, new ones get 400 until it is loaded again")
+async def unload_endpoint(endpoint_id: str, request: Request, response: Response,
+                          if_match: Annotated[str | None, Header()] = None, who: AdminToken = Depends(admin)) -> dict:
+    return await _desire(request, response, endpoint_id, "unloaded", who, if_match)
+
+
+@router.delete(PREFIX + "/{endpoint_id}", status_code=202,
+               summary="Delete it: in-flight requests finish (listed as model.deleted meanwhile), then it is gone")
+async def delete_endpoint(endpoint_id: str, request: Request, response: Response,
+                          if_match: Annotated[str | None, Header()] = None, who: AdminToken = Depends(admin)) -> dict:
+    ep, row = await _row(request, endpoint_id)
+    if row is None:
+        raise _config_managed(ep)
+    await asyncio.to_thread(request.app.state.endpoint_store.delete, actor(who), endpoint_id, revision_of(if_match))
+    await _apply(request)
+    ep = _here(request, row)
+    body = render(ep, row, started=request.app.state.started)
+    body.update(state=(ep.state.value if ep is not None else "deleting"), desired="deleted",
+                reason=ep.reason if ep is not None else "being deleted")
+    return body
+
+
+# ---- the event stream ----------------------------------------------------------------------------
+
+async def endpoint_events(app, only: str | None) -> AsyncIterator[tuple[str, dict]]:
+    """(event, data) pairs: every endpoint's snapshot at once, then one at each change: state
+    changes as they happen (each transition, with its reason), other changes (replica health,
+    progress, counters) within SNAPSHOT_POLL; ("deleted", {"id", "name"}) when one is gone;
+    ("keepalive", {}) after KEEPALIVE quiet seconds. The console uses it too."""
+    registry, started = app.state.registry, app.state.started
+    changes: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+
+    def on_change(ep: Endpoint) -> None:
+        if only is None or ep.id == only:
+            try:
+                changes.put_nowait((ep, ep.state, ep.reason))
+            except asyncio.QueueFull:       # a stalled reader: the next poll resends the state
+                pass
+    unsubscribe = registry.listen(on_change)
+    last: dict[str, dict] = {}
+    names: dict[str, str] = {}
+    loop = asyncio.get_running_loop()
+    said = loop.time()
+    first = True
+    try:
+        while True:
+            out: list[tuple[str, dict]] = []
+            items: list[tuple[Endpoint, EndpointState | None, str | None]] = []
+            if not first:
+                try:
+                    items.append(await asyncio.wait_for(changes.get(), SNAPSHOT_POLL))
+                except asyncio.TimeoutError:
+                    pass
+            first = False
+            if not items:       # the poll: everything, and what is gone
+                items = [(ep, None, None) for ep in list(registry.endpoints.values()) if only is None or ep.id == only]
+                for gone in set(last) - {ep.id for ep, _, _ in items}:
+                    last.pop(gone)
+                    out.append(("deleted", {"id": gone, "name": names.pop(gone)}))
+            for ep, state, reason in items:
+                if ep.state is EndpointState.STOPPED and registry.endpoints.get(ep.name) is not ep:
+                    if last.pop(ep.id, None) is not None:
+                        out.append(("deleted", {"id": ep.id, "name": names.pop(ep.id, ep.name)}))
+                    continue
+                snap = render(ep, state=state, reason=reason, started=started)
+                if last.get(ep.id) != snap:
+                    last[ep.id], names[ep.id] = snap, ep.name
+                    out.append(("endpoint", snap))
+            for event in out:
+                yield event
+            if out:
+                said = loop.time()
+            elif loop.time() - said >= KEEPALIVE:
+                said = loop.time()
+                yield "keepalive", {}
+    finally:
+        unsubscribe()
+
+
+def sse(events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
+    async def lines() -> AsyncIterator[str]:
+        async for event, data in events:
+            yield ": keepalive\n\n" if event == "keepalive" else f"event: {event}\ndata: {json.dumps(data)}\n\n"
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
