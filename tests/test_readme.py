@@ -8,9 +8,13 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from servers import served
 
 pytestmark = pytest.mark.model
 
@@ -59,3 +63,28 @@ def test_structured_output_example(server):
     city, call = out.stdout.splitlines()
     assert set(ast.literal_eval(city)) == {"name", "country"}
     assert call.startswith("get_weather {'city': ")
+
+
+def test_control_plane_example(tmp_path):
+    """The README's model-endpoints commands, as written, against a server with its admin token."""
+    script = block("sh", "model-endpoints")
+    token = re.search(r"Bearer (\S+)'", script).group(1)
+    cfg = (f'[server]\napi_keys = ["sk-readme"]\n\n[[admin_tokens]]\nname = "readme"\ntoken = "{token}"\n\n'
+           f'[[endpoints]]\nname = "smollm2-135m"\ncontext = 256\nparallel = 1\nthreads = 1\n')
+    with served(tmp_path, cfg, key="sk-readme") as srv:
+        out = subprocess.run(["bash", "-c", script.replace(DEFAULT_BASE, srv.base)], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        answers, text, decoder = [], out.stdout.strip(), json.JSONDecoder()
+        while text:
+            obj, end = decoder.raw_decode(text)
+            answers.append(obj)
+            text = text[end:].strip()
+        got, unloaded, deleted = answers
+        assert got["name"] == "small" and got["state"] in ("loading", "ready") and got["config"]["parallel"] == 4
+        assert unloaded["desired"] == "unloaded" and deleted["desired"] == "deleted"
+        deadline = time.monotonic() + 30            # it drains, then it is gone
+        while "small" in {e["name"] for e in httpx.get(f"{srv.base}/api/v1/control/model-endpoints",
+                                                         headers={"Authorization": f"Bearer {token}"}).json()["data"]}:
+            assert time.monotonic() < deadline, "the deleted endpoint is still listed"
+            time.sleep(0.1)

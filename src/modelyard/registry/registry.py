@@ -148,8 +148,9 @@ class Registry:
         if spec != ep.spec:
             self._check_kernels(spec)
             ep.pending_spec = spec
+        retry = revision != ep.revision and desired == "loaded" and ep.state is S.FAILED
         ep.desired, ep.revision = desired, revision
-        if desired == "loaded" and ep.state is S.FAILED and ep.pending_spec is None:
+        if retry and ep.pending_spec is None:
             ep.pending_spec = ep.spec           # try again with the same spec
         if desired == "unloaded" and ep.state is S.READY:
             ep.become(S.DRAINING, "unloading: finishing the requests in flight")    # refuse new ones now
@@ -196,11 +197,10 @@ class Registry:
         while True:
             if ep.desired == "deleted":
                 await self._release(ep, S.DELETING, "being deleted: finishing the requests in flight")
-                ep.become(S.STOPPED, "deleted")
                 if self.endpoints.get(ep.name) is ep:
                     del self.endpoints[ep.name]
                 self._tasks.pop(ep.name, None)
-                self._changed(ep)
+                ep.become(S.STOPPED, "deleted")     # listeners see it gone from `endpoints`
                 log.info("endpoint %s deleted", ep.name)
                 return
             if ep.desired == "unloaded":
