@@ -2,7 +2,7 @@
 instant upstream (bench/stub_upstream.py), on loopback.
 
     .venv/bin/python bench/proxy.py [--rounds 2] [--quick] [--json PATH]
-                                    [--api completions|chat] [--no-litellm] [--profile DIR]
+                                    [--api completions|chat] [--no-litellm] [--profile DIR] [--quotas]
 
 Set-up: the stub runs for the whole benchmark; each round measures, one at a time,
   direct     the load generator straight to the stub (no gateway running),
@@ -73,6 +73,8 @@ from pathlib import Path
 import httpx
 
 import common
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "quota"))
+from redis_server import redis_server  # noqa: E402 - the tests' real redis-server on a unix socket
 from common import ServerProc, cpu_model, free_port, median_spread as _med, percentile, ratio as _ratio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +89,9 @@ PROMPT = "Say hello."
 API_KEY = "sk-" + secrets.token_hex(32)
 
 TARGETS = {"added_latency": 0.25, "added_ttft": 0.1, "rps_nonstream": 3.0, "rps_stream": 10.0}
+# --quotas (issue 12): limits high enough never to refuse, so each request pays the admission
+QUOTA_RPM, QUOTA_TPM = 100_000_000, 10_000_000_000
+QUOTA_TARGETS = {"redis_added_p50_ms": 0.5, "rps_vs_litellm": 3.0}
 
 
 # ---------------------------------------------------------------------------------------
@@ -123,18 +128,30 @@ def stub_proc(chunk_delay_ms: float) -> ServerProc:
                          "--chunk-delay-ms", str(chunk_delay_ms)], port, "/stats")
 
 
-def gateway_proc(workdir: Path, stub: ServerProc) -> ServerProc:
+def gateway_proc(workdir: Path, stub: ServerProc, quota: str | None = None, redis_url: str | None = None) -> ServerProc:
+    """quota None: the key without limits; "memory" / "redis": the key with rpm and tpm limits
+    (never reached: every request pays the admission, none is refused), counted in this
+    process or in Redis (issue 12's shared quotas)."""
     port = free_port()
+    keys = f'api_keys = ["{API_KEY}"]\n\n' if quota is None else (
+        f'\n[[keys]]\nkey = "{API_KEY}"\nrpm = {QUOTA_RPM}\ntpm = {QUOTA_TPM}\n\n')
+    if quota == "redis":
+        keys += f'[quota]\nbackend = "redis"\nredis_url = "{redis_url}"\nprocesses = 1\n\n'
     return common.modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 2\n'
-        f'api_keys = ["{API_KEY}"]\n\n'
+        f'{keys}'
         f'[[endpoints]]\nname = "{MODEL}"\nengine = "openai"\nurls = ["{stub.base}/v1"]\n'), port)
 
 
-def litellm_proc(workdir: Path, stub: ServerProc, exe: Path) -> ServerProc:
+def litellm_proc(workdir: Path, stub: ServerProc, exe: Path, quotas: bool = False) -> ServerProc:
+    """quotas: rpm and tpm on the deployment, enforced by LiteLLM's router in memory (its
+    per-key limits need its Prisma/PostgreSQL database, whose engine downloads are out of
+    reach here)."""
     port = free_port()
+    limits = f"      rpm: {QUOTA_RPM}\n      tpm: {QUOTA_TPM}\n" if quotas else ""
+    router = "router_settings:\n  routing_strategy: usage-based-routing-v2\n" if quotas else ""
     text = (f"model_list:\n  - model_name: {MODEL}\n    litellm_params:\n      model: openai/{MODEL}\n"
-            f"      api_base: {stub.base}/v1\n      api_key: sk-dummy\n"
+            f"      api_base: {stub.base}/v1\n      api_key: sk-dummy\n{limits}{router}"
             f"general_settings:\n  master_key: {API_KEY}\n")
     cfg = workdir / "litellm.yaml"
     cfg.write_text(text)
@@ -336,6 +353,41 @@ async def measure(base: str, plan: Plan, stub: ServerProc, gateway_pid: int | No
     return out
 
 
+def quota_report(record: dict, summary: dict) -> None:
+    """Issue 12's targets: what shared Redis quotas add over memory quotas at c=32 (p50 of the
+    non-streaming load phase, same round), and modelyard's throughput with quotas against
+    LiteLLM's with its router's rpm/tpm."""
+    rounds = record["rounds_data"]
+
+    def load(r: dict, n: str, key: str):
+        try:
+            return r["targets"][n]["phases"]["load"][key]
+        except KeyError:
+            return None
+    added = [_diff(load(r, "modelyard-redis", "p50"), load(r, "modelyard", "p50")) for r in rounds]
+    med = _med([None if a is None else 1000 * a for a in added])
+    target = QUOTA_TARGETS["redis_added_p50_ms"]
+    met = None if med[0] is None else med[0] <= target
+    summary["quotas"] = {"redis_added_p50_ms": {"median": med, "per_round": added, "target": f"<= {target}",
+                                                "met": met}}
+    print(f"\nquotas on (issue 12), c={record['concurrency']}, non-stream:")
+    print(f"  Redis admission adds p50 {_fmt(med, 1, 3)} ms over memory quotas  target <= {target} ms  "
+          f"{'MET' if met else 'MISSED' if met is not None else '?'}")
+    if not record.get("litellm"):
+        return
+    for n in ("modelyard", "modelyard-redis"):
+        each = [_ratio(load(r, n, "rps"), load(r, "litellm", "rps")) for r in rounds]
+        ratio = _ratio(_med([load(r, n, "rps") for r in rounds])[0], _med([load(r, "litellm", "rps") for r in rounds])[0])
+        target = QUOTA_TARGETS["rps_vs_litellm"]
+        met = None if ratio is None else ratio >= target
+        summary["quotas"][f"{n}_rps_vs_litellm"] = {"ratio": ratio, "per_round": each, "target": f">= {target}",
+                                                     "met": met}
+        got = [x for x in each if x is not None]
+        print(f"  {n} / LiteLLM req/s {'-' if ratio is None else f'{ratio:.2f}x'} "
+              f"(per round {min(got):.2f}-{max(got):.2f})  target >= {target}x  "
+              f"{'MET' if met else 'MISSED' if met is not None else '?'}" if got else f"  {n} / LiteLLM: -")
+
+
 # ---------------------------------------------------------------------------------------
 # profile
 
@@ -456,7 +508,8 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 def report(record: dict) -> dict:
     rounds = record["rounds_data"]
-    names = ["direct", "modelyard"] + (["litellm"] if record.get("litellm") else [])
+    names = ["direct", "modelyard"] + (["modelyard-redis"] if record.get("quotas") else []) + \
+        (["litellm"] if record.get("litellm") else [])
     rows = [("non-stream p50, c=1 (ms)", lambda r, n: r["targets"][n]["phases"]["latency"]["p50"], 1000),
             ("  added vs direct (ms)", lambda r, n: per_round(r, n).get("added_latency"), 1000),
             ("stream TTFT p50, c=1 (ms)", lambda r, n: r["targets"][n]["phases"]["ttft"]["ttft_p50"], 1000),
@@ -498,6 +551,8 @@ def report(record: dict) -> dict:
             cells.append(_fmt(t, scale, nd))
         print(f"{label:{width}}" + "".join(f"{c:>26}" for c in cells))
 
+    if record.get("quotas"):
+        quota_report(record, summary)
     if "litellm" not in names or not any(per_round(r, "litellm") for r in rounds):
         return summary
     print("\nmodelyard / LiteLLM (ratio of the medians; each round's own ratio after it), "
@@ -578,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-litellm", action="store_true", help="modelyard vs direct only")
     p.add_argument("--profile", type=Path, help="also profile modelyard's load phases with py-spy into DIR")
     p.add_argument("--json", type=Path, help="write the raw numbers here")
+    p.add_argument("--quotas", action="store_true",
+                   help="issue 12: modelyard with memory and with Redis per-key quotas, LiteLLM with router rpm/tpm")
     a = p.parse_args(argv)
 
     rounds = 1 if a.quick and a.rounds == 2 else a.rounds
@@ -591,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         "httpx": httpx.__version__, "api": a.api, "rounds": rounds, "concurrency": a.concurrency,
         "latency_requests": plan.latency_n, "load_requests": plan.load_n, "load_cap_s": plan.load_cap,
         "chunk_delay_ms": a.chunk_delay_ms, "clients": a.clients, "loadavg_start": os.getloadavg(), "rounds_data": [],
+        "quotas": a.quotas,
     }
     if use_litellm:
         if not a.litellm.exists():
@@ -603,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
             record["litellm"] = litellm_version(a.litellm)
             print(f"LiteLLM {record['litellm']} ({a.litellm})", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="modelyard-proxy-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="modelyard-proxy-bench-") as tmp, \
+            (redis_server() if a.quotas else contextlib.nullcontext((None, None))) as (redis_url, _):
         workdir = Path(tmp)
         stub = stub_proc(a.chunk_delay_ms)
         stub.start(workdir, 30)
@@ -613,11 +672,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {rnd + 1}/{rounds}", flush=True)
                 r: dict = {"targets": {}}
                 r["targets"]["direct"] = run_turn("direct", None, stub.base, plan, stub, workdir, 0)
-                r["targets"]["modelyard"] = run_turn("modelyard", gateway_proc(workdir, stub), "", plan, stub,
+                quota = "memory" if a.quotas else None
+                r["targets"]["modelyard"] = run_turn("modelyard", gateway_proc(workdir, stub, quota), "", plan, stub,
                                                      workdir, 60)
+                if a.quotas:
+                    r["targets"]["modelyard-redis"] = run_turn(
+                        "modelyard-redis", gateway_proc(workdir, stub, "redis", redis_url), "", plan, stub, workdir, 60)
                 if use_litellm:
-                    r["targets"]["litellm"] = run_turn("litellm", litellm_proc(workdir, stub, a.litellm), "", plan,
-                                                       stub, workdir, 240)
+                    r["targets"]["litellm"] = run_turn("litellm", litellm_proc(workdir, stub, a.litellm, a.quotas), "",
+                                                       plan, stub, workdir, 240)
                 record["rounds_data"].append(r)
                 if a.json:   # keep what we have, in case a later round dies
                     a.json.write_text(json.dumps(record, indent=1, default=str))
