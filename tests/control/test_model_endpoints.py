@@ -233,3 +233,37 @@ def test_two_gateways_on_one_postgresql_apply_endpoint_changes_within_two_second
             until(lambda: complete(b, INFER, "shared-remote").status_code == 200, timeout=10)
             assert admin_a.delete(f"/model-endpoints/{ep['id']}").status_code == 202
             assert until(lambda: complete(b, INFER, "shared-remote").status_code == 404) < 2.0
+
+
+def test_lists_page_through_config_and_stored_endpoints_once_each(srv):
+    with ctl(srv.base, ADMIN) as admin:
+        made = {admin.post("/model-endpoints", json={"name": f"page-{i}", **SMALL, "desired": "unloaded"}).json()["id"]
+                for i in range(3)}
+        seen, after = [], None
+        for _ in range(20):
+            params = {"limit": 2, **({"after": after} if after else {})}
+            page = admin.get("/model-endpoints", params=params).json()
+            assert page["object"] == "list" and len(page["data"]) <= 2
+            seen += [e["id"] for e in page["data"]]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert len(seen) == len(set(seen)) and {f"config:{MODEL}", "config:other"} | made <= set(seen)
+        assert seen == sorted(seen)
+        for endpoint_id in made:
+            assert admin.delete(f"/model-endpoints/{endpoint_id}").status_code == 202
+
+
+def test_an_upstream_api_key_is_never_shown(srv):
+    secret = "upstream-secret-1"           # the module's fixture also greps the server log for it
+    with ctl(srv.base, ADMIN) as admin:
+        r = admin.post("/model-endpoints", json={"name": "keyed", "engine": "openai", "urls": [srv.api],
+                                                 "upstream_model": MODEL, "api_key": secret})
+        assert r.status_code == 201
+        ep = r.json()
+        patched = admin.patch(f"/model-endpoints/{ep['id']}", json={"api_key": secret + "-b"})
+        shown = json.dumps([r.json(), patched.json(), admin.get(f"/model-endpoints/{ep['id']}").json(),
+                            admin.get("/model-endpoints", params={"limit": 100}).json(),
+                            admin.get("/audit-log", params={"limit": 100}).json()])
+        assert secret not in shown and ep["config"]["api_key_set"] is True
+        assert admin.delete(f"/model-endpoints/{ep['id']}").status_code == 202
