@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
-from . import chat, completions, control, embeddings, errors, models, tokenizer
+from . import chat, completions, control, control_models, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
 from .middleware import BodyLimits, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
@@ -88,8 +88,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.include_router(models.probes)
     app.include_router(tokenizer.router, dependencies=auth)     # vLLM's place for them: the root
     if settings.control_enabled:    # admin tokens, not inference keys (api/control)
-        app.include_router(control.router, prefix="/api/v1/control")
-        routes += ["/api/v1/control" + r.path for r in control.router.routes]
+        for router in (control.router, control_models.router):
+            app.include_router(router, prefix="/api/v1/control")
+            routes += ["/api/v1/control" + r.path for r in router.routes]
     routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
     routes += [r.path for r in tokenizer.router.routes]
     app.state.metrics = Metrics(registry, routes)
