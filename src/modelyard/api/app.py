@@ -35,8 +35,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             from ..control.sync import KeySync
             from ..control.usage import UsageRecorder
             db = await asyncio.to_thread(open_database, settings.database)
-            app.state.key_store = KeyStore(db)
-            app.state.key_sync = sync = KeySync(app.state.key_store, app.state.keys)
+            from ..control.admin_tokens import AdminTokenStore, StoredAdmins
+            app.state.key_store, app.state.admin_tokens = KeyStore(db), StoredAdmins(AdminTokenStore(db))
+            app.state.key_sync = sync = KeySync(app.state.key_store, app.state.keys, also=(app.state.admin_tokens,))
             app.state.usage = usage = UsageRecorder(db)
             await sync.start()
             await usage.start()

@@ -1,6 +1,8 @@
 """The control plane's schema, as numbered steps (portable SQL: SQLite and PostgreSQL).
 
-Never edit a step that has shipped: add the next one. Times are unix seconds (BIGINT); lists
+Never edit a step that has shipped: add the next one. Steps are applied by number, each one
+that a database lacks (not only those above its highest): numbers are reserved per branch, so a
+database may have 6 before it gets 4. Times are unix seconds (BIGINT); lists
 are JSON text; booleans are 0/1.
 """
 
@@ -49,5 +51,18 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         # rotation: the secret a key had before its last rotation stays valid until previous_until
         "ALTER TABLE api_keys ADD COLUMN previous_digest TEXT",
         "ALTER TABLE api_keys ADD COLUMN previous_until BIGINT",
+    ]),
+    (6, [
+        # admin tokens made by `modelyard admin create-token` (control/admin_tokens.py): the
+        # token's sha256 and a prefix to recognise it by, never the token; revoked rows stay
+        """CREATE TABLE admin_tokens (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            digest TEXT NOT NULL UNIQUE,
+            created_at BIGINT NOT NULL,
+            revoked_at BIGINT
+        )""",
     ]),
 ]
