@@ -44,6 +44,40 @@ def test_a_flush_that_fails_half_way_stores_nothing_and_is_kept(db, monkeypatch)
     assert rows == {"key_1": (2, 6), "key_2": (1, 5)}
 
 
+def test_concurrent_flushes_of_the_same_rows_never_deadlock(request):
+    """Two processes' batches share rows in opposite orders; each flush locks its rows in one
+    order (sorted), so neither waits for the other in a cycle (PostgreSQL: DeadlockDetected)."""
+    url = fresh_database(request.getfixturevalue("pg_server"), "usage_deadlock")
+    dbs = [open_database(url) for _ in range(2)]
+    buckets = [(f"key_{i:03d}", "m") for i in range(100)]
+    errors: list[Exception] = []
+    try:
+        for _ in range(5):
+            recorders = [UsageRecorder(d) for d in dbs]
+            for key, endpoint in buckets:
+                recorders[0].record(key, endpoint, 1, 1)
+            for key, endpoint in reversed(buckets):
+                recorders[1].record(key, endpoint, 1, 1)
+            barrier = threading.Barrier(2)
+
+            def flush(recorder: UsageRecorder) -> None:
+                barrier.wait()
+                try:
+                    asyncio.run(recorder.flush())
+                except Exception as exc:  # noqa: BLE001 - collected, asserted below
+                    errors.append(exc)
+            threads = [threading.Thread(target=flush, args=(r,)) for r in recorders]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        assert errors == []
+        assert sum(r["requests"] for r in query(dbs[0], "day", None, None, None, None)["data"]) == 2 * 100 * 5
+    finally:
+        for d in dbs:
+            d.close()
+
+
 def config(url: str) -> str:
     return (f'[server]\ndatabase_url = "{url}"\n\n[[admin_tokens]]\nname = "ops"\ntoken = "{ADMIN}"\n\n'
             f'[[endpoints]]\nname = "{MODEL}"\ncontext = 128\nparallel = 2\nthreads = 1\n')
