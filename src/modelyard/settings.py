@@ -142,9 +142,10 @@ class Settings:
     request_timeout: float = 0.0        # seconds per request; 0: none (X-Request-Timeout may set one)
     grace_period: float = 30.0          # seconds in-flight requests get to finish on shutdown
     allowed_origins: tuple[str, ...] = ()   # web origins whose pages may call the server ("*": any)
-    # The control plane (/api/v1/control): on when an admin token exists. Its store: this URL,
-    # or a SQLite file in the store directory.
+    # The control plane (/api/v1/control): on when an admin token exists, here or (made by
+    # `modelyard admin create-token`) in its store: this URL, or a SQLite file in the store directory.
     admin_tokens: tuple[AdminToken, ...] = ()
+    stored_admin_tokens: bool = False   # the store holds active ones (`modelyard serve` checks at start)
     # [quota]: where per-key windows live. "memory": this process; "redis": shared by every
     # process on `redis_url`; `processes` is how many share it (the fallback's divisor).
     quota_backend: str = "memory"
@@ -154,7 +155,7 @@ class Settings:
 
     @property
     def control_enabled(self) -> bool:
-        return bool(self.admin_tokens)
+        return bool(self.admin_tokens) or self.stored_admin_tokens
 
     @property
     def database(self) -> str:

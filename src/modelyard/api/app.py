@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
-from . import chat, completions, control, control_endpoints, embeddings, errors, models, tokenizer
+from . import chat, completions, control, control_endpoints, control_models, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
 from .middleware import BodyLimits, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
@@ -38,12 +38,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             from ..control.sync import ControlSync
             from ..control.usage import UsageRecorder
             db = await asyncio.to_thread(open_database, settings.database)
-            app.state.key_store = KeyStore(db)
+            from ..control.admin_tokens import AdminTokenStore, StoredAdmins
+            app.state.key_store, app.state.admin_tokens = KeyStore(db), StoredAdmins(AdminTokenStore(db))
             app.state.endpoint_store = EndpointStore(db)
             endpoints = EndpointSync(app.state.endpoint_store, registry)
-            app.state.control_sync = sync = ControlSync(app.state.key_store, app.state.keys,
-                                                        feed=ChangeFeed(db, settings.database_url),
-                                                        also=(endpoints.refresh,))
+            app.state.control_sync = sync = ControlSync(
+                app.state.key_store, app.state.keys, feed=ChangeFeed(db, settings.database_url),
+                also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh))
             app.state.usage = usage = UsageRecorder(db)
             await sync.start()        # stored endpoints join the registry before it starts loading
             await usage.start()
@@ -95,7 +96,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.include_router(models.probes)
     app.include_router(tokenizer.router, dependencies=auth)     # vLLM's place for them: the root
     if settings.control_enabled:    # admin tokens, not inference keys (api/control)
-        for router in (control.router, control_endpoints.router):
+        for router in (control.router, control_endpoints.router, control_models.router):
             app.include_router(router, prefix="/api/v1/control")
             routes += ["/api/v1/control" + r.path for r in router.routes]
     routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]

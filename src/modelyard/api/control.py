@@ -5,7 +5,7 @@ Platform conventions: objects with `id`, `object`, unix `created_at`/`updated_at
 resets a field; 422 in FastAPI's shape; 409 for conflicts; `ETag` on reads and `If-Match` on
 writes (412 when stale).
 
-Admin tokens (`[[admin_tokens]]`, MODELYARD_ADMIN_TOKEN) call it: role `admin` changes, `viewer`
+Admin tokens (`[[admin_tokens]]`, MODELYARD_ADMIN_TOKEN, or stored by `modelyard admin create-token`) call it: role `admin` changes, `viewer`
 reads. An inference key is refused (403), and an admin token is no inference key.
 """
 
@@ -38,7 +38,8 @@ def caller(request: Request) -> AdminToken:
         raise Unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'", code="invalid_admin_token")
     digest = hashlib.sha256(token.strip().encode()).digest()
     found = None
-    for admin in request.app.state.settings.admin_tokens:     # no early exit (timing)
+    stored = getattr(request.app.state, "admin_tokens", None)     # control/admin_tokens.StoredAdmins
+    for admin in (*request.app.state.settings.admin_tokens, *(stored.tokens if stored else ())):  # no early exit
         if hmac.compare_digest(_digest(admin.token), digest):
             found = admin
     if found is None:

@@ -72,15 +72,14 @@ class Database:
         with self.transaction():
             self.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
             self._lock_schema()
-            rows = self.query("SELECT MAX(version) AS v FROM schema_version")
-            current = rows[0]["v"] or 0
-            for version, statements in MIGRATIONS:
-                if version > current:
+            applied = {r["version"] for r in self.query("SELECT version FROM schema_version")}
+            for version, statements in sorted(MIGRATIONS):
+                if version not in applied:      # a lower number merged later is applied too
                     for statement in statements:
                         self.execute(statement)
                     self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-                    current = version
-        return current
+                    applied.add(version)
+        return max(applied, default=0)
 
     def _lock_schema(self) -> None:
         pass

@@ -1,6 +1,8 @@
 """The control plane's schema, as numbered steps (portable SQL: SQLite and PostgreSQL).
 
-Never edit a step that has shipped: add the next one. Times are unix seconds (BIGINT); lists
+Never edit a step that has shipped: add the next one. Steps are applied by number, each one
+that a database lacks (not only those above its highest): numbers are reserved per branch, so a
+database may have 6 before it gets 4. Times are unix seconds (BIGINT); lists
 are JSON text; booleans are 0/1.
 """
 
@@ -61,6 +63,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             created_at BIGINT NOT NULL,
             updated_at BIGINT NOT NULL,
             revision BIGINT NOT NULL
+        )""",
+    ]),
+    (6, [
+        # admin tokens made by `modelyard admin create-token` (control/admin_tokens.py): the
+        # token's sha256 and a prefix to recognise it by, never the token; revoked rows stay
+        """CREATE TABLE admin_tokens (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            digest TEXT NOT NULL UNIQUE,
+            created_at BIGINT NOT NULL,
+            revoked_at BIGINT
         )""",
     ]),
 ]

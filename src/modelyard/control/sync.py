@@ -3,8 +3,9 @@ key created, limited or revoked; an endpoint created, changed, unloaded or delet
 effect here within POLL seconds, usually far sooner (control/notify wakes the loop on
 PostgreSQL's NOTIFY or SQLite's data_version).
 
-Each refresher reads one small table with one query and applies it; this process's own writes
-are applied at once (`refresh` after each admin call).
+Each refresher reads one small table with one query and applies it (keys; the admin tokens
+stored by `modelyard admin`; endpoints); this process's own writes are applied at once (`refresh`
+after each admin call).
 """
 
 from __future__ import annotations

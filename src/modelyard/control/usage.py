@@ -2,7 +2,7 @@
 
 The request path adds to a dict in memory (on the event loop: no lock, no I/O). Every FLUSH
 seconds, and at shutdown, the dict is swapped for an empty one and its rows are upserted in one
-transaction (adding to rows other processes wrote). A process killed between flushes loses at
+transaction (adding to rows other processes wrote), in sorted order (no deadlock between processes). A process killed between flushes loses at
 most FLUSH seconds of usage; SIGTERM loses nothing (the lifespan flushes last). Queries roll the
 minutes up to hours or days in SQL.
 """
@@ -56,8 +56,11 @@ class UsageRecorder:
         return len(pending)
 
     def _write(self, pending: dict[Bucket, list[int]]) -> None:
+        # Rows in one order (sorted): processes whose batches share rows then lock them in the
+        # same order, so two flushes never wait for each other in a cycle (a PostgreSQL
+        # deadlock, seen by bench/usage_flush.py with 4 processes flushing together).
         with self.db.transaction() as db:
-            for (key_id, endpoint, minute), (n, p, c) in pending.items():
+            for (key_id, endpoint, minute), (n, p, c) in sorted(pending.items()):
                 db.execute("INSERT INTO usage (key_id, endpoint, minute, requests, prompt_tokens, completion_tokens) "
                            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, endpoint, minute) DO UPDATE SET "
                            "requests = usage.requests + excluded.requests, "

@@ -252,7 +252,12 @@ class Registry:
             if known is not None:       # before any download
                 ep.model_type = checked_type(ep.spec, known.model_type)
             if ep.spec.engine == "llamacpp":
-                path = await asyncio.to_thread(self.store.resolve, ep.spec.model)
+                loop = asyncio.get_running_loop()
+
+                def progress(step) -> None:     # the pull's thread -> the endpoint, on the loop
+                    if step.total:
+                        loop.call_soon_threadsafe(setattr, ep, "progress", (step.completed, step.total))
+                path = await asyncio.to_thread(self.store.resolve, ep.spec.model, progress)
                 if ep.spec.convert:
                     from ..local.convert import converted
                     path = await asyncio.to_thread(converted, path, ep.spec.convert,
