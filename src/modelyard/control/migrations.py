@@ -50,4 +50,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE api_keys ADD COLUMN previous_digest TEXT",
         "ALTER TABLE api_keys ADD COLUMN previous_until BIGINT",
     ]),
+    (7, [
+        # the web console's session key (console/session.py): one random secret per database,
+        # so a session cookie signed by one gateway process is valid in every process sharing it
+        """CREATE TABLE console_secret (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            created_at BIGINT NOT NULL
+        )""",
+    ]),
 ]
