@@ -540,7 +540,7 @@ async def pull_model(request: Request) -> Response:
     session = _changer(request)
     if isinstance(session, Response):
         return session
-    if not internal.has_route(request.app, views.MODELS_API + "/pull"):
+    if not internal.has_route(request.app, views.MODELS_API + "/pull", "POST"):
         return await _models_fragment(request, session, ("error", "This server has no model store API to pull with."))
     ref = _text(body, "ref")
     if ref is None:
