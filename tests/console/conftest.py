@@ -1,26 +1,14 @@
-"""An in-process app with the control plane on (a SQLite file), two admin tokens and a remote
-endpoint whose replica is down (nothing to load): the console's pages and refusals."""
+"""Fixtures of the console's in-process tests (consoleapp.py has the app and the sign-in)."""
 
 from __future__ import annotations
 
-import re
 from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
+from consoleapp import BASE, make_settings
 from modelyard import create_app
-from modelyard.settings import AdminToken, EndpointSpec, Settings
-
-ADMIN, VIEWER = "console-admin-token", "console-viewer-token"
-BASE = "http://127.0.0.1:8000"
-
-
-def make_settings(tmp_path) -> Settings:
-    return Settings(store_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'control.db'}",
-                    admin_tokens=(AdminToken("ops", ADMIN), AdminToken("audit", VIEWER, role="viewer")),
-                    endpoints=(EndpointSpec(name="remote", engine="openai", urls=("http://127.0.0.1:9/v1",),
-                                            upstream_model="m"),))
 
 
 @pytest.fixture
@@ -32,14 +20,3 @@ def app(tmp_path):
 def client(app) -> Iterator[TestClient]:
     with TestClient(app, base_url=BASE) as c:
         yield c
-
-
-def login(client: TestClient, token: str) -> str:
-    """Signs in; returns the page's CSRF token."""
-    r = client.post("/console/login", json={"token": token})
-    assert r.status_code == 204, r.text
-    page = client.get("/console/endpoints")
-    assert page.status_code == 200
-    found = re.search(r'hx-headers=\'\{&#34;X-CSRF-Token&#34;: &#34;([^&]+)&#34;\}\'', page.text)
-    assert found, page.text[:2000]
-    return found.group(1)

@@ -11,7 +11,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import ADMIN, BASE, VIEWER, login, make_settings
+from consoleapp import ADMIN, BASE, VIEWER, login, make_settings
 from modelyard import create_app
 from modelyard.console import CSP, check_vendored
 from modelyard.console import routes as console_routes

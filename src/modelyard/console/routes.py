@@ -52,8 +52,8 @@ def _htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
 
 
-def _refuse(request: Request, status: int, message: str) -> Response:
-    headers = {"HX-Redirect": "/console/login"} if status == 401 and _htmx(request) else {}
+def _refuse(request: Request, status: int, message: str, to_login: bool = True) -> Response:
+    headers = {"HX-Redirect": "/console/login"} if status == 401 and to_login and _htmx(request) else {}
     return HTMLResponse(env.get_template("_refusal.html").render(message=message), status_code=status,
                         headers=headers)
 
@@ -166,7 +166,7 @@ async def login(request: Request) -> Response:
     token = (await _body(request)).get("token")
     got = _state(request).sessions.login(token) if isinstance(token, str) else None
     if got is None:
-        return _refuse(request, 401, "That is not an admin token of this server.")
+        return _refuse(request, 401, "That is not an admin token of this server.", to_login=False)
     _, cookie = got
     response = Response(status_code=204, headers={"HX-Redirect": "/console/endpoints"})
     response.set_cookie(COOKIE, cookie, max_age=SESSION_SECONDS, path="/console", httponly=True,
