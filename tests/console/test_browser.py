@@ -222,18 +222,26 @@ def test_viewer_sees_no_controls_and_is_refused(srv, browser):
     page.context.close()
 
 
-def test_live_charts_refresh(srv, browser):
+def test_live_charts_and_endpoint_figures_follow_traffic(srv, browser, shots):
+    client = openai.OpenAI(base_url=srv.base + "/v1", api_key=page_key(srv), max_retries=0)
+    for _ in range(2):
+        assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=4).usage.completion_tokens >= 1
     page, messages = new_page(browser)
     sign_in(page, srv.base, ADMIN)
+    row = page.locator(f'tr[data-endpoint="{MODEL}"]')
+    expect(row.locator("td").nth(8)).to_contain_text(" ms")               # TTFT p50 / p95, last 60 s
+    page.screenshot(path=str(shots / "endpoints-traffic.png"))
     page.goto(srv.base + "/console/live")
     page.evaluate("() => { window.__swaps = 0; document.body.addEventListener('htmx:afterSwap', () => window.__swaps++); }")
     expect(page.locator("section.live figure")).to_have_count(6)
+    ttft = page.locator("section.live figcaption", has_text="TTFT")
+    expect(ttft).not_to_contain_text("TTFT (mean): –")                      # the requests above
     for _ in range(60):                     # refreshed every 2 s from the sampler (bounded wait)
         if page.evaluate("window.__swaps") >= 2:
             break
         page.wait_for_timeout(250)
     assert page.evaluate("window.__swaps") >= 2
-    expect(page.locator("section.live figcaption").first).to_contain_text("requests/s")
+    page.screenshot(path=str(shots / "live-traffic.png"), full_page=True)
     no_csp_violations(messages)
     page.context.close()
 
@@ -270,7 +278,7 @@ def test_remote_endpoint_loading_to_ready_without_reload(srv, browser, shots, tm
         expect(row.locator("[data-state]")).to_have_text("ready", timeout=60_000)
         assert page.evaluate("window.__same_page === true")                 # live: no reload
         page.screenshot(path=str(shots / "endpoints-remote-ready.png"), full_page=True)
-        client = openai.OpenAI(base_url=srv.base + "/v1", api_key=page_key(page, srv), max_retries=0)
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key=page_key(srv), max_retries=0)
         assert client.completions.create(model="remote-e2e", prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
         row.get_by_role("button", name="Delete remote-e2e").click()
         expect(row).to_have_count(0, timeout=60_000)
@@ -280,7 +288,7 @@ def test_remote_endpoint_loading_to_ready_without_reload(srv, browser, shots, tm
     page.context.close()
 
 
-def page_key(page: Page, srv) -> str:
+def page_key(srv) -> str:
     """A fresh inference key made through the admin API (for the remote endpoint's request)."""
     r = httpx.post(srv.base + "/api/v1/control/api-keys", headers={"Authorization": f"Bearer {ADMIN}"},
                    json={"name": f"e2e-remote-{time.time_ns()}"})
