@@ -82,7 +82,7 @@ def mount(app) -> None:
 
     from .routes import router
     from .sampler import Sampler
-    from .session import Sessions, load_secret
+    from .session import Sessions, current_tokens, load_secret
 
     check_vendored()
     app.state.console = state = ConsoleState(sampler=Sampler(app))
@@ -95,7 +95,7 @@ def mount(app) -> None:
     async def lifespan(a):
         async with inner(a) as value:
             key = await asyncio.to_thread(load_secret, a.state.key_store.db)
-            state.sessions = Sessions(key, a.state.settings.admin_tokens)
+            state.sessions = Sessions(key, lambda: current_tokens(a))
             await state.sampler.start()
             try:
                 yield value

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader
 
+from ..errors import Unauthorized
 from ..registry.endpoint import EndpointState
 from . import internal, views
 from .charts import chart
@@ -80,10 +81,10 @@ def _changer(request: Request) -> Session | Response:
 
 
 def _who(request: Request, session: Session):
-    for token in request.app.state.settings.admin_tokens:
-        if token.name == session.name and token.role == session.role:
-            return token
-    raise RuntimeError("a valid session names a configured token")      # Sessions.read checked
+    token = _state(request).sessions.token_of(session)
+    if token is None:         # Sessions.read found it a moment ago; removed since
+        raise Unauthorized("the admin token of this session is gone; sign in again", code="invalid_admin_token")
+    return token
 
 
 def _render(request: Request, template: str, session: Session | None, status: int = 200,

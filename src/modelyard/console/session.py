@@ -23,6 +23,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from ..control.db import Database
 from ..settings import AdminToken
@@ -71,8 +72,16 @@ class Session:
         return f"{self.role}:{self.name}"
 
 
+def current_tokens(app) -> tuple[AdminToken, ...]:
+    """The admin tokens this process accepts now: the configured ones, and those stored in the
+    control database where this server keeps them (`app.state.admin_tokens`, refreshed by its
+    poll), so a revoked stored token ends its console sessions too."""
+    stored = getattr(app.state, "admin_tokens", None)
+    return (*app.state.settings.admin_tokens, *(getattr(stored, "tokens", None) or ()))
+
+
 class Sessions:
-    def __init__(self, key: bytes, tokens: tuple[AdminToken, ...]) -> None:
+    def __init__(self, key: bytes, tokens: Callable[[], Iterable[AdminToken]]) -> None:
         self._key = key
         self._tokens = tokens
 
@@ -86,7 +95,7 @@ class Sessions:
         """The admin token presented at the login form -> a session and its cookie value."""
         digest = hashlib.sha256(presented.strip().encode()).digest()
         found = None
-        for token in self._tokens:                   # no early exit (timing)
+        for token in self._tokens():                 # no early exit (timing)
             if hmac.compare_digest(token_digest(token), digest):
                 found = token
         if found is None or not presented.strip():
@@ -108,10 +117,17 @@ class Sessions:
             return None
         if not isinstance(data, dict) or not isinstance(data.get("e"), int) or data["e"] <= time.time():
             return None
-        for token in self._tokens:
+        for token in self._tokens():
             if token.name == data.get("n") and token.role == data.get("r") and \
                     hmac.compare_digest(self._fingerprint(token), str(data.get("f"))):
                 return Session(token.name, token.role, str(data["s"]), data["e"])
+        return None
+
+    def token_of(self, session: Session) -> AdminToken | None:
+        """The admin token a session acts as (the console's in-process API calls)."""
+        for token in self._tokens():
+            if token.name == session.name and token.role == session.role:
+                return token
         return None
 
     def csrf(self, session: Session) -> str:
