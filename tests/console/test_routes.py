@@ -251,7 +251,9 @@ def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
         assert r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
     assert text.startswith("event: endpoints\ndata: ") and 'data-endpoint="remote"' in text
-    assert "unavailable" in text and "connection refused" in text      # replica down: state and why
+    # its replica is down: the count and why (the endpoints API says "ready" with a reason; the
+    # registry's own view, before it, "unavailable")
+    assert "<td>0/1</td>" in text and "connection refused" in text
 
 
 def test_endpoints_page_degrades_or_drives_the_api(app, client):
