@@ -253,7 +253,7 @@ def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
     assert text.startswith("event: endpoints\ndata: ") and 'data-endpoint="remote"' in text
     # its replica is down: the count and why (the endpoints API says "ready" with a reason; the
     # registry's own view, before it, "unavailable")
-    assert "<td>0/1</td>" in text and "connection refused" in text
+    assert "<td data-replicas>0/1</td>" in text and "connection refused" in text
 
 
 def test_endpoints_page_degrades_or_drives_the_api(app, client):
