@@ -301,3 +301,28 @@ def page_key(srv) -> str:
                    json={"name": f"e2e-remote-{time.time_ns()}"})
     assert r.status_code == 201, r.text
     return r.json()["secret"]
+
+
+def test_models_list_pull_and_refused_delete(srv, browser, shots):
+    """Needs the store's models API (/api/v1/control/models): until it is merged the page says it
+    is absent; with it: the store's models with the endpoints using them, a pull whose progress
+    ends in "done", and a delete of a model in use refused with the API's 409."""
+    page, messages = new_page(browser)
+    sign_in(page, srv.base, ADMIN)
+    page.goto(srv.base + "/console/models")
+    api = httpx.get(srv.base + "/api/v1/control/models", headers={"Authorization": f"Bearer {ADMIN}"})
+    if api.status_code == 404:
+        expect(page.locator("p.notice")).to_contain_text("model store API (list, pull, delete) is not on this server")
+        return
+    assert api.status_code == 200, api.text
+    row = page.locator("table.models tr", has_text=MODEL).first
+    expect(row).to_contain_text(MODEL)                      # used by the endpoint of the same name
+    page.fill("input[name=ref]", MODEL)                     # in the store already: a quick, offline pull
+    page.get_by_role("button", name="Pull").click()
+    expect(page.locator(".pull").first).to_have_attribute("data-state", "done", timeout=60_000)
+    row.get_by_role("button", name=f"Delete {MODEL}").click()
+    expect(page.locator("#flash")).to_contain_text("Refused (409)")
+    expect(page.locator("table.models")).to_contain_text(MODEL)
+    page.screenshot(path=str(shots / "models-after.png"), full_page=True)
+    no_csp_violations(messages)
+    page.context.close()

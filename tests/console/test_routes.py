@@ -310,3 +310,19 @@ def test_stored_admin_tokens_sign_in_and_their_removal_ends_the_session(app, cli
     assert app.state.key_store.audit(10)["data"][-1]["actor"] == "admin:robot"
     app.state.admin_tokens = SimpleNamespace(tokens=())
     assert client.get("/console/keys", follow_redirects=False).status_code == 303
+
+
+def test_pull_progress_reads_ollamas_ndjson_shape():
+    job = {"state": "pulling", "status": "", "completed": 0, "total": None, "error": None}
+    console_routes._progress(job, b'{"status": "pulling manifest"}')
+    console_routes._progress(job, b'{"status": "downloading model.gguf", "digest": "sha256:ab", '
+                                  b'"total": 200, "completed": 50}')
+    assert job["state"] == "pulling" and (job["completed"], job["total"]) == (50, 200)
+    console_routes._progress(job, b'{"status": "success"}')
+    assert job["state"] == "done"
+    failed = {"state": "pulling", "status": "", "completed": 0, "total": None, "error": None}
+    console_routes._progress(failed, b'{"error": "upstream answered 404 for model.gguf"}')
+    assert failed["state"] == "failed" and "404" in failed["error"]
+    garbage = dict(failed, state="pulling", error=None)
+    console_routes._progress(garbage, b"<html>")
+    assert garbage["state"] == "failed" and garbage["error"] == "<html>"
