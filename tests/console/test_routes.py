@@ -322,7 +322,21 @@ def test_pull_progress_reads_ollamas_ndjson_shape():
     assert job["state"] == "done"
     failed = {"state": "pulling", "status": "", "completed": 0, "total": None, "error": None}
     console_routes._progress(failed, b'{"error": "upstream answered 404 for model.gguf"}')
-    assert failed["state"] == "failed" and "404" in failed["error"]
+    assert failed["state"] == "failed" and failed["error"] == "upstream answered 404 for model.gguf"
+    early = dict(failed, state="pulling", error=None, http_status=422)       # refused before the stream
+    console_routes._progress(early, b'{"detail": [{"loc": ["body", "model"], "msg": "not a model reference"}]}')
+    assert early["state"] == "failed" and early["error"] == "model: not a model reference"
     garbage = dict(failed, state="pulling", error=None)
     console_routes._progress(garbage, b"<html>")
     assert garbage["state"] == "failed" and garbage["error"] == "<html>"
+
+
+def test_console_calls_are_not_counted_as_api_traffic(app, client):
+    login(client, ADMIN)
+    for _ in range(3):
+        assert client.get("/console/keys").status_code == 200
+    scraped = client.get("/metrics").text
+    assert 'route="/api/v1/control/api-keys"' not in scraped and 'route="/api/v1/control/usage"' not in scraped
+    # a real admin API call still is
+    assert client.get("/api/v1/control/api-keys", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    assert 'route="/api/v1/control/api-keys"' in client.get("/metrics").text

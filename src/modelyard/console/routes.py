@@ -520,12 +520,11 @@ def _progress(job: dict, line: bytes) -> None:
         return
     if not isinstance(event, dict):
         return
-    if event.get("error") or (isinstance(event.get("detail"), list)):
-        job.update(state="failed", error=internal.Answer(job.get("http_status", 400), event).message()
-                   if not event.get("error") else str(event["error"]))
-        return
-    if isinstance(event.get("error"), dict):
-        job.update(state="failed", error=str(event["error"].get("message")))
+    error = event.get("error")
+    if error or isinstance(event.get("detail"), list):       # an error line, or a 4xx body before the stream
+        message = error.get("message") if isinstance(error, dict) else error
+        job.update(state="failed", error=str(message) if message else
+                   internal.Answer(job.get("http_status", 400), event).message())
         return
     job["status"] = str(event.get("status", ""))
     if isinstance(event.get("total"), int) and event["total"] > 0:
