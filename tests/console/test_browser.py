@@ -200,6 +200,22 @@ def test_playground_streams_a_completion(srv, browser, shots):
     assert "/v1/chat/completions" in page.locator("#pg-curl").inner_text()
     assert "client.chat.completions.create" in page.locator("#pg-python").inner_text()
     assert "sk-my-" not in page.locator("#pg-curl").inner_text()        # snippets never hold the key
+    # the snippets run as written, with the key in the environment
+    import subprocess
+    import sys
+    env = {**os.environ, "MODELYARD_API_KEY": page.locator("#pg-key").input_value()}
+    out = subprocess.run(["bash", "-c", page.locator("#pg-curl").inner_text()], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0 and "data: [DONE]" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", page.locator("#pg-python").inner_text()], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
+    # the embeddings mode calls /v1/embeddings: on a completions endpoint, the API's 400 is shown
+    page.check("input[name=mode][value=embeddings]")
+    assert "client.embeddings.create" in page.locator("#pg-python").inner_text()
+    page.click("#pg-send")
+    expect(page.locator("#pg-stats[data-state=error]")).to_contain_text("HTTP 400")
+    page.check("input[name=mode][value=chat]")
     page.screenshot(path=str(shots / "playground-after.png"), full_page=True)
     no_csp_violations(messages)
     page.context.close()

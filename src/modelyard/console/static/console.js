@@ -39,6 +39,9 @@
   // The request body the form describes; a bad number stops here with the field named.
   function buildRequest(form) {
     var mode = field(form, "mode") || "chat";
+    if (mode === "embeddings") {
+      return { mode: mode, path: "/embeddings", body: { model: field(form, "model"), input: form.elements.prompt.value } };
+    }
     var body = { model: field(form, "model"), stream: true, stream_options: { include_usage: true } };
     var prompt = form.elements.prompt.value;
     if (mode === "chat") {
@@ -80,12 +83,19 @@
     var base = window.location.origin + form.getAttribute("data-api");
     var json = JSON.stringify(req.body, null, 2);
     document.getElementById("pg-curl").textContent =
-      "curl -N " + base + req.path + " \\\n  -H 'Authorization: Bearer $MODELYARD_API_KEY' \\\n" +
+      "curl -N " + base + req.path + " \\\n  -H \"Authorization: Bearer $MODELYARD_API_KEY\" \\\n" +
       "  -H 'Content-Type: application/json' \\\n  -d '" + json.replace(/'/g, "'\\''") + "'";
     var args = [];
     Object.keys(req.body).forEach(function (k) {
       args.push("    " + k + "=" + pyRepr(req.body[k]) + ",");
     });
+    if (req.mode === "embeddings") {
+      document.getElementById("pg-python").textContent =
+        "import os\nfrom openai import OpenAI\n\nclient = OpenAI(base_url=" + pyRepr(base) +
+        ", api_key=os.environ[\"MODELYARD_API_KEY\"])\nresult = client.embeddings.create(\n" + args.join("\n") +
+        "\n)\nprint(len(result.data[0].embedding), result.usage)\n";
+      return;
+    }
     var call = req.mode === "chat" ? "client.chat.completions.create" : "client.completions.create";
     var read = req.mode === "chat" ? "chunk.choices[0].delta.content or \"\"" : "chunk.choices[0].text";
     document.getElementById("pg-python").textContent =
@@ -131,6 +141,15 @@
         var text = await resp.text(), message = text;
         try { var j = JSON.parse(text); message = (j.error && j.error.message) || JSON.stringify(j.detail || j); } catch (e) {}
         throw new Error("HTTP " + resp.status + ": " + message);
+      }
+      if (req.mode === "embeddings") {
+        var result = await resp.json(), vector = result.data[0].embedding;
+        out.textContent = result.data.length + " vector(s) of " + vector.length + " dimensions; the first values: " +
+          vector.slice(0, 8).map(function (x) { return x.toFixed(4); }).join(", ") + " …";
+        stats.textContent = "Done. total " + Math.round(performance.now() - started) + " ms; usage: " +
+          result.usage.prompt_tokens + " prompt tokens.";
+        stats.setAttribute("data-state", "done");
+        return;
       }
       var reader = resp.body.getReader(), decoder = new TextDecoder(), buffer = "";
       for (;;) {
