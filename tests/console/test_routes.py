@@ -340,3 +340,12 @@ def test_console_calls_are_not_counted_as_api_traffic(app, client):
     # a real admin API call still is
     assert client.get("/api/v1/control/api-keys", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
     assert 'route="/api/v1/control/api-keys"' in client.get("/metrics").text
+
+
+def test_endpoint_form_values_name_the_field(client):
+    csrf = login(client, ADMIN)
+    r = client.post("/console/endpoints", json={"name": "e", "model": "smollm2-135m", "threads": "many"},
+                    headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 422 and "threads must be a whole number from 0 to 1024, got &#39;many&#39;" in r.text
+    r = client.post("/console/endpoints", json={"name": "e", "engine": "openai"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 422 and "urls is required for a remote endpoint" in r.text

@@ -271,7 +271,7 @@ async def create_endpoint(request: Request) -> Response:
                 raise FieldError("urls is required for a remote endpoint (engine openai): one or more base URLs")
         else:
             spec["model"] = _text(body, "model", required=True)
-        for name, lo, hi in (("context", 16, 1 << 20), ("parallel", 1, 1024)):
+        for name, lo, hi in (("context", 16, 1 << 20), ("parallel", 1, 1024), ("threads", 0, 1024)):
             value = _int(body, name, lo, hi)
             if value is not None:
                 spec[name] = value
