@@ -99,6 +99,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         for router in (control.router, control_endpoints.router, control_models.router):
             app.include_router(router, prefix="/api/v1/control")
             routes += ["/api/v1/control" + r.path for r in router.routes]
+        from ..console import mount       # the web console at /console (console/)
+        mount(app)
     routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
     routes += [r.path for r in tokenizer.router.routes]
     app.state.metrics = Metrics(registry, routes)

@@ -25,6 +25,9 @@ from ..errors import Forbidden, Unauthorized
 from ..settings import AdminToken
 
 router = APIRouter()
+# The web console calls these routes in process as its signed-in admin (console/internal.py):
+# the AdminToken rides in the ASGI scope under this key, which no network request can set.
+CONSOLE_CALLER = "modelyard.console_caller"
 
 
 def _digest(token: str) -> bytes:
@@ -33,6 +36,9 @@ def _digest(token: str) -> bytes:
 
 def caller(request: Request) -> AdminToken:
     """The admin token in the Authorization header, or 401/403."""
+    inside = request.scope.get(CONSOLE_CALLER)
+    if isinstance(inside, AdminToken):
+        return inside
     scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'", code="invalid_admin_token")

@@ -7,6 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .control import CONSOLE_CALLER
 from .disconnect import CLIENT_GONE
 
 
@@ -77,7 +78,9 @@ class RequestLog:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(("/api/", "/v1/")):
+        # The console's in-process admin calls (console/internal) are not API traffic: its open
+        # pages poll every second; the admin actions among them are in the audit log.
+        if scope["type"] != "http" or not scope["path"].startswith(("/api/", "/v1/")) or CONSOLE_CALLER in scope:
             return await self.app(scope, receive, send)
         started = time.monotonic()
         status = 500

@@ -78,4 +78,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             revoked_at BIGINT
         )""",
     ]),
+    (7, [
+        # the web console's session key (console/session.py): one random secret per database,
+        # so a session cookie signed by one gateway process is valid in every process sharing it
+        """CREATE TABLE console_secret (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            created_at BIGINT NOT NULL
+        )""",
+    ]),
 ]

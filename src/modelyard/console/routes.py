@@ -1,0 +1,587 @@
+"""The console's pages and actions under /console: server-rendered, re-rendered after every action.
+
+Reads need a session (any admin token's); a change needs a session, its CSRF token and the admin
+role, and is then made through the admin API in process (console/internal), so the API's own
+validation, role check and audit log apply. Action answers are fragments htmx swaps in, read
+back from server state; messages go to the page's #flash region (out of band).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from jinja2 import Environment, FileSystemLoader
+
+from ..errors import Unauthorized
+from ..registry.endpoint import EndpointState
+from . import internal, views
+from .charts import chart
+from .session import COOKIE, CSRF_HEADER, SESSION_SECONDS, Session
+
+HERE = Path(__file__).parent
+router = APIRouter(prefix="/console", include_in_schema=False)
+env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
+                  lstrip_blocks=True)
+env.filters["utc"] = views.utc
+env.filters["tojson_attr"] = lambda v: json.dumps(v)      # autoescaped where used in an attribute
+
+SSE_TICK = 1.0              # seconds between endpoint-state checks of one SSE stream
+SSE_MAX_TICKS = 3600        # then the stream ends; the browser's EventSource reconnects
+KEEPALIVE_TICKS = 15
+PAGES = (("endpoints", "Endpoints"), ("live", "Live"), ("playground", "Playground"), ("keys", "Keys"),
+         ("usage", "Usage"), ("models", "Models"))
+
+
+# -- sessions, refusals ------------------------------------------------------------------------
+
+def _state(request: Request):
+    return request.app.state.console
+
+
+def _session(request: Request) -> Session | None:
+    return _state(request).sessions.read(request.cookies.get(COOKIE))
+
+
+def _htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def _refuse(request: Request, status: int, message: str, to_login: bool = True) -> Response:
+    headers = {"HX-Redirect": "/console/login"} if status == 401 and to_login and _htmx(request) else {}
+    return HTMLResponse(env.get_template("_refusal.html").render(message=message), status_code=status,
+                        headers=headers)
+
+
+def _reader(request: Request) -> Session | Response:
+    session = _session(request)
+    if session is None:
+        if _htmx(request) or request.url.path.endswith((".csv", "/stream")):
+            return _refuse(request, 401, "Not signed in (or the session expired): sign in again.")
+        return RedirectResponse("/console/login", status_code=303)
+    return session
+
+
+def _changer(request: Request) -> Session | Response:
+    """A state-changing request: a session, its CSRF token, the admin role; else 401/403."""
+    session = _session(request)
+    if session is None:
+        return _refuse(request, 401, "Not signed in (or the session expired): sign in again.")
+    if not _state(request).sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
+        return _refuse(request, 403, "Refused: the CSRF token is missing or wrong. Reload the page.")
+    if not session.admin:
+        return _refuse(request, 403, f"Refused: {session.name!r} is a viewer token; it can look, not change.")
+    return session
+
+
+def _who(request: Request, session: Session):
+    token = _state(request).sessions.token_of(session)
+    if token is None:         # Sessions.read found it a moment ago; removed since
+        raise Unauthorized("the admin token of this session is gone; sign in again", code="invalid_admin_token")
+    return token
+
+
+def _render(request: Request, template: str, session: Session | None, status: int = 200,
+            flash: tuple[str, str] | None = None, **context: Any) -> HTMLResponse:
+    sessions = _state(request).sessions
+    html = env.get_template(template).render(
+        session=session, csrf=sessions.csrf(session) if session else "", pages=PAGES,
+        flash=flash, **context)
+    return HTMLResponse(html, status_code=status)
+
+
+def _secure(request: Request) -> bool:
+    """Secure cookies except over plain http to a loopback address (where no TLS is expected)."""
+    if request.url.scheme == "https":
+        return True
+    host = (request.url.hostname or "").strip("[]")
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+async def _body(request: Request) -> dict:
+    try:
+        data = await request.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class FieldError(ValueError):
+    pass
+
+
+def _text(body: dict, name: str, required: bool = False) -> str | None:
+    value = body.get(name)
+    value = value.strip() if isinstance(value, str) else None
+    if not value:
+        if required:
+            raise FieldError(f"{name} is required")
+        return None
+    return value
+
+
+def _int(body: dict, name: str, lo: int, hi: int) -> int | None:
+    raw = _text(body, name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise FieldError(f"{name} must be a whole number from {lo} to {hi}, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise FieldError(f"{name} must be from {lo} to {hi}, got {value}")
+    return value
+
+
+def _list(body: dict, name: str) -> list[str] | None:
+    raw = _text(body, name)
+    return [p.strip() for p in raw.replace("\n", ",").split(",") if p.strip()] if raw else None
+
+
+# -- login, logout -----------------------------------------------------------------------------
+
+@router.get("")
+@router.get("/")
+async def home(request: Request) -> Response:
+    return RedirectResponse("/console/endpoints", status_code=303)
+
+
+@router.get("/login")
+async def login_page(request: Request) -> Response:
+    return _render(request, "login.html", None)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    token = (await _body(request)).get("token")
+    got = _state(request).sessions.login(token) if isinstance(token, str) else None
+    if got is None:
+        return _refuse(request, 401, "That is not an admin token of this server.", to_login=False)
+    _, cookie = got
+    response = Response(status_code=204, headers={"HX-Redirect": "/console/endpoints"})
+    response.set_cookie(COOKIE, cookie, max_age=SESSION_SECONDS, path="/console", httponly=True,
+                        samesite="strict", secure=_secure(request))
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request) -> Response:
+    session = _session(request)
+    if session is None:
+        return _refuse(request, 401, "Not signed in.")
+    if not _state(request).sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
+        return _refuse(request, 403, "Refused: the CSRF token is missing or wrong. Reload the page.")
+    response = Response(status_code=204, headers={"HX-Redirect": "/console/login"})
+    response.delete_cookie(COOKIE, path="/console", httponly=True, samesite="strict", secure=_secure(request))
+    return response
+
+
+# -- endpoints ---------------------------------------------------------------------------------
+
+async def _endpoints_context(request: Request, session: Session) -> dict:
+    rows, notice = await views.endpoints(request.app, _who(request, session))
+    return {"rows": rows, "notice": notice, "api": internal.has_route(request.app, views.ENDPOINTS_API)}
+
+
+@router.get("/endpoints")
+async def endpoints_page(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    models = [ep.spec.model for ep in request.app.state.registry.endpoints.values() if ep.spec.engine == "llamacpp"]
+    return _render(request, "endpoints.html", session, page="endpoints", store_models=sorted(set(models)),
+                   **await _endpoints_context(request, session))
+
+
+@router.get("/endpoints/table")
+async def endpoints_table(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    return _render(request, "_endpoints_table.html", session, **await _endpoints_context(request, session))
+
+
+def _sse(event: str, html: str) -> str:
+    return f"event: {event}\n" + "".join(f"data: {line}\n" for line in html.splitlines()) + "\n"
+
+
+@router.get("/endpoints/stream")
+async def endpoints_stream(request: Request) -> Response:
+    """The endpoints table as server-sent events: a fresh render whenever it changed."""
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    sessions = _state(request).sessions
+
+    async def events():
+        last = None
+        for tick in range(SSE_MAX_TICKS):
+            if request.app.state.shutting_down or sessions.read(request.cookies.get(COOKIE)) is None:
+                return
+            html = _render(request, "_endpoints_table.html", session,
+                           **await _endpoints_context(request, session)).body.decode()
+            if html != last:
+                last = html
+                yield _sse("endpoints", html)
+            elif tick % KEEPALIVE_TICKS == 0:
+                yield ": keepalive\n\n"
+            await asyncio.sleep(SSE_TICK)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _endpoint_action(request: Request, method: str, path: str, body: Any, done: str) -> Response:
+    session = _changer(request)
+    if isinstance(session, Response):
+        return session
+    if not internal.has_route(request.app, views.ENDPOINTS_API):
+        flash = ("error", "This server has no run-time endpoints API: endpoints come from its configuration file.")
+    else:
+        answer = await internal.call(request.app, _who(request, session), method, path, json_body=body)
+        flash = ("ok", done) if answer.ok else ("error", f"Refused ({answer.status}): {answer.message()}")
+    return _render(request, "_endpoints_table.html", session, flash=flash, oob=True,
+                   **await _endpoints_context(request, session))
+
+
+@router.post("/endpoints")
+async def create_endpoint(request: Request) -> Response:
+    body = await _body(request)
+    session = _changer(request)
+    if isinstance(session, Response):
+        return session
+    try:
+        engine = _text(body, "engine") or "llamacpp"
+        spec: dict[str, Any] = {"name": _text(body, "name", required=True), "engine": engine}
+        if engine == "openai":
+            spec.update(urls=_list(body, "urls"), upstream_model=_text(body, "upstream_model"),
+                        api_key=_text(body, "api_key"))
+            if not spec["urls"]:
+                raise FieldError("urls is required for a remote endpoint (engine openai): one or more base URLs")
+        else:
+            spec["model"] = _text(body, "model", required=True)
+        for name, lo, hi in (("context", 16, 1 << 20), ("parallel", 1, 1024), ("threads", 0, 1024)):
+            value = _int(body, name, lo, hi)
+            if value is not None:
+                spec[name] = value
+        if _text(body, "kind"):
+            spec["kind"] = _text(body, "kind")
+    except FieldError as exc:
+        return _render(request, "_endpoints_table.html", session, status=422, flash=("error", str(exc)), oob=True,
+                       **await _endpoints_context(request, session))
+    spec = {k: v for k, v in spec.items() if v is not None}
+    return await _endpoint_action(request, "POST", views.ENDPOINTS_API, spec, f"Endpoint {spec['name']!r} created.")
+
+
+@router.post("/endpoints/{endpoint_id}/{action}")
+async def endpoint_action(endpoint_id: str, action: str, request: Request) -> Response:
+    if action not in ("load", "unload", "delete"):
+        return _refuse(request, 404, f"no endpoint action {action!r} (load, unload, delete)")
+    if action == "delete":
+        return await _endpoint_action(request, "DELETE", f"{views.ENDPOINTS_API}/{endpoint_id}", None,
+                                      f"Deleting {endpoint_id}.")
+    return await _endpoint_action(request, "POST", f"{views.ENDPOINTS_API}/{endpoint_id}/{action}", {},
+                                  f"{action.capitalize()} requested for {endpoint_id}.")
+
+
+# -- live --------------------------------------------------------------------------------------
+
+SPAN = 300.0
+CHARTS = (("requests", "requests/s", ""), ("tokens", "tokens/s", ""), ("ttft", "TTFT (mean)", "s"),
+          ("queue", "queue depth", ""), ("throttled", "429s/s", ""), ("errors", "errors (5xx)/s", ""))
+
+
+def _charts(request: Request) -> list[dict]:
+    sampler = _state(request).sampler
+    out = []
+    for name in sorted(request.app.state.registry.endpoints):
+        series = sampler.series(name)
+        out.append({"name": name, "charts": [chart(series[key], title, unit, SPAN) for key, title, unit in CHARTS]})
+    return out
+
+
+@router.get("/live")
+async def live_page(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    return _render(request, "live.html", session, page="live", endpoints=_charts(request))
+
+
+@router.get("/live/charts")
+async def live_charts(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    return _render(request, "_live_charts.html", session, endpoints=_charts(request))
+
+
+# -- playground --------------------------------------------------------------------------------
+
+PLAYGROUND_KEY_SECONDS = 3600
+
+
+@router.get("/playground")
+async def playground_page(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    eps = [{"name": ep.name, "kind": ep.model_type.value.lower() if ep.model_type else "completions",
+            "ready": ep.state is EndpointState.READY}
+           for ep in sorted(request.app.state.registry.endpoints.values(), key=lambda e: e.name)]
+    return _render(request, "playground.html", session, page="playground", endpoints=eps)
+
+
+@router.post("/playground/key")
+async def playground_key(request: Request) -> Response:
+    """A short-lived inference key for the playground (an ordinary stored key: audited, metered,
+    revocable), its secret into the page's key field."""
+    session = _changer(request)
+    if isinstance(session, Response):
+        return session
+    answer = await internal.call(request.app, _who(request, session), "POST", "/api-keys", json_body={
+        "name": f"console playground ({session.name})", "expires_at": int(time.time()) + PLAYGROUND_KEY_SECONDS})
+    if not answer.ok:
+        return _render(request, "_playground_key.html", session, secret=None,
+                       flash=("error", f"Refused ({answer.status}): {answer.message()}"), oob=True)
+    return _render(request, "_playground_key.html", session, secret=answer.body["secret"],
+                   flash=("ok", f"Key {answer.body['id']} made; it expires in an hour."), oob=True)
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+async def _keys_fragment(request: Request, session: Session, status: int = 200, flash=None,
+                         secret: dict | None = None) -> Response:
+    got = await views.keys(request.app, _who(request, session))
+    if isinstance(got, internal.Answer):
+        return _render(request, "_keys.html", session, status=status, keys=[], oob=True, secret=None,
+                       flash=("error", f"the keys API answered {got.status}: {got.message()}"))
+    return _render(request, "_keys.html", session, status=status, keys=got, secret=secret, flash=flash, oob=True)
+
+
+@router.get("/keys")
+async def keys_page(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    got = await views.keys(request.app, _who(request, session))
+    notice = f"the keys API answered {got.status}: {got.message()}" if isinstance(got, internal.Answer) else None
+    return _render(request, "keys.html", session, page="keys", keys=[] if notice else got, notice=notice,
+                   secret=None, endpoint_names=sorted(request.app.state.registry.endpoints))
+
+
+@router.post("/keys")
+async def create_key(request: Request) -> Response:
+    body = await _body(request)
+    session = _changer(request)
+    if isinstance(session, Response):
+        return session
+    try:
+        fields: dict[str, Any] = {"name": _text(body, "name", required=True),
+                                  "rpm": _int(body, "rpm", 1, 10 ** 9), "tpm": _int(body, "tpm", 1, 10 ** 12),
+                                  "endpoints": _list(body, "endpoints")}
+        hours = _int(body, "expires_hours", 1, 24 * 366)
+        if hours is not None:
+            fields["expires_at"] = int(time.time()) + hours * 3600
+    except FieldError as exc:
+        return await _keys_fragment(request, session, status=422, flash=("error", str(exc)))
+    answer = await internal.call(request.app, _who(request, session), "POST", "/api-keys",
+                                 json_body={k: v for k, v in fields.items() if v is not None})
+    if not answer.ok:
+        return await _keys_fragment(request, session, status=answer.status if answer.status < 500 else 502,
+                                    flash=("error", f"Refused ({answer.status}): {answer.message()}"))
+    return await _keys_fragment(request, session, flash=("ok", f"Key {answer.body['name']!r} created."),
+                                secret={"id": answer.body["id"], "name": answer.body["name"],
+                                        "value": answer.body["secret"]})
+
+
+@router.post("/keys/{key_id}/{action}")
+async def key_action(key_id: str, action: str, request: Request) -> Response:
+    if action not in ("revoke", "rotate"):
+        return _refuse(request, 404, f"no key action {action!r} (revoke, rotate)")
+    session = _changer(request)
+    if isinstance(session, Response):
+        return session
+    body = {"grace_seconds": 3600} if action == "rotate" else None
+    answer = await internal.call(request.app, _who(request, session), "POST", f"/api-keys/{key_id}/{action}",
+                                 json_body=body)
+    if not answer.ok:
+        return await _keys_fragment(request, session, flash=("error", f"Refused ({answer.status}): {answer.message()}"))
+    if action == "rotate":
+        return await _keys_fragment(
+            request, session, flash=("ok", f"Key {answer.body['name']!r} rotated; the old secret works for an hour."),
+            secret={"id": answer.body["id"], "name": answer.body["name"], "value": answer.body["secret"]})
+    return await _keys_fragment(request, session, flash=("ok", f"Key {answer.body['name']!r} revoked."))
+
+
+# -- usage -------------------------------------------------------------------------------------
+
+def _usage_query(request: Request) -> tuple[str, int]:
+    granularity = request.query_params.get("granularity", "day")
+    if granularity not in ("hour", "day"):
+        granularity = "day"
+    try:
+        days = min(max(int(request.query_params.get("days", "7")), 1), 90)
+    except ValueError:
+        days = 7
+    return granularity, days
+
+
+@router.get("/usage")
+async def usage_page(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    granularity, days = _usage_query(request)
+    rows, notice = await views.usage(request.app, _who(request, session), granularity, days)
+    return _render(request, "usage.html", session, page="usage", rows=rows, notice=notice,
+                   granularity=granularity, days=days)
+
+
+@router.get("/usage.csv")
+async def usage_csv(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    granularity, days = _usage_query(request)
+    rows, notice = await views.usage(request.app, _who(request, session), granularity, days)
+    if notice:
+        return _refuse(request, 502, notice)
+    return Response(views.usage_csv(rows), media_type="text/csv; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="modelyard-usage-{granularity}-{days}d.csv"'})
+
+
+# -- models ------------------------------------------------------------------------------------
+
+MAX_PULLS = 20          # pull jobs remembered (finished ones are dropped first)
+
+
+@router.get("/models")
+async def models_page(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    models, notice = await views.models(request.app, _who(request, session))
+    return _render(request, "models.html", session, page="models", models=models, notice=notice,
+                   pulls=list(_state(request).pulls.values()))
+
+
+@router.get("/models/table")
+async def models_table(request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    models, notice = await views.models(request.app, _who(request, session))
+    return _render(request, "_models_table.html", session, models=models, notice=notice)
+
+
+async def _models_fragment(request: Request, session: Session, flash, status: int = 200) -> Response:
+    models, notice = await views.models(request.app, _who(request, session))
+    return _render(request, "_models_table.html", session, status=status, models=models, notice=notice,
+                   flash=flash, oob=True)
+
+
+async def _run_pull(app, who, job: dict) -> None:
+    """Reads the models API's NDJSON pull stream (Ollama's shape) into the job the page polls."""
+    buffer = b""
+    try:
+        async for status, chunk in internal.stream(app, who, "POST", views.MODELS_API + "/pull",
+                                                   json_body={"model": job["ref"]}):
+            job["http_status"] = status
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                _progress(job, line)
+        _progress(job, buffer)
+        if job["state"] == "pulling":
+            job["state"] = "failed" if job.get("http_status", 200) >= 400 else "done"
+    except Exception as exc:  # noqa: BLE001 - the page shows why the pull stopped
+        job.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _progress(job: dict, line: bytes) -> None:
+    if not line.strip():
+        return
+    try:
+        event = json.loads(line)
+    except ValueError:
+        job.update(state="failed", error=line.decode("utf-8", "replace")[:300])
+        return
+    if not isinstance(event, dict):
+        return
+    error = event.get("error")
+    if error or isinstance(event.get("detail"), list):       # an error line, or a 4xx body before the stream
+        message = error.get("message") if isinstance(error, dict) else error
+        job.update(state="failed", error=str(message) if message else
+                   internal.Answer(job.get("http_status", 400), event).message())
+        return
+    job["status"] = str(event.get("status", ""))
+    if isinstance(event.get("total"), int) and event["total"] > 0:
+        job["total"] = event["total"]
+        job["completed"] = int(event.get("completed") or 0)
+    if event.get("status") == "success":
+        job["state"] = "done"
+
+
+@router.post("/models/pull")
+async def pull_model(request: Request) -> Response:
+    body = await _body(request)
+    session = _changer(request)
+    if isinstance(session, Response):
+        return session
+    if not internal.has_route(request.app, views.MODELS_API + "/pull", "POST"):
+        return await _models_fragment(request, session, ("error", "This server has no model store API to pull with."))
+    ref = _text(body, "ref")
+    if ref is None:
+        return await _models_fragment(request, session, ("error", "ref is required: a model reference to pull"), 422)
+    state = _state(request)
+    job = {"id": f"pull{next(state.pull_ids)}", "ref": ref, "state": "pulling", "status": "starting",
+           "completed": 0, "total": None, "error": None}
+    for old in [j for j in state.pulls.values() if j["state"] != "pulling"][:max(0, len(state.pulls) - MAX_PULLS + 1)]:
+        state.pulls.pop(old["id"], None)
+    state.pulls[job["id"]] = job
+    task = asyncio.create_task(_run_pull(request.app, _who(request, session), job), name=f"console-pull:{ref}")
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
+    return _render(request, "_pull.html", session, job=job)
+
+
+@router.get("/models/pulls/{job_id}")
+async def pull_progress(job_id: str, request: Request) -> Response:
+    session = _reader(request)
+    if isinstance(session, Response):
+        return session
+    job = _state(request).pulls.get(job_id)
+    if job is None:
+        return _refuse(request, 404, f"no pull {job_id!r} (the console forgets finished pulls after a while)")
+    response = _render(request, "_pull.html", session, job=job)
+    if job["state"] != "pulling":
+        response.headers["HX-Trigger"] = "models-changed"
+    return response
+
+
+@router.post("/models/delete")
+async def delete_model(request: Request) -> Response:
+    body = await _body(request)
+    session = _changer(request)
+    if isinstance(session, Response):
+        return session
+    ref = _text(body, "ref")
+    if ref is None:
+        return await _models_fragment(request, session, ("error", "ref is required: the model reference to delete"), 422)
+    if not internal.has_route(request.app, views.MODELS_API):
+        return await _models_fragment(request, session, ("error", "This server has no model store API to delete with."))
+    answer = await internal.call(request.app, _who(request, session), "DELETE", f"{views.MODELS_API}/{ref}")
+    flash = ("ok", f"Deleted {ref}.") if answer.ok else ("error", f"Refused ({answer.status}): {answer.message()}")
+    return await _models_fragment(request, session, flash)
