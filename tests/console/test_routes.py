@@ -299,16 +299,15 @@ def test_vendored_scripts_match_their_pins(tmp_path, monkeypatch):
 def test_stored_admin_tokens_sign_in_and_their_removal_ends_the_session(app, client):
     """Admin tokens kept in the control database (app.state.admin_tokens, `modelyard admin
     create-token`) sign in like configured ones, by digest; once gone, their sessions end."""
-    import hashlib
-    from types import SimpleNamespace
-    raw = "stored-admin-token"
-    app.state.admin_tokens = SimpleNamespace(
-        tokens=(AdminToken("robot", "sha256:" + hashlib.sha256(raw.encode()).hexdigest()),))
+    stored = app.state.admin_tokens            # the real StoredAdmins on the app's control database
+    _, raw = stored.store.create("test", name="robot")
+    stored.refresh()
     csrf = login(client, raw)
     r = client.post("/console/keys", json={"name": "by-robot"}, headers={"X-CSRF-Token": csrf})
     assert r.status_code == 200
     assert app.state.key_store.audit(10)["data"][-1]["actor"] == "admin:robot"
-    app.state.admin_tokens = SimpleNamespace(tokens=())
+    stored.store.revoke("test", "robot")
+    stored.refresh()
     assert client.get("/console/keys", follow_redirects=False).status_code == 303
 
 

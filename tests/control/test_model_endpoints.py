@@ -192,6 +192,7 @@ def test_state_changes_stream_as_server_sent_events(srv):
                               for d in mine()), timeout=20)
             states = [d["state"] for d in mine()]
             assert states[0] == "loading" and "ready" in states, states
+            assert mine()[-1]["serving"] is True and mine()[0]["serving"] is False
             assert complete(srv, INFER, "rt-remote").status_code == 200
             admin.delete(f"/model-endpoints/{ep['id']}")
             until(lambda: ("deleted", {"id": ep["id"], "name": "rt-remote"}) in events, timeout=20)

@@ -117,6 +117,8 @@ def render(ep: Endpoint | None, row: StoredEndpoint | None = None, state: Endpoi
             "kind": model_type, "model": spec.model if spec.engine == "llamacpp" else spec.upstream_model,
             "config": shown_spec(spec), "desired": row.desired if row is not None else ep.desired,
             "state": state_value, "reason": why, "progress": progress, "replicas": replicas,
+            # whether requests are served now: a ready remote endpoint with no healthy replica is not
+            "serving": ep is not None and (state or ep.state) is EndpointState.READY and ep.not_ready_reason() is None,
             "in_flight": int(status.get("in_flight", 0)), "queued": int(status.get("queue_depth", 0)),
             "created_at": row.created_at if row is not None else (ep.created_at or started),
             "updated_at": row.updated_at if row is not None else (ep.updated_at or started),
