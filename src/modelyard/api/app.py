@@ -15,7 +15,7 @@ from ..registry.registry import Registry
 from ..settings import Settings
 from . import chat, completions, control, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
-from .middleware import BodyLimits, RequestLog
+from .middleware import BodyLimits, ReleaseSlot, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
 from .auth import KeyChecker, require_key
 
@@ -28,7 +28,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sync = usage = None
+        sync = usage = book = None
         if settings.control_enabled:
             from ..control.db import open_database
             from ..control.keys import KeyStore
@@ -38,8 +38,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             app.state.key_store = KeyStore(db)
             app.state.key_sync = sync = KeySync(app.state.key_store, app.state.keys)
             app.state.usage = usage = UsageRecorder(db)
+            if settings.quota_backend != "redis":     # Redis keeps budgets itself (api/shared_quota)
+                from ..control.budget import BudgetBook
+                app.state.keys.book = book = BudgetBook(db, usage)
             await sync.start()
             await usage.start()
+            if book is not None:
+                await book.start()
         registry.start()
         try:
             yield
@@ -49,6 +54,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await registry.stop()
             if sync is not None:
                 await sync.stop()
+                if book is not None:
+                    await book.stop()
                 await usage.stop()          # the last flush, after the last request
                 await asyncio.to_thread(app.state.key_store.db.close)
 
@@ -73,6 +80,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     # work, CancelOnDisconnect watches the whole request.
     app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(ReleaseSlot)      # outside CancelOnDisconnect: runs once the app's task has ended
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])

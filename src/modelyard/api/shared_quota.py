@@ -26,6 +26,7 @@ from typing import Callable
 
 from ..errors import RateLimited
 from .auth import WINDOW, Charge, Quota
+from .key_limits import Slot
 
 log = logging.getLogger("modelyard.quota")
 TIMEOUT = 0.25        # seconds for one Redis call before this process falls back
@@ -167,12 +168,14 @@ class SharedQuota(Quota):
     def used(self) -> int:
         return self._local.used
 
-    def admit(self, now: float) -> None:
+    def admit(self, now: float) -> Slot | None:
         self._sync_local()
         out = self.backend.call(self.backend._admit, self._keys, [self.rpm, self.tpm, _uid()],
                                 lambda: self._local.admit(now))
-        if out is None or out[0] == 1:
-            return
+        if isinstance(out, Slot):
+            return out
+        if out[0] == 1:
+            return None
         which, retry = out[1].decode(), float(out[2])
         if which == "rpm":
             raise RateLimited(f"rate limit: {self.rpm} requests per minute for this key",
