@@ -58,6 +58,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                     await book.stop()
                 await usage.stop()          # the last flush, after the last request
                 await asyncio.to_thread(app.state.key_store.db.close)
+            if shared is not None:
+                shared.close()              # stops renewing in-flight leases (none are left)
 
     # The interactive docs and the OpenAPI document are a map of the API for whoever can reach
     # it, and /docs loads its page from a CDN: served on loopback only (README, "Configuration").
