@@ -59,7 +59,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 await usage.stop()          # the last flush, after the last request
                 await asyncio.to_thread(app.state.key_store.db.close)
             if shared is not None:
-                shared.close()              # stops renewing in-flight leases (none are left)
+                shared.close()              # Redis: stops renewing leases (none are left); PG: its connection
 
     # The interactive docs and the OpenAPI document are a map of the API for whoever can reach
     # it, and /docs loads its page from a CDN: served on loopback only (README, "Configuration").
@@ -74,6 +74,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     if settings.quota_backend == "redis":
         from .shared_quota import RedisQuotas
         shared = RedisQuotas(settings.redis_url, settings.quota_processes)
+    elif settings.quota_backend == "postgres":
+        from .pg_quota import PostgresQuotas
+        shared = PostgresQuotas(settings.database_url, settings.quota_processes)
     app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled, shared=shared)
     app.state.started = int(time.time())
     app.state.shutting_down = False
