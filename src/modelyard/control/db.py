@@ -69,8 +69,10 @@ class Database:
     def migrate(self) -> int:
         """Apply what is missing; returns the schema version."""
         with self.transaction():
-            self.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            # the lock first: two PostgreSQL sessions racing on CREATE TABLE IF NOT EXISTS can
+            # both miss the table and one fails (unique violation on pg_type)
             self._lock_schema()
+            self.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
             rows = self.query("SELECT MAX(version) AS v FROM schema_version")
             current = rows[0]["v"] or 0
             for version, statements in MIGRATIONS:
