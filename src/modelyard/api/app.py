@@ -45,6 +45,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await usage.start()
             if book is not None:
                 await book.start()
+        if settings.quota_backend == "postgres":
+            await asyncio.to_thread(shared.prepare)
         registry.start()
         try:
             yield

@@ -68,15 +68,20 @@ class PostgresQuotas:
 
     def __init__(self, url: str, processes: int) -> None:
         import psycopg
-        self._errors = (psycopg.OperationalError,)
+        self._errors = (psycopg.Error,)     # unreachable, too slow (lock/statement timeout), or failing
         self.url, self.processes = url, max(1, processes)
         self._conn = None
-        self._migrated = False
         self._lock = threading.Lock()
         self.fallback = False
         self._down_since = 0.0
         self.fallbacks = 0
         self.leases = 0               # blocks leased by this process (a counter for tests)
+
+    def prepare(self) -> None:
+        """At start, before any request: the schema (quota_blocks) migrated, for a gateway
+        without the control plane too."""
+        from ..control.db import open_database
+        open_database(self.url).close()
 
     def quota(self, rpm: int, tpm: int, ident: bytes) -> "BlockQuota":
         return BlockQuota(self, rpm, tpm, ident)
@@ -87,10 +92,6 @@ class PostgresQuotas:
     def _connection(self):
         if self._conn is None or self._conn.closed:
             import psycopg
-            if not self._migrated:        # the table may be new (a gateway without the control plane)
-                from ..control.db import open_database
-                open_database(self.url).close()
-                self._migrated = True
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
             ms = int(TIMEOUT * 1000)
             self._conn.execute(f"SET lock_timeout = {ms}")
