@@ -51,7 +51,7 @@ class Metrics:
         self.latency = Histogram("modelyard_request_duration_seconds", "End-to-end request latency",
                                  ["endpoint", "route"], buckets=LATENCY, registry=self.prom)
         self.prom.register(_EndpointCollector(registry))
-        self.quotas = None          # api/shared_quota.RedisQuotas when quotas are shared
+        self.quotas = None          # api/shared_quota.RedisQuotas or api/pg_quota.PostgresQuotas when quotas are shared
         self.prom.register(_QuotaCollector(self))
 
     def generation(self, endpoint: str, started: float, first_token: float | None,
@@ -114,7 +114,7 @@ GRAMMAR_COUNTERS = {
 
 
 class _QuotaCollector:
-    """Shared quotas (Redis): whether this process is on its local fallback, and how often it was."""
+    """Shared quotas (Redis, PostgreSQL): whether this process is on its local fallback, and how often it was."""
 
     def __init__(self, metrics: "Metrics") -> None:
         self.metrics = metrics
@@ -124,7 +124,7 @@ class _QuotaCollector:
         if quotas is None:
             return
         on = GaugeMetricFamily("modelyard_quota_fallback",
-                               "1 while Redis is unreachable and quotas are this process's share (quota / processes)")
+                               "1 while the shared quota store (Redis, PostgreSQL) is unreachable and quotas are this process's share (quota / processes)")
         on.add_metric([], 1.0 if quotas.fallback else 0.0)
         times = CounterMetricFamily("modelyard_quota_fallbacks", "Times this process fell back to local quotas")
         times.add_metric([], float(quotas.fallbacks))

@@ -147,7 +147,8 @@ class Settings:
     admin_tokens: tuple[AdminToken, ...] = ()
     stored_admin_tokens: bool = False   # the store holds active ones (`modelyard serve` checks at start)
     # [quota]: where per-key windows live. "memory": this process; "redis": shared by every
-    # process on `redis_url`; `processes` is how many share it (the fallback's divisor).
+    # process on `redis_url`; "postgres": blocks leased from `database_url` (api/pg_quota);
+    # `processes` is how many share it (the fallback's divisor, and the blocks' size).
     quota_backend: str = "memory"
     redis_url: str | None = field(default=None, repr=False)       # may hold a password
     quota_processes: int = 1
@@ -162,8 +163,11 @@ class Settings:
         return self.database_url or f"sqlite:///{self.store_dir / 'control.db'}"
 
     def __post_init__(self) -> None:
-        if self.quota_backend not in ("memory", "redis"):
-            raise ConfigError(f"[quota] backend must be 'memory' or 'redis', got {self.quota_backend!r}")
+        if self.quota_backend not in ("memory", "redis", "postgres"):
+            raise ConfigError(f"[quota] backend must be 'memory', 'redis' or 'postgres', got {self.quota_backend!r}")
+        if self.quota_backend == "postgres" and not (self.database_url or "").startswith(("postgresql://", "postgres://")):
+            raise ConfigError("[quota] backend = 'postgres' needs database_url = 'postgresql://...' (the control "
+                              "store's PostgreSQL holds the quota blocks)")
         if self.quota_backend == "redis" and not self.redis_url:
             raise ConfigError("[quota] backend = 'redis' needs redis_url (redis://host:port/0 or unix:///path.sock)")
         if self.quota_processes < 1:

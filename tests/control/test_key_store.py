@@ -116,3 +116,30 @@ def test_rotation_gives_a_new_secret_and_keeps_the_old_one_for_its_grace(db):
     assert keys.active() == []
     with pytest.raises(Conflict):
         keys.rotate("admin:a", record["id"], grace_seconds=1)
+
+
+def test_processes_migrating_one_new_postgresql_at_once_all_succeed(pg_server):
+    """Four gateways starting together on a fresh database: the first migrates, the others wait
+    (a CREATE TABLE IF NOT EXISTS before the lock failed one of them with a unique violation)."""
+    import threading
+    from pg import fresh_database
+    from modelyard.control.migrations import MIGRATIONS
+    for round_ in range(3):
+        url = fresh_database(pg_server, f"race{round_}")
+        errors, versions = [], []
+        start = threading.Barrier(4)
+
+        def open_one():
+            start.wait(10)
+            try:
+                db = open_database(url)
+                versions.append(db.migrate())
+                db.close()
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+        threads = [threading.Thread(target=open_one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors and versions == [MIGRATIONS[-1][0]] * 4, errors

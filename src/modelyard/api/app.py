@@ -15,7 +15,7 @@ from ..registry.registry import Registry
 from ..settings import Settings
 from . import chat, completions, control, control_endpoints, control_models, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
-from .middleware import BodyLimits, RequestLog
+from .middleware import BodyLimits, ReleaseSlot, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
 from .auth import KeyChecker, require_key
 
@@ -28,7 +28,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sync = usage = None
+        sync = usage = book = None
         if settings.control_enabled:
             from ..control.db import open_database
             from ..control.endpoint_sync import EndpointSync
@@ -46,8 +46,15 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 app.state.key_store, app.state.keys, feed=ChangeFeed(db, settings.database_url),
                 also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh))
             app.state.usage = usage = UsageRecorder(db)
+            if settings.quota_backend != "redis":     # Redis keeps budgets itself (api/shared_quota)
+                from ..control.budget import BudgetBook
+                app.state.keys.book = book = BudgetBook(db, usage)
             await sync.start()        # stored endpoints join the registry before it starts loading
             await usage.start()
+            if book is not None:
+                await book.start()
+        if settings.quota_backend == "postgres":
+            await asyncio.to_thread(shared.prepare)
         registry.start()
         try:
             yield
@@ -57,8 +64,12 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await registry.stop()
             if sync is not None:
                 await sync.stop()
+                if book is not None:
+                    await book.stop()
                 await usage.stop()          # the last flush, after the last request
                 await asyncio.to_thread(app.state.key_store.db.close)
+            if shared is not None:
+                shared.close()              # Redis: stops renewing leases (none are left); PG: its connection
 
     # The interactive docs and the OpenAPI document are a map of the API for whoever can reach
     # it, and /docs loads its page from a CDN: served on loopback only (README, "Configuration").
@@ -73,6 +84,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     if settings.quota_backend == "redis":
         from .shared_quota import RedisQuotas
         shared = RedisQuotas(settings.redis_url, settings.quota_processes)
+    elif settings.quota_backend == "postgres":
+        from .pg_quota import PostgresQuotas
+        shared = PostgresQuotas(settings.database_url, settings.quota_processes)
     app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled, shared=shared)
     app.state.started = int(time.time())
     app.state.shutting_down = False
@@ -81,6 +95,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     # work, CancelOnDisconnect watches the whole request.
     app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(ReleaseSlot)      # outside CancelOnDisconnect: runs once the app's task has ended
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])

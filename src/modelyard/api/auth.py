@@ -11,6 +11,10 @@ without max_tokens: the room the prompt leaves, so prompt + budget = the endpoin
 sequence), and settles to what it computed (prompt tokens prefilled + tokens generated) however
 the request ended: finished, aborted by a client that left, failed or timed out. So a burst is
 admitted only while its reservations fit, and nobody gets tokens for free by disconnecting.
+
+A stored key may also limit its requests in flight (`max_parallel`) and its tokens per UTC day or
+month (`budget_tokens`): api/key_limits. In memory, the budget's "used" is the usage table's total
+for the period plus this process's unflushed usage (control/budget.BudgetBook).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fastapi import Request
 
 from ..errors import Forbidden, RateLimited, Unauthorized
 from ..settings import KeySpec
+from .key_limits import Slot, budget_exceeded, parallel_exceeded
 
 WINDOW = 60.0
 
@@ -44,6 +49,11 @@ class Quota:
         self.endpoints = endpoints          # a stored key may be limited to these endpoints
         self.key_id = ""                    # the key's id in usage records (never its secret)
         self.expires_at = expires_at        # unix seconds (a stored key's expiry)
+        self.max_parallel = 0               # requests in flight at once (0: no limit)
+        self.budget_tokens = 0              # tokens per budget_period (0: no budget)
+        self.budget_period: str | None = None
+        self.book = None                    # control/budget.BudgetBook: what the budget's period used
+        self.in_flight = 0
         self._requests: deque[float] = deque()
         self._tokens: deque[Charge] = deque()
         self._token_sum = 0
@@ -62,9 +72,12 @@ class Quota:
         self._expire(time.monotonic())
         return self._token_sum
 
-    def admit(self, now: float) -> None:
-        """Called as a request arrives: counts it, or raises RateLimited."""
+    def admit(self, now: float) -> Slot:
+        """Called as a request arrives: counts it and gives it a slot among the key's in-flight
+        requests (released when the request has ended), or raises RateLimited."""
         self._expire(now)
+        if self.max_parallel and self.in_flight >= self.max_parallel:
+            raise parallel_exceeded(self.max_parallel)
         if self.rpm and len(self._requests) >= self.rpm:
             raise RateLimited(f"rate limit: {self.rpm} requests per minute for this key",
                               code="rate_limit_exceeded", retry_after=self._requests[0] + WINDOW - now)
@@ -72,7 +85,21 @@ class Quota:
             raise RateLimited(f"rate limit: {self.tpm} tokens per minute for this key "
                               f"({self._token_sum} used in the last minute)",
                               code="rate_limit_exceeded", retry_after=self._tokens[0].at + WINDOW - now)
+        if self.budget_tokens and self.budget_period and self.book is not None:
+            used = self.book.used(self.key_id, self.budget_period)
+            if used >= self.budget_tokens:
+                raise budget_exceeded(self.budget_tokens, self.budget_period, used)
         self._requests.append(now)
+        self.in_flight += 1
+        return Slot(self._release)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+
+    @property
+    def metered(self) -> bool:
+        """Whether its engine requests need reserve/settle (a tpm window, or a budget counted there)."""
+        return bool(self.tpm)
 
     def reserve(self, tokens: int, now: float) -> Charge:
         """Before any work: the most a request may use, or RateLimited if that does not fit."""
@@ -147,6 +174,7 @@ class KeyChecker:
         self._control = control
         # key id -> ((digest, valid until or None), ...), quota): a rotated key has two digests
         self._stored: dict[str, tuple[tuple[tuple[bytes, int | None], ...], Quota]] = {}
+        self.book = None       # control/budget.BudgetBook (memory budgets), set by the app's lifespan
 
     @property
     def enabled(self) -> bool:
@@ -160,14 +188,19 @@ class KeyChecker:
             quota = old[1] if old is not None else self._make(k.rpm, k.tpm, k.digest)
             quota.key_id = k.id
             quota.rpm, quota.tpm, quota.endpoints, quota.expires_at = k.rpm, k.tpm, k.endpoints, k.expires_at
+            quota.max_parallel, quota.budget_tokens, quota.budget_period = k.max_parallel, k.budget_tokens, k.budget_period
+            quota.book = self.book
             digests = ((k.digest, None),) + (((k.previous, k.previous_until),) if k.previous else ())
             stored[k.id] = (digests, quota)
         self._stored = stored      # one assignment: a request sees the old set or the new one
+        if self.book is not None:  # the keys whose period totals it reads
+            self.book.keys = {k.id: k.budget_period for k in active if k.budget_tokens and k.budget_period}
 
-    def check(self, authorization: str | None) -> Quota | None:
-        """The caller's quota (None when auth is off), or Unauthorized / RateLimited."""
+    def admit(self, authorization: str | None) -> tuple[Quota | None, Slot | None]:
+        """The caller's quota (None when auth is off) and the in-flight slot its request holds
+        until it has ended (the caller must release it), or Unauthorized / RateLimited."""
         if not self.enabled:
-            return None
+            return None, None
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
@@ -176,8 +209,7 @@ class KeyChecker:
             raise Unauthorized("invalid API key", code="invalid_api_key")
         if found.expires_at is not None and time.time() >= found.expires_at:
             raise Unauthorized("this API key has expired", code="expired_api_key")
-        found.admit(time.monotonic())
-        return found
+        return found, found.admit(time.monotonic())
 
     def knows(self, authorization: str | None) -> bool:
         """Whether the header carries a valid key (no quota is counted: for open routes)."""
@@ -213,8 +245,9 @@ def _configured_digest(key: str) -> bytes:
 
 
 async def require_key(request: Request) -> None:
-    """FastAPI dependency on every API route."""
-    request.state.quota = request.app.state.keys.check(request.headers.get("authorization"))
+    """FastAPI dependency on every API route. The slot is released by api/middleware.ReleaseSlot
+    once the response has ended, however it ended."""
+    request.state.quota, request.state.slot = request.app.state.keys.admit(request.headers.get("authorization"))
 
 
 def may_see_reasons(request: Request) -> bool:

@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import hmac
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -78,10 +78,21 @@ class KeyFields(BaseModel):
     tpm: int | None = Field(None, ge=1)
     endpoints: list[str] | None = None
     expires_at: int | None = Field(None, ge=0)
+    max_parallel: int | None = Field(None, ge=1)      # requests in flight at once
+    budget_tokens: int | None = Field(None, ge=1)     # tokens per budget_period (UTC calendar)
+    budget_period: Literal["day", "month"] | None = None
 
 
 class KeyCreate(KeyFields):
     name: str = Field(min_length=1, max_length=100)
+
+
+def _check_budget(budget_tokens: int | None, budget_period: str | None) -> None:
+    """A budget needs its period (the key's as it will be once changed)."""
+    if budget_tokens is not None and budget_period is None:
+        raise RequestValidationError([{"type": "value_error", "loc": ["body", "budget_period"], "input": None,
+                                       "msg": f"budget_tokens = {budget_tokens} needs budget_period "
+                                              "('day' or 'month', UTC calendar)"}])
 
 
 def _check_fields(request: Request, body: KeyFields) -> None:
@@ -125,9 +136,11 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 async def create_key(body: KeyCreate, request: Request, response: Response,
                      who: AdminToken = Depends(admin)) -> dict:
     _check_fields(request, body)
+    _check_budget(body.budget_tokens, body.budget_period)
     store = request.app.state.key_store
     record, secret = await _write(request, store.create, actor(who), name=body.name, rpm=body.rpm, tpm=body.tpm,
-                                  endpoints=body.endpoints, expires_at=body.expires_at)
+                                  endpoints=body.endpoints, expires_at=body.expires_at, max_parallel=body.max_parallel,
+                                  budget_tokens=body.budget_tokens, budget_period=body.budget_period)
     return {**_etag(record, response), "secret": secret}
 
 
@@ -150,6 +163,10 @@ async def patch_key(key_id: str, body: KeyFields, request: Request, response: Re
     if changes.get("name", "") is None:
         raise RequestValidationError([{"type": "value_error", "loc": ["body", "name"], "input": None,
                                        "msg": "a key's name cannot be reset"}])
+    if {"budget_tokens", "budget_period"} & set(changes):
+        current = await asyncio.to_thread(request.app.state.key_store.get, key_id)
+        merged = {**current, **changes}
+        _check_budget(merged["budget_tokens"], merged["budget_period"])
     record = await _write(request, request.app.state.key_store.patch, actor(who), key_id, changes, revision_of(if_match))
     return _etag(record, response)
 

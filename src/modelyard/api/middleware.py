@@ -70,6 +70,27 @@ class _TooLarge(Exception):
     pass
 
 
+class ReleaseSlot:
+    """Gives back the in-flight slot api/auth.require_key took for the request (a key's
+    `max_parallel`) once the ASGI call has returned: only then has the response ended, a streaming
+    body included, whether it finished, failed, was cancelled because its client left, or its
+    stream was closed. The one place that sees every way a request ends."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})      # before any inner copy of scope: one dict
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slot = state.pop("slot", None)
+            if slot is not None:
+                slot.release()
+
+
 class RequestLog:
     """Counts and logs every API request once it has fully ended (streams included), with the
     endpoint and token counts the route left in request.state."""

@@ -65,10 +65,10 @@ R = TypeVar("R", EngineRequest, EmbeddingRequest)
 
 
 def metered(request: Request, reqs: list[R]) -> list[R]:
-    """Give each engine request its key's tpm meter: the engine reserves before any work and
-    settles when the request ends (api/auth)."""
+    """Give each engine request its key's meter (tpm; a budget counted on settle): the engine
+    reserves before any work and settles when the request ends (api/auth)."""
     quota = getattr(request.state, "quota", None)
-    if quota is None or not quota.tpm:
+    if quota is None or not quota.metered:
         return reqs
     meters = [quota.meter() for _ in reqs]
     request.state.meters = meters

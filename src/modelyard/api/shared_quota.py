@@ -9,11 +9,23 @@ memory, so N gateways behind a load balancer allow a key its quota once, not N t
 - one Lua script per admission checks and counts the request (rpm, and tpm already spent), one per
   reservation checks and charges the tokens (tpm): each is atomic, so concurrent processes cannot
   both take the last slot; a sliding window, never a fixed one that lets 2x through at its edge;
-- settling replaces a reservation by what was used, as in memory.
+- settling replaces a reservation by what was used, as in memory;
+- a key's `max_parallel`: in-flight slots are leases in a third sorted set scored by their expiry
+  (Redis's clock + LEASE). The admission script drops lapsed leases, checks the count and adds the
+  request's lease with the other limits, atomically; the holder renews its leases every
+  RENEW_EVERY seconds (a thread) and removes its lease when the request has ended. A process
+  killed mid-request stops renewing: its slots free themselves within LEASE seconds;
+- a key's token budget: one counter per key and period (UTC day or month, by this process's
+  calendar), checked at admission and charged as each request settles (INCRBY), whichever way
+  it ended; it expires when its period ends. A budget is overshot by at most the tokens of the
+  requests in flight when it is reached.
 
 If Redis cannot be reached (refused, or slower than TIMEOUT), this process falls back to a local
-window of quota / `processes` (never to unlimited), says so in the log and in the
-`modelyard_quota_fallback` gauge, and tries Redis again every RETRY seconds.
+window of quota / `processes` (never to unlimited; max_parallel too), says so in the log and in
+the `modelyard_quota_fallback` gauge, and tries Redis again every RETRY seconds. The budget is
+then checked against what Redis last said plus what this process charged since, which it adds to
+Redis once it answers. A call that timed out may still have run when Redis woke: its request
+(or lease) counts although refused here: over-counted (for a minute, or LEASE seconds), never under.
 """
 
 from __future__ import annotations
@@ -21,15 +33,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
 from ..errors import RateLimited
 from .auth import WINDOW, Charge, Quota
+from .key_limits import Slot, budget_exceeded, parallel_exceeded, period_bounds
 
 log = logging.getLogger("modelyard.quota")
 TIMEOUT = 0.25        # seconds for one Redis call before this process falls back
 RETRY = 1.0           # seconds between attempts to get back to Redis
+LEASE = 10.0          # seconds an in-flight slot lives in Redis unless its holder renews it
+RENEW_EVERY = LEASE / 4
 
 _SUM = """
 local function token_sum(key)
@@ -49,13 +65,19 @@ local function now_and_expire(keys)
 end
 """
 
-# KEYS: requests, tokens. ARGV: rpm, tpm, request id. -> {1} or {0, which, retry_after}
+# KEYS: requests, tokens, in-flight leases, budget counter. ARGV: rpm, tpm, request id,
+# max_parallel, lease seconds, budget_tokens. -> {1, budget used} or {0, which, retry_after, used}
 ADMIT = _SUM + """
-local now = now_and_expire(KEYS)
+local now = now_and_expire({KEYS[1], KEYS[2]})
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local maxp, lease, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if maxp > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)     -- leases nobody renewed: a dead holder
+  if redis.call('ZCARD', KEYS[3]) >= maxp then return {0, 'parallel', '1', '0'} end
+end
 if rpm > 0 and redis.call('ZCARD', KEYS[1]) >= rpm then
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, 'rpm', tostring(tonumber(oldest[2]) + __WINDOW__ - now)}
+  return {0, 'rpm', tostring(tonumber(oldest[2]) + __WINDOW__ - now), '0'}
 end
 if tpm > 0 then
   local used = token_sum(KEYS[2])
@@ -64,9 +86,18 @@ if tpm > 0 then
     return {0, 'tpm', tostring(tonumber(oldest[2]) + __WINDOW__ - now), tostring(used)}
   end
 end
+local spent = 0
+if budget > 0 then
+  spent = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if spent >= budget then return {0, 'budget', '0', tostring(spent)} end
+end
 redis.call('ZADD', KEYS[1], now, ARGV[3])
 redis.call('EXPIRE', KEYS[1], __TTL__)
-return {1}
+if maxp > 0 then
+  redis.call('ZADD', KEYS[3], now + lease, ARGV[3])
+  redis.call('EXPIRE', KEYS[3], math.ceil(lease * 2))
+end
+return {1, tostring(spent)}
 """
 
 # KEYS: tokens. ARGV: tpm, charge id, tokens, check (1: refuse past tpm). -> {1, score} or {0, used}
@@ -91,6 +122,27 @@ if score then
   redis.call('ZADD', KEYS[1], score, ARGV[1] .. ':' .. ARGV[3])
 end
 return 1
+"""
+
+
+# KEYS: in-flight leases, one per id. ARGV: lease seconds, ids. Only leases still held are renewed.
+RENEW = """
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i, k in ipairs(KEYS) do
+  redis.call('ZADD', k, 'XX', until_, ARGV[i + 1])
+  redis.call('EXPIRE', k, math.ceil(tonumber(ARGV[1]) * 2))
+end
+return 1
+"""
+
+RELEASE = "redis.call('ZREM', KEYS[1], ARGV[1]) return 1"
+
+# KEYS: budget counter. ARGV: tokens, unix time its period ends (the counter goes then).
+CHARGE = """
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIREAT', KEYS[1], ARGV[2])
+return v
 """
 
 
@@ -120,12 +172,51 @@ class RedisQuotas:
         self._admit = self.redis.register_script(ADMIT)
         self._reserve = self.redis.register_script(RESERVE)
         self._settle = self.redis.register_script(SETTLE)
+        self._renew = self.redis.register_script(RENEW)
+        self._release = self.redis.register_script(RELEASE)
+        self._charge_budget = self.redis.register_script(CHARGE)
+        self._held: dict[str, str] = {}         # lease id -> its key's in-flight set, renewed while held
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self._closed = threading.Event()
         self.fallback = False
         self._down_since = 0.0
         self.fallbacks = 0            # times this process fell back (a counter for /metrics)
 
     def quota(self, rpm: int, tpm: int, ident: bytes) -> "SharedQuota":
         return SharedQuota(self, rpm, tpm, ident)
+
+    def hold(self, lease_id: str, inflight: str) -> Slot:
+        """A lease admitted in Redis: renewed every RENEW_EVERY seconds from a thread of this
+        process until released; a process that dies stops renewing, and its leases lapse."""
+        with self._held_lock:
+            self._held[lease_id] = inflight
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_loop, name="modelyard-quota-leases", daemon=True)
+                self._renewer.start()
+
+        def release() -> None:
+            with self._held_lock:
+                self._held.pop(lease_id, None)
+            self.call(self._release, [inflight], [lease_id], lambda: None)   # else it lapses
+        return Slot(release)
+
+    def _renew_loop(self) -> None:
+        while not self._closed.wait(RENEW_EVERY):
+            with self._held_lock:
+                held = list(self._held.items())
+            if not held:
+                continue
+            try:
+                self._renew(keys=[k for _, k in held], args=[LEASE, *(i for i, _ in held)])
+            except self._errors as exc:
+                log.warning("cannot renew %d in-flight leases on Redis (%s): they lapse after %.0f s",
+                            len(held), type(exc).__name__, LEASE)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._renewer is not None:
+            self._renewer.join(5)
 
     def call(self, script, keys: list[str], args: list, local: Callable[[], object]):
         """Run `script` on Redis, or `local()` while Redis is unreachable."""
@@ -154,26 +245,58 @@ class SharedQuota(Quota):
         super().__init__(rpm, tpm)
         self.backend = backend
         name = hashlib.sha256(b"modelyard-quota:" + ident).hexdigest()[:24]
-        self._keys = [f"modelyard:q:{name}:req", f"modelyard:q:{name}:tok"]
+        self._keys = [f"modelyard:q:{name}:req", f"modelyard:q:{name}:tok", f"modelyard:q:{name}:inflight"]
+        self._budget_prefix = f"modelyard:q:{name}:budget:"
         self._local = Quota(self._share(rpm), self._share(tpm))
+        self._budget_seen = 0       # the counter as Redis last said (checked against while it is down)
+        self._budget_owed = 0       # tokens charged while Redis was down, added once it answers
 
     def _share(self, limit: int) -> int:
         return max(1, limit // self.backend.processes) if limit else 0
 
     def _sync_local(self) -> None:     # limits may change at run time (the control plane)
         self._local.rpm, self._local.tpm = self._share(self.rpm), self._share(self.tpm)
+        self._local.max_parallel = self._share(self.max_parallel)
+
+    @property
+    def metered(self) -> bool:
+        return bool(self.tpm or self.budget_tokens)      # a budget is charged as requests settle
+
+    def _budget_key(self) -> tuple[str, int]:
+        start, end = period_bounds(self.budget_period or "day")
+        return f"{self._budget_prefix}{self.budget_period}:{start}", end
+
+    def _local_admit(self, now: float) -> Slot:
+        """While Redis is down: this process's share of every limit; the budget against what Redis
+        last said plus what was charged here since."""
+        if self.budget_tokens and self._budget_seen + self._budget_owed >= self.budget_tokens:
+            raise budget_exceeded(self.budget_tokens, self.budget_period or "day", self._budget_seen + self._budget_owed)
+        return self._local.admit(now)
 
     @property
     def used(self) -> int:
         return self._local.used
 
-    def admit(self, now: float) -> None:
+    def admit(self, now: float) -> Slot | None:
         self._sync_local()
-        out = self.backend.call(self.backend._admit, self._keys, [self.rpm, self.tpm, _uid()],
-                                lambda: self._local.admit(now))
-        if out is None or out[0] == 1:
-            return
+        budget = self.budget_tokens if self.budget_period else 0
+        if budget and self._budget_owed:
+            self._charge_budget(0)         # what was charged here while Redis was down, first
+        lease_id = _uid()
+        out = self.backend.call(self.backend._admit, [*self._keys, self._budget_key()[0]],
+                                [self.rpm, self.tpm, lease_id, self.max_parallel, LEASE, budget],
+                                lambda: self._local_admit(now))
+        if isinstance(out, Slot):
+            return out
+        if out[0] == 1:
+            self._budget_seen = int(out[1])
+            return self.backend.hold(lease_id, self._keys[2]) if self.max_parallel else None
         which, retry = out[1].decode(), float(out[2])
+        if which == "parallel":
+            raise parallel_exceeded(self.max_parallel)
+        if which == "budget":
+            self._budget_seen = int(out[3])
+            raise budget_exceeded(self.budget_tokens, self.budget_period or "day", int(out[3]))
         if which == "rpm":
             raise RateLimited(f"rate limit: {self.rpm} requests per minute for this key",
                               code="rate_limit_exceeded", retry_after=max(retry, 0.0))
@@ -181,10 +304,27 @@ class SharedQuota(Quota):
                           "the last minute)", code="rate_limit_exceeded", retry_after=max(retry, 0.0))
 
     def reserve(self, tokens: int, now: float) -> Charge:
+        if not self.tpm:              # metered for its budget only: nothing to reserve
+            return SharedCharge(now, tokens, "")
         return self._charge(tokens, now, check=True)
 
     def spend(self, tokens: int, now: float) -> None:
-        self._charge(tokens, now, check=False)
+        self._charge_budget(tokens)
+        if self.tpm:
+            self._charge(tokens, now, check=False)
+
+    def _charge_budget(self, tokens: int) -> None:
+        """The period's counter in Redis, charged with what a request used once it has ended."""
+        if not (self.budget_tokens and self.budget_period) or tokens + self._budget_owed <= 0:
+            return
+        key, end = self._budget_key()
+        owed, self._budget_owed = self._budget_owed + tokens, 0
+
+        def down() -> None:
+            self._budget_owed += owed
+        out = self.backend.call(self.backend._charge_budget, [key], [owed, end], down)
+        if out is not None:
+            self._budget_seen = int(out)
 
     def _charge(self, tokens: int, now: float, check: bool) -> Charge:
         self._sync_local()
@@ -212,6 +352,9 @@ class SharedQuota(Quota):
         if charge.settled:
             return
         charge.settled = True
+        self._charge_budget(tokens)
+        if isinstance(charge, SharedCharge) and not charge.id:       # no tpm window to settle
+            return
         if isinstance(charge, SharedCharge) and charge.local is not None:
             self._local.settle(charge.local, tokens)
             return

@@ -70,8 +70,10 @@ class Database:
     def migrate(self) -> int:
         """Apply what is missing; returns the schema version."""
         with self.transaction():
-            self.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            # the lock first: two PostgreSQL sessions racing on CREATE TABLE IF NOT EXISTS can
+            # both miss the table and one fails (unique violation on pg_type)
             self._lock_schema()
+            self.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
             applied = {r["version"] for r in self.query("SELECT version FROM schema_version")}
             for version, statements in sorted(MIGRATIONS):
                 if version not in applied:      # a lower number merged later is applied too

@@ -21,7 +21,7 @@ from .records import audit as write_audit, new_id, page
 
 SECRET_PREFIX = "sk-my-"
 SHOWN = len(SECRET_PREFIX) + 4          # characters of the secret kept to recognise it by
-LIMIT_FIELDS = ("rpm", "tpm", "endpoints", "expires_at", "name")
+LIMIT_FIELDS = ("rpm", "tpm", "endpoints", "expires_at", "name", "max_parallel", "budget_tokens", "budget_period")
 
 
 def digest(secret: str) -> str:
@@ -39,12 +39,16 @@ class ActiveKey:
     expires_at: int | None
     previous: bytes | None = None        # the digest before the last rotation, valid until:
     previous_until: int | None = None
+    max_parallel: int = 0                # requests in flight at once (0: no limit)
+    budget_tokens: int = 0               # tokens per budget_period (0: no budget)
+    budget_period: str | None = None     # "day" | "month" (UTC calendar)
 
 
 def public(row: Row) -> dict[str, Any]:
     """A key as the admin API shows it: never the secret or its digest."""
     return {"id": row["id"], "object": "api_key", "name": row["name"], "prefix": row["prefix"],
-            "rpm": row["rpm"], "tpm": row["tpm"],
+            "rpm": row["rpm"], "tpm": row["tpm"], "max_parallel": row["max_parallel"],
+            "budget_tokens": row["budget_tokens"], "budget_period": row["budget_period"],
             "endpoints": json.loads(row["endpoints"]) if row["endpoints"] is not None else None,
             "expires_at": row["expires_at"], "created_at": row["created_at"], "updated_at": row["updated_at"],
             "revoked_at": row["revoked_at"], "revision": row["revision"],
@@ -58,17 +62,22 @@ class KeyStore:
         self.db = db
 
     def create(self, actor: str, *, name: str, rpm: int | None = None, tpm: int | None = None,
-               endpoints: list[str] | None = None, expires_at: int | None = None) -> tuple[dict, str]:
+               endpoints: list[str] | None = None, expires_at: int | None = None, max_parallel: int | None = None,
+               budget_tokens: int | None = None, budget_period: str | None = None) -> tuple[dict, str]:
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         now = int(time.time())
         key_id = new_id("key")
         with self.db.transaction() as db:
             db.execute("INSERT INTO api_keys (id, name, prefix, digest, rpm, tpm, endpoints, expires_at, "
-                       "created_at, updated_at, revoked_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 1)",
+                       "created_at, updated_at, revoked_at, revision, max_parallel, budget_tokens, budget_period) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 1, ?, ?, ?)",
                        (key_id, name, secret[:SHOWN], digest(secret), rpm, tpm,
-                        json.dumps(endpoints) if endpoints is not None else None, expires_at, now, now))
+                        json.dumps(endpoints) if endpoints is not None else None, expires_at, now, now,
+                        max_parallel, budget_tokens, budget_period))
             self._audit(db, actor, "api_key.create", key_id,
-                        {"name": name, "rpm": rpm, "tpm": tpm, "endpoints": endpoints, "expires_at": expires_at})
+                        {"name": name, "rpm": rpm, "tpm": tpm, "endpoints": endpoints, "expires_at": expires_at,
+                         "max_parallel": max_parallel, "budget_tokens": budget_tokens,
+                         "budget_period": budget_period})
             db.notify_change()
         return self.get(key_id), secret
 
@@ -131,12 +140,13 @@ class KeyStore:
         return self.get(key_id), secret
 
     def active(self) -> list[ActiveKey]:
-        rows = self.db.query("SELECT id, digest, rpm, tpm, endpoints, expires_at, previous_digest, previous_until "
-                             "FROM api_keys WHERE revoked_at IS NULL")
+        rows = self.db.query("SELECT id, digest, rpm, tpm, endpoints, expires_at, previous_digest, previous_until, "
+                             "max_parallel, budget_tokens, budget_period FROM api_keys WHERE revoked_at IS NULL")
         return [ActiveKey(r["id"], bytes.fromhex(r["digest"]), r["rpm"] or 0, r["tpm"] or 0,
                           frozenset(json.loads(r["endpoints"])) if r["endpoints"] is not None else None,
                           r["expires_at"], bytes.fromhex(r["previous_digest"]) if r["previous_digest"] else None,
-                          r["previous_until"]) for r in rows]
+                          r["previous_until"], r["max_parallel"] or 0,
+                          (r["budget_tokens"] or 0) if r["budget_period"] else 0, r["budget_period"]) for r in rows]
 
     def audit(self, limit: int, after: str | None = None) -> dict:
         rows = self.db.query("SELECT * FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit + 1))

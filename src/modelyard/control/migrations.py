@@ -52,6 +52,24 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE api_keys ADD COLUMN previous_digest TEXT",
         "ALTER TABLE api_keys ADD COLUMN previous_until BIGINT",
     ]),
+    (4, [
+        # a key's requests in flight at once, and its token budget per UTC day or month
+        "ALTER TABLE api_keys ADD COLUMN max_parallel BIGINT",
+        "ALTER TABLE api_keys ADD COLUMN budget_tokens BIGINT",
+        "ALTER TABLE api_keys ADD COLUMN budget_period TEXT",
+        # [quota] backend = "postgres": blocks of a key's requests or tokens leased by a gateway
+        # process (api/pg_quota.py); `ident` is a digest of the key's digest, never the secret;
+        # leased_at is the database's clock (unix seconds, fractional)
+        """CREATE TABLE quota_blocks (
+            id TEXT PRIMARY KEY,
+            ident TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            amount BIGINT NOT NULL,
+            leased_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX quota_blocks_window ON quota_blocks (ident, kind, leased_at)",
+        )""",
+    ]),
     (5, [
         # Run-time model endpoints (control/endpoints.py): the spec as JSON (settings.spec_fields),
         # what an admin asked for (loaded / unloaded); a deleted endpoint's row is removed.

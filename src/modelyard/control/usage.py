@@ -29,6 +29,12 @@ class UsageRecorder:
         self._task: asyncio.Task | None = None
         self.flushes = 0
         self.flushed_rows = 0
+        # Tokens per key and minute not yet known to be in the table (control/budget reads them):
+        # what is pending, and each flush's share until a read of the table that began after
+        # its commit (`committed` counts the commits; an entry is dropped by `confirm`).
+        self._tokens: dict[str, dict[int, int]] = {}
+        self._unconfirmed: list[list] = []     # [commit number or None (flushing), tokens]
+        self.committed = 0
 
     def record(self, key_id: str, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
         minute = int(time.time()) // 60 * 60
@@ -36,14 +42,37 @@ class UsageRecorder:
         row[0] += 1
         row[1] += prompt_tokens
         row[2] += completion_tokens
+        per_minute = self._tokens.setdefault(key_id, {})
+        per_minute[minute] = per_minute.get(minute, 0) + prompt_tokens + completion_tokens
+
+    def unflushed(self, key_id: str, since: int) -> int:
+        """This process's tokens of `key_id` from minute `since` on that a read of the usage table
+        may not have seen yet (pending, being flushed, or flushed after that read began)."""
+        total = sum(t for m, t in self._tokens.get(key_id, {}).items() if m >= since)
+        for _, tokens in self._unconfirmed:
+            total += sum(t for m, t in tokens.get(key_id, {}).items() if m >= since)
+        return total
+
+    def confirm(self, committed: int) -> None:
+        """A read of the table that began when `committed` flushes had committed has ended:
+        their tokens are in what it read."""
+        self._unconfirmed = [e for e in self._unconfirmed if e[0] is None or e[0] > committed]
 
     async def flush(self) -> int:
         pending, self._pending = self._pending, {}
         if not pending:
             return 0
+        entry: list = [None, self._tokens]
+        self._tokens = {}
+        self._unconfirmed.append(entry)        # counted until a later read has seen it
         try:
             await asyncio.to_thread(self._write, pending)
         except Exception:
+            self._unconfirmed.remove(entry)
+            for key_id, minutes in entry[1].items():
+                mine = self._tokens.setdefault(key_id, {})
+                for m, t in minutes.items():
+                    mine[m] = mine.get(m, 0) + t
             # keep what could not be written for the next flush (added to what came meanwhile)
             for bucket, (n, p, c) in pending.items():
                 row = self._pending.setdefault(bucket, [0, 0, 0])
@@ -51,6 +80,8 @@ class UsageRecorder:
                 row[1] += p
                 row[2] += c
             raise
+        self.committed += 1
+        entry[0] = self.committed
         self.flushes += 1
         self.flushed_rows += len(pending)
         return len(pending)
