@@ -68,7 +68,6 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             leased_at DOUBLE PRECISION NOT NULL
         )""",
         "CREATE INDEX quota_blocks_window ON quota_blocks (ident, kind, leased_at)",
-        )""",
     ]),
     (5, [
         # Run-time model endpoints (control/endpoints.py): the spec as JSON (settings.spec_fields),
