@@ -97,3 +97,25 @@ def test_an_unreachable_redis_means_a_local_share_then_back(redis_url):
     # (it had reached Redis's socket, so Redis ran it on waking: over-counted, never under).
     assert admitted(quota, 10) == 6
     assert not backend.fallback
+
+
+def test_the_token_windows_running_sum_follows_the_set_and_is_rebuilt_if_lost(redis_url):
+    """Admissions read a running sum beside the set of charges (no scan per request); it must
+    equal the set's own total after reserves and settles, and a lost sum key is rebuilt from
+    the set rather than read as zero (which would admit a full window again)."""
+    url, _ = redis_url
+    g = RedisQuotas(url, processes=1)
+    q = g.quota(0, 1000, b"\x05" * 32)
+    now = time.monotonic()
+    charges = [q.reserve(100, now) for _ in range(5)]
+    for c, used in zip(charges, (10, 20, 30, 40, 50)):
+        q.settle(c, used)
+    tok, total = q._token_keys
+    members = g.redis.zrange(tok, 0, -1)
+    assert int(g.redis.get(total)) == sum(int(m.rsplit(b":", 1)[1]) for m in members) == 150
+    q.reserve(850, now)                         # the window is full: 1000
+    g.redis.delete(total)
+    with pytest.raises(RateLimited) as err:
+        q.reserve(1, now)
+    assert "1000 used in the last minute" in err.value.message
+    assert int(g.redis.get(total)) == 1000

@@ -47,28 +47,48 @@ RETRY = 1.0           # seconds between attempts to get back to Redis
 LEASE = 10.0          # seconds an in-flight slot lives in Redis unless its holder renews it
 RENEW_EVERY = LEASE / 4
 
+# The token window is a sorted set of "<charge id>:<tokens>" scored by time, beside a running
+# sum of what it holds (`<tokens>:sum`): an admission reads the sum and drops only what expired,
+# so its cost does not grow with the requests in the window (a scan of the set did: O(requests
+# per minute) per admission, milliseconds at a thousand requests a second). Both keys get the
+# same TTL at every write; a sum key that is missing while the set is not is rebuilt once.
 _SUM = """
-local function token_sum(key)
+local function scan_sum(key)
   local total = 0
   for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
     total = total + tonumber(string.match(m, ':(%d+)$'))
   end
   return total
 end
-local function now_and_expire(keys)
+local function clock()
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  for _, k in ipairs(keys) do
-    redis.call('ZREMRANGEBYSCORE', k, '-inf', now - __WINDOW__)
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+-- drops the charges older than the window; returns the tokens still in it
+local function token_sum(key, sumkey, now)
+  local old = redis.call('ZRANGEBYSCORE', key, '-inf', now - __WINDOW__)
+  local sum = redis.call('GET', sumkey)
+  if not sum then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - __WINDOW__)
+    sum = scan_sum(key)
+    redis.call('SET', sumkey, sum, 'EX', __TTL__)
+    return sum
   end
-  return now
+  sum = tonumber(sum)
+  if #old > 0 then
+    for _, m in ipairs(old) do sum = sum - tonumber(string.match(m, ':(%d+)$')) end
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - __WINDOW__)
+    redis.call('SET', sumkey, sum, 'KEEPTTL')
+  end
+  return sum
 end
 """
 
-# KEYS: requests, tokens, in-flight leases, budget counter. ARGV: rpm, tpm, request id,
-# max_parallel, lease seconds, budget_tokens. -> {1, budget used} or {0, which, retry_after, used}
+# KEYS: requests, tokens, in-flight leases, tokens' sum, budget counter. ARGV: rpm, tpm, request
+# id, max_parallel, lease seconds, budget_tokens. -> {1, budget used} or {0, which, retry_after, used}
 ADMIT = _SUM + """
-local now = now_and_expire({KEYS[1], KEYS[2]})
+local now = clock()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - __WINDOW__)
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local maxp, lease, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if maxp > 0 then
@@ -80,7 +100,7 @@ if rpm > 0 and redis.call('ZCARD', KEYS[1]) >= rpm then
   return {0, 'rpm', tostring(tonumber(oldest[2]) + __WINDOW__ - now), '0'}
 end
 if tpm > 0 then
-  local used = token_sum(KEYS[2])
+  local used = token_sum(KEYS[2], KEYS[4], now)
   if used >= tpm then
     local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     return {0, 'tpm', tostring(tonumber(oldest[2]) + __WINDOW__ - now), tostring(used)}
@@ -88,7 +108,7 @@ if tpm > 0 then
 end
 local spent = 0
 if budget > 0 then
-  spent = tonumber(redis.call('GET', KEYS[4]) or '0')
+  spent = tonumber(redis.call('GET', KEYS[5]) or '0')
   if spent >= budget then return {0, 'budget', '0', tostring(spent)} end
 end
 redis.call('ZADD', KEYS[1], now, ARGV[3])
@@ -100,26 +120,30 @@ end
 return {1, tostring(spent)}
 """
 
-# KEYS: tokens. ARGV: tpm, charge id, tokens, check (1: refuse past tpm). -> {1, score} or {0, used}
+# KEYS: tokens, tokens' sum. ARGV: tpm, charge id, tokens, check (1: refuse past tpm).
+# -> {1, score} or {0, used}
 RESERVE = _SUM + """
-local now = now_and_expire(KEYS)
+local now = clock()
 local tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[3])
-if ARGV[4] == '1' and tpm > 0 then
-  local used = token_sum(KEYS[1])
-  if used + tokens > tpm then return {0, tostring(used)} end
-end
+local used = token_sum(KEYS[1], KEYS[2], now)
+if ARGV[4] == '1' and tpm > 0 and used + tokens > tpm then return {0, tostring(used)} end
 redis.call('ZADD', KEYS[1], now, ARGV[2] .. ':' .. ARGV[3])
+redis.call('SET', KEYS[2], used + tokens, 'EX', __TTL__)
 redis.call('EXPIRE', KEYS[1], __TTL__)
 return {1, tostring(now)}
 """
 
-# KEYS: tokens. ARGV: charge id, reserved, used. The charge keeps its time; gone if expired.
+# KEYS: tokens, tokens' sum. ARGV: charge id, reserved, used. The charge keeps its time; gone
+# (and out of the sum) if it expired meanwhile.
 SETTLE = """
 local old = ARGV[1] .. ':' .. ARGV[2]
 local score = redis.call('ZSCORE', KEYS[1], old)
 if score then
   redis.call('ZREM', KEYS[1], old)
   redis.call('ZADD', KEYS[1], score, ARGV[1] .. ':' .. ARGV[3])
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('INCRBY', KEYS[2], tonumber(ARGV[3]) - tonumber(ARGV[2]))
+  end
 end
 return 1
 """
@@ -150,7 +174,7 @@ def _lua(source: str) -> str:
     return source.replace("__WINDOW__", str(WINDOW)).replace("__TTL__", str(int(WINDOW) + 1))
 
 
-ADMIT, RESERVE = _lua(ADMIT), _lua(RESERVE)
+ADMIT, RESERVE, SETTLE = _lua(ADMIT), _lua(RESERVE), _lua(SETTLE)
 
 
 class SharedCharge(Charge):
@@ -245,7 +269,9 @@ class SharedQuota(Quota):
         super().__init__(rpm, tpm)
         self.backend = backend
         name = hashlib.sha256(b"modelyard-quota:" + ident).hexdigest()[:24]
-        self._keys = [f"modelyard:q:{name}:req", f"modelyard:q:{name}:tok", f"modelyard:q:{name}:inflight"]
+        self._keys = [f"modelyard:q:{name}:req", f"modelyard:q:{name}:tok", f"modelyard:q:{name}:inflight",
+                      f"modelyard:q:{name}:tok:sum"]
+        self._token_keys = [self._keys[1], self._keys[3]]
         self._budget_prefix = f"modelyard:q:{name}:budget:"
         self._local = Quota(self._share(rpm), self._share(tpm))
         self._budget_seen = 0       # the counter as Redis last said (checked against while it is down)
@@ -335,7 +361,8 @@ class SharedQuota(Quota):
                 return ("local", self._local.reserve(tokens, now))
             self._local.spend(tokens, now)
             return ("local", None)
-        out = self.backend.call(self.backend._reserve, self._keys[1:], [self.tpm, charge_id, tokens, int(check)], local)
+        out = self.backend.call(self.backend._reserve, self._token_keys, [self.tpm, charge_id, tokens, int(check)],
+                                local)
         if isinstance(out, tuple):
             return SharedCharge(now, tokens, charge_id, local=out[1])
         if out[0] != 1:
@@ -359,7 +386,8 @@ class SharedQuota(Quota):
             self._local.settle(charge.local, tokens)
             return
         if isinstance(charge, SharedCharge):
-            self.backend.call(self.backend._settle, self._keys[1:], [charge.id, charge.tokens, tokens], lambda: None)
+            self.backend.call(self.backend._settle, self._token_keys, [charge.id, charge.tokens, tokens],
+                              lambda: None)
             charge.tokens = tokens
 
 
