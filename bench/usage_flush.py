@@ -145,7 +145,7 @@ def main() -> int:
     result = run(args)
     report(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2, default=str))
     return 0 if result["stored_requests"] == sum(w["recorded"] for w in result["workers"]) else 1
 
 
