@@ -76,6 +76,11 @@ def test_served_requests_reach_the_store_and_shutdowns_lose_at_most_one_interval
             time.sleep(0.2)
         assert sum(r["requests"] for r in rows) == 3 and sum(r["total_tokens"] for r in rows) == tokens
         assert rows[0]["endpoint"] == MODEL
+        shown = httpx.get(f"{srv.base}/api/v1/control/api-keys/{key['id']}", headers=admin).json()
+        assert shown["last_used_at"] == max(r["start"] for r in rows)       # the key's own use, from the rollups
+        assert shown["usage_24h"] == {"requests": 3, "total_tokens": tokens}
+        listed = httpx.get(f"{srv.base}/api/v1/control/api-keys", headers=admin).json()["data"]
+        assert [k["usage_24h"]["requests"] for k in listed if k["id"] == key["id"]] == [3]
         # kill -9 right after two more: they were not flushed, and nothing else is lost
         complete(), complete()
         srv.kill()

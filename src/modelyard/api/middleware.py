@@ -72,7 +72,7 @@ class _TooLarge(Exception):
 
 class ReleaseSlot:
     """Gives back the in-flight slot api/auth.require_key took for the request (a key's
-    `max_parallel`) once the ASGI call has returned: only then has the response ended, a streaming
+    `max_parallel`), and ends its CutShort watch (api/pipeline), once the ASGI call has returned: only then has the response ended, a streaming
     body included, whether it finished, failed, was cancelled because its client left, or its
     stream was closed. The one place that sees every way a request ends."""
 
@@ -89,6 +89,9 @@ class ReleaseSlot:
             slot = state.pop("slot", None)
             if slot is not None:
                 slot.release()
+            cut = state.pop("cut_short", None)      # api/pipeline.CutShort: usage of a request cut short
+            if cut is not None:
+                cut.end()
 
 
 class RequestLog:

@@ -66,13 +66,66 @@ R = TypeVar("R", EngineRequest, EmbeddingRequest)
 
 def metered(request: Request, reqs: list[R]) -> list[R]:
     """Give each engine request its key's meter (tpm; a budget counted on settle): the engine
-    reserves before any work and settles when the request ends (api/auth)."""
+    reserves before any work and settles when the request ends (api/auth). With the control
+    plane's usage on, every request is also watched for ending without its usage (CutShort)."""
     quota = getattr(request.state, "quota", None)
-    if quota is None or not quota.metered:
+    usage = getattr(request.app.state, "usage", None)
+    if quota is None or (not quota.metered and usage is None):
         return reqs
-    meters = [quota.meter() for _ in reqs]
-    request.state.meters = meters
-    return [dataclasses.replace(r, reserve=m.reserve, settle=m.settle) for r, m in zip(reqs, meters)]
+    out = []
+    cut = None
+    if usage is not None:
+        cut = request.state.cut_short = CutShort(
+            lambda tokens: usage.record(quota.key_id, getattr(request.state, "endpoint", "-"), tokens, 0))
+    meters = [quota.meter() for _ in reqs] if quota.metered else []
+    if meters:
+        request.state.meters = meters
+    for i, r in enumerate(reqs):
+        meter = meters[i] if meters else None
+        settle = meter.settle if meter is not None else None
+        if cut is not None:
+            settle = cut.watch(settle)
+        out.append(dataclasses.replace(r, reserve=meter.reserve if meter is not None else _unmetered, settle=settle))
+    return out
+
+
+def _unmetered(tokens: int) -> None:
+    """The reserve of a key with no token limit: nothing to hold (the engine still settles)."""
+
+
+class CutShort:
+    """The usage of a request that ended without its last event (its client left, it failed
+    or timed out): an engine settles each request exactly once, however it ended, with the
+    tokens it computed (prompt prefilled + generated). If the route never accounted the
+    request (`account`), those tokens are recorded, all as prompt tokens: the split between
+    prompt and completion comes only with the engine's last event. A settle can come before or
+    after the response has ended (an aborted request is retired on the engine thread), so the
+    tokens are recorded at whichever comes last, once; without this, a client could stream
+    and leave before the end and never be counted (usage, budgets)."""
+
+    __slots__ = ("record", "accounted", "ended", "pending")
+
+    def __init__(self, record: Callable[[int], None]) -> None:
+        self.record, self.accounted, self.ended, self.pending = record, False, False, 0
+
+    def watch(self, settle: Callable[[int], None] | None) -> Callable[[int], None]:
+        def settled(tokens: int) -> None:
+            if settle is not None:
+                settle(tokens)
+            if self.accounted:
+                return
+            if self.ended:
+                self.record(tokens)
+            else:
+                self.pending += tokens
+        return settled
+
+    def end(self) -> None:
+        """The response has ended (api/middleware.ReleaseSlot)."""
+        self.ended = True
+        if not self.accounted and self.pending:
+            self.record(self.pending)
+            self.pending = 0
 
 
 def check_limits(limits: Limits, n: int, stops: tuple[str, ...], logprobs: int | None, prompts: int) -> None:
@@ -134,6 +187,9 @@ def account(request: Request, endpoint: str, prompt_tokens: int, completion_toke
     """A finished request's tokens: the key's tpm if its engine did not meter, and its usage
     (control plane: kept in memory, flushed to the store every few seconds)."""
     charge_unmetered(request, prompt_tokens + completion_tokens)
+    cut = getattr(request.state, "cut_short", None)
+    if cut is not None:
+        cut.accounted = True        # its exact usage is recorded here
     usage = getattr(request.app.state, "usage", None)
     quota = getattr(request.state, "quota", None)
     if usage is not None and quota is not None:

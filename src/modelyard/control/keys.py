@@ -85,11 +85,32 @@ class KeyStore:
         rows = self.db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
         if not rows:
             raise ObjectNotFound(f"no API key {key_id!r}", param="id", code="api_key_not_found")
-        return public(rows[0])
+        return self._with_use([public(rows[0])])[0]
 
     def list(self, limit: int, after: str | None = None) -> dict:
         rows = self.db.query("SELECT * FROM api_keys WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit + 1))
-        return page(rows, limit, public)
+        out = page(rows, limit, public)
+        self._with_use(out["data"])
+        return out
+
+    def _with_use(self, records: list[dict]) -> list[dict]:
+        """Each key's last use (the minute) and its last 24 hours, from the usage table: as of
+        the last flush, since usage is written in batches (control/usage). One query per page."""
+        if not records:
+            return records
+        ids = [r["id"] for r in records]
+        since = int(time.time()) // 60 * 60 - 86400
+        rows = self.db.query(
+            "SELECT key_id, MAX(minute) AS last, SUM(CASE WHEN minute >= ? THEN requests ELSE 0 END) AS requests, "
+            "SUM(CASE WHEN minute >= ? THEN prompt_tokens + completion_tokens ELSE 0 END) AS tokens FROM usage "
+            f"WHERE key_id IN ({', '.join('?' * len(ids))}) GROUP BY key_id", (since, since, *ids))
+        used = {r["key_id"]: r for r in rows}
+        for record in records:
+            r = used.get(record["id"])
+            record["last_used_at"] = int(r["last"]) if r else None
+            record["usage_24h"] = {"requests": int(r["requests"] or 0) if r else 0,
+                                   "total_tokens": int(r["tokens"] or 0) if r else 0}
+        return records
 
     def patch(self, actor: str, key_id: str, changes: dict[str, Any], if_match: int | None) -> dict:
         """`changes` holds only fields the client sent; None resets one (no limit, no expiry)."""
