@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -20,6 +19,7 @@ from modelyard.control.db import open_database
 from modelyard.errors import ConfigError, Conflict, ObjectNotFound
 from pg import fresh_database
 from servers import modelyard_process, status_is, wait_for
+from test_admin_api import until
 
 
 def test_a_token_is_stored_as_its_digest_listed_revoked_and_audited(db):
@@ -102,14 +102,6 @@ def admin_cli(cfg, *args: str) -> str:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
-
-
-def until(check, timeout: float = 2.0) -> float:
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout, "not within the propagation bound"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def test_a_server_accepts_stored_tokens_and_refuses_a_revoked_one_within_two_seconds(tmp_path):
