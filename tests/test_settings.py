@@ -84,7 +84,7 @@ def test_keys_table_with_quotas_and_hashes(tmp_path):
 
 def test_public_surface_is_exactly_all():
     public = {name for name in vars(modelyard) if not name.startswith("_")}
-    modules = {"api", "bert_gguf", "cli", "console", "control", "engine", "errors", "local", "metrics", "proxy", "redact",
+    modules = {"api", "bert_gguf", "cli", "console", "control", "engine", "errors", "local", "metrics", "proxy", "quota", "redact",
                "registry", "server", "settings", "store"}
     assert public - modules == set(modelyard.__all__)
     for name in modelyard.__all__:

@@ -51,7 +51,7 @@ class Metrics:
         self.latency = Histogram("modelyard_request_duration_seconds", "End-to-end request latency",
                                  ["endpoint", "route"], buckets=LATENCY, registry=self.prom)
         self.prom.register(_EndpointCollector(registry))
-        self.quotas = None          # api/shared_quota.RedisQuotas or api/pg_quota.PostgresQuotas when quotas are shared
+        self.quotas = None          # quota/redis.RedisQuotas or quota/postgres.PostgresQuotas when quotas are shared
         self.prom.register(_QuotaCollector(self))
 
     def generation(self, endpoint: str, started: float, first_token: float | None,

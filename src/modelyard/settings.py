@@ -147,7 +147,7 @@ class Settings:
     admin_tokens: tuple[AdminToken, ...] = ()
     stored_admin_tokens: bool = False   # the store holds active ones (`modelyard serve` checks at start)
     # [quota]: where per-key windows live. "memory": this process; "redis": shared by every
-    # process on `redis_url`; "postgres": blocks leased from `database_url` (api/pg_quota);
+    # process on `redis_url`; "postgres": blocks leased from `database_url` (quota/postgres);
     # `processes` is how many share it (the fallback's divisor, and the blocks' size).
     quota_backend: str = "memory"
     redis_url: str | None = field(default=None, repr=False)       # may hold a password

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from modelyard.api.key_limits import period_bounds
+from modelyard.quota.limits import period_bounds
 from modelyard.control.budget import BudgetBook
 from modelyard.control.usage import UsageRecorder
 

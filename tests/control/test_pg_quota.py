@@ -1,5 +1,5 @@
 """[quota] backend = "postgres" on a real PostgreSQL server: blocks of a key's quota leased from
-the database (api/pg_quota). In process: several backends (one per "process") stay within the
+the database (quota/postgres). In process: several backends (one per "process") stay within the
 stated bound with far fewer database writes than requests, a full key costs no call per request,
 tpm reservations settle back into their block; the secret never reaches the table."""
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from modelyard.api.pg_quota import PostgresQuotas
+from modelyard.quota.postgres import PostgresQuotas
 from modelyard.control.db import open_database
 from modelyard.errors import RateLimited
 from pg import fresh_database

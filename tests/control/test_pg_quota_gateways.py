@@ -1,5 +1,5 @@
 """[quota] backend = "postgres" with real `modelyard serve` processes on one real PostgreSQL (no
-Redis): the requests admitted across four gateways stay within the bound api/pg_quota states
+Redis): the requests admitted across four gateways stay within the bound quota/postgres states
 (rpm + processes * B in a window), with a database write per block, not per request; a gateway
 killed with -9 while holding a block does not lock the key out: the others keep the rest of the
 quota, and the whole quota comes back once that block has left the window."""
@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from modelyard.api.auth import WINDOW
+from modelyard.quota.memory import WINDOW
 from modelyard.control.db import open_database
 from pg import fresh_database
 from servers import MODEL, served
@@ -36,7 +36,7 @@ def call(gw) -> int:
 
 def test_four_gateways_admit_within_the_stated_bound(tmp_path, pg_server):
     rpm, processes = 40, 4
-    block = max(1, rpm // (4 * processes))               # api/pg_quota: B = rpm // (BLOCKS * processes)
+    block = max(1, rpm // (4 * processes))               # quota/postgres: B = rpm // (BLOCKS * processes)
     url = fresh_database(pg_server, "pgq_gateways")
     with ExitStack() as stack:
         gws = [stack.enter_context(served(tmp_path / f"gw{i}", config(url, rpm, processes), name=f"gw{i}", key=ADMIN))

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from modelyard.api.shared_quota import RETRY
+from modelyard.quota.redis import RETRY
 
 from servers import MODEL, served
 

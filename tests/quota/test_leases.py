@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from modelyard.api import shared_quota
-from modelyard.api.shared_quota import RETRY, RedisQuotas
+from modelyard.quota import redis as shared_quota
+from modelyard.quota.redis import RETRY, RedisQuotas
 from modelyard.errors import RateLimited
 
 KEY = b"\x02" * 32

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from modelyard.api.shared_quota import RETRY, RedisQuotas
+from modelyard.quota.redis import RETRY, RedisQuotas
 from modelyard.errors import RateLimited
 
 KEY = b"\x01" * 32

@@ -46,7 +46,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 app.state.key_store, app.state.keys, feed=ChangeFeed(db, settings.database_url),
                 also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh))
             app.state.usage = usage = UsageRecorder(db)
-            if settings.quota_backend != "redis":     # Redis keeps budgets itself (api/shared_quota)
+            if settings.quota_backend != "redis":     # Redis keeps budgets itself (quota/redis)
                 from ..control.budget import BudgetBook
                 app.state.keys.book = book = BudgetBook(db, usage)
             await sync.start()        # stored endpoints join the registry before it starts loading
@@ -82,10 +82,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.registry = registry
     shared = None
     if settings.quota_backend == "redis":
-        from .shared_quota import RedisQuotas
+        from ..quota.redis import RedisQuotas
         shared = RedisQuotas(settings.redis_url, settings.quota_processes)
     elif settings.quota_backend == "postgres":
-        from .pg_quota import PostgresQuotas
+        from ..quota.postgres import PostgresQuotas
         shared = PostgresQuotas(settings.database_url, settings.quota_processes)
     app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled, shared=shared)
     app.state.started = int(time.time())

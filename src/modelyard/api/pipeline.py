@@ -66,7 +66,7 @@ R = TypeVar("R", EngineRequest, EmbeddingRequest)
 
 def metered(request: Request, reqs: list[R]) -> list[R]:
     """Give each engine request its key's meter (tpm; a budget counted on settle): the engine
-    reserves before any work and settles when the request ends (api/auth). With the control
+    reserves before any work and settles when the request ends (quota/memory). With the control
     plane's usage on, every request is also watched for ending without its usage (CutShort)."""
     quota = getattr(request.state, "quota", None)
     usage = getattr(request.app.state, "usage", None)

@@ -14,7 +14,7 @@ POLL = 1 s): so the tokens a key uses beyond its budget are at most the tokens o
 flight when it reaches the budget, plus what the other processes served it in the last
 FLUSH + POLL seconds (plus one query). Usage is recorded for requests that ended with an answer
 (control/usage); with `backend = "redis"` the budget is a counter in Redis charged as each
-request settles, whichever way it ended (api/shared_quota).
+request settles, whichever way it ended (quota/redis).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..api.key_limits import period_bounds
+from ..quota.limits import period_bounds
 from .db import Database
 from .usage import UsageRecorder
 

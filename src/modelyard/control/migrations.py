@@ -58,7 +58,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE api_keys ADD COLUMN budget_tokens BIGINT",
         "ALTER TABLE api_keys ADD COLUMN budget_period TEXT",
         # [quota] backend = "postgres": blocks of a key's requests or tokens leased by a gateway
-        # process (api/pg_quota.py); `ident` is a digest of the key's digest, never the secret;
+        # process (quota/postgres.py); `ident` is a digest of the key's digest, never the secret;
         # leased_at is the database's clock (unix seconds, fractional)
         """CREATE TABLE quota_blocks (
             id TEXT PRIMARY KEY,

@@ -76,7 +76,7 @@ class EngineRequest:
     constraint: Constraint | None = None      # structured output for every choice
     tools: tuple[dict, ...] | None = None     # chat: OpenAI tool definitions, for the chat template
     tool_choice: str | dict | None = None     # with tools: "auto" | "required" | "none" | a named function
-    # Token metering (per-key tpm quotas, api/auth). An engine that counts tokens calls
+    # Token metering (per-key tpm quotas, quota/memory). An engine that counts tokens calls
     # reserve(most it may use: prompt + n * max_tokens, resolved) before any work, which may
     # raise RateLimited, and settle(tokens computed: prompt prefilled + generated) once, on the
     # event loop, when the request ends however it ends. None: not metered.

@@ -1,6 +1,6 @@
 """Per-key quotas shared by every gateway process through Redis (`[quota] backend = "redis"`).
 
-The same sliding one-minute windows as api/auth.Quota, kept in Redis instead of this process's
+The same sliding one-minute windows as quota/memory.Quota, kept in Redis instead of this process's
 memory, so N gateways behind a load balancer allow a key its quota once, not N times:
 
 - each key has two sorted sets (named by a digest of the key's digest: no secret reaches Redis):
@@ -38,8 +38,8 @@ import time
 from typing import Callable
 
 from ..errors import RateLimited
-from .auth import WINDOW, Charge, Quota
-from .key_limits import Slot, budget_exceeded, parallel_exceeded, period_bounds
+from .memory import WINDOW, Charge, Quota
+from .limits import Slot, budget_exceeded, parallel_exceeded, period_bounds
 
 log = logging.getLogger("modelyard.quota")
 TIMEOUT = 0.25        # seconds for one Redis call before this process falls back

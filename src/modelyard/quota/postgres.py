@@ -47,8 +47,8 @@ import time
 from typing import Callable
 
 from ..errors import RateLimited
-from .auth import WINDOW, Charge, Quota
-from .key_limits import Slot, budget_exceeded, parallel_exceeded
+from .memory import WINDOW, Charge, Quota
+from .limits import Slot, budget_exceeded, parallel_exceeded
 
 log = logging.getLogger("modelyard.quota")
 BLOCKS = 4            # blocks per limit per process: B = limit // (BLOCKS * processes)
