@@ -268,3 +268,20 @@ def test_an_upstream_api_key_is_never_shown(srv):
                             admin.get("/audit-log", params={"limit": 100}).json()])
         assert secret not in shown and ep["config"]["api_key_set"] is True
         assert admin.delete(f"/model-endpoints/{ep['id']}").status_code == 202
+
+
+def test_a_deterministic_endpoint_is_refused_where_the_fast_kernels_already_run(tmp_path: Path):
+    """The kernel choice is process-wide (local/ffi.choose_kernels): once a deterministic = false
+    llama.cpp endpoint runs, a deterministic one would silently lose its invariance. 409."""
+    cfg = (f'[server]\napi_keys = ["{INFER}"]\ndatabase_url = "sqlite:///{tmp_path / "control.db"}"\n\n'
+           f'[[admin_tokens]]\nname = "ops"\ntoken = "{ADMIN}"\n\n'
+           f'[[endpoints]]\nname = "fast"\nmodel = "{MODEL}"\ndeterministic = false\n'
+           'context = 256\nparallel = 1\nthreads = 1\n')
+    with served(tmp_path, cfg, key=INFER) as srv, ctl(srv.base, ADMIN) as admin:
+        r = admin.post("/model-endpoints", json={"name": "exact", **SMALL})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "kernel_conflict", r.text
+        assert r.json()["error"]["param"] == "deterministic"
+        assert admin.get("/model-endpoints").json()["data"][-1]["name"] == "fast"      # nothing stored
+        r = admin.post("/model-endpoints", json={"name": "also-fast", **SMALL, "deterministic": False})
+        assert r.status_code == 201, r.text
+        wait_state(admin, r.json()["id"], "ready")

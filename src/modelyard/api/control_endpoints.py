@@ -78,8 +78,11 @@ def _spec(fields: dict[str, Any]) -> EndpointSpec:
 
 
 def _check_model(request: Request, spec: EndpointSpec) -> None:
+    """Before a spec is stored: its model ref can be fetched, and this process can run it with
+    the kernels it chose (409 otherwise: stored, it would fail in every process like this one)."""
     if spec.engine != "llamacpp":
         return
+    request.app.state.registry.check_kernels(spec)
     try:
         request.app.state.registry.store.check(spec.model)
     except ModelyardError as exc:

@@ -130,7 +130,7 @@ class Registry:
         if spec.name in self.endpoints:
             raise Conflict(f"a model endpoint named {spec.name!r} exists already in this process "
                            f"({self.endpoints[spec.name].source})", param="name", code="endpoint_exists")
-        self._check_kernels(spec)
+        self.check_kernels(spec, choose=True)
         unloaded = desired != "loaded"
         ep = Endpoint(spec, model_type=declared_type(spec), source="api", id=id, desired=desired, revision=revision,
                       state=S.UNLOADED if unloaded else S.LOADING,
@@ -146,7 +146,7 @@ class Registry:
         failed endpoint then tries again)."""
         ep = self.get(name)
         if spec != ep.spec:
-            self._check_kernels(spec)
+            self.check_kernels(spec, choose=True)
             ep.pending_spec = spec
         retry = revision != ep.revision and desired == "loaded" and ep.state is S.FAILED
         ep.desired, ep.revision = desired, revision
@@ -167,9 +167,10 @@ class Registry:
         self._kick(ep)
         return ep
 
-    def _check_kernels(self, spec: EndpointSpec) -> None:
+    def check_kernels(self, spec: EndpointSpec, choose: bool = False) -> None:
         """Kernels are chosen once per process (local/ffi.choose_kernels): a deterministic
-        endpoint cannot join a process whose contexts already run the non-invariant kernels."""
+        endpoint cannot join a process whose contexts already run the non-invariant kernels
+        (Conflict). The admin API asks before it stores a spec; `choose`: make the choice now."""
         if spec.engine != "llamacpp" or not spec.deterministic:
             return
         from ..local.ffi import choose_kernels, tiled_kquant_matmul
@@ -180,7 +181,8 @@ class Registry:
                            "llama.cpp endpoints with deterministic = false (the kernel choice is process-wide); "
                            "set deterministic = false or serve it from another process", param="deterministic",
                            code="kernel_conflict")
-        choose_kernels(deterministic=True)
+        if choose:
+            choose_kernels(deterministic=True)
 
     def _kick(self, ep: Endpoint, first: bool = False) -> None:
         task = self._tasks.get(ep.name)
