@@ -241,7 +241,7 @@ def test_usage_page_and_csv_come_from_the_rollups(app, client):
     assert csv[0] == ",".join(console_routes.views.CSV_FIELDS)
     assert csv[1].endswith(f",day,{key['id']},'=HYPERLINK(1),remote,2,10,6,16")     # no formula
     keys = client.get("/console/keys").text
-    assert re.search(r"data-usage-requests>2<", keys)
+    assert re.search(r"data-usage-requests[^>]*>2<", keys)
 
 
 def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
@@ -253,7 +253,7 @@ def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
     assert text.startswith("event: endpoints\ndata: ") and 'data-endpoint="remote"' in text
     # its replica is down: the count and why (the endpoints API says "ready" with a reason; the
     # registry's own view, before it, "unavailable")
-    assert "<td data-replicas>0/1</td>" in text and "connection refused" in text
+    assert re.search(r"<td data-replicas[^>]*>0/1</td>", text) and "connection refused" in text
 
 
 def test_endpoints_page_degrades_or_drives_the_api(app, client):

@@ -70,21 +70,13 @@ async def endpoints(app, who: AdminToken) -> tuple[list[dict], str | None]:
 
 
 async def keys(app, who: AdminToken) -> list[dict] | internal.Answer:
-    """Every key with its last use and last-24-hour usage (from the hourly rollups)."""
+    """Every key with its status; its last use and last-24-hour usage are the API's own
+    (`last_used_at`, `usage_24h`: from the rollups, control/keys)."""
     got = await internal.list_all(app, who, "/api-keys")
     if isinstance(got, internal.Answer):
         return got
     now = int(time.time())
-    usage = await internal.call(app, who, "GET", "/usage", query={"granularity": "minute", "start": now - 86400})
-    per_key: dict[str, dict] = {}
-    for b in (usage.body or {}).get("data", []) if usage.ok else []:
-        k = per_key.setdefault(b["key_id"], {"requests": 0, "tokens": 0, "last_used": None})
-        k["requests"] += b["requests"]
-        k["tokens"] += b["total_tokens"]
-        if b["requests"]:
-            k["last_used"] = max(k["last_used"] or 0, b["start"])
     for key in got:
-        key["usage_24h"] = per_key.get(key["id"], {"requests": 0, "tokens": 0, "last_used": None})
         key["status"] = ("revoked" if key.get("revoked_at") else
                          "expired" if key.get("expires_at") and key["expires_at"] <= now else "active")
     return list(reversed(got))             # newest first
