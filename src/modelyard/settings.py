@@ -5,6 +5,7 @@ Parsed once at the edge (cli), frozen, and passed down; nothing else reads os.en
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,12 @@ class Limits:
     max_logprobs: int = 5
     max_prompts: int = 16
     max_embedding_inputs: int = 2048    # inputs per /embeddings request (OpenAI's limit)
+
+
+def secret_digest(value: str) -> bytes:
+    """A configured key or admin token ("sk-..." or "sha256:<hex>") -> the sha256 digest that
+    is all anyone compares against."""
+    return bytes.fromhex(value[7:]) if value.startswith("sha256:") else hashlib.sha256(value.encode()).digest()
 
 
 @dataclass(frozen=True)

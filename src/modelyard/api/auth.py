@@ -14,7 +14,7 @@ import time
 from fastapi import Request
 
 from ..errors import Forbidden, Unauthorized
-from ..settings import KeySpec
+from ..settings import KeySpec, secret_digest
 from ..quota.limits import Slot
 from ..quota.memory import Quota
 
@@ -26,7 +26,7 @@ class KeyChecker:
     def __init__(self, keys: tuple[KeySpec, ...], control: bool = False, shared=None) -> None:
         # shared: quota/redis.RedisQuotas or quota/postgres.PostgresQuotas, seen by every process
         self._make = shared.quota if shared is not None else (lambda rpm, tpm, ident: Quota(rpm, tpm))
-        self._keys = [(d, self._make(k.rpm, k.tpm, d)) for k in keys for d in (_configured_digest(k.key),)]
+        self._keys = [(d, self._make(k.rpm, k.tpm, d)) for k in keys for d in (secret_digest(k.key),)]
         for d, quota in self._keys:      # usage rows name a configured key by its digest's start
             quota.key_id = f"config:{d.hex()[:12]}"
         self._control = control
@@ -96,10 +96,6 @@ def check_endpoint(request: Request, endpoint: str) -> None:
     if quota is not None and quota.endpoints is not None and endpoint not in quota.endpoints:
         raise Forbidden(f"this API key may not use model endpoint {endpoint!r}", param="model",
                         code="endpoint_not_allowed")
-
-
-def _configured_digest(key: str) -> bytes:
-    return bytes.fromhex(key[7:]) if key.startswith("sha256:") else hashlib.sha256(key.encode()).digest()
 
 
 async def require_key(request: Request) -> None:

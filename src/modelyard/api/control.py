@@ -22,16 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import Forbidden, Unauthorized
-from ..settings import AdminToken
+from ..settings import AdminToken, secret_digest
 
 router = APIRouter()
 # The web console calls these routes in process as its signed-in admin (console/internal.py):
 # the AdminToken rides in the ASGI scope under this key, which no network request can set.
 CONSOLE_CALLER = "modelyard.console_caller"
-
-
-def _digest(token: str) -> bytes:
-    return bytes.fromhex(token[7:]) if token.startswith("sha256:") else hashlib.sha256(token.encode()).digest()
 
 
 def caller(request: Request) -> AdminToken:
@@ -46,7 +42,7 @@ def caller(request: Request) -> AdminToken:
     found = None
     stored = getattr(request.app.state, "admin_tokens", None)     # control/admin_tokens.StoredAdmins
     for admin in (*request.app.state.settings.admin_tokens, *(stored.tokens if stored else ())):  # no early exit
-        if hmac.compare_digest(_digest(admin.token), digest):
+        if hmac.compare_digest(secret_digest(admin.token), digest):
             found = admin
     if found is None:
         if request.app.state.keys.knows(request.headers.get("authorization")):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..control.endpoints import StoredEndpoint, shown_spec
 from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
-from ..registry.endpoint import Endpoint, EndpointState
+from ..registry.endpoint import ENGINE_NAMES, Endpoint, EndpointState
 from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields
 from .control import actor, admin, revision_of, viewer
 
@@ -116,7 +116,7 @@ def render(ep: Endpoint | None, row: StoredEndpoint | None = None, state: Endpoi
     model_type = ep.model_type.value.lower() if ep is not None and ep.model_type else spec.kind
     return {"id": row.id if row is not None else ep.id, "object": "model_endpoint", "name": spec.name,
             "source": "api" if row is not None else ep.source, "engine": spec.engine,
-            "model_engine": {"llamacpp": "LLAMA_CPP", "openai": "OPENAI_PROXY"}[spec.engine],
+            "model_engine": ENGINE_NAMES[spec.engine],
             "kind": model_type, "model": spec.model if spec.engine == "llamacpp" else spec.upstream_model,
             "config": shown_spec(spec), "desired": row.desired if row is not None else ep.desired,
             "state": state_value, "reason": why, "progress": progress, "replicas": replicas,

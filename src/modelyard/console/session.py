@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..control.db import Database
-from ..settings import AdminToken
+from ..settings import AdminToken, secret_digest
 
 COOKIE = "modelyard_console"
 CSRF_HEADER = "x-csrf-token"
@@ -52,8 +52,7 @@ def _unb64(text: str) -> bytes:
 
 
 def token_digest(token: AdminToken) -> bytes:
-    raw = token.token
-    return bytes.fromhex(raw[7:]) if raw.startswith("sha256:") else hashlib.sha256(raw.encode()).digest()
+    return secret_digest(token.token)
 
 
 @dataclass(frozen=True)
