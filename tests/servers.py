@@ -79,6 +79,7 @@ class ServerProcess(ServerAPI):
     key: str | None = None
     model: str = MODEL
     proc: subprocess.Popen | None = None
+    env: dict[str, str] | None = None          # added to the process's environment
 
     @property
     def base(self) -> str:
@@ -88,6 +89,7 @@ class ServerProcess(ServerAPI):
         """Start the process (again, after a stop or kill), logging to `log` if given."""
         self.log = log or self.log
         env = {k: v for k, v in os.environ.items() if k != "MODELYARD_API_KEYS"}
+        env.update(self.env or {})
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
@@ -138,9 +140,16 @@ def modelyard_process(directory: Path, config: str, *, name: str = "server", key
     cfg = directory / f"{name}.toml"
     cfg.write_text(config)
     port = free_port()
+    # The control database defaults to <store_dir>/control.db, the user's ~/.cache/modelyard:
+    # a test server that names none gets its own beside its config instead, so that nothing a
+    # test writes (endpoints, tokens, the console's key, audit rows) outlives the run or reaches
+    # the next one (issue 18). The store's model files are still shared: they are only fetched.
+    env = None
+    if "database_url" not in config and "store_dir" not in config:
+        env = {"MODELYARD_DATABASE_URL": f"sqlite:///{directory / f'{name}-control.db'}"}
     return ServerProcess([sys.executable, "-m", "modelyard", "serve", "--config", str(cfg),
                           "--host", "127.0.0.1", "--port", str(port)],
-                         port, directory / f"{name}.log", key=key, model=model)
+                         port, directory / f"{name}.log", key=key, model=model, env=env)
 
 
 def wait_for(what: str, check: Callable[[], bool], server: ServerProcess, timeout: float = START_TIMEOUT) -> None:

@@ -1,23 +1,21 @@
 """The corpus sample the matcher tests walk: schemas under MAX_SCHEMA_CHARS (hypothesis-jsonschema
 takes seconds to minutes on the large ones), with VALID valid and INVALID invalid instances each,
-written the grammar's way. Building it takes a minute or two; it is cached under
-~/.cache/modelyard/structured/, keyed by the package versions and this code, so later runs
-read it in a second."""
+written the grammar's way.
+
+Built once per test session, in memory (seconds): nothing is read from an earlier run. An
+on-disk cache of these cases used to hide a bug that only a cold build showed (issue 18: the
+build rewrote the shared schemas), so a machine with a warm ~/.cache passed and a fresh one did
+not. The build is deterministic (hypothesis derandomized, pinned package versions)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from importlib import metadata
-from pathlib import Path
+import functools
 
 import llguidance
 
 from modelyard.engine.types import Constraint
 from modelyard.errors import InvalidRequest
 from modelyard.local.grammar import LIMITS, grammar_text
-from modelyard.settings import Settings
 
 from corpus import Entry, corpus, sample
 from instances import grammar_json, invalid_instances, valid_instances
@@ -26,16 +24,6 @@ SAMPLE = 48
 MAX_SCHEMA_CHARS = 30_000
 VALID = 6
 INVALID = 6
-HERE = Path(__file__).parent
-
-
-def _key() -> str:
-    h = hashlib.sha256()
-    for pkg in ("check-jsonschema", "kubernetes-validate", "hypothesis-jsonschema", "hypothesis", "jsonschema"):
-        h.update(f"{pkg}={metadata.version(pkg)};".encode())
-    for name in ("corpus.py", "instances.py", "cases.py"):
-        h.update((HERE / name).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _text(x: object, schema: dict) -> str | None:
@@ -47,14 +35,14 @@ def _text(x: object, schema: dict) -> str | None:
     return text
 
 
-def build(entries: tuple[Entry, ...]) -> list[dict]:
+def build(entries: tuple[Entry, ...]) -> list[tuple[Entry, list[str], list[str]]]:
     cases = []
     for e in entries:
-        valid = valid_instances(e.schema, VALID)
-        invalid = invalid_instances(e.schema, valid, INVALID)
-        cases.append({"name": e.name,
-                      "valid": [t for t in (_text(x, e.schema) for x in valid) if t is not None],
-                      "invalid": [t for t in (_text(x, e.schema) for x in invalid) if t is not None]})
+        schema = e.schema
+        valid = valid_instances(schema, VALID)
+        invalid = invalid_instances(schema, valid, INVALID)
+        cases.append((e, [t for t in (_text(x, schema) for x in valid) if t is not None],
+                      [t for t in (_text(x, schema) for x in invalid) if t is not None]))
     return cases
 
 
@@ -75,17 +63,7 @@ def walk_sample() -> tuple[Entry, ...]:
     return sample(small, SAMPLE)
 
 
+@functools.lru_cache(maxsize=1)
 def cases() -> list[tuple[Entry, list[str], list[str]]]:
-    """(entry, valid texts, invalid texts) for the sample, from the cache when it is there."""
-    entries = walk_sample()
-    cache = Settings().store_dir / "structured" / f"cases-{_key()}.json"
-    if cache.exists():
-        built = json.loads(cache.read_text())
-    else:
-        built = build(entries)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(built, ensure_ascii=False))
-        tmp.replace(cache)
-    by_name = {c["name"]: c for c in built}
-    return [(e, by_name[e.name]["valid"], by_name[e.name]["invalid"]) for e in entries]
+    """(entry, valid texts, invalid texts) for the sample, built on first use in this session."""
+    return build(walk_sample())

@@ -32,12 +32,22 @@ K8S_REF = "/api/_definitions.json#/$defs/"
 
 @dataclass(frozen=True)
 class Entry:
+    """One schema of the corpus, held as its JSON text: `schema` parses a fresh copy on every
+    read. corpus() is cached for the session, and a shared dict is not safe to hand out:
+    hypothesis-jsonschema's from_schema rewrites the schema it is given in place (it adds
+    `not` keywords while canonicalising), which made every later test see other schemas than
+    the corpus holds (strict compiles then failed on `not`: issue 18)."""
+
     name: str           # "schemastore/codecov", "k8s/pod-v1"
-    schema: dict
+    text: str           # compact JSON
+
+    @classmethod
+    def of(cls, name: str, schema: dict) -> "Entry":
+        return cls(name, json.dumps(schema, separators=(",", ":")))
 
     @property
-    def text(self) -> str:
-        return json.dumps(self.schema, separators=(",", ":"))
+    def schema(self) -> dict:
+        return json.loads(self.text)
 
 
 def _schemastore() -> Iterator[Entry]:
@@ -45,7 +55,7 @@ def _schemastore() -> Iterator[Entry]:
     for folder in ("vendor", "custom"):
         for f in sorted(root.joinpath(folder).iterdir(), key=lambda p: p.name):
             if f.name.endswith(".json") and f.name not in SCHEMASTORE_LEFT_OUT:
-                yield Entry(f"schemastore/{f.name[:-5]}", json.loads(f.read_text()))
+                yield Entry.of(f"schemastore/{f.name[:-5]}", json.loads(f.read_text()))
 
 
 def _k8s_root():
@@ -95,7 +105,7 @@ def bundle_k8s(schema: dict) -> dict:
 def _k8s() -> Iterator[Entry]:
     for f in sorted(_k8s_root().iterdir(), key=lambda p: p.name):
         if f.name.endswith(".json") and f.name not in K8S_LEFT_OUT:
-            yield Entry(f"k8s/{f.name[:-5]}", bundle_k8s(json.loads(f.read_text())))
+            yield Entry.of(f"k8s/{f.name[:-5]}", bundle_k8s(json.loads(f.read_text())))
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,6 +6,7 @@ instance the way modelyard's grammar does (local/grammar.JSON_OPTIONS).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -54,10 +55,12 @@ def valid_instances(schema: dict, n: int) -> list[Any]:
     out: list[Any] = []
     seen: set[str] = set()
     check = validator(schema)
+    # from_schema rewrites the schema it is given in place: it gets its own copy
+    strategy = from_schema(copy.deepcopy(schema))
 
     @settings(derandomize=True, max_examples=n, database=None, deadline=None,
               suppress_health_check=list(HealthCheck), phases=[Phase.generate])
-    @given(from_schema(schema))
+    @given(strategy)
     def collect(x: Any) -> None:
         key = json.dumps(x, sort_keys=True)
         if key not in seen and check.is_valid(x):

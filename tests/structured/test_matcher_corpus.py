@@ -19,7 +19,7 @@ import pytest
 from modelyard.engine.types import Constraint
 from modelyard.errors import InvalidRequest
 
-from cases import cases
+from cases import SAMPLE, cases
 from corpus import corpus
 from instances import validator
 from walk import MAX_TOKENS, random_text, walk
@@ -51,7 +51,18 @@ def test_most_of_the_corpus_compiles_and_the_rest_is_a_400(grammars) -> None:
 
 @pytest.fixture(scope="module")
 def walked(grammars):
-    return [(e, valid, invalid) for e, valid, invalid in cases() if compiles(grammars, e.text, strict=True)]
+    """The whole sample: each schema in it compiled with strict on without a tokenizer
+    (cases.walk_sample), so it must compile with smollm2's too. One that does not is a failure
+    named here, never a schema quietly left out (that hid issue 18: 23 of 48 dropped)."""
+    sample = cases()
+    refused = {}
+    for e, _, _ in sample:
+        try:
+            grammars.matchers(Constraint("json_schema", e.text, FIELD, True), 1)
+        except InvalidRequest as exc:
+            refused[e.name] = str(exc)[:200]
+    assert refused == {}
+    return sample
 
 
 def test_valid_instances_pass_the_mask_and_invalid_ones_never_do(walked, grammars, smollm2) -> None:
@@ -77,7 +88,7 @@ def test_valid_instances_pass_the_mask_and_invalid_ones_never_do(walked, grammar
     print(f"\n{len(walked)} schemas: {accepted} valid accepted, {rejected} invalid rejected, "
           f"{len(wrong_accepts)} wrong accepts, {len(wrong_rejects)} wrong rejects, "
           f"{unwritable} not writable in the vocabulary")
-    assert len(walked) >= 40 and accepted >= 150 and rejected >= 200
+    assert len(walked) == SAMPLE and accepted >= 150 and rejected >= 200
     assert wrong_accepts == []
     assert wrong_rejects == []
 
