@@ -21,9 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..control.endpoints import StoredEndpoint, shown_spec
+from ..control.endpoints import StoredEndpoint
 from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
-from ..registry.endpoint import ENGINE_NAMES, Endpoint, EndpointState
+from ..registry.endpoint import Endpoint, EndpointState
+from ..registry.render import endpoint_object as render
 from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields
 from .control import actor, admin, revision_of, viewer
 
@@ -94,38 +95,6 @@ def _config_managed(ep: Endpoint) -> Conflict:
         return Conflict(f"model endpoint {ep.name!r} is being deleted", param="id", code="endpoint_deleting")
     return Conflict(f"model endpoint {ep.name!r} comes from the server's config file: change it there and "
                     "restart (the API changes only endpoints it created)", param="id", code="config_managed")
-
-
-def render(ep: Endpoint | None, row: StoredEndpoint | None = None, state: EndpointState | None = None,
-           reason: str | None = None, started: int = 0) -> dict[str, Any]:
-    """The admin API's object. `row` (stored endpoints) says what is wanted, `ep` (this
-    process's registry) what is; `state`/`reason` override the endpoint's (an event's moment)."""
-    spec = row.spec if row is not None else ep.spec
-    status = ep.engine.status() if ep is not None and ep.engine is not None else {}
-    replicas = None
-    if spec.engine == "openai":
-        listed = status.get("replicas")
-        replicas = ({"healthy": sum(1 for r in listed if r.get("healthy")), "total": len(listed)}
-                    if listed is not None else {"healthy": 0, "total": len(spec.urls)})
-    if ep is None:      # stored, not applied in this process yet (within the sync bound)
-        state_value, why = ("unloaded" if row.desired == "unloaded" else "loading"), "not applied in this process yet"
-    else:
-        state_value = (state or ep.state).value
-        why = reason if state is not None else (ep.not_ready_reason() if ep.state is EndpointState.READY else ep.reason)
-    progress = {"completed": ep.progress[0], "total": ep.progress[1]} if ep is not None and ep.progress else None
-    model_type = ep.model_type.value.lower() if ep is not None and ep.model_type else spec.kind
-    return {"id": row.id if row is not None else ep.id, "object": "model_endpoint", "name": spec.name,
-            "source": "api" if row is not None else ep.source, "engine": spec.engine,
-            "model_engine": ENGINE_NAMES[spec.engine],
-            "kind": model_type, "model": spec.model if spec.engine == "llamacpp" else spec.upstream_model,
-            "config": shown_spec(spec), "desired": row.desired if row is not None else ep.desired,
-            "state": state_value, "reason": why, "progress": progress, "replicas": replicas,
-            # whether requests are served now: a ready remote endpoint with no healthy replica is not
-            "serving": ep is not None and (state or ep.state) is EndpointState.READY and ep.not_ready_reason() is None,
-            "in_flight": int(status.get("in_flight", 0)), "queued": int(status.get("queue_depth", 0)),
-            "created_at": row.created_at if row is not None else (ep.created_at or started),
-            "updated_at": row.updated_at if row is not None else (ep.updated_at or started),
-            "revision": row.revision if row is not None else ep.revision}
 
 
 async def _row(request: Request, endpoint_id: str) -> tuple[Endpoint | None, StoredEndpoint | None]:

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..redact import redact
+from ..registry import render
 from ..registry.endpoint import EndpointState
 from .auth import may_see_reasons
 
@@ -29,12 +30,12 @@ async def list_models(request: Request) -> dict:
 @admin.get("/endpoints", summary="Model endpoints and their state")
 async def list_endpoints(request: Request) -> dict:
     detail = may_see_reasons(request)
-    return {"endpoints": [ep.describe(detail) for ep in request.app.state.registry.endpoints.values()]}
+    return {"endpoints": [render.status(ep, detail) for ep in request.app.state.registry.endpoints.values()]}
 
 
 @admin.get("/endpoints/{name}", summary="One model endpoint")
 async def get_endpoint(name: str, request: Request) -> dict:
-    return request.app.state.registry.get(name).describe(may_see_reasons(request))
+    return render.status(request.app.state.registry.get(name), may_see_reasons(request))
 
 
 @probes.get("/health", summary="The process is up and accepting requests")
