@@ -1,7 +1,7 @@
 """Run-time model endpoints in the admin API: /api/v1/control/model-endpoints.
 
 Create (an embedded model from the store, or remote replicas), get, list, patch (the engine
-reloads with the new config), delete (in-flight requests finish; meanwhile the models list
+reloads with the new config; new upstream hosts drop the stored api_key, see `same_hosts`), delete (in-flight requests finish; meanwhile the models list
 shows "object": "model.deleted"), load/unload, and a server-sent-events stream of each
 endpoint's state as full snapshots. Endpoints from the TOML file are listed with
 source "config" and cannot be changed here (409 config_managed): the file owns them.
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Iterable, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -176,7 +177,8 @@ async def one_endpoint_events(endpoint_id: str, request: Request, _: AdminToken 
     return sse(endpoint_events(request.app, endpoint_id))
 
 
-@router.patch(PREFIX + "/{endpoint_id}", summary="Change an endpoint's config (it reloads); null resets a field")
+@router.patch(PREFIX + "/{endpoint_id}", summary="Change an endpoint's config (it reloads); null resets a field; "
+              "new upstream hosts drop the stored api_key unless it is set too")
 async def patch_endpoint(endpoint_id: str, body: EndpointFields, request: Request, response: Response,
                          if_match: Annotated[str | None, Header()] = None, who: AdminToken = Depends(admin)) -> dict:
     ep, row = await _row(request, endpoint_id)
@@ -187,12 +189,32 @@ async def patch_endpoint(endpoint_id: str, body: EndpointFields, request: Reques
     for key in body.model_fields_set:
         value = getattr(body, key)
         fields[key] = spec_fields(default)[key] if value is None else value
+    if "api_key" not in body.model_fields_set and not same_hosts(row.spec.urls, fields["urls"]):
+        fields["api_key"] = None        # the key was given for the old hosts, not for these
     spec = _spec(fields)
     _check_model(request, spec)
     row = await asyncio.to_thread(request.app.state.endpoint_store.update, actor(who), endpoint_id,
                                   revision_of(if_match), spec=spec)
     await _apply(request)
     return _answer(request, response, _here(request, row), row)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the default port spelled out; credentials and path aside."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:           # not a port: the URL is refused when the spec is checked
+        port = None
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
+def same_hosts(old: Iterable[str], new: Iterable[str]) -> bool:
+    """Whether every URL in `new` goes to a scheme, host and port that one in `old` went to: an
+    upstream api_key stored for the old ones is kept only then (a PATCH of `urls` alone must not
+    send it to a host it was never meant for)."""
+    before = {_origin(u) for u in old}
+    return all(_origin(u) in before for u in new)
 
 
 async def _desire(request: Request, response: Response, endpoint_id: str, desired: str, who: AdminToken,
