@@ -7,7 +7,9 @@ Two views, one exit:
 - `status`: the data plane's `/api/v1/endpoints` (state and engine counters).
 
 Both leave through `_shown`, which masks URL credentials in every string in them: a reason is
-free text (an upstream's error, a replica's URL), so no field is trusted to be clean.
+free text (an upstream's error, a replica's URL), so no field is trusted to be clean. Cache
+counters (CACHE_COUNTERS) say whether someone's prompt was cached; they are in `status` only
+when the caller may see every tenant's traffic (api/auth.may_see_cache).
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from typing import Any, Protocol
 from ..redact import redact
 from ..settings import EndpointSpec, spec_fields
 from .endpoint import ENGINE_NAMES, Endpoint, EndpointState
+
+# Engine status fields that move when a prompt shares a prefix with one cached earlier: a
+# tenant who sends a guessed prompt and reads them learns whether another tenant sent it.
+CACHE_COUNTERS = frozenset({
+    "cached_tokens", "prefix_reused_tokens", "host_cache_entries", "host_cache_bytes",
+    "host_cache_hits", "host_cache_hit_tokens", "host_cache_evictions"})
+
 
 class Wanted(Protocol):
     """What an admin asked for (control/endpoints.StoredEndpoint): the stored row."""
@@ -74,12 +83,14 @@ def endpoint_object(ep: Endpoint | None, wanted: Wanted | None = None, *, state:
         "revision": wanted.revision if wanted is not None else ep.revision})
 
 
-def status(ep: Endpoint, detail: bool = False) -> dict[str, Any]:
+def status(ep: Endpoint, detail: bool = False, cache: bool = False) -> dict[str, Any]:
     """State and counters; with `detail` (trusted callers) also the reason, the model ref, its
-    file and the replicas."""
+    file and the replicas; with `cache` the cache counters (see CACHE_COUNTERS)."""
     engine = ep.engine.status() if ep.engine is not None and ep.state is EndpointState.READY else {}
     if not detail:     # counters only: replica lists name upstream hosts
         engine = {k: v for k, v in engine.items() if isinstance(v, (int, float, bool))}
+    if not cache:
+        engine = {k: v for k, v in engine.items() if k not in CACHE_COUNTERS}
     out = {"name": ep.name, "state": ep.state.value, "ready": ep.not_ready_reason() is None,
            "engine": ep.spec.engine, "model_type": ep.model_type.value if ep.model_type else None,
            "model_engine": ep.model_engine, **engine}
