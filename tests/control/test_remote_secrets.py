@@ -97,7 +97,8 @@ def test_url_credentials_of_a_down_replica_are_masked_in_every_view(srv):
             page = browser.get("/console/endpoints")
             assert page.status_code == 200 and "rt-remote" in page.text and "cfg-remote" in page.text
             assert "http://***@127.0.0.1" in page.text and SECRET not in page.text
-        assert admin.delete(f"/model-endpoints/{created['id']}").status_code == 202
+        deleted = admin.delete(f"/model-endpoints/{created['id']}")
+        assert deleted.status_code == 202 and deleted.json()["desired"] == "deleted" and SECRET not in deleted.text
 
 
 # -- the upstream api_key follows its hosts ----------------------------------------------------

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..control.endpoints import StoredEndpoint
 from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
 from ..registry.endpoint import Endpoint, EndpointState
-from ..registry.render import endpoint_object as render
+from ..registry.render import endpoint_object
 from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields
 from .control import actor, admin, revision_of, viewer
 
@@ -118,7 +118,7 @@ async def _apply(request: Request) -> None:
 
 
 def _answer(request: Request, response: Response, ep: Endpoint | None, row: StoredEndpoint | None) -> dict:
-    body = render(ep, row, started=request.app.state.started)
+    body = endpoint_object(ep, row, started=request.app.state.started)
     response.headers["ETag"] = f'"{body["revision"]}"'
     return body
 
@@ -149,11 +149,11 @@ async def list_endpoints(request: Request, limit: Limit = 20, after: str | None 
     started = request.app.state.started
     config = sorted((ep for ep in request.app.state.registry.endpoints.values() if ep.source == "config"),
                     key=lambda e: e.id)
-    data = [render(ep, started=started) for ep in config if ep.id > (after or "")][:limit + 1]
+    data = [endpoint_object(ep, started=started) for ep in config if ep.id > (after or "")][:limit + 1]
     if len(data) <= limit:
         cursor = max(after or "", data[-1]["id"] if data else "")
         rows = await asyncio.to_thread(request.app.state.endpoint_store.page, limit + 1 - len(data), cursor)
-        data += [render(_here(request, r), r, started=started) for r in rows]
+        data += [endpoint_object(_here(request, r), r, started=started) for r in rows]
     page = data[:limit]
     return {"object": "list", "data": page, "has_more": len(data) > limit,
             "last_id": page[-1]["id"] if page else None}
@@ -252,10 +252,12 @@ async def delete_endpoint(endpoint_id: str, request: Request, response: Response
     await asyncio.to_thread(request.app.state.endpoint_store.delete, actor(who), endpoint_id, revision_of(if_match))
     await _apply(request)
     ep = _here(request, row)
-    body = render(ep, row, started=request.app.state.started)
-    body.update(state=(ep.state.value if ep is not None else "deleting"), desired="deleted",
-                reason=ep.reason if ep is not None else "being deleted")
-    return body
+    started = request.app.state.started
+    if ep is not None:     # its own state and reason, which the renderer redacts like any other
+        body = endpoint_object(ep, row, state=ep.state, reason=ep.reason, started=started)
+    else:
+        body = {**endpoint_object(None, row, started=started), "state": "deleting", "reason": "being deleted"}
+    return {**body, "desired": "deleted"}
 
 
 # ---- the event stream ----------------------------------------------------------------------------
@@ -300,7 +302,7 @@ async def endpoint_events(app, only: str | None) -> AsyncIterator[tuple[str, dic
                     if last.pop(ep.id, None) is not None:
                         out.append(("deleted", {"id": ep.id, "name": names.pop(ep.id, ep.name)}))
                     continue
-                snap = render(ep, state=state, reason=reason, started=started)
+                snap = endpoint_object(ep, state=state, reason=reason, started=started)
                 if last.get(ep.id) != snap:
                     last[ep.id], names[ep.id] = snap, ep.name
                     out.append(("endpoint", snap))
