@@ -203,7 +203,8 @@ def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str |
     port = free_port()
     return modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 5\n'
-        f'store_dir = "{CACHE}"\n\n'
+        # one tenant: the host_cache_* counters kept in the JSON are shown only to admins otherwise
+        f'store_dir = "{CACHE}"\npublic_cache_counters = true\n\n'
         f'[[endpoints]]\nname = "{m.name}"\nmodel = "{m.ref}"\nparallel = {PARALLEL}\ncontext = {CONTEXT}\n'
         f'threads = {threads}\n' + (f'convert = "{m.convert}"\n' if m.convert else "")
         + (f"deterministic = {deterministic}\n" if deterministic else "")), port)

@@ -62,6 +62,7 @@ def test_model_flag_serves_that_one_model(tmp_path):
     ('[[endpoints]]\nname = "a"\n[[endpoints]]\nname = "a"', "unique"),
     ('[[keys]]\nkey = "sha256:abc"', "64 hex"),
     ("not toml [", "cannot read"),
+    ('[server]\npublic_cache_counters = "yes"', "public_cache_counters must be true or false"),
 ])
 def test_bad_config_names_the_problem(tmp_path, text, words):
     with pytest.raises(ConfigError, match=words):

@@ -51,6 +51,10 @@ class Metrics:
         self.latency = Histogram("modelyard_request_duration_seconds", "End-to-end request latency",
                                  ["endpoint", "route"], buckets=LATENCY, registry=self.prom)
         self.prom.register(_EndpointCollector(registry))
+        # Prefix-cache series tell whether someone's prompt is cached: a registry of their own,
+        # exported only to callers allowed to see them (api/models.metrics).
+        self.cache_prom = CollectorRegistry()
+        self.cache_prom.register(_CacheCollector(registry))
         self.quotas = None          # quota/redis.RedisQuotas or quota/postgres.PostgresQuotas when quotas are shared
         self.prom.register(_QuotaCollector(self))
 
@@ -83,8 +87,10 @@ class Metrics:
         log.info(json.dumps({"endpoint": endpoint, "route": route, "status": status,
                              "latency_ms": round(seconds * 1000, 1), **extra}))
 
-    def render(self) -> bytes:
-        return generate_latest(self.prom)
+    def render(self, cache: bool = False) -> bytes:
+        """The exposition text; with `cache`, the prefix-cache series too (distinct names, so
+        the two texts concatenate into one valid exposition)."""
+        return generate_latest(self.prom) + (generate_latest(self.cache_prom) if cache else b"")
 
 
 class RouteLabels:
@@ -142,13 +148,6 @@ class _EndpointCollector:
         queue = GaugeMetricFamily("modelyard_queue_depth", "Requests waiting for a slot", labels=["endpoint"])
         in_flight = GaugeMetricFamily("modelyard_in_flight", "Requests admitted and not finished",
                                       labels=["endpoint"])
-        host_bytes = GaugeMetricFamily("modelyard_prefix_cache_host_bytes",
-                                       "Bytes of prompt KV held in host memory beyond the slots", labels=["endpoint"])
-        host_hits = CounterMetricFamily("modelyard_prefix_cache_host_hits",
-                                        "Prompts whose prefix KV was restored from host memory", labels=["endpoint"])
-        host_tokens = CounterMetricFamily("modelyard_prefix_cache_host_hit_tokens",
-                                          "Prompt tokens restored from host memory instead of computed",
-                                          labels=["endpoint"])
         grammar = {key: CounterMetricFamily(f"modelyard_{key}", doc, labels=["endpoint"])
                    for key, doc in GRAMMAR_COUNTERS.items()}
         for ep in self.registry.endpoints.values():
@@ -156,11 +155,30 @@ class _EndpointCollector:
             status = ep.engine.status() if ep.engine is not None else {}
             queue.add_metric([ep.name], float(status.get("queue_depth", 0)))
             in_flight.add_metric([ep.name], float(status.get("in_flight", 0)))
+            for key, family in grammar.items():
+                if key in status:
+                    family.add_metric([ep.name], float(status[key]))
+        yield from (ready, queue, in_flight, *grammar.values())
+
+
+class _CacheCollector:
+    """The embedded endpoints' host prefix cache (local/prefix_cache.HostCache)."""
+
+    def __init__(self, registry: "Registry") -> None:
+        self.registry = registry
+
+    def collect(self):
+        host_bytes = GaugeMetricFamily("modelyard_prefix_cache_host_bytes",
+                                       "Bytes of prompt KV held in host memory beyond the slots", labels=["endpoint"])
+        host_hits = CounterMetricFamily("modelyard_prefix_cache_host_hits",
+                                        "Prompts whose prefix KV was restored from host memory", labels=["endpoint"])
+        host_tokens = CounterMetricFamily("modelyard_prefix_cache_host_hit_tokens",
+                                          "Prompt tokens restored from host memory instead of computed",
+                                          labels=["endpoint"])
+        for ep in self.registry.endpoints.values():
+            status = ep.engine.status() if ep.engine is not None else {}
             if "host_cache_bytes" in status:
                 host_bytes.add_metric([ep.name], float(status["host_cache_bytes"]))
                 host_hits.add_metric([ep.name], float(status["host_cache_hits"]))
                 host_tokens.add_metric([ep.name], float(status["host_cache_hit_tokens"]))
-            for key, family in grammar.items():
-                if key in status:
-                    family.add_metric([ep.name], float(status[key]))
-        yield from (ready, queue, in_flight, host_bytes, host_hits, host_tokens, *grammar.values())
+        yield from (host_bytes, host_hits, host_tokens)

@@ -149,6 +149,9 @@ class Settings:
     request_timeout: float = 0.0        # seconds per request; 0: none (X-Request-Timeout may set one)
     grace_period: float = 30.0          # seconds in-flight requests get to finish on shutdown
     allowed_origins: tuple[str, ...] = ()   # web origins whose pages may call the server ("*": any)
+    # Prefix-cache counters tell whether someone's prompt is cached (registry/render.CACHE_COUNTERS):
+    # admin tokens see them; true shows them to every key and on the open /metrics (one tenant).
+    public_cache_counters: bool = False
     # The control plane (/api/v1/control): on when an admin token exists, here or (made by
     # `modelyard admin create-token`) in its store: this URL, or a SQLite file in the store directory.
     admin_tokens: tuple[AdminToken, ...] = ()
@@ -177,6 +180,8 @@ class Settings:
                               "store's PostgreSQL holds the quota blocks)")
         if self.quota_backend == "redis" and not self.redis_url:
             raise ConfigError("[quota] backend = 'redis' needs redis_url (redis://host:port/0 or unix:///path.sock)")
+        if not isinstance(self.public_cache_counters, bool):
+            raise ConfigError(f"[server] public_cache_counters must be true or false, got {self.public_cache_counters!r}")
         if self.quota_processes < 1:
             raise ConfigError(f"[quota] processes must be >= 1, got {self.quota_processes}")
         names = [e.name for e in self.endpoints]
@@ -232,7 +237,7 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {config}: {exc}") from None
         server = doc.get("server", {})
-        for key in ("host", "port", "log_level", "request_timeout", "grace_period"):
+        for key in ("host", "port", "log_level", "request_timeout", "grace_period", "public_cache_counters"):
             if key in server:
                 values[key] = server[key]
         if "api_keys" in server:

@@ -14,6 +14,7 @@ from modelyard.errors import ConfigError, InvalidRequest, StoreError
 from modelyard.local.gguf_header import model_type, read_keys
 from modelyard.registry.endpoint import Endpoint, EndpointState
 from modelyard.registry.registry import Registry, declared_type
+from modelyard.registry.render import status
 from modelyard.settings import EndpointSpec, Settings, load
 
 
@@ -146,7 +147,7 @@ def test_wrong_kind_is_a_400_whatever_the_state():
         ep.require_type(ModelType.COMPLETIONS, "/completions")
     assert info.value.status == 400 and info.value.param == "model" and info.value.code == "wrong_model_type"
     ep.require_type(ModelType.EMBEDDINGS, "/embeddings")
-    assert ep.describe()["model_type"] == "EMBEDDINGS" and ep.describe()["model_engine"] == "OPENAI_PROXY"
+    assert status(ep)["model_type"] == "EMBEDDINGS" and status(ep)["model_engine"] == "OPENAI_PROXY"
     unknown = Endpoint(EndpointSpec(name="f", model="/x.gguf"))
     unknown.require_type(ModelType.EMBEDDINGS, "/embeddings")     # not known yet: readiness answers
-    assert unknown.describe()["model_type"] is None and unknown.describe()["model_engine"] == "LLAMA_CPP"
+    assert status(unknown)["model_type"] is None and status(unknown)["model_engine"] == "LLAMA_CPP"

@@ -107,7 +107,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         for router in (completions.router, chat.router, embeddings.router, models.router):
             app.include_router(router, prefix=prefix, dependencies=auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
-    app.include_router(models.admin, prefix="/api/v1", dependencies=auth)
+    app.include_router(models.admin, prefix="/api/v1", dependencies=[Depends(models.key_or_admin)])
     app.include_router(models.probes)
     app.include_router(tokenizer.router, dependencies=auth)     # vLLM's place for them: the root
     if settings.control_enabled:    # admin tokens, not inference keys (api/control)

@@ -113,3 +113,12 @@ def may_see_reasons(request: Request) -> bool:
     if keys.enabled:
         return keys.knows(request.headers.get("authorization"))
     return request.app.state.settings.loopback
+
+
+def may_see_cache(request: Request) -> bool:
+    """Whether this caller may read the prefix-cache counters (registry/render.CACHE_COUNTERS):
+    they move when a prompt shares a prefix with one cached before, so whoever reads them can
+    test a guess at another tenant's prompt. Admin tokens (`request.state.admin`, set by the
+    route's dependency) may; everyone else only where `[server] public_cache_counters = true`
+    (a server with one tenant)."""
+    return request.app.state.settings.public_cache_counters or getattr(request.state, "admin", None) is not None

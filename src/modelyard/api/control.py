@@ -52,6 +52,17 @@ def caller(request: Request) -> AdminToken:
     return found
 
 
+def admin_or_none(request: Request) -> AdminToken | None:
+    """The admin token (either role) this request carries, or None: for routes open to others
+    that show an operator more (api/models: cache counters)."""
+    if not request.app.state.settings.control_enabled:
+        return None
+    try:
+        return caller(request)
+    except (Unauthorized, Forbidden):
+        return None
+
+
 def viewer(request: Request) -> AdminToken:
     return caller(request)
 

@@ -1,7 +1,7 @@
 """Run-time model endpoints in the admin API: /api/v1/control/model-endpoints.
 
 Create (an embedded model from the store, or remote replicas), get, list, patch (the engine
-reloads with the new config), delete (in-flight requests finish; meanwhile the models list
+reloads with the new config; new upstream hosts drop the stored api_key, see `same_hosts`), delete (in-flight requests finish; meanwhile the models list
 shows "object": "model.deleted"), load/unload, and a server-sent-events stream of each
 endpoint's state as full snapshots. Endpoints from the TOML file are listed with
 source "config" and cannot be changed here (409 config_managed): the file owns them.
@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Iterable, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..control.endpoints import StoredEndpoint, shown_spec
+from ..control.endpoints import StoredEndpoint
 from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
-from ..registry.endpoint import ENGINE_NAMES, Endpoint, EndpointState
+from ..registry.endpoint import Endpoint, EndpointState
+from ..registry.render import endpoint_object
 from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields
 from .control import actor, admin, revision_of, viewer
 
@@ -96,38 +98,6 @@ def _config_managed(ep: Endpoint) -> Conflict:
                     "restart (the API changes only endpoints it created)", param="id", code="config_managed")
 
 
-def render(ep: Endpoint | None, row: StoredEndpoint | None = None, state: EndpointState | None = None,
-           reason: str | None = None, started: int = 0) -> dict[str, Any]:
-    """The admin API's object. `row` (stored endpoints) says what is wanted, `ep` (this
-    process's registry) what is; `state`/`reason` override the endpoint's (an event's moment)."""
-    spec = row.spec if row is not None else ep.spec
-    status = ep.engine.status() if ep is not None and ep.engine is not None else {}
-    replicas = None
-    if spec.engine == "openai":
-        listed = status.get("replicas")
-        replicas = ({"healthy": sum(1 for r in listed if r.get("healthy")), "total": len(listed)}
-                    if listed is not None else {"healthy": 0, "total": len(spec.urls)})
-    if ep is None:      # stored, not applied in this process yet (within the sync bound)
-        state_value, why = ("unloaded" if row.desired == "unloaded" else "loading"), "not applied in this process yet"
-    else:
-        state_value = (state or ep.state).value
-        why = reason if state is not None else (ep.not_ready_reason() if ep.state is EndpointState.READY else ep.reason)
-    progress = {"completed": ep.progress[0], "total": ep.progress[1]} if ep is not None and ep.progress else None
-    model_type = ep.model_type.value.lower() if ep is not None and ep.model_type else spec.kind
-    return {"id": row.id if row is not None else ep.id, "object": "model_endpoint", "name": spec.name,
-            "source": "api" if row is not None else ep.source, "engine": spec.engine,
-            "model_engine": ENGINE_NAMES[spec.engine],
-            "kind": model_type, "model": spec.model if spec.engine == "llamacpp" else spec.upstream_model,
-            "config": shown_spec(spec), "desired": row.desired if row is not None else ep.desired,
-            "state": state_value, "reason": why, "progress": progress, "replicas": replicas,
-            # whether requests are served now: a ready remote endpoint with no healthy replica is not
-            "serving": ep is not None and (state or ep.state) is EndpointState.READY and ep.not_ready_reason() is None,
-            "in_flight": int(status.get("in_flight", 0)), "queued": int(status.get("queue_depth", 0)),
-            "created_at": row.created_at if row is not None else (ep.created_at or started),
-            "updated_at": row.updated_at if row is not None else (ep.updated_at or started),
-            "revision": row.revision if row is not None else ep.revision}
-
-
 async def _row(request: Request, endpoint_id: str) -> tuple[Endpoint | None, StoredEndpoint | None]:
     registry = request.app.state.registry
     ep = next((e for e in registry.endpoints.values() if e.id == endpoint_id), None)
@@ -148,7 +118,7 @@ async def _apply(request: Request) -> None:
 
 
 def _answer(request: Request, response: Response, ep: Endpoint | None, row: StoredEndpoint | None) -> dict:
-    body = render(ep, row, started=request.app.state.started)
+    body = endpoint_object(ep, row, started=request.app.state.started)
     response.headers["ETag"] = f'"{body["revision"]}"'
     return body
 
@@ -179,11 +149,11 @@ async def list_endpoints(request: Request, limit: Limit = 20, after: str | None 
     started = request.app.state.started
     config = sorted((ep for ep in request.app.state.registry.endpoints.values() if ep.source == "config"),
                     key=lambda e: e.id)
-    data = [render(ep, started=started) for ep in config if ep.id > (after or "")][:limit + 1]
+    data = [endpoint_object(ep, started=started) for ep in config if ep.id > (after or "")][:limit + 1]
     if len(data) <= limit:
         cursor = max(after or "", data[-1]["id"] if data else "")
         rows = await asyncio.to_thread(request.app.state.endpoint_store.page, limit + 1 - len(data), cursor)
-        data += [render(_here(request, r), r, started=started) for r in rows]
+        data += [endpoint_object(_here(request, r), r, started=started) for r in rows]
     page = data[:limit]
     return {"object": "list", "data": page, "has_more": len(data) > limit,
             "last_id": page[-1]["id"] if page else None}
@@ -207,7 +177,8 @@ async def one_endpoint_events(endpoint_id: str, request: Request, _: AdminToken 
     return sse(endpoint_events(request.app, endpoint_id))
 
 
-@router.patch(PREFIX + "/{endpoint_id}", summary="Change an endpoint's config (it reloads); null resets a field")
+@router.patch(PREFIX + "/{endpoint_id}", summary="Change an endpoint's config (it reloads); null resets a field; "
+              "new upstream hosts drop the stored api_key unless it is set too")
 async def patch_endpoint(endpoint_id: str, body: EndpointFields, request: Request, response: Response,
                          if_match: Annotated[str | None, Header()] = None, who: AdminToken = Depends(admin)) -> dict:
     ep, row = await _row(request, endpoint_id)
@@ -218,12 +189,32 @@ async def patch_endpoint(endpoint_id: str, body: EndpointFields, request: Reques
     for key in body.model_fields_set:
         value = getattr(body, key)
         fields[key] = spec_fields(default)[key] if value is None else value
+    if "api_key" not in body.model_fields_set and not same_hosts(row.spec.urls, fields["urls"]):
+        fields["api_key"] = None        # the key was given for the old hosts, not for these
     spec = _spec(fields)
     _check_model(request, spec)
     row = await asyncio.to_thread(request.app.state.endpoint_store.update, actor(who), endpoint_id,
                                   revision_of(if_match), spec=spec)
     await _apply(request)
     return _answer(request, response, _here(request, row), row)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the default port spelled out; credentials and path aside."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:           # not a port: the URL is refused when the spec is checked
+        port = None
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
+def same_hosts(old: Iterable[str], new: Iterable[str]) -> bool:
+    """Whether every URL in `new` goes to a scheme, host and port that one in `old` went to: an
+    upstream api_key stored for the old ones is kept only then (a PATCH of `urls` alone must not
+    send it to a host it was never meant for)."""
+    before = {_origin(u) for u in old}
+    return all(_origin(u) in before for u in new)
 
 
 async def _desire(request: Request, response: Response, endpoint_id: str, desired: str, who: AdminToken,
@@ -261,10 +252,12 @@ async def delete_endpoint(endpoint_id: str, request: Request, response: Response
     await asyncio.to_thread(request.app.state.endpoint_store.delete, actor(who), endpoint_id, revision_of(if_match))
     await _apply(request)
     ep = _here(request, row)
-    body = render(ep, row, started=request.app.state.started)
-    body.update(state=(ep.state.value if ep is not None else "deleting"), desired="deleted",
-                reason=ep.reason if ep is not None else "being deleted")
-    return body
+    started = request.app.state.started
+    if ep is not None:     # its own state and reason, which the renderer redacts like any other
+        body = endpoint_object(ep, row, state=ep.state, reason=ep.reason, started=started)
+    else:
+        body = {**endpoint_object(None, row, started=started), "state": "deleting", "reason": "being deleted"}
+    return {**body, "desired": "deleted"}
 
 
 # ---- the event stream ----------------------------------------------------------------------------
@@ -309,7 +302,7 @@ async def endpoint_events(app, only: str | None) -> AsyncIterator[tuple[str, dic
                     if last.pop(ep.id, None) is not None:
                         out.append(("deleted", {"id": ep.id, "name": names.pop(ep.id, ep.name)}))
                     continue
-                snap = render(ep, state=state, reason=reason, started=started)
+                snap = endpoint_object(ep, state=state, reason=reason, started=started)
                 if last.get(ep.id) != snap:
                     last[ep.id], names[ep.id] = snap, ep.name
                     out.append(("endpoint", snap))

@@ -7,11 +7,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..redact import redact
+from ..registry import render
 from ..registry.endpoint import EndpointState
-from .auth import may_see_reasons
+from .auth import may_see_cache, may_see_reasons, require_key
+from .control import admin_or_none
 
 router = APIRouter()        # under the OpenAI prefixes, behind auth
-admin = APIRouter()         # /api/v1/endpoints, behind auth
+admin = APIRouter()         # /api/v1/endpoints, behind key_or_admin
 probes = APIRouter()        # /health and /ready, open (load balancers and orchestrators call them)
 
 
@@ -26,15 +28,27 @@ async def list_models(request: Request) -> dict:
         for ep in registry.endpoints.values()]}
 
 
+async def key_or_admin(request: Request) -> None:
+    """/api/v1/endpoints' dependency: an admin token (the operator's view, with the cache
+    counters; no quota counted) or else an inference key (api/auth.require_key)."""
+    request.state.admin = admin_or_none(request)
+    if request.state.admin is None:
+        await require_key(request)
+
+
+def _views(request: Request) -> tuple[bool, bool]:
+    return request.state.admin is not None or may_see_reasons(request), may_see_cache(request)
+
+
 @admin.get("/endpoints", summary="Model endpoints and their state")
 async def list_endpoints(request: Request) -> dict:
-    detail = may_see_reasons(request)
-    return {"endpoints": [ep.describe(detail) for ep in request.app.state.registry.endpoints.values()]}
+    detail, cache = _views(request)
+    return {"endpoints": [render.status(ep, detail, cache) for ep in request.app.state.registry.endpoints.values()]}
 
 
 @admin.get("/endpoints/{name}", summary="One model endpoint")
 async def get_endpoint(name: str, request: Request) -> dict:
-    return request.app.state.registry.get(name).describe(may_see_reasons(request))
+    return render.status(request.app.state.registry.get(name), *_views(request))
 
 
 @probes.get("/health", summary="The process is up and accepting requests")
@@ -61,4 +75,7 @@ async def ready(request: Request) -> JSONResponse:
 
 @probes.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """Open (scrapers send no key), less the prefix-cache series: those only for an admin token
+    or where `[server] public_cache_counters = true` (api/auth.may_see_cache)."""
+    request.state.admin = admin_or_none(request)
+    return Response(request.app.state.metrics.render(cache=may_see_cache(request)), media_type=CONTENT_TYPE_LATEST)

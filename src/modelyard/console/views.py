@@ -1,7 +1,7 @@
 """What the pages show, read from server state at every render (never cached in the browser).
 
 Endpoints: the run-time endpoints API (`/model-endpoints`, its contract objects) when this server
-has it, else the registry's configured endpoints in the same shape; joined with the sampler's
+has it, else the registry's endpoints rendered by the same function (registry/render); joined with the sampler's
 tokens/s and TTFT. Keys and usage: the admin API (usage from its rollups, never request logs).
 """
 
@@ -12,40 +12,12 @@ import io
 import time
 from typing import Any
 
-from ..redact import redact
+from ..registry.render import endpoint_object
 from ..settings import AdminToken
 from . import internal
 
 ENDPOINTS_API = "/model-endpoints"
 MODELS_API = "/models"
-
-
-def _registry_object(ep) -> dict[str, Any]:
-    """A configured endpoint in the run-time API's shape (endpoints_contract), from the registry."""
-    status = ep.engine.status() if ep.engine is not None else {}
-    replicas = status.get("replicas")
-    why = ep.not_ready_reason()
-    return {"id": f"config:{ep.name}", "name": ep.name, "source": "config", "engine": ep.spec.engine,
-            "kind": ep.model_type.value.lower() if ep.model_type else None,
-            "model": ep.spec.model if ep.spec.engine == "llamacpp" else ep.spec.upstream_model,
-            # a ready endpoint whose replicas are all down says so ("unavailable"), with why
-            "state": ep.not_ready_state() or "ready", "reason": redact(why) if why else None,
-            "replicas": {"healthy": sum(1 for r in replicas if r.get("healthy")), "total": len(replicas)}
-            if replicas is not None else None,
-            "in_flight": int(status.get("in_flight", 0)), "queued": int(status.get("queue_depth", 0)),
-            "desired": "loaded", "progress": None}
-
-
-def _last_error(app, obj: dict) -> str | None:
-    """The latest failure worth showing: a failed state's reason, else a replica's last error."""
-    if obj.get("state") == "failed" and obj.get("reason"):
-        return obj["reason"]
-    ep = app.state.registry.endpoints.get(obj.get("name"))
-    if ep is not None and ep.engine is not None:
-        for replica in ep.engine.status().get("replicas") or ():
-            if replica.get("last_error") and replica.get("last_error") != "not probed yet":
-                return redact(f"{replica['url']}: {replica['last_error']}")
-    return None
 
 
 async def endpoints(app, who: AdminToken) -> tuple[list[dict], str | None]:
@@ -55,17 +27,17 @@ async def endpoints(app, who: AdminToken) -> tuple[list[dict], str | None]:
         got = await internal.list_all(app, who, ENDPOINTS_API)
         if isinstance(got, internal.Answer):
             notice = f"the endpoints API answered {got.status}: {got.message()}"
-            objects = [_registry_object(ep) for ep in app.state.registry.endpoints.values()]
+            objects = [endpoint_object(ep) for ep in app.state.registry.endpoints.values()]
         else:
             objects = got
     else:
         notice = ("Run-time endpoints (create, load, unload, delete) need the model-endpoints API, "
                   "which this server does not have; configured endpoints are shown.")
-        objects = [_registry_object(ep) for ep in app.state.registry.endpoints.values()]
+        objects = [endpoint_object(ep) for ep in app.state.registry.endpoints.values()]
     sampler = app.state.console.sampler
     rows = []
     for obj in sorted(objects, key=lambda o: o.get("name", "")):
-        rows.append({**obj, **sampler.summary(obj.get("name", "")), "last_error": _last_error(app, obj)})
+        rows.append({**obj, **sampler.summary(obj.get("name", ""))})
     return rows, notice
 
 

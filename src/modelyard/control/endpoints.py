@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import Conflict, ObjectNotFound, PreconditionFailed
-from ..redact import redact
+from ..registry.render import shown_spec
 from ..settings import EndpointSpec, endpoint_spec, spec_fields
 from .db import Database, Row
 from .records import audit, new_id
@@ -41,15 +40,6 @@ class StoredEndpoint:
 def _stored(row: Row) -> StoredEndpoint:
     return StoredEndpoint(row["id"], endpoint_spec(json.loads(row["spec"])), row["desired"],
                           row["created_at"], row["updated_at"], row["revision"])
-
-
-def shown_spec(spec: EndpointSpec) -> dict[str, Any]:
-    """A spec as the API and the audit log show it: URL credentials masked, no api_key."""
-    fields = spec_fields(spec)
-    fields["urls"] = [redact(u) for u in fields["urls"]]
-    fields["api_key_set"] = fields.pop("api_key") is not None
-    del fields["name"]
-    return fields
 
 
 class EndpointStore:

@@ -115,35 +115,9 @@ class Endpoint:
         assert self.engine is not None
         return self.engine
 
-    def describe(self, detail: bool = False) -> dict:
-        """State and counters; with `detail` (trusted callers) also the reason, the model ref and
-        its file (secrets redacted)."""
-        engine = self.engine.status() if self.engine is not None and self.state is EndpointState.READY else {}
-        if not detail:     # counters only: replica lists name upstream hosts
-            engine = {k: v for k, v in engine.items() if isinstance(v, (int, float, bool))}
-        out = {"name": self.name, "state": self.state.value, "ready": self.not_ready_reason() is None,
-               "engine": self.spec.engine, "model_type": self.model_type.value if self.model_type else None,
-               "model_engine": self.model_engine, **_redacted(engine)}
-        if detail:
-            why = self.not_ready_reason()
-            model = self.spec.model if self.spec.engine == "llamacpp" else self.spec.upstream_model
-            out.update(reason=redact(why) if why else None, model=model, model_path=self.model_path)
-        return out
-
 
 ENGINE_NAMES = {"llamacpp": "LLAMA_CPP", "openai": "OPENAI_PROXY"}
 
 
 def _a(kind: ModelType) -> str:
     return "an embeddings" if kind is ModelType.EMBEDDINGS else "a completions"
-
-
-def _redacted(value):
-    """`value` (JSON-like) with URL credentials masked in every string in it."""
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {k: _redacted(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redacted(v) for v in value]
-    return value
