@@ -1,7 +1,8 @@
 """Runs the app under uvicorn with modelyard's shutdown: on SIGTERM/SIGINT /ready turns 503 at
 once and endpoints stop admitting, while the server keeps answering (so load balancers see the
 503, not a refused connection); requests in flight get `grace_period` seconds to finish, then
-end with an error event (never a silent cut); the process exits 0. A second signal exits at once."""
+end with an error event (never a silent cut); the process exits 0. A second signal exits at once.
+Each connection is bounded by connections.py ([server] header_timeout, max_connections, ...)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from .connections import protocol
 from .settings import Settings
 
 log = logging.getLogger("modelyard.server")
@@ -19,8 +21,13 @@ log = logging.getLogger("modelyard.server")
 
 class Server(uvicorn.Server):
     def __init__(self, app: FastAPI, settings: Settings) -> None:
+        # The h11 protocol with a request-head deadline and a connection cap (connections.py),
+        # whatever HTTP parser happens to be installed.
         super().__init__(uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
-                                        log_level=settings.log_level, timeout_graceful_shutdown=5))
+                                        log_level=settings.log_level, timeout_graceful_shutdown=5,
+                                        http=protocol(settings.header_timeout, settings.max_connections,
+                                                      settings.max_header_bytes),
+                                        timeout_keep_alive=settings.keep_alive_timeout))  # type: ignore[arg-type]
         self.app = app
         self.grace = settings.grace_period
         self._drain: asyncio.Task | None = None

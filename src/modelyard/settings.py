@@ -135,6 +135,16 @@ class AdminToken:
             raise ConfigError("every admin token needs a name and a token")
 
 
+# [server] bounds on what one client connection may hold (connections.py): setting ->
+# (lowest, highest, unit). Each fails closed: there is no "off".
+CONNECTION_LIMITS: dict[str, tuple[float, float, str]] = {
+    "header_timeout": (0.1, 300.0, "seconds"),        # to send a complete request head
+    "keep_alive_timeout": (0.1, 300.0, "seconds"),    # an idle connection between requests
+    "max_connections": (1, 100_000, "connections"),   # open at once; one more is answered 503
+    "max_header_bytes": (1024, 1_048_576, "bytes"),   # a request head (line and headers)
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -163,6 +173,11 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)       # may hold a password
     quota_processes: int = 1
     database_url: str | None = field(default=None, repr=False)    # may hold a password
+    # Slow or greedy clients (CONNECTION_LIMITS has the ranges; README, "Configuration").
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000        # below a default `ulimit -n` of 1024, with room for the rest
+    max_header_bytes: int = 16_384     # h11's own default
 
     @property
     def control_enabled(self) -> bool:
@@ -173,6 +188,13 @@ class Settings:
         return self.database_url or f"sqlite:///{self.store_dir / 'control.db'}"
 
     def __post_init__(self) -> None:
+        for name, (low, high, unit) in CONNECTION_LIMITS.items():
+            value = getattr(self, name)
+            whole = isinstance(low, int)
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                    or not low <= value <= high:
+                raise ConfigError(f"[server] {name} must be {'a whole number ' if whole else ''}from {low} to "
+                                  f"{high} {unit}, got {value!r}", param=name)
         if self.quota_backend not in ("memory", "redis", "postgres"):
             raise ConfigError(f"[quota] backend must be 'memory', 'redis' or 'postgres', got {self.quota_backend!r}")
         if self.quota_backend == "postgres" and not (self.database_url or "").startswith(("postgresql://", "postgres://")):
@@ -237,7 +259,8 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {config}: {exc}") from None
         server = doc.get("server", {})
-        for key in ("host", "port", "log_level", "request_timeout", "grace_period", "public_cache_counters"):
+        for key in ("host", "port", "log_level", "request_timeout", "grace_period", "public_cache_counters",
+                    *CONNECTION_LIMITS):
             if key in server:
                 values[key] = server[key]
         if "api_keys" in server:

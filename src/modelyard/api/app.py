@@ -7,7 +7,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from ..metrics import Metrics
@@ -15,6 +15,7 @@ from ..registry.registry import Registry
 from ..settings import Settings
 from . import chat, completions, control, control_endpoints, control_models, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
+from .gate import CredentialGate, GatedRoutes
 from .middleware import BodyLimits, ReleaseSlot, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
 from .auth import KeyChecker, require_key
@@ -92,27 +93,38 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.shutting_down = False
     errors.install(app)
     # Outermost last: RequestLog sees every answer, BrowserGuard refuses web pages before any
-    # work, CancelOnDisconnect watches the whole request.
-    app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
+    # work, BodyLimits bounds every body and closes the connection after any answer that left
+    # one unread, CredentialGate refuses a caller without credentials before its body is read
+    # (inside ReleaseSlot, which gives back the slot its key check takes), CancelOnDisconnect
+    # watches the whole request.
     app.add_middleware(CancelOnDisconnect)
+    gated = GatedRoutes()       # filled by include() below, before the first request
+    app.add_middleware(CredentialGate, routes=gated)
+    app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(ReleaseSlot)      # outside CancelOnDisconnect: runs once the app's task has ended
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(BrowserGuard, settings=settings, keyless=not (settings.all_keys or settings.control_enabled))
     app.add_middleware(RequestLog)
-    auth = [Depends(require_key)]
+
+    def include(router: APIRouter, prefix: str = "", dependencies: tuple = (), **kwargs) -> None:
+        # One statement of what a route needs: its Depends, which CredentialGate reads too.
+        app.include_router(router, prefix=prefix, dependencies=list(dependencies), **kwargs)
+        gated.add(router, prefix, dependencies)
+
+    auth = (Depends(require_key),)
     routes: list[str] = []      # every route template we serve: the only route labels of metrics
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
         for router in (completions.router, chat.router, embeddings.router, models.router):
-            app.include_router(router, prefix=prefix, dependencies=auth, include_in_schema=documented)
+            include(router, prefix, auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
-    app.include_router(models.admin, prefix="/api/v1", dependencies=[Depends(models.key_or_admin)])
-    app.include_router(models.probes)
-    app.include_router(tokenizer.router, dependencies=auth)     # vLLM's place for them: the root
+    include(models.admin, "/api/v1", (Depends(models.key_or_admin),))
+    include(models.probes)
+    include(tokenizer.router, "", auth)     # vLLM's place for them: the root
     if settings.control_enabled:    # admin tokens, not inference keys (api/control)
         for router in (control.router, control_endpoints.router, control_models.router):
-            app.include_router(router, prefix="/api/v1/control")
+            include(router, "/api/v1/control")
             routes += ["/api/v1/control" + r.path for r in router.routes]
         from ..console import mount       # the web console at /console (console/)
         mount(app)

@@ -17,6 +17,7 @@ from ..errors import Forbidden, Unauthorized
 from ..settings import KeySpec, secret_digest
 from ..quota.limits import Slot
 from ..quota.memory import Quota
+from .gate import before_body
 
 class KeyChecker:
     """Configured keys (the TOML file, the environment) and, with the control plane, the keys of
@@ -98,9 +99,10 @@ def check_endpoint(request: Request, endpoint: str) -> None:
                         code="endpoint_not_allowed")
 
 
+@before_body
 async def require_key(request: Request) -> None:
-    """FastAPI dependency on every API route. The slot is released by api/middleware.ReleaseSlot
-    once the response has ended, however it ended."""
+    """FastAPI dependency on every API route, run before the body is read (api/gate). The slot
+    is released by api/middleware.ReleaseSlot once the response has ended, however it ended."""
     request.state.quota, request.state.slot = request.app.state.keys.admit(request.headers.get("authorization"))
 
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import Forbidden, Unauthorized
 from ..settings import AdminToken, secret_digest
+from .gate import before_body
 
 router = APIRouter()
 # The web console calls these routes in process as its signed-in admin (console/internal.py):
@@ -63,10 +64,14 @@ def admin_or_none(request: Request) -> AdminToken | None:
         return None
 
 
+# Both run before the route's body is read (api/gate): a caller without a valid token, or a
+# viewer sending a change, costs its headers and nothing more.
+@before_body
 def viewer(request: Request) -> AdminToken:
     return caller(request)
 
 
+@before_body
 def admin(request: Request) -> AdminToken:
     who = caller(request)
     if who.role != "admin":

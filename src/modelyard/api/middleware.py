@@ -1,4 +1,4 @@
-"""ASGI middleware: body-size limit (413) and JSON bodies whatever their Content-Type."""
+"""ASGI middleware: body-size limit (413, every method) and JSON POST bodies whatever their Content-Type."""
 
 from __future__ import annotations
 
@@ -12,42 +12,57 @@ from .disconnect import CLIENT_GONE
 
 
 class BodyLimits:
-    """Rejects bodies above `max_bytes` with 413 before reading them into memory, and treats
-    every POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too.
-    (A browser's POST must say application/json: api/origin.BrowserGuard refuses it before.)"""
+    """Rejects bodies above `max_bytes` with 413 before reading them into memory, whatever the
+    method (a PATCH or DELETE body is read by FastAPI as much as a POST one), and treats every
+    POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too.
+    (A browser's POST must say application/json: api/origin.BrowserGuard refuses it before.)
+
+    A Content-Length above the limit is refused before any byte of the body is read; a chunked
+    body is counted as it streams in and refused at the first message past the limit, so at
+    most the limit plus one message (uvicorn hands over at most ~64 KiB at a time) is held.
+    Either way the rest of the body is not read: the 413 says `Connection: close`, as does any
+    answer given before the body was read to its end (api/gate's 401, a 404, a 405): uvicorn
+    would otherwise read and discard the rest of it to keep the connection, for as long as the
+    client cared to send."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-        headers.append((b"content-type", b"application/json"))
-        scope = {**scope, "headers": headers}
+        if scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+            scope = {**scope, "headers": headers}
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(send, int(length))
         seen = 0
         too_large: int | None = None
+        body_read = not has_body(scope)
 
         async def limited() -> Message:
-            nonlocal seen, too_large
+            nonlocal seen, too_large, body_read
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     too_large = seen
                     raise _TooLarge(seen)
+                body_read = body_read or not message.get("more_body", False)
             return message
 
         async def guarded(message: Message) -> None:
             # FastAPI turns any exception raised while it reads the body into its own 400
             # ("There was an error parsing the body"): once the limit is hit, that answer is
             # dropped and the 413 below goes out instead.
-            if too_large is None:
-                await send(message)
+            if too_large is not None:
+                return
+            if message["type"] == "http.response.start" and not body_read:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
 
         try:
             await self.app(scope, limited, guarded)
@@ -58,12 +73,24 @@ class BodyLimits:
 
     async def _too_large(self, send: Send, size: int) -> None:
         body = json.dumps({"error": {
-            "message": f"request body is {size} bytes, above this server's limit of {self.max_bytes} bytes",
+            "message": f"request body is {size} bytes, above this server's limit of {self.max_bytes} bytes "
+                       "([limits] max_body_bytes)",
             "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+        # Connection: close: the rest of the body stays unread, and uvicorn would otherwise read
+        # and discard all of it to keep the connection.
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def has_body(scope: Scope) -> bool:
+    """Whether the client said a body follows the head (a length above 0, or chunks)."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" 0")):
+            return True
+    return False
 
 
 class _TooLarge(Exception):

@@ -11,6 +11,7 @@ from ..registry import render
 from ..registry.endpoint import EndpointState
 from .auth import may_see_cache, may_see_reasons, require_key
 from .control import admin_or_none
+from .gate import before_body
 
 router = APIRouter()        # under the OpenAI prefixes, behind auth
 admin = APIRouter()         # /api/v1/endpoints, behind key_or_admin
@@ -28,6 +29,7 @@ async def list_models(request: Request) -> dict:
         for ep in registry.endpoints.values()]}
 
 
+@before_body
 async def key_or_admin(request: Request) -> None:
     """/api/v1/endpoints' dependency: an admin token (the operator's view, with the cache
     counters; no quota counted) or else an inference key (api/auth.require_key)."""

@@ -1,0 +1,162 @@
+"""Hostile bodies over real HTTP: a caller without credentials costs its headers, whatever the
+method and however the body is framed, and a body over [limits] max_body_bytes is refused (413)
+without being held, on every method. Server: a real `modelyard serve` with API keys, admin
+tokens (control plane on, SQLite) and one remote endpoint whose replica is down (no model to
+load: only the HTTP layer is under test); max_body_bytes = 100,000.
+
+Each hostile body is 50 MB, generated chunk by chunk (so the test holds none of it); the
+server's resident memory (VmRSS) must grow by far less than that, and it must keep answering.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from helpers import assert_openai_error
+from servers import OPENAI_PREFIX, ServerProcess, served
+
+KEY, ADMIN, VIEWER = "sk-hostile-key", "adm-hostile-token", "view-hostile-token"
+MAX_BODY = 100_000
+CHUNK = 64 * 1024
+BODY_CHUNKS = 800                         # 800 x 64 KiB: a 50 MiB body
+BODY = CHUNK * BODY_CHUNKS
+RSS_BOUND_KIB = 20 * 1024                 # growth allowed per hostile request: far below the body
+TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+def _config(database: Path) -> str:
+    return (f'[server]\napi_keys = ["{KEY}"]\nlog_level = "info"\ndatabase_url = "sqlite:///{database}"\n\n'
+            f'[limits]\nmax_body_bytes = {MAX_BODY}\n\n'
+            f'[[admin_tokens]]\nname = "ops"\ntoken = "{ADMIN}"\n\n'
+            f'[[admin_tokens]]\nname = "audit"\nrole = "viewer"\ntoken = "{VIEWER}"\n\n'
+            # a replica nobody listens on: the endpoint exists, nothing loads
+            f'[[endpoints]]\nname = "remote"\nengine = "openai"\nurls = ["http://127.0.0.1:9/v1"]\n')
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory) -> Iterator[ServerProcess]:
+    d = tmp_path_factory.mktemp("hostile-bodies")
+    with served(d, _config(d / "control.db"), key=KEY, endpoints=()) as s:
+        yield s
+
+
+def rss_kib(srv: ServerProcess) -> int:
+    assert srv.proc is not None
+    for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+class Body:
+    """A 50 MiB body made as it is sent; `sent` counts the bytes the client handed over."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunk = b"{" + b" " * (CHUNK - 1)          # the start of a JSON object that never ends
+        for _ in range(BODY_CHUNKS):
+            self.sent += len(chunk)
+            yield chunk
+            chunk = b" " * CHUNK
+
+
+def send(srv: ServerProcess, method: str, path: str, token: str | None, *,
+         content_length: bool = False) -> tuple[httpx.Response, Body]:
+    """One hostile request: its answer (which must come although the server closes the
+    connection without reading the rest of the body), and the body's count."""
+    body = Body()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if content_length:
+        headers["Content-Length"] = str(BODY)      # else httpx sends the generator chunked
+    with httpx.Client(timeout=TIMEOUT) as client:
+        # httpx stops sending when the server closes, and still reads the answer it was sent
+        return client.request(method, srv.base + path, content=iter(body), headers=headers), body
+
+
+def still_serving(srv: ServerProcess) -> None:
+    assert httpx.get(srv.base + "/health", timeout=10).status_code == 200
+    r = httpx.get(f"{srv.base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 200 and r.json()["data"], r.text
+
+
+def warm(srv: ServerProcess) -> None:
+    """One honest call of each kind first, so what the first call of a route allocates once
+    (imports, caches) is not counted against a hostile one."""
+    with httpx.Client(base_url=srv.base, timeout=TIMEOUT) as c:
+        c.patch("/api/v1/control/api-keys/key_none", json={"name": "x"}, headers={"Authorization": f"Bearer {ADMIN}"})
+        c.post(f"{OPENAI_PREFIX}/completions", json={"model": "remote", "prompt": "x", "max_tokens": 1},
+               headers={"Authorization": f"Bearer {KEY}"})
+    still_serving(srv)
+
+
+CONTROL_KEY = "/api/v1/control/api-keys/key_none"
+CONTROL_EP = "/api/v1/control/model-endpoints/ep_none"
+NO_CREDENTIAL = [
+    ("PATCH", CONTROL_KEY, None), ("PATCH", CONTROL_KEY, "wrong-token"),
+    ("POST", "/api/v1/control/api-keys", None), ("PATCH", CONTROL_EP, None),
+    ("DELETE", CONTROL_EP, None), ("PATCH", CONTROL_KEY, KEY),          # an inference key: 403
+    ("PATCH", CONTROL_KEY, VIEWER),                                      # a viewer may not change: 403
+    ("POST", f"{OPENAI_PREFIX}/completions", None), ("POST", "/v1/chat/completions", "sk-wrong"),
+    ("POST", "/v1/embeddings", None), ("PUT", CONTROL_KEY, None),       # no PUT route: 405
+]
+
+
+@pytest.mark.parametrize("content_length", [False, True], ids=["chunked", "content-length"])
+@pytest.mark.parametrize("method,path,token", NO_CREDENTIAL)
+def test_a_caller_without_credentials_costs_nothing(srv, method, path, token, content_length):
+    warm(srv)
+    before = rss_kib(srv)
+    r, body = send(srv, method, path, token, content_length=content_length)
+    grown = rss_kib(srv) - before
+    assert grown < RSS_BOUND_KIB, f"{method} {path}: RSS grew {grown} KiB for a {BODY >> 20} MiB body"
+    # Refused on its headers: the client could hand over no more than the sockets' buffers hold.
+    assert body.sent < BODY, f"{method} {path}: the server read the whole {BODY}-byte body"
+    if content_length:
+        assert r.status_code == 413, r.text     # an announced size over the limit: refused first
+    elif method == "PUT":
+        assert r.status_code == 405, r.text     # no such route: refused without reading
+    else:
+        assert r.status_code == (403 if token in (KEY, VIEWER) else 401), r.text
+    assert_openai_error(r.json())
+    assert r.headers.get("connection") == "close"       # the rest of the body is never read
+    still_serving(srv)
+
+
+@pytest.mark.parametrize("content_length", [False, True], ids=["chunked", "content-length"])
+@pytest.mark.parametrize("method,path,token", [
+    ("PATCH", CONTROL_KEY, ADMIN), ("POST", "/api/v1/control/api-keys", ADMIN),
+    ("PATCH", CONTROL_EP, ADMIN), ("POST", f"{OPENAI_PREFIX}/completions", KEY),
+    ("POST", "/v1/embeddings", KEY)])
+def test_a_body_over_the_limit_is_413_with_credentials_too(srv, method, path, token, content_length):
+    warm(srv)
+    before = rss_kib(srv)
+    r, body = send(srv, method, path, token, content_length=content_length)
+    grown = rss_kib(srv) - before
+    assert grown < RSS_BOUND_KIB, f"{method} {path}: RSS grew {grown} KiB for a {BODY >> 20} MiB body"
+    assert body.sent < BODY, f"{method} {path}: the server read the whole {BODY}-byte body"
+    assert r.status_code == 413, r.text
+    err = assert_openai_error(r.json(), "invalid_request_error")
+    assert err["code"] == "request_too_large" and str(MAX_BODY) in err["message"], err
+    sizes = [int(w) for w in err["message"].split() if w.isdigit()]
+    assert any(s > MAX_BODY for s in sizes), err       # the size sent, or read when it stopped
+    if content_length:
+        assert str(BODY) in err["message"], err
+    assert r.headers.get("connection") == "close"       # the rest is never read
+    still_serving(srv)
+
+
+def test_an_honest_patch_under_the_limit_is_served(srv):
+    with httpx.Client(base_url=srv.base, timeout=TIMEOUT, headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        created = c.post("/api/v1/control/api-keys", json={"name": "honest"})
+        assert created.status_code == 201, created.text
+        r = c.patch(f"/api/v1/control/api-keys/{created.json()['id']}", json={"name": "honest-" + "x" * 90})
+        assert r.status_code == 200, r.text
+        assert r.json()["name"].startswith("honest-x") and r.headers.get("connection") != "close"
