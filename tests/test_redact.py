@@ -27,3 +27,17 @@ def test_log_lines_are_redacted():
     finally:
         log.removeHandler(handler)
     assert out.getvalue() == "replica http://***@h:1/v1 is down: refused\nplain 3\n"
+
+
+def test_redact_masks_userinfo_whatever_precedes_the_separator():
+    # the old pattern wanted a word boundary before the scheme: `x_http` (no boundary) leaked
+    assert redact("proxy x_http://u:p@h/v1 down") == "proxy x_http://***@h/v1 down"
+    assert redact("a://b://c@d") == "a://b://***@d"
+    assert redact("http://@h") == "http://***@h"
+
+
+def test_redact_leaves_hostile_text_without_credentials_as_it_is():
+    # shapes that made the old pattern backtrack quadratically (a.a.a.…) or that chain '://'s
+    for text in ("a." * 200_000, "a:/" * 100_000, "a://" * 100_000, "x" * 1_000_000):
+        assert redact(text) == text
+    assert redact("a://" * 100_000 + "u@h") == "a://" * 100_000 + "***@h"

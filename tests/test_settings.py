@@ -63,6 +63,7 @@ def test_model_flag_serves_that_one_model(tmp_path):
     ('[[keys]]\nkey = "sha256:abc"', "64 hex"),
     ("not toml [", "cannot read"),
     ('[server]\npublic_cache_counters = "yes"', "public_cache_counters must be true or false"),
+    ('[[endpoints]]\nname = "' + "n" * 257 + '"', "257 characters, above the limit of 256"),
 ])
 def test_bad_config_names_the_problem(tmp_path, text, words):
     with pytest.raises(ConfigError, match=words):

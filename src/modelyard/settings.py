@@ -20,6 +20,9 @@ except ModuleNotFoundError:  # Python 3.10
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
+# The longest routing name (`model` in a request, an endpoint's name): every request field that
+# names an endpoint is checked against it before any work, and a config name above it is refused.
+MAX_NAME = 256
 ENGINES = ("llamacpp", "openai")
 KINDS = ("completions", "embeddings")
 # What an engine = "openai" endpoint's upstream is, so that structured-output requests are
@@ -93,6 +96,9 @@ class EndpointSpec:
     timeout: float = 600.0
 
     def __post_init__(self) -> None:
+        if len(self.name) > MAX_NAME:
+            raise ConfigError(f"endpoint name is {len(self.name)} characters, above the limit of {MAX_NAME}: "
+                              f"{self.name[:40]!r}...", param="name")
         if self.engine not in ENGINES:
             raise ConfigError(f"endpoint {self.name!r}: engine must be one of {ENGINES}, got {self.engine!r}",
                               param="engine")

@@ -85,6 +85,13 @@ def test_bad_requests_name_the_field_and_conflicts_are_409(srv):
         assert r.status_code == 409 and "config file" in r.json()["error"]["message"]
         assert admin.get("/model-endpoints/ep_nope").status_code == 404
         assert admin.post("/model-endpoints/ep_nope/load").status_code == 404
+        # found by schemathesis (issue 19, 3b): an explicit null was a 500 (TypeError), and a
+        # timeout of 5e-324 s was accepted; null is the default, a timeout under 0.1 s a 422
+        where, msg = loc({"name": "0", "model": "0", "timeout": 5e-324, "context": 16, "parallel": 1, "batch": 1,
+                          "max_queue": 0, "threads": 0, "desired": "loaded", "urls": None})
+        assert where == ["body", "timeout"] and "0.1" in msg
+        where, msg = loc({"name": "0", "model": "0", "timeout": 5, "urls": None})
+        assert where == ["body", "model"] and "unknown model '0'" in msg
 
 
 def test_create_serve_patch_unload_load_and_delete_with_the_openai_client(srv):

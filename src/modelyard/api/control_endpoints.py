@@ -57,7 +57,7 @@ class EndpointFields(BaseModel):
     upstream_model: str | None = Field(None, min_length=1, max_length=1000)
     upstream_server: Literal[UPSTREAM_SERVERS] | None = None      # type: ignore[valid-type]
     api_key: str | None = Field(None, min_length=1, max_length=4096)
-    timeout: float | None = Field(None, gt=0, le=86_400)
+    timeout: float | None = Field(None, ge=0.1, le=86_400)     # seconds; 5e-324 was accepted
 
 
 class EndpointCreate(EndpointFields):
@@ -72,7 +72,8 @@ def _invalid(loc: list, value: Any, msg: str) -> RequestValidationError:
 def _spec(fields: dict[str, Any]) -> EndpointSpec:
     """Fields -> a checked spec; what EndpointSpec refuses is a 422 naming it."""
     try:
-        spec = endpoint_spec({k: tuple(v) if k == "urls" else v for k, v in fields.items()})
+        # null means the default, on create as on PATCH (an explicit "urls": null was a 500)
+        spec = endpoint_spec({k: tuple(v) if k == "urls" else v for k, v in fields.items() if v is not None})
     except ConfigError as exc:
         raise _invalid(["body", exc.param] if exc.param else ["body"], fields.get(exc.param or ""),
                        exc.message) from None

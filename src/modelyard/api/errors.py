@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -49,4 +50,33 @@ def install(app: FastAPI) -> None:
                                        "type": "server_error", "param": None, "code": None}},
                             status_code=500)
 
-    # Malformed JSON and schema errors keep FastAPI's own 422 body: {"detail": [...]}.
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 body, {"detail": [{"loc", "msg", "type", "input", ...}]}, bounded:
+        # FastAPI echoes each bad value whole, so a 1 MB field came back as a 1 MB answer (and a
+        # list of 100k bad items as 100k entries).
+        errors = exc.errors()
+        detail = [bounded_error(e) for e in errors[:MAX_ERRORS]]
+        if len(errors) > MAX_ERRORS:
+            detail.append({"loc": ["body"], "type": "too_many_errors", "input": None,
+                           "msg": f"{len(errors) - MAX_ERRORS} more errors not shown (at most {MAX_ERRORS} are)"})
+        return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+
+
+MAX_ERRORS = 20          # validation errors listed in one 422
+MAX_ECHO = 100           # characters of a bad value echoed in one
+
+
+def bounded_error(error: dict) -> dict:
+    """One validation error with its echoed `input` cut to MAX_ECHO characters (or, for a list
+    or object, its size), and the actual length in a too-long message (pydantic names only the
+    limit): the field, the limit and the value."""
+    out = {k: v for k, v in error.items() if k != "url"}
+    value = out.get("input")
+    if isinstance(value, (str, bytes)) and len(value) > MAX_ECHO:
+        out["input"] = f"{value[:MAX_ECHO]!s}... ({len(value)} characters)"
+    elif isinstance(value, (list, tuple, dict)) and len(repr(value)) > MAX_ECHO:
+        out["input"] = f"<{type(value).__name__} of {len(value)} items>"
+    if out.get("type") == "string_too_long" and isinstance(value, str):
+        out["msg"] = f"{out['msg']}, got {len(value)}"
+    return out

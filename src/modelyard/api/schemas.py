@@ -13,6 +13,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       field_validator, model_validator)
 
 from ..engine.types import Constraint
+from ..settings import MAX_NAME
 from .structured import StructuredFields
 
 
@@ -62,7 +63,7 @@ class GenerationRequest(StructuredFields):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_NAME)
     temperature: float | None = Field(None, ge=0, le=2)
     n: int | None = Field(None, ge=1)
     stop: Union[str, Annotated[list[str], Field(min_length=1)], None] = None
@@ -141,7 +142,7 @@ class CreateEmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_NAME)
     input: Prompt = Field(description="A string, a list of strings, a list of token ids, or a list of "
                                       "token-id lists; each is embedded separately, in order.")
     encoding_format: Literal["float", "base64"] | None = Field(

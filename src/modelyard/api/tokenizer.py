@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.types import ModelType
 from ..errors import InvalidRequest
+from ..settings import MAX_NAME
 from .auth import check_endpoint
 from .chat import Message
 
@@ -24,7 +25,7 @@ router = APIRouter()
 
 class TokenizeCompletion(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, min_length=1)
+    model: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     prompt: str
     add_special_tokens: bool = True       # vLLM's default: the BOS as /completions would add it
     return_token_strs: bool = False
@@ -32,7 +33,7 @@ class TokenizeCompletion(BaseModel):
 
 class TokenizeChat(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, min_length=1)
+    model: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     messages: Annotated[list[Message], Field(min_length=1)]
     # /chat/completions always asks the template for the assistant's turn: the tokens this
     # answers are exactly those, so the other choices are refused rather than ignored.
@@ -44,7 +45,7 @@ class TokenizeChat(BaseModel):
 
 class Detokenize(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, min_length=1)
+    model: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     tokens: list[int]
 
 

@@ -88,7 +88,10 @@ class Registry:
             return self.endpoints[name]
         except KeyError:
             known = ", ".join(sorted(self.endpoints)) or "none"
-            raise ModelNotFound(f"unknown model endpoint {name!r}; this server serves: {known}",
+            # the name is the client's: echoed only in part (request bodies bound it to
+            # MAX_NAME, a path segment is bounded only by the server's line length)
+            shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
+            raise ModelNotFound(f"unknown model endpoint {shown}; this server serves: {known}",
                                 param="model", code="model_not_found") from None
 
     # ---- change notification (the admin API's event stream) --------------------------------
