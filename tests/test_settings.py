@@ -64,6 +64,8 @@ def test_model_flag_serves_that_one_model(tmp_path):
     ("not toml [", "cannot read"),
     ('[server]\npublic_cache_counters = "yes"', "public_cache_counters must be true or false"),
     ('[[endpoints]]\nname = "' + "n" * 257 + '"', "257 characters, above the limit of 256"),
+    ('[[endpoints]]\nname = "r"\nengine = "openai"\nurls = ["http://169.254.169.254/v1"]', "link-local"),
+    ('[server]\nallow_private_upstreams = 1', "allow_private_upstreams must be true or false"),
 ])
 def test_bad_config_names_the_problem(tmp_path, text, words):
     with pytest.raises(ConfigError, match=words):
@@ -106,3 +108,9 @@ def test_reprs_hold_no_secrets():
         assert secret not in text, secret
     assert "rpm=5" in text and "name='r'" in text      # the rest is still there to debug with
 
+
+
+def test_a_link_local_upstream_is_the_operators_choice(tmp_path):
+    text = '[server]\nallow_private_upstreams = true\n[[endpoints]]\nname = "r"\nengine = "openai"\n' \
+           'urls = ["http://169.254.169.254/v1"]'
+    assert load(write(tmp_path, text), env={}).endpoints[0].urls == ("http://169.254.169.254/v1",)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 try:
     import tomllib
@@ -141,6 +143,37 @@ class AdminToken:
             raise ConfigError("every admin token needs a name and a token")
 
 
+# Hosts an upstream URL may not name: cloud metadata services (AWS, GCP, Azure, OpenStack answer
+# on 169.254.169.254, AWS also on fd00:ec2::254) and link-local addresses generally. An endpoint
+# pointed there makes the gateway fetch the host's own credentials for whoever may create
+# endpoints (an admin token), and pass the answers on in error texts.
+METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.azure.com"})
+METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254")})
+
+
+def upstream_refusal(url: str) -> str | None:
+    """Why `url` may not be an upstream (None: it may): a link-local or metadata address,
+    written in any form getaddrinfo accepts (2852039166 and 0xa9fea9fe are 169.254.169.254).
+    A name that resolves there is not looked up: allow_private_upstreams stays the operator's
+    decision, and DNS can change after the check anyway."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host in METADATA_HOSTS:
+        return f"upstream {host!r} is a cloud metadata service; [server] allow_private_upstreams = true allows it"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))     # the legacy forms
+        except OSError:
+            return None                                            # a name
+    mapped = getattr(ip, "ipv4_mapped", None)
+    ip = mapped or ip
+    if ip.is_link_local or ip in METADATA_ADDRESSES:
+        return (f"upstream address {host} is link-local (cloud metadata services answer there); "
+                "[server] allow_private_upstreams = true allows it")
+    return None
+
+
 # [server] bounds on what one client connection may hold (connections.py): setting ->
 # (lowest, highest, unit). Each fails closed: there is no "off".
 CONNECTION_LIMITS: dict[str, tuple[float, float, str]] = {
@@ -168,6 +201,9 @@ class Settings:
     # Prefix-cache counters tell whether someone's prompt is cached (registry/render.CACHE_COUNTERS):
     # admin tokens see them; true shows them to every key and on the open /metrics (one tenant).
     public_cache_counters: bool = False
+    # Upstream URLs at link-local addresses (cloud metadata services live there) are refused
+    # unless this is true (upstream_refusal).
+    allow_private_upstreams: bool = False
     # The control plane (/api/v1/control): on when an admin token exists, here or (made by
     # `modelyard admin create-token`) in its store: this URL, or a SQLite file in the store directory.
     admin_tokens: tuple[AdminToken, ...] = ()
@@ -208,6 +244,14 @@ class Settings:
                               "store's PostgreSQL holds the quota blocks)")
         if self.quota_backend == "redis" and not self.redis_url:
             raise ConfigError("[quota] backend = 'redis' needs redis_url (redis://host:port/0 or unix:///path.sock)")
+        if not isinstance(self.allow_private_upstreams, bool):
+            raise ConfigError(f"[server] allow_private_upstreams must be true or false, got "
+                              f"{self.allow_private_upstreams!r}")
+        for spec in self.endpoints:
+            for url in spec.urls:
+                why = None if self.allow_private_upstreams else upstream_refusal(url)
+                if why:
+                    raise ConfigError(f"endpoint {spec.name!r}: {why}", param="urls")
         if not isinstance(self.public_cache_counters, bool):
             raise ConfigError(f"[server] public_cache_counters must be true or false, got {self.public_cache_counters!r}")
         if self.quota_processes < 1:
@@ -266,6 +310,7 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
             raise ConfigError(f"cannot read config {config}: {exc}") from None
         server = doc.get("server", {})
         for key in ("host", "port", "log_level", "request_timeout", "grace_period", "public_cache_counters",
+                    "allow_private_upstreams",
                     *CONNECTION_LIMITS):
             if key in server:
                 values[key] = server[key]

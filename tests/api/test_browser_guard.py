@@ -114,3 +114,12 @@ def test_allowed_origins_must_be_origins():
     for bad in ("localhost:3000", "http://a.example/path", "ftp://x", "null"):
         with pytest.raises(ConfigError, match="allowed_origins"):
             allowed_origin_keys((bad,))
+
+
+def test_a_proxied_request_to_a_keyless_server_is_warned_of_once(srv):
+    """A keyless server behind a reverse proxy on its host is open to everyone the proxy serves:
+    the log says so at the first request carrying X-Forwarded-For, and only once."""
+    for _ in range(3):
+        served_ok(post(srv, {"X-Forwarded-For": "203.0.113.7"}))
+    warnings = [line for line in srv.log_text().splitlines() if "arrived through a proxy" in line]
+    assert len(warnings) == 1 and "203.0.113.7" in warnings[0] and "api_keys" in warnings[0], warnings

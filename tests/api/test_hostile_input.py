@@ -93,3 +93,15 @@ def test_a_grammar_of_blank_lines_is_refused_as_gbnf(client):
                                           "grammar": "\n" * 400_000})
     assert r.status_code == 400, r.text[:300]
     assert r.json()["error"]["param"] == "grammar"
+
+
+@pytest.mark.parametrize("field, count, limit", [("messages", 2049, 2048), ("tools", 129, 128)])
+def test_a_chat_request_has_at_most_so_many_messages_and_tools(client, field, count, limit):
+    body = {"model": "smollm2-135m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}
+    body[field] = ([{"role": "user", "content": "x"}] * count if field == "messages" else
+                   [{"type": "function", "function": {"name": f"f{i}"}} for i in range(count)])
+    r = client.post("/chat/completions", json=body)
+    assert r.status_code == 422
+    [detail] = r.json()["detail"]
+    assert detail["loc"] == ["body", field] and detail["type"] == "too_long"
+    assert f"at most {limit} items" in detail["msg"] and f"not {count}" in detail["msg"]

@@ -57,6 +57,11 @@ def test_tokenizer_info_names_the_special_tokens_and_the_template(root):
      "token 49152, which is outside the vocabulary (0..49151)"),
     ("post", "/detokenize", {"model": MODEL, "tokens": [-3]}, 400, "tokens", "token -3, which is outside"),
     ("get", "/tokenizer_info", None, 400, "model", "name one"),
+    # what completions would refuse (context 512): the answer is bounded by the context
+    ("post", "/tokenize", {"model": MODEL, "prompt": " dragon" * 600}, 400, "prompt",
+     "context is 512 tokens, and the prompt has 600 tokens"),
+    ("post", "/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": " dragon" * 600}]}, 400,
+     "messages", "context is 512 tokens, and the messages make"),
 ])
 def test_errors_name_the_field(root, method, path, body, status, param, words):
     r = root.request(method.upper(), path, json=body)

@@ -4,6 +4,8 @@ autoescaping, the vendored scripts' pinned hashes, usage CSV from the rollups.""
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 import shutil
 import time
@@ -15,6 +17,7 @@ from consoleapp import ADMIN, BASE, VIEWER, login, make_settings
 from modelyard import create_app
 from modelyard.console import CSP, check_vendored
 from modelyard.console import routes as console_routes
+from modelyard.console import views
 from modelyard.console import internal
 from modelyard.errors import ConfigError
 from modelyard.settings import AdminToken, Settings
@@ -348,3 +351,15 @@ def test_endpoint_form_values_name_the_field(client):
     assert r.status_code == 422 and "threads must be a whole number from 0 to 1024, got &#39;many&#39;" in r.text
     r = client.post("/console/endpoints", json={"name": "e", "engine": "openai"}, headers={"X-CSRF-Token": csrf})
     assert r.status_code == 422 and "urls is required for a remote endpoint" in r.text
+
+
+def test_usage_csv_neutralises_every_formula_start():
+    """OWASP's CSV-injection starts: = + - @, and tab or carriage return (spreadsheets skip those
+    before reading a formula); key names and endpoint names are user text."""
+    row = {"start": 0, "granularity": "day", "key_id": "key_1", "requests": 1, "prompt_tokens": 1,
+           "completion_tokens": 1, "total_tokens": 2}
+    for name in ("=1+1", "+1", "-1", "@SUM(A1)", "\t=1+1", "\r=1+1"):
+        cells = list(csv.reader(io.StringIO(views.usage_csv([{**row, "key_name": name, "endpoint": name}]))))[1]
+        assert cells[3] == cells[4] == "'" + name, cells
+    plain = list(csv.reader(io.StringIO(views.usage_csv([{**row, "key_name": "ops", "endpoint": "e"}]))))[1]
+    assert plain[3:5] == ["ops", "e"]

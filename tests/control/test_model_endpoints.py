@@ -92,6 +92,12 @@ def test_bad_requests_name_the_field_and_conflicts_are_409(srv):
         assert where == ["body", "timeout"] and "0.1" in msg
         where, msg = loc({"name": "0", "model": "0", "timeout": 5, "urls": None})
         assert where == ["body", "model"] and "unknown model '0'" in msg
+        # a cloud metadata service is no upstream (issue 19), in any spelling of its address
+        for url in ("http://169.254.169.254/v1", "http://2852039166/v1", "http://[fd00:ec2::254]/v1",
+                    "http://metadata.google.internal/v1"):
+            where, msg = loc({"name": "meta", "engine": "openai", "urls": ["http://127.0.0.1:9/v1", url],
+                              "upstream_model": "m"})
+            assert where == ["body", "urls", 1] and "allow_private_upstreams" in msg, (url, msg)
 
 
 def test_create_serve_patch_unload_load_and_delete_with_the_openai_client(srv):

@@ -430,6 +430,19 @@ async def test_an_error_event_mid_stream_does_not_echo_our_key():
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("word", ["x" * 2_000_000, "sk-" + "y" * 2_000_000])
+async def test_an_upstream_error_text_is_cut_before_any_pattern_runs(word):
+    """The upstream chooses its error text: 2 MB of one word (the key-like pattern's `\\S*` runs
+    were quadratic on it, hours on the event loop) is cut to 500 characters first; our key goes
+    before the cut, so no part of it survives."""
+    payload = {"error": {"message": f"{SECRET[:10]}{word}{SECRET}"}}
+    async with running(Upstream(lambda r: httpx.Response(400, json=payload)), api_key=SECRET) as engine:
+        with pytest.raises(Upstream4xx) as info:
+            await collect(engine)
+    assert len(info.value.message) <= 503 and SECRET not in info.value.message
+
+
+@pytest.mark.anyio
 async def test_malformed_usage_is_an_upstream_error():
     body = sse(chunk("x", finish="stop"), {"choices": [], "usage": {"prompt_tokens": "three"}})
     async with running(Upstream(lambda r: httpx.Response(200, content=body))) as engine:

@@ -64,12 +64,16 @@ class NamedToolChoice(BaseModel):
     function: ToolName
 
 
+MAX_MESSAGES = 2048      # a conversation's turns in one request (each is templated: work per item)
+MAX_TOOLS = 128          # OpenAI's own limit on tools
+
+
 class ChatRequest(GenerationRequest):
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Annotated[list[Tool], Field(min_length=1)] | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
     _tool_names: list[str] | None = PrivateAttr(None)

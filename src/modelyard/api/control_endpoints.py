@@ -26,7 +26,8 @@ from ..control.endpoints import StoredEndpoint
 from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
 from ..registry.endpoint import Endpoint, EndpointState
 from ..registry.render import endpoint_object
-from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields
+from ..redact import redact
+from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
 from .control import actor, admin, revision_of, viewer
 
 router = APIRouter()
@@ -78,6 +79,17 @@ def _spec(fields: dict[str, Any]) -> EndpointSpec:
         raise _invalid(["body", exc.param] if exc.param else ["body"], fields.get(exc.param or ""),
                        exc.message) from None
     return spec
+
+
+def _check_urls(request: Request, spec: EndpointSpec) -> None:
+    """A run-time endpoint's upstreams may not be link-local or metadata addresses (settings.
+    upstream_refusal) unless the operator allowed them: a 422 naming the URL's index."""
+    if request.app.state.settings.allow_private_upstreams:
+        return
+    for i, url in enumerate(spec.urls):
+        why = upstream_refusal(url)
+        if why:
+            raise _invalid(["body", "urls", i], redact(url), why)
 
 
 def _check_model(request: Request, spec: EndpointSpec) -> None:
@@ -134,6 +146,7 @@ async def create_endpoint(body: EndpointCreate, request: Request, response: Resp
                           who: AdminToken = Depends(admin)) -> dict:
     fields = {k: v for k, v in body.model_dump(exclude={"desired"}).items() if k in body.model_fields_set or k == "name"}
     spec = _spec(fields)
+    _check_urls(request, spec)
     _check_model(request, spec)
     registry = request.app.state.registry
     if spec.name in registry.endpoints and registry.endpoints[spec.name].source == "config":
@@ -193,6 +206,7 @@ async def patch_endpoint(endpoint_id: str, body: EndpointFields, request: Reques
     if "api_key" not in body.model_fields_set and not same_hosts(row.spec.urls, fields["urls"]):
         fields["api_key"] = None        # the key was given for the old hosts, not for these
     spec = _spec(fields)
+    _check_urls(request, spec)
     _check_model(request, spec)
     row = await asyncio.to_thread(request.app.state.endpoint_store.update, actor(who), endpoint_id,
                                   revision_of(if_match), spec=spec)

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ConfigError
 from ..settings import Settings
+
+log = logging.getLogger("modelyard.api")
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -84,6 +87,9 @@ class BrowserGuard:
         self.host = settings.host.lower().strip("[]")
         self.bound_beyond_loopback = not settings.loopback
         self.allowed = allowed_origin_keys(settings.allowed_origins)
+        # A keyless server is open to whatever reaches it: behind a reverse proxy on the same
+        # host, that is everyone the proxy serves. Said once, at the first proxied request.
+        self.proxied_warned = False
 
     def host_allowed(self, host: str) -> bool:
         ip = _is_ip(host)
@@ -95,6 +101,11 @@ class BrowserGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.keyless and not self.proxied_warned and "x-forwarded-for" in headers:
+            self.proxied_warned = True
+            log.warning("a request arrived through a proxy (X-Forwarded-For: %s): this server has no API keys "
+                        "and trusts whoever reaches its loopback address, so everyone who reaches that proxy "
+                        "uses it freely; set [server] api_keys or an admin token", headers["x-forwarded-for"][:100])
         why = self._refusal(scope["method"], headers)
         if why is None:
             return await self.app(scope, receive, send)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.types import ModelType
-from ..errors import InvalidRequest
+from ..errors import ContextOverflow, InvalidRequest
 from ..settings import MAX_NAME
 from .auth import check_endpoint
 from .chat import Message
@@ -76,6 +76,12 @@ async def tokenize(body: Union[TokenizeChat, TokenizeCompletion], request: Reque
         ids = await engine.tokenize(None, tuple(m.as_dict() for m in body.messages), False)
     else:
         ids = await engine.tokenize(body.prompt, None, body.add_special_tokens)
+    if len(ids) > engine.spec.context:
+        # what completions and chat would refuse is refused here too: the answer (ids and,
+        # asked for, their strings) stays bounded by the endpoint's context, not the body limit
+        field, verb = ("messages", "make") if isinstance(body, TokenizeChat) else ("prompt", "has")
+        raise ContextOverflow(f"this endpoint's context is {engine.spec.context} tokens, and the {field} {verb} "
+                              f"{len(ids)} tokens", param=field)
     strs = await engine.token_strs(ids) if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": engine.spec.context, "tokens": ids, "token_strs": strs}
 

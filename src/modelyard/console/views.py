@@ -71,14 +71,18 @@ CSV_FIELDS = ("start_utc", "granularity", "key_id", "key_name", "endpoint", "req
               "completion_tokens", "total_tokens")
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")     # OWASP's list for CSV injection
+
+
 def usage_csv(rows: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(CSV_FIELDS)
     for r in rows:
         cells = [utc(r["start"])] + [r[f] for f in CSV_FIELDS[1:]]
-        # a cell starting with = + - @ is a formula to a spreadsheet: key names are user text
-        writer.writerow(["'" + c if isinstance(c, str) and c[:1] in "=+-@" else c for c in cells])
+        # a cell starting with = + - @ (or a tab or carriage return, which spreadsheets skip
+        # before reading one of those) is a formula to a spreadsheet: key names are user text
+        writer.writerow(["'" + c if isinstance(c, str) and c[:1] in FORMULA_STARTS else c for c in cells])
     return out.getvalue()
 
 
