@@ -5,6 +5,8 @@ meanwhile is bench/hostile.py's to measure.)"""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -105,3 +107,42 @@ def test_a_chat_request_has_at_most_so_many_messages_and_tools(client, field, co
     [detail] = r.json()["detail"]
     assert detail["loc"] == ["body", field] and detail["type"] == "too_long"
     assert f"at most {limit} items" in detail["msg"] and f"not {count}" in detail["msg"]
+
+
+def test_slow_grammar_compiles_do_not_hold_up_tokenizing(server, client):
+    """Eight requests whose grammar takes seconds to compile (a choice of 50,000 strings each,
+    all different; 900 kB bodies) wait for the endpoint's compilers as coroutines: while not one of their
+    compiles has finished, /tokenize is answered. They used to wait on threads of the event
+    loop's default pool (6 on 2 cores), and tokenizing, templating and the control plane's
+    database calls queued behind them."""
+    import concurrent.futures
+
+    def status() -> dict:
+        return server.endpoint()
+
+    def done(ep: dict) -> int:
+        return ep["grammar_compiled"] + ep["grammar_failed"]
+
+    before = status()
+
+    def slow(i: int) -> int:
+        body = {"model": "smollm2-135m", "prompt": "Pick:", "max_tokens": 1,
+                "guided_choice": [f"option {i}-{j}" for j in range(50_000)]}
+        return httpx.post(server.api + "/completions", json=body, headers=server.headers, timeout=120).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = [pool.submit(slow, i) for i in range(8)]
+        for _ in range(600):                 # until all eight are waiting for their compiles
+            ep = status()
+            if ep["grammar_requests"] - before["grammar_requests"] >= 8:
+                break
+            time.sleep(0.01)
+        assert ep["grammar_requests"] - before["grammar_requests"] >= 8, ep
+        r = httpx.post(server.base + "/tokenize", json={"model": "smollm2-135m", "prompt": "hello there"},
+                       headers=server.headers, timeout=60)
+        after_tokenize = status()
+        assert r.status_code == 200 and r.json()["count"] == 2
+        assert done(after_tokenize) == done(before), (before, after_tokenize)
+        codes = [f.result() for f in statuses]
+    # each a 200, or a 400 past its own compile time bound, or a 503 when no compiler freed up
+    assert set(codes) <= {200, 400, 503} and len(codes) == 8, codes

@@ -349,8 +349,9 @@ class Harness:
         sink = self.sinks.setdefault(rid, [])
         r = EngineRequest(rid, prompt if isinstance(prompt, str) else tuple(prompt), sampling, n=n,
                           max_tokens=max_tokens, stop=stop, echo=echo, deadline=deadline, constraint=constraint)
+        grammar = self.grammars.compile(constraint) if constraint is not None else None
         req = prepare(r, self.vocab, None, context=CONTEXT, parallel=self.n_slots, parse_special=False,
-                      sink=sink.append, grammars=self.grammars)
+                      sink=sink.append, grammar=grammar)
         self.requests[rid] = req
         return req
 

@@ -5,8 +5,8 @@ llguidance (MIT; Microsoft's, also behind llama.cpp's and vLLM's structured outp
 mask from its own view of the vocabulary in tens of microseconds and fails loudly: an invalid
 or unsupported schema is an error we turn into a 400, never an unconstrained answer.
 
-- Compiling happens off the engine thread (the request's worker thread, with a time bound),
-  before the request is admitted; compiled grammars are cached by the constraint's canonical
+- Compiling happens off the engine thread, on each endpoint's own compilers (COMPILERS
+  threads), with a time bound, before the request is admitted; the request awaits it; compiled grammars are cached by the constraint's canonical
   source, and each choice gets its own copy (matchers hold the parse state).
 - JSON has fixed separators and no free whitespace, so a small model cannot loop on newlines
   inside an object.
@@ -15,13 +15,15 @@ or unsupported schema is an error we turn into a 400, never an unconstrained ans
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, ContextManager
 
 import llguidance
 import numpy as np
@@ -38,6 +40,7 @@ COMPILE_TIMEOUT = 5.0          # seconds of one compile; past it the request is 
 COMPILERS = 4                  # compiles at once per endpoint (llguidance drops the GIL while compiling)
 QUEUE_TIMEOUT = 10.0           # seconds a compile may wait for a free compiler; past it a 503
 CACHE_SIZE = 256               # compiled grammars kept per endpoint
+POLL = 0.05                    # seconds between looks at a compile in progress
 # llguidance's resource limits, so that an adversarial grammar errors out instead of running long.
 LIMITS = llguidance.LLParserLimits(max_grammar_size=2_000_000, initial_lexer_fuel=2_000_000,
                                    step_lexer_fuel=500_000, max_lexer_states=250_000)
@@ -69,8 +72,12 @@ class Grammars:
     about a second for a 50k vocabulary) and the compiled grammars, cached. Thread-safe: worker
     threads compile while the engine thread masks."""
 
-    def __init__(self, make_tokenizer: Callable[[], "llguidance.LLTokenizer"]) -> None:
+    def __init__(self, make_tokenizer: Callable[[], "llguidance.LLTokenizer"],
+                 guard: Callable[[], ContextManager[object]] = contextlib.nullcontext) -> None:
         self._make_tokenizer = make_tokenizer
+        # held around each compile: the tokenizer points into the model's vocabulary, so the
+        # model's owner (LocalEngine._vocab_use) must not close it under a compile in progress
+        self._guard = guard
         self._tokenizer: llguidance.LLTokenizer | None = None
         self.mask_words = 0            # int32 words of one mask: llguidance's vocabulary / 32
         self._lock = threading.Lock()
@@ -95,47 +102,73 @@ class Grammars:
 
     def matchers(self, c: Constraint, n: int) -> list["Matcher"]:
         """One fresh matcher per choice; InvalidRequest if the constraint cannot be compiled."""
-        key = (c.kind, c.source, c.strict)
+        return self.compile(c).matchers(n)
+
+    def compile(self, c: Constraint) -> "Compiled":
+        """The constraint compiled (from the cache, or now: InvalidRequest if it cannot be).
+        Blocks the calling thread while a compile runs (tests, tools); the server awaits
+        `compile_async` instead."""
+        compiled = self._cached(c)
+        if compiled is None:
+            job = self._submit(c)
+            while True:
+                try:
+                    compiled = job.future.result(timeout=POLL)
+                    break
+                except concurrent.futures.TimeoutError:
+                    job.check(c)
+            self._keep(c, compiled)
+        return Compiled(compiled, self)
+
+    async def compile_async(self, c: Constraint) -> "Compiled":
+        """`compile` for the event loop: the compile runs on this endpoint's compilers and the
+        request waits for it as a coroutine. It used to wait on a worker thread of the loop's
+        default pool (cpu + 4 threads), polling for up to 15 s: a few slow grammars held every
+        such thread, and tokenizing, templating and the control plane's sync (the same pool)
+        stalled with them."""
+        compiled = self._cached(c)
+        if compiled is None:
+            job = self._submit(c)
+            waiting = asyncio.wrap_future(job.future)
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=POLL)
+                if done:
+                    compiled = waiting.result()
+                    break
+                job.check(c)
+            self._keep(c, compiled)
+        return Compiled(compiled, self)
+
+    def _cached(self, c: Constraint) -> "llguidance.LLMatcher | None":
         with self._lock:
             self.requests += 1
-            compiled = self._cache.get(key)
+            compiled = self._cache.get((c.kind, c.source, c.strict))
             if compiled is not None:
-                self._cache.move_to_end(key)
+                self._cache.move_to_end((c.kind, c.source, c.strict))
                 self.cache_hits += 1
-        if compiled is None:
-            compiled = self._compile_bounded(c)
-            with self._lock:
-                self._cache[key] = compiled
-                while len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
-        return [Matcher(compiled.deep_copy(), self) for _ in range(n)]
+            return compiled
 
-    def _compile_bounded(self, c: Constraint) -> "llguidance.LLMatcher":
-        """Compile on the pool; COMPILE_TIMEOUT counts from when this compile starts, so a slow
-        grammar costs its own request a 400 and never another's: a request whose compile cannot
-        even start within QUEUE_TIMEOUT (every compiler busy) is a 503 to retry."""
-        started: list[float] = []
-        future = self._pool.submit(lambda: (started.append(time.monotonic()), self._compile(c))[1])
-        submitted = time.monotonic()
-        while True:
-            try:
-                return future.result(timeout=0.05)
-            except concurrent.futures.TimeoutError:
-                now = time.monotonic()
-                if started and now - started[0] > COMPILE_TIMEOUT:
-                    self.failed += 1
-                    raise InvalidRequest(f"{c.field}: the grammar did not compile within {COMPILE_TIMEOUT:g} s; "
-                                         "simplify it", param=c.field) from None
-                if not started and now - submitted > QUEUE_TIMEOUT:
-                    future.cancel()
-                    raise QueueFull(f"{c.field}: every grammar compiler is busy; retry shortly", retry_after=1.0)
+    def _keep(self, c: Constraint, compiled: "llguidance.LLMatcher") -> None:
+        with self._lock:
+            self._cache[(c.kind, c.source, c.strict)] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+
+    def _submit(self, c: Constraint) -> "_Job":
+        """A compile on this endpoint's compilers. COMPILE_TIMEOUT counts from when it starts,
+        so a slow grammar costs its own request a 400 and never another's; a compile that cannot
+        even start within QUEUE_TIMEOUT (every compiler busy) is a 503 to retry (_Job.check)."""
+        job = _Job(time.monotonic(), self)
+        job.future = self._pool.submit(job.run, c)
+        return job
 
     def _compile(self, c: Constraint) -> "llguidance.LLMatcher":
         text = grammar_text(c)
-        tokenizer = self.tokenizer
-        start = time.perf_counter()
-        matcher = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=LIMITS)
-        self.compile_seconds += time.perf_counter() - start
+        with self._guard():
+            tokenizer = self.tokenizer
+            start = time.perf_counter()
+            matcher = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=LIMITS)
+            self.compile_seconds += time.perf_counter() - start
         if matcher.is_error():
             self.failed += 1
             raise InvalidRequest(f"{c.field} cannot be used: {matcher.get_error()}", param=c.field)
@@ -152,6 +185,44 @@ class Grammars:
         return {"grammar_requests": self.requests, "grammar_compiled": self.compiled, "grammar_cache_hits": self.cache_hits,
                 "grammar_failed": self.failed, "grammar_compile_seconds": round(self.compile_seconds, 6),
                 "grammar_masks": self.masks, "grammar_mask_seconds": round(self.mask_seconds, 6)}
+
+
+class Compiled:
+    """A compiled grammar: each choice of a request gets its own Matcher (parse state) from it."""
+
+    __slots__ = ("_compiled", "_grammars")
+
+    def __init__(self, compiled: "llguidance.LLMatcher", grammars: Grammars) -> None:
+        self._compiled, self._grammars = compiled, grammars
+
+    def matchers(self, n: int) -> list["Matcher"]:
+        return [Matcher(self._compiled.deep_copy(), self._grammars) for _ in range(n)]
+
+
+class _Job:
+    """One compile on the pool: when it was submitted and when it started (set by the worker)."""
+
+    def __init__(self, submitted: float, grammars: Grammars) -> None:
+        self.submitted = submitted
+        self.started: float | None = None
+        self.grammars = grammars
+        self.future: concurrent.futures.Future      # set by Grammars._submit
+
+    def run(self, c: Constraint) -> "llguidance.LLMatcher":
+        self.started = time.monotonic()
+        return self.grammars._compile(c)
+
+    def check(self, c: Constraint) -> None:
+        """Raise if the compile has run past COMPILE_TIMEOUT, or has waited past QUEUE_TIMEOUT
+        for a compiler; else return (keep waiting)."""
+        now = time.monotonic()
+        if self.started is not None and now - self.started > COMPILE_TIMEOUT:
+            self.grammars.failed += 1
+            raise InvalidRequest(f"{c.field}: the grammar did not compile within {COMPILE_TIMEOUT:g} s; "
+                                 "simplify it", param=c.field) from None
+        if self.started is None and now - self.submitted > QUEUE_TIMEOUT:
+            self.future.cancel()
+            raise QueueFull(f"{c.field}: every grammar compiler is busy; retry shortly", retry_after=1.0)
 
 
 class Matcher:

@@ -22,13 +22,14 @@ from .chat_template import ChatTemplate
 from .core import EngineCore
 from .engine_thread import STOP, STOPPED, EngineThread
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
-from .grammar import Grammars
+from .grammar import Compiled, Grammars
 from .prefix_cache import HostCache
 from .prepare import check_ids, detokenize, prepare, prompt_ids
 from .request import Request
 from .runner import LlamaCppRunner
 from .scheduler import Scheduler
 from .slots import SlotPool
+from .workers import Workers
 
 log = logging.getLogger("modelyard.engine")
 MAX_PENDING = 1024      # steps of one request's output waiting for its consumer; past it: aborted
@@ -49,6 +50,10 @@ class LocalEngine(EngineThread):
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
         self._grammars: Grammars | None = None
+        # Tokenizing, templating and the tokenizer routes run on this endpoint's own threads,
+        # not the event loop's default pool (which the control plane's sync and the database
+        # use too): one endpoint's long prompts never stall the rest of the process.
+        self._workers = Workers(f"prepare-{spec.name}")
         self._vocab_cond = threading.Condition()
         self._vocab_readers = 0
         self._vocab_closed = False
@@ -105,7 +110,10 @@ class LocalEngine(EngineThread):
             # Tokenizing (and rendering a chat template) a long prompt takes a while: on a worker
             # thread, so that no other stream waits for it. Only llama_decode needs the engine
             # thread; the vocabulary is read-only.
-            req = await asyncio.to_thread(self._build, request, sink)
+            grammar = None
+            if request.constraint is not None and self._grammars is not None:
+                grammar = await self._grammars.compile_async(request.constraint)
+            req = await self._workers.run(self._build, request, sink, grammar)
             if self._stopped:           # stopped meanwhile: nobody would read the inbox
                 raise EngineError(STOPPED)
             if request.reserve is not None:   # may raise RateLimited: before the engine sees it
@@ -152,10 +160,10 @@ class LocalEngine(EngineThread):
             outputs.put_nowait(item)
         return put
 
-    def _build(self, r: EngineRequest, sink) -> Request:
+    def _build(self, r: EngineRequest, sink, grammar: Compiled | None) -> Request:
         with self._vocab_use():
             return prepare(r, self.model, self._chat, context=self.spec.context, parallel=self.spec.parallel,
-                           parse_special=self.spec.chat_parse_special, sink=sink, grammars=self._grammars)
+                           parse_special=self.spec.chat_parse_special, sink=sink, grammar=grammar)
 
     @contextlib.contextmanager
     def _vocab_use(self) -> Iterator[LlamaModel]:
@@ -193,21 +201,21 @@ class LocalEngine(EngineThread):
                     r = EngineRequest("tokenize", "", messages=messages)
                     return prompt_ids(r, model, self._chat, self.spec.chat_parse_special)
                 return model.tokenize(text or "", add_special)
-        return await asyncio.to_thread(run)
+        return await self._workers.run(run)
 
     async def detokenize(self, ids: list[int]) -> str:
         def run() -> str:
             with self._vocab_use() as model:
                 check_ids(ids, model, "tokens")
                 return detokenize(model, ids)
-        return await asyncio.to_thread(run)
+        return await self._workers.run(run)
 
     async def token_strs(self, ids: list[int]) -> list[str]:
         def run() -> list[str]:
             with self._vocab_use() as model:
                 check_ids(ids, model, "tokens")
                 return [model.vocab_text(t) for t in ids]
-        return await asyncio.to_thread(run)
+        return await self._workers.run(run)
 
     def tokenizer_info(self) -> dict[str, Any]:
         with self._vocab_use() as model:
@@ -235,7 +243,7 @@ class LocalEngine(EngineThread):
             # row's logits never depend on the rows beside it.
             self.model = LlamaModel(self.model_path, repack=not self.spec.deterministic)
             self._chat = ChatTemplate(self.model)
-            self._grammars = Grammars(self.model.ll_tokenizer)
+            self._grammars = Grammars(self.model.ll_tokenizer, guard=self._vocab_use)
             ctx = LlamaContext(self.model, ContextShape(
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
                 n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads,

@@ -14,7 +14,7 @@ from ..engine.types import EngineRequest, TokenLogprobs, token_text
 from ..errors import InvalidRequest
 from .chat_template import ChatTemplate
 from .detokenize import Detokenizer, align_to_text
-from .grammar import Grammars
+from .grammar import Compiled
 from .request import Request, Sequence, completion_budget
 from .sampling import Sampler
 from .stop import StopMatcher
@@ -59,8 +59,9 @@ def echo_tokens(vocab: Vocab, ids: list[int], echo: str) -> TokenLogprobs:
 
 
 def prepare(r: EngineRequest, vocab: Vocab, chat: ChatTemplate | None, *, context: int, parallel: int,
-            parse_special: bool, sink: Callable[[object], None], grammars: Grammars | None = None) -> Request:
-    """Tokenize and validate before the engine sees the request, so a bad one costs no step."""
+            parse_special: bool, sink: Callable[[object], None], grammar: Compiled | None = None) -> Request:
+    """Tokenize and validate before the engine sees the request, so a bad one costs no step.
+    `grammar`: a constrained request's constraint, compiled beforehand (Grammars.compile)."""
     if r.tools and r.tool_choice == "auto":
         raise InvalidRequest("tool_choice 'auto' (the default with tools) is not supported by embedded "
                              "endpoints: set tool_choice to 'required' or name a function (the answer is then "
@@ -80,10 +81,10 @@ def prepare(r: EngineRequest, vocab: Vocab, chat: ChatTemplate | None, *, contex
                              param="n")
     seqs = [Sequence(i, Sampler(r.sampling.for_choice(i)), StopMatcher(r.stop)) for i in range(r.n)]
     if r.constraint is not None:
-        if grammars is None:
+        if grammar is None:
             raise InvalidRequest(f"{r.constraint.field}: this endpoint has no structured output",
                                  param=r.constraint.field)
-        for seq, matcher in zip(seqs, grammars.matchers(r.constraint, r.n)):
+        for seq, matcher in zip(seqs, grammar.matchers(r.n)):
             seq.matcher = matcher
     echo = prompt_lp = None
     if r.echo and r.messages is None:
