@@ -102,3 +102,27 @@ def test_an_endpoint_whose_template_does_not_compile_serves_completions(monkeypa
             await engine.stop()
 
     asyncio.run(main())
+
+
+def test_a_template_that_writes_without_end_is_stopped_at_its_output_bound():
+    """A GGUF's template is anyone's: one that repeats each message 100,000 times is refused
+    once its output passes what the messages justify (1 M characters + 4 per input character),
+    not rendered to 10 M characters."""
+    t = ChatTemplate.from_source("{% for i in range(100000) %}{{ messages[0]['content'] }}{% endfor %}")
+    with pytest.raises(InvalidRequest, match="passed 1000400 characters") as info:
+        t.render([{"role": "user", "content": "x" * 100}])
+    assert info.value.param == "messages"
+    assert ChatTemplate.from_source("{{ messages[0]['content'] }}").render([{"role": "user", "content": "hi"}]) == "hi"
+
+
+def test_a_template_that_runs_without_end_is_stopped_at_its_time_bound(monkeypatch):
+    """Nested loops that look things up but write nothing: stopped by the render's deadline
+    (checked at each lookup), a 400 naming the template, never a worker thread held for hours."""
+    from modelyard.local import chat_template
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.2)
+    t = ChatTemplate.from_source("{% for i in range(100000) %}{% for j in range(100000) %}"
+                                 "{% set x = messages[0]['role'] %}{% endfor %}{% endfor %}done")
+    with pytest.raises(InvalidRequest, match="did not render within 0.2 s"):
+        t.render([{"role": "user", "content": "x"}])
+    # the deadline is per render: the next one starts afresh
+    assert ChatTemplate.from_source("ok").render([{"role": "user", "content": "x"}]) == "ok"

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
+import time
 from datetime import datetime
 from typing import Callable, Sequence
 
@@ -49,8 +51,44 @@ def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separa
                       sort_keys=sort_keys)
 
 
+# A template comes from the GGUF file, which may come from anyone: its rendering is bounded in
+# output (what the input could justify, plus room for markup) and in time. The time is checked
+# at every output piece and every call, attribute or item lookup the template makes, so a loop
+# that does anything is stopped; only a loop that does nothing at all escapes the check, and it
+# runs on the endpoint's own worker threads (local/workers), never the event loop.
+RENDER_SECONDS = 5.0
+RENDER_BASE_CHARS = 1_000_000       # + RENDER_PER_INPUT_CHAR x the characters of the messages and tools
+RENDER_PER_INPUT_CHAR = 4
+_render_deadline = threading.local()
+
+
+def _tick() -> None:
+    deadline = getattr(_render_deadline, "at", None)
+    if deadline is not None and time.monotonic() > deadline:
+        _render_deadline.at = None          # raised once: the handler's own lookups may follow
+        raise InvalidRequest(f"the chat template did not render within {RENDER_SECONDS:g} s; this model's "
+                             "template is too slow for these messages", param="messages",
+                             code="chat_template_error")
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with the render's time bound checked on each call and lookup."""
+
+    def call(self, __context, __obj, *args, **kwargs):  # noqa: N807 - jinja2's signature
+        _tick()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        _tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _tick()
+        return super().getitem(obj, argument)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env
@@ -89,11 +127,25 @@ class ChatTemplate:
     def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
         if self._jinja is not None:
             extra = {"tools": list(tools)} if tools else {}     # templates that know tools render them
+            limit = RENDER_BASE_CHARS + RENDER_PER_INPUT_CHAR * (
+                sum(len(str(m.get("content") or "")) for m in messages) + (len(json.dumps(tools)) if tools else 0))
+            pieces, size = [], 0
+            _render_deadline.at = time.monotonic() + RENDER_SECONDS
             try:
-                return self._jinja.render(messages=list(messages), add_generation_prompt=True,
-                                          bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+                for piece in self._jinja.generate(messages=list(messages), add_generation_prompt=True,
+                                                  bos_token=self.bos_token, eos_token=self.eos_token, **extra):
+                    size += len(piece)
+                    if size > limit:
+                        raise InvalidRequest(f"the chat template's rendering passed {limit} characters (what these "
+                                             "messages can justify); this model's template is unusable for them",
+                                             param="messages", code="chat_template_error")
+                    _tick()
+                    pieces.append(piece)
             except TemplateError as exc:
                 raise InvalidRequest(f"cannot render the chat template: {exc}", param="messages") from None
+            finally:
+                _render_deadline.at = None
+            return "".join(pieces)
         if self.builtin is not None:
             if self._model is None:
                 raise InvalidRequest("llama.cpp's built-in chat formats need the model", param="messages")
