@@ -10,14 +10,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import Unauthorized
 from ..settings import KeySpec, secret_digest
 from ..quota.limits import Slot
 from ..quota.memory import Quota
 from .gate import before_body
+
+if TYPE_CHECKING:
+    from ..registry.endpoint import Endpoint
 
 class KeyChecker:
     """Configured keys (the TOML file, the environment) and, with the control plane, the keys of
@@ -28,8 +32,9 @@ class KeyChecker:
         # shared: quota/redis.RedisQuotas or quota/postgres.PostgresQuotas, seen by every process
         self._make = shared.quota if shared is not None else (lambda rpm, tpm, ident: Quota(rpm, tpm))
         self._keys = [(d, self._make(k.rpm, k.tpm, d)) for k in keys for d in (secret_digest(k.key),)]
-        for d, quota in self._keys:      # usage rows name a configured key by its digest's start
-            quota.key_id = f"config:{d.hex()[:12]}"
+        for k, (d, quota) in zip(keys, self._keys):
+            quota.endpoints = frozenset(k.endpoints) if k.endpoints is not None else None
+            quota.key_id = f"config:{d.hex()[:12]}"     # usage rows name a configured key by its digest's start
         self._control = control
         # key id -> ((digest, valid until or None), ...), quota): a rotated key has two digests
         self._stored: dict[str, tuple[tuple[tuple[bytes, int | None], ...], Quota]] = {}
@@ -91,12 +96,20 @@ class KeyChecker:
         return found
 
 
-def check_endpoint(request: Request, endpoint: str) -> None:
-    """A key limited to some endpoints (control plane) may use only those."""
+def visible_endpoints(request: Request) -> frozenset[str] | None:
+    """The endpoints this caller may see and use: a key's `endpoints` list (stored or
+    configured); None (every one) for admin tokens, unrestricted keys and keyless servers."""
+    if getattr(request.state, "admin", None) is not None:
+        return None
     quota = getattr(request.state, "quota", None)
-    if quota is not None and quota.endpoints is not None and endpoint not in quota.endpoints:
-        raise Forbidden(f"this API key may not use model endpoint {endpoint!r}", param="model",
-                        code="endpoint_not_allowed")
+    return quota.endpoints if quota is not None else None
+
+
+def find_endpoint(request: Request, name: str) -> "Endpoint":
+    """The endpoint `name` as this caller may know it: a key limited to some endpoints gets the
+    404 of an unknown name for every other one (a 403 would confirm that it exists), and the
+    404 lists only its own endpoints (registry.get)."""
+    return request.app.state.registry.get(name, visible_endpoints(request))
 
 
 @before_body
