@@ -3,12 +3,19 @@ with its quota (quota/: in memory, or shared through Redis or PostgreSQL).
 
 Keys may be configured in clear or as "sha256:<hex>" so that a config file holds no secrets.
 Only digests are kept and compared (constant time, equal length); keys are never logged.
+
+A configured key's id (usage rows, shown to viewers) is `config:` + 12 hex digits of an HMAC of
+its digest under a secret the control database holds (`configured_id`): stable across restarts
+and across the processes sharing that database, and of no use for testing guesses of the key.
+(It was the start of the unsalted sha256 itself, which let a viewer test guesses of a weak key
+offline; `name_configured` hands back those old ids so that their usage rows move to the new.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import time
 from typing import TYPE_CHECKING
 
@@ -23,6 +30,12 @@ from .gate import before_body
 if TYPE_CHECKING:
     from ..registry.endpoint import Endpoint
 
+def configured_id(secret: bytes, digest: bytes) -> str:
+    """A configured key's id: 48 bits of HMAC-SHA256(secret, the key's sha256). Without the
+    secret, which no response carries, it says nothing about the key."""
+    return "config:" + hmac.new(secret, digest, hashlib.sha256).hexdigest()[:12]
+
+
 class KeyChecker:
     """Configured keys (the TOML file, the environment) and, with the control plane, the keys of
     its store: `replace_stored` swaps those in (control/sync, every second), keeping the quota
@@ -34,11 +47,22 @@ class KeyChecker:
         self._keys = [(d, self._make(k.rpm, k.tpm, d)) for k in keys for d in (secret_digest(k.key),)]
         for k, (d, quota) in zip(keys, self._keys):
             quota.endpoints = frozenset(k.endpoints) if k.endpoints is not None else None
-            quota.key_id = f"config:{d.hex()[:12]}"     # usage rows name a configured key by its digest's start
+        # Without a control database ids are recorded nowhere: a key of this process will do.
+        # With one, the app's lifespan calls name_configured with the database's before serving.
+        self.name_configured(secrets.token_bytes(32))
         self._control = control
         # key id -> ((digest, valid until or None), ...), quota): a rotated key has two digests
         self._stored: dict[str, tuple[tuple[tuple[bytes, int | None], ...], Quota]] = {}
         self.book = None       # control/budget.BudgetBook (memory budgets), set by the app's lifespan
+
+    def name_configured(self, secret: bytes) -> list[tuple[str, str]]:
+        """Give each configured key its id under `secret`; (old id, new id) for every key,
+        the old being what earlier versions called it (the start of its sha256)."""
+        renamed = []
+        for d, quota in self._keys:
+            quota.key_id = configured_id(secret, d)
+            renamed.append((f"config:{d.hex()[:12]}", quota.key_id))
+        return renamed
 
     @property
     def enabled(self) -> bool:
