@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +63,8 @@ def test_model_flag_serves_that_one_model(tmp_path):
     ('[[endpoints]]\nname = "a"\nengine = "openai"', "urls"),
     ('[[endpoints]]\nname = "a"\n[[endpoints]]\nname = "a"', "unique"),
     ('[[keys]]\nkey = "sha256:abc"', "64 hex"),
+    ('[[keys]]\nkey = "sk-a"\nendpoints = "one"', "list of endpoint names"),
+    ('[[keys]]\nkey = "sk-a"\nendpoints = [""]', "list of endpoint names"),
     ("not toml [", "cannot read"),
     ('[server]\npublic_cache_counters = "yes"', "public_cache_counters must be true or false"),
     ('[[endpoints]]\nname = "' + "n" * 257 + '"', "257 characters, above the limit of 256"),
@@ -84,6 +88,11 @@ def test_keys_table_with_quotas_and_hashes(tmp_path):
     digest = hashlib.sha256(b"sk-b").hexdigest()
     s = load(write(tmp_path, f'[[keys]]\nkey = "sk-a"\nrpm = 3\n[[keys]]\nkey = "sha256:{digest}"\ntpm = 20'), env={})
     assert [(k.key, k.rpm, k.tpm) for k in s.all_keys] == [("sk-a", 3, 0), (f"sha256:{digest}", 0, 20)]
+
+
+def test_a_configured_key_may_be_limited_to_some_endpoints(tmp_path):
+    s = load(write(tmp_path, '[[keys]]\nkey = "sk-a"\nendpoints = ["one", "two"]\n[[keys]]\nkey = "sk-b"'), env={})
+    assert [k.endpoints for k in s.all_keys] == [("one", "two"), None]
 
 
 def test_public_surface_is_exactly_all():
@@ -114,3 +123,11 @@ def test_a_link_local_upstream_is_the_operators_choice(tmp_path):
     text = '[server]\nallow_private_upstreams = true\n[[endpoints]]\nname = "r"\nengine = "openai"\n' \
            'urls = ["http://169.254.169.254/v1"]'
     assert load(write(tmp_path, text), env={}).endpoints[0].urls == ("http://169.254.169.254/v1",)
+
+
+def test_the_readmes_config_examples_load(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert any("[[keys]]" in b for b in blocks)
+    for block in blocks:
+        load(write(tmp_path, block), env={})

@@ -58,8 +58,16 @@ class KeySpec:
     key: str = field(repr=False)       # never in a repr (logs, tracebacks)
     rpm: int = 0          # requests per minute
     tpm: int = 0          # prompt + completion tokens per minute
+    # the endpoints the key may see and use (others answer as unknown names); None: all
+    endpoints: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.endpoints is not None:
+            if not isinstance(self.endpoints, (list, tuple)) or not all(
+                    isinstance(n, str) and 0 < len(n) <= MAX_NAME for n in self.endpoints):
+                raise ConfigError(f"a key's endpoints must be a list of endpoint names (1 to {MAX_NAME} characters)",
+                                  param="endpoints")
+            object.__setattr__(self, "endpoints", tuple(self.endpoints))
         if self.key.startswith("sha256:"):
             digest = self.key[7:]
             if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):

@@ -97,10 +97,11 @@ def test_limits_endpoints_patch_etag_and_revoke(srv):
         created = admin.post("/api-keys", json={"name": "limited", "rpm": 2, "endpoints": ["other"]}).json()
         key, kid = created["secret"], created["id"]
         srv.secrets = [*getattr(srv, "secrets", []), key]
-        r = complete(srv, key)                 # not an allowed endpoint
-        assert r.status_code == 403 and r.json()["error"]["code"] == "endpoint_not_allowed"
+        r = complete(srv, key)                 # not an allowed endpoint: answered as an unknown name
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert r.json()["error"]["message"].endswith("this server serves: other")
         assert complete(srv, key, "other").status_code == 200
-        assert complete(srv, key, "other").status_code == 429     # rpm 2 (the 403 counted too)
+        assert complete(srv, key, "other").status_code == 429     # rpm 2 (the 404 counted too)
         stale = admin.patch(f"/api-keys/{kid}", json={"rpm": None}, headers={"If-Match": '"0"'})
         assert stale.status_code == 412
         r = admin.patch(f"/api-keys/{kid}", json={"rpm": None, "endpoints": None}, headers={"If-Match": '"1"'})

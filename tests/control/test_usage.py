@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from modelyard.control.db import open_database
-from modelyard.control.usage import FLUSH, UsageRecorder, query
+from modelyard.control.usage import FLUSH, UsageRecorder, query, rename_keys
 from servers import MODEL, modelyard_process, wait_ready
 
 
@@ -31,6 +31,23 @@ def test_flushes_add_up_across_processes_and_roll_up(db):
     assert by_key["key_2"]["requests"] == 1 and by_key["key_1"]["start"] % 86400 == 0
     only = query(db, "minute", "key_2", "m", None, None)["data"]
     assert [r["prompt_tokens"] for r in only] == [7] and only[0]["start"] % 60 == 0
+
+
+
+def test_renamed_keys_rows_move_and_add_to_the_new_ids(db):
+    """Configured keys' ids changed once (api/auth.configured_id): their rows move, adding to
+    rows a process already wrote under the new id; running it again changes nothing."""
+    a = UsageRecorder(db)
+    a.record("config:old", "m", 10, 5)
+    a.record("config:new", "m", 1, 1)           # the same minute, under the new id
+    a.record("config:other", "m", 2, 2)
+    asyncio.run(a.flush())
+    assert rename_keys(db, [("config:old", "config:new")]) == 1
+    assert rename_keys(db, [("config:old", "config:new")]) == 0
+    by_key = {r["key_id"]: r for r in query(db, "minute", None, None, None, None)["data"]}
+    assert set(by_key) == {"config:new", "config:other"}
+    assert (by_key["config:new"]["requests"], by_key["config:new"]["prompt_tokens"],
+            by_key["config:new"]["completion_tokens"]) == (2, 11, 6)
 
 
 ADMIN = "usage-admin"

@@ -21,6 +21,7 @@ from .origin import BrowserGuard, allowed_origin_keys
 from .auth import KeyChecker, require_key
 
 OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
+KEY_ID_SECRET = "config_key_ids"      # control/records.server_secret: the configured keys' ids
 
 
 def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
@@ -37,7 +38,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             from ..control.keys import KeyStore
             from ..control.notify import ChangeFeed
             from ..control.sync import ControlSync
-            from ..control.usage import UsageRecorder
+            from ..control.records import server_secret
+            from ..control.usage import UsageRecorder, rename_keys
             db = await asyncio.to_thread(open_database, settings.database)
             from ..control.admin_tokens import AdminTokenStore, StoredAdmins
             app.state.key_store, app.state.admin_tokens = KeyStore(db), StoredAdmins(AdminTokenStore(db))
@@ -47,6 +49,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 app.state.key_store, app.state.keys, feed=ChangeFeed(db, settings.database_url),
                 also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh))
             app.state.usage = usage = UsageRecorder(db)
+            # configured keys' ids under the database's secret (api/auth), before any request
+            # records usage; rows under their old ids (the start of the key's sha256) move over
+            renamed = app.state.keys.name_configured(await asyncio.to_thread(server_secret, db, KEY_ID_SECRET))
+            await asyncio.to_thread(rename_keys, db, renamed)
             if settings.quota_backend != "redis":     # Redis keeps budgets itself (quota/redis)
                 from ..control.budget import BudgetBook
                 app.state.keys.book = book = BudgetBook(db, usage)

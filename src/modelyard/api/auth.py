@@ -3,21 +3,38 @@ with its quota (quota/: in memory, or shared through Redis or PostgreSQL).
 
 Keys may be configured in clear or as "sha256:<hex>" so that a config file holds no secrets.
 Only digests are kept and compared (constant time, equal length); keys are never logged.
+
+A configured key's id (usage rows, shown to viewers) is `config:` + 12 hex digits of an HMAC of
+its digest under a secret the control database holds (`configured_id`): stable across restarts
+and across the processes sharing that database, and of no use for testing guesses of the key.
+(It was the start of the unsalted sha256 itself, which let a viewer test guesses of a weak key
+offline; `name_configured` hands back those old ids so that their usage rows move to the new.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import time
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import Unauthorized
 from ..settings import KeySpec, secret_digest
 from ..quota.limits import Slot
 from ..quota.memory import Quota
 from .gate import before_body
+
+if TYPE_CHECKING:
+    from ..registry.endpoint import Endpoint
+
+def configured_id(secret: bytes, digest: bytes) -> str:
+    """A configured key's id: 48 bits of HMAC-SHA256(secret, the key's sha256). Without the
+    secret, which no response carries, it says nothing about the key."""
+    return "config:" + hmac.new(secret, digest, hashlib.sha256).hexdigest()[:12]
+
 
 class KeyChecker:
     """Configured keys (the TOML file, the environment) and, with the control plane, the keys of
@@ -28,12 +45,24 @@ class KeyChecker:
         # shared: quota/redis.RedisQuotas or quota/postgres.PostgresQuotas, seen by every process
         self._make = shared.quota if shared is not None else (lambda rpm, tpm, ident: Quota(rpm, tpm))
         self._keys = [(d, self._make(k.rpm, k.tpm, d)) for k in keys for d in (secret_digest(k.key),)]
-        for d, quota in self._keys:      # usage rows name a configured key by its digest's start
-            quota.key_id = f"config:{d.hex()[:12]}"
+        for k, (d, quota) in zip(keys, self._keys):
+            quota.endpoints = frozenset(k.endpoints) if k.endpoints is not None else None
+        # Without a control database ids are recorded nowhere: a key of this process will do.
+        # With one, the app's lifespan calls name_configured with the database's before serving.
+        self.name_configured(secrets.token_bytes(32))
         self._control = control
         # key id -> ((digest, valid until or None), ...), quota): a rotated key has two digests
         self._stored: dict[str, tuple[tuple[tuple[bytes, int | None], ...], Quota]] = {}
         self.book = None       # control/budget.BudgetBook (memory budgets), set by the app's lifespan
+
+    def name_configured(self, secret: bytes) -> list[tuple[str, str]]:
+        """Give each configured key its id under `secret`; (old id, new id) for every key,
+        the old being what earlier versions called it (the start of its sha256)."""
+        renamed = []
+        for d, quota in self._keys:
+            quota.key_id = configured_id(secret, d)
+            renamed.append((f"config:{d.hex()[:12]}", quota.key_id))
+        return renamed
 
     @property
     def enabled(self) -> bool:
@@ -91,12 +120,20 @@ class KeyChecker:
         return found
 
 
-def check_endpoint(request: Request, endpoint: str) -> None:
-    """A key limited to some endpoints (control plane) may use only those."""
+def visible_endpoints(request: Request) -> frozenset[str] | None:
+    """The endpoints this caller may see and use: a key's `endpoints` list (stored or
+    configured); None (every one) for admin tokens, unrestricted keys and keyless servers."""
+    if getattr(request.state, "admin", None) is not None:
+        return None
     quota = getattr(request.state, "quota", None)
-    if quota is not None and quota.endpoints is not None and endpoint not in quota.endpoints:
-        raise Forbidden(f"this API key may not use model endpoint {endpoint!r}", param="model",
-                        code="endpoint_not_allowed")
+    return quota.endpoints if quota is not None else None
+
+
+def find_endpoint(request: Request, name: str) -> "Endpoint":
+    """The endpoint `name` as this caller may know it: a key limited to some endpoints gets the
+    404 of an unknown name for every other one (a 403 would confirm that it exists), and the
+    404 lists only its own endpoints (registry.get)."""
+    return request.app.state.registry.get(name, visible_endpoints(request))
 
 
 @before_body

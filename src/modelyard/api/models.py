@@ -8,8 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..redact import redact
 from ..registry import render
-from ..registry.endpoint import EndpointState
-from .auth import may_see_cache, may_see_reasons, require_key
+from ..registry.endpoint import Endpoint, EndpointState
+from .auth import find_endpoint, may_see_cache, may_see_reasons, require_key, visible_endpoints
 from .control import admin_or_none
 from .gate import before_body
 
@@ -18,15 +18,20 @@ admin = APIRouter()         # /api/v1/endpoints, behind key_or_admin
 probes = APIRouter()        # /health and /ready, open (load balancers and orchestrators call them)
 
 
+def _seen(request: Request) -> list[Endpoint]:
+    """The endpoints this caller may know of: a key limited to some sees only those."""
+    visible = visible_endpoints(request)
+    return [ep for ep in request.app.state.registry.endpoints.values() if visible is None or ep.name in visible]
+
+
 @router.get("/models", summary="List model endpoints")
 async def list_models(request: Request) -> dict:
-    registry = request.app.state.registry
     return {"object": "list", "data": [
         {"id": ep.name, "object": "model.deleted" if ep.state is EndpointState.DELETING else "model",
          "created": request.app.state.started, "owned_by": "modelyard",
          "model_type": ep.model_type.value if ep.model_type else None, "model_engine": ep.model_engine,
          "state": ep.state.value, "ready": ep.not_ready_reason() is None}
-        for ep in registry.endpoints.values()]}
+        for ep in _seen(request)]}
 
 
 @before_body
@@ -45,12 +50,12 @@ def _views(request: Request) -> tuple[bool, bool]:
 @admin.get("/endpoints", summary="Model endpoints and their state")
 async def list_endpoints(request: Request) -> dict:
     detail, cache = _views(request)
-    return {"endpoints": [render.status(ep, detail, cache) for ep in request.app.state.registry.endpoints.values()]}
+    return {"endpoints": [render.status(ep, detail, cache) for ep in _seen(request)]}
 
 
 @admin.get("/endpoints/{name}", summary="One model endpoint")
 async def get_endpoint(name: str, request: Request) -> dict:
-    return render.status(request.app.state.registry.get(name), *_views(request))
+    return render.status(find_endpoint(request, name), *_views(request))
 
 
 @probes.get("/health", summary="The process is up and accepting requests")

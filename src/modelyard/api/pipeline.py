@@ -20,7 +20,7 @@ from ..engine.protocol import Engine
 from ..engine.types import EmbeddingRequest, EngineRequest, ModelType, SamplingParams
 from ..errors import InvalidRequest
 from ..settings import Limits
-from .auth import check_endpoint
+from .auth import find_endpoint
 from .errors import limit_error
 from .schemas import ErrorResponse, GenerationRequest
 from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
@@ -53,10 +53,9 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
 
 
 def ready_engine(request: Request, name: str, kind: ModelType) -> Engine:
-    """The engine of endpoint `name`: 404 unknown, 403 when the key may not use it, 400 when it
-    serves the other kind, 400 not ready."""
-    endpoint = request.app.state.registry.get(name)
-    check_endpoint(request, name)
+    """The engine of endpoint `name`: 404 unknown (or not among the key's endpoints), 400 when
+    it serves the other kind, 400 not ready."""
+    endpoint = find_endpoint(request, name)
     endpoint.require_type(kind, request.url.path.rsplit("/v1", 1)[-1])
     return endpoint.require_ready()
 

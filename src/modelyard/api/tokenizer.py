@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.types import ModelType
 from ..errors import ContextOverflow, InvalidRequest
 from ..settings import MAX_NAME
-from .auth import check_endpoint
+from .auth import find_endpoint, visible_endpoints
 from .chat import Message
 
 router = APIRouter()
@@ -50,17 +50,16 @@ class Detokenize(BaseModel):
 
 
 def _engine(request: Request, model: str | None):
-    registry = request.app.state.registry
-    if model is None:
-        local = [ep for ep in registry.endpoints.values()
-                 if ep.spec.engine == "llamacpp" and ep.model_type is not ModelType.EMBEDDINGS]
+    if model is None:       # the one embedded completions endpoint among those the key may see
+        visible = visible_endpoints(request)
+        seen = [ep for ep in request.app.state.registry.endpoints.values() if visible is None or ep.name in visible]
+        local = [ep for ep in seen if ep.spec.engine == "llamacpp" and ep.model_type is not ModelType.EMBEDDINGS]
         if len(local) != 1:
-            names = ", ".join(sorted(registry.endpoints)) or "none"
+            names = ", ".join(sorted(ep.name for ep in seen)) or "none"
             raise InvalidRequest(f"model is required: this server has {len(local)} embedded completions "
                                  f"endpoints ({names}); name one", param="model")
         model = local[0].name
-    ep = registry.get(model)
-    check_endpoint(request, model)
+    ep = find_endpoint(request, model)
     ep.require_type(ModelType.COMPLETIONS, request.url.path)
     engine = ep.require_ready()
     if not hasattr(engine, "tokenize"):

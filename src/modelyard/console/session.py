@@ -20,12 +20,12 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..control.db import Database
+from ..control.records import server_secret
 from ..settings import AdminToken, secret_digest
 
 COOKIE = "modelyard_console"
@@ -36,11 +36,7 @@ SECRET_NAME = "session_hmac"
 
 def load_secret(db: Database) -> bytes:
     """This database's console key: made by the first process that needs it, read by the rest."""
-    with db.transaction() as tx:
-        tx.execute("INSERT INTO console_secret (name, value, created_at) VALUES (?, ?, ?) "
-                   "ON CONFLICT (name) DO NOTHING", (SECRET_NAME, secrets.token_hex(32), int(time.time())))
-        rows = tx.query("SELECT value FROM console_secret WHERE name = ?", (SECRET_NAME,))
-    return bytes.fromhex(rows[0]["value"])
+    return server_secret(db, SECRET_NAME)
 
 
 def _b64(data: bytes) -> str:

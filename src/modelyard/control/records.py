@@ -1,9 +1,11 @@
-"""What every control-plane table shares: sortable ids, the audit log, cursor-paged lists."""
+"""What every control-plane table shares: sortable ids, the audit log, cursor-paged lists, the
+database's server-held secrets."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import time
 from typing import Any, Callable
@@ -36,3 +38,15 @@ def page(rows: list[Row], limit: int, render: Callable[[Row], dict[str, Any]]) -
     data = [render(r) for r in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit,
             "last_id": data[-1]["id"] if data else None}
+
+
+def server_secret(db: Database, name: str) -> bytes:
+    """The database's random secret `name` (the console's session key, the configured keys'
+    id key): made by the first process that needs it, read by every other one sharing the
+    database, kept across restarts. The table is migration 7's (named for its first use); no
+    route reads it."""
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO console_secret (name, value, created_at) VALUES (?, ?, ?) "
+                   "ON CONFLICT (name) DO NOTHING", (name, secrets.token_hex(32), int(time.time())))
+        rows = tx.query("SELECT value FROM console_secret WHERE name = ?", (name,))
+    return bytes.fromhex(rows[0]["value"])

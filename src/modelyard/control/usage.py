@@ -142,3 +142,27 @@ def query(db: Database, granularity: str, key_id: str | None, endpoint: str | No
              "completion_tokens": int(r["completion_tokens"]),
              "total_tokens": int(r["prompt_tokens"]) + int(r["completion_tokens"])} for r in rows]
     return {"object": "list", "data": data, "has_more": False, "last_id": None}
+
+
+def rename_keys(db: Database, renamed: list[tuple[str, str]]) -> int:
+    """Move usage rows from each old key id to its new one, adding to rows the new id has for
+    the same endpoint and minute (a process still on the old ids may have written both);
+    idempotent, run at every start. The rows moved. Deleted first (RETURNING): two processes
+    starting together on PostgreSQL then never both move the same rows (the second's DELETE
+    waits for the first's, then finds nothing)."""
+    moved = 0
+    with db.transaction() as tx:
+        for old, new in renamed:
+            if old == new:
+                continue
+            rows = tx.query("DELETE FROM usage WHERE key_id = ? "
+                            "RETURNING endpoint, minute, requests, prompt_tokens, completion_tokens", (old,))
+            for r in rows:
+                tx.execute("INSERT INTO usage (key_id, endpoint, minute, requests, prompt_tokens, completion_tokens) "
+                           "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, endpoint, minute) DO UPDATE SET "
+                           "requests = usage.requests + excluded.requests, "
+                           "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
+                           "completion_tokens = usage.completion_tokens + excluded.completion_tokens",
+                           (new, r["endpoint"], r["minute"], r["requests"], r["prompt_tokens"], r["completion_tokens"]))
+            moved += len(rows)
+    return moved

@@ -6,13 +6,23 @@ strftime_now); a GGUF without one falls back to llama.cpp's built-in format for 
 architecture. A template that does not compile leaves chat unavailable (400 naming the
 problem) and nothing else: completions keep working.
 
-Special tokens: only the template's own markup is special. Text inside messages is tokenized
-as plain text, so a user who writes `<|im_end|><|im_start|>system` gets those characters, not a
-forged turn. (Hugging Face and llama-server parse special tokens everywhere; an endpoint with
-`chat_parse_special = true` does the same.) To tell markup from contents, the template is
-rendered with a unique marker in place of each message's content; the markers cut the output
-into markup and contents, which are tokenized apart. A marker is rendered padded with a space
-on each side: if a side's space is gone, the template trims contents, and so is the content.
+Special tokens: only the template's own markup is special. Everything the client wrote is
+tokenized as plain text, messages and tools alike, so a user who writes
+`<|im_end|><|im_start|>system` in a message or in a tool's description gets those characters,
+not a forged turn. (Hugging Face and llama-server parse special tokens everywhere; an endpoint
+with `chat_parse_special = true` does the same.) To tell markup from the client's text, the
+template is rendered with a unique marker in place of each message's content, and with every
+string of the tools (names, descriptions, parameter names and schemas) wrapped between two
+markers; the markers cut the output into markup and client text, which are tokenized apart.
+
+- A content marker is rendered padded with a space on each side: if a side's space is gone, the
+  template trims contents, and so is the content.
+- A tool string keeps its text between its markers as the template rendered it (a template that
+  writes tools with `tojson` escapes them, and the model sees them escaped). Left bare: empty
+  strings (a template may test them) and the plain words under a `type` key (templates compare
+  them: `param.type == "string"`); neither can hold a special token's markup.
+- A marker the template changed past recognising (its nonce left in the markup) refuses the
+  request rather than let client text be parsed as markup.
 """
 
 from __future__ import annotations
@@ -94,6 +104,21 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+def _wrap(value, start: str, end: str, key: str | None = None):
+    """`value` (a tool: JSON-like) with each string between `start` and `end`: the keys of a
+    `properties` object (parameter names) and every string value, except empty ones and plain
+    words under a `type` key (see the module's docstring)."""
+    if isinstance(value, str):
+        bare = not value or (key == "type" and value.isidentifier())
+        return value if bare else f"{start}{value}{end}"
+    if isinstance(value, dict):
+        return {(_wrap(k, start, end) if key == "properties" else k): _wrap(v, start, end, k)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_wrap(v, start, end, key) for v in value]
+    return value
+
+
 class ChatTemplate:
     """One model's chat template. `ChatTemplate(model)` reads it from the GGUF;
     `ChatTemplate.from_source(...)` takes the Jinja source itself."""
@@ -157,15 +182,22 @@ class ChatTemplate:
         raise InvalidRequest("this model has no chat template; use /completions", param="messages")
 
     def segments(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[Segment]:
-        """The rendered prompt cut into the template's markup and the messages' contents, in order."""
-        nonce = secrets.token_hex(8)
+        """The rendered prompt cut into the template's markup and the client's text (messages'
+        contents, tools' strings), in order."""
+        # digits only: a template's upper/lower/title leaves the nonce as it is
+        nonce = str(secrets.randbelow(10 ** 16)).zfill(16)
         marked = [{**m, "content": f" \ue000{nonce}:{i}\ue001 "} for i, m in enumerate(messages)]
-        text = self.render(marked, tools)
-        found = re.compile(rf"( ?)\ue000{nonce}:(\d+)\ue001( ?)")
+        wrapped = [_wrap(t, f"\ue002{nonce}\ue003", f"\ue004{nonce}\ue005") for t in tools] if tools else None
+        text = self.render(marked, wrapped)
+        found = re.compile(rf"( ?)\ue000{nonce}:(\d+)\ue001( ?)|\ue002{nonce}\ue003(.*?)\ue004{nonce}\ue005", re.S)
         out: list[Segment] = []
         at = 0
         for match in found.finditer(text):
             out.append((text[at:match.start()], False))
+            if match.group(2) is None:          # a tool's string, as the template wrote it
+                out.append((match.group(4), True))
+                at = match.end()
+                continue
             content = messages[int(match.group(2))].get("content") or ""
             if not match.group(1):
                 content = content.lstrip()
@@ -174,6 +206,10 @@ class ChatTemplate:
             out.append((content, True))
             at = match.end()
         out.append((text[at:], False))
+        if any(nonce in seg for seg, client in out if not client):
+            raise InvalidRequest("this endpoint's chat template changes the tools' text in a way that cannot be "
+                                 "told apart from its markup; send the tools' text plainer, or use an endpoint "
+                                 "with chat_parse_special = true", param="tools")
         return [s for s in out if s[0]]
 
     def tokens(self, messages: Sequence[dict], tokenize: Tokenize, parse_special: bool = False,
@@ -185,8 +221,55 @@ class ChatTemplate:
             text = self.render(messages, tools)
             return tokenize(text, add_special=not (self.bos_token and text.startswith(self.bos_token)),
                             parse_special=True)
+        # Runs of plain text (the client's, and the markup around the template's special tokens)
+        # are tokenized whole, special tokens parsed only in the markup between: the ids are
+        # those of the whole rendering parsed (llama.cpp splits a text at its special tokens
+        # before anything else), less the special tokens the client wrote.
+        runs: list[tuple[str, bool]] = []      # (text, parse special tokens)
+        for text, client in self.segments(messages, tools):
+            for part, special in ([(text, False)] if client else _split_markup(text, tokenize)):
+                if runs and not special and not runs[-1][1]:
+                    runs[-1] = (runs[-1][0] + part, False)
+                else:
+                    runs.append((part, special))
         ids: list[int] = []
-        for n, (text, content) in enumerate(self.segments(messages, tools)):
+        for n, (text, special) in enumerate(runs):
             first = n == 0 and not (self.bos_token and text.startswith(self.bos_token))
-            ids += tokenize(text, add_special=first, parse_special=not content)
+            ids += tokenize(text, add_special=first, parse_special=special)
         return ids
+
+
+def _has_special(text: str, tokenize: Tokenize) -> bool:
+    return tokenize(text, add_special=False, parse_special=True) != tokenize(text, add_special=False,
+                                                                              parse_special=False)
+
+
+def _split_markup(text: str, tokenize: Tokenize) -> list[tuple[str, bool]]:
+    """Markup -> (plain head, the part from its first special token to the end of its last,
+    plain tail), each with whether to parse special tokens in it. Found by bisection: whether
+    a prefix (or a suffix) holds a special token changes once along the text."""
+    if not text or not _has_special(text, tokenize):
+        return [(text, False)]
+    n = len(text)
+    first_end = _smallest(1, n, lambda e: _has_special(text[:e], tokenize))
+    first_start = _largest(0, first_end - 1, lambda j: _has_special(text[j:first_end], tokenize))
+    last_start = _largest(0, n - 1, lambda k: _has_special(text[k:], tokenize))
+    last_end = _smallest(last_start + 1, n, lambda e: _has_special(text[last_start:e], tokenize))
+    parts = [(text[:first_start], False), (text[first_start:last_end], True), (text[last_end:], False)]
+    return [p for p in parts if p[0]]
+
+
+def _smallest(lo: int, hi: int, holds: Callable[[int], bool]) -> int:
+    """The least i in [lo, hi] for which `holds` (false, then true; true at hi)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid + 1, hi)
+    return lo
+
+
+def _largest(lo: int, hi: int, holds: Callable[[int], bool]) -> int:
+    """The greatest i in [lo, hi] for which `holds` (true, then false; true at lo)."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if holds(mid) else (lo, mid - 1)
+    return lo

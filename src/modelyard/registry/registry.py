@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from ..engine.protocol import Engine
 from ..engine.types import ModelType
@@ -83,16 +83,19 @@ class Registry:
         ep.on_change = self._changed
         self.endpoints[ep.name] = ep
 
-    def get(self, name: str) -> Endpoint:
-        try:
-            return self.endpoints[name]
-        except KeyError:
-            known = ", ".join(sorted(self.endpoints)) or "none"
-            # the name is the client's: echoed only in part (request bodies bound it to
-            # MAX_NAME, a path segment is bounded only by the server's line length)
-            shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
-            raise ModelNotFound(f"unknown model endpoint {shown}; this server serves: {known}",
-                                param="model", code="model_not_found") from None
+    def get(self, name: str, visible: Collection[str] | None = None) -> Endpoint:
+        """The endpoint named `name`, or ModelNotFound listing the names the caller may see.
+        `visible` (a key limited to some endpoints; None: all): any other name is answered as
+        unknown, with the same words, so the answer never confirms that an endpoint exists."""
+        ep = self.endpoints.get(name)
+        if ep is not None and (visible is None or name in visible):
+            return ep
+        known = ", ".join(sorted(n for n in self.endpoints if visible is None or n in visible)) or "none"
+        # the name is the client's: echoed only in part (request bodies bound it to
+        # MAX_NAME, a path segment is bounded only by the server's line length)
+        shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
+        raise ModelNotFound(f"unknown model endpoint {shown}; this server serves: {known}",
+                            param="model", code="model_not_found")
 
     # ---- change notification (the admin API's event stream) --------------------------------
 
