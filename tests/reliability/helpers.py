@@ -82,3 +82,37 @@ def check_stream_end(events: list[object]) -> str:
                 for c in e.get("choices", []) if c.get("finish_reason")]
     assert finished, f"stream ended without a finish_reason or an error event: {events[-3:]}"
     return "finished"
+
+
+def check_response(response, ok: tuple[int, ...] = (200,)) -> None:
+    """A schemathesis response holds the API's shape whatever was sent: no 5xx but a 503 with
+    Retry-After and OpenAI's body, a 422 in FastAPI's shape, other 4xx in OpenAI's, a success
+    status from `ok`, and a 200 event stream that ends properly."""
+    status = response.status_code
+    ctype = ",".join(response.headers.get("content-type", []))
+    text = response.content.decode("utf-8", errors="replace")
+    where = f"{response.request.method} {response.request.url} -> {status}: {text[:500]}"
+    if status >= 500:
+        assert status == 503, f"server error: {where}"
+        retry = response.headers.get("retry-after", [])
+        assert retry and retry[0].isdigit() and int(retry[0]) >= 1, f"503 without Retry-After: {where}"
+        assert_openai_error(json.loads(text), "server_overloaded")
+        return
+    if 400 <= status < 500:
+        body = json.loads(text)     # every error is JSON
+        if status == 422:
+            assert_validation_error(body)
+        else:
+            assert_openai_error(body)
+        return
+    assert status in ok, f"unexpected status: {where}"
+    if "text/event-stream" in ctype:
+        assert not response.stream_cut_short, where
+        lines = text.splitlines()
+        events = [line[5:].strip() for line in lines if line.startswith("data:")]
+        parsed = [e if e == "[DONE]" else json.loads(e) for e in events]
+        how = check_stream_end(parsed)
+        if how == "error":
+            assert parsed[-2]["error"]["type"] != "server_error", f"internal error in stream: {where}"
+    elif "application/json" in ctype:
+        json.loads(text)

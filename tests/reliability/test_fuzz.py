@@ -18,7 +18,6 @@ rather than stop at the 404 for an unknown endpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -28,7 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from helpers import assert_openai_error, assert_validation_error, check_stream_end, config, live_server
+from helpers import check_response, config, live_server
 
 pytestmark = pytest.mark.model
 
@@ -89,37 +88,6 @@ def api_schema(fuzz_server):
     live = sorted((op.ok().method.upper(), op.ok().path) for op in loaded.get_all_operations())
     assert live == sorted(OPERATIONS)
     return loaded
-
-
-def check_response(response) -> None:
-    status = response.status_code
-    ctype = ",".join(response.headers.get("content-type", []))
-    text = response.content.decode("utf-8", errors="replace")
-    where = f"{response.request.method} {response.request.url} -> {status}: {text[:500]}"
-    if status >= 500:
-        assert status == 503, f"server error: {where}"
-        retry = response.headers.get("retry-after", [])
-        assert retry and retry[0].isdigit() and int(retry[0]) >= 1, f"503 without Retry-After: {where}"
-        assert_openai_error(json.loads(text), "server_overloaded")
-        return
-    if 400 <= status < 500:
-        body = json.loads(text)     # every error is JSON
-        if status == 422:
-            assert_validation_error(body)
-        else:
-            assert_openai_error(body)
-        return
-    assert status in (200,), f"unexpected status: {where}"
-    if "text/event-stream" in ctype:
-        assert not response.stream_cut_short, where
-        lines = text.splitlines()
-        events = [line[5:].strip() for line in lines if line.startswith("data:")]
-        parsed = [e if e == "[DONE]" else json.loads(e) for e in events]
-        how = check_stream_end(parsed)
-        if how == "error":
-            assert parsed[-2]["error"]["type"] != "server_error", f"internal error in stream: {where}"
-    elif "application/json" in ctype:
-        json.loads(text)
 
 
 @pytest.mark.parametrize("body", ["CompletionRequest", "ChatRequest"])
