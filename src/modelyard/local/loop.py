@@ -11,16 +11,15 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
-import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 from ..engine.types import EngineOutput, EngineRequest, ModelType, Usage
 from ..errors import EngineError, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore
-from .engine_thread import STOP, STOPPED, EngineThread
+from .engine_thread import STOP, EngineThread
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
 from .grammar import Grammars
 from .prefix_cache import HostCache
@@ -29,6 +28,7 @@ from .request import Request
 from .runner import LlamaCppRunner
 from .scheduler import Scheduler
 from .slots import SlotPool
+from .vocab_guard import VocabGuard
 
 log = logging.getLogger("modelyard.engine")
 MAX_PENDING = 1024      # steps of one request's output waiting for its consumer; past it: aborted
@@ -49,9 +49,7 @@ class LocalEngine(EngineThread):
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
         self._grammars: Grammars | None = None
-        self._vocab_cond = threading.Condition()
-        self._vocab_readers = 0
-        self._vocab_closed = False
+        self._vocab: VocabGuard[LlamaModel] = VocabGuard(self._not_running)
 
     # -- lifecycle (event loop) ---------------------------------------------------------
 
@@ -64,7 +62,7 @@ class LocalEngine(EngineThread):
             raise
 
     def _refuse(self, req: Request) -> None:
-        req.sink(EngineError(STOPPED))
+        req.sink(self._not_running())
 
     def ready_reason(self) -> str | None:
         return self._broken
@@ -107,7 +105,7 @@ class LocalEngine(EngineThread):
             # thread; the vocabulary is read-only.
             req = await asyncio.to_thread(self._build, request, sink)
             if self._stopped:           # stopped meanwhile: nobody would read the inbox
-                raise EngineError(STOPPED)
+                raise self._not_running()
             if request.reserve is not None:   # may raise RateLimited: before the engine sees it
                 request.reserve(req.num_prompt + req.n * req.max_tokens)
                 settle, loop = request.settle, self._loop
@@ -157,25 +155,13 @@ class LocalEngine(EngineThread):
             return prepare(r, self.model, self._chat, context=self.spec.context, parallel=self.spec.parallel,
                            parse_special=self.spec.chat_parse_special, sink=sink, grammars=self._grammars)
 
-    @contextlib.contextmanager
-    def _vocab_use(self) -> Iterator[LlamaModel]:
+    def _vocab_use(self) -> contextlib.AbstractContextManager[LlamaModel]:
         """Worker threads read the vocabulary while the engine thread may be closing the model
-        (a stop): the close waits for every reader, and no reader starts after it."""
-        with self._vocab_cond:
-            if self.model is None or self._vocab_closed:
-                raise EngineError(STOPPED if self._stopped else "the engine is not running")
-            self._vocab_readers += 1
-        try:
-            yield self.model
-        finally:
-            with self._vocab_cond:
-                self._vocab_readers -= 1
-                self._vocab_cond.notify_all()
+        (a stop): the close waits for every reader, and no reader starts after it (VocabGuard)."""
+        return self._vocab.reading(self.model)
 
     def _close_model(self) -> None:
-        with self._vocab_cond:
-            self._vocab_closed = True
-            self._vocab_cond.wait_for(lambda: self._vocab_readers == 0)
+        self._vocab.close()
         if self._grammars is not None:      # its tokenizer points into the vocabulary
             self._grammars.close()
         self.model.close()
@@ -277,7 +263,7 @@ class LocalEngine(EngineThread):
                 while True:
                     kind, arg = self._inbox.get(block=block)
                     if kind is STOP:
-                        self._abort_all("the server is shutting down")
+                        self._abort_all()
                         return
                     if kind == "add":
                         core.scheduler.add(arg)
@@ -288,7 +274,7 @@ class LocalEngine(EngineThread):
                 pass
             core.step()
 
-    def _abort_all(self, why: str) -> None:
+    def _abort_all(self) -> None:
         sched = self._core.scheduler
         for req in [*sched.running, *sched.waiting]:
-            self._core.abort(req.id, EngineError(why))
+            self._core.abort(req.id, self._not_running())
