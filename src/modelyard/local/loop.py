@@ -14,7 +14,7 @@ import queue
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from ..engine.types import EngineOutput, EngineRequest, ModelType, Usage
+from ..engine.types import MAX_PENDING, EngineOutput, EngineRequest, ModelType, Usage, reads_too_slowly
 from ..errors import EngineError, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
@@ -31,7 +31,6 @@ from .slots import SlotPool
 from .vocab_guard import VocabGuard
 
 log = logging.getLogger("modelyard.engine")
-MAX_PENDING = 1024      # steps of one request's output waiting for its consumer; past it: aborted
 
 
 class LocalEngine(EngineThread):
@@ -142,9 +141,7 @@ class LocalEngine(EngineThread):
                 overflowed = True
                 while not outputs.empty():
                     outputs.get_nowait()
-                outputs.put_nowait(EngineError(
-                    f"the client reads too slowly: {MAX_PENDING} steps of output were waiting for it; "
-                    "the request was aborted"))
+                outputs.put_nowait(reads_too_slowly(f"{MAX_PENDING} steps of output"))
                 self._inbox.put(("abort", request_id))
                 return
             outputs.put_nowait(item)
