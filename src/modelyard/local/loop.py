@@ -81,6 +81,7 @@ class LocalEngine(EngineThread):
                 "host_cache_capacity_bytes": host.capacity, "host_cache_hits": host.hits,
                 "host_cache_hit_tokens": host.hit_tokens, "host_cache_evictions": host.evictions,
                 "peak_logits_rows": core.runner.peak_logits_rows,
+                "peak_step_logits_rows": core.runner.peak_step_rows,
                 **(self._grammars.status() if self._grammars else {}),
                 **self.build_info}
 
