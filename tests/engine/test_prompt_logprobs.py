@@ -48,3 +48,21 @@ def test_echo_logprobs_memory_is_bounded_and_chunking_does_not_show(inv_server):
     assert grew < 200, f"peak RSS grew {grew:.0f} MiB scoring a {n_prompt}-token prompt"
     other = scored(inv_server, MODEL + CHUNKED)["choices"][0]["logprobs"]
     assert other["token_logprobs"] == lp["token_logprobs"] and other["top_logprobs"] == lp["top_logprobs"]
+
+
+def test_sixteen_echo_logprobs_prompts_share_one_step_bound(inv_server):
+    """16 prompts with echo + logprobs in one request (issue 19, item 8): a step copies at most 32
+    prompt rows over all of them (plus a row per other chunk), not 32 per prompt (4 slots here:
+    128 rows, 128 MiB of gemma3's 262,144-wide rows a step; 512 with 16 slots), and each prompt's
+    logprobs are what it gets alone."""
+    prompts = [f"Lighthouse keeper {i} wrote in the log of the northern coast: " * 6 for i in range(16)]
+    r = httpx.post(inv_server.api + "/completions", headers=inv_server.headers, timeout=600, json={
+        "model": MODEL, "prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 16 and all(len(c["logprobs"]["token_logprobs"]) > 60 for c in choices)
+    status = endpoint(inv_server, MODEL)
+    assert status["peak_step_logits_rows"] <= 32 + status["slots_total"], status["peak_step_logits_rows"]
+    alone = httpx.post(inv_server.api + "/completions", headers=inv_server.headers, timeout=600, json={
+        "model": MODEL, "prompt": prompts[5], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0})
+    assert alone.json()["choices"][0]["logprobs"] == choices[5]["logprobs"]

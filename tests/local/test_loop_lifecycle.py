@@ -12,7 +12,7 @@ import pytest
 
 from modelyard import settings as settings_mod
 from modelyard.engine.types import EngineRequest, SamplingParams
-from modelyard.errors import EngineError
+from modelyard.errors import EndpointNotReady, EngineError
 from modelyard.local.loop import LocalEngine
 from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
@@ -56,7 +56,7 @@ def test_stop_while_loading_ends_the_thread_cleanly(model_path, thread_errors):
         start.cancel()                  # what the registry does on shutdown
         with pytest.raises(asyncio.CancelledError):
             await start
-        with pytest.raises(EngineError, match="stopped"):
+        with pytest.raises(EndpointNotReady, match="stopped"):   # a 400 model_not_ready, not a 500
             await asyncio.wait_for(_first(engine), 30)
 
     asyncio.run(main())
@@ -76,7 +76,7 @@ def test_generate_after_stop_is_refused_at_once(model_path, thread_errors):
         await engine.stop()                 # ...then stops
         await engine.stop()                 # twice is fine
         # wait_for only bounds a hang that would be the bug; the error comes at once.
-        with pytest.raises(EngineError, match="the endpoint is stopped"):
+        with pytest.raises(EndpointNotReady, match="the endpoint is stopped"):
             await asyncio.wait_for(_first(engine), 30)
 
     asyncio.run(main())

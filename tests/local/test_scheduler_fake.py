@@ -15,6 +15,7 @@ from fake_engine import EOG, Harness, L, coin, counting, encode, find_seed, scri
 from modelyard.engine.types import FinishReason, SamplingParams
 from modelyard.errors import EngineError
 from modelyard.local.request import RequestStatus
+from modelyard.local.scheduler import PROMPT_LOGITS_ROWS
 from modelyard.local.slots import SlotPool, common_prefix
 
 LETTERS = "abcdefghijklmnopqrst"        # a 20-token prompt
@@ -440,3 +441,29 @@ def test_outputs_do_not_depend_on_load_chunking_or_cache() -> None:
         except AssertionError as exc:
             failed.append((seed, f"{type(exc).__name__}: {str(exc)[:200]}"))
     assert not failed, f"{len(failed)}/30 workloads broke; first: {failed[0]}"
+
+
+# -- echo + logprobs: the logits rows one step holds --------------------------------------------
+
+def test_echo_logprobs_rows_are_bounded_per_step_not_per_prompt() -> None:
+    """16 prompts with echo + logprobs admitted at once: a step scores at most PROMPT_LOGITS_ROWS
+    prompt tokens over all of them (a row of the vocabulary each, copied until scored: 512 rows,
+    1 GiB on gemma3, when the bound was per prompt), and each prompt's logprobs are what it
+    gets alone."""
+    prompts = {f"P{i}": encode(LETTERS[i:] + LETTERS * 2) for i in range(16)}      # 40-60 tokens
+    h = Harness(n_slots=16, step_tokens=1024)
+    for rid, prompt in prompts.items():
+        h.add(rid, prompt, echo=True, max_tokens=2, sampling=SamplingParams(logprobs=1))
+    h.run(max_steps=500)
+    for rec in h.batches:
+        prefill_rows = sum(rec.logits[len(rec.decodes):])
+        # the scored rows, and at most one more per chunk (a prompt's last token)
+        assert prefill_rows <= PROMPT_LOGITS_ROWS + len(rec.prefills), (prefill_rows, rec.prefills)
+    assert h.runner._runner.peak_step_rows <= PROMPT_LOGITS_ROWS + 16
+    for rid, prompt in prompts.items():
+        alone = Harness(n_slots=16, step_tokens=1024)
+        alone.add(rid, prompt, echo=True, max_tokens=2, sampling=SamplingParams(logprobs=1))
+        alone.run(max_steps=100)
+        got, ref = text_of(h, rid), text_of(alone, rid)
+        assert got == ref
+        assert h.result(rid).choices[0].logprobs == alone.result(rid).choices[0].logprobs, rid

@@ -42,7 +42,7 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
     engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
-    events = merge(await prime_all([engine.generate(r) for r in metered(request, build(deadline))]))
+    events = merge(await prime_all([engine.generate(r) for r in metered(request, build(deadline))]), body.n or 1)
     if body.stream:
         return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",
                                  headers=SSE_HEADERS)

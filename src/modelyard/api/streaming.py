@@ -15,7 +15,7 @@ from typing import AsyncIterator, Callable
 
 from fastapi import Request
 
-from ..engine.types import ChoiceDelta, EngineOutput, TokenLogprobs, Usage
+from ..engine.types import MAX_PENDING, ChoiceDelta, EngineOutput, TokenLogprobs, Usage, reads_too_slowly
 from ..errors import ModelyardError
 
 log = logging.getLogger("modelyard.api")
@@ -23,33 +23,56 @@ Event = tuple[int, EngineOutput]     # (prompt number, engine output)
 _END = object()
 
 
-async def prime(stream: AsyncIterator[EngineOutput]) -> AsyncIterator[EngineOutput]:
+class Primed:
+    """An engine stream whose first event was pulled already (`prime`). Closing it closes the
+    engine stream, read or not: a generator wrapper that was never started would close only
+    itself, leaving the engine request running (its slots held) until garbage collection."""
+
+    def __init__(self, first: EngineOutput, stream: AsyncIterator[EngineOutput]) -> None:
+        self._first: list[EngineOutput] = [first]
+        self._stream = stream
+
+    def __aiter__(self) -> "Primed":
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        if self._first:
+            return self._first.pop()
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        self._first.clear()
+        await self._stream.aclose()
+
+
+async def prime(stream: AsyncIterator[EngineOutput]) -> Primed:
     """Pull the first event now, so errors (unknown token, context overflow, queue full,
     upstream 4xx) become a plain HTTP error before any response has started."""
-    first = await stream.__anext__()
-
-    async def chained() -> AsyncIterator[EngineOutput]:
-        try:
-            yield first
-            async for event in stream:
-                yield event
-        finally:
-            await stream.aclose()
-    return chained()
+    return Primed(await stream.__anext__(), stream)
 
 
-async def prime_all(streams: list[AsyncIterator[EngineOutput]]) -> list[AsyncIterator[EngineOutput]]:
+async def prime_all(streams: list[AsyncIterator[EngineOutput]]) -> list[Primed]:
     results = await asyncio.gather(*(prime(s) for s in streams), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
-        for r, s in zip(results, streams):
-            await (s.aclose() if isinstance(r, BaseException) else r.aclose())
+        for s in streams:
+            await s.aclose()
         raise errors[0]
     return list(results)
 
 
-async def merge(streams: list[AsyncIterator[EngineOutput]]) -> AsyncIterator[Event]:
-    """Interleave the streams of several prompts as their events arrive."""
+async def merge(streams: list[Primed], n: int = 1) -> AsyncIterator[Event]:
+    """Interleave the streams of several prompts (of `n` choices each) as their events arrive.
+
+    One prompt's stream is read as its consumer reads, and its engine bounds what waits for the
+    reader (engine.types.MAX_PENDING steps). Several are read by pumps as their events come, so
+    that no prompt waits for another; that emptied the engines' queues into one here that grew
+    with every step of every prompt for a client that reads slowly. It holds what the engines'
+    queues would have held, no more: MAX_PENDING steps of every choice of the request (and each
+    prompt's usage), in events. Past that every stream is closed (each request aborted, its
+    slots freed, whether or not the client ever reads again) and the reader's next event is the
+    error. (A step of every prompt at once is far below it: a reader that keeps up is never cut,
+    nor one whose prompts' output waited for the last prompt to start, in prime_all.)"""
     if len(streams) == 1:
         try:
             async for event in streams[0]:
@@ -57,19 +80,41 @@ async def merge(streams: list[AsyncIterator[EngineOutput]]) -> AsyncIterator[Eve
         finally:
             await streams[0].aclose()
         return
+    bound = len(streams) * (MAX_PENDING * n + 1)
     queue: asyncio.Queue = asyncio.Queue()
+    tasks: list[asyncio.Task] = []
+    closing: list[asyncio.Task] = []
 
-    async def pump(i: int, stream: AsyncIterator[EngineOutput]) -> None:
-        try:
-            async for event in stream:
-                await queue.put((i, event))
-            await queue.put((i, _END))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, exc))
-        finally:
+    async def close() -> None:
+        """Every pump ended, then every stream closed (a pump cancelled before it ran never
+        closes its own; closing twice is nothing)."""
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
             await stream.aclose()
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    def overflow() -> None:
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait((0, reads_too_slowly(
+            f"{bound} events of output ({MAX_PENDING} steps of {n} choices for each of {len(streams)} prompts)")))
+        closing.append(asyncio.ensure_future(close()))
+
+    async def pump(i: int, stream: Primed) -> None:
+        # No finally: the stream has ended, failed (its request is over either way), or is
+        # closed by close().
+        try:
+            async for event in stream:
+                if queue.qsize() >= bound:
+                    overflow()
+                    return
+                queue.put_nowait((i, event))
+            queue.put_nowait((i, _END))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, exc))
+
+    tasks += [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         left = len(tasks)
         while left:
@@ -81,9 +126,7 @@ async def merge(streams: list[AsyncIterator[EngineOutput]]) -> AsyncIterator[Eve
             else:
                 yield i, event
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await (closing[0] if closing else close())
 
 
 @dataclass

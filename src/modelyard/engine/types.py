@@ -11,6 +11,20 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Union
 
+from ..errors import EngineError
+
+# Steps of one request's output that may wait for its reader (a streaming client that reads
+# slowly). An engine never waits for a client, so past this the request is ended with an error
+# rather than buffered without bound (README, Guarantees). A step gives at most one event per
+# choice, so a prompt's stream holds at most MAX_PENDING * n events; a request of several
+# prompts is held to that same amount in all (api/streaming.merge).
+MAX_PENDING = 1024
+
+
+def reads_too_slowly(waiting: str) -> EngineError:
+    """The error a request gets when `waiting` (its output, described) waits for a slow reader."""
+    return EngineError(f"the client reads too slowly: {waiting} were waiting for it; the request was aborted")
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"        # end-of-generation token or a stop string

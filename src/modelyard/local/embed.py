@@ -29,8 +29,9 @@ from ..engine.types import EmbeddingRequest, EmbeddingResult, EngineOutput, Engi
 from ..errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequest, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .embed_batch import EmbedJob, Packed, Packer, pool
-from .engine_thread import STOP, STOPPED, EngineThread
+from .engine_thread import STOP, EngineThread
 from .ffi import EmbeddingContext, LlamaModel, simd_lanes, system_info
+from .vocab_guard import VocabGuard
 
 log = logging.getLogger("modelyard.engine")
 # Sequence ids a llama context takes (llama_max_parallel_sequences); one is the filler's.
@@ -49,6 +50,7 @@ class EmbeddingEngine(EngineThread):
         self.context = 0                 # the longest input, in tokens (after load)
         self._affixes: tuple[list[int], list[int]] = ([], [])   # what tokenize adds: [CLS] / [SEP]
         self._init_thread()
+        self._vocab: VocabGuard[LlamaModel] = VocabGuard(self._not_running)
         self._packer: Packer | None = None
         self._jobs: deque[EmbedJob] = deque()       # engine thread only
         self._broken: str | None = None
@@ -63,7 +65,7 @@ class EmbeddingEngine(EngineThread):
         await self._start_thread(self.spec.name)
 
     def _refuse(self, job) -> None:
-        job.finish(EngineError(STOPPED))
+        job.finish(self._not_running())
 
     def ready_reason(self) -> str | None:
         return self._broken
@@ -98,7 +100,7 @@ class EmbeddingEngine(EngineThread):
             # Tokenizing 2,048 inputs takes a while: never on the event loop.
             inputs = await asyncio.to_thread(self._tokenize, request)
             if self._stopped:
-                raise EngineError(STOPPED)
+                raise self._not_running()
             if request.reserve is not None:     # may raise RateLimited, before any work
                 request.reserve(sum(map(len, inputs)))
             done: asyncio.Future = self._loop.create_future()
@@ -127,12 +129,14 @@ class EmbeddingEngine(EngineThread):
         return lambda outcome: loop.call_soon_threadsafe(settle, outcome)
 
     def _tokenize(self, r: EmbeddingRequest) -> list[list[int]]:
-        """Token ids per input, checked: a bad request costs no engine step (worker thread)."""
-        model = self.model
-        assert model is not None
-        if r.dimensions is not None and r.dimensions != model.n_embd:
+        """Token ids per input, checked: a bad request costs no engine step (worker thread).
+        The model is held (VocabGuard) one input at a time: an unload or a delete meanwhile
+        waits for at most one input's tokenizing, then this request gets the stop's error."""
+        with self._vocab.reading(self.model) as model:
+            n_embd = model.n_embd
+        if r.dimensions is not None and r.dimensions != n_embd:
             raise InvalidRequest(f"dimensions is {r.dimensions}, but {self.spec.name!r} cannot reduce its "
-                                 f"vectors: it returns {model.n_embd} dimensions (omit dimensions)",
+                                 f"vectors: it returns {n_embd} dimensions (omit dimensions)",
                                  param="dimensions")
         if not r.inputs:
             raise InvalidRequest("input is empty: send a string, a list of strings or token lists", param="input")
@@ -143,7 +147,8 @@ class EmbeddingEngine(EngineThread):
         if isinstance(x, str):
             if not x:
                 raise InvalidRequest(f"input[{i}] is an empty string", param="input")
-            ids = model.tokenize(x)
+            with self._vocab.reading(model):
+                ids = model.tokenize(x)
         else:
             ids = list(x)
             if not ids:
@@ -170,7 +175,7 @@ class EmbeddingEngine(EngineThread):
             ctx = self._load()
         except Exception as exc:  # any load failure marks the endpoint failed, with the reason
             if self.model is not None:
-                self.model.close()
+                self._close_model()
             started.set_exception(exc if isinstance(exc, ModelyardError)
                                   else EngineError(f"cannot load {self.model_path}: {exc}"))
             return
@@ -182,7 +187,11 @@ class EmbeddingEngine(EngineThread):
             self._fail_all(EngineError(f"engine failed: {self._broken}"))
         finally:
             ctx.close()
-            self.model.close()
+            self._close_model()
+
+    def _close_model(self) -> None:
+        self._vocab.close()         # waits for the worker thread tokenizing an input, if any
+        self.model.close()
 
     def _load(self) -> EmbeddingContext:
         # Plain weight layout: repacked kernels compute rows in groups (see ffi.LlamaModel).
@@ -224,7 +233,7 @@ class EmbeddingEngine(EngineThread):
             while True:
                 kind, arg = self._inbox.get(block=block)
                 if kind is STOP:
-                    self._fail_all(EngineError("the server is shutting down"))
+                    self._fail_all(self._not_running())
                     return False
                 if kind == "add":
                     self._jobs.append(arg)
@@ -274,6 +283,6 @@ class EmbeddingEngine(EngineThread):
         started = sum(1 for j in self._jobs if j.started)
         self._counts["running"], self._counts["queue_depth"] = started, len(self._jobs) - started
 
-    def _fail_all(self, error: EngineError) -> None:
+    def _fail_all(self, error: ModelyardError) -> None:
         for job in list(self._jobs):
             self._finish(job, error)

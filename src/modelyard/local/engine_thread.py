@@ -15,7 +15,7 @@ import queue
 import threading
 from typing import Callable
 
-from ..errors import EngineError
+from ..errors import EndpointNotReady, EngineError, ModelyardError
 
 STOP = object()             # the inbox item that ends the thread
 STOPPED = "the endpoint is stopped"
@@ -68,4 +68,13 @@ class EngineThread:
 
     def _check_running(self) -> None:
         if self._stopped or self._thread is None or not self._thread.is_alive():
-            raise EngineError(STOPPED if self._stopped else "the engine is not running")
+            raise self._not_running()
+
+    def _not_running(self) -> ModelyardError:
+        """What a request gets when its engine is stopped, or stops under it (an unload, a delete,
+        a reload, a shutdown): the endpoint is not ready, as it is for a request that arrives
+        then (400 model_not_ready), never a 500: nothing broke."""
+        if self._stopped:
+            return EndpointNotReady(f"{STOPPED} (unloaded, deleted, reloaded or the server is shutting down): "
+                                    "retry once it is ready", param="model", code="model_not_ready")
+        return EngineError("the engine is not running")

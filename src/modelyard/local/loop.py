@@ -11,16 +11,15 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
-import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
-from ..engine.types import EngineOutput, EngineRequest, ModelType, Usage
+from ..engine.types import MAX_PENDING, EngineOutput, EngineRequest, ModelType, Usage, reads_too_slowly
 from ..errors import EngineError, ModelyardError, QueueFull
 from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore
-from .engine_thread import STOP, STOPPED, EngineThread
+from .engine_thread import STOP, EngineThread
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
 from .grammar import Compiled, Grammars
 from .prefix_cache import HostCache
@@ -30,9 +29,9 @@ from .runner import LlamaCppRunner
 from .scheduler import Scheduler
 from .slots import SlotPool
 from .workers import Workers
+from .vocab_guard import VocabGuard
 
 log = logging.getLogger("modelyard.engine")
-MAX_PENDING = 1024      # steps of one request's output waiting for its consumer; past it: aborted
 
 
 class LocalEngine(EngineThread):
@@ -54,9 +53,7 @@ class LocalEngine(EngineThread):
         # not the event loop's default pool (which the control plane's sync and the database
         # use too): one endpoint's long prompts never stall the rest of the process.
         self._workers = Workers(f"prepare-{spec.name}")
-        self._vocab_cond = threading.Condition()
-        self._vocab_readers = 0
-        self._vocab_closed = False
+        self._vocab: VocabGuard[LlamaModel] = VocabGuard(self._not_running)
 
     # -- lifecycle (event loop) ---------------------------------------------------------
 
@@ -69,7 +66,7 @@ class LocalEngine(EngineThread):
             raise
 
     def _refuse(self, req: Request) -> None:
-        req.sink(EngineError(STOPPED))
+        req.sink(self._not_running())
 
     def ready_reason(self) -> str | None:
         return self._broken
@@ -89,6 +86,7 @@ class LocalEngine(EngineThread):
                 "host_cache_capacity_bytes": host.capacity, "host_cache_hits": host.hits,
                 "host_cache_hit_tokens": host.hit_tokens, "host_cache_evictions": host.evictions,
                 "peak_logits_rows": core.runner.peak_logits_rows,
+                "peak_step_logits_rows": core.runner.peak_step_rows,
                 **(self._grammars.status() if self._grammars else {}),
                 **self.build_info}
 
@@ -115,7 +113,7 @@ class LocalEngine(EngineThread):
                 grammar = await self._grammars.compile_async(request.constraint)
             req = await self._workers.run(self._build, request, sink, grammar)
             if self._stopped:           # stopped meanwhile: nobody would read the inbox
-                raise EngineError(STOPPED)
+                raise self._not_running()
             if request.reserve is not None:   # may raise RateLimited: before the engine sees it
                 request.reserve(req.num_prompt + req.n * req.max_tokens)
                 settle, loop = request.settle, self._loop
@@ -152,9 +150,7 @@ class LocalEngine(EngineThread):
                 overflowed = True
                 while not outputs.empty():
                     outputs.get_nowait()
-                outputs.put_nowait(EngineError(
-                    f"the client reads too slowly: {MAX_PENDING} steps of output were waiting for it; "
-                    "the request was aborted"))
+                outputs.put_nowait(reads_too_slowly(f"{MAX_PENDING} steps of output"))
                 self._inbox.put(("abort", request_id))
                 return
             outputs.put_nowait(item)
@@ -165,25 +161,13 @@ class LocalEngine(EngineThread):
             return prepare(r, self.model, self._chat, context=self.spec.context, parallel=self.spec.parallel,
                            parse_special=self.spec.chat_parse_special, sink=sink, grammar=grammar)
 
-    @contextlib.contextmanager
-    def _vocab_use(self) -> Iterator[LlamaModel]:
+    def _vocab_use(self) -> contextlib.AbstractContextManager[LlamaModel]:
         """Worker threads read the vocabulary while the engine thread may be closing the model
-        (a stop): the close waits for every reader, and no reader starts after it."""
-        with self._vocab_cond:
-            if self.model is None or self._vocab_closed:
-                raise EngineError(STOPPED if self._stopped else "the engine is not running")
-            self._vocab_readers += 1
-        try:
-            yield self.model
-        finally:
-            with self._vocab_cond:
-                self._vocab_readers -= 1
-                self._vocab_cond.notify_all()
+        (a stop): the close waits for every reader, and no reader starts after it (VocabGuard)."""
+        return self._vocab.reading(self.model)
 
     def _close_model(self) -> None:
-        with self._vocab_cond:
-            self._vocab_closed = True
-            self._vocab_cond.wait_for(lambda: self._vocab_readers == 0)
+        self._vocab.close()
         if self._grammars is not None:      # its tokenizer points into the vocabulary
             self._grammars.close()
         self.model.close()
@@ -285,7 +269,7 @@ class LocalEngine(EngineThread):
                 while True:
                     kind, arg = self._inbox.get(block=block)
                     if kind is STOP:
-                        self._abort_all("the server is shutting down")
+                        self._abort_all()
                         return
                     if kind == "add":
                         core.scheduler.add(arg)
@@ -296,7 +280,7 @@ class LocalEngine(EngineThread):
                 pass
             core.step()
 
-    def _abort_all(self, why: str) -> None:
+    def _abort_all(self) -> None:
         sched = self._core.scheduler
         for req in [*sched.running, *sched.waiting]:
-            self._core.abort(req.id, EngineError(why))
+            self._core.abort(req.id, self._not_running())

@@ -38,6 +38,7 @@ class LlamaCppRunner:
         self.ctx = ctx
         self.host_cache = host_cache
         self.peak_logits_rows = 0   # the most logits rows one llama_decode asked for (memory)
+        self.peak_step_rows = 0     # the most prompt logits rows one step copied and held (memory)
 
     def execute(self, batch: Batch) -> Logits:
         # Copies first: they were decided a step earlier, and a slot they read or write may
@@ -57,6 +58,7 @@ class LlamaCppRunner:
             rows = range(chunk.first_row, chunk.first_row + chunk.end - chunk.start)
             self._decode(batch, rows)
             kept.update((r, self.ctx.logits_row(i).copy()) for i, r in enumerate(rows) if batch.logits[r])
+        self.peak_step_rows = max(self.peak_step_rows, len(kept))
         n_decode = len(batch.decodes)  # decode rows come first in a batch
         if n_decode:
             self._decode(batch, range(n_decode))

@@ -17,7 +17,12 @@ from .slots import SlotPool
 
 # echo + logprobs needs a logits row per prompt token, and llama.cpp's output buffer keeps the
 # largest size any decode asked for: 512 rows of gemma3's 262,144-token vocabulary are 512 MiB
-# (and as much again for the runner's copies). Such prompts are prefilled this many tokens a step.
+# (and as much again for the runner's copies, which a step holds until it is scored). So a STEP
+# prefills at most this many such prompt tokens, over all its requests: 16 prompts with echo +
+# logprobs are scored 32 rows a step in all, not 32 each (512 rows, 1 GiB on gemma3). What one
+# step holds is then bounded whatever the requests: these rows, plus one row per other prompt
+# chunk (its last token) and per echo request between chunks (Request.last_prompt_row), at most
+# 32 + 2 x parallel rows of the vocabulary's width (gemma3, parallel 16: 64 rows, 64 MiB).
 PROMPT_LOGITS_ROWS = 32
 
 
@@ -121,9 +126,10 @@ class Scheduler:
                     for seq in req.seqs if not seq.finished]
         for req, seq in sorted(decoding, key=lambda rs: rs[1].slot):
             self._add_decode(batch, req, seq)
+        scored = PROMPT_LOGITS_ROWS       # echo + logprobs rows this step may still take
         for req in self.running:
             if req.prefilling and len(batch.tokens) < self.step_tokens:
-                self._add_prefill(batch, req)
+                scored -= self._add_prefill(batch, req, scored)
         if not batch.tokens:   # nothing to decode: KV work waits for the next batch
             self._truncations, self._copies = batch.truncations, batch.copies
             return None
@@ -179,17 +185,19 @@ class Scheduler:
         self.slots.append_decoded(seq.slot, token)
         batch.decodes.append((req, seq, row))
 
-    def _add_prefill(self, batch: Batch, req: Request) -> None:
+    def _add_prefill(self, batch: Batch, req: Request, scored: int) -> int:
+        """Add req's next prompt chunk; returns the rows it scores (echo + logprobs), of the
+        `scored` rows the step has left."""
         start = req.num_computed
         end = min(req.num_prompt, start + self.step_tokens - len(batch.tokens))
         if req.wants_prompt_logprobs:
-            end = min(end, start + PROMPT_LOGITS_ROWS)
+            end = min(end, start + scored)
         # Chunks of one token take another kernel path than chunks of two or more: never cut
         # a prompt into one, whatever room this step has, so chunking never shows in the output.
         if req.num_prompt - end == 1:
             end -= 1
         if end - start < min(2, req.num_prompt - start):
-            return
+            return 0
         slot = req.seqs[0].slot
         all_logits = req.wants_prompt_logprobs
         first = len(batch.tokens)
@@ -197,6 +205,7 @@ class Scheduler:
             batch.add(req.prompt_ids[pos], pos, slot, all_logits or pos == req.num_prompt - 1)
         self.slots.extend_prompt(slot, req.prompt_ids[start:end])
         batch.prefills.append(PrefillChunk(req, start, end, first))
+        return end - start if all_logits else 0
 
     def prompt_done(self, req: Request) -> None:
         """Called after the step that computed a request's last prompt token: its siblings
