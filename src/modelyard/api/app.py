@@ -45,7 +45,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             endpoints = EndpointSync(app.state.endpoint_store, registry)
             app.state.control_sync = sync = ControlSync(
                 app.state.key_store, app.state.keys, feed=ChangeFeed(db, settings.database_url),
-                also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh))
+                also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh),
+                fail_closed_after=settings.control_fail_closed_after)
+            app.state.keys.sync = app.state.metrics.control_sync = sync
             app.state.usage = usage = UsageRecorder(db)
             if settings.quota_backend != "redis":     # Redis keeps budgets itself (quota/redis)
                 from ..control.budget import BudgetBook

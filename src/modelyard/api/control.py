@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import ControlStale, Forbidden, Unauthorized
 from ..settings import AdminToken, secret_digest
 from .gate import before_body
 
@@ -40,17 +40,28 @@ def caller(request: Request) -> AdminToken:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'", code="invalid_admin_token")
     digest = hashlib.sha256(token.strip().encode()).digest()
-    found = None
+    found, from_store = None, False
     stored = getattr(request.app.state, "admin_tokens", None)     # control/admin_tokens.StoredAdmins
-    for admin in (*request.app.state.settings.admin_tokens, *(stored.tokens if stored else ())):  # no early exit
+    configured = request.app.state.settings.admin_tokens
+    for i, admin in enumerate((*configured, *(stored.tokens if stored else ()))):  # no early exit
         if hmac.compare_digest(secret_digest(admin.token), digest):
-            found = admin
+            found, from_store = admin, i >= len(configured)
+    if from_store:
+        refuse_if_stale(request, "stored admin tokens")
     if found is None:
         if request.app.state.keys.knows(request.headers.get("authorization")):
             raise Forbidden("an inference API key cannot call the control plane; use an admin token",
                             code="not_an_admin_token")
         raise Unauthorized("invalid admin token", code="invalid_admin_token")
     return found
+
+
+def refuse_if_stale(request: Request, what: str) -> None:
+    """503 when the control database has been silent past the bound (control/sync: a revocation
+    made meanwhile could not have been seen here)."""
+    sync = getattr(request.app.state, "control_sync", None)
+    if sync is not None and sync.stale() is not None:
+        raise ControlStale(sync.refusal(what), code="control_store_unavailable")
 
 
 def admin_or_none(request: Request) -> AdminToken | None:
@@ -60,7 +71,7 @@ def admin_or_none(request: Request) -> AdminToken | None:
         return None
     try:
         return caller(request)
-    except (Unauthorized, Forbidden):
+    except (Unauthorized, Forbidden, ControlStale):
         return None
 
 

@@ -126,18 +126,27 @@ class PostgresDatabase(Database):
     def __init__(self, url: str) -> None:
         super().__init__()
         import psycopg
+        self._url = url
         self._conn = psycopg.connect(url, autocommit=True)
         self._in_tx = False
 
+    def _live(self):
+        # a server restarted (or a network cut) breaks the connection for good: connect again,
+        # so the control plane comes back with its database (control/sync stops failing closed)
+        if self._conn.broken:
+            import psycopg
+            self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        return self._conn
+
     def _cursor(self):
-        return self._conn.cursor()
+        return self._live().cursor()
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
     @contextmanager
     def transaction(self) -> Iterator["Database"]:
-        with self._lock, self._conn.transaction():
+        with self._lock, self._live().transaction():
             yield self
 
     def notify_change(self) -> None:
