@@ -92,6 +92,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         shared = PostgresQuotas(settings.database_url, settings.quota_processes)
     app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled, shared=shared)
     app.state.started = int(time.time())
+    app.state.stream_slots = control.StreamSlots(settings.max_streams_per_token)
     app.state.shutting_down = False
     errors.install(app)
     # Outermost last: RequestLog sees every answer, BrowserGuard refuses web pages before any

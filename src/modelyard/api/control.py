@@ -21,7 +21,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ControlStale, Forbidden, Unauthorized
+from ..control.usage import USAGE_PAGE, USAGE_PAGE_MAX
+from ..errors import ControlStale, Forbidden, RateLimited, Unauthorized
 from ..settings import AdminToken, secret_digest
 from .gate import before_body
 
@@ -92,6 +93,46 @@ def admin(request: Request) -> AdminToken:
 
 def actor(who: AdminToken) -> str:
     return f"{who.role}:{who.name}"
+
+
+class StreamSlots:
+    """Server-sent-event streams open at once per admin token in this process (the admin API's
+    and the console's together): `max_streams_per_token`, then 429. A stream holds a task and a
+    registry listener for as long as its client stays, so an unbounded number is a way to hold
+    a server's memory with one token."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[bytes, int] = {}
+
+    def take(self, who: AdminToken) -> bytes:
+        key = secret_digest(who.token)
+        if self.open.get(key, 0) >= self.limit:
+            raise RateLimited(f"admin token {who.name!r} has {self.open[key]} event streams open: "
+                              f"max_streams_per_token = {self.limit}; close one first",
+                              code="too_many_streams", retry_after=5)
+        self.open[key] = self.open.get(key, 0) + 1
+        return key
+
+    def give(self, key: bytes) -> None:
+        left = self.open.get(key, 0) - 1
+        if left > 0:
+            self.open[key] = left
+        else:
+            self.open.pop(key, None)
+
+
+def still_valid(app, who: AdminToken):
+    """A check that `who` is still accepted (not revoked, not refused for a silent control
+    database): long-lived answers, the event streams, end when it fails."""
+    def alive() -> bool:
+        configured = app.state.settings.admin_tokens
+        if who in configured:
+            return True
+        sync = getattr(app.state, "control_sync", None)
+        stored = getattr(app.state, "admin_tokens", None)
+        return not (sync is not None and sync.stale() is not None) and who in (stored.tokens if stored else ())
+    return alive
 
 
 class KeyFields(BaseModel):
@@ -222,6 +263,11 @@ async def audit_log(request: Request, limit: Limit = 20, after: str | None = Non
 async def usage(request: Request, granularity: Annotated[str, Query(pattern="^(minute|hour|day)$")] = "hour",
                 key_id: str | None = None, endpoint: str | None = None,
                 start: Annotated[int | None, Query(ge=0)] = None, end: Annotated[int | None, Query(ge=0)] = None,
+                limit: Annotated[int, Query(ge=1, le=USAGE_PAGE_MAX)] = USAGE_PAGE,
+                after: Annotated[str | None, Query(max_length=1000)] = None,
                 _: AdminToken = Depends(viewer)) -> dict:
+    """Paged like the other lists (`limit`, `after` = the last page's `last_id`): one answer was
+    every row ever stored for a viewer's `start=0`."""
     from ..control.usage import query
-    return await asyncio.to_thread(query, request.app.state.key_store.db, granularity, key_id, endpoint, start, end)
+    return await asyncio.to_thread(query, request.app.state.key_store.db, granularity, key_id, endpoint, start, end,
+                                   limit, after)
