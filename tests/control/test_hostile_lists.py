@@ -143,3 +143,25 @@ def test_streams_end_when_their_token_is_revoked(server):
                     db.close()
                 # within the sync bound (2 s) plus a stream's own tick (1 s)
                 assert _ends_within(api, 5) < 5 and _ends_within(page, 5) < 5
+
+
+def test_a_stream_never_started_gives_its_slot_back():
+    """A client gone before the first chunk: the generator never runs its `finally`; the slot
+    comes back when it is collected, else a token would lose its streams one by one."""
+    import gc
+
+    from modelyard.api.control import StreamSlots
+    from modelyard.errors import RateLimited
+    from modelyard.settings import AdminToken
+
+    async def body():
+        yield "x"
+    slots, who = StreamSlots(1), AdminToken("ops", "a-token")
+    held = slots.stream(who, body())
+    with pytest.raises(RateLimited) as refused:
+        slots.stream(who, body())
+    assert "max_streams_per_token = 1" in refused.value.message and refused.value.retry_after
+    del held
+    gc.collect()
+    assert slots.open == {}
+    slots.stream(who, body())

@@ -15,7 +15,8 @@ import asyncio
 import hashlib
 import hmac
 import time
-from typing import Annotated, Any, Literal
+import weakref
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -105,21 +106,43 @@ class StreamSlots:
         self.limit = limit
         self.open: dict[bytes, int] = {}
 
-    def take(self, who: AdminToken) -> bytes:
+    def take(self, who: AdminToken) -> Callable[[], None]:
+        """A slot for one stream of `who` (429 past the limit); returns its release, which may be
+        called more than once (the stream's end, and the finalizer of a stream never started)."""
         key = secret_digest(who.token)
         if self.open.get(key, 0) >= self.limit:
             raise RateLimited(f"admin token {who.name!r} has {self.open[key]} event streams open: "
                               f"max_streams_per_token = {self.limit}; close one first",
                               code="too_many_streams", retry_after=5)
         self.open[key] = self.open.get(key, 0) + 1
-        return key
+        released = False
 
-    def give(self, key: bytes) -> None:
-        left = self.open.get(key, 0) - 1
-        if left > 0:
-            self.open[key] = left
-        else:
-            self.open.pop(key, None)
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self.open.get(key, 0) - 1
+                if left > 0:
+                    self.open[key] = left
+                else:
+                    self.open.pop(key, None)
+        return release
+
+    def stream(self, who: AdminToken, body: AsyncIterator[str]) -> AsyncIterator[str]:
+        """`body` holding a slot of `who` until it ends. A client gone before the first chunk
+        leaves a generator that never started, whose `finally` never runs: its slot is
+        released when the generator is collected."""
+        release = self.take(who)
+
+        async def held() -> AsyncIterator[str]:
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                release()
+        gen = held()
+        weakref.finalize(gen, release)
+        return gen
 
 
 def still_valid(app, who: AdminToken):

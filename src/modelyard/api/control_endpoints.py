@@ -323,14 +323,8 @@ async def endpoint_events(app, only: str | None,
 
 def sse(request: Request, who: AdminToken, events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
     """The stream, counted against `who`'s open streams (api/control.StreamSlots: 429 past it)."""
-    slots = request.app.state.stream_slots
-    slot = slots.take(who)
-
     async def lines() -> AsyncIterator[str]:
-        try:
-            async for event, data in events:
-                yield ": keepalive\n\n" if event == "keepalive" else f"event: {event}\ndata: {json.dumps(data)}\n\n"
-        finally:
-            slots.give(slot)
-    return StreamingResponse(lines(), media_type="text/event-stream",
+        async for event, data in events:
+            yield ": keepalive\n\n" if event == "keepalive" else f"event: {event}\ndata: {json.dumps(data)}\n\n"
+    return StreamingResponse(request.app.state.stream_slots.stream(who, lines()), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -260,34 +260,30 @@ async def endpoints_stream(request: Request) -> Response:
     session = await _reader(request)
     if isinstance(session, Response):
         return session
-    slots = request.app.state.stream_slots
+
+    async def events():
+        last = None
+        for tick in range(SSE_MAX_TICKS):
+            # the session checked again at each tick: logout, a revoked token or a silent
+            # control database end the stream within SSE_TICK (plus the sync bound)
+            if request.app.state.shutting_down or not isinstance(await _session(request), Session):
+                return
+            html = _render(request, "_endpoints_table.html", session,
+                           **await _endpoints_context(request, session)).body.decode()
+            if html != last:
+                last = html
+                yield _sse("endpoints", html)
+            elif tick % KEEPALIVE_TICKS == 0:
+                yield ": keepalive\n\n"
+            await asyncio.sleep(SSE_TICK)
+
     try:         # the session's token shares max_streams_per_token with its admin API streams
-        slot = slots.take(_who(request, session))
+        body = request.app.state.stream_slots.stream(_who(request, session), events())
     except RateLimited as exc:
         response = _refuse(request, 429, exc.message, to_login=False)
         response.headers["Retry-After"] = str(round(exc.retry_after or 5))
         return response
-
-    async def events():
-        last = None
-        try:
-            for tick in range(SSE_MAX_TICKS):
-                # the session checked again at each tick: logout, a revoked token or a silent
-                # control database end the stream within SSE_TICK (plus the sync bound)
-                if request.app.state.shutting_down or not isinstance(await _session(request), Session):
-                    return
-                html = _render(request, "_endpoints_table.html", session,
-                               **await _endpoints_context(request, session)).body.decode()
-                if html != last:
-                    last = html
-                    yield _sse("endpoints", html)
-                elif tick % KEEPALIVE_TICKS == 0:
-                    yield ": keepalive\n\n"
-                await asyncio.sleep(SSE_TICK)
-        finally:
-            slots.give(slot)
-
-    return StreamingResponse(events(), media_type="text/event-stream",
+    return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
