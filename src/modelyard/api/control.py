@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..control.usage import USAGE_PAGE, USAGE_PAGE_MAX
+from ..control.usage import USAGE_PAGE, USAGE_PAGE_MAX, query as usage_query
 from ..errors import ControlStale, Forbidden, RateLimited, Unauthorized
 from ..settings import AdminToken, secret_digest
 from .gate import before_body
@@ -291,6 +291,5 @@ async def usage(request: Request, granularity: Annotated[str, Query(pattern="^(m
                 _: AdminToken = Depends(viewer)) -> dict:
     """Paged like the other lists (`limit`, `after` = the last page's `last_id`): one answer was
     every row ever stored for a viewer's `start=0`."""
-    from ..control.usage import query
-    return await asyncio.to_thread(query, request.app.state.key_store.db, granularity, key_id, endpoint, start, end,
+    return await asyncio.to_thread(usage_query, request.app.state.key_store.db, granularity, key_id, endpoint, start, end,
                                    limit, after)
