@@ -13,6 +13,8 @@
     ├── PreconditionFailed              PRECONDITION     412   precondition_failed  (If-Match)
     ├── EndpointNotReady                NOT_READY        400   model_not_ready
     ├── QueueFull                       OVERLOADED       503   server_overloaded
+    ├── ControlStale                    CONTROL_STALE    503   control_store_unavailable  (stored keys and
+    │                                                                          tokens refused: the control DB is silent)
     ├── Upstream4xx                     UPSTREAM_CLIENT  (its own status: 400, 413, 422, 429)
     ├── UpstreamError                   UPSTREAM         502   upstream_error  (also an upstream 401/403/404:
     │                                                                          our config, not the client's)
@@ -46,6 +48,7 @@ class ErrorKind(enum.Enum):
     PRECONDITION = (412, "precondition_failed")
     NOT_READY = (400, "model_not_ready")
     OVERLOADED = (503, "server_overloaded")
+    CONTROL_STALE = (503, "control_store_unavailable")
     UPSTREAM_CLIENT = (400, "invalid_request_error")
     UPSTREAM = (502, "upstream_error")
     TIMEOUT = (504, "upstream_timeout")
@@ -135,6 +138,12 @@ class EndpointNotReady(ModelyardError):
 
 class QueueFull(ModelyardError):
     kind = ErrorKind.OVERLOADED
+
+
+class ControlStale(ModelyardError):
+    """A stored key or admin token, refused because the control database has not answered within
+    the fail-closed bound: a revocation made meanwhile could not have been seen (control/sync)."""
+    kind = ErrorKind.CONTROL_STALE
 
 
 @dataclass

@@ -57,6 +57,8 @@ class Metrics:
         self.cache_prom.register(_CacheCollector(registry))
         self.quotas = None          # quota/redis.RedisQuotas or quota/postgres.PostgresQuotas when quotas are shared
         self.prom.register(_QuotaCollector(self))
+        self.control_sync = None    # control/sync.ControlSync when the control plane is on
+        self.prom.register(_ControlCollector(self))
 
     def generation(self, endpoint: str, started: float, first_token: float | None,
                    prompt_tokens: int, completion_tokens: int) -> None:
@@ -135,6 +137,27 @@ class _QuotaCollector:
         times = CounterMetricFamily("modelyard_quota_fallbacks", "Times this process fell back to local quotas")
         times.add_metric([], float(quotas.fallbacks))
         yield from (on, times)
+
+
+class _ControlCollector:
+    """The control store's freshness: how old this process's view of keys and tokens is, and
+    whether stored ones are refused for it (control/sync's fail-closed bound)."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        sync = self.metrics.control_sync
+        if sync is None:
+            return
+        age = GaugeMetricFamily("modelyard_control_sync_age_seconds",
+                                "Seconds since this process last read the control database successfully")
+        age.add_metric([], sync.age())
+        closed = GaugeMetricFamily("modelyard_control_fail_closed",
+                                   "1 while stored API keys and admin tokens are refused: the control database has "
+                                   "not answered within control_fail_closed_after")
+        closed.add_metric([], 1.0 if sync.stale() is not None else 0.0)
+        yield from (age, closed)
 
 
 class _EndpointCollector:

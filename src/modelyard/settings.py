@@ -191,6 +191,18 @@ CONNECTION_LIMITS: dict[str, tuple[float, float, str]] = {
     "max_header_bytes": (1024, 1_048_576, "bytes"),   # a request head (line and headers)
 }
 
+# [server] bounds of the control plane (issue 19, items 11 to 13): setting -> (lowest, highest,
+# unit), each failing closed like the connection limits.
+CONTROL_LIMITS: dict[str, tuple[float, float, str]] = {
+    # how long stored keys and admin tokens stay valid after the last successful read of the
+    # control database (control/sync); past it they are refused until it answers again
+    "control_fail_closed_after": (1.0, 86_400.0, "seconds"),
+    # failed console sign-ins per client address per minute; the next is answered 429
+    "login_failures_per_minute": (1, 10_000, "failures"),
+    # server-sent-event streams one admin token (or console session's token) may hold open
+    "max_streams_per_token": (1, 1000, "streams"),
+}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -228,6 +240,10 @@ class Settings:
     keep_alive_timeout: float = 5.0
     max_connections: int = 1000        # below a default `ulimit -n` of 1024, with room for the rest
     max_header_bytes: int = 16_384     # h11's own default
+    # The control plane's bounds (CONTROL_LIMITS has the ranges; README, "Control plane").
+    control_fail_closed_after: float = 60.0
+    login_failures_per_minute: int = 10
+    max_streams_per_token: int = 8
 
     @property
     def control_enabled(self) -> bool:
@@ -238,7 +254,7 @@ class Settings:
         return self.database_url or f"sqlite:///{self.store_dir / 'control.db'}"
 
     def __post_init__(self) -> None:
-        for name, (low, high, unit) in CONNECTION_LIMITS.items():
+        for name, (low, high, unit) in (*CONNECTION_LIMITS.items(), *CONTROL_LIMITS.items()):
             value = getattr(self, name)
             whole = isinstance(low, int)
             if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
@@ -318,8 +334,7 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
             raise ConfigError(f"cannot read config {config}: {exc}") from None
         server = doc.get("server", {})
         for key in ("host", "port", "log_level", "request_timeout", "grace_period", "public_cache_counters",
-                    "allow_private_upstreams",
-                    *CONNECTION_LIMITS):
+                    "allow_private_upstreams", *CONNECTION_LIMITS, *CONTROL_LIMITS):
             if key in server:
                 values[key] = server[key]
         if "api_keys" in server:

@@ -128,14 +128,10 @@ def test_signed_out_is_refused(app, client):
 def test_tampered_cookie_is_refused(client):
     login(client, VIEWER)
     cookie = client.cookies.get("modelyard_console")
-    version, payload, mac = cookie.split(".")
-    import base64
-    import json
-    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    data["r"] = "admin"
-    forged = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    assert cookie.startswith("v2.")           # a random session id: nothing in it to edit but the id
+    forged = cookie[:-1] + ("A" if cookie[-1] != "A" else "B")
     client.cookies.clear()
-    client.cookies.set("modelyard_console", f"{version}.{forged}.{mac}", path="/console")
+    client.cookies.set("modelyard_console", forged, path="/console")
     assert client.get("/console/keys", follow_redirects=False).status_code == 303
 
 

@@ -47,7 +47,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             endpoints = EndpointSync(app.state.endpoint_store, registry)
             app.state.control_sync = sync = ControlSync(
                 app.state.key_store, app.state.keys, feed=ChangeFeed(db, settings.database_url),
-                also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh))
+                also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh),
+                fail_closed_after=settings.control_fail_closed_after)
+            app.state.keys.sync = app.state.metrics.control_sync = sync
             app.state.usage = usage = UsageRecorder(db)
             # configured keys' ids under the database's secret (api/auth), before any request
             # records usage; rows under their old ids (the start of the key's sha256) move over
@@ -96,6 +98,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         shared = PostgresQuotas(settings.database_url, settings.quota_processes)
     app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled, shared=shared)
     app.state.started = int(time.time())
+    app.state.stream_slots = control.StreamSlots(settings.max_streams_per_token)
     app.state.shutting_down = False
     errors.install(app)
     # Outermost last: RequestLog sees every answer, BrowserGuard refuses web pages before any

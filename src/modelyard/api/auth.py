@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from ..errors import Unauthorized
+from ..errors import ControlStale, Forbidden, Unauthorized
 from ..settings import KeySpec, secret_digest
 from ..quota.limits import Slot
 from ..quota.memory import Quota
@@ -54,6 +54,7 @@ class KeyChecker:
         # key id -> ((digest, valid until or None), ...), quota): a rotated key has two digests
         self._stored: dict[str, tuple[tuple[tuple[bytes, int | None], ...], Quota]] = {}
         self.book = None       # control/budget.BudgetBook (memory budgets), set by the app's lifespan
+        self.sync = None       # control/sync.ControlSync: whether the stored keys may be trusted now
 
     def name_configured(self, secret: bytes) -> list[tuple[str, str]]:
         """Give each configured key its id under `secret`; (old id, new id) for every key,
@@ -92,9 +93,11 @@ class KeyChecker:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        found = self._find(token)
+        found, stored = self._find(token)
         if found is None:
             raise Unauthorized("invalid API key", code="invalid_api_key")
+        if stored and self._stale():
+            raise ControlStale(self.sync.refusal("stored API keys"), code="control_store_unavailable")
         if found.expires_at is not None and time.time() >= found.expires_at:
             raise Unauthorized("this API key has expired", code="expired_api_key")
         return found, found.admit(time.monotonic())
@@ -102,12 +105,18 @@ class KeyChecker:
     def knows(self, authorization: str | None) -> bool:
         """Whether the header carries a valid key (no quota is counted: for open routes)."""
         scheme, _, token = (authorization or "").partition(" ")
-        return self.enabled and scheme.lower() == "bearer" and bool(token.strip()) and \
-            self._find(token) is not None
+        if not (self.enabled and scheme.lower() == "bearer" and token.strip()):
+            return False
+        found, stored = self._find(token)
+        return found is not None and not (stored and self._stale())
 
-    def _find(self, token: str) -> Quota | None:
+    def _stale(self) -> bool:
+        return self.sync is not None and self.sync.stale() is not None
+
+    def _find(self, token: str) -> tuple[Quota | None, bool]:
+        """The key's quota and whether it is a stored one (None, False: no such key)."""
         digest = hashlib.sha256(token.strip().encode()).digest()
-        found = None
+        found, stored = None, False
         # no early exit: the time taken does not depend on which key matched
         for d, quota in self._keys:
             if hmac.compare_digest(d, digest):
@@ -116,8 +125,8 @@ class KeyChecker:
         for digests, quota in self._stored.values():
             for d, until in digests:      # a rotated key's previous secret, until its grace ends
                 if hmac.compare_digest(d, digest) and (until is None or now < until):
-                    found = quota
-        return found
+                    found, stored = quota, True
+        return found, stored
 
 
 def visible_endpoints(request: Request) -> frozenset[str] | None:

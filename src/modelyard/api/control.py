@@ -15,13 +15,15 @@ import asyncio
 import hashlib
 import hmac
 import time
-from typing import Annotated, Any, Literal
+import weakref
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import Forbidden, Unauthorized
+from ..control.usage import USAGE_PAGE, USAGE_PAGE_MAX, query as usage_query
+from ..errors import ControlStale, Forbidden, RateLimited, Unauthorized
 from ..settings import AdminToken, secret_digest
 from .gate import before_body
 
@@ -40,17 +42,28 @@ def caller(request: Request) -> AdminToken:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'", code="invalid_admin_token")
     digest = hashlib.sha256(token.strip().encode()).digest()
-    found = None
+    found, from_store = None, False
     stored = getattr(request.app.state, "admin_tokens", None)     # control/admin_tokens.StoredAdmins
-    for admin in (*request.app.state.settings.admin_tokens, *(stored.tokens if stored else ())):  # no early exit
+    configured = request.app.state.settings.admin_tokens
+    for i, admin in enumerate((*configured, *(stored.tokens if stored else ()))):  # no early exit
         if hmac.compare_digest(secret_digest(admin.token), digest):
-            found = admin
+            found, from_store = admin, i >= len(configured)
+    if from_store:
+        refuse_if_stale(request, "stored admin tokens")
     if found is None:
         if request.app.state.keys.knows(request.headers.get("authorization")):
             raise Forbidden("an inference API key cannot call the control plane; use an admin token",
                             code="not_an_admin_token")
         raise Unauthorized("invalid admin token", code="invalid_admin_token")
     return found
+
+
+def refuse_if_stale(request: Request, what: str) -> None:
+    """503 when the control database has been silent past the bound (control/sync: a revocation
+    made meanwhile could not have been seen here)."""
+    sync = getattr(request.app.state, "control_sync", None)
+    if sync is not None and sync.stale() is not None:
+        raise ControlStale(sync.refusal(what), code="control_store_unavailable")
 
 
 def admin_or_none(request: Request) -> AdminToken | None:
@@ -60,7 +73,7 @@ def admin_or_none(request: Request) -> AdminToken | None:
         return None
     try:
         return caller(request)
-    except (Unauthorized, Forbidden):
+    except (Unauthorized, Forbidden, ControlStale):
         return None
 
 
@@ -81,6 +94,68 @@ def admin(request: Request) -> AdminToken:
 
 def actor(who: AdminToken) -> str:
     return f"{who.role}:{who.name}"
+
+
+class StreamSlots:
+    """Server-sent-event streams open at once per admin token in this process (the admin API's
+    and the console's together): `max_streams_per_token`, then 429. A stream holds a task and a
+    registry listener for as long as its client stays, so an unbounded number is a way to hold
+    a server's memory with one token."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[bytes, int] = {}
+
+    def take(self, who: AdminToken) -> Callable[[], None]:
+        """A slot for one stream of `who` (429 past the limit); returns its release, which may be
+        called more than once (the stream's end, and the finalizer of a stream never started)."""
+        key = secret_digest(who.token)
+        if self.open.get(key, 0) >= self.limit:
+            raise RateLimited(f"admin token {who.name!r} has {self.open[key]} event streams open: "
+                              f"max_streams_per_token = {self.limit}; close one first",
+                              code="too_many_streams", retry_after=5)
+        self.open[key] = self.open.get(key, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self.open.get(key, 0) - 1
+                if left > 0:
+                    self.open[key] = left
+                else:
+                    self.open.pop(key, None)
+        return release
+
+    def stream(self, who: AdminToken, body: AsyncIterator[str]) -> AsyncIterator[str]:
+        """`body` holding a slot of `who` until it ends. A client gone before the first chunk
+        leaves a generator that never started, whose `finally` never runs: its slot is
+        released when the generator is collected."""
+        release = self.take(who)
+
+        async def held() -> AsyncIterator[str]:
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                release()
+        gen = held()
+        weakref.finalize(gen, release)
+        return gen
+
+
+def still_valid(app, who: AdminToken):
+    """A check that `who` is still accepted (not revoked, not refused for a silent control
+    database): long-lived answers, the event streams, end when it fails."""
+    def alive() -> bool:
+        configured = app.state.settings.admin_tokens
+        if who in configured:
+            return True
+        sync = getattr(app.state, "control_sync", None)
+        stored = getattr(app.state, "admin_tokens", None)
+        return not (sync is not None and sync.stale() is not None) and who in (stored.tokens if stored else ())
+    return alive
 
 
 class KeyFields(BaseModel):
@@ -211,6 +286,10 @@ async def audit_log(request: Request, limit: Limit = 20, after: str | None = Non
 async def usage(request: Request, granularity: Annotated[str, Query(pattern="^(minute|hour|day)$")] = "hour",
                 key_id: str | None = None, endpoint: str | None = None,
                 start: Annotated[int | None, Query(ge=0)] = None, end: Annotated[int | None, Query(ge=0)] = None,
+                limit: Annotated[int, Query(ge=1, le=USAGE_PAGE_MAX)] = USAGE_PAGE,
+                after: Annotated[str | None, Query(max_length=1000)] = None,
                 _: AdminToken = Depends(viewer)) -> dict:
-    from ..control.usage import query
-    return await asyncio.to_thread(query, request.app.state.key_store.db, granularity, key_id, endpoint, start, end)
+    """Paged like the other lists (`limit`, `after` = the last page's `last_id`): one answer was
+    every row ever stored for a viewer's `start=0`."""
+    return await asyncio.to_thread(usage_query, request.app.state.key_store.db, granularity, key_id, endpoint, start, end,
+                                   limit, after)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any, AsyncIterator, Iterable, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Iterable, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -28,7 +28,7 @@ from ..registry.endpoint import Endpoint, EndpointState
 from ..registry.render import endpoint_object
 from ..redact import redact
 from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
-from .control import actor, admin, revision_of, viewer
+from .control import actor, admin, revision_of, still_valid, viewer
 
 router = APIRouter()
 KEEPALIVE = 15.0        # seconds between SSE comments on a quiet stream (proxies close idle ones)
@@ -174,8 +174,8 @@ async def list_endpoints(request: Request, limit: Limit = 20, after: str | None 
 
 
 @router.get(PREFIX + "/events", summary="Server-sent events: every endpoint's state as it changes")
-async def all_events(request: Request, _: AdminToken = Depends(viewer)) -> StreamingResponse:
-    return sse(endpoint_events(request.app, None))
+async def all_events(request: Request, who: AdminToken = Depends(viewer)) -> StreamingResponse:
+    return sse(request, who, endpoint_events(request.app, None, still_valid(request.app, who)))
 
 
 @router.get(PREFIX + "/{endpoint_id}", summary="One model endpoint")
@@ -186,9 +186,10 @@ async def get_endpoint(endpoint_id: str, request: Request, response: Response,
 
 
 @router.get(PREFIX + "/{endpoint_id}/events", summary="Server-sent events: one endpoint's state as it changes")
-async def one_endpoint_events(endpoint_id: str, request: Request, _: AdminToken = Depends(viewer)) -> StreamingResponse:
+async def one_endpoint_events(endpoint_id: str, request: Request,
+                              who: AdminToken = Depends(viewer)) -> StreamingResponse:
     await _row(request, endpoint_id)          # 404 for an unknown id, before the stream starts
-    return sse(endpoint_events(request.app, endpoint_id))
+    return sse(request, who, endpoint_events(request.app, endpoint_id, still_valid(request.app, who)))
 
 
 @router.patch(PREFIX + "/{endpoint_id}", summary="Change an endpoint's config (it reloads); null resets a field; "
@@ -277,11 +278,13 @@ async def delete_endpoint(endpoint_id: str, request: Request, response: Response
 
 # ---- the event stream ----------------------------------------------------------------------------
 
-async def endpoint_events(app, only: str | None) -> AsyncIterator[tuple[str, dict]]:
+async def endpoint_events(app, only: str | None,
+                          alive: Callable[[], bool] = lambda: True) -> AsyncIterator[tuple[str, dict]]:
     """(event, data) pairs: every endpoint's snapshot at once, then one at each change: state
     changes as they happen (each transition, with its reason), other changes (replica health,
     progress, counters) within SNAPSHOT_POLL; ("deleted", {"id", "name"}) when one is gone;
-    ("keepalive", {}) after KEEPALIVE quiet seconds. The console uses it too."""
+    ("keepalive", {}) after KEEPALIVE quiet seconds. It ends once `alive()` is false (checked at
+    least every SNAPSHOT_POLL: a revoked token's stream ends within the sync bound plus that)."""
     registry, started = app.state.registry, app.state.started
     changes: asyncio.Queue = asyncio.Queue(maxsize=10_000)
 
@@ -298,7 +301,7 @@ async def endpoint_events(app, only: str | None) -> AsyncIterator[tuple[str, dic
     said = loop.time()
     first = True
     try:
-        while True:
+        while alive():
             out: list[tuple[str, dict]] = []
             items: list[tuple[Endpoint, EndpointState | None, str | None]] = []
             if not first:
@@ -332,9 +335,10 @@ async def endpoint_events(app, only: str | None) -> AsyncIterator[tuple[str, dic
         unsubscribe()
 
 
-def sse(events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
+def sse(request: Request, who: AdminToken, events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
+    """The stream, counted against `who`'s open streams (api/control.StreamSlots: 429 past it)."""
     async def lines() -> AsyncIterator[str]:
         async for event, data in events:
             yield ": keepalive\n\n" if event == "keepalive" else f"event: {event}\ndata: {json.dumps(data)}\n\n"
-    return StreamingResponse(lines(), media_type="text/event-stream",
+    return StreamingResponse(request.app.state.stream_slots.stream(who, lines()), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

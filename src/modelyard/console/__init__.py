@@ -69,6 +69,7 @@ class SecurityHeaders:
 @dataclass
 class ConsoleState:
     sessions: object = None
+    throttle: object = None
     sampler: object = None
     pulls: dict = field(default_factory=dict)
     pull_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -76,13 +77,14 @@ class ConsoleState:
 
 
 def mount(app) -> None:
-    """Adds /console to an app whose control plane is on; its sampler and session key start and
-    stop with the app's lifespan."""
+    """Adds /console to an app whose control plane is on; its sampler starts and stops
+    with the app's lifespan."""
     import asyncio
 
     from .routes import router
     from .sampler import Sampler
-    from .session import Sessions, current_tokens, load_secret
+    from ..control.sessions import SessionStore
+    from .session import LoginThrottle, Sessions, current_tokens
 
     check_vendored()
     app.state.console = state = ConsoleState(sampler=Sampler(app))
@@ -94,8 +96,8 @@ def mount(app) -> None:
     @asynccontextmanager
     async def lifespan(a):
         async with inner(a) as value:
-            key = await asyncio.to_thread(load_secret, a.state.key_store.db)
-            state.sessions = Sessions(key, lambda: current_tokens(a))
+            state.sessions = Sessions(SessionStore(a.state.key_store.db), lambda: current_tokens(a))
+            state.throttle = LoginThrottle(a.state.settings.login_failures_per_minute)
             await state.sampler.start()
             try:
                 yield value

@@ -123,12 +123,13 @@ async def call(app, who: AdminToken, method: str, path: str, *, query: dict | No
     return Answer(status, body)
 
 
-async def list_all(app, who: AdminToken, path: str, *, bound: int = 50) -> list[dict] | Answer:
+async def list_all(app, who: AdminToken, path: str, *, bound: int = 50,
+                   query: dict | None = None) -> list[dict] | Answer:
     """Every object of a paged list (at most `bound` pages of 100), or the failed answer."""
     data: list[dict] = []
     after = None
     for _ in range(bound):
-        answer = await call(app, who, "GET", path, query={"limit": 100, "after": after})
+        answer = await call(app, who, "GET", path, query={**(query or {}), "limit": 100, "after": after})
         if not answer.ok:
             return answer
         if isinstance(answer.body, list):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader
 
-from ..errors import Unauthorized
+from ..errors import RateLimited, Unauthorized
 from ..registry.endpoint import EndpointState
 from . import internal, views
 from .charts import chart
 from .session import COOKIE, CSRF_HEADER, SESSION_SECONDS, Session
 
 HERE = Path(__file__).parent
+log = logging.getLogger("modelyard.console")
 router = APIRouter(prefix="/console", include_in_schema=False)
 env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                   lstrip_blocks=True)
@@ -45,8 +47,18 @@ def _state(request: Request):
     return request.app.state.console
 
 
-def _session(request: Request) -> Session | None:
-    return _state(request).sessions.read(request.cookies.get(COOKIE))
+async def _session(request: Request) -> Session | Response | None:
+    """The request's live session (a database read, on a worker thread), None, or a 503 while
+    the control database has been silent past its bound: sessions are records there, and a
+    revocation could have been missed (control/sync)."""
+    sync = request.app.state.control_sync
+    if sync.stale() is not None:
+        return _refuse(request, 503, sync.refusal("console sessions"), to_login=False)
+    return await asyncio.to_thread(_state(request).sessions.read, request.cookies.get(COOKIE))
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def _htmx(request: Request) -> bool:
@@ -59,8 +71,10 @@ def _refuse(request: Request, status: int, message: str, to_login: bool = True) 
                         headers=headers)
 
 
-def _reader(request: Request) -> Session | Response:
-    session = _session(request)
+async def _reader(request: Request) -> Session | Response:
+    session = await _session(request)
+    if isinstance(session, Response):
+        return session
     if session is None:
         if _htmx(request) or request.url.path.endswith((".csv", "/stream")):
             return _refuse(request, 401, "Not signed in (or the session expired): sign in again.")
@@ -68,9 +82,11 @@ def _reader(request: Request) -> Session | Response:
     return session
 
 
-def _changer(request: Request) -> Session | Response:
+async def _changer(request: Request) -> Session | Response:
     """A state-changing request: a session, its CSRF token, the admin role; else 401/403."""
-    session = _session(request)
+    session = await _session(request)
+    if isinstance(session, Response):
+        return session
     if session is None:
         return _refuse(request, 401, "Not signed in (or the session expired): sign in again.")
     if not _state(request).sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
@@ -164,10 +180,28 @@ async def login_page(request: Request) -> Response:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
+    state, client = _state(request), _client(request)
+    wait = state.throttle.retry_after(client)
+    if wait is not None:        # before the token is even compared: guessing is capped per address
+        limit = request.app.state.settings.login_failures_per_minute
+        response = _refuse(request, 429, f"Too many failed sign-ins from {client}: login_failures_per_minute = "
+                           f"{limit}. Try again in {max(1, round(wait))} s.", to_login=False)
+        response.headers["Retry-After"] = str(max(1, round(wait)))
+        return response
+    sync = request.app.state.control_sync
+    if sync.stale() is not None:
+        return _refuse(request, 503, sync.refusal("console sign-ins"), to_login=False)
     token = (await _body(request)).get("token")
-    got = _state(request).sessions.login(token) if isinstance(token, str) else None
+    got = None
+    if isinstance(token, str) and len(token) <= 4096:
+        got = await asyncio.to_thread(state.sessions.login, token, client)
+    else:
+        await asyncio.to_thread(state.sessions.store.failed, {"client": client})
     if got is None:
+        state.throttle.failed(client)
+        log.warning("console: a failed sign-in from %s", client)
         return _refuse(request, 401, "That is not an admin token of this server.", to_login=False)
+    log.info("console: %s signed in from %s", got[0].who, client)
     _, cookie = got
     response = Response(status_code=204, headers={"HX-Redirect": "/console/endpoints"})
     response.set_cookie(COOKIE, cookie, max_age=SESSION_SECONDS, path="/console", httponly=True,
@@ -177,11 +211,15 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    session = _session(request)
+    session = await _session(request)
+    if isinstance(session, Response):
+        return session
     if session is None:
         return _refuse(request, 401, "Not signed in.")
     if not _state(request).sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
         return _refuse(request, 403, "Refused: the CSRF token is missing or wrong. Reload the page.")
+    # the record goes: this cookie, and any copy of it, is refused from now on in every process
+    await asyncio.to_thread(_state(request).sessions.logout, session, _client(request))
     response = Response(status_code=204, headers={"HX-Redirect": "/console/login"})
     response.delete_cookie(COOKIE, path="/console", httponly=True, samesite="strict", secure=_secure(request))
     return response
@@ -196,7 +234,7 @@ async def _endpoints_context(request: Request, session: Session) -> dict:
 
 @router.get("/endpoints")
 async def endpoints_page(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     models = [ep.spec.model for ep in request.app.state.registry.endpoints.values() if ep.spec.engine == "llamacpp"]
@@ -206,7 +244,7 @@ async def endpoints_page(request: Request) -> Response:
 
 @router.get("/endpoints/table")
 async def endpoints_table(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     return _render(request, "_endpoints_table.html", session, **await _endpoints_context(request, session))
@@ -219,15 +257,16 @@ def _sse(event: str, html: str) -> str:
 @router.get("/endpoints/stream")
 async def endpoints_stream(request: Request) -> Response:
     """The endpoints table as server-sent events: a fresh render whenever it changed."""
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
-    sessions = _state(request).sessions
 
     async def events():
         last = None
         for tick in range(SSE_MAX_TICKS):
-            if request.app.state.shutting_down or sessions.read(request.cookies.get(COOKIE)) is None:
+            # the session checked again at each tick: logout, a revoked token or a silent
+            # control database end the stream within SSE_TICK (plus the sync bound)
+            if request.app.state.shutting_down or not isinstance(await _session(request), Session):
                 return
             html = _render(request, "_endpoints_table.html", session,
                            **await _endpoints_context(request, session)).body.decode()
@@ -238,12 +277,18 @@ async def endpoints_stream(request: Request) -> Response:
                 yield ": keepalive\n\n"
             await asyncio.sleep(SSE_TICK)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
+    try:         # the session's token shares max_streams_per_token with its admin API streams
+        body = request.app.state.stream_slots.stream(_who(request, session), events())
+    except RateLimited as exc:
+        response = _refuse(request, 429, exc.message, to_login=False)
+        response.headers["Retry-After"] = str(round(exc.retry_after or 5))
+        return response
+    return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 async def _endpoint_action(request: Request, method: str, path: str, body: Any, done: str) -> Response:
-    session = _changer(request)
+    session = await _changer(request)
     if isinstance(session, Response):
         return session
     if not internal.has_route(request.app, views.ENDPOINTS_API):
@@ -258,7 +303,7 @@ async def _endpoint_action(request: Request, method: str, path: str, body: Any, 
 @router.post("/endpoints")
 async def create_endpoint(request: Request) -> Response:
     body = await _body(request)
-    session = _changer(request)
+    session = await _changer(request)
     if isinstance(session, Response):
         return session
     try:
@@ -313,7 +358,7 @@ def _charts(request: Request) -> list[dict]:
 
 @router.get("/live")
 async def live_page(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     return _render(request, "live.html", session, page="live", endpoints=_charts(request))
@@ -321,7 +366,7 @@ async def live_page(request: Request) -> Response:
 
 @router.get("/live/charts")
 async def live_charts(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     return _render(request, "_live_charts.html", session, endpoints=_charts(request))
@@ -334,7 +379,7 @@ PLAYGROUND_KEY_SECONDS = 3600
 
 @router.get("/playground")
 async def playground_page(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     eps = [{"name": ep.name, "kind": ep.model_type.value.lower() if ep.model_type else "completions",
@@ -347,7 +392,7 @@ async def playground_page(request: Request) -> Response:
 async def playground_key(request: Request) -> Response:
     """A short-lived inference key for the playground (an ordinary stored key: audited, metered,
     revocable), its secret into the page's key field."""
-    session = _changer(request)
+    session = await _changer(request)
     if isinstance(session, Response):
         return session
     answer = await internal.call(request.app, _who(request, session), "POST", "/api-keys", json_body={
@@ -372,7 +417,7 @@ async def _keys_fragment(request: Request, session: Session, status: int = 200, 
 
 @router.get("/keys")
 async def keys_page(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     got = await views.keys(request.app, _who(request, session))
@@ -384,7 +429,7 @@ async def keys_page(request: Request) -> Response:
 @router.post("/keys")
 async def create_key(request: Request) -> Response:
     body = await _body(request)
-    session = _changer(request)
+    session = await _changer(request)
     if isinstance(session, Response):
         return session
     try:
@@ -406,21 +451,27 @@ async def create_key(request: Request) -> Response:
                                         "value": answer.body["secret"]})
 
 
+ROTATE_GRACE = {"rotate": 3600, "rotate-now": 0}     # seconds the old secret keeps working
+
+
 @router.post("/keys/{key_id}/{action}")
 async def key_action(key_id: str, action: str, request: Request) -> Response:
-    if action not in ("revoke", "rotate"):
-        return _refuse(request, 404, f"no key action {action!r} (revoke, rotate)")
-    session = _changer(request)
+    if action not in ("revoke", "rotate", "rotate-now"):
+        return _refuse(request, 404, f"no key action {action!r} (revoke, rotate, rotate-now)")
+    session = await _changer(request)
     if isinstance(session, Response):
         return session
-    body = {"grace_seconds": 3600} if action == "rotate" else None
-    answer = await internal.call(request.app, _who(request, session), "POST", f"/api-keys/{key_id}/{action}",
-                                 json_body=body)
+    # rotate: the old secret keeps working for an hour (clients switch without an outage);
+    # rotate-now: grace 0, for a secret that leaked, which must stop working at once
+    body = {"grace_seconds": ROTATE_GRACE[action]} if action in ROTATE_GRACE else None
+    answer = await internal.call(request.app, _who(request, session), "POST",
+                                 f"/api-keys/{key_id}/{action.removesuffix('-now')}", json_body=body)
     if not answer.ok:
         return await _keys_fragment(request, session, flash=("error", f"Refused ({answer.status}): {answer.message()}"))
-    if action == "rotate":
+    if action in ROTATE_GRACE:
+        after = "the old secret works for an hour" if ROTATE_GRACE[action] else "the old secret no longer works"
         return await _keys_fragment(
-            request, session, flash=("ok", f"Key {answer.body['name']!r} rotated; the old secret works for an hour."),
+            request, session, flash=("ok", f"Key {answer.body['name']!r} rotated; {after}."),
             secret={"id": answer.body["id"], "name": answer.body["name"], "value": answer.body["secret"]})
     return await _keys_fragment(request, session, flash=("ok", f"Key {answer.body['name']!r} revoked."))
 
@@ -440,7 +491,7 @@ def _usage_query(request: Request) -> tuple[str, int]:
 
 @router.get("/usage")
 async def usage_page(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     granularity, days = _usage_query(request)
@@ -451,7 +502,7 @@ async def usage_page(request: Request) -> Response:
 
 @router.get("/usage.csv")
 async def usage_csv(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     granularity, days = _usage_query(request)
@@ -469,7 +520,7 @@ MAX_PULLS = 20          # pull jobs remembered (finished ones are dropped first)
 
 @router.get("/models")
 async def models_page(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     models, notice = await views.models(request.app, _who(request, session))
@@ -479,7 +530,7 @@ async def models_page(request: Request) -> Response:
 
 @router.get("/models/table")
 async def models_table(request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     models, notice = await views.models(request.app, _who(request, session))
@@ -537,7 +588,7 @@ def _progress(job: dict, line: bytes) -> None:
 @router.post("/models/pull")
 async def pull_model(request: Request) -> Response:
     body = await _body(request)
-    session = _changer(request)
+    session = await _changer(request)
     if isinstance(session, Response):
         return session
     if not internal.has_route(request.app, views.MODELS_API + "/pull", "POST"):
@@ -559,7 +610,7 @@ async def pull_model(request: Request) -> Response:
 
 @router.get("/models/pulls/{job_id}")
 async def pull_progress(job_id: str, request: Request) -> Response:
-    session = _reader(request)
+    session = await _reader(request)
     if isinstance(session, Response):
         return session
     job = _state(request).pulls.get(job_id)
@@ -574,7 +625,7 @@ async def pull_progress(job_id: str, request: Request) -> Response:
 @router.post("/models/delete")
 async def delete_model(request: Request) -> Response:
     body = await _body(request)
-    session = _changer(request)
+    session = await _changer(request)
     if isinstance(session, Response):
         return session
     ref = _text(body, "ref")

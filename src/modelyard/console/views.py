@@ -56,14 +56,15 @@ async def keys(app, who: AdminToken) -> list[dict] | internal.Answer:
 
 async def usage(app, who: AdminToken, granularity: str, days: int) -> tuple[list[dict], str | None]:
     start = int(time.time()) - days * 86400
-    answer = await internal.call(app, who, "GET", "/usage", query={"granularity": granularity, "start": start})
-    if not answer.ok:
-        return [], answer.message()
+    # every page, up to list_all's bound (5,000 buckets): the page shows a bounded table
+    buckets = await internal.list_all(app, who, "/usage", query={"granularity": granularity, "start": start})
+    if isinstance(buckets, internal.Answer):
+        return [], buckets.message()
     names = {}
     got = await internal.list_all(app, who, "/api-keys")
     if not isinstance(got, internal.Answer):
         names = {k["id"]: k["name"] for k in got}
-    rows = [{**b, "key_name": names.get(b["key_id"], "")} for b in answer.body["data"]]
+    rows = [{**b, "key_name": names.get(b["key_id"], "")} for b in buckets]
     return sorted(rows, key=lambda r: (-r["start"], r["key_name"], r["endpoint"])), None
 
 

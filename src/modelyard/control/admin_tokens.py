@@ -21,6 +21,7 @@ from ..settings import ADMIN_ROLES, AdminToken
 from .db import Database
 from .keys import digest
 from .records import audit, new_id
+from .sessions import end_sessions_of
 
 TOKEN_PREFIX = "my-admin-"
 SHOWN = len(TOKEN_PREFIX) + 4        # characters of the token kept to recognise it by
@@ -61,10 +62,11 @@ class AdminTokenStore:
 
     def revoke(self, actor: str, name: str) -> dict:
         with self.db.transaction() as db:
-            rows = db.query("SELECT id FROM admin_tokens WHERE name = ? AND revoked_at IS NULL", (name,))
+            rows = db.query("SELECT id, digest FROM admin_tokens WHERE name = ? AND revoked_at IS NULL", (name,))
             if not rows:
                 raise ObjectNotFound(f"no active admin token named {name!r}", param="name")
             db.execute("UPDATE admin_tokens SET revoked_at = ? WHERE id = ?", (int(time.time()), rows[0]["id"]))
+            end_sessions_of(db, rows[0]["digest"])      # its console sessions end now, everywhere
             audit(db, actor, "admin_token.revoke", rows[0]["id"], {"name": name})
             db.notify_change()
         return self._get(rows[0]["id"])

@@ -13,6 +13,7 @@ whichever process gets there first.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -95,12 +96,24 @@ class Database:
             self._conn.close()
 
 
+def private(path: Path) -> None:
+    """The file (made if missing) and its -wal/-shm readable by this user only: they hold the
+    digests of every key and token and the console's sessions. SQLite makes a -wal or -shm with
+    its database's mode, so the database's own mode, set before the first connection, covers
+    them; ones left by an older version are narrowed too."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if each.exists():
+            os.chmod(each, 0o600)
+
+
 class SQLiteDatabase(Database):
     kind = "sqlite"
 
     def __init__(self, path: Path) -> None:
         super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
+        private(path)
         # isolation_level=None: we issue BEGIN ourselves (IMMEDIATE: take the write lock at once,
         # so two processes migrating or writing never deadlock on an upgrade from read to write)
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
@@ -126,18 +139,27 @@ class PostgresDatabase(Database):
     def __init__(self, url: str) -> None:
         super().__init__()
         import psycopg
+        self._url = url
         self._conn = psycopg.connect(url, autocommit=True)
         self._in_tx = False
 
+    def _live(self):
+        # a server restarted (or a network cut) breaks the connection for good: connect again,
+        # so the control plane comes back with its database (control/sync stops failing closed)
+        if self._conn.broken:
+            import psycopg
+            self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        return self._conn
+
     def _cursor(self):
-        return self._conn.cursor()
+        return self._live().cursor()
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
     @contextmanager
     def transaction(self) -> Iterator["Database"]:
-        with self._lock, self._conn.transaction():
+        with self._lock, self._live().transaction():
             yield self
 
     def notify_change(self) -> None:

@@ -105,4 +105,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             created_at BIGINT NOT NULL
         )""",
     ]),
+    (8, [
+        # console sessions kept on the server (control/sessions.py): the sha256 of the random id
+        # the cookie holds (never the id), a digest naming its admin token, its expiry. A read
+        # of the database (a backup, a 0644 file) gives no cookie: the signing key of step 7 did.
+        """CREATE TABLE console_sessions (
+            id_digest TEXT PRIMARY KEY,
+            token_ref TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            created_at BIGINT NOT NULL
+        )""",
+        "CREATE INDEX console_sessions_token ON console_sessions (token_ref)",
+        # the old signing key forges sessions for whoever has read it: it goes (its table stays
+        # for a process of the version before, which makes a new key that no one here trusts)
+        "DELETE FROM console_secret WHERE name = 'session_hmac'",
+    ]),
 ]

@@ -6,12 +6,21 @@ PostgreSQL's NOTIFY or SQLite's data_version).
 Each refresher reads one small table with one query and applies it (keys; the admin tokens
 stored by `modelyard admin`; endpoints); this process's own writes are applied at once (`refresh`
 after each admin call).
+
+Fail closed: while the database does not answer, this process keeps its last view, and a key or
+token revoked meanwhile would stay valid here without bound. So once `fail_closed_after` seconds
+have passed since the last successful refresh, `stale()` says so and the stored keys and admin
+tokens are refused (503 control_store_unavailable; api/auth, api/control, console/session); the
+configured ones, which do not depend on the database, still work. It is measured at each check,
+not by the loop, because a refresh against a database that hangs (a stopped host) never returns.
+A watcher logs entering and leaving that state, once each, and feeds the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable
 
 from ..api.auth import KeyChecker
@@ -26,25 +35,68 @@ Refresher = Callable[[], Awaitable[None]]
 
 class ControlSync:
     def __init__(self, store: KeyStore, checker: KeyChecker, interval: float = POLL,
-                 feed: ChangeFeed | None = None, also: tuple[Refresher, ...] = ()) -> None:
+                 feed: ChangeFeed | None = None, also: tuple[Refresher, ...] = (),
+                 fail_closed_after: float = 60.0) -> None:
         self.store, self.checker, self.interval = store, checker, interval
         self.feed = feed
+        self.fail_closed_after = fail_closed_after
         self._refreshers: tuple[Refresher, ...] = (self._keys, *also)
         self._task: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
         self.failures = 0
+        self.last_ok = time.monotonic()     # the last refresh that read every table
+        self.closed = False                 # what the watcher last logged
+
+    def age(self) -> float:
+        """Seconds since the last successful refresh."""
+        return time.monotonic() - self.last_ok
+
+    def stale(self) -> float | None:
+        """Seconds without a successful refresh when past the bound (stored credentials are then
+        refused), else None."""
+        age = self.age()
+        closed = age > self.fail_closed_after
+        if closed != self.closed:       # a refusal may see the change before the watcher does
+            self._mark()
+        return age if closed else None
+
+    def refusal(self, what: str) -> str:
+        return (f"the control database has not answered for {int(self.age())} s (fail_closed_after = "
+                f"{self.fail_closed_after:g} s): {what} are refused until it does; keys and admin tokens "
+                "from the config file still work")
 
     async def _keys(self) -> None:
         self.checker.replace_stored(await asyncio.to_thread(self.store.active))
 
     async def refresh(self) -> None:
+        started = time.monotonic()
         for refresh in self._refreshers:
             await refresh()
+        # from when it began: a view read over a slow minute is as old as that minute
+        self.last_ok = max(self.last_ok, started)
+        self._mark()
+
+    def _mark(self) -> None:
+        """Logs a change between serving stored credentials and refusing them, once each way."""
+        closed = self.age() > self.fail_closed_after
+        if closed and not self.closed:
+            log.error("control store: no successful read for %.0f s (fail_closed_after = %g s): refusing stored "
+                      "API keys and admin tokens until it answers", self.age(), self.fail_closed_after)
+        elif self.closed and not closed:
+            log.warning("control store answers again: stored API keys and admin tokens are accepted")
+        self.closed = closed
+
+    async def _watcher(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.fail_closed_after / 4))
+            self._mark()
 
     async def start(self) -> None:
         await self.refresh()          # serve no request before the stored keys are known
         if self.feed is not None:
             self.feed.start()
         self._task = asyncio.create_task(self._loop(), name="control-sync")
+        self._watch = asyncio.create_task(self._watcher(), name="control-sync-watch")
 
     async def _loop(self) -> None:
         while True:
@@ -60,8 +112,9 @@ class ControlSync:
                           type(exc).__name__, exc)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, self._watch) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.feed is not None:
             await self.feed.stop()

@@ -10,9 +10,12 @@ minutes up to hours or days in SQL.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import time
 
+from ..errors import InvalidRequest
 from .db import Database
 
 log = logging.getLogger("modelyard.control")
@@ -118,8 +121,31 @@ class UsageRecorder:
         await self.flush()
 
 
+USAGE_PAGE = 100            # buckets per page unless `limit` says otherwise
+USAGE_PAGE_MAX = 1000       # the most one page may hold (api/control: 422 past it)
+
+
+def bucket_id(start: int, key_id: str, endpoint: str) -> str:
+    """A bucket's place in the list's order (start, key, endpoint) as an opaque cursor."""
+    return "ub_" + base64.urlsafe_b64encode(json.dumps([start, key_id, endpoint]).encode()).decode().rstrip("=")
+
+
+def _cursor(after: str) -> tuple[int, str, str]:
+    try:
+        raw = after.removeprefix("ub_")
+        start, key_id, endpoint = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        if isinstance(start, int) and isinstance(key_id, str) and isinstance(endpoint, str):
+            return start, key_id, endpoint
+    except (ValueError, TypeError):
+        pass
+    raise InvalidRequest(f"after must be a last_id this list returned, got {after[:100]!r}", param="after",
+                         code="invalid_cursor")
+
+
 def query(db: Database, granularity: str, key_id: str | None, endpoint: str | None,
-          start: int | None, end: int | None) -> dict:
+          start: int | None, end: int | None, limit: int = USAGE_PAGE, after: str | None = None) -> dict:
+    """One page of buckets in (start, key_id, endpoint) order: at most `limit` (the whole table
+    was one answer, every row ever stored for `start=0`); `after` is the last page's last_id."""
     step = GRANULARITY[granularity]
     where, args = [], []
     for column, value in (("key_id", key_id), ("endpoint", endpoint)):
@@ -132,16 +158,26 @@ def query(db: Database, granularity: str, key_id: str | None, endpoint: str | No
     if end is not None:
         where.append("minute < ?")
         args.append(end)
-    sql = (f"SELECT key_id, endpoint, (minute / {step}) * {step} AS start, SUM(requests) AS requests, "
-           "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens FROM usage"
-           + (" WHERE " + " AND ".join(where) if where else "")
-           + f" GROUP BY key_id, endpoint, (minute / {step}) * {step} ORDER BY start, key_id, endpoint")
-    rows = db.query(sql, args)
-    data = [{"object": "usage_bucket", "key_id": r["key_id"], "endpoint": r["endpoint"], "start": int(r["start"]),
+    outer, outer_args = "", []
+    if after is not None:
+        c_start, c_key, c_endpoint = _cursor(after)
+        where.append("minute >= ?")         # no bucket before the cursor's is read at all
+        args.append(c_start)
+        outer = (" WHERE start > ? OR (start = ? AND key_id > ?) OR (start = ? AND key_id = ? AND endpoint > ?)")
+        outer_args = [c_start, c_start, c_key, c_start, c_key, c_endpoint]
+    inner = (f"SELECT key_id, endpoint, (minute / {step}) * {step} AS start, SUM(requests) AS requests, "
+             "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens FROM usage"
+             + (" WHERE " + " AND ".join(where) if where else "")
+             + f" GROUP BY key_id, endpoint, (minute / {step}) * {step}")
+    sql = f"SELECT * FROM ({inner}) AS buckets{outer} ORDER BY start, key_id, endpoint LIMIT ?"
+    rows = db.query(sql, [*args, *outer_args, limit + 1])
+    data = [{"id": bucket_id(int(r["start"]), r["key_id"], r["endpoint"]), "object": "usage_bucket",
+             "key_id": r["key_id"], "endpoint": r["endpoint"], "start": int(r["start"]),
              "granularity": granularity, "requests": int(r["requests"]), "prompt_tokens": int(r["prompt_tokens"]),
              "completion_tokens": int(r["completion_tokens"]),
-             "total_tokens": int(r["prompt_tokens"]) + int(r["completion_tokens"])} for r in rows]
-    return {"object": "list", "data": data, "has_more": False, "last_id": None}
+             "total_tokens": int(r["prompt_tokens"]) + int(r["completion_tokens"])} for r in rows[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rows) > limit,
+            "last_id": data[-1]["id"] if data else None}
 
 
 def rename_keys(db: Database, renamed: list[tuple[str, str]]) -> int:
