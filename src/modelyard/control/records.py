@@ -41,8 +41,8 @@ def page(rows: list[Row], limit: int, render: Callable[[Row], dict[str, Any]]) -
 
 
 def server_secret(db: Database, name: str) -> bytes:
-    """The database's random secret `name` (the configured keys' id key): made by the first process that needs it, read by every other one sharing the
-    database, kept across restarts. The table is migration 7's (named for its first use); no
+    """The database's random secret `name` (the configured keys' id key): made by the first
+    process that needs it, read by every other one sharing the database, kept across restarts. The table is migration 7's (named for its first use); no
     route reads it."""
     with db.transaction() as tx:
         tx.execute("INSERT INTO console_secret (name, value, created_at) VALUES (?, ?, ?) "
