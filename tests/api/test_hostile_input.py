@@ -146,3 +146,17 @@ def test_slow_grammar_compiles_do_not_hold_up_tokenizing(server, client):
         codes = [f.result() for f in statuses]
     # each a 200, or a 400 past its own compile time bound, or a 503 when no compiler freed up
     assert set(codes) <= {200, 400, 503} and len(codes) == 8, codes
+
+
+@pytest.mark.parametrize("extra, loc, words", [
+    ({"stop": ["x"] * 17}, ["body", "stop", "list[constrained-str]"], "at most 16 items"),
+    ({"stop": "s" * 257}, ["body", "stop", "constrained-str"], "at most 256 characters"),
+    ({"stop": ["ok", "s" * 257]}, ["body", "stop", "list[constrained-str]", 1], "at most 256 characters"),
+    ({"user": "u" * 257}, ["body", "user"], "at most 256 characters"),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, ["body", "logit_bias"], "at most 1024 items"),
+])
+def test_every_field_has_a_maximum(client, extra, loc, words):
+    r = client.post("/completions", json={"model": "smollm2-135m", "prompt": "x", "max_tokens": 1, **extra})
+    assert r.status_code == 422, r.text[:300]
+    found = [d for d in r.json()["detail"] if d["loc"] == loc]
+    assert found and words in found[0]["msg"], r.json()["detail"]

@@ -35,6 +35,13 @@ LogitBias = Annotated[
     WithJsonSchema({"type": "object", "propertyNames": {"type": "string", "pattern": TOKEN_ID_KEY},
                     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})]
 
+# Every field a client sends has a maximum, checked before any work. A stop string is held back
+# from the stream while it may still be completing and matched at every token: its length is
+# work per token and text withheld. (OpenAI allows 4 stops; vLLM and llama-server set no bound.)
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 1024       # token ids biased in one request
+
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds,
                Annotated[list[TokenIds], Field(min_length=1)]]
@@ -66,7 +73,9 @@ class GenerationRequest(StructuredFields):
     model: str = Field(min_length=1, max_length=MAX_NAME)
     temperature: float | None = Field(None, ge=0, le=2)
     n: int | None = Field(None, ge=1)
-    stop: Union[str, Annotated[list[str], Field(min_length=1)], None] = None
+    stop: Union[Annotated[str, Field(max_length=MAX_STOP_CHARS)],
+                Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]],
+                          Field(min_length=1, max_length=MAX_STOPS)], None] = None
     max_tokens: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -74,8 +83,8 @@ class GenerationRequest(StructuredFields):
     top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: LogitBias | None = None
-    user: str | None = None
+    logit_bias: Annotated[LogitBias, Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    user: str | None = Field(None, max_length=MAX_NAME)
 
     _constraint: Constraint | None = PrivateAttr(None)
 
