@@ -149,9 +149,6 @@ def test_slow_grammar_compiles_do_not_hold_up_tokenizing(server, client):
 
 
 @pytest.mark.parametrize("extra, loc, words", [
-    ({"stop": ["x"] * 17}, ["body", "stop", "list[constrained-str]"], "at most 16 items"),
-    ({"stop": "s" * 257}, ["body", "stop", "constrained-str"], "at most 256 characters"),
-    ({"stop": ["ok", "s" * 257]}, ["body", "stop", "list[constrained-str]", 1], "at most 256 characters"),
     ({"user": "u" * 257}, ["body", "user"], "at most 256 characters"),
     ({"logit_bias": {str(i): 1 for i in range(1025)}}, ["body", "logit_bias"], "at most 1024 items"),
 ])

@@ -35,11 +35,8 @@ LogitBias = Annotated[
     WithJsonSchema({"type": "object", "propertyNames": {"type": "string", "pattern": TOKEN_ID_KEY},
                     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})]
 
-# Every field a client sends has a maximum, checked before any work. A stop string is held back
-# from the stream while it may still be completing and matched at every token: its length is
-# work per token and text withheld. (OpenAI allows 4 stops; vLLM and llama-server set no bound.)
-MAX_STOPS = 16
-MAX_STOP_CHARS = 256
+# Every field a client sends has a maximum, checked before any work (stop strings: [limits]
+# max_stop and max_stop_chars, checked by api/pipeline).
 MAX_LOGIT_BIAS = 1024       # token ids biased in one request
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -73,9 +70,7 @@ class GenerationRequest(StructuredFields):
     model: str = Field(min_length=1, max_length=MAX_NAME)
     temperature: float | None = Field(None, ge=0, le=2)
     n: int | None = Field(None, ge=1)
-    stop: Union[Annotated[str, Field(max_length=MAX_STOP_CHARS)],
-                Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]],
-                          Field(min_length=1, max_length=MAX_STOPS)], None] = None
+    stop: Union[str, Annotated[list[str], Field(min_length=1)], None] = None   # [limits] max_stop, max_stop_chars
     max_tokens: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
