@@ -11,8 +11,8 @@ for at most --seconds, these run beside it:
   slowloris    300 sockets that send half a request head and then nothing (held for 8 s, so
                the server's header_timeout closes them), opened again in waves
   bodies       unauthenticated 20 MB chunked bodies by POST, PUT, PATCH and DELETE, in turn
-  quadratic    an 800 kB a.a.a.… model name, and 450,000 blank lines as a grammar (900 kB as
-               JSON: under the default 1 MB body limit, so it reaches the grammar path)
+  quadratic    an 800 kB a.a.a.… model name, and 90,000 blank lines as a grammar (under the
+               100,000-character grammar bound, so it reaches the grammar path)
   unknown      thousands of requests naming models nobody serves
   sse          48 open /api/v1/control/model-endpoints/events streams (admin token), held
   garbage      malformed JSON bodies
@@ -158,7 +158,7 @@ async def quadratic(base: str, key: str, until: float, r: Round) -> None:
                 r.attacks[f"{label} {resp.status_code}"] += 1
     await asyncio.gather(loop("long name", {"model": "a." * 400_000, "prompt": "x"}),
                          loop("blank grammar", {"model": MODEL, "prompt": "x", "max_tokens": 1,
-                                                "grammar": "\n" * 450_000}))
+                                                "grammar": "\n" * 90_000}))
 
 
 async def unknown(base: str, key: str, until: float, r: Round) -> None:

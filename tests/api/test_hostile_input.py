@@ -92,9 +92,17 @@ def test_lark_detection_answers_as_llguidance_does_in_linear_time():
 
 def test_a_grammar_of_blank_lines_is_refused_as_gbnf(client):
     r = client.post("/completions", json={"model": "smollm2-135m", "prompt": "a", "max_tokens": 1,
-                                          "grammar": "\n" * 400_000})
+                                          "grammar": "\n" * 90_000})
     assert r.status_code == 400, r.text[:300]
     assert r.json()["error"]["param"] == "grammar"
+
+
+@pytest.mark.parametrize("field", ["grammar", "guided_regex", "guided_grammar"])
+def test_a_grammar_text_has_a_maximum(client, field):
+    r = client.post("/completions", json={"model": "smollm2-135m", "prompt": "a", "max_tokens": 1,
+                                          field: "\n" * 400_000})
+    assert r.status_code == 422, r.text[:300]
+    assert "400000 characters, above the limit of 100000" in r.text
 
 
 @pytest.mark.parametrize("field, count, limit", [("messages", 2049, 2048), ("tools", 129, 128)])

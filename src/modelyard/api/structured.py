@@ -26,6 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.types import Constraint
 
 Schema = Union[dict[str, Any], str]
+# A grammar or regex as text: real ones are a few kB. Converting GBNF to Lark is pure Python (the
+# GIL held): 900 kB of blank lines took about a second a request, and slowed every other
+# request on the process. JSON schemas are bounded by the body limit and llguidance's own.
+MAX_GRAMMAR_CHARS = 100_000
 
 
 class JsonSchemaFormat(BaseModel):
@@ -122,6 +126,8 @@ def other_constraint(kind: str, value: Any, field: str) -> Constraint:
         return Constraint("choice", json.dumps(list(value), separators=(",", ":")), field)
     if not isinstance(value, str) or not value:
         raise ValueError(f"{field} must be a non-empty string")
+    if len(value) > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"{field} has {len(value)} characters, above the limit of {MAX_GRAMMAR_CHARS}")
     if kind == "grammar":
         kind = "lark" if is_lark(value) else "gbnf"
     return Constraint(kind, value, field)

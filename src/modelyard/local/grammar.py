@@ -130,12 +130,19 @@ class Grammars:
         if compiled is None:
             job = self._submit(c)
             waiting = asyncio.wrap_future(job.future)
-            while True:
-                done, _ = await asyncio.wait({waiting}, timeout=POLL)
-                if done:
-                    compiled = waiting.result()
-                    break
-                job.check(c)
+            try:
+                while True:
+                    done, _ = await asyncio.wait({waiting}, timeout=POLL)
+                    if done:
+                        compiled = waiting.result()
+                        break
+                    job.check(c)
+            except BaseException:
+                # the request gave up (time bound, queue, client gone): the compile may still
+                # end, in an error nobody awaits any more; read it then, so that asyncio does
+                # not log "Future exception was never retrieved"
+                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
+                raise
             self._keep(c, compiled)
         return Compiled(compiled, self)
 
