@@ -480,8 +480,8 @@ MAX_UPSTREAM_MESSAGE = 500     # characters of an upstream's error text passed o
 def redact(message: str, secret: str | None) -> str:
     """An upstream's error text as we pass it on: our key out (first, so that no cut can leave a
     part of it), then cut to MAX_UPSTREAM_MESSAGE before any pattern runs (an upstream, or
-    whoever answers in its place, chooses the text: _KEY_LIKE's `\S*` runs are quadratic on one
-    long word), then key-like words out."""
+    whoever answers in its place, chooses the text: _KEY_LIKE's runs of non-spaces are
+    quadratic on one long word), then key-like words out."""
     if secret:
         message = message.replace(secret, "[redacted]")
     if len(message) > MAX_UPSTREAM_MESSAGE:
