@@ -38,7 +38,7 @@ class Metrics:
         self.prom = CollectorRegistry()
         self.requests = Counter("modelyard_requests", "HTTP requests by endpoint, route and status",
                                 ["endpoint", "route", "status"], registry=self.prom)
-        self.prompt_tokens = Counter("modelyard_prompt_tokens", "Prompt tokens processed",
+        self.prompt_tokens = Counter("modelyard_prompt_tokens", "Prompt tokens processed (requests cut short included)",
                                      ["endpoint"], registry=self.prom)
         self.completion_tokens = Counter("modelyard_completion_tokens", "Tokens generated",
                                          ["endpoint"], registry=self.prom)
@@ -60,20 +60,24 @@ class Metrics:
         self.control_sync = None    # control/sync.ControlSync when the control plane is on
         self.prom.register(_ControlCollector(self))
 
-    def generation(self, endpoint: str, started: float, first_token: float | None,
-                   prompt_tokens: int, completion_tokens: int) -> None:
-        """Called once per finished generation (streamed or not)."""
+    def tokens(self, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """What an engine request computed, from its ledger's settle (quota/ledger): finished or
+        cut short, the same figures as its usage row."""
+        endpoint = self.endpoint_label(endpoint)
         self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
         self.completion_tokens.labels(endpoint).inc(completion_tokens)
+
+    def generation(self, endpoint: str, started: float, first_token: float | None, completion_tokens: int) -> None:
+        """Called once per finished generation (streamed or not): its latencies."""
         if first_token is not None:
             self.ttft.labels(endpoint).observe(first_token - started)
             if completion_tokens > 1:
                 self.tpot.labels(endpoint).observe((time.monotonic() - first_token) / (completion_tokens - 1))
 
-    def embedding(self, endpoint: str, inputs: int, prompt_tokens: int) -> None:
-        """Called once per answered /embeddings request (its count and latency are the route's)."""
+    def embedding(self, endpoint: str, inputs: int) -> None:
+        """Called once per answered /embeddings request (its count and latency are the route's,
+        its tokens the ledger's)."""
         self.embedding_inputs.labels(endpoint).inc(inputs)
-        self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
 
     def endpoint_label(self, name: str) -> str:
         if name == NO_ENDPOINT or name in self.registry.endpoints:

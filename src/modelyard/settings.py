@@ -201,6 +201,8 @@ CONTROL_LIMITS: dict[str, tuple[float, float, str]] = {
     "login_failures_per_minute": (1, 10_000, "failures"),
     # server-sent-event streams one admin token (or console session's token) may hold open
     "max_streams_per_token": (1, 1000, "streams"),
+    # seconds between writes of the usage table (control/usage): the most a killed process loses
+    "usage_flush_interval": (0.05, 300.0, "seconds"),
 }
 
 
@@ -244,6 +246,7 @@ class Settings:
     control_fail_closed_after: float = 60.0
     login_failures_per_minute: int = 10
     max_streams_per_token: int = 8
+    usage_flush_interval: float = 5.0
 
     @property
     def control_enabled(self) -> bool:

@@ -207,11 +207,17 @@ def test_status_counts_inputs_and_tokens(engine, run):
 
 
 def test_metering_reserves_the_prompt_tokens_and_settles_what_was_computed(engine, run):
-    seen: list[tuple[str, int]] = []
-    request = EmbeddingRequest("m", ("metered input",), reserve=lambda n: seen.append(("reserve", n)),
-                               settle=lambda n: seen.append(("settle", n)))
+    seen: list[tuple] = []
+
+    class Entry:        # a ledger entry (quota/ledger.Entry) that writes down what it is told
+        async def reserve(self, tokens):
+            seen.append(("reserve", tokens))
+
+        def settle(self, prompt, completion):
+            seen.append(("settle", prompt, completion))
+    request = EmbeddingRequest("m", ("metered input",), ledger=Entry())
     result = run(engine.embed(request))
-    assert seen == [("reserve", result.prompt_tokens), ("settle", result.prompt_tokens)]
+    assert seen == [("reserve", result.prompt_tokens), ("settle", result.prompt_tokens, 0)]
 
 
 def test_a_full_queue_answers_queue_full(store, run):

@@ -16,7 +16,7 @@ from modelyard.engine.types import (ChoiceDelta, EmbeddingRequest, EmbeddingResu
                                     ModelType, SamplingParams, TokenLogprobs, Usage)
 from modelyard.errors import (DeadlineExceeded, EndpointNotReady, Upstream4xx, UpstreamError,
                               UpstreamTimeout)
-from modelyard.proxy.engine import ProxyEngine
+from modelyard.proxy.engine import ProxyEngine, prompt_bound
 from modelyard.proxy.sse import SSEDecoder, SSEError, json_events
 from modelyard.settings import EndpointSpec
 
@@ -452,14 +452,26 @@ async def test_malformed_usage_is_an_upstream_error():
 
 
 @pytest.mark.anyio
-async def test_chat_without_max_tokens_leaves_the_upstream_its_default():
+async def test_chat_without_max_tokens_is_bounded_by_what_it_reserves():
+    """The upstream is always told max_tokens, and the ledger entry reserves exactly the prompt's
+    bound plus that, per choice: nothing the upstream generates was not reserved."""
     upstream = Upstream()
     messages = ({"role": "user", "content": "hi"},)
-    async with running(upstream) as engine:
-        await collect(engine, req(prompt="", messages=messages))
+    reserved: list[int] = []
+
+    class Entry:
+        async def reserve(self, tokens):
+            reserved.append(tokens)
+
+        def settle(self, prompt, completion):
+            pass
+    async with running(upstream, context=512) as engine:
+        await collect(engine, req(prompt="", messages=messages, ledger=Entry()))
         await collect(engine, req(prompt="", messages=messages, max_tokens=5))
     unset, five = (json.loads(r.content) for r in upstream.seen)
-    assert "max_tokens" not in unset and unset["messages"] == list(messages)
+    bound = prompt_bound(req(prompt="", messages=messages))
+    assert unset["max_tokens"] == 512 - bound and unset["messages"] == list(messages)
+    assert reserved == [bound + unset["max_tokens"]]
     assert five["max_tokens"] == 5
 
 

@@ -13,11 +13,14 @@ from typing import Iterator
 import httpx
 import pytest
 
+from modelyard.proxy.engine import CHAT_MARKUP_TOKENS
 from servers import served
 
 KEY = "gateway-key"
 SECRET = "sk-upstream-0123456789abcdef"     # the key the gateway sends upstream
 REMOTE = "remote"
+TPM_KEY, TPM = "gateway-tpm-key", 2500
+UPSTREAM_DEFAULT = 4000     # what the scripted upstream generates when it is not sent max_tokens
 
 SCRIPTS = {
     "401": (401, {"error": {"message": f"Incorrect API key provided: {SECRET}.", "type": "invalid_request_error",
@@ -47,6 +50,17 @@ def _events(script: str, chat: bool) -> list[str]:
     return ["data: " + json.dumps(p) + "\n\n" for p in parts] + ["data: [DONE]\n\n"]
 
 
+async def _long(body: dict, chat: bool):
+    n, each = body.get("n", 1), min(body.get("max_tokens") or UPSTREAM_DEFAULT, UPSTREAM_DEFAULT)
+    for i in range(n):
+        chunk = _chunk("x" * each, "length", chat=chat)
+        chunk["choices"][0]["index"] = i
+        yield "data: " + json.dumps(chunk) + "\n\n"
+    usage = {"prompt_tokens": 3, "completion_tokens": n * each, "total_tokens": 3 + n * each}
+    yield "data: " + json.dumps({"id": "up", "choices": [], "usage": usage}) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
 def _upstream(seen: list[dict]):
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, StreamingResponse
@@ -63,6 +77,8 @@ def _upstream(seen: list[dict]):
         if script in SCRIPTS:
             status, payload = SCRIPTS[script]
             return JSONResponse(payload, status_code=status)
+        if script == "long":     # generates what it is allowed, or (no max_tokens) its own 4000 a choice
+            return StreamingResponse(_long(body, chat), media_type="text/event-stream")
 
         async def stream():
             for event in _events(script, chat):
@@ -96,7 +112,8 @@ def upstream() -> Iterator[tuple[str, list[dict]]]:
 @pytest.fixture(scope="module")
 def gateway(upstream, tmp_path_factory) -> Iterator[httpx.Client]:
     url, _ = upstream
-    config = (f'[server]\napi_keys = ["{KEY}"]\nlog_level = "info"\n\n[[endpoints]]\nname = "{REMOTE}"\n'
+    config = (f'[server]\napi_keys = ["{KEY}"]\nlog_level = "info"\n\n[[keys]]\nkey = "{TPM_KEY}"\ntpm = {TPM}\n\n'
+              f'[[endpoints]]\nname = "{REMOTE}"\n'
               f'engine = "openai"\nurls = ["{url}"]\nupstream_model = "org/model"\napi_key = "{SECRET}"\n')
     with served(tmp_path_factory.mktemp("upstream-http"), config, name="gateway", key=KEY) as srv:
         with httpx.Client(base_url=srv.api, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
@@ -173,11 +190,41 @@ def test_garbage_mid_stream_is_an_error_event_or_a_502(gateway):
     assert events[-2]["error"]["type"] == "upstream_error", events
 
 
-def test_chat_without_max_tokens_leaves_the_upstream_its_default(gateway, upstream):
+def test_chat_without_max_tokens_sends_the_room_its_prompt_leaves(gateway, upstream):
+    """The upstream is always sent a max_tokens: a chat without one gets the room its prompt's
+    bound leaves in the endpoint's context (2048 here), the most its reservation allowed for."""
     _, seen = upstream
     assert chat(gateway, "finish:stop").status_code == 200
-    assert "max_tokens" not in seen[-1] and seen[-1]["model"] == "org/model"
+    bound = len(b"finish:stop") + 2 * CHAT_MARKUP_TOKENS
+    assert seen[-1]["max_tokens"] == 2048 - bound and seen[-1]["model"] == "org/model"
     assert chat(gateway, "finish:stop", max_tokens=7).status_code == 200
     assert seen[-1]["max_tokens"] == 7
     assert gateway.post("/completions", json={"model": REMOTE, "prompt": "finish:stop"}).status_code == 200
     assert seen[-1]["max_tokens"] == 16              # completions: OpenAI's default, said explicitly
+    sent = len(seen)
+    r = chat(gateway, "y" * 2100)                     # its bound leaves no room: refused, nothing sent
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    assert "2048" in r.json()["error"]["message"] and len(seen) == sent
+
+
+def test_a_chat_without_max_tokens_cannot_take_more_than_the_key_s_tpm(gateway, upstream):
+    """Issue 20, hole 1: the upstream used to generate up to its own limit (4000 here) on a key
+    whose tpm is 2500. Now what is reserved is what it may generate: the tokens served in the
+    minute stay within tpm, and a request that could take more than the quota is told so."""
+    limited = {"Authorization": f"Bearer {TPM_KEY}"}
+    served_tokens, refused = 0, None
+    for _ in range(4):
+        r = gateway.post("/chat/completions", headers=limited,
+                         json={"model": REMOTE, "messages": [{"role": "user", "content": "long"}]})
+        if r.status_code == 429:
+            refused = r.json()["error"]
+            break
+        assert r.status_code == 200, r.text
+        served_tokens += r.json()["usage"]["total_tokens"]
+    assert refused is not None and refused["code"] == "rate_limit_exceeded", refused
+    assert 0 < served_tokens <= TPM, served_tokens
+    r = gateway.post("/chat/completions", headers=limited,
+                     json={"model": REMOTE, "n": 2, "messages": [{"role": "user", "content": "long"}]})
+    assert r.status_code == 429 and "more than the whole quota" in r.json()["error"]["message"], r.text
+
+

@@ -16,7 +16,7 @@ from ..settings import Settings
 from . import chat, completions, control, control_endpoints, control_models, embeddings, errors, models, tokenizer
 from .disconnect import CancelOnDisconnect
 from .gate import CredentialGate, GatedRoutes
-from .middleware import BodyLimits, ReleaseSlot, RequestLog
+from .middleware import BodyLimits, CloseLedger, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
 from .auth import KeyChecker, require_key
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 also=(lambda: asyncio.to_thread(app.state.admin_tokens.refresh), endpoints.refresh),
                 fail_closed_after=settings.control_fail_closed_after)
             app.state.keys.sync = app.state.metrics.control_sync = sync
-            app.state.usage = usage = UsageRecorder(db)
+            app.state.usage = usage = UsageRecorder(db, settings.usage_flush_interval)
             # configured keys' ids under the database's secret (api/auth), before any request
             # records usage; rows under their old ids (the start of the key's sha256) move over
             renamed = app.state.keys.name_configured(await asyncio.to_thread(server_secret, db, KEY_ID_SECRET))
@@ -104,13 +104,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     # Outermost last: RequestLog sees every answer, BrowserGuard refuses web pages before any
     # work, BodyLimits bounds every body and closes the connection after any answer that left
     # one unread, CredentialGate refuses a caller without credentials before its body is read
-    # (inside ReleaseSlot, which gives back the slot its key check takes), CancelOnDisconnect
+    # (inside CloseLedger, which closes the request's ledger its key check opens), CancelOnDisconnect
     # watches the whole request.
     app.add_middleware(CancelOnDisconnect)
     gated = GatedRoutes()       # filled by include() below, before the first request
     app.add_middleware(CredentialGate, routes=gated)
     app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
-    app.add_middleware(ReleaseSlot)      # outside CancelOnDisconnect: runs once the app's task has ended
+    app.add_middleware(CloseLedger)      # outside CancelOnDisconnect: runs once the app's task has ended
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])

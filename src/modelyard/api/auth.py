@@ -24,6 +24,7 @@ from fastapi import Request
 from ..errors import ControlStale, Forbidden, Unauthorized
 from ..settings import KeySpec, secret_digest
 from ..quota.limits import Slot
+from ..quota.ledger import RequestLedger
 from ..quota.memory import Quota
 from .gate import before_body
 
@@ -147,9 +148,13 @@ def find_endpoint(request: Request, name: str) -> "Endpoint":
 
 @before_body
 async def require_key(request: Request) -> None:
-    """FastAPI dependency on every API route, run before the body is read (api/gate). The slot
-    is released by api/middleware.ReleaseSlot once the response has ended, however it ended."""
-    request.state.quota, request.state.slot = request.app.state.keys.admit(request.headers.get("authorization"))
+    """FastAPI dependency on every API route, run before the body is read (api/gate): admission
+    opens the request's ledger (quota/ledger) with the key's quota and in-flight slot; it is
+    closed by api/middleware.CloseLedger once the response has ended, however it ended."""
+    state = request.app.state
+    quota, slot = state.keys.admit(request.headers.get("authorization"))
+    request.state.quota = quota
+    request.state.ledger = RequestLedger(quota, slot, getattr(state, "usage", None), state.metrics)
 
 
 def may_see_reasons(request: Request) -> bool:

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from ..engine.types import EmbeddingRequest, EmbeddingResult, ModelType
 from ..errors import EngineError
 from .errors import limit_error
-from .pipeline import ERRORS, account, deadline_for, metered, ready_engine
+from .pipeline import ERRORS, deadline_for, ledgered, ready_engine
 from .schemas import CreateEmbeddingRequest, CreateEmbeddingResponse
 from .streaming import unless_disconnected
 
@@ -41,15 +41,14 @@ async def create_embeddings(body: CreateEmbeddingRequest, request: Request) -> R
         raise limit_error("input", len(inputs), limit, "the number of inputs")
     deadline = deadline_for(request)
     engine = ready_engine(request, body.model, ModelType.EMBEDDINGS)
-    [req] = metered(request, [EmbeddingRequest(f"embd-{uuid.uuid4().hex}", inputs, body.dimensions,
-                                               bool(body.truncate), deadline)])
+    [req] = ledgered(request, body.model, [EmbeddingRequest(f"embd-{uuid.uuid4().hex}", inputs, body.dimensions,
+                                                            bool(body.truncate), deadline)])
     result = await unless_disconnected(request, asyncio.ensure_future(engine.embed(req)))
     if result is None:   # the client left; nobody will read this
         return Response(status_code=499)
     if len(result.vectors) != len(inputs):
         raise EngineError(f"the engine returned {len(result.vectors)} vectors for {len(inputs)} inputs")
-    state.metrics.embedding(body.model, len(inputs), result.prompt_tokens)
-    account(request, body.model, result.prompt_tokens, 0)
+    state.metrics.embedding(body.model, len(inputs))
     request.state.log = {"id": req.request_id, "inputs": len(inputs), "prompt_tokens": result.prompt_tokens}
     return Response(response_body(body.model, result, body.encoding_format or "float"), media_type="application/json")
 

@@ -97,11 +97,11 @@ class _TooLarge(Exception):
     pass
 
 
-class ReleaseSlot:
-    """Gives back the in-flight slot api/auth.require_key took for the request (a key's
-    `max_parallel`), and ends its CutShort watch (api/pipeline), once the ASGI call has returned: only then has the response ended, a streaming
-    body included, whether it finished, failed, was cancelled because its client left, or its
-    stream was closed. The one place that sees every way a request ends."""
+class CloseLedger:
+    """Closes the request's ledger (quota/ledger, opened by api/auth.require_key: its key's
+    in-flight slot goes back) once the ASGI call has returned: only then has the response ended,
+    a streaming body included, whether it finished, failed, was cancelled because its client
+    left, or its stream was closed. The one place that sees every way a request ends."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -113,12 +113,9 @@ class ReleaseSlot:
         try:
             await self.app(scope, receive, send)
         finally:
-            slot = state.pop("slot", None)
-            if slot is not None:
-                slot.release()
-            cut = state.pop("cut_short", None)      # api/pipeline.CutShort: usage of a request cut short
-            if cut is not None:
-                cut.end()
+            ledger = state.pop("ledger", None)
+            if ledger is not None:
+                ledger.close()
 
 
 class RequestLog:

@@ -3,7 +3,8 @@
 limits -> endpoint -> engine streams, primed (request errors before any header) -> SSE or one
 JSON body. The two routes differ only in how they build EngineRequests and which shapes their
 `Completion` writes; everything else is here, so they cannot drift apart. /embeddings
-(api/embeddings) shares the endpoint lookup, deadline and metering helpers.
+(api/embeddings) shares the endpoint lookup, deadline and ledger helpers. No accounting here:
+the engines settle each request's tokens in its ledger (quota/ledger).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
     engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
-    events = merge(await prime_all([engine.generate(r) for r in metered(request, build(deadline))]), body.n or 1)
+    events = merge(await prime_all([engine.generate(r) for r in ledgered(request, body.model, build(deadline))]),
+                   body.n or 1)
     if body.stream:
         return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
@@ -63,68 +65,12 @@ def ready_engine(request: Request, name: str, kind: ModelType) -> Engine:
 R = TypeVar("R", EngineRequest, EmbeddingRequest)
 
 
-def metered(request: Request, reqs: list[R]) -> list[R]:
-    """Give each engine request its key's meter (tpm; a budget counted on settle): the engine
-    reserves before any work and settles when the request ends (quota/memory). With the control
-    plane's usage on, every request is also watched for ending without its usage (CutShort)."""
-    quota = getattr(request.state, "quota", None)
-    usage = getattr(request.app.state, "usage", None)
-    if quota is None or (not quota.metered and usage is None):
-        return reqs
-    out = []
-    cut = None
-    if usage is not None:
-        cut = request.state.cut_short = CutShort(
-            lambda tokens: usage.record(quota.key_id, getattr(request.state, "endpoint", "-"), tokens, 0))
-    meters = [quota.meter() for _ in reqs] if quota.metered else []
-    if meters:
-        request.state.meters = meters
-    for i, r in enumerate(reqs):
-        meter = meters[i] if meters else None
-        settle = meter.settle if meter is not None else None
-        if cut is not None:
-            settle = cut.watch(settle)
-        out.append(dataclasses.replace(r, reserve=meter.reserve if meter is not None else _unmetered, settle=settle))
-    return out
-
-
-def _unmetered(tokens: int) -> None:
-    """The reserve of a key with no token limit: nothing to hold (the engine still settles)."""
-
-
-class CutShort:
-    """The usage of a request that ended without its last event (its client left, it failed
-    or timed out): an engine settles each request exactly once, however it ended, with the
-    tokens it computed (prompt prefilled + generated). If the route never accounted the
-    request (`account`), those tokens are recorded, all as prompt tokens: the split between
-    prompt and completion comes only with the engine's last event. A settle can come before or
-    after the response has ended (an aborted request is retired on the engine thread), so the
-    tokens are recorded at whichever comes last, once; without this, a client could stream
-    and leave before the end and never be counted (usage, budgets)."""
-
-    __slots__ = ("record", "accounted", "ended", "pending")
-
-    def __init__(self, record: Callable[[int], None]) -> None:
-        self.record, self.accounted, self.ended, self.pending = record, False, False, 0
-
-    def watch(self, settle: Callable[[int], None] | None) -> Callable[[int], None]:
-        def settled(tokens: int) -> None:
-            if settle is not None:
-                settle(tokens)
-            if self.accounted:
-                return
-            if self.ended:
-                self.record(tokens)
-            else:
-                self.pending += tokens
-        return settled
-
-    def end(self) -> None:
-        """The response has ended (api/middleware.ReleaseSlot)."""
-        self.ended = True
-        if not self.accounted and self.pending:
-            self.record(self.pending)
-            self.pending = 0
+def ledgered(request: Request, endpoint: str, reqs: list[R]) -> list[R]:
+    """Each engine request gets its entry in the request's ledger (quota/ledger, opened at
+    admission): the engine reserves and settles through it, and nothing else counts tokens."""
+    ledger = request.state.ledger
+    ledger.endpoint = endpoint
+    return [dataclasses.replace(r, ledger=entry) for r, entry in zip(reqs, ledger.entries_for(len(reqs)))]
 
 
 def check_limits(limits: Limits, n: int, stops: tuple[str, ...], logprobs: int | None, prompts: int) -> None:
@@ -169,35 +115,13 @@ def sampling_params(body: GenerationRequest, logprobs: int | None) -> SamplingPa
 
 
 def reporter(request: Request, endpoint: str) -> Callable[[Completion], None]:
-    """What a finished generation tells the metrics and the request log."""
+    """What a finished generation tells the latency metrics and the request log (its tokens are
+    the ledger's)."""
     request.state.endpoint = endpoint
 
     def report(out: Completion) -> None:
-        request.app.state.metrics.generation(endpoint, out.t0, out.first_token, out.prompt_tokens,
-                                             out.completion_tokens)
-        account(request, endpoint, out.prompt_tokens, out.completion_tokens)
+        request.app.state.metrics.generation(endpoint, out.t0, out.first_token, out.completion_tokens)
         request.state.log = {"id": out.id, "prompt_tokens": out.prompt_tokens,
                              "completion_tokens": out.completion_tokens,
                              "ttft_ms": round((out.first_token - out.t0) * 1000, 1) if out.first_token else None}
     return report
-
-
-def account(request: Request, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
-    """A finished request's tokens: the key's tpm if its engine did not meter, and its usage
-    (control plane: kept in memory, flushed to the store every few seconds)."""
-    charge_unmetered(request, prompt_tokens + completion_tokens)
-    cut = getattr(request.state, "cut_short", None)
-    if cut is not None:
-        cut.accounted = True        # its exact usage is recorded here
-    usage = getattr(request.app.state, "usage", None)
-    quota = getattr(request.state, "quota", None)
-    if usage is not None and quota is not None:
-        usage.record(quota.key_id, endpoint, prompt_tokens, completion_tokens)
-
-
-def charge_unmetered(request: Request, tokens: int) -> None:
-    """After the fact, the tokens of a request whose engine did not meter (a remote one: only
-    the upstream tokenizes, so nothing is known before its answer)."""
-    meters = getattr(request.state, "meters", [])
-    if meters and not any(m.charge for m in meters):
-        request.state.quota.spend(tokens, time.monotonic())

@@ -1,10 +1,12 @@
 """Usage per key, endpoint and minute, without a database write per request.
 
-The request path adds to a dict in memory (on the event loop: no lock, no I/O). Every FLUSH
-seconds, and at shutdown, the dict is swapped for an empty one and its rows are upserted in one
-transaction (adding to rows other processes wrote), in sorted order (no deadlock between processes). A process killed between flushes loses at
-most FLUSH seconds of usage; SIGTERM loses nothing (the lifespan flushes last). Queries roll the
-minutes up to hours or days in SQL.
+The request path adds to a dict in memory (on the event loop: no lock, no I/O), from each
+request's ledger (quota/ledger) as its engine settles it. Every `[server] usage_flush_interval`
+seconds (FLUSH by default), and at shutdown, the dict is swapped for an empty one and its rows
+are upserted in one transaction (adding to rows other processes wrote), in sorted order (no
+deadlock between processes). A process killed between flushes loses at most that interval of
+usage; SIGTERM loses nothing (the lifespan flushes last). Queries roll the minutes up to hours
+or days in SQL.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ class UsageRecorder:
         self._unconfirmed: list[list] = []     # [commit number or None (flushing), tokens]
         self.committed = 0
 
-    def record(self, key_id: str, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def record(self, key_id: str, endpoint: str, prompt_tokens: int, completion_tokens: int,
+               requests: int = 1) -> None:
+        """Tokens computed for a request of `key_id` (quota/ledger: a request of several engine
+        requests is recorded once per engine request, counted as one request)."""
         minute = int(time.time()) // 60 * 60
         row = self._pending.setdefault((key_id, endpoint, minute), [0, 0, 0])
-        row[0] += 1
+        row[0] += requests
         row[1] += prompt_tokens
         row[2] += completion_tokens
         per_minute = self._tokens.setdefault(key_id, {})

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Union
+from typing import Mapping, Protocol, Union
 
 from ..errors import EngineError
+
+
+class LedgerEntry(Protocol):
+    """What an engine does with the request's accounting (quota/ledger.Entry), and nothing else."""
+
+    async def reserve(self, tokens: int) -> None:
+        """Before any work: the most the request may use (RateLimited if the key cannot hold it)."""
+
+    def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Once, on the event loop, however it ended: what was computed (prompt tokens
+        prefilled, tokens generated); for a finished request, its `usage`."""
 
 # Steps of one request's output that may wait for its reader (a streaming client that reads
 # slowly). An engine never waits for a client, so past this the request is ended with an error
@@ -90,12 +101,9 @@ class EngineRequest:
     constraint: Constraint | None = None      # structured output for every choice
     tools: tuple[dict, ...] | None = None     # chat: OpenAI tool definitions, for the chat template
     tool_choice: str | dict | None = None     # with tools: "auto" | "required" | "none" | a named function
-    # Token metering (per-key tpm quotas, quota/memory). An engine that counts tokens calls
-    # reserve(most it may use: prompt + n * max_tokens, resolved) before any work, which may
-    # raise RateLimited, and settle(tokens computed: prompt prefilled + generated) once, on the
-    # event loop, when the request ends however it ends. None: not metered.
-    reserve: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
-    settle: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    # Its place in the request's ledger (quota/ledger): the engine reserves the most it may use
+    # before any work and settles what it computed once, however it ended. None: not accounted.
+    ledger: "LedgerEntry | None" = field(default=None, compare=False, repr=False)
 
 
 _BYTES = "bytes:"
@@ -184,8 +192,7 @@ class EmbeddingRequest:
     dimensions: int | None = None     # None: the model's own; engines that cannot reduce raise
     truncate: bool = False            # True: inputs past the context are cut (documented), else 400
     deadline: float | None = None
-    reserve: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
-    settle: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    ledger: "LedgerEntry | None" = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -68,10 +68,12 @@ class EngineCore:
                 self.emit([(req, error)])
 
     def _retire(self, req: Request, status: RequestStatus) -> None:
-        """Every way a request ends passes here, so its quota is settled however it ended."""
+        """Every way a request ends passes here, so its ledger is settled however it ended: the
+        prompt tokens prefilled (a reused prefix counts: the usage a finished request reports)
+        and the tokens generated."""
         self.scheduler.retire(req, status)
         if req.on_end is not None:
-            req.on_end(req.num_charged)
+            req.on_end(req.num_computed, req.num_output)
 
     # -- update -------------------------------------------------------------------------
 

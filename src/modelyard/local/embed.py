@@ -96,13 +96,15 @@ class EmbeddingEngine(EngineThread):
                             retry_after=1.0)
         self._in_flight += 1
         job: EmbedJob | None = None
+        reserved = False
         try:
             # Tokenizing 2,048 inputs takes a while: never on the event loop.
             inputs = await asyncio.to_thread(self._tokenize, request)
             if self._stopped:
                 raise self._not_running()
-            if request.reserve is not None:     # may raise RateLimited, before any work
-                request.reserve(sum(map(len, inputs)))
+            if request.ledger is not None:     # may raise RateLimited, before any work
+                await request.ledger.reserve(sum(map(len, inputs)))
+                reserved = True
             done: asyncio.Future = self._loop.create_future()
             job = EmbedJob(request.request_id, inputs, self._finisher(done), request.deadline)
             self._inbox.put(("add", job))
@@ -113,8 +115,8 @@ class EmbeddingEngine(EngineThread):
                 raise
         finally:
             self._in_flight -= 1
-            if job is not None and request.settle is not None:
-                request.settle(job.tokens)
+            if reserved:
+                request.ledger.settle(job.tokens if job is not None else 0, 0)
 
     def _finisher(self, done: asyncio.Future):
         loop = self._loop

@@ -66,6 +66,8 @@ class LocalEngine(EngineThread):
             raise
 
     def _refuse(self, req: Request) -> None:
+        if req.on_end is not None:      # it computed nothing: its reservation goes back
+            req.on_end(0, 0)
         req.sink(self._not_running())
 
     def ready_reason(self) -> str | None:
@@ -112,12 +114,14 @@ class LocalEngine(EngineThread):
             if request.constraint is not None and self._grammars is not None:
                 grammar = await self._grammars.compile_async(request.constraint)
             req = await self._workers.run(self._build, request, sink, grammar)
+            if request.ledger is not None:   # may raise RateLimited: before the engine sees it
+                await request.ledger.reserve(req.num_prompt + req.n * req.max_tokens)
+                settle, loop = request.ledger.settle, self._loop
+                req.on_end = lambda prompt, output: loop.call_soon_threadsafe(settle, prompt, output)
             if self._stopped:           # stopped meanwhile: nobody would read the inbox
+                if request.ledger is not None:
+                    request.ledger.settle(0, 0)
                 raise self._not_running()
-            if request.reserve is not None:   # may raise RateLimited: before the engine sees it
-                request.reserve(req.num_prompt + req.n * req.max_tokens)
-                settle, loop = request.settle, self._loop
-                req.on_end = lambda used: loop.call_soon_threadsafe(settle, used)
             self._inbox.put(("add", req))
             done = False
             while True:

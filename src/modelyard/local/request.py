@@ -92,7 +92,8 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_computed: int = 0                    # prompt tokens whose KV is in the first slot
-    on_end: Callable[[int], None] | None = None  # told the tokens computed when it retires (quotas)
+    # told what it computed when it retires (prompt tokens, generated): its ledger's settle
+    on_end: Callable[[int, int], None] | None = None
 
     def set_status(self, new: RequestStatus) -> None:
         assert self.status.can_become(new), f"{self.id}: {self.status} -> {new}"
@@ -117,11 +118,6 @@ class Request:
     @property
     def num_output(self) -> int:
         return sum(len(s.output_ids) for s in self.seqs)
-
-    @property
-    def num_charged(self) -> int:
-        """What the request cost, however it ended: prompt tokens prefilled + tokens generated."""
-        return self.num_computed + self.num_output
 
     @property
     def wants_prompt_logprobs(self) -> bool:

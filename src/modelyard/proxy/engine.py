@@ -21,7 +21,7 @@ import httpx
 
 from ..engine.types import (ChoiceDelta, EmbeddingRequest, EmbeddingResult, EngineOutput, EngineRequest,
                             FinishReason, ModelType, TokenLogprobs, Usage)
-from ..errors import (DeadlineExceeded, EndpointNotReady, ModelyardError, Upstream4xx, UpstreamError,
+from ..errors import (DeadlineExceeded, EndpointNotReady, InvalidRequest, ModelyardError, Upstream4xx, UpstreamError,
                       UpstreamTimeout)
 from ..settings import EndpointSpec
 from .embeddings import embedding_body, read_embeddings
@@ -139,18 +139,23 @@ class ProxyEngine:
                 "in_flight": sum(r.in_flight for r in self._replicas)}
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        # tpm: the prompt's tokens are the upstream's to count, so the reservation is a bound
-        # (see prompt_bound) plus max_tokens per choice (unset: the endpoint's `context`), and the
-        # settlement is what the upstream reports, or, for a stream cut short, the bound plus the
-        # tokens seen. An upstream that refused the request computed nothing: 0.
+        # The prompt's tokens are the upstream's to count, so the reservation is a bound (see
+        # prompt_bound) plus, per choice, the max_tokens the upstream is sent: always sent, so
+        # that whatever is reserved is what the upstream may generate (a chat without max_tokens
+        # gets the room the prompt's bound leaves in the endpoint's context; an upstream left
+        # to its own default would generate up to its whole context, vLLM's max_model_len). The
+        # settlement is what the upstream reports, or, for a stream cut short, the bound plus
+        # the tokens seen. An upstream that refused the request computed nothing: 0.
         bound = prompt_bound(request)
-        if request.reserve is not None:
-            request.reserve(bound + request.n * (request.max_tokens or self.spec.context))
+        per_choice = completion_bound(self.spec, request, bound)
+        if request.ledger is not None:
+            await request.ledger.reserve(bound + request.n * per_choice)
         tally = Tally()
         replica = resp = None
         try:
             path = "/chat/completions" if request.messages is not None else "/completions"
-            replica, resp = await self._send(path, request_body(self.spec, request), request.deadline)
+            body = request_body(self.spec, request, per_choice)
+            replica, resp = await self._send(path, body, request.deadline)
             if not resp.is_success:
                 await resp.aread()
                 raise map_error(replica.url, resp, secret=self.spec.api_key)
@@ -161,8 +166,8 @@ class ProxyEngine:
             raise map_error(replica.url if replica else self.spec.name, exc, request.deadline,
                             secret=self.spec.api_key) from exc
         finally:
-            if request.settle is not None:
-                request.settle(tally.used(bound))
+            if request.ledger is not None:
+                request.ledger.settle(*tally.used(bound))
             if replica is not None:
                 replica.in_flight -= 1
             if resp is not None:
@@ -174,8 +179,8 @@ class ProxyEngine:
         tpm as generate: each input's bound reserved, settled to the upstream's count (0 if it
         refused, the bound if it answered without one)."""
         bound = sum(text_bound(x) for x in request.inputs)
-        if request.reserve is not None:
-            request.reserve(bound)
+        if request.ledger is not None:
+            await request.ledger.reserve(bound)
         used = 0
         replica = resp = None
         try:
@@ -192,8 +197,8 @@ class ProxyEngine:
             raise map_error(replica.url if replica else self.spec.name, exc, request.deadline,
                             secret=self.spec.api_key) from exc
         finally:
-            if request.settle is not None:
-                request.settle(used)
+            if request.ledger is not None:
+                request.ledger.settle(used, 0)
             if replica is not None:
                 replica.in_flight -= 1
             if resp is not None:
@@ -236,8 +241,25 @@ class ProxyEngine:
         return self._client
 
 
-def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
-    """The upstream completions body; optional fields only when set, for picky servers."""
+def completion_bound(spec: EndpointSpec, req: EngineRequest, prompt: int) -> int:
+    """The most tokens one choice may generate upstream: the request's max_tokens, or (chat
+    without one) the room the prompt's bound leaves in the endpoint's `context`. A prompt whose
+    bound leaves no room is refused rather than sent without a limit: only the upstream can
+    count its tokens, and the gateway never lets it generate more than was reserved."""
+    if req.max_tokens is not None:
+        return req.max_tokens
+    room = spec.context - prompt
+    if room < 1:
+        raise InvalidRequest(
+            f"max_tokens is required here: this chat sets none, and its messages may take up to {prompt} "
+            f"tokens (one per byte, plus markup) of endpoint {spec.name!r}'s context of {spec.context}, "
+            "leaving no room to bound the answer; set max_tokens", param="max_tokens")
+    return room
+
+
+def request_body(spec: EndpointSpec, req: EngineRequest, max_tokens: int) -> dict[str, Any]:
+    """The upstream completions body; optional fields only when set, for picky servers;
+    `max_tokens` always (completion_bound)."""
     s = req.sampling
     body: dict[str, Any] = {
         "model": spec.upstream_model or spec.name,
@@ -254,8 +276,7 @@ def request_body(spec: EndpointSpec, req: EngineRequest) -> dict[str, Any]:
         body["prompt"] = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
         if s.logprobs is not None:
             body["logprobs"] = s.logprobs
-    if req.max_tokens is not None:   # unset (chat): the upstream's own default, not ours
-        body["max_tokens"] = req.max_tokens
+    body["max_tokens"] = max_tokens
     if req.stop:
         body["stop"] = list(req.stop)
     if req.echo:
@@ -280,10 +301,12 @@ class Tally:
     seen: int = 0                    # completion tokens seen in its chunks
     usage: Usage | None = None       # what it reported
 
-    def used(self, prompt_bound: int) -> int:
+    def used(self, prompt_bound: int) -> tuple[int, int]:
+        """(prompt, completion) tokens, as the upstream reported them, or, cut short or without
+        a report, the prompt's bound and the tokens seen; nothing if it never accepted it."""
         if self.usage is not None and self.usage.prompt_tokens:
-            return self.usage.prompt_tokens + self.usage.completion_tokens
-        return prompt_bound + self.seen if self.started else 0
+            return self.usage.prompt_tokens, self.usage.completion_tokens
+        return (prompt_bound, self.seen) if self.started else (0, 0)
 
 
 def prompt_bound(req: EngineRequest) -> int:
