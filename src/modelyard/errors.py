@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .redact import redact
+from .redact import mask_url_credentials
 
 
 class ErrorKind(enum.Enum):
@@ -88,7 +88,7 @@ class ModelyardError(Exception):
 
     def body(self, detail: bool = False) -> dict:
         message = f"{self.message} ({self.detail})" if detail and self.detail else self.message
-        return {"error": {"message": redact(message), "type": self.kind.type,
+        return {"error": {"message": mask_url_credentials(message), "type": self.kind.type,
                           "param": self.param, "code": self.code}}
 
 

@@ -1,6 +1,10 @@
-"""Secrets out of whatever leaves the process: URL credentials (scheme://user:password@host)
-are masked in responses (errors.ModelyardError.body, endpoint descriptions) and in every log
-line (RedactingFilter on the root handlers, installed by `serve`)."""
+"""Secrets out of whatever leaves the process, by two rules:
+
+- `mask_url_credentials`: URL credentials (scheme://user:password@host) masked in responses
+  (errors.ModelyardError.body, endpoint descriptions) and in every log line (RedactingFilter on
+  the root handlers, installed by `serve`);
+- `upstream_error_text`: an upstream's error text as we pass it on (proxy/errors): the key we
+  send it, and anything key-like, out; cut to a bounded length first."""
 
 from __future__ import annotations
 
@@ -16,9 +20,29 @@ import re
 _USERINFO = re.compile(r"://[^/\s@]*@")
 
 
-def redact(text: str) -> str:
+def mask_url_credentials(text: str) -> str:
     """`text` with the userinfo of every URL in it replaced by `***`."""
     return _USERINFO.sub("://***@", text)
+
+
+# What an upstream may echo of a key: ours verbatim, or a masked one such as OpenAI's
+# "Incorrect API key provided: sk-proj-****...1234" (prefix and last digits are still ours).
+_KEY_LIKE = re.compile(r"\bsk-[^\s'\",;]*|\bBearer\s+\S+|\S*\*{3,}\S*", re.IGNORECASE)
+
+
+MAX_UPSTREAM_MESSAGE = 500     # characters of an upstream's error text passed on
+
+
+def upstream_error_text(message: str, secret: str | None) -> str:
+    """An upstream's error text as we pass it on: our key out (first, so that no cut can leave a
+    part of it), then cut to MAX_UPSTREAM_MESSAGE before any pattern runs (an upstream, or
+    whoever answers in its place, chooses the text: _KEY_LIKE's runs of non-spaces are
+    quadratic on one long word), then key-like words out."""
+    if secret:
+        message = message.replace(secret, "[redacted]")
+    if len(message) > MAX_UPSTREAM_MESSAGE:
+        message = message[:MAX_UPSTREAM_MESSAGE] + "..."
+    return _KEY_LIKE.sub("[redacted]", message)
 
 
 class RedactingFilter(logging.Filter):
@@ -26,7 +50,7 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = redact(message)
+        clean = mask_url_credentials(message)
         if clean != message:
             record.msg, record.args = clean, None
         return True

@@ -25,7 +25,8 @@ import pytest
 from servers import ServerProcess, free_port, modelyard_process, status_is, wait_for, wait_ready
 
 from modelyard import settings as settings_mod
-from modelyard.proxy.engine import SLOW_PROBES_TO_DOWN, ProxyEngine
+from modelyard.proxy.engine import ProxyEngine
+from modelyard.proxy.replicas import SLOW_PROBES_TO_DOWN
 from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
 

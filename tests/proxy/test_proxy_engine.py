@@ -16,7 +16,8 @@ from modelyard.engine.types import (ChoiceDelta, EmbeddingRequest, EmbeddingResu
                                     ModelType, SamplingParams, TokenLogprobs, Usage)
 from modelyard.errors import (DeadlineExceeded, EndpointNotReady, Upstream4xx, UpstreamError,
                               UpstreamTimeout)
-from modelyard.proxy.engine import ProxyEngine, prompt_bound
+from modelyard.proxy.engine import ProxyEngine
+from modelyard.proxy.wire import prompt_bound
 from modelyard.proxy.sse import SSEDecoder, SSEError, json_events
 from modelyard.settings import EndpointSpec
 
@@ -562,7 +563,7 @@ async def test_real_upstream_completes_cancels_and_goes_unready_when_stopped():
 # -- tool-call deltas from an upstream ----------------------------------------------------------
 
 def test_tool_call_deltas_are_read_and_checked():
-    from modelyard.proxy.engine import read_chunk
+    from modelyard.proxy.wire import read_chunk
     from modelyard.proxy.sse import SSEError
     chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [
         {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\""}}]}}]}

@@ -13,7 +13,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from modelyard.proxy.engine import CHAT_MARKUP_TOKENS
+from modelyard.proxy.wire import CHAT_MARKUP_TOKENS
 from servers import served
 
 KEY = "gateway-key"

@@ -26,7 +26,7 @@ from ..control.endpoints import StoredEndpoint
 from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
 from ..registry.endpoint import Endpoint, EndpointState
 from ..registry.render import endpoint_object
-from ..redact import redact
+from ..redact import mask_url_credentials
 from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
 from .control import actor, admin, revision_of, still_valid, viewer
 
@@ -89,7 +89,7 @@ def _check_urls(request: Request, spec: EndpointSpec) -> None:
     for i, url in enumerate(spec.urls):
         why = upstream_refusal(url)
         if why:
-            raise _invalid(["body", "urls", i], redact(url), why)
+            raise _invalid(["body", "urls", i], mask_url_credentials(url), why)
 
 
 def _check_model(request: Request, spec: EndpointSpec) -> None:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..control.records import audit
 from ..errors import Conflict, ModelyardError, ObjectNotFound, StoreError
-from ..redact import redact
+from ..redact import mask_url_credentials
 from ..settings import AdminToken
 from ..store import HF_PREFIX, KNOWN, ModelStore, PullProgress, StoredModel
 from .control import Limit, actor, admin, viewer
@@ -181,7 +181,7 @@ async def _lines(store: ModelStore, ref: str, running: set[asyncio.Task]) -> Asy
     while (item := await out.get()) is not None:
         if isinstance(item, Exception):
             message = str(item) if isinstance(item, ModelyardError) else f"{type(item).__name__}: {item}"
-            yield (json.dumps({"error": redact(message)}) + "\n").encode()
+            yield (json.dumps({"error": mask_url_credentials(message)}) + "\n").encode()
             return
         yield (json.dumps(item) + "\n").encode()
     yield b'{"status": "success"}\n'

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..redact import redact
+from ..redact import mask_url_credentials
 from ..registry import render
 from ..registry.endpoint import Endpoint, EndpointState
 from .auth import find_endpoint, may_see_cache, may_see_reasons, require_key, visible_endpoints
@@ -70,7 +70,7 @@ async def ready(request: Request) -> JSONResponse:
     app = request.app.state
     detail = may_see_reasons(request)
     # An endpoint an admin unloaded or is deleting is not wanted: it does not make the server unready.
-    not_ready = {ep.name: redact(ep.not_ready_reason()) if detail else ep.not_ready_state()
+    not_ready = {ep.name: mask_url_credentials(ep.not_ready_reason()) if detail else ep.not_ready_state()
                  for ep in app.registry.endpoints.values()
                  if ep.desired == "loaded" and ep.not_ready_reason() is not None}
     if app.shutting_down:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, Conflict, ObjectNotFound
-from ..redact import redact
+from ..redact import mask_url_credentials
 from ..settings import ADMIN_ROLES, AdminToken
 from .db import Database
 from .keys import digest
@@ -102,7 +102,7 @@ def any_active(url: str) -> bool:
         except psycopg.errors.UndefinedTable:
             return False           # a database no modelyard has migrated to version 6 yet
         except psycopg.OperationalError as exc:
-            raise ConfigError(f"the control database (database_url) does not answer: {redact(str(exc))}") from None
+            raise ConfigError(f"the control database (database_url) does not answer: {mask_url_credentials(str(exc))}") from None
     path = Path(url[len("sqlite:///"):] if url.startswith("sqlite:///") else url).expanduser()
     if not path.is_file():
         return False

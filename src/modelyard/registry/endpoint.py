@@ -9,7 +9,7 @@ from typing import Callable
 from ..engine.protocol import Engine
 from ..engine.types import ModelType
 from ..errors import EndpointNotReady, InvalidRequest
-from ..redact import redact
+from ..redact import mask_url_credentials
 from ..settings import EndpointSpec
 
 
@@ -111,7 +111,7 @@ class Endpoint:
             # The message says the state; the reason (paths, exception text, upstream hosts) is
             # the detail, shown to trusted callers only (api/errors).
             raise EndpointNotReady(f"model endpoint {self.name!r} is not ready ({self.not_ready_state()})",
-                                   param="model", code="model_not_ready", detail=redact(why))
+                                   param="model", code="model_not_ready", detail=mask_url_credentials(why))
         assert self.engine is not None
         return self.engine
 

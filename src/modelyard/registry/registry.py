@@ -20,7 +20,7 @@ from typing import Callable, Collection
 from ..engine.protocol import Engine
 from ..engine.types import ModelType
 from ..errors import Conflict, ConfigError, ModelNotFound
-from ..redact import redact
+from ..redact import mask_url_credentials
 from ..settings import EndpointSpec, Settings
 from ..store import KNOWN, ModelStore
 from .endpoint import Endpoint, EndpointState
@@ -279,15 +279,15 @@ class Registry:
             ep.engine = engine
             if ep.state is S.LOADING:       # not unloaded or deleted meanwhile (the reconciler goes on)
                 ep.become(S.READY)
-            log.info("endpoint %s ready (%s)", ep.name, redact(str(ep.model_path or list(ep.spec.urls))))
+            log.info("endpoint %s ready (%s)", ep.name, mask_url_credentials(str(ep.model_path or list(ep.spec.urls))))
         except asyncio.CancelledError:
             if engine is not None and ep.engine is None:
                 await asyncio.shield(engine.stop())
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is this endpoint's state, not the server's
             if ep.state is S.LOADING:
-                ep.become(S.FAILED, redact(f"{type(exc).__name__}: {exc}"))
-            log.error("endpoint %s failed: %s", ep.name, redact(f"{type(exc).__name__}: {exc}"))
+                ep.become(S.FAILED, mask_url_credentials(f"{type(exc).__name__}: {exc}"))
+            log.error("endpoint %s failed: %s", ep.name, mask_url_credentials(f"{type(exc).__name__}: {exc}"))
 
     @property
     def in_flight(self) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..redact import redact
+from ..redact import mask_url_credentials
 from ..settings import EndpointSpec, spec_fields
 from .endpoint import ENGINE_NAMES, Endpoint, EndpointState
 
@@ -103,7 +103,7 @@ def status(ep: Endpoint, detail: bool = False, cache: bool = False) -> dict[str,
 def _shown(value):
     """`value` (JSON-like) with URL credentials masked in every string in it, keys included."""
     if isinstance(value, str):
-        return redact(value)
+        return mask_url_credentials(value)
     if isinstance(value, dict):
         return {_shown(k): _shown(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
