@@ -245,7 +245,7 @@ def test_usage_page_and_csv_come_from_the_rollups(app, client):
 
 def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
     login(client, ADMIN)
-    monkeypatch.setattr(console_routes, "SSE_MAX_TICKS", 1)
+    monkeypatch.setattr(console_routes, "SSE_MAX_POLLS", 1)
     with client.stream("GET", "/console/endpoints/stream") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())

@@ -26,11 +26,9 @@ from ..control.usage import USAGE_PAGE, USAGE_PAGE_MAX, query as usage_query
 from ..errors import ControlStale, Forbidden, RateLimited, Unauthorized
 from ..settings import AdminToken, secret_digest
 from .gate import before_body
+from .scope import CONSOLE_CALLER
 
 router = APIRouter()
-# The web console calls these routes in process as its signed-in admin (console/internal.py):
-# the AdminToken rides in the ASGI scope under this key, which no network request can set.
-CONSOLE_CALLER = "modelyard.console_caller"
 
 
 def caller(request: Request) -> AdminToken:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any, AsyncIterator, Callable, Iterable, Literal
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Iterable, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -24,15 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..control.endpoints import StoredEndpoint
 from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
-from ..registry.endpoint import Endpoint, EndpointState
+from ..registry.endpoint import Endpoint
+from ..registry.events import endpoint_events
 from ..registry.render import endpoint_object
 from ..redact import mask_url_credentials
 from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
 from .control import actor, admin, revision_of, still_valid, viewer
 
 router = APIRouter()
-KEEPALIVE = 15.0        # seconds between SSE comments on a quiet stream (proxies close idle ones)
-SNAPSHOT_POLL = 1.0     # seconds between looks for changes that are not state changes (replicas, counters)
 PREFIX = "/model-endpoints"
 Limit = Annotated[int, Query(ge=1, le=100)]
 
@@ -175,7 +174,8 @@ async def list_endpoints(request: Request, limit: Limit = 20, after: str | None 
 
 @router.get(PREFIX + "/events", summary="Server-sent events: every endpoint's state as it changes")
 async def all_events(request: Request, who: AdminToken = Depends(viewer)) -> StreamingResponse:
-    return sse(request, who, endpoint_events(request.app, None, still_valid(request.app, who)))
+    return sse(request, who, endpoint_events(request.app.state.registry, request.app.state.started, None,
+                                             _async(still_valid(request.app, who))))
 
 
 @router.get(PREFIX + "/{endpoint_id}", summary="One model endpoint")
@@ -189,7 +189,8 @@ async def get_endpoint(endpoint_id: str, request: Request, response: Response,
 async def one_endpoint_events(endpoint_id: str, request: Request,
                               who: AdminToken = Depends(viewer)) -> StreamingResponse:
     await _row(request, endpoint_id)          # 404 for an unknown id, before the stream starts
-    return sse(request, who, endpoint_events(request.app, endpoint_id, still_valid(request.app, who)))
+    return sse(request, who, endpoint_events(request.app.state.registry, request.app.state.started, endpoint_id,
+                                             _async(still_valid(request.app, who))))
 
 
 @router.patch(PREFIX + "/{endpoint_id}", summary="Change an endpoint's config (it reloads); null resets a field; "
@@ -278,61 +279,10 @@ async def delete_endpoint(endpoint_id: str, request: Request, response: Response
 
 # ---- the event stream ----------------------------------------------------------------------------
 
-async def endpoint_events(app, only: str | None,
-                          alive: Callable[[], bool] = lambda: True) -> AsyncIterator[tuple[str, dict]]:
-    """(event, data) pairs: every endpoint's snapshot at once, then one at each change: state
-    changes as they happen (each transition, with its reason), other changes (replica health,
-    progress, counters) within SNAPSHOT_POLL; ("deleted", {"id", "name"}) when one is gone;
-    ("keepalive", {}) after KEEPALIVE quiet seconds. It ends once `alive()` is false (checked at
-    least every SNAPSHOT_POLL: a revoked token's stream ends within the sync bound plus that)."""
-    registry, started = app.state.registry, app.state.started
-    changes: asyncio.Queue = asyncio.Queue(maxsize=10_000)
-
-    def on_change(ep: Endpoint) -> None:
-        if only is None or ep.id == only:
-            try:
-                changes.put_nowait((ep, ep.state, ep.reason))
-            except asyncio.QueueFull:       # a stalled reader: the next poll resends the state
-                pass
-    unsubscribe = registry.listen(on_change)
-    last: dict[str, dict] = {}
-    names: dict[str, str] = {}
-    loop = asyncio.get_running_loop()
-    said = loop.time()
-    first = True
-    try:
-        while alive():
-            out: list[tuple[str, dict]] = []
-            items: list[tuple[Endpoint, EndpointState | None, str | None]] = []
-            if not first:
-                try:
-                    items.append(await asyncio.wait_for(changes.get(), SNAPSHOT_POLL))
-                except asyncio.TimeoutError:
-                    pass
-            first = False
-            if not items:       # the poll: everything, and what is gone
-                items = [(ep, None, None) for ep in list(registry.endpoints.values()) if only is None or ep.id == only]
-                for gone in set(last) - {ep.id for ep, _, _ in items}:
-                    last.pop(gone)
-                    out.append(("deleted", {"id": gone, "name": names.pop(gone)}))
-            for ep, state, reason in items:
-                if ep.state is EndpointState.STOPPED and registry.endpoints.get(ep.name) is not ep:
-                    if last.pop(ep.id, None) is not None:
-                        out.append(("deleted", {"id": ep.id, "name": names.pop(ep.id, ep.name)}))
-                    continue
-                snap = endpoint_object(ep, state=state, reason=reason, started=started)
-                if last.get(ep.id) != snap:
-                    last[ep.id], names[ep.id] = snap, ep.name
-                    out.append(("endpoint", snap))
-            for event in out:
-                yield event
-            if out:
-                said = loop.time()
-            elif loop.time() - said >= KEEPALIVE:
-                said = loop.time()
-                yield "keepalive", {}
-    finally:
-        unsubscribe()
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def alive() -> bool:
+        return check()
+    return alive
 
 
 def sse(request: Request, who: AdminToken, events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:

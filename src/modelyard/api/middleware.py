@@ -7,7 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .control import CONSOLE_CALLER
+from .scope import CONSOLE_CALLER
 from .disconnect import CLIENT_GONE
 
 

@@ -2,7 +2,7 @@
 
 Every console action is an admin API call made through the whole ASGI app (middleware, the
 route's validation, its role check), as the signed-in admin token: the scope carries the
-`AdminToken` under `CONSOLE_CALLER`, which `api/control.caller` honours. A scope key cannot be
+`AdminToken` under `api/scope.CONSOLE_CALLER`, which `api/control.caller` honours. A scope key cannot be
 sent over the network, so this is no new way in; the console holds no admin secret.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 from urllib.parse import quote, urlencode
 
-from ..api.control import CONSOLE_CALLER
+from ..api.scope import CONSOLE_CALLER
 from ..settings import AdminToken
 
 PREFIX = "/api/v1/control"

@@ -22,6 +22,7 @@ from jinja2 import Environment, FileSystemLoader
 
 from ..errors import RateLimited, Unauthorized
 from ..registry.endpoint import EndpointState
+from ..registry.events import endpoint_events
 from . import internal, views
 from .charts import chart
 from .session import COOKIE, CSRF_HEADER, SESSION_SECONDS, Session
@@ -34,9 +35,7 @@ env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, 
 env.filters["utc"] = views.utc
 env.filters["tojson_attr"] = lambda v: json.dumps(v)      # autoescaped where used in an attribute
 
-SSE_TICK = 1.0              # seconds between endpoint-state checks of one SSE stream
-SSE_MAX_TICKS = 3600        # then the stream ends; the browser's EventSource reconnects
-KEEPALIVE_TICKS = 15
+SSE_MAX_POLLS = 3600        # quiet polls (registry/events.SNAPSHOT_POLL) before the stream ends; EventSource reconnects
 PAGES = (("endpoints", "Endpoints"), ("live", "Live"), ("playground", "Playground"), ("keys", "Keys"),
          ("usage", "Usage"), ("models", "Models"))
 
@@ -256,26 +255,32 @@ def _sse(event: str, html: str) -> str:
 
 @router.get("/endpoints/stream")
 async def endpoints_stream(request: Request) -> Response:
-    """The endpoints table as server-sent events: a fresh render whenever it changed."""
+    """The endpoints table as server-sent events: a fresh render whenever an endpoint changed
+    (registry/events, the stream the admin API serves too) or, at each quiet poll, its rates did."""
     session = await _reader(request)
     if isinstance(session, Response):
         return session
 
+    async def alive() -> bool:
+        # the session checked again at each poll: logout, a revoked token or a silent control
+        # database end the stream within a poll (plus the sync bound)
+        return not request.app.state.shutting_down and isinstance(await _session(request), Session)
+
     async def events():
-        last = None
-        for tick in range(SSE_MAX_TICKS):
-            # the session checked again at each tick: logout, a revoked token or a silent
-            # control database end the stream within SSE_TICK (plus the sync bound)
-            if request.app.state.shutting_down or not isinstance(await _session(request), Session):
+        last, polls = None, 0
+        state = request.app.state
+        async for kind, _ in endpoint_events(state.registry, state.started, alive=alive, polls=True):
+            if kind == "keepalive":
+                yield ": keepalive\n\n"
+                continue
+            polls += kind == "poll"
+            if polls >= SSE_MAX_POLLS:
                 return
             html = _render(request, "_endpoints_table.html", session,
                            **await _endpoints_context(request, session)).body.decode()
             if html != last:
                 last = html
                 yield _sse("endpoints", html)
-            elif tick % KEEPALIVE_TICKS == 0:
-                yield ": keepalive\n\n"
-            await asyncio.sleep(SSE_TICK)
 
     try:         # the session's token shares max_streams_per_token with its admin API streams
         body = request.app.state.stream_slots.stream(_who(request, session), events())

@@ -1,0 +1,6 @@
+"""Keys modelyard puts in an ASGI scope: a leaf module, so that the console (which sets one) and
+the API's plumbing (which reads it) both depend on it rather than on each other."""
+
+# The web console calls the admin routes in process as its signed-in admin (console/internal):
+# the AdminToken rides in the ASGI scope under this key, which no network request can set.
+CONSOLE_CALLER = "modelyard.console_caller"
