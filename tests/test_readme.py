@@ -19,12 +19,13 @@ from servers import served
 pytestmark = pytest.mark.model
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
+CONTROL_PLANE = (Path(__file__).parent.parent / "docs" / "control-plane.md").read_text()
 DEFAULT_BASE = "http://127.0.0.1:8000"
 
 
-def block(lang: str, containing: str = "") -> str:
-    found = [b for b in re.findall(rf"```{lang}\n(.*?)```", README, re.S) if containing in b]
-    assert found, f"README has no ```{lang} example" + (f" with {containing!r}" if containing else "")
+def block(lang: str, containing: str = "", doc: str = README) -> str:
+    found = [b for b in re.findall(rf"```{lang}\n(.*?)```", doc, re.S) if containing in b]
+    assert found, f"the doc has no ```{lang} example" + (f" with {containing!r}" if containing else "")
     return found[0]
 
 
@@ -66,8 +67,8 @@ def test_structured_output_example(server):
 
 
 def test_control_plane_example(tmp_path):
-    """The README's model-endpoints commands, as written, against a server with its admin token."""
-    script = block("sh", "model-endpoints")
+    """docs/control-plane.md's model-endpoints commands, as written, against a server with its admin token."""
+    script = block("sh", "model-endpoints", CONTROL_PLANE)
     token = re.search(r"Bearer (\S+)'", script).group(1)
     cfg = (f'[server]\napi_keys = ["sk-readme"]\n\n[[admin_tokens]]\nname = "readme"\ntoken = "{token}"\n\n'
            f'[[endpoints]]\nname = "smollm2-135m"\ncontext = 256\nparallel = 1\nthreads = 1\n')

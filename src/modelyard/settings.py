@@ -242,7 +242,7 @@ class Settings:
     keep_alive_timeout: float = 5.0
     max_connections: int = 1000        # below a default `ulimit -n` of 1024, with room for the rest
     max_header_bytes: int = 16_384     # h11's own default
-    # The control plane's bounds (CONTROL_LIMITS has the ranges; README, "Control plane").
+    # The control plane's bounds (CONTROL_LIMITS has the ranges; docs/control-plane.md).
     control_fail_closed_after: float = 60.0
     login_failures_per_minute: int = 10
     max_streams_per_token: int = 8
