@@ -17,7 +17,7 @@ connections open at once. uvicorn's h11 protocol, subclassed, because uvicorn ha
   N-1 connections work. Here at most `max_connections` are open: one past that is answered 503
   (OpenAI's error shape, Retry-After) as soon as it opens, and closed.
 
-Bodies are not timed here: a request's body is read by the app (api/middleware.BodyLimits bounds
+Bodies are not timed here: a request's body is read by the app (api/middleware/body_limits.BodyLimits bounds
 its size) and a whole request by [server] request_timeout; docs/reliability.md says what a
 reverse proxy in front should still do.
 """

@@ -52,7 +52,7 @@ class Metrics:
                                  ["endpoint", "route"], buckets=LATENCY, registry=self.prom)
         self.prom.register(_EndpointCollector(registry))
         # Prefix-cache series tell whether someone's prompt is cached: a registry of their own,
-        # exported only to callers allowed to see them (api/models.metrics).
+        # exported only to callers allowed to see them (api/probes.metrics).
         self.cache_prom = CollectorRegistry()
         self.cache_prom.register(_CacheCollector(registry))
         self.quotas = None          # quota/redis.RedisQuotas or quota/postgres.PostgresQuotas when quotas are shared

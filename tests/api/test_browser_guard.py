@@ -12,7 +12,7 @@ import pytest
 
 from servers import served
 
-from modelyard.api.origin import allowed_origin_keys
+from modelyard.api.middleware.browser_guard import allowed_origin_keys
 from modelyard.errors import ConfigError
 
 ALLOWED = "http://localhost:3000"

@@ -1,4 +1,4 @@
-"""The two wire forms of a vector (api/embeddings): JSON numbers and OpenAI's base64 carry the
+"""The two wire forms of a vector (api/openai/embeddings): JSON numbers and OpenAI's base64 carry the
 same float32 values bit for bit, whatever the value; a non-finite one is never sent."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from modelyard.api.embeddings import as_base64, as_floats, response_body
+from modelyard.api.openai.embeddings import as_base64, as_floats, response_body
 from modelyard.engine.types import EmbeddingResult
 from modelyard.errors import EngineError
 

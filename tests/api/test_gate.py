@@ -1,4 +1,4 @@
-"""api/gate: every route of the app's own OpenAPI document (so a route is covered the day it is
+"""api/middleware/credentials: every route of the app's own OpenAPI document (so a route is covered the day it is
 added) is checked before its body is read, except the open probes; and the gate runs exactly the
 checks the route declares. No server: the app is built in process and asked, route by route."""
 
@@ -7,10 +7,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from modelyard.api import control, models
+from modelyard.api import probes
+from modelyard.api.admin import auth as admin_auth
 from modelyard.api.app import create_app
 from modelyard.api.auth import require_key
-from modelyard.api.gate import CredentialGate, GatedRoutes
+from modelyard.api.middleware.credentials import CredentialGate, GatedRoutes
 from modelyard.settings import AdminToken, EndpointSpec, Settings
 
 OPEN = {("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")}
@@ -43,10 +44,10 @@ def test_every_route_but_the_probes_is_checked_before_its_body(tmp_path):
             seen += 1
             if path.startswith("/api/v1/control/"):
                 # the route's own role: a change needs admin, a read a viewer or better
-                assert checks == ((control.viewer,) if method == "GET" else (control.admin,)), (method, path)
+                assert checks == ((admin_auth.viewer,) if method == "GET" else (admin_auth.admin,)), (method, path)
             elif path.startswith("/api/v1/endpoints"):
                 # an admin token (the operator's view) or else an inference key
-                assert checks == (models.key_or_admin,), (method, path)
+                assert checks == (probes.key_or_admin,), (method, path)
             else:
                 assert checks == (require_key,), (method, path)
     assert seen >= 25, seen

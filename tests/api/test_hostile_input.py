@@ -71,14 +71,14 @@ def test_many_bad_items_are_reported_in_part(client):
 
 
 def test_lark_detection_answers_as_llguidance_does_in_linear_time():
-    """api/structured.is_lark against llguidance's is_lark_syntax on 20,000 random grammars built
+    """api/openai/structured.is_lark against llguidance's is_lark_syntax on 20,000 random grammars built
     from the pieces that matter (line breaks, horizontal and other whitespace, the two markers),
     then on the shapes that made the original quadratic (whole megabytes of blank lines)."""
     import random
 
     from llguidance.gbnf_to_lark import is_lark_syntax
 
-    from modelyard.api.structured import is_lark
+    from modelyard.api.openai.structured import is_lark
 
     rng = random.Random(19)
     pieces = ["start", ":", " ", "\n", "\t", "\r", "\x0b", "\u3000", "%llguidance", "x", "_", "root ::=", "é"]

@@ -1,4 +1,4 @@
-"""api/streaming.merge with a reader that stops reading (issue 19, item 8), no server: what waits
+"""api/openai/streaming.merge with a reader that stops reading (issue 19, item 8), no server: what waits
 for the reader is bounded as one prompt's stream is (MAX_PENDING steps of n choices, in events),
 past that every prompt's stream is closed (its engine request aborted) without the reader doing
 anything, and the reader's next event is the error. A reader that keeps up sees every event."""
@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from modelyard.api import streaming
+from modelyard.api.openai import streaming
 from modelyard.engine.types import ChoiceDelta, Usage
 from modelyard.errors import EngineError
 

@@ -150,7 +150,7 @@ def test_a_stream_never_started_gives_its_slot_back():
     comes back when it is collected, else a token would lose its streams one by one."""
     import gc
 
-    from modelyard.api.control import StreamSlots
+    from modelyard.api.admin.auth import StreamSlots
     from modelyard.errors import RateLimited
     from modelyard.settings import AdminToken
 

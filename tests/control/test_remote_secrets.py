@@ -17,7 +17,7 @@ import pytest
 from servers import free_port, served
 from test_admin_api import ADMIN, INFER, VIEWER, ctl, until
 
-from modelyard.api.control_endpoints import same_hosts
+from modelyard.api.admin.endpoints import same_hosts
 
 SECRET = "SEKRETPW"
 UPSTREAM_KEY, NEW_KEY = "upstream-key-K", "upstream-key-K2"

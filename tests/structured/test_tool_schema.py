@@ -10,7 +10,7 @@ import jsonschema
 import llguidance
 import pytest
 
-from modelyard.api.structured import tool_call_schema
+from modelyard.api.openai.structured import tool_call_schema
 from modelyard.local.grammar import JSON_OPTIONS
 
 PARAMS = {"$id": "https://example.com/order", "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -13,11 +13,15 @@ from starlette.middleware.cors import CORSMiddleware
 from ..metrics import Metrics
 from ..registry.registry import Registry
 from ..settings import Settings
-from . import chat, completions, control, control_endpoints, control_models, embeddings, errors, models, tokenizer
-from .disconnect import CancelOnDisconnect
-from .gate import CredentialGate, GatedRoutes
-from .middleware import BodyLimits, CloseLedger, RequestLog
-from .origin import BrowserGuard, allowed_origin_keys
+from . import errors, probes
+from .admin import audit, auth as admin_auth, endpoints as admin_endpoints, keys, models as admin_models, usage
+from .openai import chat, completions, embeddings, models, tokenizer
+from .middleware.body_limits import BodyLimits
+from .middleware.browser_guard import BrowserGuard, allowed_origin_keys
+from .middleware.credentials import CredentialGate, GatedRoutes
+from .middleware.disconnect import CancelOnDisconnect
+from .middleware.ledger import CloseLedger
+from .middleware.request_log import RequestLog
 from .auth import KeyChecker, require_key
 
 OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
@@ -98,7 +102,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         shared = PostgresQuotas(settings.database_url, settings.quota_processes)
     app.state.keys = KeyChecker(settings.all_keys, control=settings.control_enabled, shared=shared)
     app.state.started = int(time.time())
-    app.state.stream_slots = control.StreamSlots(settings.max_streams_per_token)
+    app.state.stream_slots = admin_auth.StreamSlots(settings.max_streams_per_token)
     app.state.shutting_down = False
     errors.install(app)
     # Outermost last: RequestLog sees every answer, BrowserGuard refuses web pages before any
@@ -128,16 +132,16 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         for router in (completions.router, chat.router, embeddings.router, models.router):
             include(router, prefix, auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
-    include(models.admin, "/api/v1", (Depends(models.key_or_admin),))
-    include(models.probes)
+    include(probes.admin, "/api/v1", (Depends(probes.key_or_admin),))
+    include(probes.probes)
     include(tokenizer.router, "", auth)     # vLLM's place for them: the root
-    if settings.control_enabled:    # admin tokens, not inference keys (api/control)
-        for router in (control.router, control_endpoints.router, control_models.router):
+    if settings.control_enabled:    # admin tokens, not inference keys (api/admin/auth)
+        for router in (keys.router, audit.router, usage.router, admin_endpoints.router, admin_models.router):
             include(router, "/api/v1/control")
             routes += ["/api/v1/control" + r.path for r in router.routes]
         from ..console import mount       # the web console at /console (console/)
         mount(app)
-    routes += ["/api/v1" + r.path for r in models.admin.routes] + [r.path for r in models.probes.routes]
+    routes += ["/api/v1" + r.path for r in probes.admin.routes] + [r.path for r in probes.probes.routes]
     routes += [r.path for r in tokenizer.router.routes]
     app.state.metrics = Metrics(registry, routes)
     app.state.metrics.quotas = shared

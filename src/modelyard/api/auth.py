@@ -26,7 +26,7 @@ from ..settings import KeySpec, secret_digest
 from ..quota.limits import Slot
 from ..quota.ledger import RequestLedger
 from ..quota.memory import Quota
-from .gate import before_body
+from .middleware.credentials import before_body
 
 if TYPE_CHECKING:
     from ..registry.endpoint import Endpoint
@@ -139,6 +139,12 @@ def visible_endpoints(request: Request) -> frozenset[str] | None:
     return quota.endpoints if quota is not None else None
 
 
+def seen_endpoints(request: Request) -> list["Endpoint"]:
+    """The endpoints this caller may know of: a key limited to some sees only those."""
+    visible = visible_endpoints(request)
+    return [ep for ep in request.app.state.registry.endpoints.values() if visible is None or ep.name in visible]
+
+
 def find_endpoint(request: Request, name: str) -> "Endpoint":
     """The endpoint `name` as this caller may know it: a key limited to some endpoints gets the
     404 of an unknown name for every other one (a 403 would confirm that it exists), and the
@@ -148,9 +154,9 @@ def find_endpoint(request: Request, name: str) -> "Endpoint":
 
 @before_body
 async def require_key(request: Request) -> None:
-    """FastAPI dependency on every API route, run before the body is read (api/gate): admission
+    """FastAPI dependency on every API route, run before the body is read (api/middleware/credentials): admission
     opens the request's ledger (quota/ledger) with the key's quota and in-flight slot; it is
-    closed by api/middleware.CloseLedger once the response has ended, however it ended."""
+    closed by api/middleware/ledger.CloseLedger once the response has ended, however it ended."""
     state = request.app.state
     quota, slot = state.keys.admit(request.headers.get("authorization"))
     request.state.quota = quota

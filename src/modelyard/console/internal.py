@@ -2,7 +2,7 @@
 
 Every console action is an admin API call made through the whole ASGI app (middleware, the
 route's validation, its role check), as the signed-in admin token: the scope carries the
-`AdminToken` under `api/scope.CONSOLE_CALLER`, which `api/control.caller` honours. A scope key cannot be
+`AdminToken` under `api/scope.CONSOLE_CALLER`, which `api/admin/auth.caller` honours. A scope key cannot be
 sent over the network, so this is no new way in; the console holds no admin secret.
 """
 

@@ -80,7 +80,7 @@ class AdminTokenStore:
 
 
 class StoredAdmins:
-    """This process's copy of the active stored tokens (api/control.caller reads `tokens`)."""
+    """This process's copy of the active stored tokens (api/admin/auth.caller reads `tokens`)."""
 
     def __init__(self, store: AdminTokenStore) -> None:
         self.store = store

@@ -127,7 +127,7 @@ class UsageRecorder:
 
 
 USAGE_PAGE = 100            # buckets per page unless `limit` says otherwise
-USAGE_PAGE_MAX = 1000       # the most one page may hold (api/control: 422 past it)
+USAGE_PAGE_MAX = 1000       # the most one page may hold (api/admin/usage: 422 past it)
 
 
 def bucket_id(start: int, key_id: str, endpoint: str) -> str:

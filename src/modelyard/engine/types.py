@@ -28,7 +28,7 @@ class LedgerEntry(Protocol):
 # slowly). An engine never waits for a client, so past this the request is ended with an error
 # rather than buffered without bound (README, Guarantees). A step gives at most one event per
 # choice, so a prompt's stream holds at most MAX_PENDING * n events; a request of several
-# prompts is held to that same amount in all (api/streaming.merge).
+# prompts is held to that same amount in all (api/openai/streaming.merge).
 MAX_PENDING = 1024
 
 

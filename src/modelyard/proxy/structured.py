@@ -23,7 +23,7 @@ from typing import Any
 from ..engine.types import Constraint
 from ..errors import InvalidRequest
 
-OBJECT = '{"type":"object"}'      # json_object's canonical schema (api/structured)
+OBJECT = '{"type":"object"}'      # json_object's canonical schema (api/openai/structured)
 
 
 def constraint_fields(kind: str, endpoint: str, c: Constraint) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 A ledger is opened when a request is admitted (api/auth.require_key: its key's quota, the
 in-flight slot that admission took) and closed when its response has ended, however it ended
-(api/middleware.CloseLedger: finished, failed, deadline, client gone, stream closed). Between the
+(api/middleware/ledger.CloseLedger: finished, failed, deadline, client gone, stream closed). Between the
 two, each engine request the route makes gets one `Entry` of it, and an engine does exactly two
 things with an entry:
 

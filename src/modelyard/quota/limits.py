@@ -6,7 +6,7 @@ admission to its very end, and the 429s (each says the limit; a budget's also sa
 and when the period starts again).
 
 A slot is taken at admission (api/auth.KeyChecker.check, as the request arrives) and released by
-api/middleware.CloseLedger (closing the request's quota/ledger), in a `finally` around the whole ASGI call: that call ends only once the
+api/middleware/ledger.CloseLedger (closing the request's quota/ledger), in a `finally` around the whole ASGI call: that call ends only once the
 response has ended (a streaming body included), so a request that finished, failed, was left by its
 client or had its stream closed gives its slot back exactly once, wherever it ended.
 """

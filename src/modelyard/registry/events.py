@@ -1,5 +1,5 @@
 """The one stream of endpoint changes, for whoever shows endpoints live: the admin API's
-`/model-endpoints/events` (api/control_endpoints) and the console's Endpoints table
+`/model-endpoints/events` (api/admin/endpoints) and the console's Endpoints table
 (console/routes). Snapshots are registry/render's objects, so both show the same endpoint.
 """
 

@@ -1,5 +1,5 @@
 """POST /chat/completions: messages -> the engine (which applies the model's chat template, or
-passes them upstream) -> OpenAI's chat shapes. Same pipeline as /completions (api/pipeline)."""
+passes them upstream) -> OpenAI's chat shapes. Same pipeline as /completions (api/openai/pipeline)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from ..engine.types import ChoiceDelta, EngineRequest, TokenLogprobs, token_bytes
+from ...engine.types import ChoiceDelta, EngineRequest, TokenLogprobs, token_bytes
 from .pipeline import ERRORS, respond, sampling_params
 from .schemas import GenerationRequest
 from .structured import json_constraint, tool_call_schema

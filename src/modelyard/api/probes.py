@@ -1,4 +1,6 @@
-"""GET /models (OpenAI list), /health, /ready, /api/v1/endpoints."""
+"""What the server and its endpoints are doing: /health and /ready (open: load balancers and
+orchestrators call them), /metrics (open, less the prefix-cache series), and /api/v1/endpoints
+(an inference key's view, or an admin token's with the cache counters)."""
 
 from __future__ import annotations
 
@@ -8,30 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..redact import mask_url_credentials
 from ..registry import render
-from ..registry.endpoint import Endpoint, EndpointState
-from .auth import find_endpoint, may_see_cache, may_see_reasons, require_key, visible_endpoints
-from .control import admin_or_none
-from .gate import before_body
+from .auth import find_endpoint, may_see_cache, may_see_reasons, require_key, seen_endpoints
+from .admin.auth import admin_or_none
+from .middleware.credentials import before_body
 
-router = APIRouter()        # under the OpenAI prefixes, behind auth
 admin = APIRouter()         # /api/v1/endpoints, behind key_or_admin
 probes = APIRouter()        # /health and /ready, open (load balancers and orchestrators call them)
-
-
-def _seen(request: Request) -> list[Endpoint]:
-    """The endpoints this caller may know of: a key limited to some sees only those."""
-    visible = visible_endpoints(request)
-    return [ep for ep in request.app.state.registry.endpoints.values() if visible is None or ep.name in visible]
-
-
-@router.get("/models", summary="List model endpoints")
-async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [
-        {"id": ep.name, "object": "model.deleted" if ep.state is EndpointState.DELETING else "model",
-         "created": request.app.state.started, "owned_by": "modelyard",
-         "model_type": ep.model_type.value if ep.model_type else None, "model_engine": ep.model_engine,
-         "state": ep.state.value, "ready": ep.not_ready_reason() is None}
-        for ep in _seen(request)]}
 
 
 @before_body
@@ -50,7 +34,7 @@ def _views(request: Request) -> tuple[bool, bool]:
 @admin.get("/endpoints", summary="Model endpoints and their state")
 async def list_endpoints(request: Request) -> dict:
     detail, cache = _views(request)
-    return {"endpoints": [render.status(ep, detail, cache) for ep in _seen(request)]}
+    return {"endpoints": [render.status(ep, detail, cache) for ep in seen_endpoints(request)]}
 
 
 @admin.get("/endpoints/{name}", summary="One model endpoint")

@@ -15,8 +15,8 @@ from typing import AsyncIterator, Callable
 
 from fastapi import Request
 
-from ..engine.types import MAX_PENDING, ChoiceDelta, EngineOutput, TokenLogprobs, Usage, reads_too_slowly
-from ..errors import ModelyardError
+from ...engine.types import MAX_PENDING, ChoiceDelta, EngineOutput, TokenLogprobs, Usage, reads_too_slowly
+from ...errors import ModelyardError
 
 log = logging.getLogger("modelyard.api")
 Event = tuple[int, EngineOutput]     # (prompt number, engine output)
@@ -235,7 +235,7 @@ async def collect(events: AsyncIterator[Event], out: Completion) -> dict:
 
 async def unless_disconnected(request: Request, work: asyncio.Future | asyncio.Task, poll: float = 0.25):
     """Await `work`, cancelling it if the client goes away first (non-streaming requests), or
-    if the route itself is cancelled (api/disconnect cancels it when the client leaves): a
+    if the route itself is cancelled (api/middleware/disconnect cancels it when the client leaves): a
     task awaited through asyncio.wait outlives its awaiter unless cancelled here."""
     try:
         while True:

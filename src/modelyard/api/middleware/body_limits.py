@@ -1,27 +1,26 @@
-"""ASGI middleware: body-size limit (413, every method) and JSON POST bodies whatever their Content-Type."""
+"""Every request body bounded before it is read: 413 naming the limit and the size on any method
+(Content-Length refused unread, chunked cut at the limit), `Connection: close` after an answer
+that left a body unread, and JSON POST bodies whatever their Content-Type."""
 
 from __future__ import annotations
 
 import json
-import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .scope import CONSOLE_CALLER
-from .disconnect import CLIENT_GONE
 
 
 class BodyLimits:
     """Rejects bodies above `max_bytes` with 413 before reading them into memory, whatever the
     method (a PATCH or DELETE body is read by FastAPI as much as a POST one), and treats every
     POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too.
-    (A browser's POST must say application/json: api/origin.BrowserGuard refuses it before.)
+    (A browser's POST must say application/json: api/middleware/browser_guard.BrowserGuard refuses it before.)
 
     A Content-Length above the limit is refused before any byte of the body is read; a chunked
     body is counted as it streams in and refused at the first message past the limit, so at
     most the limit plus one message (uvicorn hands over at most ~64 KiB at a time) is held.
     Either way the rest of the body is not read: the 413 says `Connection: close`, as does any
-    answer given before the body was read to its end (api/gate's 401, a 404, a 405): uvicorn
+    answer given before the body was read to its end (api/middleware/credentials's 401, a 404, a 405): uvicorn
     would otherwise read and discard the rest of it to keep the connection, for as long as the
     client cared to send."""
 
@@ -95,56 +94,3 @@ def has_body(scope: Scope) -> bool:
 
 class _TooLarge(Exception):
     pass
-
-
-class CloseLedger:
-    """Closes the request's ledger (quota/ledger, opened by api/auth.require_key: its key's
-    in-flight slot goes back) once the ASGI call has returned: only then has the response ended,
-    a streaming body included, whether it finished, failed, was cancelled because its client
-    left, or its stream was closed. The one place that sees every way a request ends."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        state = scope.setdefault("state", {})      # before any inner copy of scope: one dict
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            ledger = state.pop("ledger", None)
-            if ledger is not None:
-                ledger.close()
-
-
-class RequestLog:
-    """Counts and logs every API request once it has fully ended (streams included), with the
-    endpoint and token counts the route left in request.state."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The console's in-process admin calls (console/internal) are not API traffic: its open
-        # pages poll every second; the admin actions among them are in the audit log.
-        if scope["type"] != "http" or not scope["path"].startswith(("/api/", "/v1/")) or CONSOLE_CALLER in scope:
-            return await self.app(scope, receive, send)
-        started = time.monotonic()
-        status = 500
-        state = scope.setdefault("state", {})
-
-        async def watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        finally:
-            if state.get("client_gone") and status == 500:    # left before any answer
-                status = CLIENT_GONE
-            metrics = scope["app"].state.metrics
-            metrics.request(state.get("endpoint", "-"), scope["path"], status, time.monotonic() - started,
-                            state.get("log", {}))

@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.types import Constraint
+from ...engine.types import Constraint
 
 Schema = Union[dict[str, Any], str]
 # A grammar or regex as text: real ones are a few kB. Converting GBNF to Lark is pure Python (the

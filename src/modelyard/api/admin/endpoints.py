@@ -22,14 +22,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..control.endpoints import StoredEndpoint
-from ..errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
-from ..registry.endpoint import Endpoint
-from ..registry.events import endpoint_events
-from ..registry.render import endpoint_object
-from ..redact import mask_url_credentials
-from ..settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
-from .control import actor, admin, revision_of, still_valid, viewer
+from ...control.endpoints import StoredEndpoint
+from ...errors import ConfigError, Conflict, ModelyardError, ObjectNotFound
+from ...registry.endpoint import Endpoint
+from ...registry.events import endpoint_events
+from ...registry.render import endpoint_object
+from ...redact import mask_url_credentials
+from ...settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
+from .auth import actor, admin, revision_of, still_valid, viewer
 
 router = APIRouter()
 PREFIX = "/model-endpoints"
@@ -286,7 +286,7 @@ def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 
 
 def sse(request: Request, who: AdminToken, events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
-    """The stream, counted against `who`'s open streams (api/control.StreamSlots: 429 past it)."""
+    """The stream, counted against `who`'s open streams (api/admin/auth.StreamSlots: 429 past it)."""
     async def lines() -> AsyncIterator[str]:
         async for event, data in events:
             yield ": keepalive\n\n" if event == "keepalive" else f"event: {event}\ndata: {json.dumps(data)}\n\n"

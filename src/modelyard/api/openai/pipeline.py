@@ -3,7 +3,7 @@
 limits -> endpoint -> engine streams, primed (request errors before any header) -> SSE or one
 JSON body. The two routes differ only in how they build EngineRequests and which shapes their
 `Completion` writes; everything else is here, so they cannot drift apart. /embeddings
-(api/embeddings) shares the endpoint lookup, deadline and ledger helpers. No accounting here:
+(api/openai/embeddings) shares the endpoint lookup, deadline and ledger helpers. No accounting here:
 the engines settle each request's tokens in its ledger (quota/ledger).
 """
 
@@ -17,12 +17,12 @@ from typing import Callable, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine.protocol import Engine
-from ..engine.types import EmbeddingRequest, EngineRequest, ModelType, SamplingParams
-from ..errors import InvalidRequest
-from ..settings import Limits
-from .auth import find_endpoint
-from .errors import limit_error
+from ...engine.protocol import Engine
+from ...engine.types import EmbeddingRequest, EngineRequest, ModelType, SamplingParams
+from ...errors import InvalidRequest
+from ...settings import Limits
+from ..auth import find_endpoint
+from ..errors import limit_error
 from .schemas import ErrorResponse, GenerationRequest
 from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
 

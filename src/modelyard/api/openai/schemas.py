@@ -12,8 +12,8 @@ from typing import Annotated, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema,
                       field_validator, model_validator)
 
-from ..engine.types import Constraint
-from ..settings import MAX_NAME
+from ...engine.types import Constraint
+from ...settings import MAX_NAME
 from .structured import StructuredFields
 
 
@@ -36,7 +36,7 @@ LogitBias = Annotated[
                     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})]
 
 # Every field a client sends has a maximum, checked before any work (stop strings: [limits]
-# max_stop and max_stop_chars, checked by api/pipeline).
+# max_stop and max_stop_chars, checked by api/openai/pipeline).
 MAX_LOGIT_BIAS = 1024       # token ids biased in one request
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -63,7 +63,7 @@ class StreamOptions(BaseModel):
 
 class GenerationRequest(StructuredFields):
     """Fields shared by /completions and /chat/completions, validated the same way (with the
-    structured-output fields of api/structured)."""
+    structured-output fields of api/openai/structured)."""
 
     model_config = ConfigDict(extra="ignore")
 

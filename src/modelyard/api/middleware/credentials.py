@@ -1,7 +1,7 @@
 """CredentialGate: a route's credential check runs before any of its body is read.
 
 FastAPI reads and parses a route's body before it runs the route's dependencies, so a check
-written only as a dependency (api/auth.require_key, api/control.viewer and admin) let a caller
+written only as a dependency (api/auth.require_key, api/admin/auth.viewer and admin) let a caller
 with no credential make the server read a whole body first: an unauthenticated PATCH of 300 MB
 once grew the server by 600 MB before its 401.
 
@@ -11,7 +11,7 @@ what it needs once, with `Depends(check)` (its own, or its router's at include t
 `GatedRoutes` reads those declarations off the routers as create_app includes them, and this
 middleware runs the checks of the route a request is for before the app, and so the body, is
 touched. A refusal (401, 403, 429) is answered here and the body is never read
-(api/middleware.BodyLimits, outside, ends such a connection with the answer). Each result is
+(api/middleware/body_limits.BodyLimits, outside, ends such a connection with the answer). Each result is
 kept in the request's scope and FastAPI's own call of the dependency returns it: every check
 runs once per request (a key's quota counts the request once).
 
@@ -32,7 +32,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import compile_path, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import ModelyardError
+from ...errors import ModelyardError
 
 _RESULTS = "modelyard.checked"      # scope["state"] key: {check: its result} for this request
 
@@ -95,7 +95,7 @@ class CredentialGate:
                         await check(request)
                 except ModelyardError as exc:
                     # Imported here: api/errors imports api/auth, which imports this module.
-                    from .errors import error_response
+                    from ..errors import error_response
                     return await error_response(exc)(scope, receive, send)
         await self.app(scope, receive, send)
 

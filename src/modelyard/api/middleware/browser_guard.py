@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import ConfigError
-from ..settings import Settings
+from ...errors import ConfigError
+from ...settings import Settings
 
 log = logging.getLogger("modelyard.api")
 

@@ -1,7 +1,7 @@
 """POST /embeddings: validated body -> one EmbeddingRequest -> the endpoint's engine -> OpenAI's
 list of vectors, as floats or (the official client's default) base64 of little-endian float32.
 
-Same rules as /completions (api/pipeline): settings limits as 422s, 404 unknown endpoint, 400
+Same rules as /completions (api/openai/pipeline): settings limits as 422s, 404 unknown endpoint, 400
 for an endpoint of the other kind or not ready, the key's tpm quota on prompt tokens, the
 request's deadline, and a client that leaves cancels the work.
 """
@@ -18,9 +18,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..engine.types import EmbeddingRequest, EmbeddingResult, ModelType
-from ..errors import EngineError
-from .errors import limit_error
+from ...engine.types import EmbeddingRequest, EmbeddingResult, ModelType
+from ...errors import EngineError
+from ..errors import limit_error
 from .pipeline import ERRORS, deadline_for, ledgered, ready_engine
 from .schemas import CreateEmbeddingRequest, CreateEmbeddingResponse
 from .streaming import unless_disconnected

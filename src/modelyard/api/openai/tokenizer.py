@@ -14,10 +14,10 @@ from typing import Annotated, Literal, Union
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.types import ModelType
-from ..errors import ContextOverflow, InvalidRequest
-from ..settings import MAX_NAME
-from .auth import find_endpoint, visible_endpoints
+from ...engine.types import ModelType
+from ...errors import ContextOverflow, InvalidRequest
+from ...settings import MAX_NAME
+from ..auth import find_endpoint, visible_endpoints
 from .chat import Message
 
 router = APIRouter()

@@ -1,5 +1,5 @@
 """The store's models in the admin API (/api/v1/control/models): list, get, pull with streamed
-progress, delete (409 while an endpoint uses the model). Same auth as api/control: a viewer
+progress, delete (409 while an endpoint uses the model). Same auth as api/admin/auth: a viewer
 reads, an admin changes, an inference key is refused.
 
 A pull streams NDJSON in the shape of Ollama's `POST /api/pull`
@@ -26,12 +26,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..control.records import audit
-from ..errors import Conflict, ModelyardError, ObjectNotFound, StoreError
-from ..redact import mask_url_credentials
-from ..settings import AdminToken
-from ..store import HF_PREFIX, KNOWN, ModelStore, PullProgress, StoredModel
-from .control import Limit, actor, admin, viewer
+from ...control.records import audit
+from ...errors import Conflict, ModelyardError, ObjectNotFound, StoreError
+from ...redact import mask_url_credentials
+from ...settings import AdminToken
+from ...store import HF_PREFIX, KNOWN, ModelStore, PullProgress, StoredModel
+from .auth import Limit, actor, admin, viewer
 
 router = APIRouter()
 
@@ -66,7 +66,7 @@ def _model_type(model: StoredModel) -> str | None:
     known = KNOWN.get(model.name)
     if known is not None:
         return known.model_type.value
-    from ..local.gguf_header import model_type
+    from ...local.gguf_header import model_type
     try:
         return model_type(model.path).value
     except Exception:  # noqa: BLE001 - a header we cannot read: the type is unknown, the entry still listed

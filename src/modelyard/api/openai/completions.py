@@ -1,4 +1,4 @@
-"""POST /completions: validated body -> EngineRequests -> the shared pipeline (api/pipeline)."""
+"""POST /completions: validated body -> EngineRequests -> the shared pipeline (api/openai/pipeline)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..engine.types import EngineRequest
+from ...engine.types import EngineRequest
 from .pipeline import ERRORS, respond, sampling_params
 from .schemas import CompletionRequest, CompletionResponse
 from .streaming import Completion
