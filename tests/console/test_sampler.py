@@ -49,7 +49,8 @@ def test_rates_and_quantiles_follow_the_counters():
         metrics.request("a", "/v1/completions", status, 0.1, {})
     started = time.monotonic()
     for ttft in (0.02, 0.04, 0.3):
-        metrics.generation("a", started, started + ttft, 5, 10)
+        metrics.tokens("a", 5, 10)                     # what the request's ledger settles
+        metrics.generation("a", started, started + ttft, 10)
     registry.endpoints["a"].engine.queue = 3
     sampler.sample()
     snap = read(metrics.prom)

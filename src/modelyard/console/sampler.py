@@ -9,12 +9,13 @@ in the request path changes for it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+from ..periodic import Periodic
 
 log = logging.getLogger("modelyard.console")
 INTERVAL = 1.0          # seconds between samples (the Live page refreshes every 2 s)
@@ -94,7 +95,7 @@ class Sampler:
     def __init__(self, app, interval: float = INTERVAL, keep: int = KEEP) -> None:
         self.app, self.interval = app, interval
         self.samples: deque[Sample] = deque(maxlen=keep)
-        self._task: asyncio.Task | None = None
+        self._task: Periodic | None = None
 
     def sample(self) -> None:
         metrics = getattr(self.app.state, "metrics", None)
@@ -103,20 +104,13 @@ class Sampler:
 
     async def start(self) -> None:
         self.sample()
-        self._task = asyncio.create_task(self._loop(), name="console-sampler")
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.sample()
-            except Exception:  # noqa: BLE001 - the Live page must outlive a surprise; say so
-                log.exception("console sampler: reading the metrics failed")
+        self._task = Periodic("console-sampler", self.interval, self.sample, log=log, traceback=True,
+                              failure="console sampler: reading the metrics failed")
+        self._task.start()
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._task.stop()
 
     def series(self, endpoint: str) -> dict[str, list[tuple[float, float | None]]]:
         """Per sample interval: requests/s, tokens/s, mean TTFT (s), queue depth, 429/s, 5xx/s."""

@@ -24,6 +24,7 @@ import time
 from typing import Awaitable, Callable
 
 from ..api.auth import KeyChecker
+from ..periodic import Periodic
 from .keys import KeyStore
 from .notify import ChangeFeed
 
@@ -41,8 +42,7 @@ class ControlSync:
         self.feed = feed
         self.fail_closed_after = fail_closed_after
         self._refreshers: tuple[Refresher, ...] = (self._keys, *also)
-        self._task: asyncio.Task | None = None
-        self._watch: asyncio.Task | None = None
+        self._loops: list[Periodic] = []       # the sync and the fail-closed watcher, once started
         self.failures = 0
         self.last_ok = time.monotonic()     # the last refresh that read every table
         self.closed = False                 # what the watcher last logged
@@ -86,35 +86,30 @@ class ControlSync:
             log.warning("control store answers again: stored API keys and admin tokens are accepted")
         self.closed = closed
 
-    async def _watcher(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.fail_closed_after / 4))
-            self._mark()
-
     async def start(self) -> None:
         await self.refresh()          # serve no request before the stored keys are known
         if self.feed is not None:
             self.feed.start()
-        self._task = asyncio.create_task(self._loop(), name="control-sync")
-        self._watch = asyncio.create_task(self._watcher(), name="control-sync-watch")
+        self._loops = [
+            Periodic("control-sync", self.interval, self.refresh, log=log, wait=self._wake, on_error=self._failed,
+                     failure="cannot read the control store (keeping the last state)"),
+            Periodic("control-sync-watch", min(1.0, self.fail_closed_after / 4), self._mark, log=log,
+                     failure="control store watcher failed")]
+        for loop in self._loops:
+            loop.start()
 
-    async def _loop(self) -> None:
-        while True:
-            if self.feed is not None:
-                await self.feed.wait(self.interval)
-            else:
-                await asyncio.sleep(self.interval)
-            try:
-                await self.refresh()
-            except Exception as exc:  # noqa: BLE001 - keep the last good state; say so
-                self.failures += 1
-                log.error("cannot read the control store (keeping the last state): %s: %s",
-                          type(exc).__name__, exc)
+    async def _wake(self) -> None:
+        """A round of the sync: when the change feed says something changed, or after `interval`."""
+        if self.feed is not None:
+            await self.feed.wait(self.interval)
+        else:
+            await asyncio.sleep(self.interval)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, self._watch) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for loop in self._loops:
+            await loop.stop()
         if self.feed is not None:
             await self.feed.stop()

@@ -18,6 +18,7 @@ import logging
 import time
 
 from ..errors import InvalidRequest
+from ..periodic import Periodic
 from .db import Database
 
 log = logging.getLogger("modelyard.control")
@@ -31,7 +32,8 @@ class UsageRecorder:
     def __init__(self, db: Database, interval: float = FLUSH) -> None:
         self.db, self.interval = db, interval
         self._pending: dict[Bucket, list[int]] = {}
-        self._task: asyncio.Task | None = None
+        self._flusher = Periodic("control-usage-flush", interval, self.flush, log=log,
+                                 failure="usage flush failed (kept for the next one)")
         self.flushes = 0
         self.flushed_rows = 0
         # Tokens per key and minute not yet known to be in the table (control/budget reads them):
@@ -108,21 +110,11 @@ class UsageRecorder:
                            (key_id, endpoint, minute, n, p, c))
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="control-usage-flush")
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.flush()
-            except Exception as exc:  # noqa: BLE001 - kept for the next flush; say so
-                log.error("usage flush failed (kept for the next one): %s: %s", type(exc).__name__, exc)
+        self._flusher.start()
 
     async def stop(self) -> None:
         """The last flush: SIGTERM loses nothing."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._flusher.stop()
         await self.flush()
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from ..errors import DeadlineExceeded, EndpointNotReady
+from ..periodic import Periodic
 from ..settings import EndpointSpec
 from .errors import map_error, reason
 
@@ -57,7 +58,7 @@ class ReplicaPool:
         self._replicas = [Replica(url.rstrip("/")) for url in spec.urls]
         self._turn = itertools.count()    # breaks ties between equally loaded replicas
         self._client: httpx.AsyncClient | None = None
-        self._health: asyncio.Task | None = None
+        self._health: Periodic | None = None     # the probes every health_interval, once started
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
@@ -67,13 +68,14 @@ class ReplicaPool:
             timeout=httpx.Timeout(self.spec.timeout, connect=CONNECT_TIMEOUT))
         # No replica answering is not a start failure: the endpoint is just not ready yet.
         await self.probe_all()
-        self._health = asyncio.create_task(self._health_loop(), name=f"health:{self.spec.name}")
+        self._health = Periodic(f"health:{self.spec.name}", self._interval, self.probe_all, log=log, traceback=True,
+                                failure=f"health probe of endpoint {self.spec.name} failed")
+        self._health.start()
 
     async def stop(self) -> None:
-        task, self._health = self._health, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+        health, self._health = self._health, None
+        if health is not None:
+            await health.stop()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -101,14 +103,6 @@ class ReplicaPool:
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(r) for r in self._replicas))
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.probe_all()
-            except Exception:  # the loop must outlive any surprise, or readiness freezes
-                log.exception("health probe of endpoint %s failed", self.spec.name)
 
     def mark_down(self, replica: Replica, reason: str) -> None:
         if replica.healthy:
