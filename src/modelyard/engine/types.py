@@ -90,6 +90,10 @@ class EngineRequest:
     constraint: Constraint | None = None      # structured output for every choice
     tools: tuple[dict, ...] | None = None     # chat: OpenAI tool definitions, for the chat template
     tool_choice: str | dict | None = None     # with tools: "auto" | "required" | "none" | a named function
+    # Prefix caching: a prompt reuses computed KV (a slot's cache, a host copy) only of requests
+    # with the same partition, so that one tenant cannot time another's prompt out of the cache
+    # (api/cache_scope makes it from the key and vLLM's cache_salt). An opaque id, never a secret.
+    cache_partition: str = ""
     # Token metering (per-key tpm quotas, quota/memory). An engine that counts tokens calls
     # reserve(most it may use: prompt + n * max_tokens, resolved) before any work, which may
     # raise RateLimited, and settle(tokens computed: prompt prefilled + generated) once, on the

@@ -93,6 +93,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed: int = 0                    # prompt tokens whose KV is in the first slot
     on_end: Callable[[int], None] | None = None  # told the tokens computed when it retires (quotas)
+    cache_partition: str = ""                # reuses cached prefixes of this partition only (slots)
 
     def set_status(self, new: RequestStatus) -> None:
         assert self.status.can_become(new), f"{self.id}: {self.status} -> {new}"
