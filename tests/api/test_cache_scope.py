@@ -8,9 +8,13 @@ nothing, A's repeat does; `cache_salt` splits a key's partition further (and is 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import httpx
 import pytest
 
+from modelyard.api.cache_scope import cache_partition
+from modelyard.settings import Settings
 from servers import MODEL, bearer, served
 
 pytestmark = pytest.mark.model
@@ -49,6 +53,28 @@ def chat(srv, key: str, **extra) -> int:
                          "max_tokens": 2, **extra})
     assert r.status_code == 200, r.text
     return reused(srv) - before
+
+
+def fake_request(key_id: str | None, scope: str = "key") -> SimpleNamespace:
+    quota = SimpleNamespace(key_id=key_id) if key_id is not None else None
+    return SimpleNamespace(state=SimpleNamespace(quota=quota),
+                           app=SimpleNamespace(state=SimpleNamespace(settings=Settings(prefix_cache_scope=scope))))
+
+
+@pytest.mark.parametrize("scope", ["key", "shared"])
+def test_a_keyless_server_is_one_tenant(scope):
+    assert cache_partition(fake_request(None, scope), None) == ""
+    assert cache_partition(fake_request(None, scope), "x") == cache_partition(fake_request(None, scope), "x") != ""
+
+
+def test_partitions_are_the_key_and_the_salt_and_no_pair_spells_another():
+    assert Settings().prefix_cache_scope == "key"
+    parts = [cache_partition(fake_request(key, scope), salt)
+             for key, scope, salt in (("config:a", "key", None), ("config:b", "key", None),
+                                      ("config:a", "key", "s"), ("config:a", "key", '", "s'),
+                                      ("config:a", "shared", "s"), ("config:a", "shared", None))]
+    assert parts[-1] == "" and len(set(parts)) == len(parts)
+    assert "config:a" in parts[0]              # the key's id (never its secret: the quota has none)
 
 
 def test_each_key_reuses_only_its_own_prompts_and_a_salt_splits_further(tmp_path):
