@@ -67,6 +67,7 @@ def test_model_flag_serves_that_one_model(tmp_path):
     ('[[keys]]\nkey = "sk-a"\nendpoints = [""]', "list of endpoint names"),
     ("not toml [", "cannot read"),
     ('[server]\npublic_cache_counters = "yes"', "public_cache_counters must be true or false"),
+    ('[server]\nprefix_cache_scope = "endpoint"', "prefix_cache_scope must be one of"),
     ('[[endpoints]]\nname = "' + "n" * 257 + '"', "257 characters, above the limit of 256"),
     ('[[endpoints]]\nname = "r"\nengine = "openai"\nurls = ["http://169.254.169.254/v1"]', "link-local"),
     ('[server]\nallow_private_upstreams = 1', "allow_private_upstreams must be true or false"),

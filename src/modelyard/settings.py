@@ -30,6 +30,7 @@ KINDS = ("completions", "embeddings")
 # What an engine = "openai" endpoint's upstream is, so that structured-output requests are
 # translated into the fields it takes (proxy/structured.py); "openai": response_format only.
 UPSTREAM_SERVERS = ("openai", "vllm", "sglang", "llama-server", "ollama", "modelyard")
+PREFIX_CACHE_SCOPES = ("key", "shared")
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,11 @@ class Settings:
     # Prefix-cache counters tell whether someone's prompt is cached (registry/render.CACHE_COUNTERS):
     # admin tokens see them; true shows them to every key and on the open /metrics (one tenant).
     public_cache_counters: bool = False
+    # Whose cached prompts a request may reuse (api/openai/cache_scope): "key", each API key its own
+    # prefix cache partition, so that the time to a first token says nothing about another key's
+    # prompts; "shared", one partition for every key (one tenant: more reuse). A keyless server
+    # is one tenant either way.
+    prefix_cache_scope: str = "key"
     # Upstream URLs at link-local addresses (cloud metadata services live there) are refused
     # unless this is true (upstream_refusal).
     allow_private_upstreams: bool = False
@@ -281,6 +287,9 @@ class Settings:
                     raise ConfigError(f"endpoint {spec.name!r}: {why}", param="urls")
         if not isinstance(self.public_cache_counters, bool):
             raise ConfigError(f"[server] public_cache_counters must be true or false, got {self.public_cache_counters!r}")
+        if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+            raise ConfigError(f"[server] prefix_cache_scope must be one of {PREFIX_CACHE_SCOPES}, got "
+                              f"{self.prefix_cache_scope!r}", param="prefix_cache_scope")
         if self.quota_processes < 1:
             raise ConfigError(f"[quota] processes must be >= 1, got {self.quota_processes}")
         names = [e.name for e in self.endpoints]
@@ -337,7 +346,7 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
             raise ConfigError(f"cannot read config {config}: {exc}") from None
         server = doc.get("server", {})
         for key in ("host", "port", "log_level", "request_timeout", "grace_period", "public_cache_counters",
-                    "allow_private_upstreams", *CONNECTION_LIMITS, *CONTROL_LIMITS):
+                    "prefix_cache_scope", "allow_private_upstreams", *CONNECTION_LIMITS, *CONTROL_LIMITS):
             if key in server:
                 values[key] = server[key]
         if "api_keys" in server:

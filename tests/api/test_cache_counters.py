@@ -1,5 +1,6 @@
-"""The prefix cache is shared by every key, so its counters are a side channel: a tenant who sends
-a guessed prompt and watches `prefix_reused_tokens` (or the host cache's hits) learns whether
+"""The prefix cache's counters are a side channel where the cache is shared by several keys
+(`prefix_cache_scope = "shared"`; a `cache_salt` used by two clients): a tenant who sends a
+guessed prompt and watches `prefix_reused_tokens` (or the host cache's hits) learns whether
 another tenant sent it. Over real HTTP on real `modelyard serve` processes with two keys: an
 inference key's view of an endpoint has none of those counters, the open /metrics has no
 prefix-cache series, an admin token sees both, and `[server] public_cache_counters = true` (one
@@ -61,8 +62,10 @@ def test_only_admin_tokens_see_the_cache_counters_when_the_control_plane_is_on(t
         assert CACHE_COUNTERS <= set(before), before
         b_before = view(srv, KEY_B)
         send(srv, KEY_B)                     # B's guess: A's very prompt
+        send(srv, KEY_A)                     # A's repeat
         after = view(srv, ADMIN)
-        # the guess did hit A's cached prefix (what B must not be able to see) ...
+        # the counters moved (what B must not be able to see; B's guess itself reuses nothing,
+        # as each key is its own partition of the cache: tests/api/test_cache_scope.py) ...
         assert after["prefix_reused_tokens"] - before["prefix_reused_tokens"] > 20, (before, after)
         # ... and B's view, before and after, has no counter that could say so
         b_after = view(srv, KEY_B)

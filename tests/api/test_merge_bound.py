@@ -1,7 +1,9 @@
 """api/openai/streaming.merge with a reader that stops reading (issue 19, item 8), no server: what waits
 for the reader is bounded as one prompt's stream is (MAX_PENDING steps of n choices, in events),
 past that every prompt's stream is closed (its engine request aborted) without the reader doing
-anything, and the reader's next event is the error. A reader that keeps up sees every event."""
+anything, and the reader's next event is the error. A reader that keeps up sees every event,
+also while a prompt queued behind the others has given nothing (priming does not wait for it),
+and a prompt's error that comes while priming is still raised by prime_all."""
 
 from __future__ import annotations
 
@@ -106,3 +108,59 @@ def test_a_reader_that_keeps_up_sees_every_event_of_every_prompt(monkeypatch):
     texts = sorted(e.text for _, e in events if isinstance(e, ChoiceDelta))
     assert texts == sorted(f"{k}:{s}" for k in range(5) for s in range(50))      # 250 > the bound (85): never cut
     assert sum(isinstance(e, Usage) for _, e in events) == 5
+
+
+def test_priming_does_not_wait_for_a_prompt_queued_behind_the_others(monkeypatch):
+    """Fewer slots than prompts: the last prompt gives nothing until the first has ended. Priming
+    ends once the first prompt's output is under way, and the reader reads it meanwhile (it
+    used to wait for the last prompt's first token, while the first prompt's output piled up)."""
+    monkeypatch.setattr(streaming, "MAX_PENDING", PENDING, raising=False)
+    first_done = asyncio.Event()
+
+    async def running():
+        for s in range(10 * PENDING):           # far past the bound, read as it comes
+            yield ChoiceDelta(0, f"{s}", None, None)
+            await asyncio.sleep(0)
+        yield Usage(1, 10 * PENDING)
+        first_done.set()
+
+    async def queued():
+        await first_done.wait()                 # starts when the first prompt's slot is free
+        yield ChoiceDelta(0, "late", None, None)
+        yield Usage(1, 1)
+
+    async def main() -> list:
+        events = streaming.merge(await asyncio.wait_for(streaming.prime_all([running(), queued()]), 5))
+        return [event async for event in events]
+
+    events = asyncio.run(main())
+    assert [e.text for i, e in events if i == 0 and isinstance(e, ChoiceDelta)] == [str(s) for s in range(10 * PENDING)]
+    assert [e.text for i, e in events if i == 1 and isinstance(e, ChoiceDelta)] == ["late"]
+
+
+def test_a_prompts_error_while_another_gives_its_first_token_comes_from_priming():
+    """Errors before headers: a prompt refused while the others have given one token each is
+    raised by prime_all, and every stream is closed."""
+    closed: list[str] = []
+
+    async def one_token():
+        try:
+            yield ChoiceDelta(0, "x", None, None)
+            await asyncio.Event().wait()
+        finally:
+            closed.append("ok")
+
+    async def refused():
+        try:
+            await asyncio.sleep(0.01)
+            raise EngineError("prompt 1 is refused")
+            yield                                       # an async generator
+        finally:
+            closed.append("refused")
+
+    async def main() -> None:
+        with pytest.raises(EngineError, match="prompt 1 is refused"):
+            await streaming.prime_all([one_token(), refused()])
+
+    asyncio.run(main())
+    assert sorted(closed) == ["ok", "refused"]

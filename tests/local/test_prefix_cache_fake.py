@@ -97,6 +97,32 @@ def test_restore_then_longer_prompt_extends_the_entry() -> None:
     assert entries == [45, 40] and len(h.host_cache) == 2
 
 
+def test_a_partition_reuses_only_its_own_prefixes_in_slots_and_host_memory() -> None:
+    """Tenant isolation (issue 19): B's copy of A's prompt finds neither A's slot nor A's host
+    entry, and is saved apart from it; each tenant's repeat still reuses its own."""
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000)
+    run_one(h, "A1", LONG_A, cache_partition="a")
+    run_one(h, "B1", LONG_A, cache_partition="b")        # A's slot, same tokens: no reuse
+    assert h.sched.reused_tokens == 0 and h.host_cache.hits == 0
+    assert h.host_cache.saves == 1                      # A's prefix went to host, as A's
+    assert h.host_cache.best(encode(LONG_A), "b") == (None, 0)
+    run_one(h, "A2", LONG_A, cache_partition="a")        # A's own entry comes back
+    assert h.host_cache.hits == 1 and h.sched.reused_tokens == 38
+    run_one(h, "B2", LONG_A, cache_partition="b")        # and B's own, saved when A2 took the slot
+    assert h.host_cache.hits == 2 and h.sched.reused_tokens == 76
+    assert len(h.host_cache) == 2                       # the same tokens, once per partition
+    assert {text_of(h, r) for r in ("A1", "B1", "A2", "B2")} == {text_of(h, "A1")}
+
+
+def test_a_slot_is_reused_only_by_its_partition() -> None:
+    h = Harness(n_slots=2, step_tokens=64)
+    a = run_one(h, "A", LONG_A, cache_partition="a")
+    b = run_one(h, "B", LONG_A, cache_partition="b")
+    assert b.seqs[0].slot != a.seqs[0].slot and h.sched.reused_tokens == 0
+    a2 = run_one(h, "A2", LONG_A, cache_partition="a")
+    assert a2.seqs[0].slot == a.seqs[0].slot and h.sched.reused_tokens == 38
+
+
 # -- the pure bookkeeping -----------------------------------------------------------------------
 
 def test_host_cache_put_skips_what_it_cannot_hold_and_dedupes_prefixes() -> None:
@@ -110,6 +136,16 @@ def test_host_cache_put_skips_what_it_cannot_hold_and_dedupes_prefixes() -> None
     assert len(c) == 1 and c.bytes == 500
     entry, shared = c.best(list(range(45)) + [999])
     assert entry is not None and entry.state == "s2" and shared == 45
+
+
+def test_host_cache_entries_of_other_partitions_are_neither_found_nor_superseded() -> None:
+    c = HostCache(10_000)
+    c.put(range(40), "a", 400, partition="a")
+    assert c.worth_saving(list(range(40)), "b") and not c.worth_saving(list(range(40)), "a")
+    c.put(range(50), "b", 500, partition="b")           # a longer prefix, but not a's
+    assert len(c) == 2
+    assert c.best(list(range(50)), "a")[0].state == "a" and c.best(list(range(50)), "a")[1] == 40
+    assert c.best(list(range(50)), "b")[1] == 50 and c.best(list(range(50)))[0] is None
 
 
 def test_shared_prefix_against_the_obvious_loop() -> None:

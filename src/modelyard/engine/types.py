@@ -101,6 +101,10 @@ class EngineRequest:
     constraint: Constraint | None = None      # structured output for every choice
     tools: tuple[dict, ...] | None = None     # chat: OpenAI tool definitions, for the chat template
     tool_choice: str | dict | None = None     # with tools: "auto" | "required" | "none" | a named function
+    # Prefix caching: a prompt reuses computed KV (a slot's cache, a host copy) only of requests
+    # with the same partition, so that one tenant cannot time another's prompt out of the cache
+    # (api/openai/cache_scope makes it from the key and vLLM's cache_salt). An opaque id, never a secret.
+    cache_partition: str = ""
     # Its place in the request's ledger (quota/ledger): the engine reserves the most it may use
     # before any work and settles what it computed once, however it ended. None: not accounted.
     ledger: "LedgerEntry | None" = field(default=None, compare=False, repr=False)

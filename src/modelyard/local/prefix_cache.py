@@ -5,7 +5,9 @@ its prompt-computed prefix is saved here (llama.cpp copies one sequence's cells 
 later prompt that shares a longer prefix with an entry than with any free slot has the entry
 restored into its slot before its first chunk, so a returning chat user or a repeated
 few-shot prompt skips prefill even after many other prompts went through. The restored bytes
-are the computed ones, so the logits after a restore are bit-identical (tested).
+are the computed ones, so the logits after a restore are bit-identical (tested). An entry keeps
+the cache partition of the prompt that computed it and serves only that partition, as the
+slots do (local/slots.py says why).
 
 Pure bookkeeping: the runner saves and restores the bytes (`state`, opaque here) on the
 engine thread; the scheduler decides which, at admission.
@@ -32,6 +34,7 @@ class Entry:
     state: Any                  # the saved KV (ffi.LlamaContext.seq_state)
     nbytes: int
     ids: np.ndarray             # tokens as an array, for shared_prefix
+    partition: str = ""         # the only cache partition it serves
 
 
 class HostCache:
@@ -48,20 +51,22 @@ class HostCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def worth_saving(self, tokens: Sequence[int]) -> bool:
-        """Whether a slot's prefix should be saved before it is overwritten (called at
-        admission, before the bytes exist): long enough, and not held already."""
+    def worth_saving(self, tokens: Sequence[int], partition: str = "") -> bool:
+        """Whether a slot's prefix (of `partition`) should be saved before it is overwritten
+        (called at admission, before the bytes exist): long enough, and not held already."""
         if self.capacity <= 0 or len(tokens) < MIN_TOKENS:
             return False
         ids = np.asarray(tokens, np.int64)
-        return not any(len(e.ids) >= len(ids) and shared_prefix(e.ids, ids) == len(ids)
+        return not any(e.partition == partition and len(e.ids) >= len(ids) and shared_prefix(e.ids, ids) == len(ids)
                        for e in self._entries.values())
 
-    def best(self, prompt: Sequence[int]) -> tuple[Entry | None, int]:
-        """The entry sharing the longest prefix with prompt, and that length."""
+    def best(self, prompt: Sequence[int], partition: str = "") -> tuple[Entry | None, int]:
+        """The entry of `partition` sharing the longest prefix with prompt, and that length."""
         found, shared = None, 0
         ids = np.asarray(prompt, np.int64)
         for entry in self._entries.values():
+            if entry.partition != partition:
+                continue
             n = shared_prefix(entry.ids, ids)
             if n > shared:
                 found, shared = entry, n
@@ -76,20 +81,20 @@ class HostCache:
         self.hits += 1
         self.hit_tokens += tokens
 
-    def put(self, tokens: Sequence[int], state: Any, nbytes: int) -> None:
-        """Keep a saved prefix (engine thread, after the runner copied it out)."""
+    def put(self, tokens: Sequence[int], state: Any, nbytes: int, partition: str = "") -> None:
+        """Keep a saved prefix of `partition` (engine thread, after the runner copied it out)."""
         if nbytes > self.capacity:
             return
         tokens = tuple(tokens)
         ids = np.asarray(tokens, np.int64)
-        # An entry that is a prefix of this one is worth nothing more.
-        for key in [k for k, e in self._entries.items()
-                    if len(e.ids) <= len(ids) and shared_prefix(e.ids, ids) == len(e.ids)]:
+        # An entry of the same partition that is a prefix of this one is worth nothing more.
+        for key in [k for k, e in self._entries.items() if e.partition == partition
+                    and len(e.ids) <= len(ids) and shared_prefix(e.ids, ids) == len(e.ids)]:
             self._drop(key)
         while self.bytes + nbytes > self.capacity:
             self._drop(next(iter(self._entries)))
             self.evictions += 1
-        self._entries[next(self._ids)] = Entry(tokens, state, nbytes, ids)
+        self._entries[next(self._ids)] = Entry(tokens, state, nbytes, ids, partition)
         self.bytes += nbytes
         self.saves += 1
 

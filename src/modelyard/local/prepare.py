@@ -91,4 +91,5 @@ def prepare(r: EngineRequest, vocab: Vocab, chat: ChatTemplate | None, *, contex
         echo = r.prompt if isinstance(r.prompt, str) else detokenize(vocab, ids)
         if r.sampling.logprobs is not None:
             prompt_lp = echo_tokens(vocab, ids, echo)
-    return Request(r.request_id, ids, max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline)
+    return Request(r.request_id, ids, max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline,
+                   cache_partition=r.cache_partition)

@@ -94,6 +94,7 @@ class Request:
     num_computed: int = 0                    # prompt tokens whose KV is in the first slot
     # told what it computed when it retires (prompt tokens, generated): its ledger's settle
     on_end: Callable[[int, int], None] | None = None
+    cache_partition: str = ""                # reuses cached prefixes of this partition only (slots)
 
     def set_status(self, new: RequestStatus) -> None:
         assert self.status.can_become(new), f"{self.id}: {self.status} -> {new}"

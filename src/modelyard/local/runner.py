@@ -47,8 +47,8 @@ class LlamaCppRunner:
         # restores and truncations, which overwrite what the saves read.
         for src, dst in batch.copies:
             self.ctx.seq_cp(src, dst)
-        for slot, prefix in batch.saves:
-            self._save(slot, prefix)
+        for slot, prefix, partition in batch.saves:
+            self._save(slot, prefix, partition)
         for slot, entry in batch.restores:
             self.ctx.set_seq_state(slot, entry.state)
         for slot, keep in batch.truncations:
@@ -64,14 +64,14 @@ class LlamaCppRunner:
             self._decode(batch, range(n_decode))
         return lambda row: kept[row] if row >= n_decode else self.ctx.logits_row(row)
 
-    def _save(self, slot: int, prefix: tuple[int, ...]) -> None:
+    def _save(self, slot: int, prefix: tuple[int, ...], partition: str) -> None:
         assert self.host_cache is not None
         self.ctx.seq_rm(slot, len(prefix))   # only the prompt-computed prefix is worth keeping
         try:
             state = self.ctx.seq_state(slot)
         except EngineError:   # a cache that could not be filled is a miss later, not a failure
             return
-        self.host_cache.put(prefix, state, self.ctx.state_nbytes(state))
+        self.host_cache.put(prefix, state, self.ctx.state_nbytes(state), partition)
 
     def _decode(self, batch: Batch, rows: range) -> None:
         s = slice(rows.start, rows.stop)

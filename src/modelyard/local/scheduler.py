@@ -42,7 +42,7 @@ class Batch:
     logits: list[bool] = field(default_factory=list)
     # KV work before the decode, applied in this order (see LlamaCppRunner.execute):
     copies: list[tuple[int, int]] = field(default_factory=list)        # (src, dst)
-    saves: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)   # (slot, prefix) to host
+    saves: list[tuple[int, tuple[int, ...], str]] = field(default_factory=list)   # (slot, prefix, partition) to host
     restores: list[tuple[int, Entry]] = field(default_factory=list)    # (slot, host entry)
     truncations: list[tuple[int, int]] = field(default_factory=list)   # (slot, keep)
     decodes: list[tuple[Request, Sequence, int]] = field(default_factory=list)  # + logits row
@@ -98,7 +98,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._truncations: list[tuple[int, int]] = []
         self._copies: list[tuple[int, int]] = []
-        self._saves: list[tuple[int, tuple[int, ...]]] = []
+        self._saves: list[tuple[int, tuple[int, ...], str]] = []
         self._restores: list[tuple[int, Entry]] = []
         self.host_cache = host_cache if prefix_cache else None
         self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
@@ -140,8 +140,9 @@ class Scheduler:
         while self.waiting and self.waiting[0].n <= self.slots.n_free:
             req = self.waiting.popleft()
             reuse = self.prefix_cache and not req.wants_prompt_logprobs
-            slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse)
-            entry, from_host = self.host_cache.best(req.prompt_ids) if reuse and self.host_cache else (None, 0)
+            part = req.cache_partition
+            slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse, part)
+            entry, from_host = self.host_cache.best(req.prompt_ids, part) if reuse and self.host_cache else (None, 0)
             restore = entry is not None and min(from_host, req.num_prompt - 2) > min(shared, req.num_prompt - 2)
             self._save_overwritten(slots, 0 if restore else shared)
             if restore:
@@ -156,6 +157,7 @@ class Scheduler:
             self.slots.truncate(slots[0], req.num_computed)
             for seq, slot in zip(req.seqs, slots):
                 seq.slot = slot
+                self.slots.claim(slot, part)
             for slot in slots[1:]:
                 self.slots.forget(slot)     # refilled by a copy when the prompt is done
             req.set_status(RequestStatus.RUNNING)
@@ -168,8 +170,9 @@ class Scheduler:
             return
         for i, slot in enumerate(slots):
             prefix = tuple(self.slots.cached[slot][: self.slots.reusable[slot]])
-            if len(prefix) > (first_keeps if i == 0 else 0) and self.host_cache.worth_saving(prefix):
-                self._saves.append((slot, prefix))
+            part = self.slots.partition[slot]       # the slot's old owner's, not the new prompt's
+            if len(prefix) > (first_keeps if i == 0 else 0) and self.host_cache.worth_saving(prefix, part):
+                self._saves.append((slot, prefix, part))
 
     def _restore(self, slot: int, entry: Entry, shared: int) -> None:
         # set_data replaces the slot's whole KV: earlier truncations of it have no object.

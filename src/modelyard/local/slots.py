@@ -1,7 +1,10 @@
 """The pool of llama.cpp sequence ids ("slots"), each remembering the tokens its KV holds.
 
 A finished sequence's KV stays in its slot as a cache: a new prompt that shares a prefix
-with it (a chat history, a system prompt) takes that slot and skips the shared prefill.
+with it (a chat history, a system prompt) takes that slot and skips the shared prefill, if it
+is of the same cache partition (engine.types.EngineRequest.cache_partition): a prompt that
+skipped prefill answers sooner, so reuse across tenants would tell one tenant, token by token,
+what another's prompts begin with.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class SlotPool:
         # those are reused: a token decoded alone takes another kernel path (the logits differ
         # in the last bits), so reusing it would make output depend on what ran before.
         self.reusable: list[int] = [0] * n
+        # Whose prompt each slot's cache holds: it is reused only by the same partition.
+        self.partition: list[str] = [""] * n
         self._free = set(range(n))
         self._last_used = [0] * n
         self._clock = itertools.count(1)
@@ -51,14 +56,15 @@ class SlotPool:
     def n_used(self) -> int:
         return self.n - len(self._free)
 
-    def acquire(self, prompt: Sequence[int], n: int, reuse: bool) -> tuple[list[int], int]:
-        """Take n free slots for a prompt: the first is the one whose cache shares the longest
-        prefix with it (if reuse). Returns (slots, prefix tokens already in the first slot)."""
+    def acquire(self, prompt: Sequence[int], n: int, reuse: bool, partition: str = "") -> tuple[list[int], int]:
+        """Take n free slots for a prompt of cache partition `partition`: the first is the one
+        whose cache (of that partition) shares the longest prefix with it (if reuse). Returns
+        (slots, prefix tokens already in the first slot). The slots keep their old partition
+        until `claim`: the scheduler saves what they held first."""
         assert n <= len(self._free)
         first, shared = None, 0
         if reuse:
-            first, shared = max(((s, min(self.reusable[s], common_prefix(self.cached[s], prompt)))
-                                 for s in self._free),
+            first, shared = max(((s, self._reusable_prefix(s, prompt, partition)) for s in self._free),
                                 key=lambda t: (t[1], -t[0]))
         if not shared:
             first = self._cheapest(self._free)
@@ -67,6 +73,16 @@ class SlotPool:
             self._free.discard(s)
             self._last_used[s] = next(self._clock)
         return slots, shared
+
+    def _reusable_prefix(self, slot: int, prompt: Sequence[int], partition: str) -> int:
+        if self.partition[slot] != partition:
+            return 0
+        return min(self.reusable[slot], common_prefix(self.cached[slot], prompt))
+
+    def claim(self, slot: int, partition: str) -> None:
+        """What the slot computes from now on belongs to `partition` (after acquire, once the
+        scheduler has saved or kept what the slot held)."""
+        self.partition[slot] = partition
 
     def _take_rest(self, first: int, k: int) -> list[int]:
         left = set(self._free) - {first}
@@ -110,3 +126,4 @@ class SlotPool:
     def copy(self, src: int, dst: int) -> None:
         self.cached[dst] = list(self.cached[src])
         self.reusable[dst] = self.reusable[src]
+        self.partition[dst] = self.partition[src]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ...engine.types import ChoiceDelta, EngineRequest, TokenLogprobs, token_bytes
+from .cache_scope import cache_partition
 from .pipeline import ERRORS, respond, sampling_params
 from .schemas import GenerationRequest
 from .structured import json_constraint, tool_call_schema
@@ -212,5 +213,6 @@ async def create_chat_completion(body: ChatRequest, request: Request) -> Respons
                               sampling=sampling_params(body, body.k_logprobs), n=body.n or 1,
                               max_tokens=body.max_completion_tokens or body.max_tokens, stop=body.stops,
                               deadline=deadline, constraint=body.structured, tools=tools,
-                              tool_choice=body.tool_mode)]
+                              tool_choice=body.tool_mode,
+                              cache_partition=cache_partition(request, body.cache_salt))]
     return await respond(request, body, out, logprobs=body.top_logprobs, prompts=1, build=build)

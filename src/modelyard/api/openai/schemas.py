@@ -38,6 +38,7 @@ LogitBias = Annotated[
 # Every field a client sends has a maximum, checked before any work (stop strings: [limits]
 # max_stop and max_stop_chars, checked by api/openai/pipeline).
 MAX_LOGIT_BIAS = 1024       # token ids biased in one request
+MAX_CACHE_SALT = 256        # characters of a cache_salt (only ever compared)
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds,
@@ -80,6 +81,9 @@ class GenerationRequest(StructuredFields):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: Annotated[LogitBias, Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = Field(None, max_length=MAX_NAME)
+    # vLLM's field: prompts reuse cached prefixes only of requests with the same salt (within the
+    # key's partition, api/openai/cache_scope), so a client can keep its prompts apart even from its own.
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
 
     _constraint: Constraint | None = PrivateAttr(None)
 

@@ -51,82 +51,158 @@ async def prime(stream: AsyncIterator[EngineOutput]) -> Primed:
     return Primed(await stream.__anext__(), stream)
 
 
-async def prime_all(streams: list[AsyncIterator[EngineOutput]]) -> list[Primed]:
-    results = await asyncio.gather(*(prime(s) for s in streams), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        for s in streams:
-            await s.aclose()
-        raise errors[0]
-    return list(results)
+async def prime_all(streams: list[AsyncIterator[EngineOutput]]) -> "list[Primed] | Merge":
+    """Start reading the streams of a request's prompts, and return once a request error in any
+    of them (unknown token, context overflow, queue full, upstream 4xx) would have come, so that
+    it is a plain HTTP error before any response has started; `merge` then reads on.
 
-
-async def merge(streams: list[Primed], n: int = 1) -> AsyncIterator[Event]:
-    """Interleave the streams of several prompts (of `n` choices each) as their events arrive.
-
-    One prompt's stream is read as its consumer reads, and its engine bounds what waits for the
-    reader (engine.types.MAX_PENDING steps). Several are read by pumps as their events come, so
-    that no prompt waits for another; that emptied the engines' queues into one here that grew
-    with every step of every prompt for a client that reads slowly. It holds what the engines'
-    queues would have held, no more: MAX_PENDING steps of every choice of the request (and each
-    prompt's usage), in events. Past that every stream is closed (each request aborted, its
-    slots freed, whether or not the client ever reads again) and the reader's next event is the
-    error. (A step of every prompt at once is far below it: a reader that keeps up is never cut,
-    nor one whose prompts' output waited for the last prompt to start, in prime_all.)"""
+    One prompt: its first event is pulled (`prime`). Several: their pumps start (`Merge`), and
+    priming ends when every prompt has given its first event (or ended, or failed), or earlier,
+    once one prompt's output is under way (a second token of one of its choices, or its end):
+    its client must be able to read it. It used to wait for the first event of
+    every prompt, but with fewer slots than prompts the last ones start only when the first
+    ones end: the client got no byte meanwhile, and a first prompt past MAX_PENDING steps was
+    aborted as if its client read too slowly. A request error comes before a prompt is queued
+    (embedded engines check and tokenize first; an upstream answers its status first), so it
+    still comes before the headers, unless a prompt that failed took longer to check than
+    another took to generate two steps: its error then ends the stream, as a mid-stream
+    failure does (and for a whole body, which is written only at the end, nothing changes)."""
     if len(streams) == 1:
         try:
-            async for event in streams[0]:
-                yield 0, event
-        finally:
+            return [await prime(streams[0])]
+        except BaseException:
             await streams[0].aclose()
-        return
-    bound = len(streams) * (MAX_PENDING * n + 1)
-    queue: asyncio.Queue = asyncio.Queue()
-    tasks: list[asyncio.Task] = []
-    closing: list[asyncio.Task] = []
+            raise
+    merged = Merge(streams)
+    await merged.prime()
+    return merged
 
-    async def close() -> None:
+
+def merge(streams: "list[AsyncIterator[EngineOutput]] | Merge", n: int = 1) -> AsyncIterator[Event]:
+    """The events of a request's prompts (of `n` choices each), as they arrive: `prime_all`'s
+    result, or streams not primed."""
+    if isinstance(streams, Merge):
+        streams.n = n           # before anything is read: the bound holds from the first event
+        return streams.events()
+    if len(streams) == 1:
+        return _one(streams[0])
+    return Merge(streams, n).events()
+
+
+async def _one(stream: AsyncIterator[EngineOutput]) -> AsyncIterator[Event]:
+    """One prompt's stream is read as its consumer reads, and its engine bounds what waits for
+    the reader (engine.types.MAX_PENDING steps)."""
+    try:
+        async for event in stream:
+            yield 0, event
+    finally:
+        await stream.aclose()
+
+
+class Merge:
+    """Interleaves the streams of several prompts (of `n` choices each) as their events arrive.
+
+    Pumps read each stream as its events come, so that no prompt waits for another; that
+    emptied the engines' queues into one here that grew with every step of every prompt for a
+    client that reads slowly. It holds what the engines' queues would have held, no more:
+    MAX_PENDING steps of every choice of the request (and each prompt's usage), in events.
+    Past that every stream is closed (each request aborted, its slots freed, whether or not the
+    client ever reads again) and the reader's next event is the error. A reader that keeps up
+    is never cut: what waits for it is what came since it last read (a step of every prompt at
+    once is far below the bound), and priming (`prime`) ends as soon as a prompt's output is
+    under way, so the reader reads from then on, whatever the prompts still queued."""
+
+    def __init__(self, streams: list[AsyncIterator[EngineOutput]], n: int = 1) -> None:
+        self.streams = streams
+        self.n = n
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._closing: list[asyncio.Task] = []
+        self._heard = [0] * len(streams)     # items each pump has queued: events, its end or error
+        self._under_way = False               # a prompt gave a choice's second token, or ended
+        self._failed: Exception | None = None
+        self._news = asyncio.Event()          # a pump queued something (for prime)
+
+    @property
+    def bound(self) -> int:
+        return len(self.streams) * (MAX_PENDING * self.n + 1)
+
+    def _start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(self.streams)]
+
+    async def prime(self) -> None:
+        """Until every stream has said something, or one's output is under way (prime_all says
+        why); a stream's error raised here, every stream closed."""
+        self._start()
+        try:
+            while not (self._failed or self._closing or self._under_way or all(self._heard)):
+                self._news.clear()
+                await self._news.wait()
+        except BaseException:       # the route was cancelled (its client left) while priming
+            await self._close()
+            raise
+        if self._failed is not None:
+            await self._close()
+            raise self._failed
+
+    async def events(self) -> AsyncIterator[Event]:
+        self._start()
+        try:
+            left = len(self._tasks)
+            while left:
+                i, event = await self._queue.get()
+                if event is _END:
+                    left -= 1
+                elif isinstance(event, Exception):
+                    raise event
+                else:
+                    yield i, event
+        finally:
+            await (self._closing[0] if self._closing else self._close())
+
+    def _put(self, i: int, item: object) -> None:
+        self._queue.put_nowait((i, item))
+        self._heard[i] += 1
+        self._news.set()
+
+    async def _close(self) -> None:
         """Every pump ended, then every stream closed (a pump cancelled before it ran never
         closes its own; closing twice is nothing)."""
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for stream in streams:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for stream in self.streams:
             await stream.aclose()
 
-    def overflow() -> None:
-        while not queue.empty():
-            queue.get_nowait()
-        queue.put_nowait((0, reads_too_slowly(
-            f"{bound} events of output ({MAX_PENDING} steps of {n} choices for each of {len(streams)} prompts)")))
-        closing.append(asyncio.ensure_future(close()))
+    def _overflow(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait((0, reads_too_slowly(
+            f"{self.bound} events of output ({MAX_PENDING} steps of {self.n} choices for each of "
+            f"{len(self.streams)} prompts)")))
+        self._closing.append(asyncio.ensure_future(self._close()))
+        self._news.set()
 
-    async def pump(i: int, stream: Primed) -> None:
+    async def _pump(self, i: int, stream: AsyncIterator[EngineOutput]) -> None:
         # No finally: the stream has ended, failed (its request is over either way), or is
-        # closed by close().
+        # closed by _close().
+        choices: set[int] = set()     # those that gave a token: their next one is a later step's
         try:
             async for event in stream:
-                if queue.qsize() >= bound:
-                    overflow()
+                if self._queue.qsize() >= self.bound:
+                    self._overflow()
                     return
-                queue.put_nowait((i, event))
-            queue.put_nowait((i, _END))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, exc))
-
-    tasks += [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(tasks)
-        while left:
-            i, event = await queue.get()
-            if event is _END:
-                left -= 1
-            elif isinstance(event, Exception):
-                raise event
-            else:
-                yield i, event
-    finally:
-        await (closing[0] if closing else close())
+                if isinstance(event, ChoiceDelta):
+                    self._under_way = self._under_way or event.index in choices
+                    choices.add(event.index)
+                self._put(i, event)
+            self._under_way = True
+            self._put(i, _END)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer (or to prime)
+            if self._failed is None:
+                self._failed = exc
+            self._put(i, exc)
 
 
 @dataclass
