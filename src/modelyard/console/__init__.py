@@ -81,6 +81,7 @@ def mount(app) -> None:
     with the app's lifespan."""
     import asyncio
 
+    from .guard import Refusal, refused
     from .routes import router
     from .sampler import Sampler
     from ..control.sessions import SessionStore
@@ -89,6 +90,7 @@ def mount(app) -> None:
     check_vendored()
     app.state.console = state = ConsoleState(sampler=Sampler(app))
     app.include_router(router)
+    app.add_exception_handler(Refusal, refused)     # every console refusal, answered one way (console/guard)
     app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
     app.add_middleware(SecurityHeaders)
     inner = app.router.lifespan_context

@@ -1,8 +1,8 @@
 """The console's pages and actions under /console: server-rendered, re-rendered after every action.
 
 Reads need a session (any admin token's); a change needs a session, its CSRF token and the admin
-role, and is then made through the admin API in process (console/internal), so the API's own
-validation, role check and audit log apply. Action answers are fragments htmx swaps in, read
+role (console/guard's dependencies, checked before a body is read), and is then made through the
+admin API in process (console/internal), so the API's own validation, role check and audit log apply. Action answers are fragments htmx swaps in, read
 back from server state; messages go to the page's #flash region (out of band).
 """
 
@@ -13,102 +13,32 @@ import ipaddress
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
-from jinja2 import Environment, FileSystemLoader
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
-from ..errors import RateLimited, Unauthorized
+from ..errors import RateLimited
 from ..registry.endpoint import EndpointState
 from ..registry.events import endpoint_events
 from . import internal, views
 from .charts import chart
-from .session import COOKIE, CSRF_HEADER, SESSION_SECONDS, Session
+from .guard import Refusal, changer, leaver, one_of, reader, still_signed_in, who
+from .render import render
+from .session import COOKIE, SESSION_SECONDS, Session
 
-HERE = Path(__file__).parent
 log = logging.getLogger("modelyard.console")
 router = APIRouter(prefix="/console", include_in_schema=False)
-env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
-                  lstrip_blocks=True)
-env.filters["utc"] = views.utc
-env.filters["tojson_attr"] = lambda v: json.dumps(v)      # autoescaped where used in an attribute
 
 SSE_MAX_POLLS = 3600        # quiet polls (registry/events.SNAPSHOT_POLL) before the stream ends; EventSource reconnects
-PAGES = (("endpoints", "Endpoints"), ("live", "Live"), ("playground", "Playground"), ("keys", "Keys"),
-         ("usage", "Usage"), ("models", "Models"))
 
-
-# -- sessions, refusals ------------------------------------------------------------------------
 
 def _state(request: Request):
     return request.app.state.console
 
 
-async def _session(request: Request) -> Session | Response | None:
-    """The request's live session (a database read, on a worker thread), None, or a 503 while
-    the control database has been silent past its bound: sessions are records there, and a
-    revocation could have been missed (control/sync)."""
-    sync = request.app.state.control_sync
-    if sync.stale() is not None:
-        return _refuse(request, 503, sync.refusal("console sessions"), to_login=False)
-    return await asyncio.to_thread(_state(request).sessions.read, request.cookies.get(COOKIE))
-
-
 def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
-
-
-def _htmx(request: Request) -> bool:
-    return request.headers.get("hx-request") == "true"
-
-
-def _refuse(request: Request, status: int, message: str, to_login: bool = True) -> Response:
-    headers = {"HX-Redirect": "/console/login"} if status == 401 and to_login and _htmx(request) else {}
-    return HTMLResponse(env.get_template("_refusal.html").render(message=message), status_code=status,
-                        headers=headers)
-
-
-async def _reader(request: Request) -> Session | Response:
-    session = await _session(request)
-    if isinstance(session, Response):
-        return session
-    if session is None:
-        if _htmx(request) or request.url.path.endswith((".csv", "/stream")):
-            return _refuse(request, 401, "Not signed in (or the session expired): sign in again.")
-        return RedirectResponse("/console/login", status_code=303)
-    return session
-
-
-async def _changer(request: Request) -> Session | Response:
-    """A state-changing request: a session, its CSRF token, the admin role; else 401/403."""
-    session = await _session(request)
-    if isinstance(session, Response):
-        return session
-    if session is None:
-        return _refuse(request, 401, "Not signed in (or the session expired): sign in again.")
-    if not _state(request).sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
-        return _refuse(request, 403, "Refused: the CSRF token is missing or wrong. Reload the page.")
-    if not session.admin:
-        return _refuse(request, 403, f"Refused: {session.name!r} is a viewer token; it can look, not change.")
-    return session
-
-
-def _who(request: Request, session: Session):
-    token = _state(request).sessions.token_of(session)
-    if token is None:         # Sessions.read found it a moment ago; removed since
-        raise Unauthorized("the admin token of this session is gone; sign in again", code="invalid_admin_token")
-    return token
-
-
-def _render(request: Request, template: str, session: Session | None, status: int = 200,
-            flash: tuple[str, str] | None = None, **context: Any) -> HTMLResponse:
-    sessions = _state(request).sessions
-    html = env.get_template(template).render(
-        session=session, csrf=sessions.csrf(session) if session else "", pages=PAGES,
-        flash=flash, **context)
-    return HTMLResponse(html, status_code=status)
 
 
 def _secure(request: Request) -> bool:
@@ -174,7 +104,7 @@ async def home(request: Request) -> Response:
 
 @router.get("/login")
 async def login_page(request: Request) -> Response:
-    return _render(request, "login.html", None)
+    return render(request, "login.html", None)
 
 
 @router.post("/login")
@@ -183,13 +113,11 @@ async def login(request: Request) -> Response:
     wait = state.throttle.retry_after(client)
     if wait is not None:        # before the token is even compared: guessing is capped per address
         limit = request.app.state.settings.login_failures_per_minute
-        response = _refuse(request, 429, f"Too many failed sign-ins from {client}: login_failures_per_minute = "
-                           f"{limit}. Try again in {max(1, round(wait))} s.", to_login=False)
-        response.headers["Retry-After"] = str(max(1, round(wait)))
-        return response
+        raise Refusal(429, f"Too many failed sign-ins from {client}: login_failures_per_minute = {limit}. "
+                      f"Try again in {max(1, round(wait))} s.", to_login=False, retry_after=max(1, round(wait)))
     sync = request.app.state.control_sync
     if sync.stale() is not None:
-        return _refuse(request, 503, sync.refusal("console sign-ins"), to_login=False)
+        raise Refusal(503, sync.refusal("console sign-ins"), to_login=False)
     token = (await _body(request)).get("token")
     got = None
     if isinstance(token, str) and len(token) <= 4096:
@@ -199,7 +127,7 @@ async def login(request: Request) -> Response:
     if got is None:
         state.throttle.failed(client)
         log.warning("console: a failed sign-in from %s", client)
-        return _refuse(request, 401, "That is not an admin token of this server.", to_login=False)
+        raise Refusal(401, "That is not an admin token of this server.", to_login=False)
     log.info("console: %s signed in from %s", got[0].who, client)
     _, cookie = got
     response = Response(status_code=204, headers={"HX-Redirect": "/console/endpoints"})
@@ -209,14 +137,7 @@ async def login(request: Request) -> Response:
 
 
 @router.post("/logout")
-async def logout(request: Request) -> Response:
-    session = await _session(request)
-    if isinstance(session, Response):
-        return session
-    if session is None:
-        return _refuse(request, 401, "Not signed in.")
-    if not _state(request).sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
-        return _refuse(request, 403, "Refused: the CSRF token is missing or wrong. Reload the page.")
+async def logout(request: Request, session: Session = Depends(leaver)) -> Response:
     # the record goes: this cookie, and any copy of it, is refused from now on in every process
     await asyncio.to_thread(_state(request).sessions.logout, session, _client(request))
     response = Response(status_code=204, headers={"HX-Redirect": "/console/login"})
@@ -227,26 +148,20 @@ async def logout(request: Request) -> Response:
 # -- endpoints ---------------------------------------------------------------------------------
 
 async def _endpoints_context(request: Request, session: Session) -> dict:
-    rows, notice = await views.endpoints(request.app, _who(request, session))
+    rows, notice = await views.endpoints(request.app, who(request, session))
     return {"rows": rows, "notice": notice, "api": internal.has_route(request.app, views.ENDPOINTS_API)}
 
 
 @router.get("/endpoints")
-async def endpoints_page(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
+async def endpoints_page(request: Request, session: Session = Depends(reader)) -> Response:
     models = [ep.spec.model for ep in request.app.state.registry.endpoints.values() if ep.spec.engine == "llamacpp"]
-    return _render(request, "endpoints.html", session, page="endpoints", store_models=sorted(set(models)),
+    return render(request, "endpoints.html", session, page="endpoints", store_models=sorted(set(models)),
                    **await _endpoints_context(request, session))
 
 
 @router.get("/endpoints/table")
-async def endpoints_table(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
-    return _render(request, "_endpoints_table.html", session, **await _endpoints_context(request, session))
+async def endpoints_table(request: Request, session: Session = Depends(reader)) -> Response:
+    return render(request, "_endpoints_table.html", session, **await _endpoints_context(request, session))
 
 
 def _sse(event: str, html: str) -> str:
@@ -254,17 +169,14 @@ def _sse(event: str, html: str) -> str:
 
 
 @router.get("/endpoints/stream")
-async def endpoints_stream(request: Request) -> Response:
+async def endpoints_stream(request: Request, session: Session = Depends(reader)) -> Response:
     """The endpoints table as server-sent events: a fresh render whenever an endpoint changed
     (registry/events, the stream the admin API serves too) or, at each quiet poll, its rates did."""
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
 
     async def alive() -> bool:
         # the session checked again at each poll: logout, a revoked token or a silent control
         # database end the stream within a poll (plus the sync bound)
-        return not request.app.state.shutting_down and isinstance(await _session(request), Session)
+        return not request.app.state.shutting_down and await still_signed_in(request)
 
     async def events():
         last, polls = None, 0
@@ -276,41 +188,34 @@ async def endpoints_stream(request: Request) -> Response:
             polls += kind == "poll"
             if polls >= SSE_MAX_POLLS:
                 return
-            html = _render(request, "_endpoints_table.html", session,
-                           **await _endpoints_context(request, session)).body.decode()
+            html = render(request, "_endpoints_table.html", session,
+                          **await _endpoints_context(request, session)).body.decode()
             if html != last:
                 last = html
                 yield _sse("endpoints", html)
 
     try:         # the session's token shares max_streams_per_token with its admin API streams
-        body = request.app.state.stream_slots.stream(_who(request, session), events())
+        body = request.app.state.stream_slots.stream(who(request, session), events())
     except RateLimited as exc:
-        response = _refuse(request, 429, exc.message, to_login=False)
-        response.headers["Retry-After"] = str(round(exc.retry_after or 5))
-        return response
+        raise Refusal(429, exc.message, to_login=False, retry_after=round(exc.retry_after or 5)) from None
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _endpoint_action(request: Request, method: str, path: str, body: Any, done: str) -> Response:
-    session = await _changer(request)
-    if isinstance(session, Response):
-        return session
+async def _endpoint_action(request: Request, session: Session, method: str, path: str, body: Any,
+                           done: str) -> Response:
     if not internal.has_route(request.app, views.ENDPOINTS_API):
         flash = ("error", "This server has no run-time endpoints API: endpoints come from its configuration file.")
     else:
-        answer = await internal.call(request.app, _who(request, session), method, path, json_body=body)
+        answer = await internal.call(request.app, who(request, session), method, path, json_body=body)
         flash = ("ok", done) if answer.ok else ("error", f"Refused ({answer.status}): {answer.message()}")
-    return _render(request, "_endpoints_table.html", session, flash=flash, oob=True,
-                   **await _endpoints_context(request, session))
+    return render(request, "_endpoints_table.html", session, flash=flash, oob=True,
+                  **await _endpoints_context(request, session))
 
 
 @router.post("/endpoints")
-async def create_endpoint(request: Request) -> Response:
+async def create_endpoint(request: Request, session: Session = Depends(changer)) -> Response:
     body = await _body(request)
-    session = await _changer(request)
-    if isinstance(session, Response):
-        return session
     try:
         engine = _text(body, "engine") or "llamacpp"
         spec: dict[str, Any] = {"name": _text(body, "name", required=True), "engine": engine}
@@ -328,20 +233,21 @@ async def create_endpoint(request: Request) -> Response:
         if _text(body, "kind"):
             spec["kind"] = _text(body, "kind")
     except FieldError as exc:
-        return _render(request, "_endpoints_table.html", session, status=422, flash=("error", str(exc)), oob=True,
+        return render(request, "_endpoints_table.html", session, status=422, flash=("error", str(exc)), oob=True,
                        **await _endpoints_context(request, session))
     spec = {k: v for k, v in spec.items() if v is not None}
-    return await _endpoint_action(request, "POST", views.ENDPOINTS_API, spec, f"Endpoint {spec['name']!r} created.")
+    return await _endpoint_action(request, session, "POST", views.ENDPOINTS_API, spec,
+                                  f"Endpoint {spec['name']!r} created.")
 
 
 @router.post("/endpoints/{endpoint_id}/{action}")
-async def endpoint_action(endpoint_id: str, action: str, request: Request) -> Response:
-    if action not in ("load", "unload", "delete"):
-        return _refuse(request, 404, f"no endpoint action {action!r} (load, unload, delete)")
+async def endpoint_action(endpoint_id: str, request: Request,
+                          action: str = Depends(one_of("endpoint", "load", "unload", "delete")),
+                          session: Session = Depends(changer)) -> Response:
     if action == "delete":
-        return await _endpoint_action(request, "DELETE", f"{views.ENDPOINTS_API}/{endpoint_id}", None,
+        return await _endpoint_action(request, session, "DELETE", f"{views.ENDPOINTS_API}/{endpoint_id}", None,
                                       f"Deleting {endpoint_id}.")
-    return await _endpoint_action(request, "POST", f"{views.ENDPOINTS_API}/{endpoint_id}/{action}", {},
+    return await _endpoint_action(request, session, "POST", f"{views.ENDPOINTS_API}/{endpoint_id}/{action}", {},
                                   f"{action.capitalize()} requested for {endpoint_id}.")
 
 
@@ -362,19 +268,13 @@ def _charts(request: Request) -> list[dict]:
 
 
 @router.get("/live")
-async def live_page(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
-    return _render(request, "live.html", session, page="live", endpoints=_charts(request))
+async def live_page(request: Request, session: Session = Depends(reader)) -> Response:
+    return render(request, "live.html", session, page="live", endpoints=_charts(request))
 
 
 @router.get("/live/charts")
-async def live_charts(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
-    return _render(request, "_live_charts.html", session, endpoints=_charts(request))
+async def live_charts(request: Request, session: Session = Depends(reader)) -> Response:
+    return render(request, "_live_charts.html", session, endpoints=_charts(request))
 
 
 # -- playground --------------------------------------------------------------------------------
@@ -383,29 +283,23 @@ PLAYGROUND_KEY_SECONDS = 3600
 
 
 @router.get("/playground")
-async def playground_page(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
+async def playground_page(request: Request, session: Session = Depends(reader)) -> Response:
     eps = [{"name": ep.name, "kind": ep.model_type.value.lower() if ep.model_type else "completions",
             "ready": ep.state is EndpointState.READY}
            for ep in sorted(request.app.state.registry.endpoints.values(), key=lambda e: e.name)]
-    return _render(request, "playground.html", session, page="playground", endpoints=eps)
+    return render(request, "playground.html", session, page="playground", endpoints=eps)
 
 
 @router.post("/playground/key")
-async def playground_key(request: Request) -> Response:
+async def playground_key(request: Request, session: Session = Depends(changer)) -> Response:
     """A short-lived inference key for the playground (an ordinary stored key: audited, metered,
     revocable), its secret into the page's key field."""
-    session = await _changer(request)
-    if isinstance(session, Response):
-        return session
-    answer = await internal.call(request.app, _who(request, session), "POST", "/api-keys", json_body={
+    answer = await internal.call(request.app, who(request, session), "POST", "/api-keys", json_body={
         "name": f"console playground ({session.name})", "expires_at": int(time.time()) + PLAYGROUND_KEY_SECONDS})
     if not answer.ok:
-        return _render(request, "_playground_key.html", session, secret=None,
+        return render(request, "_playground_key.html", session, secret=None,
                        flash=("error", f"Refused ({answer.status}): {answer.message()}"), oob=True)
-    return _render(request, "_playground_key.html", session, secret=answer.body["secret"],
+    return render(request, "_playground_key.html", session, secret=answer.body["secret"],
                    flash=("ok", f"Key {answer.body['id']} made; it expires in an hour."), oob=True)
 
 
@@ -413,30 +307,24 @@ async def playground_key(request: Request) -> Response:
 
 async def _keys_fragment(request: Request, session: Session, status: int = 200, flash=None,
                          secret: dict | None = None) -> Response:
-    got = await views.keys(request.app, _who(request, session))
+    got = await views.keys(request.app, who(request, session))
     if isinstance(got, internal.Answer):
-        return _render(request, "_keys.html", session, status=status, keys=[], oob=True, secret=None,
+        return render(request, "_keys.html", session, status=status, keys=[], oob=True, secret=None,
                        flash=("error", f"the keys API answered {got.status}: {got.message()}"))
-    return _render(request, "_keys.html", session, status=status, keys=got, secret=secret, flash=flash, oob=True)
+    return render(request, "_keys.html", session, status=status, keys=got, secret=secret, flash=flash, oob=True)
 
 
 @router.get("/keys")
-async def keys_page(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
-    got = await views.keys(request.app, _who(request, session))
+async def keys_page(request: Request, session: Session = Depends(reader)) -> Response:
+    got = await views.keys(request.app, who(request, session))
     notice = f"the keys API answered {got.status}: {got.message()}" if isinstance(got, internal.Answer) else None
-    return _render(request, "keys.html", session, page="keys", keys=[] if notice else got, notice=notice,
+    return render(request, "keys.html", session, page="keys", keys=[] if notice else got, notice=notice,
                    secret=None, endpoint_names=sorted(request.app.state.registry.endpoints))
 
 
 @router.post("/keys")
-async def create_key(request: Request) -> Response:
+async def create_key(request: Request, session: Session = Depends(changer)) -> Response:
     body = await _body(request)
-    session = await _changer(request)
-    if isinstance(session, Response):
-        return session
     try:
         fields: dict[str, Any] = {"name": _text(body, "name", required=True),
                                   "rpm": _int(body, "rpm", 1, 10 ** 9), "tpm": _int(body, "tpm", 1, 10 ** 12),
@@ -446,7 +334,7 @@ async def create_key(request: Request) -> Response:
             fields["expires_at"] = int(time.time()) + hours * 3600
     except FieldError as exc:
         return await _keys_fragment(request, session, status=422, flash=("error", str(exc)))
-    answer = await internal.call(request.app, _who(request, session), "POST", "/api-keys",
+    answer = await internal.call(request.app, who(request, session), "POST", "/api-keys",
                                  json_body={k: v for k, v in fields.items() if v is not None})
     if not answer.ok:
         return await _keys_fragment(request, session, status=answer.status if answer.status < 500 else 502,
@@ -460,16 +348,13 @@ ROTATE_GRACE = {"rotate": 3600, "rotate-now": 0}     # seconds the old secret ke
 
 
 @router.post("/keys/{key_id}/{action}")
-async def key_action(key_id: str, action: str, request: Request) -> Response:
-    if action not in ("revoke", "rotate", "rotate-now"):
-        return _refuse(request, 404, f"no key action {action!r} (revoke, rotate, rotate-now)")
-    session = await _changer(request)
-    if isinstance(session, Response):
-        return session
+async def key_action(key_id: str, request: Request,
+                     action: str = Depends(one_of("key", "revoke", "rotate", "rotate-now")),
+                     session: Session = Depends(changer)) -> Response:
     # rotate: the old secret keeps working for an hour (clients switch without an outage);
     # rotate-now: grace 0, for a secret that leaked, which must stop working at once
     body = {"grace_seconds": ROTATE_GRACE[action]} if action in ROTATE_GRACE else None
-    answer = await internal.call(request.app, _who(request, session), "POST",
+    answer = await internal.call(request.app, who(request, session), "POST",
                                  f"/api-keys/{key_id}/{action.removesuffix('-now')}", json_body=body)
     if not answer.ok:
         return await _keys_fragment(request, session, flash=("error", f"Refused ({answer.status}): {answer.message()}"))
@@ -495,25 +380,19 @@ def _usage_query(request: Request) -> tuple[str, int]:
 
 
 @router.get("/usage")
-async def usage_page(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
+async def usage_page(request: Request, session: Session = Depends(reader)) -> Response:
     granularity, days = _usage_query(request)
-    rows, notice = await views.usage(request.app, _who(request, session), granularity, days)
-    return _render(request, "usage.html", session, page="usage", rows=rows, notice=notice,
+    rows, notice = await views.usage(request.app, who(request, session), granularity, days)
+    return render(request, "usage.html", session, page="usage", rows=rows, notice=notice,
                    granularity=granularity, days=days)
 
 
 @router.get("/usage.csv")
-async def usage_csv(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
+async def usage_csv(request: Request, session: Session = Depends(reader)) -> Response:
     granularity, days = _usage_query(request)
-    rows, notice = await views.usage(request.app, _who(request, session), granularity, days)
+    rows, notice = await views.usage(request.app, who(request, session), granularity, days)
     if notice:
-        return _refuse(request, 502, notice)
+        raise Refusal(502, notice)
     return Response(views.usage_csv(rows), media_type="text/csv; charset=utf-8", headers={
         "Content-Disposition": f'attachment; filename="modelyard-usage-{granularity}-{days}d.csv"'})
 
@@ -524,27 +403,21 @@ MAX_PULLS = 20          # pull jobs remembered (finished ones are dropped first)
 
 
 @router.get("/models")
-async def models_page(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
-    models, notice = await views.models(request.app, _who(request, session))
-    return _render(request, "models.html", session, page="models", models=models, notice=notice,
+async def models_page(request: Request, session: Session = Depends(reader)) -> Response:
+    models, notice = await views.models(request.app, who(request, session))
+    return render(request, "models.html", session, page="models", models=models, notice=notice,
                    pulls=list(_state(request).pulls.values()))
 
 
 @router.get("/models/table")
-async def models_table(request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
-    models, notice = await views.models(request.app, _who(request, session))
-    return _render(request, "_models_table.html", session, models=models, notice=notice)
+async def models_table(request: Request, session: Session = Depends(reader)) -> Response:
+    models, notice = await views.models(request.app, who(request, session))
+    return render(request, "_models_table.html", session, models=models, notice=notice)
 
 
 async def _models_fragment(request: Request, session: Session, flash, status: int = 200) -> Response:
-    models, notice = await views.models(request.app, _who(request, session))
-    return _render(request, "_models_table.html", session, status=status, models=models, notice=notice,
+    models, notice = await views.models(request.app, who(request, session))
+    return render(request, "_models_table.html", session, status=status, models=models, notice=notice,
                    flash=flash, oob=True)
 
 
@@ -591,11 +464,8 @@ def _progress(job: dict, line: bytes) -> None:
 
 
 @router.post("/models/pull")
-async def pull_model(request: Request) -> Response:
+async def pull_model(request: Request, session: Session = Depends(changer)) -> Response:
     body = await _body(request)
-    session = await _changer(request)
-    if isinstance(session, Response):
-        return session
     if not internal.has_route(request.app, views.MODELS_API + "/pull", "POST"):
         return await _models_fragment(request, session, ("error", "This server has no model store API to pull with."))
     ref = _text(body, "ref")
@@ -607,37 +477,31 @@ async def pull_model(request: Request) -> Response:
     for old in [j for j in state.pulls.values() if j["state"] != "pulling"][:max(0, len(state.pulls) - MAX_PULLS + 1)]:
         state.pulls.pop(old["id"], None)
     state.pulls[job["id"]] = job
-    task = asyncio.create_task(_run_pull(request.app, _who(request, session), job), name=f"console-pull:{ref}")
+    task = asyncio.create_task(_run_pull(request.app, who(request, session), job), name=f"console-pull:{ref}")
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)
-    return _render(request, "_pull.html", session, job=job)
+    return render(request, "_pull.html", session, job=job)
 
 
 @router.get("/models/pulls/{job_id}")
-async def pull_progress(job_id: str, request: Request) -> Response:
-    session = await _reader(request)
-    if isinstance(session, Response):
-        return session
+async def pull_progress(job_id: str, request: Request, session: Session = Depends(reader)) -> Response:
     job = _state(request).pulls.get(job_id)
     if job is None:
-        return _refuse(request, 404, f"no pull {job_id!r} (the console forgets finished pulls after a while)")
-    response = _render(request, "_pull.html", session, job=job)
+        raise Refusal(404, f"no pull {job_id!r} (the console forgets finished pulls after a while)")
+    response = render(request, "_pull.html", session, job=job)
     if job["state"] != "pulling":
         response.headers["HX-Trigger"] = "models-changed"
     return response
 
 
 @router.post("/models/delete")
-async def delete_model(request: Request) -> Response:
+async def delete_model(request: Request, session: Session = Depends(changer)) -> Response:
     body = await _body(request)
-    session = await _changer(request)
-    if isinstance(session, Response):
-        return session
     ref = _text(body, "ref")
     if ref is None:
         return await _models_fragment(request, session, ("error", "ref is required: the model reference to delete"), 422)
     if not internal.has_route(request.app, views.MODELS_API):
         return await _models_fragment(request, session, ("error", "This server has no model store API to delete with."))
-    answer = await internal.call(request.app, _who(request, session), "DELETE", f"{views.MODELS_API}/{ref}")
+    answer = await internal.call(request.app, who(request, session), "DELETE", f"{views.MODELS_API}/{ref}")
     flash = ("ok", f"Deleted {ref}.") if answer.ok else ("error", f"Refused ({answer.status}): {answer.message()}")
     return await _models_fragment(request, session, flash)
