@@ -255,29 +255,21 @@ def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
     assert re.search(r"<td data-replicas[^>]*>0/1</td>", text) and "connection refused" in text
 
 
-def test_endpoints_page_degrades_or_drives_the_api(app, client):
-    """Without the run-time endpoints API: a notice, no create form, actions say why. With it
-    (once merged): the console creates a remote endpoint through it and lists it."""
+def test_endpoints_page_drives_the_api(app, client):
+    """The console creates a remote endpoint through the run-time endpoints API and lists it."""
     csrf = login(client, ADMIN)
     page = client.get("/console/endpoints").text
+    assert 'hx-post="/console/endpoints"' in page
     r = client.post("/console/endpoints", json={"name": "made", "engine": "openai", "urls": "http://127.0.0.1:9/v1",
                                                 "upstream_model": "m"}, headers={"X-CSRF-Token": csrf})
-    if not internal.has_route(app, "/model-endpoints"):
-        assert "need the model-endpoints API" in page and 'hx-post="/console/endpoints"' not in page
-        assert "no run-time endpoints API" in r.text
-    else:
-        assert 'hx-post="/console/endpoints"' in page
-        assert r.status_code == 200 and "Endpoint &#39;made&#39; created" in r.text, r.text
-        assert 'data-endpoint="made"' in client.get("/console/endpoints/table").text
+    assert r.status_code == 200 and "Endpoint &#39;made&#39; created" in r.text, r.text
+    assert 'data-endpoint="made"' in client.get("/console/endpoints/table").text
 
 
-def test_models_page_degrades_or_lists_the_store(app, client):
+def test_models_page_lists_the_store(app, client):
     login(client, ADMIN)
     page = client.get("/console/models").text
-    if not internal.has_route(app, "/models"):
-        assert "model store API (list, pull, delete) is not on this server" in page
-    else:
-        assert "model store API" not in page and "<caption>" in page
+    assert "model store API" not in page and "<caption>" in page
 
 
 def test_vendored_scripts_match_their_pins(tmp_path, monkeypatch):

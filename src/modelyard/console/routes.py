@@ -149,7 +149,7 @@ async def logout(request: Request, session: Session = Depends(leaver)) -> Respon
 
 async def _endpoints_context(request: Request, session: Session) -> dict:
     rows, notice = await views.endpoints(request.app, who(request, session))
-    return {"rows": rows, "notice": notice, "api": internal.has_route(request.app, views.ENDPOINTS_API)}
+    return {"rows": rows, "notice": notice}
 
 
 @router.get("/endpoints")
@@ -204,11 +204,8 @@ async def endpoints_stream(request: Request, session: Session = Depends(reader))
 
 async def _endpoint_action(request: Request, session: Session, method: str, path: str, body: Any,
                            done: str) -> Response:
-    if not internal.has_route(request.app, views.ENDPOINTS_API):
-        flash = ("error", "This server has no run-time endpoints API: endpoints come from its configuration file.")
-    else:
-        answer = await internal.call(request.app, who(request, session), method, path, json_body=body)
-        flash = ("ok", done) if answer.ok else ("error", f"Refused ({answer.status}): {answer.message()}")
+    answer = await internal.call(request.app, who(request, session), method, path, json_body=body)
+    flash = ("ok", done) if answer.ok else ("error", f"Refused ({answer.status}): {answer.message()}")
     return render(request, "_endpoints_table.html", session, flash=flash, oob=True,
                   **await _endpoints_context(request, session))
 
@@ -466,8 +463,6 @@ def _progress(job: dict, line: bytes) -> None:
 @router.post("/models/pull")
 async def pull_model(request: Request, session: Session = Depends(changer)) -> Response:
     body = await _body(request)
-    if not internal.has_route(request.app, views.MODELS_API + "/pull", "POST"):
-        return await _models_fragment(request, session, ("error", "This server has no model store API to pull with."))
     ref = _text(body, "ref")
     if ref is None:
         return await _models_fragment(request, session, ("error", "ref is required: a model reference to pull"), 422)
@@ -500,8 +495,6 @@ async def delete_model(request: Request, session: Session = Depends(changer)) ->
     ref = _text(body, "ref")
     if ref is None:
         return await _models_fragment(request, session, ("error", "ref is required: the model reference to delete"), 422)
-    if not internal.has_route(request.app, views.MODELS_API):
-        return await _models_fragment(request, session, ("error", "This server has no model store API to delete with."))
     answer = await internal.call(request.app, who(request, session), "DELETE", f"{views.MODELS_API}/{ref}")
     flash = ("ok", f"Deleted {ref}.") if answer.ok else ("error", f"Refused ({answer.status}): {answer.message()}")
     return await _models_fragment(request, session, flash)
