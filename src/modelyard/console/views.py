@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import time
-from typing import Any
 
 from ..registry.render import endpoint_object
 from ..settings import AdminToken
