@@ -124,6 +124,20 @@ def test_signed_out_is_refused(app, client):
     assert client.get("/console/endpoints", follow_redirects=False).status_code == 303
 
 
+def test_refusals_are_answered_one_way(app, client, monkeypatch):
+    """console/guard's refusals: an unknown action is a 404 before the session is read; htmx's 401
+    sends it to sign-in; a stale control store is a 503 that signing in again would not cure."""
+    for path in ("/console/endpoints/ep_x/bogus", "/console/keys/KEY/bogus"):
+        r = client.post(path, json={})
+        assert r.status_code == 404 and "bogus" in r.text and 'role="alert"' in r.text, path
+    r = client.post("/console/keys", json={"name": "k"}, headers={"HX-Request": "true"})
+    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/console/login" and "sign in again" in r.text
+    login(client, ADMIN)
+    monkeypatch.setattr(app.state.control_sync, "stale", lambda: 120.0)
+    r = client.get("/console/keys", headers={"HX-Request": "true"})
+    assert r.status_code == 503 and "HX-Redirect" not in r.headers and "console sessions" in r.text
+
+
 def test_tampered_cookie_is_refused(client):
     login(client, VIEWER)
     cookie = client.cookies.get("modelyard_console")
