@@ -267,17 +267,10 @@ def test_live_charts_and_endpoint_figures_follow_traffic(srv, browser, shots):
 
 
 def test_remote_endpoint_loading_to_ready_without_reload(srv, browser, shots, tmp_path):
-    """Needs the run-time endpoints API (/api/v1/control/model-endpoints): until it is merged the
-    console says it is absent and offers no create form; with it, a remote endpoint made in the
-    page goes from not ready to ready as its upstream (a second modelyard) starts, no reload."""
+    """A remote endpoint made in the page (through the run-time endpoints API) goes from not
+    ready to ready as its upstream (a second modelyard) starts, no reload."""
     page, messages = new_page(browser)
     sign_in(page, srv.base, ADMIN)
-    api = httpx.get(srv.base + "/api/v1/control/model-endpoints", headers={"Authorization": f"Bearer {ADMIN}"})
-    if api.status_code == 404:
-        expect(page.locator("p.notice")).to_contain_text("need the model-endpoints API")
-        assert page.locator('form[hx-post="/console/endpoints"]').count() == 0
-        return
-    assert api.status_code == 200, api.text
     from servers import modelyard_process, wait_ready
     # the upstream's port is chosen now; it starts once the endpoint exists (so it is seen loading)
     upstream = modelyard_process(tmp_path / "upstream", f'[[endpoints]]\nname = "{MODEL}"\n{ENGINE}')
@@ -324,17 +317,11 @@ def page_key(srv) -> str:
 
 
 def test_models_list_pull_and_refused_delete(srv, browser, shots):
-    """Needs the store's models API (/api/v1/control/models): until it is merged the page says it
-    is absent; with it: the store's models with the endpoints using them, a pull whose progress
+    """The store's models (through its API) with the endpoints using them, a pull whose progress
     ends in "done", and a delete of a model in use refused with the API's 409."""
     page, messages = new_page(browser)
     sign_in(page, srv.base, ADMIN)
     page.goto(srv.base + "/console/models")
-    api = httpx.get(srv.base + "/api/v1/control/models", headers={"Authorization": f"Bearer {ADMIN}"})
-    if api.status_code == 404:
-        expect(page.locator("p.notice")).to_contain_text("model store API (list, pull, delete) is not on this server")
-        return
-    assert api.status_code == 200, api.text
     row = page.locator("table.models tr", has_text=MODEL).first
     expect(row).to_contain_text(MODEL)                      # used by the endpoint of the same name
     page.fill("input[name=ref]", MODEL)                     # in the store already: a quick, offline pull

@@ -16,9 +16,8 @@ from fastapi.testclient import TestClient
 from consoleapp import ADMIN, BASE, VIEWER, login, make_settings
 from modelyard import create_app
 from modelyard.console import CSP, check_vendored
-from modelyard.console import routes as console_routes
-from modelyard.console import views
-from modelyard.console import internal
+from modelyard.console import internal, views
+from modelyard.console.pages import ROUTERS, endpoints, models, playground
 from modelyard.errors import ConfigError
 from modelyard.settings import AdminToken, Settings
 
@@ -29,7 +28,7 @@ FRAGMENTS = ("endpoints/table", "live/charts", "models/table")
 def change_routes(app) -> list[str]:
     """Every state-changing console route (POST), with sample path parameters filled in."""
     paths = []
-    for r in console_routes.router.routes:       # (app.routes keeps included routers nested)
+    for r in [r for router in ROUTERS for r in router.routes]:      # a router per page (console/pages)
         if getattr(r, "path", "").startswith("/console") and "POST" in (getattr(r, "methods", None) or ()):
             if r.path in ("/console/login", "/console/logout"):
                 continue
@@ -123,6 +122,20 @@ def test_signed_out_is_refused(app, client):
     assert client.post("/console/login", json={"token": "sk-my-anything"}).status_code == 401
     client.cookies.set("modelyard_console", "v1.eyJuIjoib3BzIn0.AAAA", path="/console")
     assert client.get("/console/endpoints", follow_redirects=False).status_code == 303
+
+
+def test_refusals_are_answered_one_way(app, client, monkeypatch):
+    """console/guard's refusals: an unknown action is a 404 before the session is read; htmx's 401
+    sends it to sign-in; a stale control store is a 503 that signing in again would not cure."""
+    for path in ("/console/endpoints/ep_x/bogus", "/console/keys/KEY/bogus"):
+        r = client.post(path, json={})
+        assert r.status_code == 404 and "bogus" in r.text and 'role="alert"' in r.text, path
+    r = client.post("/console/keys", json={"name": "k"}, headers={"HX-Request": "true"})
+    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/console/login" and "sign in again" in r.text
+    login(client, ADMIN)
+    monkeypatch.setattr(app.state.control_sync, "stale", lambda: 120.0)
+    r = client.get("/console/keys", headers={"HX-Request": "true"})
+    assert r.status_code == 503 and "HX-Redirect" not in r.headers and "console sessions" in r.text
 
 
 def test_tampered_cookie_is_refused(client):
@@ -220,7 +233,7 @@ def test_playground_key_is_short_lived(app, client):
     secret = re.search(r'id="pg-key" type="password" autocomplete="off" value="([^"]+)"', r.text).group(1)
     key = app.state.key_store.list(10)["data"][0]
     assert key["name"] == "console playground (ops)"
-    assert time.time() < key["expires_at"] <= time.time() + console_routes.PLAYGROUND_KEY_SECONDS
+    assert time.time() < key["expires_at"] <= time.time() + playground.PLAYGROUND_KEY_SECONDS
     assert app.state.keys.knows(f"Bearer {secret}")
     audit = app.state.key_store.audit(10)["data"]
     assert audit[-1]["actor"] == "admin:ops" and audit[-1]["action"] == "api_key.create"
@@ -237,7 +250,7 @@ def test_usage_page_and_csv_come_from_the_rollups(app, client):
     page = client.get("/console/usage?granularity=hour&days=1").text
     assert key["id"] in page and ">16<" in page and ">10<" in page
     csv = client.get("/console/usage.csv?granularity=day").text.splitlines()
-    assert csv[0] == ",".join(console_routes.views.CSV_FIELDS)
+    assert csv[0] == ",".join(views.CSV_FIELDS)
     assert csv[1].endswith(f",day,{key['id']},'=HYPERLINK(1),remote,2,10,6,16")     # no formula
     keys = client.get("/console/keys").text
     assert re.search(r"data-usage-requests[^>]*>2<", keys)
@@ -245,7 +258,7 @@ def test_usage_page_and_csv_come_from_the_rollups(app, client):
 
 def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
     login(client, ADMIN)
-    monkeypatch.setattr(console_routes, "SSE_MAX_POLLS", 1)
+    monkeypatch.setattr(endpoints, "SSE_MAX_POLLS", 1)
     with client.stream("GET", "/console/endpoints/stream") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
@@ -255,29 +268,21 @@ def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
     assert re.search(r"<td data-replicas[^>]*>0/1</td>", text) and "connection refused" in text
 
 
-def test_endpoints_page_degrades_or_drives_the_api(app, client):
-    """Without the run-time endpoints API: a notice, no create form, actions say why. With it
-    (once merged): the console creates a remote endpoint through it and lists it."""
+def test_endpoints_page_drives_the_api(app, client):
+    """The console creates a remote endpoint through the run-time endpoints API and lists it."""
     csrf = login(client, ADMIN)
     page = client.get("/console/endpoints").text
+    assert 'hx-post="/console/endpoints"' in page
     r = client.post("/console/endpoints", json={"name": "made", "engine": "openai", "urls": "http://127.0.0.1:9/v1",
                                                 "upstream_model": "m"}, headers={"X-CSRF-Token": csrf})
-    if not internal.has_route(app, "/model-endpoints"):
-        assert "need the model-endpoints API" in page and 'hx-post="/console/endpoints"' not in page
-        assert "no run-time endpoints API" in r.text
-    else:
-        assert 'hx-post="/console/endpoints"' in page
-        assert r.status_code == 200 and "Endpoint &#39;made&#39; created" in r.text, r.text
-        assert 'data-endpoint="made"' in client.get("/console/endpoints/table").text
+    assert r.status_code == 200 and "Endpoint &#39;made&#39; created" in r.text, r.text
+    assert 'data-endpoint="made"' in client.get("/console/endpoints/table").text
 
 
-def test_models_page_degrades_or_lists_the_store(app, client):
+def test_models_page_lists_the_store(app, client):
     login(client, ADMIN)
     page = client.get("/console/models").text
-    if not internal.has_route(app, "/models"):
-        assert "model store API (list, pull, delete) is not on this server" in page
-    else:
-        assert "model store API" not in page and "<caption>" in page
+    assert "model store API" not in page and "<caption>" in page
 
 
 def test_vendored_scripts_match_their_pins(tmp_path, monkeypatch):
@@ -312,20 +317,20 @@ def test_stored_admin_tokens_sign_in_and_their_removal_ends_the_session(app, cli
 
 def test_pull_progress_reads_ollamas_ndjson_shape():
     job = {"state": "pulling", "status": "", "completed": 0, "total": None, "error": None}
-    console_routes._progress(job, b'{"status": "pulling manifest"}')
-    console_routes._progress(job, b'{"status": "downloading model.gguf", "digest": "sha256:ab", '
-                                  b'"total": 200, "completed": 50}')
+    models._progress(job, b'{"status": "pulling manifest"}')
+    models._progress(job, b'{"status": "downloading model.gguf", "digest": "sha256:ab", '
+                          b'"total": 200, "completed": 50}')
     assert job["state"] == "pulling" and (job["completed"], job["total"]) == (50, 200)
-    console_routes._progress(job, b'{"status": "success"}')
+    models._progress(job, b'{"status": "success"}')
     assert job["state"] == "done"
     failed = {"state": "pulling", "status": "", "completed": 0, "total": None, "error": None}
-    console_routes._progress(failed, b'{"error": "upstream answered 404 for model.gguf"}')
+    models._progress(failed, b'{"error": "upstream answered 404 for model.gguf"}')
     assert failed["state"] == "failed" and failed["error"] == "upstream answered 404 for model.gguf"
     early = dict(failed, state="pulling", error=None, http_status=422)       # refused before the stream
-    console_routes._progress(early, b'{"detail": [{"loc": ["body", "model"], "msg": "not a model reference"}]}')
+    models._progress(early, b'{"detail": [{"loc": ["body", "model"], "msg": "not a model reference"}]}')
     assert early["state"] == "failed" and early["error"] == "model: not a model reference"
     garbage = dict(failed, state="pulling", error=None)
-    console_routes._progress(garbage, b"<html>")
+    models._progress(garbage, b"<html>")
     assert garbage["state"] == "failed" and garbage["error"] == "<html>"
 
 

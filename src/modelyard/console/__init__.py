@@ -81,14 +81,17 @@ def mount(app) -> None:
     with the app's lifespan."""
     import asyncio
 
-    from .routes import router
+    from .guard import Refusal, refused
+    from .pages import ROUTERS
     from .sampler import Sampler
     from ..control.sessions import SessionStore
     from .session import LoginThrottle, Sessions, current_tokens
 
     check_vendored()
     app.state.console = state = ConsoleState(sampler=Sampler(app))
-    app.include_router(router)
+    for router in ROUTERS:       # a page each (console/pages)
+        app.include_router(router)
+    app.add_exception_handler(Refusal, refused)     # every console refusal, answered one way (console/guard)
     app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
     app.add_middleware(SecurityHeaders)
     inner = app.router.lifespan_context

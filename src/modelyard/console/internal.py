@@ -43,15 +43,6 @@ class Answer:
         return f"HTTP {self.status}: {str(body)[:300]}"
 
 
-def has_route(app, path: str, method: str = "GET") -> bool:
-    """Whether this server has an admin route (the endpoints and models APIs may be absent):
-    asked of the router itself, as a request would be matched (FastAPI keeps included routers
-    nested, so app.routes does not list them)."""
-    from starlette.routing import Match
-    scope = {"type": "http", "path": PREFIX + path, "method": method, "root_path": ""}
-    return any(route.matches(scope)[0] is Match.FULL for route in app.router.routes)
-
-
 def _scope(app, who: AdminToken, method: str, path: str, query: dict | None, body: bytes) -> dict:
     qs = urlencode({k: v for k, v in (query or {}).items() if v is not None}).encode()
     return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,

@@ -7,7 +7,7 @@ database forges none. A session ends when it expires (SESSION_SECONDS), at logou
 deleted: a copied cookie stops working at once, in every process), when its admin token is
 revoked (the command deletes its records) or taken out of the configuration, and while the
 control database has been silent past `control_fail_closed_after` (a revocation could have been
-missed; console/routes answers 503).
+missed; console/guard answers 503).
 
 CSRF: every state-changing console request carries `X-CSRF-Token`, an HMAC keyed by the session's
 id (the page puts it on htmx's headers). The cookie is SameSite=Strict and HttpOnly as well; the

@@ -1,8 +1,10 @@
 """What the pages show, read from server state at every render (never cached in the browser).
 
-Endpoints: the run-time endpoints API (`/model-endpoints`, its contract objects) when this server
-has it, else the registry's endpoints rendered by the same function (registry/render); joined with the sampler's
-tokens/s and TTFT. Keys and usage: the admin API (usage from its rollups, never request logs).
+Everything through the admin API, in process (console/internal): the console is mounted only
+with the control plane's routers, so the endpoints and models APIs are always there. Endpoints:
+the run-time endpoints API's objects (should it fail, the registry's endpoints rendered by the same
+function, registry/render, under a notice), joined with the sampler's tokens/s and TTFT. Keys and usage: the
+keys API and the usage rollups (never request logs). Models: the store's API.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import time
-from typing import Any
 
 from ..registry.render import endpoint_object
 from ..settings import AdminToken
@@ -21,19 +22,14 @@ MODELS_API = "/models"
 
 
 async def endpoints(app, who: AdminToken) -> tuple[list[dict], str | None]:
-    """(rows, a notice when the run-time endpoints API is absent or failed)."""
+    """(rows, a notice when the run-time endpoints API failed: then the registry's own)."""
     notice = None
-    if internal.has_route(app, ENDPOINTS_API):
-        got = await internal.list_all(app, who, ENDPOINTS_API)
-        if isinstance(got, internal.Answer):
-            notice = f"the endpoints API answered {got.status}: {got.message()}"
-            objects = [endpoint_object(ep) for ep in app.state.registry.endpoints.values()]
-        else:
-            objects = got
-    else:
-        notice = ("Run-time endpoints (create, load, unload, delete) need the model-endpoints API, "
-                  "which this server does not have; configured endpoints are shown.")
+    got = await internal.list_all(app, who, ENDPOINTS_API)
+    if isinstance(got, internal.Answer):
+        notice = f"the endpoints API answered {got.status}: {got.message()}"
         objects = [endpoint_object(ep) for ep in app.state.registry.endpoints.values()]
+    else:
+        objects = got
     sampler = app.state.console.sampler
     rows = []
     for obj in sorted(objects, key=lambda o: o.get("name", "")):
@@ -92,9 +88,6 @@ def utc(ts: int | None) -> str:
 
 
 async def models(app, who: AdminToken) -> tuple[list[dict], str | None]:
-    if not internal.has_route(app, MODELS_API):
-        return [], ("The model store API (list, pull, delete) is not on this server; "
-                    "`modelyard models` and `modelyard pull` manage the store from a shell.")
     got = await internal.list_all(app, who, MODELS_API)
     if isinstance(got, internal.Answer):
         return [], f"the models API answered {got.status}: {got.message()}"
