@@ -1,6 +1,6 @@
 """The one stream of endpoint changes, for whoever shows endpoints live: the admin API's
 `/model-endpoints/events` (api/admin/endpoints) and the console's Endpoints table
-(console/routes). Snapshots are registry/render's objects, so both show the same endpoint.
+(console/pages/endpoints). Snapshots are registry/render's objects, so both show the same endpoint.
 """
 
 from __future__ import annotations
