@@ -208,8 +208,10 @@ def test_status_counts_inputs_and_tokens(engine, run):
 
 def test_metering_reserves_the_prompt_tokens_and_settles_what_was_computed(engine, run):
     seen: list[tuple[str, int]] = []
-    request = EmbeddingRequest("m", ("metered input",), reserve=lambda n: seen.append(("reserve", n)),
-                               settle=lambda n: seen.append(("settle", n)))
+
+    async def reserve(n: int) -> None:       # awaited: a quota store may be remote (quota/policy)
+        seen.append(("reserve", n))
+    request = EmbeddingRequest("m", ("metered input",), reserve=reserve, settle=lambda n: seen.append(("settle", n)))
     result = run(engine.embed(request))
     assert seen == [("reserve", result.prompt_tokens), ("settle", result.prompt_tokens)]
 

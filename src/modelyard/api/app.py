@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from ..metrics import Metrics
+from ..quota.keys import KeyChecker
 from ..registry.registry import Registry
 from ..settings import Settings
 from . import chat, completions, control, control_endpoints, control_models, embeddings, errors, models, tokenizer
@@ -18,7 +19,7 @@ from .disconnect import CancelOnDisconnect
 from .gate import CredentialGate, GatedRoutes
 from .middleware import BodyLimits, ReleaseSlot, RequestLog
 from .origin import BrowserGuard, allowed_origin_keys
-from .auth import KeyChecker, require_key
+from .auth import require_key
 
 OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
 KEY_ID_SECRET = "config_key_ids"      # control/records.server_secret: the configured keys' ids
@@ -62,8 +63,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await usage.start()
             if book is not None:
                 await book.start()
-        if settings.quota_backend == "postgres":
-            await asyncio.to_thread(shared.prepare)
+        await app.state.keys.backend.prepare()      # postgres: its table
         registry.start()
         try:
             yield
@@ -77,8 +77,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                     await book.stop()
                 await usage.stop()          # the last flush, after the last request
                 await asyncio.to_thread(app.state.key_store.db.close)
-            if shared is not None:
-                shared.close()              # Redis: stops renewing leases (none are left); PG: its connection
+            # Redis: stops renewing leases (none are left); PG: its connection; every backend: the
+            # settles and releases still under way
+            await app.state.keys.backend.close()
 
     # The interactive docs and the OpenAPI document are a map of the API for whoever can reach
     # it, and /docs loads its page from a CDN: served on loopback only (README, "Configuration").

@@ -64,9 +64,9 @@ R = TypeVar("R", EngineRequest, EmbeddingRequest)
 
 
 def metered(request: Request, reqs: list[R]) -> list[R]:
-    """Give each engine request its key's meter (tpm; a budget counted on settle): the engine
-    reserves before any work and settles when the request ends (quota/memory). With the control
-    plane's usage on, every request is also watched for ending without its usage (CutShort)."""
+    """Give each engine request its key's meter (tpm, a budget): the engine reserves before any
+    work and settles when the request ends (quota/policy). With the control plane's usage on,
+    every request is also watched for ending without its usage (CutShort)."""
     quota = getattr(request.state, "quota", None)
     usage = getattr(request.app.state, "usage", None)
     if quota is None or (not quota.metered and usage is None):
@@ -76,7 +76,7 @@ def metered(request: Request, reqs: list[R]) -> list[R]:
     if usage is not None:
         cut = request.state.cut_short = CutShort(
             lambda tokens: usage.record(quota.key_id, getattr(request.state, "endpoint", "-"), tokens, 0))
-    meters = [quota.meter() for _ in reqs] if quota.metered else []
+    meters = [Meter(quota) for _ in reqs] if quota.metered else []
     if meters:
         request.state.meters = meters
     for i, r in enumerate(reqs):
@@ -88,8 +88,24 @@ def metered(request: Request, reqs: list[R]) -> list[R]:
     return out
 
 
-def _unmetered(tokens: int) -> None:
+async def _unmetered(tokens: int) -> None:
     """The reserve of a key with no token limit: nothing to hold (the engine still settles)."""
+
+
+class Meter:
+    """An engine's reserve/settle hooks on the key's quota (quota/policy.KeyQuota): reserve is
+    awaited by the engine; settle is called synchronously on the loop and runs the quota's settle
+    as a task (kept by the quota backend until done)."""
+
+    def __init__(self, quota) -> None:
+        self.quota, self.reservation = quota, None
+
+    async def reserve(self, tokens: int) -> None:
+        self.reservation = await self.quota.reserve(tokens)
+
+    def settle(self, tokens: int) -> None:
+        if self.reservation is not None:
+            self.quota.backend.background.spawn(self.quota.settle(self.reservation, tokens))
 
 
 class CutShort:
@@ -199,5 +215,6 @@ def charge_unmetered(request: Request, tokens: int) -> None:
     """After the fact, the tokens of a request whose engine did not meter (a remote one: only
     the upstream tokenizes, so nothing is known before its answer)."""
     meters = getattr(request.state, "meters", [])
-    if meters and not any(m.charge for m in meters):
-        request.state.quota.spend(tokens, time.monotonic())
+    if meters and not any(m.reservation for m in meters):
+        quota = request.state.quota
+        quota.backend.background.spawn(quota.settle(None, tokens))

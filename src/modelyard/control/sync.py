@@ -23,7 +23,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from ..api.auth import KeyChecker
+from ..quota.keys import KeyChecker
 from .keys import KeyStore
 from .notify import ChangeFeed
 

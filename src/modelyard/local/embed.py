@@ -102,7 +102,7 @@ class EmbeddingEngine(EngineThread):
             if self._stopped:
                 raise self._not_running()
             if request.reserve is not None:     # may raise RateLimited, before any work
-                request.reserve(sum(map(len, inputs)))
+                await request.reserve(sum(map(len, inputs)))
             done: asyncio.Future = self._loop.create_future()
             job = EmbedJob(request.request_id, inputs, self._finisher(done), request.deadline)
             self._inbox.put(("add", job))

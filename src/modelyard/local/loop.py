@@ -115,7 +115,7 @@ class LocalEngine(EngineThread):
             if self._stopped:           # stopped meanwhile: nobody would read the inbox
                 raise self._not_running()
             if request.reserve is not None:   # may raise RateLimited: before the engine sees it
-                request.reserve(req.num_prompt + req.n * req.max_tokens)
+                await request.reserve(req.num_prompt + req.n * req.max_tokens)
                 settle, loop = request.settle, self._loop
                 req.on_end = lambda used: loop.call_soon_threadsafe(settle, used)
             self._inbox.put(("add", req))

@@ -145,7 +145,7 @@ class ProxyEngine:
         # tokens seen. An upstream that refused the request computed nothing: 0.
         bound = prompt_bound(request)
         if request.reserve is not None:
-            request.reserve(bound + request.n * (request.max_tokens or self.spec.context))
+            await request.reserve(bound + request.n * (request.max_tokens or self.spec.context))
         tally = Tally()
         replica = resp = None
         try:
@@ -175,7 +175,7 @@ class ProxyEngine:
         refused, the bound if it answered without one)."""
         bound = sum(text_bound(x) for x in request.inputs)
         if request.reserve is not None:
-            request.reserve(bound)
+            await request.reserve(bound)
         used = 0
         replica = resp = None
         try:
