@@ -8,16 +8,20 @@ default), and every shared backend's fallback (quota/policy: this process's shar
   (memory and postgres: control/budget.BudgetBook, the usage table plus this process's unflushed
   usage) plus the reservations of this process's requests in flight. A request reserves its most
   (prompt + n * max_tokens) and is refused if that does not fit; it settles to what it computed.
-  The request's usage row is recorded before its reservation is settled (api/pipeline, the
-  request ledger), so its tokens move from "reserved" to "used" without a gap: counted twice for
-  a moment, never missed.
+  Its usage row must be recorded before it settles (the request ledger does so), so its tokens
+  move from "reserved" to "used" without a gap: counted twice for a moment, never missed.
 
-Budget overshoot bound with several processes (memory or postgres): a process sees its own
-reservations at once but another process's only once they are usage (that process flushed it,
-every control/usage.FLUSH = 5 s, and this one read the table, every control/budget.POLL = 1 s).
-So in the worst case each of P processes admits reservations up to the whole budget by itself:
-the tokens served in a period are at most budget_tokens * P, and only for requests in flight at
-once or within FLUSH + POLL seconds of each other; one process alone never passes the budget.
+Budget overshoot bound (memory or postgres). One process never passes the budget: it sees its own
+usage at once (unflushed) and its own reservations. It sees another process's requests only once
+they are usage in the table (that process flushed it, every control/usage.FLUSH = 5 s, and this
+one read it, every control/budget.POLL = 1 s, plus one query); another's reservations never. So
+the tokens served to a key in a period are at most
+
+    budget_tokens + what the other processes reserved or served it in the last FLUSH + POLL s
+
+and budget_tokens * processes at the very worst (each process filling the budget by itself
+within those seconds). A remote engine's after-the-fact charge (settle(None, ...)) is not
+checked: it can pass the budget by that request's tokens.
 
 Every method here runs without awaiting anything, so each is atomic on the event loop.
 """
