@@ -177,7 +177,7 @@ class KeyQuota:
         """As a request arrives: its slot among the key's requests in flight (None: nothing to
         release), or RateLimited."""
         limits = self.limits
-        out = await self._call(lambda s, lim: s.admit(lim), limits)
+        _, out = await self._call(lambda s, lim: s.admit(lim), limits)
         if isinstance(out, Refusal):
             raise out.error(limits)
         return out
@@ -188,15 +188,10 @@ class KeyQuota:
         if not self.metered:
             return Reservation(tokens, None)
         limits = self.limits
-        holder: list[Store] = []
-
-        def run(store: Store, lim: Limits) -> Awaitable[Any]:
-            holder[:] = [store]         # the store that answers holds the reservation
-            return store.reserve(lim, tokens, True)
-        out = await self._call(run, limits)
+        store, out = await self._call(lambda s, lim: s.reserve(lim, tokens, True), limits)
         if isinstance(out, Refusal):
             raise out.error(limits)
-        return Reservation(tokens, holder[0], out)
+        return Reservation(tokens, store, out)
 
     async def settle(self, reservation: Reservation | None, tokens: int) -> None:
         """When the request has ended: once per reservation (again: nothing). None: `tokens`
@@ -220,7 +215,11 @@ class KeyQuota:
             store.unsettled(hold, reserved, tokens)
         await self.backend.call(lambda: store.settle(hold, reserved, tokens), unsettled if self.local else None)
 
-    def _call(self, work: Callable[[Store, Limits], Awaitable[T]], limits: Limits) -> Awaitable[T]:
+    def _call(self, work: Callable[[Store, Limits], Awaitable[T]], limits: Limits) -> Awaitable[tuple[Store, T]]:
+        """`work` on the shared store, or on the local one with this process's share of the
+        limits; with the store that answered (it holds what was reserved)."""
+        async def on(store: Store, lim: Limits) -> tuple[Store, T]:
+            return store, await work(store, lim)
         local = self.local
-        return self.backend.call(lambda: work(self.store, limits),
-                                 (lambda: work(local, limits.share(self.backend.processes))) if local else None)
+        return self.backend.call(lambda: on(self.store, limits),
+                                 (lambda: on(local, limits.share(self.backend.processes))) if local else None)
