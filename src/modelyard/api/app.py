@@ -52,7 +52,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 fail_closed_after=settings.control_fail_closed_after)
             app.state.keys.sync = app.state.metrics.control_sync = sync
             app.state.usage = usage = UsageRecorder(db)
-            # configured keys' ids under the database's secret (api/auth), before any request
+            # configured keys' ids under the database's secret (quota/keys), before any request
             # records usage; rows under their old ids (the start of the key's sha256) move over
             renamed = app.state.keys.name_configured(await asyncio.to_thread(server_secret, db, KEY_ID_SECRET))
             await asyncio.to_thread(rename_keys, db, renamed)

@@ -91,7 +91,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (7, [
         # the web console's session key (console/session.py): one random secret per database,
         # so a session cookie signed by one gateway process is valid in every process sharing it;
-        # later also the configured keys' id key (api/auth.configured_id, control/records.server_secret)
+        # later also the configured keys' id key (quota/keys.configured_id, control/records.server_secret)
         """CREATE TABLE console_secret (
             name TEXT PRIMARY KEY,
             value TEXT NOT NULL,
