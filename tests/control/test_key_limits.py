@@ -81,7 +81,8 @@ def test_max_parallel_slot_is_released_however_the_request_ends(srv):
 
 
 def test_token_budget_per_day_says_limit_used_and_reset(srv):
-    key, kid = new_key(srv, budget_tokens=30, budget_period="day")
+    # 32: two requests of 16 fit exactly (each holds its 16 from reserve to settle)
+    key, kid = new_key(srv, budget_tokens=32, budget_period="day")
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "logit_bias": NO_EOG}
 
     def call() -> httpx.Response:
@@ -91,11 +92,11 @@ def test_token_budget_per_day_says_limit_used_and_reset(srv):
     assert r.status_code == 429, r.text
     err = r.json()["error"]
     assert err["code"] == "budget_exceeded"
-    assert "30 tokens per day" in err["message"] and "32 used" in err["message"] and "resets at" in err["message"]
+    assert "32 tokens per day" in err["message"] and "32 used" in err["message"] and "resets at" in err["message"]
     assert 0 < int(r.headers["retry-after"]) <= 86400
     with ctl(srv.base, ADMIN) as admin:
         shown = admin.get(f"/api-keys/{kid}").json()
-        assert (shown["budget_tokens"], shown["budget_period"], shown["max_parallel"]) == (30, "day", None)
+        assert (shown["budget_tokens"], shown["budget_period"], shown["max_parallel"]) == (32, "day", None)
         assert admin.patch(f"/api-keys/{kid}", json={"budget_tokens": 100}).json()["budget_tokens"] == 100
         assert call().status_code == 200                                 # 48 of 100
         r = admin.patch(f"/api-keys/{kid}", json={"budget_tokens": None})

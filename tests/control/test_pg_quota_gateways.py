@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from modelyard.quota.memory import WINDOW
+from modelyard.quota.limits import WINDOW
 from modelyard.control.db import open_database
 from pg import fresh_database
 from servers import MODEL, served

@@ -35,7 +35,7 @@ def test_flushes_add_up_across_processes_and_roll_up(db):
 
 
 def test_renamed_keys_rows_move_and_add_to_the_new_ids(db):
-    """Configured keys' ids changed once (api/auth.configured_id): their rows move, adding to
+    """Configured keys' ids changed once (quota/keys.configured_id): their rows move, adding to
     rows a process already wrote under the new id; running it again changes nothing."""
     a = UsageRecorder(db)
     a.record("config:old", "m", 10, 5)

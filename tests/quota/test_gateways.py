@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from modelyard.quota.redis import RETRY
+from modelyard.quota.policy import RETRY
 
 from servers import MODEL, served
 

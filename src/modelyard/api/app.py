@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from ..metrics import Metrics
+from ..quota.keys import KeyChecker
 from ..registry.registry import Registry
 from ..settings import Settings
 from . import errors, probes
@@ -22,7 +23,7 @@ from .middleware.credentials import CredentialGate, GatedRoutes
 from .middleware.disconnect import CancelOnDisconnect
 from .middleware.ledger import CloseLedger
 from .middleware.request_log import RequestLog
-from .auth import KeyChecker, require_key
+from .auth import require_key
 
 OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
 KEY_ID_SECRET = "config_key_ids"      # control/records.server_secret: the configured keys' ids
@@ -55,7 +56,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 fail_closed_after=settings.control_fail_closed_after)
             app.state.keys.sync = app.state.metrics.control_sync = sync
             app.state.usage = usage = UsageRecorder(db, settings.usage_flush_interval)
-            # configured keys' ids under the database's secret (api/auth), before any request
+            # configured keys' ids under the database's secret (quota/keys), before any request
             # records usage; rows under their old ids (the start of the key's sha256) move over
             renamed = app.state.keys.name_configured(await asyncio.to_thread(server_secret, db, KEY_ID_SECRET))
             await asyncio.to_thread(rename_keys, db, renamed)
@@ -66,8 +67,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await usage.start()
             if book is not None:
                 await book.start()
-        if settings.quota_backend == "postgres":
-            await asyncio.to_thread(shared.prepare)
+        await app.state.keys.backend.prepare()      # postgres: its table
         registry.start()
         try:
             yield
@@ -81,8 +81,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                     await book.stop()
                 await usage.stop()          # the last flush, after the last request
                 await asyncio.to_thread(app.state.key_store.db.close)
-            if shared is not None:
-                shared.close()              # Redis: stops renewing leases (none are left); PG: its connection
+            # Redis: stops renewing leases (none are left); PG: its connection; every backend: the
+            # settles and releases still under way
+            await app.state.keys.backend.close()
 
     # The interactive docs and the OpenAPI document are a map of the API for whoever can reach
     # it, and /docs loads its page from a CDN: served on loopback only (README, "Configuration").

@@ -6,15 +6,11 @@ one grouped query for the keys that have a budget), plus this process's usage th
 hold yet (control/usage.UsageRecorder.unflushed: pending, being flushed, or flushed after the
 last read began: counted twice for a moment rather than not at all).
 
-Overshoot bound. A request is refused once `used >= budget_tokens`; what gets past that is
-(a) each request admitted while the key was under budget may use up to its own reservation
-(prompt + n * max_tokens), and (b) another process's usage reaches this one only when that
-process has flushed it (every control/usage.FLUSH = 5 s) and this one has read the table (every
-POLL = 1 s): so the tokens a key uses beyond its budget are at most the tokens of its requests in
-flight when it reaches the budget, plus what the other processes served it in the last
-FLUSH + POLL seconds (plus one query). Usage is recorded for requests that ended with an answer
-(control/usage); with `backend = "redis"` the budget is a counter in Redis charged as each
-request settles, whichever way it ended (quota/redis).
+A request's reservation is held against the budget besides (quota/memory.LocalBudget), so one
+process never passes the budget; the bound across processes (each sees another's usage only once
+it is flushed, every control/usage.FLUSH = 5 s, and read, every POLL = 1 s) is stated there. With
+`backend = "redis"` the budget is a counter in Redis held at reserve and corrected at settle
+(quota/redis).
 """
 
 from __future__ import annotations

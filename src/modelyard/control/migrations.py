@@ -57,17 +57,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE api_keys ADD COLUMN max_parallel BIGINT",
         "ALTER TABLE api_keys ADD COLUMN budget_tokens BIGINT",
         "ALTER TABLE api_keys ADD COLUMN budget_period TEXT",
-        # [quota] backend = "postgres": blocks of a key's requests or tokens leased by a gateway
-        # process (quota/postgres.py); `ident` is a digest of the key's digest, never the secret;
-        # leased_at is the database's clock (unix seconds, fractional)
-        """CREATE TABLE quota_blocks (
-            id TEXT PRIMARY KEY,
-            ident TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            amount BIGINT NOT NULL,
-            leased_at DOUBLE PRECISION NOT NULL
-        )""",
-        "CREATE INDEX quota_blocks_window ON quota_blocks (ident, kind, leased_at)",
+        # (This step once also created `quota_blocks`, the leases of `[quota] backend = "postgres"`:
+        # that table is the quota backend's own now, created by quota/postgres.PostgresQuotas.prepare
+        # (IF NOT EXISTS), so a database that has it from here keeps it and one that has not gets it
+        # from the backend; the control plane's schema no longer names it.)
     ]),
     (5, [
         # Run-time model endpoints (control/endpoints.py): the spec as JSON (settings.spec_fields),
@@ -98,7 +91,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (7, [
         # the web console's session key (console/session.py): one random secret per database,
         # so a session cookie signed by one gateway process is valid in every process sharing it;
-        # later also the configured keys' id key (api/auth.configured_id, control/records.server_secret)
+        # later also the configured keys' id key (quota/keys.configured_id, control/records.server_secret)
         """CREATE TABLE console_secret (
             name TEXT PRIMARY KEY,
             value TEXT NOT NULL,

@@ -10,7 +10,7 @@ after each admin call).
 Fail closed: while the database does not answer, this process keeps its last view, and a key or
 token revoked meanwhile would stay valid here without bound. So once `fail_closed_after` seconds
 have passed since the last successful refresh, `stale()` says so and the stored keys and admin
-tokens are refused (503 control_store_unavailable; api/auth, api/admin/auth, console/session); the
+tokens are refused (503 control_store_unavailable; quota/keys, api/admin/auth, console/session); the
 configured ones, which do not depend on the database, still work. It is measured at each check,
 not by the loop, because a refresh against a database that hangs (a stopped host) never returns.
 A watcher logs entering and leaving that state, once each, and feeds the metrics.
@@ -23,8 +23,8 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from ..api.auth import KeyChecker
 from ..periodic import Periodic
+from ..quota.keys import KeyChecker
 from .keys import KeyStore
 from .notify import ChangeFeed
 

@@ -27,8 +27,6 @@ never missed.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import TYPE_CHECKING, Any
 
 from .limits import Slot
@@ -37,15 +35,13 @@ if TYPE_CHECKING:
     from ..control.usage import UsageRecorder
     from ..metrics import Metrics
 
-log = logging.getLogger("modelyard.quota")
-
 
 class RequestLedger:
     """One admitted request: its key's quota (None on a keyless server), its in-flight slot, and
     the totals its entries settled."""
 
     __slots__ = ("quota", "slot", "usage", "metrics", "endpoint", "prompt_tokens", "completion_tokens",
-                 "entries", "settled", "recorded", "closed", "_pending")
+                 "entries", "settled", "recorded", "closed")
 
     def __init__(self, quota: Any = None, slot: Slot | None = None, usage: "UsageRecorder | None" = None,
                  metrics: "Metrics | None" = None) -> None:
@@ -55,7 +51,6 @@ class RequestLedger:
         self.entries = self.settled = 0
         self.recorded = False          # the request counted once in the usage table
         self.closed = False
-        self._pending: set[asyncio.Task] = set()   # quota settles still talking to a shared store
 
     def entry(self) -> "Entry":
         self.entries += 1
@@ -78,11 +73,6 @@ class RequestLedger:
         if self.slot is not None:
             self.slot.release()
 
-    async def drain(self) -> None:
-        """Wait for the quota settles in flight (tests, shutdown)."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
-
     def _settled(self, entry: "Entry", prompt: int, completion: int) -> None:
         self.prompt_tokens += prompt
         self.completion_tokens += completion
@@ -95,17 +85,11 @@ class RequestLedger:
         # 2. the metrics' token counters
         if self.metrics is not None:
             self.metrics.tokens(self.endpoint, prompt, completion)
-        # 3. the quota: the reservation becomes what was used (an overage charged too)
+        # 3. the quota: the reservation becomes what was used (an overage charged too). A
+        # shared store may take a moment: its backend runs the settle in the background (a
+        # failure logged, never the response's) and waits for it at shutdown.
         if self.quota is not None and (entry.reservation is not None or self.metered):
-            task = asyncio.ensure_future(self._settle_quota(entry.reservation, prompt + completion))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    async def _settle_quota(self, reservation: Any, tokens: int) -> None:
-        try:
-            await _settle(self.quota, reservation, tokens)
-        except Exception:  # noqa: BLE001 - a settle must never fail a response that has ended
-            log.exception("cannot settle %d tokens of key %s", tokens, self.quota.key_id)
+            self.quota.backend.background.spawn(self.quota.settle(entry.reservation, prompt + completion))
 
 
 class Entry:
@@ -124,7 +108,7 @@ class Entry:
         RateLimited if they cannot hold it (before any work)."""
         ledger = self.ledger
         if ledger.metered:
-            self.reservation = await _reserve(ledger.quota, tokens)
+            self.reservation = await ledger.quota.reserve(tokens)
         self.reserved = tokens
 
     def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
@@ -134,20 +118,3 @@ class Entry:
         self.settled = True
         self.ledger._settled(self, prompt_tokens, completion_tokens)
 
-
-# MERGE-SHIM: the quota backends' async interface lands with the quota-policy branch.
-import inspect, time  # noqa: E402
-
-
-async def _reserve(quota, tokens):
-    if inspect.iscoroutinefunction(quota.reserve):
-        return await quota.reserve(tokens)
-    return quota.reserve(tokens, time.monotonic())
-
-
-async def _settle(quota, reservation, tokens):
-    if inspect.iscoroutinefunction(quota.settle):
-        return await quota.settle(reservation, tokens)
-    if reservation is None:
-        return quota.spend(tokens, time.monotonic())
-    return quota.settle(reservation, tokens)

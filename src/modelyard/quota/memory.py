@@ -1,53 +1,103 @@
-"""Per-key quotas in this process's memory (`[quota] backend = "memory"`, the default), and the
-reserve/settle pair every backend's quotas follow (quota/redis, quota/postgres derive from Quota).
+"""Counting a key's quota in this process's memory: the store of `[quota] backend = "memory"` (the
+default), and every shared backend's fallback (quota/policy: this process's share of each limit).
 
-Quotas are sliding one-minute windows of requests and of tokens per key; past them, 429 with
-Retry-After saying when the window frees up.
+- rpm and tpm: sliding one-minute windows, a deque of request times and one of token charges
+  with a running sum; past them, a Refusal with when the window frees up (Retry-After);
+- max_parallel: a count of this process's requests in flight (`InFlight`);
+- the budget (`LocalBudget`): what the period used outside this process's requests in flight
+  (memory and postgres: control/budget.BudgetBook, the usage table plus this process's unflushed
+  usage) plus the reservations of this process's requests in flight. A request reserves its most
+  (prompt + n * max_tokens) and is refused if that does not fit; it settles to what it computed.
+  Its usage row must be recorded before it settles (the request ledger does so), so its tokens
+  move from "reserved" to "used" without a gap: counted twice for a moment, never missed.
 
-Tokens are reserved before any work and settled when the request ends: the engine reserves
-prompt tokens + n * max_tokens once it has tokenized the prompt and resolved max_tokens (chat
-without max_tokens: the room the prompt leaves, so prompt + budget = the endpoint's context per
-sequence), and settles to what it computed (prompt tokens prefilled + tokens generated) however
-the request ended: finished, aborted by a client that left, failed or timed out. So a burst is
-admitted only while its reservations fit, and nobody gets tokens for free by disconnecting.
+Budget overshoot bound (memory or postgres). One process never passes the budget: it sees its own
+usage at once (unflushed) and its own reservations. It sees another process's requests only once
+they are usage in the table (that process flushed it, every control/usage.FLUSH = 5 s, and this
+one read it, every control/budget.POLL = 1 s, plus one query); another's reservations never. So
+the tokens served to a key in a period are at most
 
-A stored key may also limit its requests in flight (`max_parallel`) and its tokens per UTC day or
-month (`budget_tokens`): quota/limits. In memory, the budget's "used" is the usage table's total
-for the period plus this process's unflushed usage (control/budget.BudgetBook).
+    budget_tokens + what the other processes reserved or served it in the last FLUSH + POLL s
+
+and budget_tokens * processes at the very worst (each process filling the budget by itself
+within those seconds). A remote engine's after-the-fact charge (settle(None, ...)) is not
+checked: it can pass the budget by that request's tokens.
+
+Every method here runs without awaiting anything, so each is atomic on the event loop.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Callable
 
-from ..errors import RateLimited
-from .limits import Slot, budget_exceeded, parallel_exceeded
-
-WINDOW = 60.0
+from .limits import WINDOW, Limits, Refusal, Slot
+from .policy import Backend, KeyQuota, Store
 
 
 class Charge:
-    """One engine request's tokens in its key's window: reserved at admission, then settled."""
+    """One request's tokens in its key's window: reserved, then settled."""
 
-    __slots__ = ("at", "tokens", "expired", "settled")
+    __slots__ = ("at", "tokens", "expired")
 
     def __init__(self, at: float, tokens: int) -> None:
-        self.at, self.tokens, self.expired, self.settled = at, tokens, False, False
+        self.at, self.tokens, self.expired = at, tokens, False
 
 
-class Quota:
-    def __init__(self, rpm: int, tpm: int, endpoints: frozenset[str] | None = None,
-                 expires_at: int | None = None) -> None:
-        self.rpm, self.tpm = rpm, tpm
-        self.endpoints = endpoints          # a stored key may be limited to these endpoints
-        self.key_id = ""                    # the key's id in usage records (never its secret)
-        self.expires_at = expires_at        # unix seconds (a stored key's expiry)
-        self.max_parallel = 0               # requests in flight at once (0: no limit)
-        self.budget_tokens = 0              # tokens per budget_period (0: no budget)
-        self.budget_period: str | None = None
-        self.book = None                    # control/budget.BudgetBook: what the budget's period used
-        self.in_flight = 0
+class InFlight:
+    """A key's requests in flight in this process."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def take(self, limit: int) -> Slot | Refusal:
+        if limit and self.count >= limit:
+            return Refusal("parallel")
+        self.count += 1
+        return Slot(self._release)
+
+    def _release(self) -> None:
+        self.count -= 1
+
+
+class LocalBudget:
+    """A budget as this process sees it: `base()` (used outside its requests in flight) plus
+    `held` (what those requests reserved). `spent`: told the tokens of each request once settled
+    or charged here (Redis's fallback owes them to its counter; None: the usage table has them)."""
+
+    def __init__(self, base: Callable[[], int], spent: Callable[[int], None] | None = None) -> None:
+        self.base, self.spent, self.held = base, spent, 0
+
+    def exhausted(self, limits: Limits) -> Refusal | None:
+        if limits.budget and (used := self.base()) >= limits.budget:
+            return Refusal("budget", used=used, reserved=self.held)
+        return None
+
+    def reserve(self, limits: Limits, tokens: int) -> int | Refusal:
+        """What it now holds for the request (0 without a budget), or a Refusal."""
+        if not limits.budget:
+            return 0
+        used = self.base()
+        if used + self.held + tokens > limits.budget:
+            return Refusal("budget", used=used, reserved=self.held, tokens=tokens)
+        self.held += tokens
+        return tokens
+
+    def settle(self, held: int, tokens: int) -> None:
+        self.held -= held
+        self.charge(tokens)
+
+    def charge(self, tokens: int) -> None:
+        if self.spent is not None and tokens:
+            self.spent(tokens)
+
+
+class MemoryStore:
+    """`Store` (quota/policy) over this process's memory."""
+
+    def __init__(self, budget: LocalBudget, inflight: InFlight | None = None) -> None:
+        self.budget, self.inflight = budget, inflight or InFlight()
         self._requests: deque[float] = deque()
         self._tokens: deque[Charge] = deque()
         self._token_sum = 0
@@ -66,89 +116,71 @@ class Quota:
         self._expire(time.monotonic())
         return self._token_sum
 
-    def admit(self, now: float) -> Slot:
-        """Called as a request arrives: counts it and gives it a slot among the key's in-flight
-        requests (released when the request has ended), or raises RateLimited."""
+    async def admit(self, limits: Limits) -> Slot | None | Refusal:
+        now = time.monotonic()
         self._expire(now)
-        if self.max_parallel and self.in_flight >= self.max_parallel:
-            raise parallel_exceeded(self.max_parallel)
-        if self.rpm and len(self._requests) >= self.rpm:
-            raise RateLimited(f"rate limit: {self.rpm} requests per minute for this key",
-                              code="rate_limit_exceeded", retry_after=self._requests[0] + WINDOW - now)
-        if self.tpm and self._token_sum >= self.tpm:
-            raise RateLimited(f"rate limit: {self.tpm} tokens per minute for this key "
-                              f"({self._token_sum} used in the last minute)",
-                              code="rate_limit_exceeded", retry_after=self._tokens[0].at + WINDOW - now)
-        if self.budget_tokens and self.budget_period and self.book is not None:
-            used = self.book.used(self.key_id, self.budget_period)
-            if used >= self.budget_tokens:
-                raise budget_exceeded(self.budget_tokens, self.budget_period, used)
+        if limits.max_parallel and self.inflight.count >= limits.max_parallel:
+            return Refusal("parallel")
+        if limits.rpm and len(self._requests) >= limits.rpm:
+            return Refusal("rpm", retry_after=self._requests[0] + WINDOW - now)
+        if limits.tpm and self._token_sum >= limits.tpm:
+            return Refusal("tpm", retry_after=self._tokens[0].at + WINDOW - now, used=self._token_sum)
+        if (no := self.budget.exhausted(limits)) is not None:
+            return no
         self._requests.append(now)
-        self.in_flight += 1
-        return Slot(self._release)
+        return self.inflight.take(limits.max_parallel)
 
-    def _release(self) -> None:
-        self.in_flight -= 1
-
-    @property
-    def metered(self) -> bool:
-        """Whether its engine requests need reserve/settle (a tpm window, or a budget counted there)."""
-        return bool(self.tpm)
-
-    def reserve(self, tokens: int, now: float) -> Charge:
-        """Before any work: the most a request may use, or RateLimited if that does not fit."""
+    async def reserve(self, limits: Limits, tokens: int, check: bool) -> tuple[Charge, int] | Refusal | None:
+        now = time.monotonic()
         self._expire(now)
-        if self.tpm and self._token_sum + tokens > self.tpm:
-            why = (f"rate limit: {self.tpm} tokens per minute for this key ({self._token_sum} used in "
-                   f"the last minute); this request may use up to {tokens} tokens (prompt + max_tokens)")
-            if tokens > self.tpm:   # can never fit: say so rather than let the client wait
-                raise RateLimited(why + f", more than the whole quota; lower max_tokens or shorten the prompt",
-                                  code="rate_limit_exceeded", retry_after=WINDOW)
-            raise RateLimited(why, code="rate_limit_exceeded", retry_after=self._frees(tokens, now))
+        if not check:
+            self._charge(now, tokens)
+            self.budget.charge(tokens)
+            return None
+        if limits.tpm and self._token_sum + tokens > limits.tpm:
+            return Refusal("tpm", retry_after=self._frees(limits.tpm, tokens, now), used=self._token_sum,
+                           tokens=tokens)
+        held = self.budget.reserve(limits, tokens)
+        if isinstance(held, Refusal):
+            return held
+        return self._charge(now, tokens), held
+
+    async def settle(self, hold: tuple[Charge, int], reserved: int, tokens: int) -> None:
+        self.unsettled(hold, reserved, tokens)
+
+    def unsettled(self, hold: tuple[Charge, int], reserved: int, tokens: int) -> None:
+        charge, held = hold
+        if not charge.expired:     # a charge older than the window no longer counts either way
+            self._token_sum += tokens - charge.tokens
+            charge.tokens = tokens
+        self.budget.settle(held, tokens)
+
+    def _charge(self, now: float, tokens: int) -> Charge:
         charge = Charge(now, tokens)
         self._tokens.append(charge)
         self._token_sum += tokens
         return charge
 
-    def settle(self, charge: Charge, tokens: int) -> None:
-        """When the request ends: its reservation becomes what it actually used."""
-        if charge.settled:
-            return
-        charge.settled = True
-        if not charge.expired:     # a charge older than the window no longer counts either way
-            self._token_sum += tokens - charge.tokens
-            charge.tokens = tokens
-
-    def spend(self, tokens: int, now: float) -> None:
-        """Charge after the fact, for an engine that does not meter (a remote one: only the
-        upstream tokenizes, so nothing is known before its answer)."""
-        self._expire(now)
-        self._tokens.append(Charge(now, tokens))
-        self._token_sum += tokens
-
-    def meter(self) -> "Meter":
-        return Meter(self)
-
-    def _frees(self, tokens: int, now: float) -> float:
+    def _frees(self, tpm: int, tokens: int, now: float) -> float:
         """Seconds until enough of the window expires for `tokens` more to fit."""
         left = self._token_sum
         for c in self._tokens:
             left -= c.tokens
-            if left + tokens <= self.tpm:
+            if left + tokens <= tpm:
                 return c.at + WINDOW - now
         return WINDOW
 
 
-class Meter:
-    """The reserve/settle pair one EngineRequest carries (see engine.types.EngineRequest)."""
+def book_used(quota: KeyQuota) -> Callable[[], int]:
+    """The budget's usage as control/budget.BudgetBook has it (0 without one)."""
+    def used() -> int:
+        book = quota.book
+        return book.used(quota.key_id, quota.budget_period) if book is not None and quota.budget_period else 0
+    return used
 
-    def __init__(self, quota: Quota) -> None:
-        self.quota = quota
-        self.charge: Charge | None = None
 
-    def reserve(self, tokens: int) -> None:
-        self.charge = self.quota.reserve(tokens, time.monotonic())
+class MemoryQuotas(Backend):
+    """`[quota] backend = "memory"`: each key counted by this process alone; nothing to fall back from."""
 
-    def settle(self, tokens: int) -> None:
-        if self.charge is not None:
-            self.quota.settle(self.charge, tokens)
+    def stores(self, quota: KeyQuota, name: str) -> tuple[Store, Store | None]:
+        return MemoryStore(LocalBudget(book_used(quota))), None

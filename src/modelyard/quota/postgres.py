@@ -1,14 +1,16 @@
-"""Per-key quotas shared by gateway processes through PostgreSQL alone (`[quota] backend =
-"postgres"`, on `database_url`): leases of quota BLOCKS, never a hot-row update per request.
+"""Counting a key's quota through PostgreSQL alone (`[quota] backend = "postgres"`, on
+`database_url`): leases of quota BLOCKS, never a hot-row update per request. The policy (limits,
+429s, the fallback) is quota/policy's.
 
 A process that needs a request (or tokens) of a key and has none left leases a block from the
-`quota_blocks` table (migration 4) in one short transaction under the key's advisory lock: the
-blocks leased for that key in the last WINDOW seconds (the database's clock) are summed, and a
-block of min(B, limit - sum) is inserted, or none (429, Retry-After: when the oldest block leaves
-the window). The process then spends the block locally, on the request path, without the
-database, for at most BLOCK_LIFE seconds after its lease; what is left then is dropped (never
-handed back: counting it spent is the safe side). Refusals are remembered until Retry-After, so
-a key at its limit costs no database call per request either.
+`quota_blocks` table (created by `prepare`; this backend needs nothing else of the control
+plane's schema) in one short transaction under the key's advisory lock: the blocks leased for that
+key in the last WINDOW seconds (the database's clock) are summed, and a block of
+min(B, limit - sum) is inserted, or none (429, Retry-After: when the oldest block leaves the
+window). The process then spends the block locally, on the request path, without the database,
+for at most BLOCK_LIFE seconds after its lease; what is left then is dropped (never handed back:
+counting it spent is the safe side). Refusals are remembered until Retry-After, so a key at its
+limit costs no database call per request either.
 
     B  = max(1, rpm // (BLOCKS * processes))         requests per block
     Bt = max(1, tpm // (BLOCKS * processes))         tokens per block (a reservation larger than
@@ -23,130 +25,155 @@ because (1) the blocks leased in [t, t + 60) sum to at most rpm: each lease is g
 key's lock only if the blocks leased in the 60 s before it, itself included, fit in rpm, and the
 last lease in the interval sees every other one of it; and (2) blocks leased before t can be spent
 in the interval only if still live at t, and a process holds at most one live block per key (it
-leases a new one only when its block is empty or expired): at most one block of B per process.
-Unspent blocks only ever lower what is admitted (by at most processes * B in a window). A process
-killed with a block costs the key at most that block's unspent part, until it leaves the window
-(60 s after its lease); no lock outlives it (the advisory lock is a transaction's, and PostgreSQL
-ends the transaction of a connection that died).
+leases a new one only when its block is empty or expired, one lease per key and kind at a time):
+at most one block of B per process. Unspent blocks only ever lower what is admitted (by at most
+processes * B in a window). A process killed with a block costs the key at most that block's
+unspent part, until it leaves the window (60 s after its lease); no lock outlives it (the advisory
+lock is a transaction's, and PostgreSQL ends the transaction of a connection that died). A
+request that used more than it reserved takes the overage from the block, the rest leased
+unchecked (as a remote engine's after-the-fact charge is).
 
 max_parallel is not shared through the database (a row per request in flight is what this backend
-avoids): each process allows max_parallel // processes (at least 1), like Redis's fallback.
-Budgets are read from the usage table (control/budget.BudgetBook). The lease runs on the event
-loop (one connection per process, lock_timeout and statement_timeout TIMEOUT); if the database
-cannot be reached or is slower than that, this process falls back to quota / processes in memory,
-logs it and sets `modelyard_quota_fallback`, and tries the database again every RETRY seconds.
+avoids): each process allows max_parallel // processes (at least 1), as in the fallback. The
+budget is counted as in memory (quota/memory.LocalBudget: the usage table through
+control/budget.BudgetBook, plus this process's reservations; its bound across processes is there).
+
+Off the event loop: psycopg's AsyncConnection, one per process (not the control store's: a lease
+never waits behind a usage flush), server-side lock_timeout and statement_timeout TIMEOUT, and the
+policy's bound (BOUND, connecting included) on every call. A lease runs as a task of its own that
+the policy's timeout does not cancel: psycopg answers a cancelled query by asking the server to
+cancel it and waiting up to 10 s, which a hung server never answers. A lease still running when its
+caller gave up makes every lease fail at once (the fallback) until it has ended, and its
+connection is closed then; so a hung database costs one stuck connection, not one per request.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
+import asyncio
 import os
-import threading
 import time
-from typing import Callable
 
-from ..errors import RateLimited
-from .memory import WINDOW, Charge, Quota
-from .limits import Slot, budget_exceeded, parallel_exceeded
+from .limits import WINDOW, Limits, Refusal, Slot, share
+from .memory import InFlight, LocalBudget, MemoryStore, book_used
+from .policy import Backend, KeyQuota, Store
 
-log = logging.getLogger("modelyard.quota")
 BLOCKS = 4            # blocks per limit per process: B = limit // (BLOCKS * processes)
 BLOCK_LIFE = 10.0     # seconds a leased block may be spent
-TIMEOUT = 0.25        # seconds for one lease before this process falls back
-RETRY = 1.0
+TIMEOUT = 0.25        # seconds for the advisory lock or one statement, in the server
+BOUND = 1.0           # seconds for one lease, connecting included, before this process falls back
+
+DDL = ("""CREATE TABLE IF NOT EXISTS quota_blocks (
+            id TEXT PRIMARY KEY,
+            ident TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            amount BIGINT NOT NULL,
+            leased_at DOUBLE PRECISION NOT NULL
+        )""",
+       # `ident` is a digest of the key's stable identity, never the secret; leased_at is the
+       # database's clock (unix seconds, fractional)
+       "CREATE INDEX IF NOT EXISTS quota_blocks_window ON quota_blocks (ident, kind, leased_at)")
 
 
-class Refused(Exception):
-    def __init__(self, used: int, retry_after: float) -> None:
-        self.used, self.retry_after = used, retry_after
+class PostgresQuotas(Backend):
+    """The leasing connection and the leases still running after their caller gave up."""
 
-
-class PostgresQuotas:
-    """One connection for leases (not the control store's: a lease never waits behind a usage
-    flush), whether this process is on its local fallback, and the counters /metrics shows."""
+    name = "PostgreSQL"
+    timeout = BOUND
 
     def __init__(self, url: str, processes: int) -> None:
         import psycopg
-        self._errors = (psycopg.Error,)     # unreachable, too slow (lock/statement timeout), or failing
-        self.url, self.processes = url, max(1, processes)
+        super().__init__(processes)
+        self.errors = (psycopg.Error, OSError)   # unreachable, too slow (lock/statement timeout), or failing
+        self.url = url
         self._conn = None
-        self._lock = threading.Lock()
-        self.fallback = False
-        self._down_since = 0.0
-        self.fallbacks = 0
+        self._lock: asyncio.Lock | None = None
+        self._stuck: set[asyncio.Task] = set()
         self.leases = 0               # blocks leased by this process (a counter for tests)
 
-    def prepare(self) -> None:
-        """At start, before any request: the schema (quota_blocks) migrated, for a gateway
-        without the control plane too."""
-        from ..control.db import open_database
-        open_database(self.url).close()
-
-    def quota(self, rpm: int, tpm: int, ident: bytes) -> "BlockQuota":
-        return BlockQuota(self, rpm, tpm, ident)
+    def stores(self, quota: KeyQuota, name: str) -> tuple[Store, Store | None]:
+        budget, inflight = LocalBudget(book_used(quota)), InFlight()
+        return BlockStore(self, name, budget, inflight), MemoryStore(budget, inflight)
 
     def block(self, limit: int) -> int:
         return max(1, limit // (BLOCKS * self.processes))
 
-    def _connection(self):
+    async def prepare(self) -> None:
+        """At start, before any request: the table, for a gateway without the control plane too."""
+        import psycopg
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+            for statement in DDL:
+                await conn.execute(statement)
+
+    async def _connection(self):
         if self._conn is None or self._conn.closed:
             import psycopg
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
+            self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=2)
             ms = int(TIMEOUT * 1000)
-            self._conn.execute(f"SET lock_timeout = {ms}")
-            self._conn.execute(f"SET statement_timeout = {ms}")
+            await self._conn.execute(f"SET lock_timeout = {ms}")
+            await self._conn.execute(f"SET statement_timeout = {ms}")
         return self._conn
 
-    def lease(self, ident: str, kind: str, want: int, need: int, limit: int, check: bool = True) -> int:
-        """A block of up to `want` (at least `need`) of `kind` for the key, or Refused."""
+    async def lease(self, ident: str, kind: str, want: int, need: int, limit: int, check: bool = True) -> int | Refusal:
+        """A block of up to `want` (at least `need`) of `kind` for the key, or a Refusal."""
+        if self._stuck:
+            raise asyncio.TimeoutError("an earlier lease has not ended")
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            task = asyncio.ensure_future(self._lease(ident, kind, want, need, limit, check))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():         # the connection is its until it ends
+                    self._stuck.add(task)
+                    conn, self._conn = self._conn, None
+                    task.add_done_callback(lambda t: self._unstuck(t, conn))
+                raise
+
+    def _unstuck(self, task: asyncio.Task, conn) -> None:
+        self._stuck.discard(task)
+        if not task.cancelled():
+            task.exception()          # retrieved: it was given up on
+        if conn is not None:
+            self.background.spawn(conn.close())
+
+    async def _lease(self, ident: str, kind: str, want: int, need: int, limit: int, check: bool) -> int | Refusal:
         lock = int(ident[:15], 16)
-        with self._lock:
-            conn = self._connection()
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
-                now = float(conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
-                conn.execute("DELETE FROM quota_blocks WHERE ident = %s AND kind = %s AND leased_at <= %s",
-                             (ident, kind, now - WINDOW))
-                used, oldest = conn.execute("SELECT COALESCE(SUM(amount), 0), MIN(leased_at) FROM quota_blocks "
-                                            "WHERE ident = %s AND kind = %s", (ident, kind)).fetchone()
-                used = int(used)
-                grant = min(want, limit - used) if check else need
-                if grant < need:
-                    raise Refused(used, float(oldest) + WINDOW - now if oldest is not None else WINDOW)
-                conn.execute("INSERT INTO quota_blocks (id, ident, kind, amount, leased_at) VALUES (%s, %s, %s, %s, %s)",
-                             (os.urandom(8).hex(), ident, kind, grant, now))
+        try:
+            conn = await self._connection()
+            # BEGIN/COMMIT by hand: a failed transaction's connection is closed, never rolled back
+            # (a rollback would wait on a server that may not answer; a closed connection's
+            # transaction, and advisory lock, end in the server)
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+            now = float((await (await conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())")).fetchone())[0])
+            await conn.execute("DELETE FROM quota_blocks WHERE ident = %s AND kind = %s AND leased_at <= %s",
+                               (ident, kind, now - WINDOW))
+            used, oldest = await (await conn.execute("SELECT COALESCE(SUM(amount), 0), MIN(leased_at) FROM "
+                                                     "quota_blocks WHERE ident = %s AND kind = %s",
+                                                     (ident, kind))).fetchone()
+            used = int(used)
+            grant = min(want, limit - used) if check else need
+            if grant < need:
+                await conn.execute("COMMIT")
+                return Refusal(kind, retry_after=float(oldest) + WINDOW - now if oldest is not None else WINDOW,
+                               used=used)
+            await conn.execute("INSERT INTO quota_blocks (id, ident, kind, amount, leased_at) VALUES "
+                               "(%s, %s, %s, %s, %s)", (os.urandom(8).hex(), ident, kind, grant, now))
+            await conn.execute("COMMIT")
+        except self.errors:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await conn.close()
+            raise
         self.leases += 1
         return grant
 
-    def call(self, work: Callable[[], object], local: Callable[[], object]):
-        """`work()` on the database, or `local()` while it is unreachable."""
-        now = time.monotonic()
-        if self.fallback and now - self._down_since < RETRY:
-            return local()
-        try:
-            out = work()
-        except self._errors as exc:
-            with self._lock:
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
-            if not self.fallback:
-                log.error("PostgreSQL unreachable for quotas (%s): each key gets 1/%d of its quota in this "
-                          "process until it answers", type(exc).__name__, self.processes)
-                self.fallbacks += 1
-            self.fallback, self._down_since = True, now
-            return local()
-        if self.fallback:
-            log.warning("PostgreSQL answers again: quotas are shared across processes again")
-            self.fallback = False
-        return out
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+    async def close(self) -> None:
+        await super().close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
 
 
 class _Pot:
@@ -164,112 +191,130 @@ class _Pot:
         self.left, self.until, self.gen = amount, now + BLOCK_LIFE, self.gen + 1
 
 
-class BlockCharge(Charge):
-    __slots__ = ("gen", "local")
+class _Hold:
+    """A reservation's tokens: the block they came from (its generation) and the budget held."""
 
-    def __init__(self, at: float, tokens: int, gen: int, local: Charge | None = None) -> None:
-        super().__init__(at, tokens)
-        self.gen, self.local = gen, local
+    __slots__ = ("gen", "budget")
+
+    def __init__(self, gen: int, budget: int) -> None:
+        self.gen, self.budget = gen, budget
 
 
-class BlockQuota(Quota):
-    """Quota's interface over leased blocks; its own windows (limit / processes) are the fallback."""
+class BlockStore:
+    """`Store` (quota/policy) over leased blocks; its budget and in-flight count are shared with
+    the key's fallback store (one count of this process's requests, whichever store admitted them)."""
 
-    def __init__(self, backend: PostgresQuotas, rpm: int, tpm: int, ident: bytes) -> None:
-        super().__init__(rpm, tpm)
-        self.backend = backend
-        self._ident = hashlib.sha256(b"modelyard-quota:" + ident).hexdigest()[:24]   # never the secret
-        self._req, self._tok = _Pot(), _Pot()
+    def __init__(self, backend: PostgresQuotas, ident: str, budget: LocalBudget, inflight: InFlight) -> None:
+        self.backend, self._ident = backend, ident
+        self.budget, self.inflight = budget, inflight
+        self._pots = {"req": _Pot(), "tok": _Pot()}
+        self._leasing = {"req": asyncio.Lock(), "tok": asyncio.Lock()}   # one lease per key and kind at a time
         self._full: dict[str, tuple[float, int]] = {}    # kind -> (refused until, used): no call meanwhile
-        self._local = Quota(self._share(rpm), self._share(tpm))
 
-    def _share(self, limit: int) -> int:
-        return max(1, limit // self.backend.processes) if limit else 0
-
-    def _sync_local(self) -> None:
-        self._local.rpm, self._local.tpm = self._share(self.rpm), self._share(self.tpm)
-
-    def _take(self, kind: str, pot: _Pot, amount: int, limit: int, now: float, check: bool = True) -> bool:
-        """`amount` from the pot, leasing a new block when it cannot give it; False: refused
-        (and remembered until the window frees up)."""
-        if pot.live(now) and pot.left >= amount:
+    def _from_pot(self, kind: str, amount: int) -> bool:
+        pot = self._pots[kind]
+        if pot.live(time.monotonic()) and pot.left >= amount:
             pot.left -= amount
             return True
+        return False
+
+    async def _take(self, kind: str, amount: int, limit: int) -> bool:
+        """`amount` from the pot, leasing a new block when it cannot give it; False: refused
+        (and remembered until the window frees up)."""
+        if self._from_pot(kind, amount):
+            return True
         full = self._full.get(kind)
-        if check and full is not None and now < full[0]:
+        if full is not None and time.monotonic() < full[0]:
             return False
-        block = self.backend.block(limit) if check else amount
-        need = max(amount, 1)              # room for one at least, even when only asking whether there is
+        async with self._leasing[kind]:
+            if self._from_pot(kind, amount):     # another request leased one meanwhile
+                return True
+            need = max(amount, 1)                # room for one at least, even when only asking whether there is
+            out = await self.backend.lease(self._ident, kind, max(self.backend.block(limit), need), need, limit)
+            now = time.monotonic()
+            if isinstance(out, Refusal):
+                self._full[kind] = (now + max(out.retry_after, 0.0), out.used)
+                return False
+            self._full.pop(kind, None)
+            self._pots[kind].fill(out - amount, now)      # the old block's rest is dropped: one live block per key
+            return True
+
+    def _refused(self, kind: str, tokens: int | None = None) -> Refusal:
+        until, used = self._full.get(kind, (time.monotonic() + WINDOW, 0))
+        return Refusal(kind, retry_after=max(until - time.monotonic(), 0.0), used=used, tokens=tokens)
+
+    async def admit(self, limits: Limits) -> Slot | None | Refusal:
+        parallel = share(limits.max_parallel, self.backend.processes)
+        if parallel and self.inflight.count >= parallel:
+            return Refusal("parallel")
+        if (no := self.budget.exhausted(limits)) is not None:
+            return no
+        tok = self._pots["tok"]
+        if limits.tpm and not (tok.live(time.monotonic()) and tok.left > 0) and \
+                not await self._take("tok", 0, limits.tpm):
+            return _as("tpm", self._refused("tok"))
+        if limits.rpm and not await self._take("req", 1, limits.rpm):
+            return _as("rpm", self._refused("req"))
+        return self.inflight.take(parallel)
+
+    async def reserve(self, limits: Limits, tokens: int, check: bool) -> _Hold | Refusal | None:
+        if not check:
+            self.budget.charge(tokens)
+            if limits.tpm:
+                await self._spend(tokens)
+            return None
+        held = self.budget.reserve(limits, tokens)
+        if isinstance(held, Refusal):
+            return held
+        if not limits.tpm:
+            return _Hold(-1, held)
         try:
-            grant = self.backend.lease(self._ident, kind, max(block, need), need, limit, check)
-        except Refused as no:
-            self._full[kind] = (now + max(no.retry_after, 0.0), no.used)
-            return False
-        self._full.pop(kind, None)
-        pot.fill(grant - amount, now)      # the old block's rest is dropped: one live block per key
-        return True
+            ok = await self._take("tok", tokens, limits.tpm)
+        except BaseException:
+            self.budget.settle(held, 0)      # the fallback reserves it again
+            raise
+        if not ok:
+            self.budget.settle(held, 0)
+            return _as("tpm", self._refused("tok", tokens))
+        return _Hold(self._pots["tok"].gen, held)
 
-    def _retry(self, kind: str, now: float) -> float:
-        return max(self._full.get(kind, (now + WINDOW, 0))[0] - now, 0.0)
+    async def settle(self, hold: _Hold, reserved: int, tokens: int) -> None:
+        over = self._settle_here(hold, reserved, tokens)
+        if over:
+            await self._spend(over)
 
-    def admit(self, now: float) -> Slot:
-        self._sync_local()
-        limit = self._share(self.max_parallel) if self.max_parallel else 0
-        if limit and self.in_flight >= limit:
-            raise parallel_exceeded(self.max_parallel)
-        if self.budget_tokens and self.budget_period and self.book is not None:
-            used = self.book.used(self.key_id, self.budget_period)
-            if used >= self.budget_tokens:
-                raise budget_exceeded(self.budget_tokens, self.budget_period, used)
+    def unsettled(self, hold: _Hold, reserved: int, tokens: int) -> None:
+        self._settle_here(hold, reserved, tokens)    # an overage past the block is not charged in the window
 
-        def shared() -> None:
-            if self.tpm and not (self._tok.live(now) and self._tok.left > 0) and \
-                    not self._take("tok", self._tok, 0, self.tpm, now):
-                raise RateLimited(f"rate limit: {self.tpm} tokens per minute for this key "
-                                  f"({self._full['tok'][1]} used in the last minute)",
-                                  code="rate_limit_exceeded", retry_after=self._retry("tok", now))
-            if self.rpm and not self._take("req", self._req, 1, self.rpm, now):
-                raise RateLimited(f"rate limit: {self.rpm} requests per minute for this key",
-                                  code="rate_limit_exceeded", retry_after=self._retry("req", now))
+    def _settle_here(self, hold: _Hold, reserved: int, tokens: int) -> int:
+        """The budget let go and the tokens' block corrected, without the database, once; what
+        is left of an overage to lease."""
+        if hold.budget >= 0:
+            self.budget.settle(hold.budget, tokens)
+            hold.budget = -1
+        pot = self._pots["tok"]
+        if hold.gen < 0:
+            return 0
+        live = hold.gen == pot.gen and pot.live(time.monotonic())
+        hold.gen = -1
+        if tokens <= reserved:
+            if live:
+                pot.left += reserved - tokens      # unused, back to the block it came from
+            return 0
+        take = min(pot.left, tokens - reserved) if live else 0
+        pot.left -= take
+        return tokens - reserved - take
 
-        def local() -> None:
-            self._local.admit(now).release()       # counted in the local window; slots are ours below
-        self.backend.call(shared, local)
-        self.in_flight += 1
-        return Slot(self._release)
-
-    def reserve(self, tokens: int, now: float) -> Charge:
-        if not self.tpm:
-            return BlockCharge(now, tokens, -1)
-        self._sync_local()
-
-        def shared() -> Charge:
-            if not self._take("tok", self._tok, tokens, self.tpm, now):
-                used = self._full["tok"][1]
-                why = (f"rate limit: {self.tpm} tokens per minute for this key ({used} used in the last minute); "
-                       f"this request may use up to {tokens} tokens (prompt + max_tokens)")
-                if tokens > self.tpm:
-                    raise RateLimited(why + ", more than the whole quota; lower max_tokens or shorten the prompt",
-                                      code="rate_limit_exceeded", retry_after=WINDOW)
-                raise RateLimited(why, code="rate_limit_exceeded", retry_after=self._retry("tok", now))
-            return BlockCharge(now, tokens, self._tok.gen)
-        return self.backend.call(shared, lambda: BlockCharge(now, tokens, -1, self._local.reserve(tokens, now)))
-
-    def settle(self, charge: Charge, tokens: int) -> None:
-        if charge.settled:
+    async def _spend(self, tokens: int) -> None:
+        """After the fact: from the block, the rest leased unchecked."""
+        if tokens <= 0:
             return
-        charge.settled = True
-        if isinstance(charge, BlockCharge) and charge.local is not None:
-            self._local.settle(charge.local, tokens)
-        elif isinstance(charge, BlockCharge) and charge.gen == self._tok.gen and self._tok.live(time.monotonic()):
-            self._tok.left += max(charge.tokens - tokens, 0)     # unused, back to the block it came from
-
-    def spend(self, tokens: int, now: float) -> None:
-        """After the fact (a remote engine): from the block, the rest leased unchecked."""
-        if not self.tpm or tokens <= 0:
-            return
-        take = min(self._tok.left, tokens) if self._tok.live(now) else 0
-        self._tok.left -= take
+        take = min(self._pots["tok"].left, tokens) if self._pots["tok"].live(time.monotonic()) else 0
+        self._pots["tok"].left -= take
         if tokens > take:
-            self.backend.call(lambda: self._take("tok", _Pot(), tokens - take, self.tpm, now, check=False),
-                              lambda: self._local.spend(tokens - take, now))
+            await self.backend.lease(self._ident, "tok", tokens - take, tokens - take, 0, check=False)
+
+
+def _as(kind: str, refusal: Refusal) -> Refusal:
+    """A block's refusal ("req", "tok") as the limit's ("rpm", "tpm")."""
+    return Refusal(kind, refusal.retry_after, refusal.used, refusal.reserved, refusal.tokens)
