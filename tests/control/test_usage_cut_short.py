@@ -17,6 +17,8 @@ from servers import MODEL, served
 pytestmark = pytest.mark.model
 
 ADMIN = "cut-admin"
+BUDGET = 320                   # room for one request of 4 prompt tokens + 300, and no more
+ENDLESS = {"0": -100, "1": -100, "2": -100}       # smollm2's end tokens never drawn
 
 
 def config(path) -> str:
@@ -28,12 +30,12 @@ def test_a_stream_left_midway_is_counted_and_charged_to_the_budget(tmp_path):
     admin = {"Authorization": f"Bearer {ADMIN}"}
     with served(tmp_path, config(tmp_path / "control.db"), key=None) as srv:
         key = httpx.post(f"{srv.base}/api/v1/control/api-keys", headers=admin,
-                         json={"name": "leaver", "budget_tokens": 40, "budget_period": "day"}).json()
+                         json={"name": "leaver", "budget_tokens": BUDGET, "budget_period": "day"}).json()
         auth = {"Authorization": f"Bearer {key['secret']}"}
         seen = 0
         with httpx.stream("POST", f"{srv.api}/completions", headers=auth, timeout=60,
                           json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 300, "stream": True,
-                                "ignore_eos": True}) as r:
+                                "logit_bias": ENDLESS}) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith("data: {"):
@@ -51,11 +53,11 @@ def test_a_stream_left_midway_is_counted_and_charged_to_the_budget(tmp_path):
         [row] = rows
         assert row["requests"] == 1 and row["endpoint"] == MODEL
         assert row["total_tokens"] >= 4 + 30, row         # the prompt and at least what was streamed
-        # ...and the budget (40 tokens a day) saw them: the next request is refused
+        # ...and the budget saw them: the same request again would fit in BUDGET, not in what is left
         deadline = time.monotonic() + 5
         while True:
             r = httpx.post(f"{srv.api}/completions", headers=auth, timeout=60,
-                           json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+                           json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 300})
             if r.status_code == 429:
                 break
             assert time.monotonic() < deadline, r.text
