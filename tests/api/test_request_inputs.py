@@ -78,4 +78,4 @@ def test_both_routes_stream_with_the_same_headers(client, route, body):
         assert r.status_code == 200
         r.read()
     assert r.headers["content-type"].startswith("text/event-stream")
-    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    assert r.headers["cache-control"] == "no-store" and r.headers["x-accel-buffering"] == "no"

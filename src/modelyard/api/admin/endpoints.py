@@ -13,7 +13,6 @@ process's registry (right away) and every other process's (within the sync bound
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Iterable, Literal
 from urllib.parse import urlsplit
 
@@ -29,6 +28,7 @@ from ...registry.events import endpoint_events
 from ...registry.render import endpoint_object
 from ...redact import mask_url_credentials
 from ...settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
+from .. import sse
 from .auth import actor, admin, revision_of, still_valid, viewer
 
 router = APIRouter()
@@ -174,7 +174,7 @@ async def list_endpoints(request: Request, limit: Limit = 20, after: str | None 
 
 @router.get(PREFIX + "/events", summary="Server-sent events: every endpoint's state as it changes")
 async def all_events(request: Request, who: AdminToken = Depends(viewer)) -> StreamingResponse:
-    return sse(request, who, endpoint_events(request.app.state.registry, request.app.state.started, None,
+    return stream(request, who, endpoint_events(request.app.state.registry, request.app.state.started, None,
                                              _async(still_valid(request.app, who))))
 
 
@@ -189,7 +189,7 @@ async def get_endpoint(endpoint_id: str, request: Request, response: Response,
 async def one_endpoint_events(endpoint_id: str, request: Request,
                               who: AdminToken = Depends(viewer)) -> StreamingResponse:
     await _row(request, endpoint_id)          # 404 for an unknown id, before the stream starts
-    return sse(request, who, endpoint_events(request.app.state.registry, request.app.state.started, endpoint_id,
+    return stream(request, who, endpoint_events(request.app.state.registry, request.app.state.started, endpoint_id,
                                              _async(still_valid(request.app, who))))
 
 
@@ -285,10 +285,9 @@ def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     return alive
 
 
-def sse(request: Request, who: AdminToken, events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
+def stream(request: Request, who: AdminToken, events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
     """The stream, counted against `who`'s open streams (api/admin/auth.StreamSlots: 429 past it)."""
     async def lines() -> AsyncIterator[str]:
-        async for event, data in events:
-            yield ": keepalive\n\n" if event == "keepalive" else f"event: {event}\ndata: {json.dumps(data)}\n\n"
-    return StreamingResponse(request.app.state.stream_slots.stream(who, lines()), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        async for name, payload in events:
+            yield sse.KEEPALIVE if name == "keepalive" else sse.event(name, payload)
+    return sse.response(request.app.state.stream_slots.stream(who, lines()))

@@ -15,13 +15,14 @@ import time
 from typing import Callable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ...engine.protocol import Engine
 from ...engine.types import EmbeddingRequest, EngineRequest, ModelType, SamplingParams
 from ...errors import InvalidRequest
 from ...settings import Limits
 from ..auth import find_endpoint
+from .. import sse
 from ..errors import limit_error
 from .schemas import ErrorResponse, GenerationRequest
 from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
@@ -31,8 +32,6 @@ ERRORS = {400: {"model": ErrorResponse, "description": "Invalid model endpoint s
           404: {"model": ErrorResponse, "description": "Unknown model endpoint requested."},
           503: {"model": ErrorResponse, "description": "The endpoint's queue is full; retry after Retry-After."}}
 
-# No proxy (nginx) may hold events back: each chunk must reach the client as it is made.
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def respond(request: Request, body: GenerationRequest, out: Completion, *, logprobs: int | None,
@@ -46,8 +45,7 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     events = merge(await prime_all([engine.generate(r) for r in ledgered(request, body.model, build(deadline))]),
                    body.n or 1)
     if body.stream:
-        return StreamingResponse(to_sse(events, out, body.include_usage), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return sse.response(to_sse(events, out, body.include_usage))
     result = await unless_disconnected(request, asyncio.ensure_future(collect(events, out)))
     if result is None:   # the client left; nobody will read this
         return Response(status_code=499)

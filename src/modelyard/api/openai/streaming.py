@@ -7,7 +7,6 @@ Closing the merged stream (client gone) closes every engine stream, which aborts
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from fastapi import Request
 
 from ...engine.types import MAX_PENDING, ChoiceDelta, EngineOutput, TokenLogprobs, Usage, reads_too_slowly
 from ...errors import ModelyardError
+from .. import sse
 
 log = logging.getLogger("modelyard.api")
 Event = tuple[int, EngineOutput]     # (prompt number, engine output)
@@ -267,10 +267,6 @@ class Completion:
         return {**self.envelope(choices), "usage": self.usage}
 
 
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: bool) -> AsyncIterator[str]:
     try:
         async for prompt, event in events:
@@ -281,21 +277,21 @@ async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: b
                     continue
                 if include_usage:
                     chunk["usage"] = None
-                yield sse(chunk)
+                yield sse.data(chunk)
             else:
                 out.add_usage(event)
         if include_usage:
-            yield sse({**out.envelope([]), "usage": out.usage})
+            yield sse.data({**out.envelope([]), "usage": out.usage})
         out.done()
     except ModelyardError as exc:
-        yield sse(exc.body())          # an error event, never a silent cut
+        yield sse.data(exc.body())          # an error event, never a silent cut
     except Exception as exc:  # noqa: BLE001
         log.exception("stream %s failed", out.id)
-        yield sse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
+        yield sse.data({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
                              "param": None, "code": None}})
     finally:
         await events.aclose()
-    yield sse("[DONE]")
+    yield sse.data("[DONE]")
 
 
 async def collect(events: AsyncIterator[Event], out: Completion) -> dict:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from ...errors import RateLimited
+from ...api import sse
 from ...registry.events import endpoint_events
 from .. import internal, views
 from ..forms import FieldError, json_body, listed, text, whole
@@ -44,10 +45,6 @@ async def endpoints_table(request: Request, session: Session = Depends(reader)) 
     return render(request, "_endpoints_table.html", session, **await _endpoints_context(request, session))
 
 
-def _sse(event: str, html: str) -> str:
-    return f"event: {event}\n" + "".join(f"data: {line}\n" for line in html.splitlines()) + "\n"
-
-
 @router.get("/endpoints/stream")
 async def endpoints_stream(request: Request, session: Session = Depends(reader)) -> Response:
     """The endpoints table as server-sent events: a fresh render whenever an endpoint changed
@@ -63,7 +60,7 @@ async def endpoints_stream(request: Request, session: Session = Depends(reader))
         state = request.app.state
         async for kind, _ in endpoint_events(state.registry, state.started, alive=alive, polls=True):
             if kind == "keepalive":
-                yield ": keepalive\n\n"
+                yield sse.KEEPALIVE
                 continue
             polls += kind == "poll"
             if polls >= SSE_MAX_POLLS:
@@ -72,14 +69,13 @@ async def endpoints_stream(request: Request, session: Session = Depends(reader))
                           **await _endpoints_context(request, session)).body.decode()
             if html != last:
                 last = html
-                yield _sse("endpoints", html)
+                yield sse.event("endpoints", html)
 
     try:         # the session's token shares max_streams_per_token with its admin API streams
         body = request.app.state.stream_slots.stream(who(request, session), events())
     except RateLimited as exc:
         raise Refusal(429, exc.message, to_login=False, retry_after=round(exc.retry_after or 5)) from None
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return sse.response(body)
 
 
 async def _endpoint_action(request: Request, session: Session, method: str, path: str, body: Any,
