@@ -8,7 +8,6 @@ request's deadline, and a client that leaves cancels the work.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import math
@@ -23,7 +22,6 @@ from ...errors import EngineError
 from ..errors import limit_error
 from .pipeline import ERRORS, deadline_for, ledgered, ready_engine
 from .schemas import CreateEmbeddingRequest, CreateEmbeddingResponse
-from .streaming import unless_disconnected
 
 router = APIRouter()
 
@@ -43,9 +41,7 @@ async def create_embeddings(body: CreateEmbeddingRequest, request: Request) -> R
     engine = ready_engine(request, body.model, ModelType.EMBEDDINGS)
     [req] = ledgered(request, body.model, [EmbeddingRequest(f"embd-{uuid.uuid4().hex}", inputs, body.dimensions,
                                                             bool(body.truncate), deadline)])
-    result = await unless_disconnected(request, asyncio.ensure_future(engine.embed(req)))
-    if result is None:   # the client left; nobody will read this
-        return Response(status_code=499)
+    result = await engine.embed(req)      # a client that leaves cancels it (api/middleware/disconnect)
     if len(result.vectors) != len(inputs):
         raise EngineError(f"the engine returned {len(result.vectors)} vectors for {len(inputs)} inputs")
     state.metrics.embedding(body.model, len(inputs))

@@ -9,7 +9,6 @@ the engines settle each request's tokens in its ledger (quota/ledger).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from typing import Callable, TypeVar
@@ -25,7 +24,7 @@ from ..auth import find_endpoint
 from .. import sse
 from ..errors import limit_error
 from .schemas import ErrorResponse, GenerationRequest
-from .streaming import Completion, collect, merge, prime_all, to_sse, unless_disconnected
+from .streaming import Completion, collect, merge, prime_all, to_sse
 
 ERRORS = {400: {"model": ErrorResponse, "description": "Invalid model endpoint specified or model endpoint not ready."},
           401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
@@ -46,10 +45,9 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
                    body.n or 1)
     if body.stream:
         return sse.response(to_sse(events, out, body.include_usage))
-    result = await unless_disconnected(request, asyncio.ensure_future(collect(events, out)))
-    if result is None:   # the client left; nobody will read this
-        return Response(status_code=499)
-    return JSONResponse(result)
+    # A client that leaves cancels this route (api/middleware/disconnect), and so the collection
+    # and its engine streams: nothing here needs to watch the connection.
+    return JSONResponse(await collect(events, out))
 
 
 def ready_engine(request: Request, name: str, kind: ModelType) -> Engine:

@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from fastapi import Request
-
 from ...engine.types import MAX_PENDING, ChoiceDelta, EngineOutput, TokenLogprobs, Usage, reads_too_slowly
 from ...errors import ModelyardError
 from .. import sse
@@ -303,22 +301,3 @@ async def collect(events: AsyncIterator[Event], out: Completion) -> dict:
             out.add_usage(event)
     out.done()
     return out.body()
-
-
-async def unless_disconnected(request: Request, work: asyncio.Future | asyncio.Task, poll: float = 0.25):
-    """Await `work`, cancelling it if the client goes away first (non-streaming requests), or
-    if the route itself is cancelled (api/middleware/disconnect cancels it when the client leaves): a
-    task awaited through asyncio.wait outlives its awaiter unless cancelled here."""
-    try:
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=poll)
-            if done:
-                return work.result()
-            if await request.is_disconnected():
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-                return None
-    except asyncio.CancelledError:
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        raise
