@@ -15,7 +15,7 @@ from modelyard.engine.types import EngineRequest, SamplingParams
 from modelyard.errors import InvalidRequest
 from modelyard.local.chat_template import ChatTemplate
 from modelyard.local.ffi import LlamaModel
-from modelyard.local.loop import LocalEngine
+from modelyard.local.engine import LocalEngine
 from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
 

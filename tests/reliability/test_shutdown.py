@@ -163,7 +163,7 @@ def test_sigterm_while_the_model_loads_exits_0_cleanly(tmp_path):
     """SIGTERM once the endpoint has its file and is loading it on the engine thread (gemma3-270m,
     with room for 16 sequences of 2,048 tokens, is the slowest to load): the load finishes, the
     engine thread closes what it made and ends, and the process exits 0 with no traceback.
-    (tests/local/test_loop_lifecycle.py proves the same of LocalEngine in process.)"""
+    (tests/local/test_engine_lifecycle.py proves the same of LocalEngine in process.)"""
     cfg = config(api_keys=(KEY,)).replace(
         f'name = "{MODEL}"\nmodel = "{MODEL}"\ncontext = 256\nparallel = 2\n',
         'name = "gemma3-270m"\nmodel = "gemma3-270m"\ncontext = 2048\nparallel = 16\n')

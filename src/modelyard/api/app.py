@@ -38,11 +38,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         sync = usage = book = None
         if settings.control_enabled:
             from ..control.db import open_database
-            from ..control.endpoint_sync import EndpointSync
             from ..control.endpoints import EndpointStore
             from ..control.keys import KeyStore
             from ..control.notify import ChangeFeed
-            from ..control.sync import ControlSync
+            from ..control.sync import ControlSync, EndpointSync
             from ..control.records import server_secret
             from ..control.usage import UsageRecorder, rename_keys
             db = await asyncio.to_thread(open_database, settings.database)

@@ -1,5 +1,5 @@
 """Model endpoints made at run time, kept in the control store so that they survive restarts and
-every gateway process serves them (control/endpoint_sync applies the rows to each registry).
+every gateway process serves them (control/sync.EndpointSync applies the rows to each registry).
 
 A row holds the endpoint's spec (settings.spec_fields, as JSON), what an admin asked for
 (`desired`: loaded or unloaded) and a `revision`, the ETag: every change bumps it, a stale

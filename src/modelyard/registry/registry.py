@@ -39,9 +39,9 @@ def default_engine_factory(spec: EndpointSpec, model_path: Path | None) -> Engin
         return ProxyEngine(spec)
     assert model_path is not None
     if spec.kind == "embeddings":
-        from ..local.embed import EmbeddingEngine
+        from ..local.embeddings import EmbeddingEngine
         return EmbeddingEngine(spec, model_path)
-    from ..local.loop import LocalEngine
+    from ..local.engine import LocalEngine
     return LocalEngine(spec, model_path)
 
 

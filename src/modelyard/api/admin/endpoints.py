@@ -6,7 +6,7 @@ shows "object": "model.deleted"), load/unload, and a server-sent-events stream o
 endpoint's state as full snapshots. Endpoints from the TOML file are listed with
 source "config" and cannot be changed here (409 config_managed): the file owns them.
 
-Writes go to the control store first; control/endpoint_sync then applies the stored rows to this
+Writes go to the control store first; control/sync.EndpointSync then applies the stored rows to this
 process's registry (right away) and every other process's (within the sync bound).
 """
 

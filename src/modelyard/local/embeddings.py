@@ -3,7 +3,7 @@
 The same shape as LocalEngine (loop.py), for an encoder: requests are tokenized and checked on a
 worker thread, admitted against a bound (parallel + max_queue requests), and handed to the engine
 thread as EmbedJobs. Each step packs pending inputs of any number of requests into one
-llama_decode (embed_batch.Packer), pools each input's own rows, and finishes the jobs that are
+llama_decode (embeddings_batch.Packer), pools each input's own rows, and finishes the jobs that are
 complete. Only the engine thread touches the llama context (why: loop.py's docstring).
 
 Endpoint settings, as an encoder reads them: `context` caps one input's tokens (at most the
@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator
 from ..engine.types import EmbeddingRequest, EmbeddingResult, EngineOutput, EngineRequest, ModelType
 from ..errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequest, ModelyardError, QueueFull
 from ..settings import EndpointSpec
-from .embed_batch import EmbedJob, Packed, Packer, pool
+from .embeddings_batch import EmbedJob, Packed, Packer, pool
 from .engine_thread import STOP, EngineThread
 from .ffi import EmbeddingContext, LlamaModel, simd_lanes, system_info
 from .vocab_guard import VocabGuard

@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from modelyard.local.embed_batch import FILLER_TOKEN, EmbedJob, Packer, pool
+from modelyard.local.embeddings_batch import FILLER_TOKEN, EmbedJob, Packer, pool
 
 
 def job(name: str, *lengths: int) -> EmbedJob:
@@ -75,7 +75,7 @@ def test_pooling_then_l2_normalisation(how, expected):
 
 def test_an_aborted_job_leaves_the_engine_threads_queue_before_any_of_its_inputs_run(tmp_path):
     """What the engine thread does with its inbox (EmbeddingEngine._drain), without a model."""
-    from modelyard.local.embed import EmbeddingEngine
+    from modelyard.local.embeddings import EmbeddingEngine
     from modelyard.settings import EndpointSpec
 
     engine = EmbeddingEngine(EndpointSpec(name="e"), tmp_path / "unused.gguf")

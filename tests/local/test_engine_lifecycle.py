@@ -13,7 +13,7 @@ import pytest
 from modelyard import settings as settings_mod
 from modelyard.engine.types import EngineRequest, SamplingParams
 from modelyard.errors import EndpointNotReady, EngineError
-from modelyard.local.loop import LocalEngine
+from modelyard.local.engine import LocalEngine
 from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
 

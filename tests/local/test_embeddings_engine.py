@@ -17,7 +17,7 @@ from bert_reference import Bert, WordPiece, extract_model
 from modelyard import settings as settings_mod
 from modelyard.engine.types import EmbeddingRequest, EngineRequest, ModelType
 from modelyard.errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequest, QueueFull
-from modelyard.local.embed import EmbeddingEngine
+from modelyard.local.embeddings import EmbeddingEngine
 from modelyard.settings import EndpointSpec
 from modelyard.store import KNOWN, ModelStore, file_sha256
 

@@ -1,7 +1,7 @@
 """Embedding jobs and the one batch per step: inputs of many requests packed into one llama_decode,
 each in its own sequence at a lane-aligned offset; each sequence's rows pooled and normalised.
 
-Pure Python + numpy, so the packing is tested without a model (tests/local/test_embed_batch.py).
+Pure Python + numpy, so the packing is tested without a model (tests/local/test_embeddings_batch.py).
 The alignment and the filler sequence are what keep a vector independent of its neighbours; see
 ffi.EmbeddingContext for why.
 """
