@@ -2,7 +2,7 @@
 
 The limits: sliding one-minute windows of requests (`rpm`) and tokens (`tpm`), requests in flight
 at once (`max_parallel`) and a token budget per UTC calendar day or month (`budget_tokens`,
-`budget_period`); 0 is no limit. `Limits.share` is one process's part of them, what a process
+`budget_period`); 0 is no limit. `KeyLimits.share` is one process's part of them, what a process
 allows by itself while its shared store does not answer (quota/policy).
 
 A store counts and says no with a `Refusal` (which limit, what it saw, when to retry); only
@@ -48,7 +48,7 @@ def share(limit: int, processes: int) -> int:
 
 
 @dataclass(frozen=True)
-class Limits:
+class KeyLimits:
     rpm: int = 0
     tpm: int = 0
     max_parallel: int = 0
@@ -60,11 +60,11 @@ class Limits:
         """The budget in force (0: none; a budget without a period is none)."""
         return self.budget_tokens if self.budget_period else 0
 
-    def share(self, processes: int) -> "Limits":
+    def share(self, processes: int) -> "KeyLimits":
         """This process's part: the windows and max_parallel divided; the budget whole, because
         what it is checked against (what the store last said, plus what was charged here since)
         is a total, not a share."""
-        return Limits(share(self.rpm, processes), share(self.tpm, processes), share(self.max_parallel, processes),
+        return KeyLimits(share(self.rpm, processes), share(self.tpm, processes), share(self.max_parallel, processes),
                       self.budget_tokens, self.budget_period)
 
 
@@ -80,7 +80,7 @@ class Refusal:
     reserved: int | None = None
     tokens: int | None = None
 
-    def error(self, limits: Limits) -> RateLimited:
+    def error(self, limits: KeyLimits) -> RateLimited:
         """The 429 a client reads: each names its limit and what was counted against it."""
         if self.kind == "parallel":
             return RateLimited(f"parallel limit: this key may have {limits.max_parallel} requests in flight at "

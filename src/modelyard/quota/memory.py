@@ -32,7 +32,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from .limits import WINDOW, Limits, Refusal, Slot
+from .limits import WINDOW, KeyLimits, Refusal, Slot
 from .policy import Backend, KeyQuota, Store
 
 
@@ -69,12 +69,12 @@ class LocalBudget:
     def __init__(self, base: Callable[[], int], spent: Callable[[int], None] | None = None) -> None:
         self.base, self.spent, self.held = base, spent, 0
 
-    def exhausted(self, limits: Limits) -> Refusal | None:
+    def exhausted(self, limits: KeyLimits) -> Refusal | None:
         if limits.budget and (used := self.base()) >= limits.budget:
             return Refusal("budget", used=used, reserved=self.held)
         return None
 
-    def reserve(self, limits: Limits, tokens: int) -> int | Refusal:
+    def reserve(self, limits: KeyLimits, tokens: int) -> int | Refusal:
         """What it now holds for the request (0 without a budget), or a Refusal."""
         if not limits.budget:
             return 0
@@ -116,7 +116,7 @@ class MemoryStore:
         self._expire(time.monotonic())
         return self._token_sum
 
-    async def admit(self, limits: Limits) -> Slot | None | Refusal:
+    async def admit(self, limits: KeyLimits) -> Slot | None | Refusal:
         now = time.monotonic()
         self._expire(now)
         if limits.max_parallel and self.inflight.count >= limits.max_parallel:
@@ -130,7 +130,7 @@ class MemoryStore:
         self._requests.append(now)
         return self.inflight.take(limits.max_parallel)
 
-    async def reserve(self, limits: Limits, tokens: int, check: bool) -> tuple[Charge, int] | Refusal | None:
+    async def reserve(self, limits: KeyLimits, tokens: int, check: bool) -> tuple[Charge, int] | Refusal | None:
         now = time.monotonic()
         self._expire(now)
         if not check:

@@ -15,7 +15,7 @@ quota/redis, quota/postgres). The policy around them is here, once:
 - the limits in force, read from the key at each call (the control plane changes them at run time);
 - every store call is bounded in time (asyncio.wait_for, `Backend.timeout`): a shared store that
   fails or does not answer within its bound is the fallback, never a stalled event loop;
-- the fallback: this process's share of every limit (`Limits.share`: limit // processes, at
+- the fallback: this process's share of every limit (`KeyLimits.share`: limit // processes, at
   least 1, never unlimited) counted in memory by the key's `local` store; logged once each way
   and shown by `modelyard_quota_fallback`/`_fallbacks` (metrics.py reads `fallback`,
   `fallbacks`); the shared store is tried again every RETRY seconds;
@@ -33,7 +33,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Coroutine, Protocol, TypeVar
 
-from .limits import Limits, Refusal, Slot
+from .limits import KeyLimits, Refusal, Slot
 
 log = logging.getLogger("modelyard.quota")
 RETRY = 1.0           # seconds between attempts to get back to a shared store that failed
@@ -44,11 +44,11 @@ class Store(Protocol):
     """How one backend counts one key. Every method may be cancelled at its bound (the policy's
     wait_for) and must leave the count on the safe side when it is."""
 
-    async def admit(self, limits: Limits) -> Slot | None | Refusal:
+    async def admit(self, limits: KeyLimits) -> Slot | None | Refusal:
         """Count a request against rpm and max_parallel; refuse when tpm or the budget is
         already spent."""
 
-    async def reserve(self, limits: Limits, tokens: int, check: bool) -> Any:
+    async def reserve(self, limits: KeyLimits, tokens: int, check: bool) -> Any:
         """Hold `tokens` in the tpm window and the budget; a hold to settle, or a Refusal.
         check=False: charged unchecked and final (nothing to settle)."""
 
@@ -165,8 +165,8 @@ class KeyQuota:
         self.local: Store | None = None
 
     @property
-    def limits(self) -> Limits:
-        return Limits(self.rpm, self.tpm, self.max_parallel, self.budget_tokens, self.budget_period)
+    def limits(self) -> KeyLimits:
+        return KeyLimits(self.rpm, self.tpm, self.max_parallel, self.budget_tokens, self.budget_period)
 
     @property
     def metered(self) -> bool:
@@ -215,10 +215,10 @@ class KeyQuota:
             store.unsettled(hold, reserved, tokens)
         await self.backend.call(lambda: store.settle(hold, reserved, tokens), unsettled if self.local else None)
 
-    def _call(self, work: Callable[[Store, Limits], Awaitable[T]], limits: Limits) -> Awaitable[tuple[Store, T]]:
+    def _call(self, work: Callable[[Store, KeyLimits], Awaitable[T]], limits: KeyLimits) -> Awaitable[tuple[Store, T]]:
         """`work` on the shared store, or on the local one with this process's share of the
         limits; with the store that answered (it holds what was reserved)."""
-        async def on(store: Store, lim: Limits) -> tuple[Store, T]:
+        async def on(store: Store, lim: KeyLimits) -> tuple[Store, T]:
             return store, await work(store, lim)
         local = self.local
         return self.backend.call(lambda: on(self.store, limits),

@@ -53,7 +53,7 @@ import asyncio
 import os
 import time
 
-from .limits import WINDOW, Limits, Refusal, Slot, share
+from .limits import WINDOW, KeyLimits, Refusal, Slot, share
 from .memory import InFlight, LocalBudget, MemoryStore, book_used
 from .policy import Backend, KeyQuota, Store
 
@@ -243,7 +243,7 @@ class BlockStore:
         until, used = self._full.get(kind, (time.monotonic() + WINDOW, 0))
         return Refusal(kind, retry_after=max(until - time.monotonic(), 0.0), used=used, tokens=tokens)
 
-    async def admit(self, limits: Limits) -> Slot | None | Refusal:
+    async def admit(self, limits: KeyLimits) -> Slot | None | Refusal:
         parallel = share(limits.max_parallel, self.backend.processes)
         if parallel and self.inflight.count >= parallel:
             return Refusal("parallel")
@@ -257,7 +257,7 @@ class BlockStore:
             return _as("rpm", self._refused("req"))
         return self.inflight.take(parallel)
 
-    async def reserve(self, limits: Limits, tokens: int, check: bool) -> _Hold | Refusal | None:
+    async def reserve(self, limits: KeyLimits, tokens: int, check: bool) -> _Hold | Refusal | None:
         if not check:
             self.budget.charge(tokens)
             if limits.tpm:

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import os
 
-from .limits import Limits, Refusal, Slot, period_bounds
+from .limits import KeyLimits, Refusal, Slot, period_bounds
 from .memory import LocalBudget, MemoryStore
 from .policy import Backend, KeyQuota, Store
 from .redis_scripts import ADMIT, RELEASE, RENEW, RESERVE, SETTLE
@@ -124,12 +124,12 @@ class RedisStore:
     def owe(self, tokens: int) -> None:
         self.owed += tokens
 
-    def _budget(self, limits: Limits) -> tuple[str, int]:
+    def _budget(self, limits: KeyLimits) -> tuple[str, int]:
         period = limits.budget_period or "day"
         start, end = period_bounds(period)
         return f"{self._budget_prefix}{period}:{start}", end
 
-    async def admit(self, limits: Limits) -> Slot | None | Refusal:
+    async def admit(self, limits: KeyLimits) -> Slot | None | Refusal:
         lease_id = _uid()
         key, end = self._budget(limits)
         owed, self.owed = (self.owed if limits.budget else 0), 0
@@ -148,7 +148,7 @@ class RedisStore:
             self.seen = used
         return Refusal(which, retry_after=retry, used=used)
 
-    async def reserve(self, limits: Limits, tokens: int, check: bool) -> tuple[str, bool, str, int] | Refusal | None:
+    async def reserve(self, limits: KeyLimits, tokens: int, check: bool) -> tuple[str, bool, str, int] | Refusal | None:
         charge_id = _uid()
         key, end = self._budget(limits)
         out = await self.backend.reserve_script(keys=[*self.token_keys, key],
