@@ -1,4 +1,5 @@
-"""Request and response bodies, exactly per the spec plus the OpenAI fields clients send.
+"""Request and response bodies of the data plane (completions, chat with its messages and tools,
+embeddings, errors), exactly per the spec plus the OpenAI fields clients send.
 
 A field sent as null means absent (official clients send "seed": null, "logprobs": null).
 Unknown fields are ignored. Validation failures become FastAPI's 422 {"detail": [...]}.
@@ -7,14 +8,14 @@ Unknown fields are ignored. Validation failures become FastAPI's 422 {"detail": 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema,
                       field_validator, model_validator)
 
 from ...engine.types import Constraint
 from ...settings import MAX_NAME
-from .structured import StructuredFields
+from .structured import StructuredFields, json_constraint, tool_call_schema
 
 
 # A token id as a JSON object key: ASCII digits only. `str.isdigit` also accepts "²" and "٣",
@@ -143,6 +144,103 @@ class CompletionRequest(GenerationRequest):
     @property
     def prompts(self) -> list[str | tuple[int, ...]]:
         return list(each_prompt(self.prompt))
+
+# -- chat -----------------------------------------------------------------------------------
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[str, list[TextPart], None] = None
+
+    def as_dict(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: ToolName
+
+
+MAX_MESSAGES = 2048      # a conversation's turns in one request (each is templated: work per item)
+MAX_TOOLS = 128          # OpenAI's own limit on tools
+
+
+class ChatRequest(GenerationRequest):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    _tool_names: list[str] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _tool_call(self) -> "ChatRequest":
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if not self.tools:
+            return self
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tools: function names must be unique, got {names}")
+        choice = self.tool_choice
+        wanted = choice.model_dump() if isinstance(choice, NamedToolChoice) else (choice or "auto")
+        if wanted == "auto":
+            return self     # the engine decides whether it can (embedded: a 400 saying what works)
+        made = tool_call_schema([t.model_dump() for t in self.tools], wanted)
+        if made is not None:
+            if self._constraint is not None:
+                raise ValueError(f"tool_choice {wanted if isinstance(wanted, str) else 'function'} "
+                                 f"constrains the output already; drop {self._constraint.field}")
+            schema, self._tool_names = made
+            self._constraint = json_constraint(schema, "tools")
+        return self
+
+    @property
+    def tool_names(self) -> list[str] | None:
+        """The functions the output is a call of (tool_choice required or named), else None."""
+        return self._tool_names
+
+    @property
+    def tool_mode(self) -> str | dict | None:
+        """tool_choice as given (its default with tools: "auto"); None without tools."""
+        if not self.tools:
+            return None
+        c = self.tool_choice
+        return c.model_dump() if isinstance(c, NamedToolChoice) else (c or "auto")
+
+    @property
+    def k_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CreateEmbeddingRequest(BaseModel):
     """OpenAI's embeddings body, plus `truncate` (modelyard's, as TEI's): an input longer than

@@ -18,7 +18,7 @@ from ...engine.types import ModelType
 from ...errors import ContextOverflow, InvalidRequest
 from ...settings import MAX_NAME
 from ..auth import find_endpoint, visible_endpoints
-from .chat import Message
+from .schemas import Message
 
 router = APIRouter()
 
