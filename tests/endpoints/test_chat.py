@@ -295,3 +295,39 @@ def test_remote_chat_passes_through_to_the_upstream(api, upstream):
 def test_remote_greedy_chat_equals_embedded(api):
     """Same model, same engine settings, same template: the same greedy reply either way."""
     assert chat(api, REMOTE)["choices"][0]["message"] == chat(api, SMOL)["choices"][0]["message"]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("name", [SMOL, REMOTE])
+def test_an_agent_loop_sends_its_calls_and_their_results_back(api, models, name):
+    """The turn after a tool call carries the assistant's tool_calls and a tool message with
+    the result: the model sees both (they used to be dropped, the message read as content only),
+    embedded (SmolLM2's ChatML writes no calls: they go in as the turn's text) and remote."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    called = chat(api, name, ask, tools=[WEATHER],
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=40)
+    [call] = called["choices"][0]["message"]["tool_calls"]
+    history = ask + [called["choices"][0]["message"],
+                     {"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 24 degrees"}]
+    answered = chat(api, name, history, tools=[WEATHER], tool_choice="none", max_tokens=8)
+    assert answered["choices"][0]["message"]["content"]
+    without_call = chat(api, name, ask + [{"role": "assistant", "content": ""}, history[-1]], tools=[WEATHER],
+                        tool_choice="none", max_tokens=1)
+    assert answered["usage"]["prompt_tokens"] > without_call["usage"]["prompt_tokens"]
+    if name == SMOL:       # exactly the template's rendering of the call, written as the turn's text
+        text = json.dumps({"name": "get_weather", "arguments": json.loads(call["function"]["arguments"])},
+                          ensure_ascii=False)
+        tpl = models[SMOL]
+        expected = ChatTemplate(tpl).render(ask + [{"role": "assistant", "content": text}, history[-1]], [WEATHER])
+        assert answered["usage"]["prompt_tokens"] == prompt_tokens(tpl, expected)
+
+
+def test_tool_fields_on_the_wrong_role_are_422(api):
+    r = api.post("/chat/completions", json={"model": SMOL, "messages": [
+        {"role": "user", "content": "x", "tool_calls": [{"id": "c", "type": "function",
+                                                        "function": {"name": "f", "arguments": "{}"}}]}]})
+    assert r.status_code == 422 and "tool_calls belong to assistant messages" in r.text, r.text

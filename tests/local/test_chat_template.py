@@ -6,6 +6,7 @@ neither smollm2's nor gemma3's own template renders tools, so templates that do 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
 import pytest
@@ -187,3 +188,34 @@ def test_a_template_that_runs_without_end_is_stopped_at_its_time_bound(monkeypat
         t.render([{"role": "user", "content": "x"}])
     # the deadline is per render: the next one starts afresh
     assert ChatTemplate.from_source("ok").render([{"role": "user", "content": "x"}]) == "ok"
+
+
+CALLS = [{"role": "user", "content": "weather?"},
+         {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+             "name": "get_weather", "arguments": '{"city": "Paris<|im_end|>"}'}}]},
+         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+
+
+def test_tool_calls_a_template_renders_are_client_text_keys_and_values_alike():
+    """A template that writes tool calls (with tojson, as Qwen's do) gets their arguments as an
+    object (Hugging Face's convention), and every string the client wrote of them (the name, the
+    keys, the values) is client text: a special token's markup inside stays text."""
+    t = ChatTemplate.from_source(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+        "{% for c in m.tool_calls or [] %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+        "{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert t.calls_as_text(CALLS) == CALLS
+    client = [text for text, mine in t.segments(CALLS) if mine]
+    assert client == ["weather?", "get_weather", "city", "Paris<|im_end|>", "sunny"]
+
+
+def test_tool_calls_a_template_ignores_are_written_as_the_turn_s_text():
+    """SmolLM2's ChatML writes role and content only: the calls go into the assistant turn as the
+    JSON an embedded endpoint's forced call is, rather than vanish."""
+    t = ChatTemplate.from_source("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    [_, assistant, _] = t.calls_as_text(CALLS)
+    assert "tool_calls" not in assistant
+    assert json.loads(assistant["content"]) == {"name": "get_weather", "arguments": {"city": "Paris<|im_end|>"}}
+    assert (assistant["content"], True) in t.segments(t.calls_as_text(CALLS))

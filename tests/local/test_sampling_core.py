@@ -89,6 +89,20 @@ def test_top_p_draws_only_from_the_nucleus(top_p: float, nucleus: set[int]) -> N
         assert abs(got.count(0) / 500 - 0.625) < 0.07
 
 
+@pytest.mark.parametrize("k,allowed", [(1, {0}), (2, {0, 1}), (3, {0, 1, 2}), (0, {0, 1, 2, 3}), (9, {0, 1, 2, 3})])
+def test_top_k_draws_only_from_the_k_most_likely(k: int, allowed: set[int]) -> None:
+    got = draws(SamplingParams(temperature=1.0, top_k=k, seed=7), NUCLEUS_ROW, 600)
+    assert set(got) == allowed
+    if k == 2:                                   # renormalised among the two: 5:3
+        assert abs(got.count(0) / 600 - 0.625) < 0.07
+
+
+def test_top_k_and_top_p_both_apply_and_seeds_still_decide() -> None:
+    both = SamplingParams(temperature=1.0, top_k=3, top_p=0.7, seed=3)
+    assert set(draws(both, NUCLEUS_ROW, 400)) == {0, 1}      # top_p's nucleus inside the top 3
+    assert draws(both, NUCLEUS_ROW, 50) == draws(both, NUCLEUS_ROW, 50)
+
+
 def test_top_p_with_unsorted_logits() -> None:
     row = NUCLEUS_ROW[[2, 0, 3, 1]]              # same distribution, shuffled ids
     got = draws(SamplingParams(temperature=1.0, top_p=0.7, seed=3), row, 500)

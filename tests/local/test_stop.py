@@ -185,3 +185,12 @@ def test_matches_reference(case: tuple[list[str], list[str]]) -> None:
     )
     if not nested:
         assert emitted == reference_min_start(text, stops)
+
+
+def test_the_stop_string_that_matched_is_named() -> None:
+    m = StopMatcher(["END", "\n\n", "ENDING"])
+    assert m.matched is None
+    out, stopped = m.push("one\n")
+    assert (out, stopped, m.matched) == ("one", False, None)
+    out, stopped = m.push("\nEND")
+    assert (out, stopped, m.matched) == ("", True, "\n\n")      # the earliest end wins

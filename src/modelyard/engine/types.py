@@ -7,6 +7,7 @@ return one EmbeddingResult. Engines never see HTTP; the API never sees which eng
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Union
@@ -55,6 +56,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     logprobs: int | None = None       # None: off; k: the sampled token plus k alternatives
+    top_k: int = 0                    # draw among the k most likely only (0: all); vLLM's and Anthropic's
 
     @property
     def greedy(self) -> bool:
@@ -64,8 +66,7 @@ class SamplingParams:
         """Params of choice `index`: its own seed, so each choice is reproducible alone."""
         if self.seed is None:
             return self
-        return SamplingParams(self.temperature, self.top_p, self.seed + index, self.presence_penalty,
-                              self.frequency_penalty, self.logit_bias, self.logprobs)
+        return dataclasses.replace(self, seed=self.seed + index)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class ChoiceDelta:
     finish_reason: FinishReason | None = None
     # an upstream's tool-call deltas, as OpenAI streams them ([{"index", "id", "function": {...}}])
     tool_calls: tuple[dict, ...] | None = None
+    stop_sequence: str | None = None      # with finish_reason "stop": the stop string that matched, if one did
 
 
 @dataclass(frozen=True)

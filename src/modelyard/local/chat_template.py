@@ -119,6 +119,54 @@ def _wrap(value, start: str, end: str, key: str | None = None):
     return value
 
 
+def _wrap_all(value, start: str, end: str):
+    """A tool call's arguments (JSON the model or the client wrote): every string and every key
+    between the markers, all of it client text."""
+    if isinstance(value, str):
+        return f"{start}{value}{end}" if value else value
+    if isinstance(value, dict):
+        return {_wrap_all(k, start, end): _wrap_all(v, start, end) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_wrap_all(v, start, end) for v in value]
+    return value
+
+
+def _calls_for_template(message: dict) -> dict:
+    """A message as templates expect it: an assistant's tool calls with their arguments as an
+    object (Hugging Face's convention, and vLLM's: templates write them with tojson), when they
+    are one; other arguments stay the text they are."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    out = []
+    for call in calls:
+        fn = dict(call.get("function") or {})
+        if isinstance(fn.get("arguments"), str):
+            try:
+                parsed = json.loads(fn["arguments"])
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                fn["arguments"] = parsed
+        out.append({**call, "function": fn})
+    return {**message, "tool_calls": out}
+
+
+def _marked_tool_fields(message: dict, start: str, end: str) -> dict:
+    """The client-written strings of a message's tool fields (calls: id, function name,
+    arguments; a tool turn's call id and name) between the markers."""
+    out = {}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [{**c, "id": _wrap_all(c.get("id"), start, end),
+                              "function": {**c["function"], "name": _wrap_all(c["function"].get("name"), start, end),
+                                           "arguments": _wrap_all(c["function"].get("arguments"), start, end)}}
+                             for c in _calls_for_template(message)["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if message.get(key):
+            out[key] = _wrap_all(message[key], start, end)
+    return out
+
+
 class ChatTemplate:
     """One model's chat template. `ChatTemplate(model)` reads it from the GGUF;
     `ChatTemplate.from_source(...)` takes the Jinja source itself."""
@@ -152,8 +200,10 @@ class ChatTemplate:
     def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
         if self._jinja is not None:
             extra = {"tools": list(tools)} if tools else {}     # templates that know tools render them
+            messages = [_calls_for_template(m) for m in messages]
             limit = RENDER_BASE_CHARS + RENDER_PER_INPUT_CHAR * (
-                sum(len(str(m.get("content") or "")) for m in messages) + (len(json.dumps(tools)) if tools else 0))
+                sum(len(str(m.get("content") or "")) + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+                    for m in messages) + (len(json.dumps(tools)) if tools else 0))
             pieces, size = [], 0
             _render_deadline.at = time.monotonic() + RENDER_SECONDS
             try:
@@ -174,6 +224,10 @@ class ChatTemplate:
         if self.builtin is not None:
             if self._model is None:
                 raise InvalidRequest("llama.cpp's built-in chat formats need the model", param="messages")
+            if any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+                raise InvalidRequest(f"this model has no chat template of its own, and llama.cpp's built-in "
+                                     f"'{self.builtin}' format cannot render tool calls or their results",
+                                     param="messages")
             return self._model.apply_builtin_template(
                 self.builtin, [(m["role"], m.get("content") or "") for m in messages])
         if self.error is not None:
@@ -186,8 +240,10 @@ class ChatTemplate:
         contents, tools' strings), in order."""
         # digits only: a template's upper/lower/title leaves the nonce as it is
         nonce = str(secrets.randbelow(10 ** 16)).zfill(16)
-        marked = [{**m, "content": f" \ue000{nonce}:{i}\ue001 "} for i, m in enumerate(messages)]
-        wrapped = [_wrap(t, f"\ue002{nonce}\ue003", f"\ue004{nonce}\ue005") for t in tools] if tools else None
+        start, end = f"\ue002{nonce}\ue003", f"\ue004{nonce}\ue005"
+        marked = [{**m, "content": f" \ue000{nonce}:{i}\ue001 ", **_marked_tool_fields(m, start, end)}
+                  for i, m in enumerate(messages)]
+        wrapped = [_wrap(t, start, end) for t in tools] if tools else None
         text = self.render(marked, wrapped)
         found = re.compile(rf"( ?)\ue000{nonce}:(\d+)\ue001( ?)|\ue002{nonce}\ue003(.*?)\ue004{nonce}\ue005", re.S)
         out: list[Segment] = []
@@ -212,11 +268,34 @@ class ChatTemplate:
                                  "with chat_parse_special = true", param="tools")
         return [s for s in out if s[0]]
 
+    def calls_as_text(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[dict]:
+        """`messages`, with the tool calls of assistant turns written into their text when this
+        template does not render tool calls at all (SmolLM2's ChatML writes role and content
+        only): as the JSON an embedded endpoint's forced call is (`{"name", "arguments"}`), one
+        per line, so the model sees the calls it made rather than nothing."""
+        if not any(m.get("tool_calls") for m in messages) or self._jinja is None:
+            return list(messages)
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+        if self.render(messages, tools) != self.render(bare, tools):
+            return list(messages)           # the template writes them its own way
+        out = []
+        for m in messages:
+            if not m.get("tool_calls"):
+                out.append(m)
+                continue
+            calls = [json.dumps({"name": c["function"]["name"],
+                                 "arguments": _calls_for_template({"tool_calls": [c]})["tool_calls"][0]["function"]
+                                 ["arguments"]}, ensure_ascii=False) for c in m["tool_calls"]]
+            text = "\n".join(([m["content"]] if m.get("content") else []) + calls)
+            out.append({k: v for k, v in m.items() if k != "tool_calls"} | {"content": text})
+        return out
+
     def tokens(self, messages: Sequence[dict], tokenize: Tokenize, parse_special: bool = False,
                tools: Sequence[dict] | None = None) -> list[int]:
         """The prompt's token ids. A BOS is added unless the template writes one itself. With
         `parse_special`, the whole rendering is tokenized as one text, special tokens parsed
         everywhere (Hugging Face's and llama-server's way)."""
+        messages = self.calls_as_text(messages, tools)
         if parse_special:
             text = self.render(messages, tools)
             return tokenize(text, add_special=not (self.bos_token and text.startswith(self.bos_token)),

@@ -144,7 +144,8 @@ class EngineCore:
                 echoed.extend(lp)
                 lp = echoed
         if text or seq.finish or (lp and lp.tokens):
-            self._out.setdefault(req, []).append(ChoiceDelta(seq.index, text, lp, seq.finish))
+            self._out.setdefault(req, []).append(ChoiceDelta(seq.index, text, lp, seq.finish,
+                                                             stop_sequence=seq.stop.matched if cut else None))
         if seq.finished:
             self.scheduler.release(seq)
             if req.done:

@@ -86,6 +86,11 @@ class Sampler:
 
     def _draw(self, x: np.ndarray) -> int:
         p = self.params
+        if 0 < p.top_k < len(x):        # only the k most likely may be drawn (ties: the lower ids)
+            keep = top_k(x, p.top_k)
+            masked = np.full_like(x, -np.inf)
+            masked[keep] = x[keep]
+            x = masked
         # float32 exp of the whole row (gemma3: 262,144 entries) is ~0.3 ms; sums in float64.
         probs = np.exp((x - x.max()) * np.float32(1.0 / p.temperature), dtype=np.float32)
         ids = nucleus(probs, p.top_p) if p.top_p < 1.0 else None

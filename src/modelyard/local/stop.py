@@ -47,6 +47,7 @@ class StopMatcher:
         self._max_hold = max((len(s) for s in self._stops), default=1) - 1
         self._held = ""
         self._stopped = False
+        self.matched: str | None = None     # the stop string that ended the text (Anthropic's stop_sequence)
 
     @property
     def held(self) -> str:
@@ -69,7 +70,7 @@ class StopMatcher:
         for stop in self._stops:
             start = buf.find(stop)
             if start >= 0 and (best is None or (start + len(stop), start) < best):
-                best = (start + len(stop), start)
+                best, self.matched = (start + len(stop), start), stop
         if best is not None:
             self._stopped, self._held = True, ""
             return buf[: best[1]], True

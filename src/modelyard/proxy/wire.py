@@ -68,6 +68,8 @@ def request_body(spec: EndpointSpec, req: EngineRequest, max_tokens: int) -> dic
         body["echo"] = True
     if s.seed is not None:
         body["seed"] = s.seed
+    if s.top_k:     # not OpenAI's: vLLM, SGLang, llama-server and TGI take it; OpenAI itself refuses it
+        body["top_k"] = s.top_k
     if s.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in s.logit_bias.items()}
     if req.tools:
@@ -99,9 +101,16 @@ def prompt_bound(req: EngineRequest) -> int:
     BPE, SentencePiece with byte fallback, WordPiece) covers at least one byte, plus room for the
     specials a tokenizer or a chat template adds."""
     if req.messages is not None:
-        return sum(len(str(m.get("content") or "").encode()) + CHAT_MARKUP_TOKENS for m in req.messages) \
-            + CHAT_MARKUP_TOKENS
+        return sum(len(str(m.get("content") or "").encode()) + _tool_fields_bytes(m) + CHAT_MARKUP_TOKENS
+                   for m in req.messages) + CHAT_MARKUP_TOKENS
     return text_bound(req.prompt)
+
+
+def _tool_fields_bytes(message: dict) -> int:
+    """What a message's tool fields (an assistant's calls, a tool turn's call id and name) add
+    to the prompt at most: their JSON's bytes."""
+    fields = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k)}
+    return len(json.dumps(fields, ensure_ascii=False).encode()) if fields else 0
 
 
 def text_bound(prompt: str | tuple[int, ...]) -> int:
@@ -198,7 +207,11 @@ def to_delta(raw: dict) -> ChoiceDelta | None:
         raise TypeError(f"text/content is {type(text).__name__}, not a string")
     if not text and logprobs is None and finish is None and not calls:
         return None
-    return ChoiceDelta(int(raw.get("index") or 0), text, logprobs, finish, calls)
+    # vLLM and SGLang (and modelyard) say which stop string ended a choice in `stop_reason`
+    # (a token id there means an end token, not a stop string)
+    matched = raw.get("stop_reason")
+    stop = matched if finish is FinishReason.STOP and isinstance(matched, str) else None
+    return ChoiceDelta(int(raw.get("index") or 0), text, logprobs, finish, calls, stop)
 
 
 def tool_call_parts(raw: Any) -> tuple[dict, ...] | None:

@@ -107,7 +107,7 @@ def sampling_params(body: GenerationRequest, logprobs: int | None) -> SamplingPa
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
-        logprobs=logprobs)
+        logprobs=logprobs, top_k=max(body.top_k or 0, 0))
 
 
 def reporter(request: Request, endpoint: str) -> Callable[[Completion], None]:

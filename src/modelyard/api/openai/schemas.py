@@ -78,6 +78,8 @@ class GenerationRequest(StructuredFields):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     top_p: float | None = Field(None, gt=0, le=1)
+    # vLLM's extension (not OpenAI's): draw among the k most likely tokens; 0 or -1: all of them
+    top_k: int | None = Field(None, ge=-1, le=1_000_000)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: Annotated[LogitBias, Field(max_length=MAX_LOGIT_BIAS)] | None = None
@@ -153,14 +155,52 @@ class TextPart(BaseModel):
     text: str
 
 
+MAX_CALL_ARGUMENTS = 100_000   # characters of one tool call's arguments in the history
+MAX_CALL_ID = 256
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    arguments: str = Field(max_length=MAX_CALL_ARGUMENTS)     # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    """A call an assistant turn made, sent back in the history (an agent's loop)."""
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1, max_length=MAX_CALL_ID)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None     # assistant turns
+    tool_call_id: str | None = Field(None, max_length=MAX_CALL_ID)                 # tool turns: the call answered
+    name: str | None = Field(None, max_length=64)
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "Message":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role!r} ones")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"tool_call_id belongs to tool messages, not {self.role!r} ones")
+        return self
 
     def as_dict(self) -> dict:
+        """The message as the engines take it: text content, and the tool fields when set (the
+        chat template renders the calls; an upstream gets them as OpenAI's fields)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 class FunctionDef(BaseModel):
