@@ -56,6 +56,16 @@ def test_openai_example(server):
     assert len(out.stdout) > len(first_line) + 10   # the streamed story followed
 
 
+def test_anthropic_example(server):
+    code = block("python", "import anthropic").replace(DEFAULT_BASE, server.base)
+    code = code.replace('api_key="none"', f'api_key="{server.key}"')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text, reason, tokens = out.stdout.splitlines()[0].rsplit(" ", 2)
+    assert text.strip() and reason in ("end_turn", "max_tokens") and int(tokens) > 0
+    assert len(out.stdout.splitlines()[0]) < len(out.stdout)      # the streamed story followed
+
+
 def test_structured_output_example(server):
     code = block("python", "response_format").replace(DEFAULT_BASE, server.base)
     code = code.replace('api_key="none"', f'api_key="{server.key}"')

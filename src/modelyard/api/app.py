@@ -15,6 +15,7 @@ from ..quota.keys import KeyChecker
 from ..registry.registry import Registry
 from ..settings import Settings
 from . import errors, probes
+from .anthropic import messages as anthropic_messages
 from .admin import audit, auth as admin_auth, endpoints as admin_endpoints, keys, models as admin_models, usage
 from .openai import chat, completions, embeddings, models, tokenizer
 from .middleware.body_limits import BodyLimits
@@ -26,6 +27,7 @@ from .middleware.request_log import RequestLog
 from .auth import require_key
 
 OPENAI_PREFIX = "/api/v1/compatibility/openai/v1"
+ANTHROPIC_PREFIX = "/api/v1/compatibility/anthropic/v1"
 KEY_ID_SECRET = "config_key_ids"      # control/records.server_secret: the configured keys' ids
 
 
@@ -132,6 +134,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         for router in (completions.router, chat.router, embeddings.router, models.router):
             include(router, prefix, auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
+    # Anthropic's client appends /v1/messages to its base URL: the server's root, or this prefix
+    for prefix, documented in ((ANTHROPIC_PREFIX, True), ("/v1", False)):
+        include(anthropic_messages.router, prefix, auth, include_in_schema=documented)
+        routes += [prefix + r.path for r in anthropic_messages.router.routes]
     include(probes.admin, "/api/v1", (Depends(probes.key_or_admin),))
     include(probes.probes)
     include(tokenizer.router, "", auth)     # vLLM's place for them: the root

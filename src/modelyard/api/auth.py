@@ -37,13 +37,22 @@ def find_endpoint(request: Request, name: str) -> "Endpoint":
     return request.app.state.registry.get(name, visible_endpoints(request))
 
 
+def credential(request: Request) -> str | None:
+    """The request's `Authorization` header, or Anthropic's `x-api-key` as a bearer one (its
+    official client sends the key that way): either header carries an inference key."""
+    header = request.headers.get("authorization")
+    if header is None and request.headers.get("x-api-key"):
+        return "Bearer " + request.headers["x-api-key"]
+    return header
+
+
 @before_body
 async def require_key(request: Request) -> None:
     """FastAPI dependency on every API route, run before the body is read (api/middleware/credentials): admission
     opens the request's ledger (quota/ledger) with the key's quota and in-flight slot; it is
     closed by api/middleware/ledger.CloseLedger once the response has ended, however it ended."""
     state = request.app.state
-    quota, slot = await state.keys.admit(request.headers.get("authorization"))
+    quota, slot = await state.keys.admit(credential(request))
     request.state.quota = quota
     request.state.ledger = RequestLedger(quota, slot, getattr(state, "usage", None), state.metrics)
 
@@ -55,7 +64,7 @@ def may_see_reasons(request: Request) -> bool:
     who can read its log). Everyone else gets states only."""
     keys = request.app.state.keys
     if keys.enabled:
-        return keys.knows(request.headers.get("authorization"))
+        return keys.knows(credential(request))
     return request.app.state.settings.loopback
 
 

@@ -16,10 +16,30 @@ from .auth import may_see_reasons
 log = logging.getLogger("modelyard.api")
 
 
-def error_response(exc: ModelyardError, detail: bool = False) -> JSONResponse:
+# Anthropic's API (api/anthropic) answers errors in its own shape; every other route in OpenAI's.
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_path(path: str) -> bool:
+    return path.endswith(ANTHROPIC_PATHS)
+
+
+def anthropic_body(status: int, message: str) -> dict:
+    """Anthropic's error object: {"type": "error", "error": {"type", "message"}}."""
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_response(exc: ModelyardError, detail: bool = False, path: str = "") -> JSONResponse:
     """The error's body; its detail (why an endpoint is not ready) only if `detail`."""
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-    return JSONResponse(exc.body(detail), status_code=exc.status, headers=headers)
+    body = exc.body(detail)
+    if anthropic_path(path):
+        body = anthropic_body(exc.status, body["error"]["message"])
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 def limit_error(field: str, value: object, limit: int, what: str) -> RequestValidationError:
@@ -32,7 +52,7 @@ def limit_error(field: str, value: object, limit: int, what: str) -> RequestVali
 def install(app: FastAPI) -> None:
     @app.exception_handler(ModelyardError)
     async def _ours(request: Request, exc: ModelyardError) -> JSONResponse:
-        return error_response(exc, may_see_reasons(request))
+        return error_response(exc, may_see_reasons(request), request.url.path)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -40,8 +60,10 @@ def install(app: FastAPI) -> None:
         # is not UTF-8 400) in OpenAI's shape rather than {"detail": "<string>"}.
         kind = "not_found_error" if exc.status_code == 404 else (
             "server_error" if exc.status_code >= 500 else "invalid_request_error")
-        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}},
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        if anthropic_path(request.url.path):
+            body = anthropic_body(exc.status_code, str(exc.detail))
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -56,6 +78,12 @@ def install(app: FastAPI) -> None:
         # FastAPI echoes each bad value whole, so a 1 MB field came back as a 1 MB answer (and a
         # list of 100k bad items as 100k entries).
         errors = exc.errors()
+        if anthropic_path(request.url.path):
+            # Anthropic's API answers a bad body 400 in its shape, naming the field
+            first = bounded_error(errors[0]) if errors else {"loc": ["body"], "msg": "invalid body"}
+            where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            return JSONResponse(anthropic_body(400, f"{where}: {first.get('msg')}{more}"), status_code=400)
         detail = [bounded_error(e) for e in errors[:MAX_ERRORS]]
         if len(errors) > MAX_ERRORS:
             detail.append({"loc": ["body"], "type": "too_many_errors", "input": None,

@@ -180,13 +180,14 @@ class LocalEngine(EngineThread):
     # On worker threads like _build: the vocabulary is read-only, and a long text must not
     # stall the event loop.
 
-    async def tokenize(self, text: str | None, messages: tuple[dict, ...] | None, add_special: bool) -> list[int]:
+    async def tokenize(self, text: str | None, messages: tuple[dict, ...] | None, add_special: bool,
+                       tools: tuple[dict, ...] | None = None) -> list[int]:
         """Text as /completions tokenizes a prompt (special tokens written in it parsed), or
-        `messages` as /chat/completions feeds them to the model."""
+        `messages` (and `tools`) as /chat/completions feeds them to the model."""
         def run() -> list[int]:
             with self._vocab_use() as model:
                 if messages is not None:
-                    r = EngineRequest("tokenize", "", messages=messages)
+                    r = EngineRequest("tokenize", "", messages=messages, tools=tools)
                     return prompt_ids(r, model, self._chat, self.spec.chat_parse_special)
                 return model.tokenize(text or "", add_special)
         return await self._workers.run(run)

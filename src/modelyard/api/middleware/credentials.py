@@ -96,7 +96,7 @@ class CredentialGate:
                 except ModelyardError as exc:
                     # Imported here: api/errors imports api/auth, which imports this module.
                     from ..errors import error_response
-                    return await error_response(exc)(scope, receive, send)
+                    return await error_response(exc, path=scope.get("path", ""))(scope, receive, send)
         await self.app(scope, receive, send)
 
 

@@ -258,6 +258,28 @@ class Completion:
         if d.finish_reason is not None:
             self.finish[i] = d.finish_reason.value
 
+    # -- SSE framing (OpenAI's: data-only chunks, then [DONE]); api/anthropic frames its own --
+
+    def sse_start(self) -> list[str]:
+        return []
+
+    def sse_delta(self, prompt: int, d: ChoiceDelta, include_usage: bool) -> list[str]:
+        chunk = self.chunk(prompt, d)
+        if chunk is None:          # held back (a tool call is sent once complete)
+            return []
+        if include_usage:
+            chunk["usage"] = None
+        return [sse.data(chunk)]
+
+    def sse_end(self, include_usage: bool) -> list[str]:
+        return [sse.data({**self.envelope([]), "usage": self.usage})] if include_usage else []
+
+    def sse_error(self, status: int, body: dict) -> str:
+        return sse.data(body)
+
+    def sse_close(self) -> list[str]:
+        return [sse.data("[DONE]")]
+
     def body(self) -> dict:
         choices = [{"text": "".join(self.texts.get(i, [])), "index": i,
                     "logprobs": self.logprobs[i].as_dict() if i in self.logprobs else None,
@@ -266,30 +288,31 @@ class Completion:
 
 
 async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: bool) -> AsyncIterator[str]:
+    """The stream's SSE lines, framed by `out` (OpenAI's data-only chunks and `[DONE]`, or, for
+    Anthropic's API, its named events): whatever ends it, an error event rather than a cut."""
     try:
+        for line in out.sse_start():
+            yield line
         async for prompt, event in events:
             if isinstance(event, ChoiceDelta):
                 out.saw(event)
-                chunk = out.chunk(prompt, event)
-                if chunk is None:          # held back (a tool call is sent once complete)
-                    continue
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse.data(chunk)
+                for line in out.sse_delta(prompt, event, include_usage):
+                    yield line
             else:
                 out.add_usage(event)
-        if include_usage:
-            yield sse.data({**out.envelope([]), "usage": out.usage})
+        for line in out.sse_end(include_usage):
+            yield line
         out.done()
     except ModelyardError as exc:
-        yield sse.data(exc.body())          # an error event, never a silent cut
+        yield out.sse_error(exc.status, exc.body())          # an error event, never a silent cut
     except Exception as exc:  # noqa: BLE001
         log.exception("stream %s failed", out.id)
-        yield sse.data({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
-                             "param": None, "code": None}})
+        yield out.sse_error(500, {"error": {"message": f"internal error: {type(exc).__name__}",
+                                            "type": "server_error", "param": None, "code": None}})
     finally:
         await events.aclose()
-    yield sse.data("[DONE]")
+    for line in out.sse_close():
+        yield line
 
 
 async def collect(events: AsyncIterator[Event], out: Completion) -> dict:
