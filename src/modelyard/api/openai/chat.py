@@ -29,7 +29,8 @@ def chat_logprobs(lp: TokenLogprobs | None, k: int) -> dict | None:
     def entry(token: str, logprob: float | None) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token_bytes(token))}
     return {"content": [{**entry(t, l), "top_logprobs": [entry(a, b) for a, b in list((top or {}).items())[:k]]}
-                        for t, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)]}
+                        for t, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)],
+            "refusal": None}       # OpenAI's document requires it (null: no refusal tokens)
 
 
 @dataclass
@@ -89,12 +90,12 @@ class ChatCompletion(Completion):
         text, finish = "".join(self.texts.get(i, [])), self.finish.get(i)
         if i in self.calls:      # relayed from an upstream
             calls = [{**c, "id": c["id"] or f"call_{uuid.uuid4().hex[:24]}"} for _, c in sorted(self.calls[i].items())]
-            return {"role": "assistant", "content": text or None, "tool_calls": calls}, finish
+            return {"role": "assistant", "content": text or None, "refusal": None, "tool_calls": calls}, finish
         if self.tool_names is None or finish != "stop":
             # cut by max_tokens: the partial text, finish "length", as OpenAI does; never repaired
-            return {"role": "assistant", "content": text}, finish
+            return {"role": "assistant", "content": text, "refusal": None}, finish
         call = json.loads(text)      # the grammar made it a complete call of an allowed tool
-        return {"role": "assistant", "content": None, "tool_calls": [{
+        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [{
             "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)},
         }]}, "tool_calls"
