@@ -108,6 +108,7 @@ def test_sign_in_every_page_and_screenshots(srv, browser, shots):
         page.screenshot(path=str(shots / f"{slug}.png"), full_page=True)
     narrow, narrow_messages = new_page(browser, 390, 844)
     sign_in(narrow, srv.base, ADMIN)
+    expect(narrow.locator("table.endpoints")).to_be_visible()     # rendered (a loaded machine is slow)
     # nothing wider than the screen: the endpoints table is one card per endpoint there, each
     # value under its column's name, so it does not need to scroll sideways either
     assert narrow.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
