@@ -50,6 +50,7 @@ class RedisQuotas(Backend):
 
     name = "Redis"
     timeout = TIMEOUT
+    bounded_by_client = True        # socket_timeout and socket_connect_timeout are TIMEOUT
 
     def __init__(self, url: str, processes: int, client=None) -> None:
         import redis
