@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
 
 pytestmark = pytest.mark.model
 

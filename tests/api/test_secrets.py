@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from servers import free_port, served
+from testkit.servers import free_port, served
 
 KEY = "sk-client-key-1234"
 UPSTREAM_KEY = "sk-upstream-secret-5678"

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pg import fresh_database
-from servers import MODEL, served
+from testkit.pg import fresh_database
+from testkit.servers import MODEL, served
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.model

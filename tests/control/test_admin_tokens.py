@@ -17,8 +17,8 @@ from modelyard.control import migrations
 from modelyard.control.admin_tokens import TOKEN_PREFIX, AdminTokenStore, any_active
 from modelyard.control.db import open_database
 from modelyard.errors import ConfigError, Conflict, ObjectNotFound
-from pg import fresh_database
-from servers import modelyard_process, status_is, wait_for
+from testkit.pg import fresh_database
+from testkit.servers import modelyard_process, status_is, wait_for
 from test_admin_api import until
 
 

@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
 from test_admin_api import ADMIN, INFER, ctl
 from test_model_endpoints import wait_state
 

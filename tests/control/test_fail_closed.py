@@ -14,10 +14,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from pg import postgres
+from testkit.pg import postgres
 from modelyard.control.admin_tokens import AdminTokenStore
 from modelyard.control.db import open_database
-from servers import modelyard_process, status_is, wait_for
+from testkit.servers import modelyard_process, status_is, wait_for
 from test_admin_api import until
 
 CONFIGURED_KEY, ADMIN = "configured-inference-key", "configured-admin-token"

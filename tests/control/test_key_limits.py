@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 from test_admin_api import ADMIN, INFER, complete, config, ctl, until
 
 pytestmark = pytest.mark.model

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pg import fresh_database
-from servers import MODEL, served
+from testkit.pg import fresh_database
+from testkit.servers import MODEL, served
 from test_admin_api import ADMIN, INFER, VIEWER, complete, config, ctl, until
 
 openai = pytest.importorskip("openai")

@@ -214,7 +214,7 @@ def test_two_pulls_of_one_model_at_once_share_one_download(app, pips):
 def test_a_real_server_lists_the_model_it_serves_and_will_not_delete_it(tmp_path):
     """`modelyard serve` on a store whose smollm2-135m is a link to the shared test store's file."""
     from modelyard.store import KNOWN
-    from servers import MODEL, served
+    from testkit.servers import MODEL, served
     shared = ModelStore(Path.home() / ".cache" / "modelyard", progress=False).pull(MODEL)
     models = tmp_path / "store" / "models"
     models.mkdir(parents=True)

@@ -15,8 +15,8 @@ import pytest
 
 from modelyard.quota.limits import WINDOW
 from modelyard.control.db import open_database
-from pg import fresh_database
-from servers import MODEL, served
+from testkit.pg import fresh_database
+from testkit.servers import MODEL, served
 
 pytestmark = pytest.mark.model
 

@@ -14,7 +14,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from servers import free_port, served
+from testkit.servers import free_port, served
 from test_admin_api import ADMIN, INFER, VIEWER, ctl, until
 
 from modelyard.api.admin.endpoints import same_hosts

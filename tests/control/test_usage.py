@@ -13,7 +13,7 @@ import pytest
 
 from modelyard.control.db import open_database
 from modelyard.control.usage import FLUSH, UsageRecorder, query, rename_keys
-from servers import MODEL, modelyard_process, wait_ready
+from testkit.servers import MODEL, modelyard_process, wait_ready
 
 
 def test_flushes_add_up_across_processes_and_roll_up(db):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from modelyard.control.usage import FLUSH
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 
 pytestmark = pytest.mark.model
 

@@ -15,8 +15,8 @@ import pytest
 
 from modelyard.control.db import open_database
 from modelyard.control.usage import FLUSH, UsageRecorder, query
-from pg import fresh_database
-from servers import MODEL, modelyard_process, wait_ready
+from testkit.pg import fresh_database
+from testkit.servers import MODEL, modelyard_process, wait_ready
 
 ADMIN = "usage-procs-admin"
 

@@ -20,7 +20,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from servers import OPENAI_PREFIX, ServerProcess, served, side_by_side_config
+from testkit.servers import OPENAI_PREFIX, ServerProcess, served, side_by_side_config
 
 from modelyard import settings as settings_mod
 from modelyard.local.chat_template import ChatTemplate

@@ -17,7 +17,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from servers import ServerProcess, served, side_by_side_config
+from testkit.servers import ServerProcess, served, side_by_side_config
 
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402

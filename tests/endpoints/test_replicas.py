@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
-from servers import ServerProcess, free_port, modelyard_process, status_is, wait_for, wait_ready
+from testkit.servers import ServerProcess, free_port, modelyard_process, status_is, wait_for, wait_ready
 
 from modelyard import settings as settings_mod
 from modelyard.proxy.engine import ProxyEngine

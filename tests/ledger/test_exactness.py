@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 
 pytestmark = pytest.mark.model
 

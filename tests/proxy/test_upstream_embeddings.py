@@ -18,7 +18,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
 
 KEY = "gateway-key"
 QUOTA_KEY = "quota-key"          # tpm = 40

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from modelyard.proxy.wire import CHAT_MARKUP_TOKENS
-from servers import served
+from testkit.servers import served
 
 KEY = "gateway-key"
 SECRET = "sk-upstream-0123456789abcdef"     # the key the gateway sends upstream

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from helpers import KEY, MODEL, assert_openai_error, check_stream_end, sse_events
-from servers import ServerAPI
+from testkit.servers import ServerAPI
 
 from modelyard.api.app import create_app
 from modelyard.errors import EngineError

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from helpers import KEY, MODEL, assert_openai_error, check_stream_end, config, live_server, sse_events
-from servers import modelyard_process
+from testkit.servers import modelyard_process
 
 pytestmark = pytest.mark.model
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from helpers import assert_openai_error
-from servers import ServerProcess, served
+from testkit.servers import ServerProcess, served
 
 KEY = "sk-slow-key"
 HEADER_TIMEOUT = 1.0

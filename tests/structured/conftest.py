@@ -64,7 +64,7 @@ threads = 1
 
 @pytest.fixture(scope="session")
 def structured_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    from servers import served
+    from testkit.servers import served
     with served(tmp_path_factory.mktemp("structured"), SERVER_CONFIG, key=KEY,
                 show_log=lambda: bool(request.session.testsfailed)) as srv:
         yield srv
