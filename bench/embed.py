@@ -37,9 +37,9 @@ from pathlib import Path
 
 import httpx
 
-from common import ROOT, ServerProc, cpu_model, free_port, ints, machine_line, modelyard_proc, percentile, ratio
+from common import (ROOT, ServerProcess, cpu_model, free_port, ints, machine_line, modelyard_proc, percentile, ratio,
+                    server_proc, start_server)
 
-sys.path.insert(0, str(ROOT / "src"))
 CACHE = Path(os.environ.get("MODELYARD_HOME") or Path.home() / ".cache" / "modelyard").expanduser()
 LLAMA_SERVER = CACHE / "peers" / "llama-server"
 MODEL = "minilm-l6-v2"
@@ -56,7 +56,7 @@ def sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 62))) + "." for _ in range(n)]
 
 
-def modelyard_server(workdir: Path, threads: int, deterministic: bool = True) -> ServerProc:
+def modelyard_server(workdir: Path, threads: int, deterministic: bool = True) -> ServerProcess:
     port = free_port()
     return modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 5\n'
@@ -66,9 +66,9 @@ def modelyard_server(workdir: Path, threads: int, deterministic: bool = True) ->
         f'deterministic = {"true" if deterministic else "false"}\n'), port)
 
 
-def peer_server(path: Path, threads: int) -> ServerProc:
+def peer_server(path: Path, threads: int) -> ServerProcess:
     port = free_port()
-    return ServerProc("llama-server", [str(LLAMA_SERVER), "-m", str(path), "--embedding", "--pooling", "mean",
+    return server_proc("llama-server", [str(LLAMA_SERVER), "-m", str(path), "--embedding", "--pooling", "mean",
                                        "--parallel", str(PARALLEL), "-c", str(PARALLEL * 512), "-b", str(PEER_BATCH),
                                        "-ub", str(PEER_BATCH), "-t", str(threads), "--port", str(port),
                                        "--host", "127.0.0.1"], port, "/health")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(peer_server(path, a.threads))
         try:
             for s in servers:
-                s.start(Path(tmp))
+                start_server(s, Path(tmp))
                 asyncio.run(level(s.base, texts[:2], 2, 1))            # warm, untimed
             for size in sizes:
                 for c in levels:

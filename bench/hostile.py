@@ -39,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-from common import free_port, machine_line, modelyard_proc, percentile, stream
+from common import free_port, machine_line, modelyard_proc, percentile, start_server, stream
 
 MODEL = "smollm2-135m"
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         srv = modelyard_proc(Path(tmp), config(key, admin, Path(tmp) / "control.db"), port)
         srv.argv += ["--port", str(port)]
-        srv.start(Path(tmp), timeout=180)
+        start_server(srv, Path(tmp), timeout=180)
         try:
             pid = srv.pid
             # a warm-up stream, then the starting sample

@@ -65,10 +65,10 @@ from pathlib import Path
 
 import httpx
 
-from common import (ROOT, ServerProc, Stream, cpu_model, cpu_simd_flags, free_port, ints, machine_line,
-                    median_spread as _med, modelyard_proc, percentile, ratio as _ratio, stream)
+from common import (ROOT, ServerProcess, Stream, cpu_model, cpu_simd_flags, free_port, ints, machine_line,
+                    median_spread as _med, modelyard_proc, percentile, ratio as _ratio, server_proc, start_server,
+                    stream)
 
-sys.path.insert(0, str(ROOT / "src"))
 CACHE = Path(os.environ.get("MODELYARD_HOME") or Path.home() / ".cache" / "modelyard").expanduser()
 LLAMA_SERVER = CACHE / "peers" / "llama-server"
 PARALLEL, CONTEXT = 16, 1024
@@ -199,7 +199,7 @@ def build_prompts(model: Path, counts: dict[str, int], n_prefix: int, prompt_tok
 # servers
 
 
-def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str | None) -> ServerProc:
+def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str | None) -> ServerProcess:
     port = free_port()
     return modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 5\n'
@@ -210,14 +210,14 @@ def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str |
         + (f"deterministic = {deterministic}\n" if deterministic else "")), port)
 
 
-def peer_server(peer: str, path: Path, alias: str, threads: int) -> ServerProc:
+def peer_server(peer: str, path: Path, alias: str, threads: int) -> ServerProcess:
     port = free_port()
     if peer == "llama-server":
         # default batching kept: -b 2048 -ub 512; -c is the total context (16 x 1024)
-        return ServerProc(peer, [str(LLAMA_SERVER), "-m", str(path), "--parallel", str(PARALLEL),
+        return server_proc(peer, [str(LLAMA_SERVER), "-m", str(path), "--parallel", str(PARALLEL),
                                  "-c", str(PARALLEL * CONTEXT), "-t", str(threads), "--port", str(port),
                                  "--host", "127.0.0.1"], port, "/health")
-    return ServerProc(peer, [sys.executable, "-m", "llama_cpp.server", "--model", str(path),
+    return server_proc(peer, [sys.executable, "-m", "llama_cpp.server", "--model", str(path),
                              "--model_alias", alias, "--n_threads", str(threads),
                              "--n_threads_batch", str(threads), "--n_ctx", str(CONTEXT),
                              # queue concurrent requests instead of cutting the running stream
@@ -236,7 +236,7 @@ def sampling(mode: str, idx: int, seed: int, peer: bool) -> dict:
     return {**SAMPLED, "seed": seed + idx, **(PEER_SAMPLING if peer else {})}
 
 
-async def run_load(server: ServerProc, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+async def run_load(server: ServerProcess, model: str, prompts: list[str], concurrency: int, max_tokens: int,
                    time_cap: float, mode: str = "greedy", seed: int = 0, counts: dict[str, int] | None = None) -> dict:
     """Send the prompts with `concurrency` in flight, none started after the cap; cancel at cap + 30 s."""
     results: list[tuple[int, str, Stream]] = []
@@ -306,11 +306,11 @@ def _line(name: str, label: str, s: dict) -> None:
           + (f"  errors: {s['errors']}" if s["errors"] else ""), flush=True)
 
 
-async def session(server: ServerProc, m: Model, plan: Plan, ps: PromptSet, workdir: Path, shared: bool) -> dict:
+async def session(server: ServerProcess, m: Model, plan: Plan, ps: PromptSet, workdir: Path, shared: bool) -> dict:
     out: dict = {"server": server.name, "command": server.command, "config": server.config_text,
                  "loadavg_before": os.getloadavg()}
     try:
-        out["startup_s"] = server.start(workdir, 300)
+        out["startup_s"] = start_server(server, workdir, 300)
         print(f"  {server.name} ready in {out['startup_s']:.1f}s (pid {server.pid})", flush=True)
         await run_load(server, m.name, [ps.warm], 1, 8, 60)    # untimed, shares no prompt
         level_prompts = {mode: iter(ps.sets[mode]) for mode in ("greedy", "sampled")}

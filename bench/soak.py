@@ -57,7 +57,7 @@ from pathlib import Path
 
 import httpx
 
-from common import ServerProc, Stream, cpu_model, free_port, modelyard_proc, percentile, stream
+from common import ServerProcess, Stream, cpu_model, free_port, modelyard_proc, percentile, start_server, stream
 
 ENDPOINT = "smollm2-135m"
 PARALLEL, CONTEXT, MAX_QUEUE, THREADS = 16, 1024, 64, 2
@@ -300,7 +300,7 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def soak_server(workdir: Path, key: str, log_level: str) -> ServerProc:
+def soak_server(workdir: Path, key: str, log_level: str) -> ServerProcess:
     port = free_port()
     text = (f'[server]\nhost = "127.0.0.1"\nport = {port}\napi_keys = ["{key}"]\n'
             f'log_level = "{log_level}"\ngrace_period = {GRACE}\n\n'
@@ -334,7 +334,7 @@ class Results:
     checks: dict[str, bool] = field(default_factory=dict)
 
 
-async def drive(args: argparse.Namespace, srv: ServerProc, key: str, res: Results) -> None:
+async def drive(args: argparse.Namespace, srv: ServerProcess, key: str, res: Results) -> None:
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
@@ -535,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         "workdir": str(workdir)})
     passed = False
     try:
-        started = srv.start(workdir, args.start_timeout)
-        print(f"server pid {srv.pid} on {srv.base} ready in {started:.1f}s; log {srv.log_path}", flush=True)
+        started = start_server(srv, workdir, args.start_timeout)
+        print(f"server pid {srv.pid} on {srv.base} ready in {started:.1f}s; log {srv.log}", flush=True)
         res.meta["ready_seconds"] = round(started, 1)
         asyncio.run(drive(args, srv, key, res))
     except (RuntimeError, asyncio.TimeoutError) as exc:
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     if res.records:
         passed = report(res, args)
     else:
-        print("no requests were made; server log tail:\n" + srv.tail(), file=sys.stderr)
+        print("no requests were made; server log tail:\n" + srv.log_tail(25), file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out = {**asdict(res), "passed": passed}

@@ -4,7 +4,7 @@ minute from 4 processes, no lock errors, under 5% of one core.
     python bench/usage_flush.py [--processes 4] [--rpm 2500] [--seconds 60] [--flush 5]
                                 [--keys 200] [--endpoints 5] [--json PATH]
 
-It starts its own PostgreSQL (tests/control/pg.py: initdb + pg_ctl into a temporary directory,
+It starts its own PostgreSQL (testkit/pg.py, the tests' too: initdb + pg_ctl into a temporary directory,
 unix socket only, stopped by its PID), migrates one database, then starts --processes worker
 processes of this script at one agreed moment. Each runs modelyard's own UsageRecorder on its
 event loop: synthetic record() calls, --rpm a minute (in ticks of 50 ms, a random key of --keys
@@ -29,9 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, machine_line, percentile
-
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "control")]   # modelyard; pg.py, the tests' PostgreSQL
+from common import machine_line, percentile
 
 TARGET_SHARE = 0.05
 LOCK_ERRORS = ("DeadlockDetected", "LockNotAvailable", "SerializationFailure", "QueryCanceled")
@@ -78,7 +76,7 @@ async def work(url: str, rpm: int, seconds: float, flush: float, keys: int, endp
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pg import fresh_database, postgres
+    from testkit.pg import fresh_database, postgres
     from modelyard.control.db import open_database
 
     with postgres() as server:
