@@ -1,7 +1,8 @@
 """The store's models in the admin API, over real HTTP: the app in process under uvicorn on a
-loopback port (testkit.upstream.running; so a known model can be a fake wheel: the store's one download step is replaced,
-the rest of the store runs for real), its control store a real SQLite file. The endpoint that
-uses a model fails to load (no engine in these tests): it still counts as a user of its model.
+loopback port (testkit.upstream.running), so a known model can be a fake wheel (the store's one
+download step is replaced, the rest of the store runs for real), its control store a real SQLite
+file. The endpoint that uses a model fails to load (no engine in these tests): it still counts as
+a user of its model.
 """
 
 from __future__ import annotations
