@@ -1,6 +1,7 @@
 """What every benchmark script shares (run as `python bench/X.py`, so `bench/` is on sys.path and
 `from common import ...` works): loopback ports, the one percentile, medians over rounds, the
-servers (testkit's harness, which the tests use too), and the one SSE client.
+drivers' skeleton (--json and --rounds, the raw record), the servers (testkit's harness, which the
+tests use too), and the one SSE client.
 
 Importing it puts this checkout's src/ and the repository root on sys.path: the scripts measure
 this checkout's modelyard, and testkit/ (servers, PostgreSQL, Redis) is shared with the tests
@@ -8,6 +9,7 @@ rather than borrowed from tests/ folders."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -88,6 +90,30 @@ def machine_line() -> str:
 def ints(text: str) -> list[int]:
     """A comma-separated list of whole numbers (the scripts' level options)."""
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# the drivers' skeleton: the options every one has, and the raw record
+
+
+def parser(doc: str | None, *, rounds: int | None = None, rounds_help: str = "A/B rounds (interleaved)",
+           json_help: str = "write the raw record here") -> argparse.ArgumentParser:
+    """A driver's argument parser: its docstring (or the part of it given) as the help text, with
+    --json PATH, and --rounds N (default `rounds`) for a driver that interleaves rounds. Each driver
+    adds only the options of what it measures."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if rounds is not None:
+        p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    p.add_argument("--json", type=Path, metavar="PATH", help=json_help)
+    return p
+
+
+def write_record(path: Path | None, record: object, indent: int | None = 1) -> None:
+    """The raw record as JSON at `path` (--json; nothing when it was not given). Paths, dates and
+    the like are written as their str. Drivers that run long call it after every round as well, so
+    an interrupted run keeps what it measured."""
+    if path is not None:
+        path.write_text(json.dumps(record, indent=indent, default=str))
 
 
 # ---------------------------------------------------------------------------------------

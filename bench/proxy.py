@@ -53,11 +53,9 @@ py-spy (.venv/bin/py-spy) and writes collapsed stacks to DIR, with the top frame
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import secrets
@@ -73,8 +71,8 @@ from pathlib import Path
 import httpx
 
 import common
-from common import (ServerProcess, cpu_model, free_port, median_spread as _med, percentile, ratio as _ratio,
-                    server_proc, start_server)
+from common import (ServerProcess, cpu_model, free_port, median_spread as _med, parser, percentile, ratio as _ratio,
+                    server_proc, start_server, write_record)
 from testkit.redis_server import redis_server  # the tests' real redis-server on a unix socket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +126,8 @@ def stub_proc(chunk_delay_ms: float) -> ServerProcess:
                          "--chunk-delay-ms", str(chunk_delay_ms)], port, "/stats")
 
 
-def gateway_proc(workdir: Path, stub: ServerProcess, quota: str | None = None, redis_url: str | None = None) -> ServerProcess:
+def gateway_proc(workdir: Path, stub: ServerProcess, quota: str | None = None,
+                 redis_url: str | None = None) -> ServerProcess:
     """quota None: the key without limits; "memory" / "redis": the key with rpm and tpm limits
     (never reached: every request pays the admission, none is refused), counted in this
     process or in Redis (issue 12's shared quotas)."""
@@ -618,8 +617,8 @@ def run_turn(name: str, proc: ServerProcess | None, base: str, plan: Plan, stub:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (direct, modelyard, LiteLLM each round)")
+    p = parser(__doc__, rounds=2, rounds_help="A/B rounds (direct, modelyard, LiteLLM each round)",
+               json_help="write the raw numbers here")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, few requests")
     p.add_argument("--api", choices=["completions", "chat"], default="completions")
     p.add_argument("--concurrency", type=int, default=32)
@@ -632,7 +631,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--litellm", type=Path, default=LITELLM, help="the litellm executable (its own venv)")
     p.add_argument("--no-litellm", action="store_true", help="modelyard vs direct only")
     p.add_argument("--profile", type=Path, help="also profile modelyard's load phases with py-spy into DIR")
-    p.add_argument("--json", type=Path, help="write the raw numbers here")
     p.add_argument("--quotas", action="store_true",
                    help="issue 12: modelyard with memory and with Redis per-key quotas, LiteLLM with router rpm/tpm")
     a = p.parse_args(argv)
@@ -683,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        plan, stub, workdir, 240)
                 record["rounds_data"].append(r)
                 if a.json:   # keep what we have, in case a later round dies
-                    a.json.write_text(json.dumps(record, indent=1, default=str))
+                    write_record(a.json, record)
             if a.profile:
                 print("profile: modelyard load phases under py-spy (untimed)", flush=True)
                 try:
@@ -718,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average: {record['loadavg_start'][0]:.2f} at start, {record['loadavg_end'][0]:.2f} at end "
           f"({record['nproc']} cores: {record['cpu']})")
     if a.json:
-        a.json.write_text(json.dumps(record, indent=1, default=str))
+        write_record(a.json, record)
         print(f"raw numbers: {a.json}")
     return 0
 

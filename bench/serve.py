@@ -48,7 +48,6 @@ new; --quick also lowers the cache pass to 4 prompts at c=4 and skips nothing el
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import json
@@ -66,8 +65,8 @@ from pathlib import Path
 import httpx
 
 from common import (ROOT, ServerProcess, Stream, cpu_model, cpu_simd_flags, free_port, ints, machine_line,
-                    median_spread as _med, modelyard_proc, percentile, ratio as _ratio, server_proc, start_server,
-                    stream)
+                    median_spread as _med, modelyard_proc, parser, percentile, ratio as _ratio, server_proc,
+                    start_server, stream, write_record)
 
 CACHE = Path(os.environ.get("MODELYARD_HOME") or Path.home() / ".cache" / "modelyard").expanduser()
 LLAMA_SERVER = CACHE / "peers" / "llama-server"
@@ -552,7 +551,8 @@ def targets(rounds: list[dict], agg: dict, models: list[Model], plan: Plan, peer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, rounds=2, rounds_help="A/B rounds (each model: modelyard then the peer)",
+               json_help="write the raw numbers here")
     p.add_argument("--peer", choices=["llama-server", "llama-cpp-python", "none"], default="llama-server")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--model", type=Path, help="benchmark this one GGUF file instead of --models")
@@ -563,7 +563,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-prompts", type=int, default=None, help="cache pass prompts (default 32, --quick 4; 0: skip)")
     p.add_argument("--cache-concurrency", type=int, default=None, help="cache pass concurrency (default 16, --quick 4)")
     p.add_argument("--no-shared-prefix", action="store_true", help="skip issue 3's shared-prefix test")
-    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (each model: modelyard then the peer)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, small levels and counts")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -573,7 +572,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="write `deterministic = ...` into modelyard's endpoint (default: the engine's default)")
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--json", type=Path, help="write the raw numbers here")
     a = p.parse_args(argv)
 
     q = a.quick
@@ -635,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                                          for s in servers}
             record["rounds_data"].append(r)
             if a.json:   # keep what we have, in case a later round dies
-                a.json.write_text(json.dumps(record, indent=1))
+                write_record(a.json, record)
         record["summary"] = report(record["rounds_data"], models, plan, peer)
     print("\ncommands (round 1):")
     for model, sessions in record["rounds_data"][0]["sessions"].items():
@@ -646,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     for model, c in record["rounds_data"][0]["ceiling"].items():
         print(f"  {model} ceiling: {c['command']}" + ("  [failed]" if "error" in c else ""))
     if a.json:
-        a.json.write_text(json.dumps(record, indent=1))
+        write_record(a.json, record)
         print(f"raw numbers: {a.json}")
     return 0
 

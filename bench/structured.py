@@ -21,9 +21,7 @@ nothing): --schemas 2 --compile-limit 20 --sequences 4 --max-tokens 8 --models s
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import sys
 import tempfile
@@ -33,7 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import Stream, free_port, modelyard_proc, percentile, ratio, start_server, stream
+from common import Stream, free_port, modelyard_proc, parser, percentile, ratio, start_server, stream, write_record
 
 from modelyard.engine.types import Constraint
 from modelyard.errors import InvalidRequest
@@ -161,7 +159,7 @@ def verdict(name: str, figure: float | None, met: bool | None, fmt: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")
     p.add_argument("--schemas", type=int, default=48, help="schemas of the walked sample to time masks on")
     p.add_argument("--compile-limit", type=int, default=0, help="compile only the first N corpus schemas (0: all)")
@@ -169,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-throughput", action="store_true")
-    p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     # Grammars logs each ignored keyword (strict off) as a warning: hundreds over the corpus
     logging.getLogger("modelyard.grammar").setLevel(logging.ERROR)
@@ -191,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             model.close()
     if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        write_record(a.json, res)
     smol, gemma = res["masks"].get("smollm2-135m", {}), res["masks"].get("gemma3-270m", {})
     comp, thr = res["compile"] or {}, res["throughput"] or {}
 
