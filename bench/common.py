@@ -1,16 +1,19 @@
 """What every benchmark script shares (run as `python bench/X.py`, so `bench/` is on sys.path and
-`from common import ...` works): loopback ports, the one percentile, medians over rounds, the one
-server wrapper, and the one SSE client."""
+`from common import ...` works): loopback ports, the one percentile, medians over rounds, the
+drivers' skeleton (--json and --rounds, the raw record), the servers (testkit's harness, which the
+tests use too), and the one SSE client.
+
+Importing it puts this checkout's src/ and the repository root on sys.path: the scripts measure
+this checkout's modelyard, and testkit/ (servers, PostgreSQL, Redis) is shared with the tests
+rather than borrowed from tests/ folders."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
-import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,13 +24,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]      # modelyard and testkit, from this checkout
 
-
-def free_port() -> int:
-    """A free port on loopback (benchmarks never listen beyond it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testkit.servers import ServerProcess, free_port, modelyard_process, start_ready  # noqa: E402,F401
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -94,104 +93,53 @@ def ints(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------
-# servers
+# the drivers' skeleton: the options every one has, and the raw record
 
 
-@dataclass
-class ServerProc:
-    """A server the benchmark starts on loopback, waits for, and stops by PID (with anything
-    it forked: it runs in its own process group)."""
-
-    name: str
-    argv: list[str]
-    port: int
-    ready_path: str
-    env: dict[str, str | None] = field(default_factory=dict)   # None: unset
-    config_text: str | None = None
-    stop_timeout: float = 15.0       # SIGTERM, then this long before SIGKILL
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-    exit_code: int | None = None     # after stop(): the exit status (negative: the signal)
-    stop_seconds: float | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def command(self) -> str:
-        return " ".join(self.argv)
-
-    def start(self, workdir: Path, timeout: float = 120.0) -> float:
-        self.log_path = workdir / f"{self.name}.{int(time.time() * 1000)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_")}
-        for k, v in self.env.items():
-            if v is None:
-                env.pop(k, None)
-            else:
-                env[k] = v
-        t0 = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            # its own session: a gateway that forks workers is stopped as one group (by our PID)
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
-        deadline = t0 + timeout
-        with httpx.Client(timeout=2.0, trust_env=False) as c:
-            while time.perf_counter() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; "
-                                       f"log {self.log_path}:\n{self.tail()}")
-                try:
-                    if c.get(self.base + self.ready_path).status_code == 200:
-                        return time.perf_counter() - t0
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; log {self.log_path}:\n{self.tail()}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        t0 = time.monotonic()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{self.name} did not exit within {self.stop_timeout:.0f}s of SIGTERM: killed",
-                      file=sys.stderr)
-                proc.kill()
-                proc.wait(timeout=10)
-        self.exit_code, self.stop_seconds = proc.returncode, time.monotonic() - t0
-        try:   # anything it forked (same process group, whose id is its PID) goes with it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def log_lines(self) -> list[str]:
-        try:
-            return self.log_path.read_text(errors="replace").splitlines()  # type: ignore[union-attr]
-        except (OSError, AttributeError):
-            return []
-
-    def tail(self, n: int = 25) -> str:
-        return "\n".join(self.log_lines()[-n:])
+def parser(doc: str | None, *, rounds: int | None = None, rounds_help: str = "A/B rounds (interleaved)",
+           json_help: str = "write the raw record here") -> argparse.ArgumentParser:
+    """A driver's argument parser: its docstring (or the part of it given) as the help text, with
+    --json PATH, and --rounds N (default `rounds`) for a driver that interleaves rounds. Each driver
+    adds only the options of what it measures."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if rounds is not None:
+        p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    p.add_argument("--json", type=Path, metavar="PATH", help=json_help)
+    return p
 
 
-def modelyard_proc(workdir: Path, config_text: str, port: int, name: str = "modelyard") -> ServerProc:
-    """`python -m modelyard serve` on this checkout's source (PYTHONPATH=<root>/src, this
-    interpreter), with config_text written to <workdir>/<name>.toml."""
-    cfg = workdir / f"{name}.toml"
-    cfg.write_text(config_text)
-    return ServerProc(name, [sys.executable, "-m", "modelyard", "serve", "--config", str(cfg)], port, "/ready",
-                      env={"PYTHONPATH": str(ROOT / "src")}, config_text=config_text)
+def write_record(path: Path | None, record: object, indent: int | None = 1) -> None:
+    """The raw record as JSON at `path` (--json; nothing when it was not given). Paths, dates and
+    the like are written as their str. Drivers that run long call it after every round as well, so
+    an interrupted run keeps what it measured."""
+    if path is not None:
+        path.write_text(json.dumps(record, indent=indent, default=str))
+
+
+# ---------------------------------------------------------------------------------------
+# servers: testkit's harness (the tests' too), under the names and log files the reports use
+
+
+def server_proc(name: str, argv: list[str], port: int, ready_path: str, env: dict[str, str | None] | None = None,
+                config_text: str | None = None) -> ServerProcess:
+    """A server other than modelyard (a peer, the stub upstream), ready when `ready_path` says
+    200; not started yet (see `start_server`)."""
+    return ServerProcess(argv, port, Path(f"{name}.log"), name=name, ready_path=ready_path, env=env,
+                         config_text=config_text)
+
+
+def modelyard_proc(workdir: Path, config_text: str, port: int, name: str = "modelyard") -> ServerProcess:
+    """`python -m modelyard serve` on this checkout's source with config_text (written to
+    <workdir>/<name>.toml) on `port`; not started yet."""
+    return modelyard_process(workdir, config_text, name=name, port=port)
+
+
+def start_server(server: ServerProcess, workdir: Path, timeout: float = 120.0) -> float:
+    """Start `server` in `workdir`, logging to a new <workdir>/<name>.<ms>.log (the scripts start
+    a server again between rounds, and each start's log is kept); the seconds until it was ready."""
+    server.cwd = workdir
+    server.log = workdir / f"{server.name}.{int(time.time() * 1000)}.log"
+    return start_ready(server, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,9 +25,7 @@ the servers (the lead runs the real numbers on a quiet machine).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -37,9 +35,9 @@ from pathlib import Path
 
 import httpx
 
-from common import ROOT, ServerProc, cpu_model, free_port, ints, machine_line, modelyard_proc, percentile, ratio
+from common import (ServerProcess, cpu_model, free_port, ints, machine_line, modelyard_proc, parser, percentile, ratio,
+                    server_proc, start_server, write_record)
 
-sys.path.insert(0, str(ROOT / "src"))
 CACHE = Path(os.environ.get("MODELYARD_HOME") or Path.home() / ".cache" / "modelyard").expanduser()
 LLAMA_SERVER = CACHE / "peers" / "llama-server"
 MODEL = "minilm-l6-v2"
@@ -56,7 +54,7 @@ def sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 62))) + "." for _ in range(n)]
 
 
-def modelyard_server(workdir: Path, threads: int, deterministic: bool = True) -> ServerProc:
+def modelyard_server(workdir: Path, threads: int, deterministic: bool = True) -> ServerProcess:
     port = free_port()
     return modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 5\n'
@@ -66,9 +64,9 @@ def modelyard_server(workdir: Path, threads: int, deterministic: bool = True) ->
         f'deterministic = {"true" if deterministic else "false"}\n'), port)
 
 
-def peer_server(path: Path, threads: int) -> ServerProc:
+def peer_server(path: Path, threads: int) -> ServerProcess:
     port = free_port()
-    return ServerProc("llama-server", [str(LLAMA_SERVER), "-m", str(path), "--embedding", "--pooling", "mean",
+    return server_proc("llama-server", [str(LLAMA_SERVER), "-m", str(path), "--embedding", "--pooling", "mean",
                                        "--parallel", str(PARALLEL), "-c", str(PARALLEL * 512), "-b", str(PEER_BATCH),
                                        "-ub", str(PEER_BATCH), "-t", str(threads), "--port", str(port),
                                        "--host", "127.0.0.1"], port, "/health")
@@ -136,7 +134,7 @@ def report(results: list[dict], threads: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--sentences", type=int, default=None, help="default 1000 (--smoke 64)")
     p.add_argument("--sizes", default=None, help="inputs per request (default 1,16,64; --smoke 1,16)")
     p.add_argument("--levels", default="1,8", help="concurrent clients")
@@ -147,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
                         "batch; false turns flash attention on and lane padding off")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     texts = sentences(a.sentences or (64 if a.smoke else 1000), a.seed)
     sizes = ints(a.sizes or ("1,16" if a.smoke else "1,16,64"))
@@ -164,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(peer_server(path, a.threads))
         try:
             for s in servers:
-                s.start(Path(tmp))
+                start_server(s, Path(tmp))
                 asyncio.run(level(s.base, texts[:2], 2, 1))            # warm, untimed
             for size in sizes:
                 for c in levels:
@@ -183,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in ("modelyard", "llama-server"):
                 if s in r:
                     r[s].pop("first_vector", None)
-        a.json.write_text(json.dumps({"cpu": cpu_model(), "threads": a.threads, "model": str(path),
-                                      "results": results}, indent=2))
+        write_record(a.json, {"cpu": cpu_model(), "threads": a.threads, "model": str(path), "results": results},
+                     indent=2)
     return 0
 
 

@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from common import free_port, machine_line, modelyard_proc, percentile, stream
+from common import free_port, machine_line, modelyard_proc, parser, percentile, start_server, stream, write_record
 
 MODEL = "smollm2-135m"
 
@@ -225,11 +224,10 @@ async def one_round(kind: str, base: str, port: int, key: str, admin: str, args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=2, help="quiet/hostile pairs (interleaved)")
+    p = parser(__doc__.split("\n\n")[0], rounds=2, rounds_help="quiet/hostile pairs (interleaved)",
+               json_help="write the figures here")
     p.add_argument("--honest", type=int, default=12, help="honest streams per round")
     p.add_argument("--seconds", type=float, default=40.0, help="how long the attack runs per hostile round")
-    p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
 
     key, admin = "sk-" + secrets.token_hex(12), "adm-" + secrets.token_hex(12)
@@ -237,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         srv = modelyard_proc(Path(tmp), config(key, admin, Path(tmp) / "control.db"), port)
         srv.argv += ["--port", str(port)]
-        srv.start(Path(tmp), timeout=180)
+        start_server(srv, Path(tmp), timeout=180)
         try:
             pid = srv.pid
             # a warm-up stream, then the starting sample
@@ -280,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{figures['health']['hostile']['failed'] == 0}; RSS {before['rss_kib'] // 1024} -> "
               f"{after['rss_kib'] // 1024} MiB; fds {before['fds']} -> {after['fds']}")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_record(args.json, figures, indent=2)
     ok = not figures["honest_failed"] and figures["health"]["hostile"]["failed"] == 0 and not errors
     print("HOSTILE PASS" if ok else "HOSTILE FAIL")
     return 0 if ok else 1

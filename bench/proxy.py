@@ -53,11 +53,9 @@ py-spy (.venv/bin/py-spy) and writes collapsed stacks to DIR, with the top frame
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import secrets
@@ -73,9 +71,9 @@ from pathlib import Path
 import httpx
 
 import common
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "quota"))
-from redis_server import redis_server  # noqa: E402 - the tests' real redis-server on a unix socket
-from common import ServerProc, cpu_model, free_port, median_spread as _med, percentile, ratio as _ratio
+from common import (ServerProcess, cpu_model, free_port, median_spread as _med, parser, percentile, ratio as _ratio,
+                    server_proc, start_server, write_record)
+from testkit.redis_server import redis_server  # the tests' real redis-server on a unix socket
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelyard" / "peers"
@@ -122,13 +120,14 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def stub_proc(chunk_delay_ms: float) -> ServerProc:
+def stub_proc(chunk_delay_ms: float) -> ServerProcess:
     port = free_port()
-    return ServerProc("stub", [sys.executable, str(ROOT / "bench" / "stub_upstream.py"), "--port", str(port),
+    return server_proc("stub", [sys.executable, str(ROOT / "bench" / "stub_upstream.py"), "--port", str(port),
                          "--chunk-delay-ms", str(chunk_delay_ms)], port, "/stats")
 
 
-def gateway_proc(workdir: Path, stub: ServerProc, quota: str | None = None, redis_url: str | None = None) -> ServerProc:
+def gateway_proc(workdir: Path, stub: ServerProcess, quota: str | None = None,
+                 redis_url: str | None = None) -> ServerProcess:
     """quota None: the key without limits; "memory" / "redis": the key with rpm and tpm limits
     (never reached: every request pays the admission, none is refused), counted in this
     process or in Redis (issue 12's shared quotas)."""
@@ -143,7 +142,7 @@ def gateway_proc(workdir: Path, stub: ServerProc, quota: str | None = None, redi
         f'[[endpoints]]\nname = "{MODEL}"\nengine = "openai"\nurls = ["{stub.base}/v1"]\n'), port)
 
 
-def litellm_proc(workdir: Path, stub: ServerProc, exe: Path, quotas: bool = False) -> ServerProc:
+def litellm_proc(workdir: Path, stub: ServerProcess, exe: Path, quotas: bool = False) -> ServerProcess:
     """quotas: rpm and tpm on the deployment, enforced by LiteLLM's router in memory (its
     per-key limits need its Prisma/PostgreSQL database, whose engine downloads are out of
     reach here)."""
@@ -161,7 +160,7 @@ def litellm_proc(workdir: Path, stub: ServerProc, exe: Path, quotas: bool = Fals
                                   "NO_DOCS": "True"}
     for k in ("DATABASE_URL", "LITELLM_MASTER_KEY", "REDIS_HOST", "REDIS_URL", "LITELLM_LICENSE"):
         env[k] = None
-    return ServerProc("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+    return server_proc("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
                             "--num_workers", "1"], port, "/health/liveliness", env=env, config_text=text)
 
 
@@ -263,12 +262,12 @@ class Plan:
     clients: str = "per-worker"   # one pooled AsyncClient per worker, or "one" shared by all
 
 
-def stub_stats(stub: ServerProc) -> dict:
+def stub_stats(stub: ServerProcess) -> dict:
     with httpx.Client(timeout=5.0, trust_env=False) as c:
         return c.get(stub.base + "/stats").json()
 
 
-async def measure(base: str, plan: Plan, stub: ServerProc, gateway_pid: int | None) -> dict:
+async def measure(base: str, plan: Plan, stub: ServerProcess, gateway_pid: int | None) -> dict:
     """One target's turn: warm-up, then the four timed phases."""
     lim = httpx.Limits(max_connections=plan.concurrency * 2, max_keepalive_connections=plan.concurrency * 2)
     out: dict = {"phases": {}}
@@ -392,11 +391,11 @@ def quota_report(record: dict, summary: dict) -> None:
 # profile
 
 
-def profile_modelyard(workdir: Path, stub: ServerProc, plan: Plan, outdir: Path) -> dict:
+def profile_modelyard(workdir: Path, stub: ServerProcess, plan: Plan, outdir: Path) -> dict:
     """An untimed modelyard turn whose load phases run under py-spy; top frames by own samples."""
     outdir.mkdir(parents=True, exist_ok=True)
     gw = gateway_proc(workdir, stub)
-    gw.start(workdir, 60)
+    start_server(gw, workdir, 60)
     result: dict = {}
     try:
         raw = outdir / "modelyard-load.txt"
@@ -595,13 +594,13 @@ def report(record: dict) -> dict:
 
 
 
-def run_turn(name: str, proc: ServerProc | None, base: str, plan: Plan, stub: ServerProc, workdir: Path,
+def run_turn(name: str, proc: ServerProcess | None, base: str, plan: Plan, stub: ServerProcess, workdir: Path,
              start_timeout: float) -> dict:
     res: dict = {"loadavg": os.getloadavg()[0]}
     print(f"  {name} (load average {res['loadavg']:.2f})", flush=True)
     try:
         if proc is not None:
-            res["start_s"] = proc.start(workdir, start_timeout)
+            res["start_s"] = start_server(proc, workdir, start_timeout)
             res["command"] = " ".join(proc.argv)
             res["config"] = (proc.config_text or "").replace(API_KEY, "<random per-run key>")
             base = proc.base
@@ -618,8 +617,8 @@ def run_turn(name: str, proc: ServerProc | None, base: str, plan: Plan, stub: Se
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (direct, modelyard, LiteLLM each round)")
+    p = parser(__doc__, rounds=2, rounds_help="A/B rounds (direct, modelyard, LiteLLM each round)",
+               json_help="write the raw numbers here")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, few requests")
     p.add_argument("--api", choices=["completions", "chat"], default="completions")
     p.add_argument("--concurrency", type=int, default=32)
@@ -632,7 +631,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--litellm", type=Path, default=LITELLM, help="the litellm executable (its own venv)")
     p.add_argument("--no-litellm", action="store_true", help="modelyard vs direct only")
     p.add_argument("--profile", type=Path, help="also profile modelyard's load phases with py-spy into DIR")
-    p.add_argument("--json", type=Path, help="write the raw numbers here")
     p.add_argument("--quotas", action="store_true",
                    help="issue 12: modelyard with memory and with Redis per-key quotas, LiteLLM with router rpm/tpm")
     a = p.parse_args(argv)
@@ -665,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             (redis_server() if a.quotas else contextlib.nullcontext((None, None))) as (redis_url, _):
         workdir = Path(tmp)
         stub = stub_proc(a.chunk_delay_ms)
-        stub.start(workdir, 30)
+        start_server(stub, workdir, 30)
         record["stub"] = " ".join(stub.argv)
         try:
             for rnd in range(rounds):
@@ -683,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        plan, stub, workdir, 240)
                 record["rounds_data"].append(r)
                 if a.json:   # keep what we have, in case a later round dies
-                    a.json.write_text(json.dumps(record, indent=1, default=str))
+                    write_record(a.json, record)
             if a.profile:
                 print("profile: modelyard load phases under py-spy (untimed)", flush=True)
                 try:
@@ -718,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average: {record['loadavg_start'][0]:.2f} at start, {record['loadavg_end'][0]:.2f} at end "
           f"({record['nproc']} cores: {record['cpu']})")
     if a.json:
-        a.json.write_text(json.dumps(record, indent=1, default=str))
+        write_record(a.json, record)
         print(f"raw numbers: {a.json}")
     return 0
 

@@ -48,7 +48,6 @@ new; --quick also lowers the cache pass to 4 prompts at c=4 and skips nothing el
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import json
@@ -65,10 +64,10 @@ from pathlib import Path
 
 import httpx
 
-from common import (ROOT, ServerProc, Stream, cpu_model, cpu_simd_flags, free_port, ints, machine_line,
-                    median_spread as _med, modelyard_proc, percentile, ratio as _ratio, stream)
+from common import (ROOT, ServerProcess, Stream, cpu_model, cpu_simd_flags, free_port, ints, machine_line,
+                    median_spread as _med, modelyard_proc, parser, percentile, ratio as _ratio, server_proc,
+                    start_server, stream, write_record)
 
-sys.path.insert(0, str(ROOT / "src"))
 CACHE = Path(os.environ.get("MODELYARD_HOME") or Path.home() / ".cache" / "modelyard").expanduser()
 LLAMA_SERVER = CACHE / "peers" / "llama-server"
 PARALLEL, CONTEXT = 16, 1024
@@ -199,7 +198,7 @@ def build_prompts(model: Path, counts: dict[str, int], n_prefix: int, prompt_tok
 # servers
 
 
-def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str | None) -> ServerProc:
+def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str | None) -> ServerProcess:
     port = free_port()
     return modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 5\n'
@@ -210,14 +209,14 @@ def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str |
         + (f"deterministic = {deterministic}\n" if deterministic else "")), port)
 
 
-def peer_server(peer: str, path: Path, alias: str, threads: int) -> ServerProc:
+def peer_server(peer: str, path: Path, alias: str, threads: int) -> ServerProcess:
     port = free_port()
     if peer == "llama-server":
         # default batching kept: -b 2048 -ub 512; -c is the total context (16 x 1024)
-        return ServerProc(peer, [str(LLAMA_SERVER), "-m", str(path), "--parallel", str(PARALLEL),
+        return server_proc(peer, [str(LLAMA_SERVER), "-m", str(path), "--parallel", str(PARALLEL),
                                  "-c", str(PARALLEL * CONTEXT), "-t", str(threads), "--port", str(port),
                                  "--host", "127.0.0.1"], port, "/health")
-    return ServerProc(peer, [sys.executable, "-m", "llama_cpp.server", "--model", str(path),
+    return server_proc(peer, [sys.executable, "-m", "llama_cpp.server", "--model", str(path),
                              "--model_alias", alias, "--n_threads", str(threads),
                              "--n_threads_batch", str(threads), "--n_ctx", str(CONTEXT),
                              # queue concurrent requests instead of cutting the running stream
@@ -236,7 +235,7 @@ def sampling(mode: str, idx: int, seed: int, peer: bool) -> dict:
     return {**SAMPLED, "seed": seed + idx, **(PEER_SAMPLING if peer else {})}
 
 
-async def run_load(server: ServerProc, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+async def run_load(server: ServerProcess, model: str, prompts: list[str], concurrency: int, max_tokens: int,
                    time_cap: float, mode: str = "greedy", seed: int = 0, counts: dict[str, int] | None = None) -> dict:
     """Send the prompts with `concurrency` in flight, none started after the cap; cancel at cap + 30 s."""
     results: list[tuple[int, str, Stream]] = []
@@ -306,11 +305,11 @@ def _line(name: str, label: str, s: dict) -> None:
           + (f"  errors: {s['errors']}" if s["errors"] else ""), flush=True)
 
 
-async def session(server: ServerProc, m: Model, plan: Plan, ps: PromptSet, workdir: Path, shared: bool) -> dict:
+async def session(server: ServerProcess, m: Model, plan: Plan, ps: PromptSet, workdir: Path, shared: bool) -> dict:
     out: dict = {"server": server.name, "command": server.command, "config": server.config_text,
                  "loadavg_before": os.getloadavg()}
     try:
-        out["startup_s"] = server.start(workdir, 300)
+        out["startup_s"] = start_server(server, workdir, 300)
         print(f"  {server.name} ready in {out['startup_s']:.1f}s (pid {server.pid})", flush=True)
         await run_load(server, m.name, [ps.warm], 1, 8, 60)    # untimed, shares no prompt
         level_prompts = {mode: iter(ps.sets[mode]) for mode in ("greedy", "sampled")}
@@ -552,7 +551,8 @@ def targets(rounds: list[dict], agg: dict, models: list[Model], plan: Plan, peer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, rounds=2, rounds_help="A/B rounds (each model: modelyard then the peer)",
+               json_help="write the raw numbers here")
     p.add_argument("--peer", choices=["llama-server", "llama-cpp-python", "none"], default="llama-server")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--model", type=Path, help="benchmark this one GGUF file instead of --models")
@@ -563,7 +563,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-prompts", type=int, default=None, help="cache pass prompts (default 32, --quick 4; 0: skip)")
     p.add_argument("--cache-concurrency", type=int, default=None, help="cache pass concurrency (default 16, --quick 4)")
     p.add_argument("--no-shared-prefix", action="store_true", help="skip issue 3's shared-prefix test")
-    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (each model: modelyard then the peer)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, small levels and counts")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -573,7 +572,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="write `deterministic = ...` into modelyard's endpoint (default: the engine's default)")
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--json", type=Path, help="write the raw numbers here")
     a = p.parse_args(argv)
 
     q = a.quick
@@ -635,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                                          for s in servers}
             record["rounds_data"].append(r)
             if a.json:   # keep what we have, in case a later round dies
-                a.json.write_text(json.dumps(record, indent=1))
+                write_record(a.json, record)
         record["summary"] = report(record["rounds_data"], models, plan, peer)
     print("\ncommands (round 1):")
     for model, sessions in record["rounds_data"][0]["sessions"].items():
@@ -646,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     for model, c in record["rounds_data"][0]["ceiling"].items():
         print(f"  {model} ceiling: {c['command']}" + ("  [failed]" if "error" in c else ""))
     if a.json:
-        a.json.write_text(json.dumps(record, indent=1))
+        write_record(a.json, record)
         print(f"raw numbers: {a.json}")
     return 0
 

@@ -57,7 +57,8 @@ from pathlib import Path
 
 import httpx
 
-from common import ServerProc, Stream, cpu_model, free_port, modelyard_proc, percentile, stream
+from common import (ServerProcess, Stream, cpu_model, free_port, modelyard_proc, parser, percentile, start_server,
+                    stream, write_record)
 
 ENDPOINT = "smollm2-135m"
 PARALLEL, CONTEXT, MAX_QUEUE, THREADS = 16, 1024, 64, 2
@@ -300,7 +301,7 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def soak_server(workdir: Path, key: str, log_level: str) -> ServerProc:
+def soak_server(workdir: Path, key: str, log_level: str) -> ServerProcess:
     port = free_port()
     text = (f'[server]\nhost = "127.0.0.1"\nport = {port}\napi_keys = ["{key}"]\n'
             f'log_level = "{log_level}"\ngrace_period = {GRACE}\n\n'
@@ -334,7 +335,7 @@ class Results:
     checks: dict[str, bool] = field(default_factory=dict)
 
 
-async def drive(args: argparse.Namespace, srv: ServerProc, key: str, res: Results) -> None:
+async def drive(args: argparse.Namespace, srv: ServerProcess, key: str, res: Results) -> None:
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
@@ -507,7 +508,7 @@ def report(res: Results, args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0], json_help="write raw results (every request, RSS samples, checks) here")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the load phase (default 10)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request plan (default 0)")
@@ -518,7 +519,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="then poll this long for in_flight = slots_used = 0, s (default 15)")
     p.add_argument("--start-timeout", type=float, default=180.0, help="server readiness wait, s (default 180)")
     p.add_argument("--log-level", default="warning", help="the server's log level (default warning)")
-    p.add_argument("--json", type=Path, help="write raw results (every request, RSS samples, checks) here")
     p.add_argument("--keep", action="store_true", help="keep the work dir (config, server log) even on PASS")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.concurrency < 1 or args.timeout <= 0:
@@ -535,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         "workdir": str(workdir)})
     passed = False
     try:
-        started = srv.start(workdir, args.start_timeout)
-        print(f"server pid {srv.pid} on {srv.base} ready in {started:.1f}s; log {srv.log_path}", flush=True)
+        started = start_server(srv, workdir, args.start_timeout)
+        print(f"server pid {srv.pid} on {srv.base} ready in {started:.1f}s; log {srv.log}", flush=True)
         res.meta["ready_seconds"] = round(started, 1)
         asyncio.run(drive(args, srv, key, res))
     except (RuntimeError, asyncio.TimeoutError) as exc:
@@ -551,11 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     if res.records:
         passed = report(res, args)
     else:
-        print("no requests were made; server log tail:\n" + srv.tail(), file=sys.stderr)
+        print("no requests were made; server log tail:\n" + srv.log_tail(25), file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out = {**asdict(res), "passed": passed}
-        args.json.write_text(json.dumps(out, indent=1, default=str))
+        write_record(args.json, out)
         print(f"raw results: {args.json}")
     if passed and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -6,9 +6,9 @@
 
   mask       Matcher.masked (mask computed by llguidance, applied to a real logits row) per
              constrained token, walking the valid instances of the corpus sample of
-             tests/structured/cases.py token by token: p50/p99 on smollm2's vocabulary (49,152)
+             testkit/structured/cases.py token by token: p50/p99 on smollm2's vocabulary (49,152)
              and gemma3's (262,144)
-  compile    Grammars.matchers on every corpus schema (tests/structured/corpus.py), strict off as
+  compile    Grammars.matchers on every corpus schema (testkit/structured/corpus.py), strict off as
              response_format's default, a fresh cache: p50/p99 of those that compile, and the
              fraction that does
   throughput `modelyard serve` (parallel = --sequences): that many concurrent completions held to
@@ -21,9 +21,7 @@ nothing): --schemas 2 --compile-limit 20 --sequences 4 --max-tokens 8 --models s
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import sys
 import tempfile
@@ -33,16 +31,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import ROOT, Stream, free_port, modelyard_proc, percentile, ratio, stream
+from common import Stream, free_port, modelyard_proc, parser, percentile, ratio, start_server, stream, write_record
 
-sys.path.insert(0, str(ROOT / "tests" / "structured"))
-
-from modelyard.engine.types import Constraint                              # noqa: E402
-from modelyard.errors import InvalidRequest                                # noqa: E402
-from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel     # noqa: E402
-from modelyard.local.grammar import Grammars                               # noqa: E402
-from modelyard.settings import Settings                                    # noqa: E402
-from modelyard.store import ModelStore                                     # noqa: E402
+from modelyard.engine.types import Constraint
+from modelyard.errors import InvalidRequest
+from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel
+from modelyard.local.grammar import Grammars
+from modelyard.settings import Settings
+from modelyard.store import ModelStore
 
 FIELD = "response_format.json_schema.schema"
 # A schema no answer of max_tokens can complete: every sequence stays constrained to the end.
@@ -63,7 +59,7 @@ def real_row(model: LlamaModel, threads: int) -> np.ndarray:
 
 
 def mask_times(model: LlamaModel, grammars: Grammars, n_schemas: int, threads: int) -> dict:
-    from cases import cases
+    from testkit.structured.cases import cases
     row = real_row(model, threads)
     tok = grammars.tokenizer
     times: list[float] = []
@@ -91,7 +87,7 @@ def mask_times(model: LlamaModel, grammars: Grammars, n_schemas: int, threads: i
 
 
 def compile_times(grammars_factory, limit: int) -> dict:
-    from corpus import corpus
+    from testkit.structured.corpus import corpus
     entries = corpus()[:limit] if limit else corpus()
     grammars = grammars_factory()
     grammars.tokenizer      # built once, outside the timings
@@ -136,7 +132,7 @@ def throughput(model_name: str, model: LlamaModel, n: int, max_tokens: int, thre
               f'threads = {threads}\ncontext = {n * (64 + max_tokens)}\n')
     with tempfile.TemporaryDirectory() as tmp:
         server = modelyard_proc(Path(tmp), config, port)
-        server.start(Path(tmp))
+        start_server(server, Path(tmp))
         try:
             asyncio.run(load(server.base, n, 4, {"logit_bias": eog}))                # warm up
             plain = asyncio.run(load(server.base, n, max_tokens, {"logit_bias": eog}))
@@ -163,7 +159,7 @@ def verdict(name: str, figure: float | None, met: bool | None, fmt: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")
     p.add_argument("--schemas", type=int, default=48, help="schemas of the walked sample to time masks on")
     p.add_argument("--compile-limit", type=int, default=0, help="compile only the first N corpus schemas (0: all)")
@@ -171,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-throughput", action="store_true")
-    p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     # Grammars logs each ignored keyword (strict off) as a warning: hundreds over the corpus
     logging.getLogger("modelyard.grammar").setLevel(logging.ERROR)
@@ -193,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             model.close()
     if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        write_record(a.json, res)
     smol, gemma = res["masks"].get("smollm2-135m", {}), res["masks"].get("gemma3-270m", {})
     comp, thr = res["compile"] or {}, res["throughput"] or {}
 

@@ -16,7 +16,11 @@ Serves, with no model behind it:
 It is a bare asyncio Protocol speaking HTTP/1.1 (keep-alive, Content-Length or chunked request
 bodies, chunked streaming responses) rather than an ASGI app: the goal is an upstream that costs
 as little CPU as possible on a 2-core machine, so the gateway in front of it is what gets
-measured, and `connection_made` counts every accepted connection exactly. `n` choices are
+measured, and `connection_made` counts every accepted connection exactly. For that reason it is
+not the tests' scripted upstream (testkit/upstream.py, a Starlette app under uvicorn in the test
+process, scripted by prompt): merging them would put an ASGI stack's CPU into every figure this
+stub is there to keep clean, and its scripts (errors, garbage, slow answers) the benchmark never
+needs. `n` choices are
 honoured (modelyard checks that every choice finishes). With --chunk-delay-ms, the stream
 sleeps that long between chunks (0: all chunks are written at once).
 """

@@ -4,7 +4,7 @@ minute from 4 processes, no lock errors, under 5% of one core.
     python bench/usage_flush.py [--processes 4] [--rpm 2500] [--seconds 60] [--flush 5]
                                 [--keys 200] [--endpoints 5] [--json PATH]
 
-It starts its own PostgreSQL (tests/control/pg.py: initdb + pg_ctl into a temporary directory,
+It starts its own PostgreSQL (testkit/pg.py, the tests' too: initdb + pg_ctl into a temporary directory,
 unix socket only, stopped by its PID), migrates one database, then starts --processes worker
 processes of this script at one agreed moment. Each runs modelyard's own UsageRecorder on its
 event loop: synthetic record() calls, --rpm a minute (in ticks of 50 ms, a random key of --keys
@@ -27,11 +27,8 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from common import ROOT, machine_line, percentile
-
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "control")]   # modelyard; pg.py, the tests' PostgreSQL
+from common import machine_line, parser, percentile, write_record
 
 TARGET_SHARE = 0.05
 LOCK_ERRORS = ("DeadlockDetected", "LockNotAvailable", "SerializationFailure", "QueryCanceled")
@@ -78,7 +75,7 @@ async def work(url: str, rpm: int, seconds: float, flush: float, keys: int, endp
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pg import fresh_database, postgres
+    from testkit.pg import fresh_database, postgres
     from modelyard.control.db import open_database
 
     with postgres() as server:
@@ -125,14 +122,13 @@ def report(result: dict) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0], json_help="write the raw result here")
     p.add_argument("--processes", type=int, default=4)
     p.add_argument("--rpm", type=int, default=2500, help="requests a minute recorded by each process")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--flush", type=float, default=5.0, help="seconds between flushes (the recorder's FLUSH)")
     p.add_argument("--keys", type=int, default=200)
     p.add_argument("--endpoints", type=int, default=5)
-    p.add_argument("--json", type=Path, help="write the raw result here")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
@@ -145,7 +141,7 @@ def main() -> int:
     result = run(args)
     report(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        write_record(args.json, result, indent=2)
     return 0 if result["stored_requests"] == sum(w["recorded"] for w in result["workers"]) else 1
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from servers import MODEL, ServerProcess, served
+from testkit.servers import MODEL, ServerProcess, served
 
 # No state from an earlier run: Hypothesis's example database (.hypothesis/ in the working
 # directory) would replay what a previous run found. In CI the property tests are also

@@ -1,4 +1,5 @@
-"""bench/common.py: the one percentile definition and the one SSE client every bench script uses.
+"""bench/common.py: the one percentile definition, the one SSE client and the drivers' skeleton
+(--json, --rounds, the raw record) every bench script uses.
 
 Pure logic, so the client is fed by httpx.MockTransport (no server): what it must get right is
 the parsing (texts per choice, usage, [DONE], error events, HTTP errors)."""
@@ -115,3 +116,19 @@ def test_stream_close_after_leaves_early_and_transport_errors_are_recorded():
 
     down = _run(refuse)
     assert down.status is None and down.exception == "ConnectError" and not down.ok
+
+
+# --- the drivers' skeleton: --json and --rounds parsed one way, the raw record written one way
+
+def test_parser_has_json_and_rounds_only_when_asked(tmp_path):
+    a = common.parser("doc", rounds=3).parse_args(["--json", str(tmp_path / "r.json")])
+    assert a.rounds == 3 and a.json == tmp_path / "r.json"
+    b = common.parser("doc").parse_args([])
+    assert b.json is None and not hasattr(b, "rounds")
+
+
+def test_write_record_writes_paths_as_text_and_nothing_without_json(tmp_path):
+    out = tmp_path / "r.json"
+    common.write_record(out, {"model": tmp_path, "n": 1})
+    assert json.loads(out.read_text()) == {"model": str(tmp_path), "n": 1}
+    common.write_record(None, {"n": 2})                  # no --json: nothing written, no error

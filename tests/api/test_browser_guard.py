@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
 
 from modelyard.api.middleware.browser_guard import allowed_origin_keys
 from modelyard.errors import ConfigError

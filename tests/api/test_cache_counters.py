@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from modelyard.registry.render import CACHE_COUNTERS
-from servers import MODEL, bearer, served
+from testkit.servers import MODEL, bearer, served
 
 pytestmark = pytest.mark.model
 

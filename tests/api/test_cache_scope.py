@@ -15,7 +15,7 @@ import pytest
 
 from modelyard.api.openai.cache_scope import cache_partition
 from modelyard.settings import Settings
-from servers import MODEL, bearer, served
+from testkit.servers import MODEL, bearer, served
 
 pytestmark = pytest.mark.model
 

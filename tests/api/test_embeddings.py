@@ -21,7 +21,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from servers import ServerProcess, served
+from testkit.servers import ServerProcess, served
 
 pytestmark = pytest.mark.model
 

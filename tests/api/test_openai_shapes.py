@@ -23,7 +23,7 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.shared import ErrorObject
 
-from servers import MODEL
+from testkit.servers import MODEL
 
 pytestmark = pytest.mark.model
 

@@ -8,12 +8,12 @@ at once. Nothing the server answers, and nothing it logs, holds the URL's passwo
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
 
-from servers import free_port, served
+from testkit.servers import free_port, served
+from testkit.until import until
 
 KEY = "sk-client-key-1234"
 UPSTREAM_KEY = "sk-upstream-secret-5678"
@@ -41,13 +41,10 @@ name = "broken"
 model = "{MISSING}"
 """
     with served(tmp_path_factory.mktemp("secrets"), cfg, key=KEY, endpoints=()) as s:
-        deadline = time.monotonic() + 30
-        while True:     # until both have settled: broken failed, remote probed (and refused)
+        def settled() -> bool:      # broken failed, remote probed (and refused)
             r = httpx.get(f"{s.base}/ready", headers=s.headers, timeout=5).json()["not_ready"]
-            if r.get("broken", "").startswith("failed") and "refused" in r.get("remote", ""):
-                break
-            assert time.monotonic() < deadline, r
-            time.sleep(0.1)
+            return r.get("broken", "").startswith("failed") and "refused" in r.get("remote", "")
+        until(settled, 30, "both endpoints settled")
         yield s
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from servers import MODEL
+from testkit.servers import MODEL
 
 pytestmark = pytest.mark.model
 

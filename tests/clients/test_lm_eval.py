@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 
 pytestmark = pytest.mark.model
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.model
@@ -272,7 +272,7 @@ def test_remote_endpoint_loading_to_ready_without_reload(srv, browser, shots, tm
     ready to ready as its upstream (a second modelyard) starts, no reload."""
     page, messages = new_page(browser)
     sign_in(page, srv.base, ADMIN)
-    from servers import modelyard_process, wait_ready
+    from testkit.servers import modelyard_process, wait_ready
     # the upstream's port is chosen now; it starts once the endpoint exists (so it is seen loading)
     upstream = modelyard_process(tmp_path / "upstream", f'[[endpoints]]\nname = "{MODEL}"\n{ENGINE}')
     port = upstream.port

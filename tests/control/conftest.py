@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from pg import fresh_database, postgres
+from testkit.pg import fresh_database, postgres
 from modelyard.control.db import Database, open_database
 
 _count = itertools.count()

@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
 from test_admin_api import ADMIN, INFER, VIEWER, config
 
 pytestmark = pytest.mark.model

@@ -17,9 +17,10 @@ from modelyard.control import migrations
 from modelyard.control.admin_tokens import TOKEN_PREFIX, AdminTokenStore, any_active
 from modelyard.control.db import open_database
 from modelyard.errors import ConfigError, Conflict, ObjectNotFound
-from pg import fresh_database
-from servers import modelyard_process, status_is, wait_for
-from test_admin_api import until
+from testkit.pg import fresh_database
+from testkit.servers import modelyard_process, status_is, wait_for
+from testkit.until import until
+from test_admin_api import PROPAGATION
 
 
 def test_a_token_is_stored_as_its_digest_listed_revoked_and_audited(db):
@@ -143,7 +144,7 @@ def test_a_server_accepts_stored_tokens_and_refuses_a_revoked_one_within_two_sec
         assert httpx.post(srv.api + "/completions", headers={"Authorization": f"Bearer {admin}"},
                           json={"model": "remote", "prompt": "x"}).status_code == 401
         admin_cli(cfg, "revoke-token", "ops")
-        until(lambda: call("GET", "/api-keys", admin).status_code == 401)
+        until(lambda: call("GET", "/api-keys", admin).status_code == 401, PROPAGATION, "the revoked token refused")
         assert call("GET", "/api-keys", viewer).status_code == 200        # the other token stays
     finally:
         srv.stop()

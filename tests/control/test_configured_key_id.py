@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from modelyard.control.db import open_database
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 from test_admin_api import ENGINE, VIEWER, ctl
 
 pytestmark = pytest.mark.model

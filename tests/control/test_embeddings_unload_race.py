@@ -17,7 +17,8 @@ import time
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
+from testkit.until import until
 from test_admin_api import ADMIN, INFER, ctl
 from test_model_endpoints import wait_state
 
@@ -71,10 +72,8 @@ def test_unload_or_delete_while_tokenizing_2048_inputs_never_crashes(tmp_path):
                     answer["r"] = exc
             request = threading.Thread(target=embed)
             request.start()
-            deadline = time.monotonic() + 60
-            while not in_flight(srv, name) and request.is_alive():
-                assert time.monotonic() < deadline, "the request never reached the engine"
-                time.sleep(0.01)
+            until(lambda: in_flight(srv, name) or not request.is_alive(), 60, "the request reached the engine",
+                  interval=0.01)
             time.sleep(DELAYS[round_ % len(DELAYS)])
             r = admin.delete(f"/model-endpoints/{ep['id']}") if delete else \
                 admin.post(f"/model-endpoints/{ep['id']}/unload")

@@ -14,11 +14,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from pg import postgres
 from modelyard.control.admin_tokens import AdminTokenStore
 from modelyard.control.db import open_database
-from servers import modelyard_process, status_is, wait_for
-from test_admin_api import until
+from testkit.pg import postgres
+from testkit.servers import modelyard_process, status_is, wait_for
+from testkit.until import until
 
 CONFIGURED_KEY, ADMIN = "configured-inference-key", "configured-admin-token"
 BOUND = 2
@@ -76,7 +76,7 @@ def test_stored_keys_and_tokens_are_refused_past_the_bound_and_come_back(tmp_pat
             stopped = _server_processes(url)
             _signal_all(stopped, signal.SIGSTOP)
             stopped_at = time.monotonic()
-            until(lambda: get("/api/v1/endpoints", stored_key).status_code == 503, timeout=BOUND + 8)
+            until(lambda: get("/api/v1/endpoints", stored_key).status_code == 503, BOUND + 8, "stored keys refused")
             assert time.monotonic() - stopped_at >= BOUND - 1.1     # not before the bound (the last read may predate the stop by a poll)
             refused = get("/api/v1/endpoints", stored_key).json()["error"]
             assert refused["code"] == "control_store_unavailable"
@@ -92,9 +92,9 @@ def test_stored_keys_and_tokens_are_refused_past_the_bound_and_come_back(tmp_pat
 
             _signal_all(stopped, signal.SIGCONT)
             stopped = []
-            until(lambda: get("/api/v1/endpoints", stored_key).status_code == 200, timeout=15)
+            until(lambda: get("/api/v1/endpoints", stored_key).status_code == 200, 15, "stored keys accepted again")
             assert get("/api/v1/control/model-endpoints", stored_admin).status_code == 200
-            until(lambda: "modelyard_control_fail_closed 0.0" in get("/metrics", ADMIN).text, timeout=5)
+            until(lambda: "modelyard_control_fail_closed 0.0" in get("/metrics", ADMIN).text, 5, "the metric back to 0")
         finally:
             _signal_all(stopped, signal.SIGCONT)
             srv.stop()

@@ -15,7 +15,7 @@ from modelyard.control.admin_tokens import AdminTokenStore
 from modelyard.control.db import open_database
 from modelyard.control.usage import USAGE_PAGE, USAGE_PAGE_MAX, query
 from modelyard.errors import InvalidRequest
-from servers import modelyard_process, status_is, wait_for
+from testkit.servers import modelyard_process, status_is, wait_for
 
 ADMIN = "lists-admin-token"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 from test_admin_api import ADMIN, ENGINE, INFER, ctl
 
 pytestmark = pytest.mark.model

@@ -10,8 +10,9 @@ import threading
 import httpx
 import pytest
 
-from servers import MODEL, served
-from test_admin_api import ADMIN, INFER, complete, config, ctl, until
+from testkit.servers import MODEL, served
+from testkit.until import until
+from test_admin_api import ADMIN, INFER, complete, config, ctl
 
 pytestmark = pytest.mark.model
 
@@ -57,7 +58,7 @@ def test_max_parallel_slot_is_released_however_the_request_ends(srv):
             assert r.status_code == 429 and r.json()["error"]["code"] == "parallel_limit_exceeded", r.text
             assert "1 requests in flight" in r.json()["error"]["message"]
         # the client left mid-stream: the slot comes back (bounded wait for the server to see it)
-        until(lambda: complete(srv, key).status_code == 200, timeout=10)
+        until(lambda: complete(srv, key).status_code == 200, 10, "the slot back")
         # a stream read to its end
         with client.stream("POST", f"{srv.api}/completions", headers=auth,
                            json={**long_body(True), "max_tokens": 3}) as stream:
@@ -76,7 +77,7 @@ def test_max_parallel_slot_is_released_however_the_request_ends(srv):
     gone.start()
     gone.join(30)
     assert outcome == ["left"]
-    until(lambda: complete(srv, key).status_code == 200, timeout=10)
+    until(lambda: complete(srv, key).status_code == 200, 10, "the slot back")
     srv.wait_idle()
 
 

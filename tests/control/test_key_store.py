@@ -122,7 +122,7 @@ def test_processes_migrating_one_new_postgresql_at_once_all_succeed(pg_server):
     """Four gateways starting together on a fresh database: the first migrates, the others wait
     (a CREATE TABLE IF NOT EXISTS before the lock failed one of them with a unique violation)."""
     import threading
-    from pg import fresh_database
+    from testkit.pg import fresh_database
     from modelyard.control.migrations import MIGRATIONS
     for round_ in range(3):
         url = fresh_database(pg_server, f"race{round_}")

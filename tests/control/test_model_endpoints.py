@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from pg import fresh_database
-from servers import MODEL, served
-from test_admin_api import ADMIN, INFER, VIEWER, complete, config, ctl, until
+from testkit.pg import fresh_database
+from testkit.servers import MODEL, served
+from testkit.until import until
+from test_admin_api import ADMIN, INFER, PROPAGATION, VIEWER, complete, config, ctl
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.model
@@ -39,11 +39,11 @@ def state_of(admin: httpx.Client, endpoint_id: str) -> str:
 
 
 def wait_state(admin: httpx.Client, endpoint_id: str, state: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (now := state_of(admin, endpoint_id)) != state:
+    def reached() -> bool:
+        now = state_of(admin, endpoint_id)
         assert now not in ("failed",) or state == "failed", admin.get(f"/model-endpoints/{endpoint_id}").text
-        assert time.monotonic() < deadline, f"{endpoint_id} is {now}, not {state}"
-        time.sleep(0.05)
+        return now == state
+    until(reached, timeout, f"{endpoint_id} {state}", interval=0.05)
 
 
 def test_config_endpoints_are_listed_and_read_only_and_roles_hold(srv):
@@ -191,7 +191,7 @@ def test_state_changes_stream_as_server_sent_events(srv):
                                                      {"Authorization": f"Bearer {VIEWER}"}, events, stop), daemon=True)
     reader.start()
     try:
-        until(lambda: any(e[1].get("id") == f"config:{MODEL}" for e in events), timeout=10)   # the first snapshot
+        until(lambda: any(e[1].get("id") == f"config:{MODEL}" for e in events), 10, "the first snapshot")
         with ctl(srv.base, ADMIN) as admin:
             # a remote endpoint whose replica is this very server
             ep = admin.post("/model-endpoints", json={
@@ -202,13 +202,13 @@ def test_state_changes_stream_as_server_sent_events(srv):
             def mine():
                 return [d for k, d in events if k == "endpoint" and d["id"] == ep["id"]]
             until(lambda: any(d["state"] == "ready" and d["replicas"] == {"healthy": 1, "total": 1}
-                              for d in mine()), timeout=20)
+                              for d in mine()), 20, "rt-remote ready in the events")
             states = [d["state"] for d in mine()]
             assert states[0] == "loading" and "ready" in states, states
             assert mine()[-1]["serving"] is True and mine()[0]["serving"] is False
             assert complete(srv, INFER, "rt-remote").status_code == 200
             admin.delete(f"/model-endpoints/{ep['id']}")
-            until(lambda: ("deleted", {"id": ep["id"], "name": "rt-remote"}) in events, timeout=20)
+            until(lambda: ("deleted", {"id": ep["id"], "name": "rt-remote"}) in events, 20, "the deleted event")
             assert "deleting" in [d["state"] for d in mine()]
     finally:
         stop.set()
@@ -239,14 +239,16 @@ def test_two_gateways_on_one_postgresql_apply_endpoint_changes_within_two_second
             ep = admin_a.post("/model-endpoints", json={
                 "name": "shared-remote", "engine": "openai", "urls": [a.api], "upstream_model": MODEL,
                 "api_key": INFER}).json()
-            took = until(lambda: complete(b, INFER, "shared-remote").status_code == 200, timeout=10)
-            assert took < 10      # B created it and probed its replica (health interval included)
+            # B creates it and probes its replica (health interval included): longer than the 2 s
+            until(lambda: complete(b, INFER, "shared-remote").status_code == 200, 10, "b serves the new endpoint")
             assert admin_b.post(f"/model-endpoints/{ep['id']}/unload").status_code == 202
-            assert until(lambda: complete(a, INFER, "shared-remote").status_code == 400) < 2.0
+            until(lambda: complete(a, INFER, "shared-remote").status_code == 400, PROPAGATION,
+                  "a applies b's unload", interval=0.05)
             assert admin_a.post(f"/model-endpoints/{ep['id']}/load").status_code == 202
-            until(lambda: complete(b, INFER, "shared-remote").status_code == 200, timeout=10)
+            until(lambda: complete(b, INFER, "shared-remote").status_code == 200, 10, "b serves it loaded again")
             assert admin_a.delete(f"/model-endpoints/{ep['id']}").status_code == 202
-            assert until(lambda: complete(b, INFER, "shared-remote").status_code == 404) < 2.0
+            until(lambda: complete(b, INFER, "shared-remote").status_code == 404, PROPAGATION,
+                  "b applies a's delete", interval=0.05)
 
 
 def test_lists_page_through_config_and_stored_endpoints_once_each(srv):

@@ -1,7 +1,8 @@
 """The store's models in the admin API, over real HTTP: the app in process under uvicorn on a
-loopback port (so a known model can be a fake wheel: the store's one download step is replaced,
-the rest of the store runs for real), its control store a real SQLite file. The endpoint that
-uses a model fails to load (no engine in these tests): it still counts as a user of its model.
+loopback port (testkit.upstream.running), so a known model can be a fake wheel (the store's one
+download step is replaced, the rest of the store runs for real), its control store a real SQLite
+file. The endpoint that uses a model fails to load (no engine in these tests): it still counts as
+a user of its model.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from test_store import GGUF, digest, register
+from testkit.upstream import running
 
 from modelyard.api.app import create_app
 from modelyard.errors import EngineError
@@ -34,24 +35,8 @@ def no_engine(spec, path):
 
 
 class App:
-    def __init__(self, settings: Settings) -> None:
-        app = create_app(settings, Registry(settings, engine_factory=no_engine))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "App":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        self.base = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}/api/v1/control"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+    def __init__(self, base: str) -> None:
+        self.base = base + "/api/v1/control"
 
     def client(self, token: str | None = ADMIN) -> httpx.Client:
         return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {token}"} if token else {},
@@ -86,8 +71,9 @@ def app(tmp_path, pips) -> Iterator[App]:
     settings = Settings(store_dir=tmp_path, api_keys=(INFER,), database_url=f"sqlite:///{tmp_path / 'control.db'}",
                         admin_tokens=(AdminToken("ops", ADMIN), AdminToken("audit", VIEWER, "viewer")),
                         endpoints=(EndpointSpec(name="uses-busy", model="busy", threads=1),))
-    with App(settings) as a:
-        yield a
+    with running(create_app(settings, Registry(settings, engine_factory=no_engine)), lifespan="on",
+                 timeout=30) as base:
+        yield App(base)
 
 
 def lines(r: httpx.Response) -> list[dict]:
@@ -214,7 +200,7 @@ def test_two_pulls_of_one_model_at_once_share_one_download(app, pips):
 def test_a_real_server_lists_the_model_it_serves_and_will_not_delete_it(tmp_path):
     """`modelyard serve` on a store whose smollm2-135m is a link to the shared test store's file."""
     from modelyard.store import KNOWN
-    from servers import MODEL, served
+    from testkit.servers import MODEL, served
     shared = ModelStore(Path.home() / ".cache" / "modelyard", progress=False).pull(MODEL)
     models = tmp_path / "store" / "models"
     models.mkdir(parents=True)

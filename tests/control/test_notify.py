@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 
-from pg import fresh_database
+from testkit.pg import fresh_database
 from modelyard.control.db import open_database
 from modelyard.control.keys import KeyStore
 from modelyard.control.notify import ChangeFeed

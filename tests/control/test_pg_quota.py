@@ -22,7 +22,7 @@ import pytest
 from modelyard.quota.postgres import BOUND, PostgresQuotas
 from modelyard.control.db import open_database
 from modelyard.errors import RateLimited
-from pg import fresh_database
+from testkit.pg import fresh_database
 
 _n = itertools.count()
 SECRET = b"sk-pg-quota-secret"

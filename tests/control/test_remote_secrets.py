@@ -14,8 +14,9 @@ from typing import Iterator
 import httpx
 import pytest
 
-from servers import free_port, served
-from test_admin_api import ADMIN, INFER, VIEWER, ctl, until
+from testkit.servers import free_port, served
+from testkit.until import until
+from test_admin_api import ADMIN, INFER, VIEWER, ctl
 
 from modelyard.api.admin.endpoints import same_hosts
 
@@ -70,7 +71,7 @@ def test_url_credentials_of_a_down_replica_are_masked_in_every_view(srv):
             remote = [e for e in data if e["name"] in ("cfg-remote", "rt-remote")]
             return len(remote) == 2 and all(e["state"] == "ready" and e["reason"]
                                             and "not probed yet" not in e["reason"] for e in remote)
-        until(probed, timeout=15)
+        until(probed, 15, "both remote endpoints probed")
         listed = viewer.get("/model-endpoints", params={"limit": 100}).json()
         remote = [e for e in listed["data"] if e["name"] in ("cfg-remote", "rt-remote")]
         for e in remote:
@@ -150,24 +151,24 @@ def test_patching_urls_to_another_host_drops_the_upstream_key(srv, upstreams):
                                                  "urls": [a.url + "/v1"], "api_key": UPSTREAM_KEY})
         assert r.status_code == 201, r.text
         ep = r.json()
-        until(lambda: f"Bearer {UPSTREAM_KEY}" in a.keys("/v1/"), timeout=15)
+        until(lambda: f"Bearer {UPSTREAM_KEY}" in a.keys("/v1/"), 15, "a probed with the key")
 
         # Another path on the same scheme, host and port: the same upstream, the key stays.
         r = admin.patch(f"/model-endpoints/{ep['id']}", json={"urls": [a.url + "/alt/v1"]})
         assert r.status_code == 200 and r.json()["config"]["api_key_set"] is True, r.text
-        until(lambda: a.probes("/alt/v1/") >= 1, timeout=15)
+        until(lambda: a.probes("/alt/v1/") >= 1, 15, "a probed on the new path")
         assert a.keys("/alt/v1/") == {f"Bearer {UPSTREAM_KEY}"}
 
         # Another port (another host to the key's owner): the key is dropped, the answer says so.
         r = admin.patch(f"/model-endpoints/{ep['id']}", json={"urls": [b.url + "/v1"]})
         assert r.status_code == 200 and r.json()["config"]["api_key_set"] is False, r.text
-        until(lambda: b.probes() >= 2, timeout=15)         # its first probe and the next
+        until(lambda: b.probes() >= 2, 15, "two probes of b")         # its first probe and the next
         assert b.keys() == {None}
 
         # urls and api_key in one PATCH: the new host gets the new key, and only that.
         r = admin.patch(f"/model-endpoints/{ep['id']}", json={"urls": [c.url + "/v1"], "api_key": NEW_KEY})
         assert r.status_code == 200 and r.json()["config"]["api_key_set"] is True, r.text
-        until(lambda: c.probes() >= 1, timeout=15)
+        until(lambda: c.probes() >= 1, 15, "a probe of c")
         assert c.keys() == {f"Bearer {NEW_KEY}"}
         assert f"Bearer {UPSTREAM_KEY}" not in b.keys() | c.keys()
         changes = [e for e in admin.get("/audit-log", params={"limit": 100}).json()["data"]

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 
 import httpx
 import pytest
 
 from modelyard.control.db import open_database
 from modelyard.control.usage import FLUSH, UsageRecorder, query, rename_keys
-from servers import MODEL, modelyard_process, wait_ready
+from testkit.servers import MODEL, modelyard_process, wait_ready
+from testkit.until import until
 
 
 def test_flushes_add_up_across_processes_and_roll_up(db):
@@ -83,14 +83,10 @@ def test_served_requests_reach_the_store_and_shutdowns_lose_at_most_one_interval
             assert r.status_code == 200, r.text
             return r.json()["usage"]["total_tokens"]
         tokens = sum(complete() for _ in range(3))
-        deadline = time.monotonic() + 3 * FLUSH
-        while True:            # the next flush makes them visible through the admin API
-            rows = httpx.get(f"{srv.base}/api/v1/control/usage", headers=admin,
-                             params={"key_id": key["id"], "granularity": "minute"}).json()["data"]
-            if rows:
-                break
-            assert time.monotonic() < deadline, "no flush within three intervals"
-            time.sleep(0.2)
+        # the next flush makes them visible through the admin API
+        rows = until(lambda: httpx.get(f"{srv.base}/api/v1/control/usage", headers=admin,
+                                       params={"key_id": key["id"], "granularity": "minute"}).json()["data"],
+                     3 * FLUSH, "a flush within three intervals", interval=0.2)
         assert sum(r["requests"] for r in rows) == 3 and sum(r["total_tokens"] for r in rows) == tokens
         assert rows[0]["endpoint"] == MODEL
         shown = httpx.get(f"{srv.base}/api/v1/control/api-keys/{key['id']}", headers=admin).json()

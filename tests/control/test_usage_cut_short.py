@@ -6,13 +6,13 @@ disconnecting. Real server, real model, real SQLite store."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
 from modelyard.control.usage import FLUSH
-from servers import MODEL, served
+from testkit.servers import MODEL, served
+from testkit.until import until
 
 pytestmark = pytest.mark.model
 
@@ -42,24 +42,16 @@ def test_a_stream_left_midway_is_counted_and_charged_to_the_budget(tmp_path):
                     seen += bool(json.loads(line[6:])["choices"][0]["text"])
                 if seen >= 30:
                     break                  # leave without reading the end (no usage event seen)
-        deadline = time.monotonic() + 3 * FLUSH + 5
-        while True:
-            rows = httpx.get(f"{srv.base}/api/v1/control/usage", headers=admin,
-                             params={"key_id": key["id"], "granularity": "day"}).json()["data"]
-            if rows:
-                break
-            assert time.monotonic() < deadline, "the request cut short was never recorded"
-            time.sleep(0.2)
+        rows = until(lambda: httpx.get(f"{srv.base}/api/v1/control/usage", headers=admin,
+                                       params={"key_id": key["id"], "granularity": "day"}).json()["data"],
+                     3 * FLUSH + 5, "the request cut short recorded", interval=0.2)
         [row] = rows
         assert row["requests"] == 1 and row["endpoint"] == MODEL
         assert row["total_tokens"] >= 4 + 30, row         # the prompt and at least what was streamed
         # ...and the budget saw them: the same request again would fit in BUDGET, not in what is left
-        deadline = time.monotonic() + 5
-        while True:
+        def refused() -> httpx.Response | None:
             r = httpx.post(f"{srv.api}/completions", headers=auth, timeout=60,
                            json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 300})
-            if r.status_code == 429:
-                break
-            assert time.monotonic() < deadline, r.text
-            time.sleep(0.2)
+            return r if r.status_code == 429 else None
+        r = until(refused, 5, "a 429 once the budget is spent", interval=0.2)
         assert r.json()["error"]["code"] == "budget_exceeded"

@@ -15,8 +15,9 @@ import pytest
 
 from modelyard.control.db import open_database
 from modelyard.control.usage import FLUSH, UsageRecorder, query
-from pg import fresh_database
-from servers import MODEL, modelyard_process, wait_ready
+from testkit.pg import fresh_database
+from testkit.servers import MODEL, modelyard_process, wait_ready
+from testkit.until import until
 
 ADMIN = "usage-procs-admin"
 
@@ -126,13 +127,6 @@ def stored(url: str) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def wait_until(check, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 @pytest.mark.model
 def test_kill_9_loses_at_most_its_last_interval_and_sigterm_nothing(tmp_path, request):
     url = fresh_database(request.getfixturevalue("pg_server"), "usage_procs")
@@ -146,9 +140,9 @@ def test_kill_9_loses_at_most_its_last_interval_and_sigterm_nothing(tmp_path, re
         for name in ("a1", "a2", "b1"):
             r = httpx.post(f"{a.base}/api/v1/control/api-keys", headers=admin, json={"name": name}, timeout=30)
             ids[name], secrets[name] = r.json()["id"], r.json()["secret"]
-        wait_until(lambda: httpx.post(f"{b.api}/completions", headers={"Authorization": f"Bearer {secrets['b1']}"},
-                                      json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}, timeout=60)
-                   .status_code == 200, "b does not know b1", 5)
+        until(lambda: httpx.post(f"{b.api}/completions", headers={"Authorization": f"Bearer {secrets['b1']}"},
+                                 json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}, timeout=60)
+              .status_code == 200, 5, "b knows b1")
         before = stored(url)                 # the probe request above, once b flushes it
         # a alternates a1, a2 (so at every flush a1 has 0 or 1 more than a2); b serves b1
         ta, tb = Traffic(a, [secrets["a1"], secrets["a2"]]), Traffic(b, [secrets["b1"]])
@@ -156,11 +150,11 @@ def test_kill_9_loses_at_most_its_last_interval_and_sigterm_nothing(tmp_path, re
         ta.start(), tb.start()
         # two flushes of a's traffic have landed (so it ran longer than an interval), then a few
         # more requests: kill -9 mid-traffic
-        wait_until(lambda: stored(url).get(ids["a2"], (0,))[0] > 0, "no flush from a", 4 * FLUSH)
+        until(lambda: stored(url).get(ids["a2"], (0,))[0] > 0, 4 * FLUSH, "a flush from a")
         first = stored(url)[ids["a2"]][0]
-        wait_until(lambda: stored(url)[ids["a2"]][0] > first, "no second flush from a", 4 * FLUSH)
+        until(lambda: stored(url)[ids["a2"]][0] > first, 4 * FLUSH, "a second flush from a")
         flushed_seen = len(ta.done)
-        wait_until(lambda: len(ta.done) >= flushed_seen + 4, "a stopped serving", 60)
+        until(lambda: len(ta.done) >= flushed_seen + 4, 60, "a serving on")
         killed_at = time.monotonic()
         a.kill()
         ta.join(60)

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
 
 from modelyard import settings as settings_mod
 from modelyard.store import ModelStore

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Iterator
 
 import httpx
 import pytest
 
-from servers import OPENAI_PREFIX, ServerProcess, served, side_by_side_config
+from testkit.servers import OPENAI_PREFIX, ServerProcess, served, side_by_side_config
+from testkit.until import until
 
 from modelyard import settings as settings_mod
 from modelyard.local.chat_template import ChatTemplate
@@ -286,9 +286,7 @@ def test_remote_chat_passes_through_to_the_upstream(api, upstream):
     assert out["choices"][0]["message"] == direct.json()["choices"][0]["message"]
     assert out["usage"] == direct.json()["usage"]          # the upstream's own counts, passed on
     # the upstream served both on /chat/completions (not a /completions of a prompt we rendered)
-    deadline = time.monotonic() + 5
-    while _chat_lines(upstream) < before + 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    until(lambda: _chat_lines(upstream) >= before + 2, 5, "both in the upstream's log")
     assert _chat_lines(upstream) == before + 2
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
 
 pytestmark = pytest.mark.model
 

@@ -11,13 +11,13 @@ Every process listens on loopback only and is stopped by its PID.
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import httpx
 import pytest
 
-from servers import ServerProcess, served, side_by_side_config
+from testkit.servers import ServerProcess, served, side_by_side_config
+from testkit.until import until
 
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -149,16 +149,14 @@ def test_metrics_per_endpoint(client, gateway, admin):
         client.completions.create(model="not-configured", prompt=PROMPT, max_tokens=1)
     # The request counter is bumped once the response has fully ended, a moment after the
     # client has the last byte: poll briefly.
-    deadline = time.monotonic() + 10
-    while True:
+    def counted() -> list | None:
         r = httpx.get(gateway.base + "/metrics", timeout=10)      # open, like /health
         assert r.status_code == 200
         samples = _samples(r.text)
-        if all(_value(samples, "modelyard_requests_total", endpoint=n, status="200") >= 2 for n in NAMES) \
-                and _value(samples, "modelyard_requests_total", endpoint="unknown") >= 1 \
-                or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+        return samples if all(_value(samples, "modelyard_requests_total", endpoint=n, status="200") >= 2
+                              for n in NAMES) \
+            and _value(samples, "modelyard_requests_total", endpoint="unknown") >= 1 else None
+    samples = until(counted, 10, "every request counted", interval=0.2)
     for name in NAMES:
         assert _value(samples, "modelyard_requests_total", endpoint=name, status="200") >= 2, name
         # Labels are route templates and configured names, never what the client typed.

@@ -14,15 +14,15 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
 
-from servers import ServerProcess, free_port, modelyard_process, status_is, wait_for, wait_ready
+from testkit.servers import ServerProcess, free_port, modelyard_process, status_is, wait_for, wait_ready
+from testkit.until import until
 
 from modelyard import settings as settings_mod
 from modelyard.proxy.engine import ProxyEngine
@@ -122,18 +122,11 @@ def replicas(api: httpx.Client) -> dict[str, dict]:
     return {x["url"]: x for x in r.json()["replicas"]}
 
 
-def eventually(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s"
-        time.sleep(0.2)
-
-
 # -- the tests (in order: the last one kills and restarts replicas) --------------------------------
 
 @pytest.mark.model
 def test_both_replicas_serve(stack, api):
-    eventually("both replicas healthy", lambda: all(x["healthy"] for x in replicas(api).values()), 10)
+    until(lambda: all(x["healthy"] for x in replicas(api).values()), 10, "both replicas healthy")
     a0, b0 = served_by_a(stack.a), served_by_b(stack.b)
     for _ in range(6):
         r = complete(api)
@@ -142,15 +135,14 @@ def test_both_replicas_serve(stack, api):
         assert body["model"] == POOL and body["choices"][0]["text"]
         assert body["usage"]["completion_tokens"] >= 1
     # Equal load ties are broken in turn, so six sequential requests land on both replicas.
-    eventually("each replica logged some of the requests",
-               lambda: served_by_a(stack.a) > a0 and served_by_b(stack.b) > b0, 5)
+    until(lambda: served_by_a(stack.a) > a0 and served_by_b(stack.b) > b0, 5,
+          "each replica logged some of the requests")
     assert (served_by_a(stack.a) - a0) + (served_by_b(stack.b) - b0) == 6
     assert set(replicas(api)) == set(stack.urls)
     # llama_cpp.server answers /v1/models only between generations; on a loaded machine a probe
     # can wait past its 2 s timeout and mark B down until the next probe, so allow a few.
-    eventually("both replicas healthy and idle",
-               lambda: all(x["healthy"] and x["last_error"] is None and x["in_flight"] == 0
-                           for x in replicas(api).values()), 10)
+    until(lambda: all(x["healthy"] and x["last_error"] is None and x["in_flight"] == 0
+                      for x in replicas(api).values()), 10, "both replicas healthy and idle")
 
 
 @pytest.mark.model
@@ -182,12 +174,10 @@ def test_concurrent_streams_spread_by_in_flight(stack, api):
     threads[1].start()          # the proxy counts it in flight as soon as it picks a replica
     seen: list[dict] = []
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def one_each() -> bool:
             seen.append({url: x["in_flight"] for url, x in replicas(api).items()})
-            if seen[-1] == {url: 1 for url in stack.urls}:
-                break
-            time.sleep(0.05)
+            return seen[-1] == {url: 1 for url in stack.urls}
+        until(one_each, 10, "one stream in flight on each replica", interval=0.05)
         assert opened[1].wait(60), "the second stream did not start"
     finally:
         release.set()
@@ -196,7 +186,7 @@ def test_concurrent_streams_spread_by_in_flight(stack, api):
     assert results == [(200, True), (200, True)], results
     assert seen and seen[-1] == {url: 1 for url in stack.urls}, seen
     # The clients left: the gateway closes both upstream streams and frees its counters.
-    eventually("in_flight back to 0", lambda: all(x["in_flight"] == 0 for x in replicas(api).values()), 15)
+    until(lambda: all(x["in_flight"] == 0 for x in replicas(api).values()), 15, "in_flight back to 0")
 
 
 @pytest.mark.model
@@ -205,7 +195,7 @@ def test_failover_outage_and_recovery(stack, api):
     gateway_pid = stack.gateway.proc.pid
     # llama_cpp.server answers /v1/models only between generations, so a probe during a long one
     # times out and marks B down until the next probe: start from both healthy.
-    eventually("both replicas healthy", lambda: all(x["healthy"] for x in replicas(api).values()), 10)
+    until(lambda: all(x["healthy"] for x in replicas(api).values()), 10, "both replicas healthy")
 
     # 1. A dies. The proxy may still think it healthy (next probe within 2 s): a request sent
     #    there fails to connect, and is retried on B. Every request succeeds.
@@ -215,8 +205,8 @@ def test_failover_outage_and_recovery(stack, api):
         r = complete(api)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == POOL
-    eventually("B logged all four", lambda: served_by_b(stack.b) - b0 == 4, 5)
-    eventually("A marked down", lambda: not replicas(api)[url_a]["healthy"], 10)
+    until(lambda: served_by_b(stack.b) - b0 == 4, 5, "B logged all four")
+    until(lambda: not replicas(api)[url_a]["healthy"], 10, "A marked down")
     reps = replicas(api)
     assert reps[url_b]["healthy"] is True
     assert reps[url_a]["last_error"], reps
@@ -228,7 +218,7 @@ def test_failover_outage_and_recovery(stack, api):
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert url_a in message and url_b in message, message
-    eventually("B marked down", lambda: not replicas(api)[url_b]["healthy"], 10)
+    until(lambda: not replicas(api)[url_b]["healthy"], 10, "B marked down")
     r = complete(api)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -245,14 +235,12 @@ def test_failover_outage_and_recovery(stack, api):
     # 3. A comes back on the same port: the gateway notices on its own.
     stack.a.start(stack.tmp / "replica-a-restarted.log")
     wait_ready(stack.a, "replica A ready again")
-    t0 = time.monotonic()
-    eventually("gateway ready again", lambda: httpx.get(stack.gateway.base + "/ready", timeout=5).status_code
-               == 200, RECOVERY_TIMEOUT)
-    assert time.monotonic() - t0 <= RECOVERY_TIMEOUT
+    until(lambda: httpx.get(stack.gateway.base + "/ready", timeout=5).status_code == 200, RECOVERY_TIMEOUT,
+          "gateway ready again")
     r = complete(api)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == POOL and r.json()["choices"][0]["text"]
-    eventually("restarted A served it", lambda: served_by_a(stack.a) == 1, 5)
+    until(lambda: served_by_a(stack.a) == 1, 5, "restarted A served it")
     reps = replicas(api)
     assert reps[url_a]["healthy"] is True and reps[url_b]["healthy"] is False, reps
     assert stack.gateway.proc.pid == gateway_pid and stack.gateway.proc.poll() is None

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from servers import MODEL
+from testkit.servers import MODEL
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.model

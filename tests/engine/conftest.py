@@ -7,7 +7,7 @@ from typing import Iterator
 import pytest
 from matrix import KEY, NAMES, config
 
-from servers import ServerProcess, served
+from testkit.servers import ServerProcess, served
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import pytest
 from matrix import CHUNKED, MODELS
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import ServerProcess
+from testkit.servers import ServerProcess
 
 pytestmark = pytest.mark.model
 

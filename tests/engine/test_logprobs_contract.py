@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from servers import ServerProcess
+from testkit.servers import ServerProcess
 
 pytestmark = pytest.mark.model
 

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from matrix import CHUNKED
 
-from servers import ServerProcess
+from testkit.servers import ServerProcess
 
 pytestmark = pytest.mark.model
 

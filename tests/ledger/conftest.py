@@ -1,21 +1,14 @@
-"""The ledger's tests run the quota backends for real: Redis (tests/quota/redis_server.py) and
-PostgreSQL (tests/control/pg.py), whose helpers live beside their own tests."""
+"""The ledger's tests run the quota backends for real: Redis and PostgreSQL (testkit's
+redis_server and pg)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-for folder in ("quota", "control"):
-    if str(HERE.parent / folder) not in sys.path:
-        sys.path.insert(0, str(HERE.parent / folder))
-
-from pg import fresh_database, postgres  # noqa: E402
-from redis_server import redis_server  # noqa: E402
+from testkit.pg import fresh_database, postgres
+from testkit.redis_server import redis_server
 
 
 @pytest.fixture(params=["memory", "redis", "postgres"])

@@ -20,7 +20,8 @@ import time
 import httpx
 import pytest
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
+from testkit.until import until
 
 pytestmark = pytest.mark.model
 
@@ -33,16 +34,6 @@ def config(stores: str) -> str:
     small = "context = 512\nparallel = 2\nthreads = 1\n"
     return (f'[server]\nusage_flush_interval = 0.2\n{stores}\n[[admin_tokens]]\nname = "ops"\ntoken = "{ADMIN}"\n\n'
             f'[[endpoints]]\nname = "{MODEL}"\n{small}\n[[endpoints]]\nname = "{EMBED}"\nmodel = "{EMBED}"\n{small}')
-
-
-def until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def stream(api: str, auth: dict, path: str, body: dict, leave_after: int | None = None) -> tuple[dict | None, int]:

@@ -1,5 +1,5 @@
 """/embeddings through a real `modelyard serve` gateway to a scripted OpenAI-style upstream (a tiny
-server in this process, on loopback): what the official client and plain HTTP see, how upstream
+server in this process, on loopback: testkit.upstream): what the official client and plain HTTP see, how upstream
 failures map, the endpoint kinds, quotas, metrics and the request log. The first input picks the
 script. (The same through a second real modelyard serving minilm-l6-v2: tests/api/test_embeddings.py.)
 """
@@ -9,16 +9,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import struct
-import threading
-import time
 from typing import Iterator
 
 import httpx
 import pytest
 
-from servers import served
+from testkit.servers import served
+from testkit.until import until
+from testkit.upstream import upstream as scripted_upstream
 
 KEY = "gateway-key"
 QUOTA_KEY = "quota-key"          # tpm = 40
@@ -39,67 +38,42 @@ def vector(text: str) -> list[float]:
     return [float(len(text)), 0.5, -0.25, ord(text[0]) / 8]
 
 
-def _upstream(seen: list[dict]):
-    from starlette.applications import Starlette
+async def _answer(script: str, body: dict, request):
     from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
 
-    async def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": "org/embedder", "object": "model"}]})
-
-    async def embeddings(request):
-        body = await request.json()
-        seen.append(body)
-        inputs = body["input"]
-        texts = [x if isinstance(x, str) else "t" * len(x) for x in inputs]
-        script = texts[0]
-        if script in ERRORS:
-            status, payload = ERRORS[script]
-            return JSONResponse(payload, status_code=status)
-        if script == "slow":                     # until the gateway hangs up (at most 3 s)
-            for _ in range(60):
-                if await request.is_disconnected():
-                    body["hung_up"] = True
-                    return Response(status_code=499)
-                await asyncio.sleep(0.05)
-        vectors = [vector(t) for t in texts]
-        if script == "short":
-            vectors = vectors[:-1]
-        if script == "ragged":
-            vectors[-1] = vectors[-1][:2]
-        if script == "nan":
-            vectors[0][1] = float("nan")         # json.dumps writes NaN, as some servers do
-        as_floats = script in ("floats", "nan") or body.get("encoding_format") != "base64"
-        data = [{"object": "embedding", "index": i,
-                 "embedding": v if as_floats else base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()}
-                for i, v in enumerate(vectors)]
-        if script == "reversed":
-            data.reverse()
-        tokens = sum(len(t.split()) for t in texts)
-        payload = json.dumps({"object": "list", "data": data, "model": body["model"],
-                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-        return Response(payload, media_type="application/json")
-
-    return Starlette(routes=[Route("/v1/models", models), Route("/v1/embeddings", embeddings, methods=["POST"])])
+    texts = [x if isinstance(x, str) else "t" * len(x) for x in body["input"]]
+    if script in ERRORS:
+        status, payload = ERRORS[script]
+        return JSONResponse(payload, status_code=status)
+    if script == "slow":                     # until the gateway hangs up (at most 3 s)
+        for _ in range(60):
+            if await request.is_disconnected():
+                body["hung_up"] = True
+                return Response(status_code=499)
+            await asyncio.sleep(0.05)
+    vectors = [vector(t) for t in texts]
+    if script == "short":
+        vectors = vectors[:-1]
+    if script == "ragged":
+        vectors[-1] = vectors[-1][:2]
+    if script == "nan":
+        vectors[0][1] = float("nan")         # json.dumps writes NaN, as some servers do
+    as_floats = script in ("floats", "nan") or body.get("encoding_format") != "base64"
+    data = [{"object": "embedding", "index": i,
+             "embedding": v if as_floats else base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()}
+            for i, v in enumerate(vectors)]
+    if script == "reversed":
+        data.reverse()
+    tokens = sum(len(t.split()) for t in texts)
+    payload = json.dumps({"object": "list", "data": data, "model": body["model"],
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return Response(payload, media_type="application/json")
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[tuple[str, list[dict]]]:
-    import uvicorn
-
-    seen: list[dict] = []
-    server = uvicorn.Server(uvicorn.Config(_upstream(seen), log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=1))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", seen
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with scripted_upstream(_answer, model="org/embedder") as (url, seen):
+        yield url, seen
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +200,8 @@ def test_a_client_that_leaves_cancels_the_upstream_request(gateway, upstream):
                    headers=gateway.headers, timeout=httpx.Timeout(0.5, connect=5))
     assert gateway.wait_idle(fields=("in_flight",))["in_flight"] == 0
     [mine] = [b for b in seen if b["input"] == ["slow", "leaving"]]
-    for _ in range(40):                    # the upstream notices within its 50 ms poll
-        if mine.get("hung_up"):
-            break
-        time.sleep(0.05)
-    assert mine.get("hung_up") is True
+    # the upstream notices within its 50 ms poll
+    until(lambda: mine.get("hung_up") is True, 2, "the upstream saw the gateway hang up", interval=0.05)
 
 
 def test_cross_kind_requests_are_400s(client):

@@ -1,20 +1,18 @@
 """A real `modelyard serve` gateway in front of a scripted upstream (a tiny OpenAI-style server in
-this process, on loopback): what a client sees when the upstream rejects our configuration,
+this process, on loopback: testkit.upstream): what a client sees when the upstream rejects our configuration,
 reports a finish reason, or sends garbage. The prompt (or the chat message) picks the script."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 from typing import Iterator
 
 import httpx
 import pytest
 
 from modelyard.proxy.wire import CHAT_MARKUP_TOKENS
-from servers import served
+from testkit.servers import served
+from testkit.upstream import sse, upstream as scripted_upstream
 
 KEY = "gateway-key"
 SECRET = "sk-upstream-0123456789abcdef"     # the key the gateway sends upstream
@@ -61,52 +59,22 @@ async def _long(body: dict, chat: bool):
     yield "data: [DONE]\n\n"
 
 
-def _upstream(seen: list[dict]):
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
+def _answer(script: str, body: dict, request):
+    from starlette.responses import JSONResponse
 
-    async def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": "org/model", "object": "model"}]})
-
-    async def generate(request):
-        body = await request.json()
-        seen.append(body)
-        chat = "messages" in body
-        script = body["messages"][-1]["content"] if chat else body["prompt"]
-        if script in SCRIPTS:
-            status, payload = SCRIPTS[script]
-            return JSONResponse(payload, status_code=status)
-        if script == "long":     # generates what it is allowed, or (no max_tokens) its own 4000 a choice
-            return StreamingResponse(_long(body, chat), media_type="text/event-stream")
-
-        async def stream():
-            for event in _events(script, chat):
-                yield event
-                await asyncio.sleep(0)
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    return Starlette(routes=[Route("/v1/models", models),
-                             Route("/v1/completions", generate, methods=["POST"]),
-                             Route("/v1/chat/completions", generate, methods=["POST"])])
+    chat = "messages" in body
+    if script in SCRIPTS:
+        status, payload = SCRIPTS[script]
+        return JSONResponse(payload, status_code=status)
+    if script == "long":     # generates what it is allowed, or (no max_tokens) its own 4000 a choice
+        return sse(_long(body, chat))
+    return sse(_events(script, chat))
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[tuple[str, list[dict]]]:
-    import uvicorn
-
-    seen: list[dict] = []
-    server = uvicorn.Server(uvicorn.Config(_upstream(seen), log_level="warning", lifespan="off"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", seen
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with scripted_upstream(_answer, model="org/model") as (url, seen):
+        yield url, seen
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from typing import Iterator
 
 import pytest
 
-from redis_server import redis_server
+from testkit.redis_server import redis_server
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 
 pytestmark = pytest.mark.model
 

@@ -16,7 +16,8 @@ import pytest
 
 from modelyard.quota.policy import RETRY
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
+from testkit.until import until
 
 pytestmark = pytest.mark.model
 
@@ -29,13 +30,6 @@ def config(redis_url: str, db: str) -> str:
     return (f'[server]\ndatabase_url = "sqlite:///{db}"\n\n[[admin_tokens]]\nname = "ops"\ntoken = "{ADMIN}"\n\n'
             f'[quota]\nbackend = "redis"\nredis_url = "{redis_url}"\nprocesses = 2\n\n'
             f'[[endpoints]]\nname = "{MODEL}"\ncontext = 2048\nparallel = 4\nthreads = 1\n')
-
-
-def until(check, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the bound"
-        time.sleep(0.1)
 
 
 class Stream:
@@ -62,13 +56,7 @@ class Stream:
 
 def opened(gw, key: str, timeout: float = 30) -> Stream:
     """A Stream, retried (bounded) while the key's slots are taken."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return Stream(gw, key)
-        except AssertionError:
-            assert time.monotonic() < deadline, "no slot within the bound"
-            time.sleep(0.2)
+    return until(lambda: Stream(gw, key), timeout, "a slot", interval=0.2, retry_on=(AssertionError,))
 
 
 def code(gw, key: str, **body) -> tuple[int, str | None]:
@@ -90,23 +78,23 @@ def test_parallel_and_budget_across_two_gateways_on_redis(tmp_path, redis_url):
         admin = httpx.Client(base_url=gws[0].base + "/api/v1/control", headers={"Authorization": f"Bearer {ADMIN}"})
         made = admin.post("/api-keys", json={"name": "par", "max_parallel": 2}).json()
         key = made["secret"]
-        until(lambda: code(gws[1], key)[0] == 200, timeout=5)            # known to both
+        until(lambda: code(gws[1], key)[0] == 200, 5, "the key known to both")
         # one set of in-flight leases: one stream on each gateway fills max_parallel = 2
         streams = [Stream(gws[0], key), Stream(gws[1], key)]
         assert code(gws[0], key) == (429, "parallel_limit_exceeded")
         assert code(gws[1], key) == (429, "parallel_limit_exceeded")
         streams.pop(0).close()                       # gw0's ends: a slot, wherever it is asked for
-        until(lambda: code(gws[1], key)[0] == 200, timeout=10)
+        until(lambda: code(gws[1], key)[0] == 200, 10, "gw0's slot free on gw1")
         # Redis hangs: each gateway allows 2 // 2 = 1 in flight by itself, never unlimited
         streams.pop().close()
-        until(lambda: code(gws[1], key)[0] == 200, timeout=10)
+        until(lambda: code(gws[1], key)[0] == 200, 10, "both slots free")
         os.kill(redis_pid, signal.SIGSTOP)
         try:
             held = Stream(gws[1], key)
             assert code(gws[1], key) == (429, "parallel_limit_exceeded")
             assert fallback(gws[1]) == "modelyard_quota_fallback 1.0"
             held.close()
-            until(lambda: code(gws[1], key)[0] == 200, timeout=10)
+            until(lambda: code(gws[1], key)[0] == 200, 10, "the local slot free while Redis hangs")
         finally:
             os.kill(redis_pid, signal.SIGCONT)
         time.sleep(RETRY + 0.2)
@@ -121,7 +109,7 @@ def test_parallel_and_budget_across_two_gateways_on_redis(tmp_path, redis_url):
         assert code(gws[1], key) == (429, "parallel_limit_exceeded")
         gws[0].kill()
         streams[0].client.close()
-        until(lambda: code(gws[1], key)[0] == 200, timeout=30)
+        until(lambda: code(gws[1], key)[0] == 200, 30, "the killed gateway's lease lapsed")
         streams[1].close()
         admin.close()
 
@@ -135,7 +123,7 @@ def test_budget_is_one_counter_across_two_gateways(tmp_path, redis_url):
             # 32: two requests of 16 fit exactly (each holds its 16 from reserve to settle)
             key = a.post("/api-keys", json={"name": "bud", "budget_tokens": 32, "budget_period": "day"}).json()["secret"]
         body = {"prompt": PROMPT, "max_tokens": 6, "logit_bias": NO_EOG}      # 16 tokens each
-        until(lambda: code(gws[1], key, **body)[0] == 200, timeout=5)
+        until(lambda: code(gws[1], key, **body)[0] == 200, 5, "the key known to both")
         assert code(gws[0], key, **body)[0] == 200                             # 32 used
         r = httpx.post(f"{gws[1].api}/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                        json={"model": MODEL, **body})

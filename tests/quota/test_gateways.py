@@ -16,7 +16,7 @@ import pytest
 
 from modelyard.quota.policy import RETRY
 
-from servers import MODEL, served
+from testkit.servers import MODEL, served
 
 pytestmark = pytest.mark.model
 

@@ -1,4 +1,4 @@
-"""Helpers for the reliability tests: a `modelyard serve` subprocess (tests/servers.py) with a
+"""Helpers for the reliability tests: a `modelyard serve` subprocess (testkit/servers.py) with a
 config of the test's own (small queue, quotas, short grace period...), SSE reading and error-body
 checks.
 """
@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Iterator
 
-from servers import MODEL, ServerProcess, served
+from testkit.servers import MODEL, ServerProcess, served
 
 KEY = "test-key"
 

@@ -3,7 +3,7 @@ OpenAI error body, or an error event then [DONE] once its stream has started) an
 the endpoint stays ready, its slots come back, and the next request is served.
 
 The app runs in process (create_app with a real LocalEngine on the default model, under uvicorn
-in a thread on a loopback port), so the fault can be injected into
+in a thread on a loopback port: testkit.upstream.running), so the fault can be injected into
 `LlamaCppRunner.execute`: it raises EngineError("injected") for a batch that holds the marked
 request, identified by its token-id prompt.
 """
@@ -11,14 +11,14 @@ request, identified by its token-id prompt.
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from helpers import KEY, MODEL, assert_openai_error, check_stream_end, sse_events
-from servers import ServerAPI
+from testkit.servers import ServerAPI
+from testkit.until import until
+from testkit.upstream import running
 
 from modelyard.api.app import create_app
 from modelyard.errors import EngineError
@@ -35,38 +35,17 @@ TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 class InProcessServer(ServerAPI):
     key, model = KEY, MODEL
 
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-        self.base = ""
-
-    def __enter__(self) -> "InProcessServer":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}"
-        while httpx.get(f"{self.base}/ready", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, httpx.get(f"{self.base}/ready", timeout=5).text
-            time.sleep(0.1)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
+    def __init__(self, base: str) -> None:
+        self.base = base
 
 
 @pytest.fixture(scope="module")
 def srv():
     settings = Settings(api_keys=(KEY,), endpoints=(EndpointSpec(
         name=MODEL, model=MODEL, context=256, parallel=2, max_queue=4, batch=64, threads=1),))
-    with InProcessServer(settings) as s:
-        yield s
+    with running(create_app(settings), lifespan="on") as base:
+        until(lambda: httpx.get(f"{base}/ready", timeout=5).status_code == 200, 60, "the endpoint ready")
+        yield InProcessServer(base)
 
 
 class Fault:
@@ -142,10 +121,12 @@ class _Stream(threading.Thread):
             self.error = exc
 
     def wait_first_chunk(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(line.startswith("data:") for line in self.lines):
-            assert self.is_alive() and time.monotonic() < deadline, (self.status, self.error, self.lines)
-            time.sleep(0.01)
+        def first_chunk() -> bool:
+            if any(line.startswith("data:") for line in self.lines):
+                return True
+            assert self.is_alive(), (self.status, self.error, self.lines)
+            return False
+        until(first_chunk, timeout, "the first chunk", interval=0.01)
 
 
 def test_fault_at_prefill_is_a_500_and_the_endpoint_recovers(srv, inject):

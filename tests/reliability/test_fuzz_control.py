@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
 from helpers import check_response
-from servers import served
+from testkit.servers import served
 
 pytestmark = pytest.mark.model
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from helpers import assert_openai_error
-from servers import OPENAI_PREFIX, ServerProcess, served
+from testkit.servers import OPENAI_PREFIX, ServerProcess, served
 
 KEY, ADMIN, VIEWER = "sk-hostile-key", "adm-hostile-token", "view-hostile-token"
 MAX_BODY = 100_000

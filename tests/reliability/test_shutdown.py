@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from helpers import KEY, MODEL, assert_openai_error, check_stream_end, config, live_server, sse_events
-from servers import modelyard_process
+from testkit.servers import modelyard_process
+from testkit.until import until
 
 pytestmark = pytest.mark.model
 
@@ -90,7 +91,6 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
     with live_server(tmp_path / "srv", cfg) as srv:
         streams = _start_streams(srv, 8, max_tokens=48, running=4)
         srv.signal(signal.SIGTERM)
-        t0 = time.monotonic()
 
         r = httpx.get(f"{srv.base}/ready", timeout=5)
         assert r.status_code == 503, r.text
@@ -113,8 +113,9 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
             assert "".join(c["choices"][0]["text"] for c in chunks)
 
         assert srv.proc.wait(timeout=30) == 0, srv.log_tail()
-        assert time.monotonic() - t0 < 30
-        assert "draining" in srv.log_text()
+        # the drain ended because the streams did, not because the 20 s grace period ran out (a
+        # state in the log, where a wall-clock bound would depend on the machine's load)
+        assert "draining" in srv.log_text() and "grace period over" not in srv.log_text()
 
 
 def test_grace_period_over_ends_streams_with_an_error_event(tmp_path):
@@ -131,8 +132,9 @@ def test_grace_period_over_ends_streams_with_an_error_event(tmp_path):
             chunks = [e for e in s.events[:-2] if isinstance(e, dict)]
             assert chunks and not any(c["choices"][0]["finish_reason"] for c in chunks)
         assert srv.proc.wait(timeout=30) == 0, srv.log_tail()
-        took = time.monotonic() - t0
-        assert 0.9 <= took < 20, took
+        # it waited the grace period (a lower bound: load only makes it later); that the grace
+        # period, not the streams' end, stopped it is the error events above and the log line
+        assert time.monotonic() - t0 >= 0.9
         assert "grace period over" in srv.log_text()
 
 
@@ -146,15 +148,13 @@ def test_second_sigterm_during_the_drain_exits_at_once(tmp_path):
         time.sleep(0.3)
         assert srv.proc.poll() is None
         srv.signal(signal.SIGTERM)
-        t0 = time.monotonic()
         code = srv.proc.wait(timeout=15)
-        took = time.monotonic() - t0
         _join(streams, timeout=30)
-        # 8 x 400 tokens at 4 at a time is far from done: it did not wait for the drain
+        # 8 x 400 tokens at 4 at a time is far from done: it did not wait for the drain (the
+        # streams' state says so, where "exited within 5 s" depended on the machine's load)
         unfinished = [s.name for s in streams if s.error is not None or not s.lines
                       or s.lines[-1] != "data: [DONE]" or "finish_reason\":\"length" not in "".join(s.lines)]
         assert unfinished, "every stream finished: the second signal was not tested"
-        assert took < 5, took
         assert code == 0, srv.log_tail()
         assert "second signal" in srv.log_text()
 
@@ -170,19 +170,13 @@ def test_sigterm_while_the_model_loads_exits_0_cleanly(tmp_path):
     assert "gemma3-270m" in cfg
     srv = modelyard_process(tmp_path, cfg, key=KEY, model="gemma3-270m").start()
     try:
-        deadline = time.monotonic() + 120
-        while True:      # until the file is resolved: from then on the engine thread is loading it
+        def loading() -> bool:      # the file is resolved: from then on the engine thread is loading it
             assert not srv.exited(), srv.log_tail()
-            assert time.monotonic() < deadline, srv.log_tail()
-            try:
-                ep = srv.endpoint()
-            except httpx.TransportError:
-                ep = {}
+            ep = srv.endpoint()
             if ep.get("state") == "ready":
                 pytest.fail("the model loaded before the test could stop it: not a test")
-            if ep.get("state") == "loading" and ep.get("model_path"):
-                break
-            time.sleep(0.01)
+            return ep.get("state") == "loading" and bool(ep.get("model_path"))
+        until(loading, 120, "the endpoint loading its file", interval=0.01, retry_on=(httpx.TransportError,))
         srv.signal(signal.SIGTERM)
         code = srv.proc.wait(timeout=60)
     finally:

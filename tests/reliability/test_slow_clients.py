@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from helpers import assert_openai_error
-from servers import ServerProcess, served
+from testkit.servers import ServerProcess, served
+from testkit.until import until
 
 KEY = "sk-slow-key"
 HEADER_TIMEOUT = 1.0
@@ -128,10 +129,8 @@ def test_connections_past_max_connections_are_answered_503_not_held(tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_connections"
         for sock in held:                                # the held ones free their places
             sock.close()
-        deadline = time.monotonic() + 10
-        while httpx.get(srv.base + "/health", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "closed connections did not free their places"
-            time.sleep(0.1)
+        until(lambda: httpx.get(srv.base + "/health", timeout=10).status_code == 200, 10,
+              "closed connections freed their places")
         honest(srv)
 
 

@@ -1,21 +1,18 @@
 """Fixtures for the structured-output tests: smollm2's vocabulary as llguidance sees it (no
-server), and the corpus (tests/structured/corpus.py) with its instances."""
+server), and the server the end-to-end tests use. The corpus, its instances and the walked sample
+are testkit.structured's (bench/structured.py measures on them too)."""
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))      # corpus, instances, walk
-
-from modelyard.local.ffi import LlamaModel          # noqa: E402
-from modelyard.local.grammar import Grammars        # noqa: E402
-from modelyard.settings import Settings             # noqa: E402
-from modelyard.store import ModelStore              # noqa: E402
+from modelyard.local.ffi import LlamaModel
+from modelyard.local.grammar import Grammars
+from modelyard.settings import Settings
+from modelyard.store import ModelStore
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +61,7 @@ threads = 1
 
 @pytest.fixture(scope="session")
 def structured_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    from servers import served
+    from testkit.servers import served
     with served(tmp_path_factory.mktemp("structured"), SERVER_CONFIG, key=KEY,
                 show_log=lambda: bool(request.session.testsfailed)) as srv:
         yield srv

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from cases import MAX_SCHEMA_CHARS, strict_compiles
-from corpus import corpus, sample
-from instances import validator
+from testkit.structured.cases import MAX_SCHEMA_CHARS, strict_compiles
+from testkit.structured.corpus import corpus, sample
+from testkit.structured.instances import validator
 
 pytestmark = pytest.mark.model
 

@@ -1,5 +1,5 @@
 """The grammar against real-world schemas, no server: smollm2's vocabulary (49,152 tokens) as
-llguidance sees it, the corpus of tests/structured/corpus.py, modelyard's Grammars and Matcher.
+llguidance sees it, the corpus of testkit/structured/corpus.py, modelyard's Grammars and Matcher.
 
 - What compiles: every failure is an InvalidRequest (a 400 naming the field), and with
   strict off (response_format's default) at least 75% of the corpus compiles.
@@ -19,9 +19,9 @@ import pytest
 from modelyard.engine.types import Constraint
 from modelyard.errors import InvalidRequest
 
-from cases import SAMPLE, cases
-from corpus import corpus
-from instances import validator
+from testkit.structured.cases import SAMPLE, cases
+from testkit.structured.corpus import corpus
+from testkit.structured.instances import validator
 from walk import MAX_TOKENS, random_text, walk
 
 FIELD = "response_format.json_schema.schema"

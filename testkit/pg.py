@@ -1,6 +1,7 @@
 """A real PostgreSQL server for the tests: initdb + pg_ctl into a temporary directory, a unix
 socket only (no TCP listener), stopped by its PID. initdb refuses to run as root, so as root it
-runs as the `postgres` user that Debian's package creates (.ci/run installs postgresql-15)."""
+runs as the `postgres` user that Debian's package creates (.ci/run installs postgresql-15).
+The control plane's tests, the ledger's and bench/usage_flush.py use it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from testkit.until import until
 
 
 def _bindir() -> Path:
@@ -23,6 +25,14 @@ def _bindir() -> Path:
     initdb = shutil.which("initdb")
     assert initdb, "PostgreSQL is not installed: .ci/run installs postgresql-15 (apt)"
     return Path(initdb).parent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _as_owner(cmd: list[str]) -> list[str]:
@@ -49,14 +59,9 @@ def postgres() -> Iterator[str]:
     finally:
         if pid is not None:
             os.kill(pid, signal.SIGINT)             # "fast" shutdown
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
-            else:
+            try:
+                until(lambda: not _alive(pid), 30, "postgres stopped")
+            except AssertionError:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
 

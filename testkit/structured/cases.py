@@ -17,8 +17,8 @@ from modelyard.engine.types import Constraint
 from modelyard.errors import InvalidRequest
 from modelyard.local.grammar import LIMITS, grammar_text
 
-from corpus import Entry, corpus, sample
-from instances import grammar_json, invalid_instances, valid_instances
+from testkit.structured.corpus import Entry, corpus, sample
+from testkit.structured.instances import grammar_json, invalid_instances, valid_instances
 
 SAMPLE = 48
 MAX_SCHEMA_CHARS = 30_000

@@ -1,5 +1,6 @@
 """A real redis-server for the tests: a unix socket in a temporary directory (no TCP port),
-no persistence, stopped by its PID. Debian's redis-server package (scripts/install --dev)."""
+no persistence, stopped by its PID. Debian's redis-server package (scripts/install --dev).
+The quota tests, the ledger's and bench/proxy.py --quotas use it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from testkit.until import until
 
 
 @contextmanager
@@ -25,10 +27,10 @@ def redis_server() -> Iterator[tuple[str, int]]:
                              "--save", "", "--appendonly", "no", "--dir", str(root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+        def listening() -> bool:
+            assert proc.poll() is None, f"redis-server exited with {proc.returncode}"
+            return sock.exists()
+        until(listening, 20, "redis-server listening", interval=0.05)
         yield f"unix://{sock}", proc.pid
     finally:
         try:
