@@ -12,7 +12,7 @@ import anthropic
 import httpx
 import pytest
 
-from servers import ServerProcess, served
+from testkit.servers import ServerProcess, served
 
 pytestmark = pytest.mark.model
 
