@@ -113,8 +113,8 @@ def test_a_consumer_that_falls_behind_is_aborted_not_buffered(model_path, monkey
     """Nobody reads the stream after its first event (a client that reads too slowly): once
     MAX_PENDING steps of output wait for it, the request is aborted (its slot is freed, the engine
     never waits), and the reader's next event is the error, ahead of the stale output."""
-    from modelyard.local import loop as loop_mod
-    monkeypatch.setattr(loop_mod, "MAX_PENDING", 8, raising=False)
+    from modelyard.local import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "MAX_PENDING", 8, raising=False)
     engine = _engine(model_path)
 
     async def main() -> None:
