@@ -10,6 +10,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from ..control.responses import Responses
 from ..metrics import Metrics
 from ..quota.keys import KeyChecker
 from ..registry.registry import Registry
@@ -37,7 +38,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sync = usage = book = None
+        sync = usage = book = db = None
         if settings.control_enabled:
             from ..control.db import open_database
             from ..control.endpoints import EndpointStore
@@ -68,6 +69,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await usage.start()
             if book is not None:
                 await book.start()
+        # stored responses: the control plane's database when it is on, else settings.database,
+        # opened on the first /responses request (control/responses says why)
+        app.state.responses = Responses(settings.database, settings.responses_retention_days, db)
         await app.state.keys.backend.prepare()      # postgres: its table
         registry.start()
         try:
@@ -76,6 +80,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             app.state.shutting_down = True
             registry.drain()
             await registry.stop()
+            await app.state.responses.close()
             if sync is not None:
                 await sync.stop()
                 if book is not None:

@@ -1,0 +1,151 @@
+"""Stored Responses (OpenAI's Responses API, api/openai/responses): each response as answered,
+owned by the key that created it, and the input items it was generated from, in order.
+
+Why the whole context is stored with each response, not only its own input: continuing a
+response (`previous_response_id`) then reads one row set, not a chain of them, deleting an early
+response does not break the later ones, and `input_items` shows what the model saw (a chain's
+earlier turns included), as OpenAI's does. A chain of n turns stores O(n²) items; retention
+bounds how long they live.
+
+Ownership is a WHERE clause: every read and delete names the key, so another key's response is
+"not found" (404), never "forbidden": a caller does not learn that it exists. A keyless server
+stores under the key id "" (one tenant).
+
+Why the store is opened on first use (`Responses`): a server whose control plane is off still
+stores responses (in `settings.database`, the control plane's database when it is on), but a
+server whose clients never call /responses should not create or migrate a database for them;
+a database that cannot be opened is then the first /responses request's error, not the
+server's. The retention sweep starts with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from ..errors import InvalidRequest, ObjectNotFound
+from ..periodic import Periodic
+from .db import Database, open_database
+from .records import new_id
+
+log = logging.getLogger("modelyard.responses")
+DAY = 86_400
+SWEEP_INTERVAL = 3600.0     # seconds between retention sweeps (expired rows are unreadable at once)
+
+
+def owner(key_id: str | None) -> str:
+    return key_id or ""
+
+
+class ResponseStore:
+    """Blocking calls (control/db): the routes run them on a worker thread."""
+
+    def __init__(self, db: Database, retention_days: int) -> None:
+        self.db = db
+        self.retention = retention_days * DAY
+
+    def save(self, key_id: str | None, body: dict, items: list[dict]) -> None:
+        """The response and its input items, in one transaction."""
+        now = int(time.time())
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO responses (id, key_id, model, status, previous_response_id, body, created_at, "
+                       "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (body["id"], owner(key_id), body["model"], body["status"], body.get("previous_response_id"),
+                        json.dumps(body), int(body["created_at"]), now + self.retention))
+            for position, item in enumerate(items):
+                tx.execute("INSERT INTO response_items (response_id, position, id, item) VALUES (?, ?, ?, ?)",
+                           (body["id"], position, item["id"], json.dumps(item)))
+
+    def get(self, key_id: str | None, response_id: str) -> dict:
+        rows = self.db.query("SELECT body FROM responses WHERE id = ? AND key_id = ? AND expires_at > ?",
+                             (response_id, owner(key_id), int(time.time())))
+        if not rows:
+            raise ObjectNotFound(f"no response with id {response_id!r}", param="response_id")
+        return json.loads(rows[0]["body"])
+
+    def context(self, key_id: str | None, response_id: str) -> list[dict]:
+        """What continuing `response_id` starts from: its input items, then its output."""
+        try:
+            body = self.get(key_id, response_id)
+        except ObjectNotFound:
+            raise ObjectNotFound(f"previous_response_id {response_id!r}: no stored response with that id (one "
+                                 "created with store: false is not kept)", param="previous_response_id") from None
+        rows = self.db.query("SELECT item FROM response_items WHERE response_id = ? ORDER BY position",
+                             (response_id,))
+        return [json.loads(r["item"]) for r in rows] + list(body["output"])
+
+    def items_page(self, key_id: str | None, response_id: str, limit: int, after: str | None,
+                   order: str) -> dict:
+        """OpenAI's list object of the response's input items, `order` asc or desc by position."""
+        self.get(key_id, response_id)
+        desc = order == "desc"
+        where, params = "response_id = ?", [response_id]
+        if after is not None:
+            at = self.db.query("SELECT position FROM response_items WHERE response_id = ? AND id = ?",
+                               (response_id, after))
+            if not at:
+                raise InvalidRequest(f"after {after!r} is not an input item of this response", param="after")
+            where += f" AND position {'<' if desc else '>'} ?"
+            params.append(at[0]["position"])
+        rows = self.db.query(f"SELECT item FROM response_items WHERE {where} ORDER BY position "
+                             f"{'DESC' if desc else 'ASC'} LIMIT ?", (*params, limit + 1))
+        data = [json.loads(r["item"]) for r in rows[:limit]]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+
+    def delete(self, key_id: str | None, response_id: str) -> None:
+        with self.db.transaction() as tx:
+            if not tx.execute("DELETE FROM responses WHERE id = ? AND key_id = ?", (response_id, owner(key_id))):
+                raise ObjectNotFound(f"no response with id {response_id!r}", param="response_id")
+            tx.execute("DELETE FROM response_items WHERE response_id = ?", (response_id,))
+
+    def sweep(self, now: int | None = None) -> int:
+        """Delete the responses (and their items) whose retention has passed; how many."""
+        now = int(time.time()) if now is None else now
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM response_items WHERE response_id IN "
+                       "(SELECT id FROM responses WHERE expires_at <= ?)", (now,))
+            return tx.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
+
+
+def item_id(kind: str) -> str:
+    """An id for an item: msg_ (messages), fc_ (calls), fco_ (call outputs)."""
+    return new_id(kind)
+
+
+class Responses:
+    """The response store of one server, opened on first use (see the module's docstring)."""
+
+    def __init__(self, url: str, retention_days: int, db: Database | None = None) -> None:
+        self.url, self.retention_days = url, retention_days
+        self._shared = db            # the control plane's database, when it is on: not ours to close
+        self._store: ResponseStore | None = None
+        self._lock = asyncio.Lock()
+        self._sweep: Periodic | None = None
+
+    async def store(self) -> ResponseStore:
+        if self._store is None:
+            async with self._lock:
+                if self._store is None:
+                    db = self._shared or await asyncio.to_thread(open_database, self.url)
+                    store = ResponseStore(db, self.retention_days)
+                    await asyncio.to_thread(store.sweep)
+                    self._sweep = Periodic("responses-sweep", SWEEP_INTERVAL, lambda: asyncio.to_thread(store.sweep),
+                                           log=log, failure="response retention sweep failed (retried next round)")
+                    self._sweep.start()
+                    self._store = store
+        return self._store
+
+    async def run(self, method: str, *args: Any) -> Any:
+        """`ResponseStore.<method>(*args)` on a worker thread."""
+        store = await self.store()
+        return await asyncio.to_thread(getattr(store, method), *args)
+
+    async def close(self) -> None:
+        if self._sweep is not None:
+            await self._sweep.stop()
+        if self._store is not None and self._shared is None:
+            await asyncio.to_thread(self._store.db.close)
