@@ -1,0 +1,283 @@
+"""OpenAI's Responses API, driven by the official `openai` client over real HTTP: a gateway with
+its control plane on (an admin token, so usage rows can be read) serving smollm2-135m embedded
+and "remote-smol", an openai-engine endpoint over a second modelyard process serving
+smollm2-135m; and, for kill -9, a server whose control plane is off (responses are stored in its
+database all the same). Greedy (temperature 0), small max_output_tokens, one engine thread each;
+every process is stopped by PID. Bodies and stream events are validated against OpenAI's
+published document (../shared/spec/openai/openapi.yaml) with jsonschema.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import yaml
+
+from servers import ServerProcess, served, wait_ready
+
+pytestmark = pytest.mark.model
+
+KEY, OTHER, UPSTREAM_KEY, ADMIN = "responses-key", "responses-other", "responses-upstream", "responses-admin"
+SMOL, REMOTE = "smollm2-135m", "remote-smol"
+ENGINE = "context = 1024\nparallel = 2\nthreads = 1\n"
+ASK = "Name three colours."
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+SPECS = [Path(__file__).resolve().parents[n] / "shared/spec/openai/openapi.yaml" for n in (2, 3)]
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict:
+    found = next((p for p in SPECS if p.exists()), None)
+    if found is None:
+        pytest.skip(f"OpenAI's published document is not here ({', '.join(map(str, SPECS))})")
+    return yaml.load(found.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def conforms(spec: dict, name: str, instance: dict) -> None:
+    """`instance` against the document's components/schemas/`name` (JSON Schema 2020-12); a
+    stream event against the one event schema of its type (the union's error says nothing)."""
+    if name == "ResponseStreamEvent":
+        schemas = spec["components"]["schemas"]
+        refs = [a["$ref"].rsplit("/", 1)[-1] for a in schemas[name]["anyOf"]]
+        [name] = [r for r in refs if instance["type"] in schemas[r]["properties"]["type"].get("enum", ())]
+    schema = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    jsonschema.Draft202012Validator(schema).validate(instance)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with served(tmp_path_factory.mktemp("responses-up"),
+                f'[server]\napi_keys = ["{UPSTREAM_KEY}"]\n\n[[endpoints]]\nname = "{SMOL}"\n{ENGINE}',
+                name="upstream", key=UPSTREAM_KEY) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    config = (f'[server]\napi_keys = ["{KEY}", "{OTHER}"]\nusage_flush_interval = 0.2\n\n'
+              f'[[admin_tokens]]\nname = "ops"\ntoken = "{ADMIN}"\n\n'
+              f'[[endpoints]]\nname = "{SMOL}"\n{ENGINE}\n'
+              f'[[endpoints]]\nname = "{REMOTE}"\nengine = "openai"\nurls = ["{upstream.api}"]\n'
+              f'upstream_model = "{SMOL}"\napi_key = "{UPSTREAM_KEY}"\ncontext = 1024\n')
+    with served(tmp_path_factory.mktemp("responses-gw"), config, name="gateway", key=KEY,
+                endpoints=(SMOL, REMOTE)) as p:
+        yield p
+
+
+def client_for(server: ServerProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.api, api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client(gateway: ServerProcess) -> Iterator[openai.OpenAI]:
+    with client_for(gateway, KEY) as c:
+        yield c
+
+
+def test_create_answers_what_chat_answers_and_is_stored(client, gateway, spec):
+    for model in (SMOL, REMOTE):
+        r = client.responses.create(model=model, input=ASK, instructions="You are terse.", max_output_tokens=12,
+                                    temperature=0, metadata={"case": "basic"})
+        raw = client.responses.with_raw_response.retrieve(r.id).http_response.json()
+        conforms(spec, "Response", raw)
+        assert r.id.startswith("resp_") and r.object == "response" and r.model == model and r.store
+        assert r.status in ("completed", "incomplete") and r.metadata == {"case": "basic"}
+        [message] = r.output
+        assert message.type == "message" and message.role == "assistant" and r.output_text
+        assert 0 < r.usage.output_tokens <= 12 and r.usage.input_tokens > 0
+        assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+        chat = httpx.post(f"{gateway.api}/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                          json={"model": model, "max_tokens": 12, "temperature": 0,
+                                "messages": [{"role": "system", "content": "You are terse."},
+                                             {"role": "user", "content": ASK}]}).json()
+        assert chat["choices"][0]["message"]["content"] == r.output_text        # one pipeline, two shapes
+        assert chat["usage"]["prompt_tokens"] == r.usage.input_tokens
+        assert client.responses.retrieve(r.id).model_dump() == r.model_dump()
+        [item] = client.responses.input_items.list(r.id).data
+        assert item.type == "message" and item.role == "user" and item.content[0].text == ASK
+
+
+def test_stream_events_rebuild_the_stored_response(client, spec):
+    for model in (SMOL, REMOTE):
+        events = list(client.responses.create(model=model, input=ASK, max_output_tokens=12, temperature=0,
+                                              stream=True))
+        kinds = [e.type for e in events]
+        assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                             "response.content_part.added"], kinds
+        assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                              events[-1].type] and events[-1].type in ("response.completed", "response.incomplete")
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        for e in events:
+            conforms(spec, "ResponseStreamEvent", e.model_dump(mode="json", exclude_unset=True))
+        final = events[-1].response
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert final.output_text == text and text
+        assert client.responses.retrieve(final.id).model_dump() == final.model_dump()
+        whole = client.responses.create(model=model, input=ASK, max_output_tokens=12, temperature=0)
+        assert whole.output_text == text and whole.usage.model_dump() == final.usage.model_dump()
+
+
+def test_max_output_tokens_cuts_an_incomplete_response(client):
+    r = client.responses.create(model=SMOL, input="Tell a long story about a dragon.", max_output_tokens=3,
+                                temperature=0)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 3
+
+
+def test_turn_three_sees_turn_one_through_previous_response_id(client):
+    first = client.responses.create(model=SMOL, temperature=0, max_output_tokens=8,
+                                    input="My secret number is 4721. Say OK.")
+    second = client.responses.create(model=SMOL, temperature=0, max_output_tokens=8, previous_response_id=first.id,
+                                     input="What colour is the sky?")
+    third = client.responses.create(model=SMOL, temperature=0, max_output_tokens=12, previous_response_id=second.id,
+                                    input="What is my secret number?")
+    assert third.previous_response_id == second.id
+    assert "4721" in third.output_text, third.output_text
+    items = client.responses.input_items.list(third.id, order="asc").data
+    texts = [(i.type, getattr(i, "role", None), i.content[0].text) for i in items]
+    assert texts == [("message", "user", "My secret number is 4721. Say OK."),
+                     ("message", "assistant", first.output_text),
+                     ("message", "user", "What colour is the sky?"),
+                     ("message", "assistant", second.output_text),
+                     ("message", "user", "What is my secret number?")]
+    assert items[1].id == first.output[0].id          # the earlier output items, as they were answered
+    # the same chain, without turn 1: the number is not there to repeat
+    alone = client.responses.create(model=SMOL, temperature=0, max_output_tokens=12,
+                                    input=[{"role": "user", "content": "What colour is the sky?"},
+                                           {"role": "assistant", "content": second.output_text},
+                                           {"role": "user", "content": "What is my secret number?"}])
+    assert "4721" not in alone.output_text
+    assert third.usage.input_tokens > alone.usage.input_tokens
+    page = client.responses.input_items.list(third.id, limit=2)           # newest first, as OpenAI
+    assert [i.id for i in page.data] == [items[4].id, items[3].id] and page.has_more
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_function_call_and_its_output_turn(client, stream):
+    ask = "What is the weather in Paris?"
+    forced = {"type": "function", "name": "get_weather"}
+    if stream:
+        with client.responses.stream(model=SMOL, input=ask, tools=[WEATHER], tool_choice=forced, temperature=0,
+                                     max_output_tokens=48) as s:
+            kinds = [e.type for e in s]
+            r = s.get_final_response()
+        assert "response.function_call_arguments.done" in kinds and "response.output_text.delta" not in kinds
+    else:
+        r = client.responses.create(model=SMOL, input=ask, tools=[WEATHER], tool_choice=forced, temperature=0,
+                                    max_output_tokens=48)
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id
+    assert isinstance(json.loads(call.arguments).get("city"), str)
+    assert client.responses.retrieve(r.id).output[0].call_id == call.call_id
+    answer = client.responses.create(model=SMOL, previous_response_id=r.id, temperature=0, max_output_tokens=8,
+                                     tools=[WEATHER], tool_choice="none",
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "Sunny, 24 degrees"}])
+    assert answer.output[0].type == "message" and answer.output_text
+    kinds = [i.type for i in client.responses.input_items.list(answer.id, order="asc").data]
+    assert kinds == ["message", "function_call", "function_call_output"]
+    # an output that answers no call is refused, naming the input
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=SMOL, input=[{"type": "function_call_output", "call_id": "nope",
+                                                    "output": "x"}], tool_choice="none", tools=[WEATHER])
+    assert err.value.body["param"] == "input"
+
+
+def test_another_key_gets_404_on_every_route(client, gateway):
+    r = client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, temperature=0)
+    with client_for(gateway, OTHER) as other:
+        for call in (lambda: other.responses.retrieve(r.id), lambda: other.responses.delete(r.id),
+                     lambda: other.responses.input_items.list(r.id),
+                     lambda: other.responses.create(model=SMOL, input="Go on", previous_response_id=r.id,
+                                                    max_output_tokens=4)):
+            with pytest.raises(openai.NotFoundError):
+                call()
+    assert client.responses.retrieve(r.id).id == r.id          # untouched
+    deleted = client.responses.delete(r.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    raw = httpx.delete(f"{gateway.api}/responses/{r.id}", headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+
+
+def test_store_false_keeps_nothing_and_cannot_be_continued(client):
+    r = client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, temperature=0, store=False)
+    assert r.store is False and r.output_text
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=SMOL, input="Go on", previous_response_id=r.id, max_output_tokens=4)
+    assert err.value.body["param"] == "previous_response_id"
+
+
+def test_fields_not_implemented_are_refused(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, extra_body={"reasoning": {"effort": "low"}})
+    assert err.value.code == "unknown_parameter" and err.value.body["param"] == "reasoning"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, background=True)
+    with pytest.raises(openai.BadRequestError) as err:          # an embedded endpoint cannot choose: as chat
+        client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, tools=[WEATHER])
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.responses.create(model=SMOL, input=ASK, metadata={f"k{i}": "v" for i in range(17)})
+
+
+def test_input_tokens_and_truncation(client):
+    counted = client.responses.input_tokens.count(model=SMOL, input=ASK, instructions="You are terse.")
+    r = client.responses.create(model=SMOL, input=ASK, instructions="You are terse.", max_output_tokens=1)
+    assert counted.input_tokens == r.usage.input_tokens > 0
+    with pytest.raises(openai.BadRequestError):               # the upstream's tokenizer: not counted here
+        client.responses.input_tokens.count(model=REMOTE, input=ASK)
+    long = [{"role": "user", "content": "word " * 1100}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": ASK}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=SMOL, input=long, max_output_tokens=4)
+    assert "1024" in err.value.message
+    cut = client.responses.create(model=SMOL, input=long, max_output_tokens=4, truncation="auto")
+    assert cut.truncation == "auto" and cut.usage.input_tokens < 1024
+    kept = [i.content[0].text for i in client.responses.input_items.list(cut.id, order="asc").data]
+    assert kept == ["ok", ASK]
+
+
+def test_a_response_s_tokens_are_in_usage_once(gateway):
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    made = httpx.post(f"{gateway.base}/api/v1/control/api-keys", headers=admin, json={"name": "usage"}).json()
+    with client_for(gateway, made["secret"]) as c:
+        whole = c.responses.create(model=SMOL, input=ASK, max_output_tokens=6, temperature=0)
+        streamed = list(c.responses.create(model=SMOL, input=ASK, max_output_tokens=6, temperature=0, stream=True))
+        c.responses.retrieve(whole.id)                     # reads count nothing
+    total = whole.usage.total_tokens + streamed[-1].response.usage.total_tokens
+    deadline = time.monotonic() + 20
+    while True:
+        rows = httpx.get(f"{gateway.base}/api/v1/control/usage", headers=admin,
+                         params={"granularity": "day", "key_id": made["id"]}).json()["data"]
+        if sum(r["requests"] for r in rows) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sum(r["requests"] for r in rows) == 2
+    assert sum(r["total_tokens"] for r in rows) == total
+
+
+def test_a_stored_response_survives_kill_9(tmp_path):
+    config = f'[server]\napi_keys = ["{KEY}"]\n\n[[endpoints]]\nname = "{SMOL}"\n{ENGINE}'
+    with served(tmp_path, config, name="plain", key=KEY) as srv:        # no control plane
+        with client_for(srv, KEY) as c:
+            r = c.responses.create(model=SMOL, input=ASK, max_output_tokens=6, temperature=0)
+            items = c.responses.input_items.list(r.id).model_dump()
+        srv.kill()
+        srv.start()
+        wait_ready(srv, "plain, restarted")
+        with client_for(srv, KEY) as c:
+            assert c.responses.retrieve(r.id).model_dump() == r.model_dump()
+            assert c.responses.input_items.list(r.id).model_dump() == items
+            again = c.responses.create(model=SMOL, input="Go on", previous_response_id=r.id, max_output_tokens=4)
+            assert again.previous_response_id == r.id
