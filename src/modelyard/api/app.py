@@ -10,6 +10,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from ..control.records import server_secret
 from ..control.responses import Responses
 from ..metrics import Metrics
 from ..quota.keys import KeyChecker
@@ -45,7 +46,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             from ..control.keys import KeyStore
             from ..control.notify import ChangeFeed
             from ..control.sync import ControlSync, EndpointSync
-            from ..control.records import server_secret
             from ..control.usage import UsageRecorder, rename_keys
             db = await asyncio.to_thread(open_database, settings.database)
             from ..control.admin_tokens import AdminTokenStore, StoredAdmins
@@ -71,7 +71,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 await book.start()
         # stored responses: the control plane's database when it is on, else settings.database,
         # opened on the first /responses request (control/responses says why)
-        app.state.responses = Responses(settings.database, settings.responses_retention_days, db)
+        def name_keys(opened) -> None:        # a control plane named them already (above)
+            app.state.keys.name_configured(server_secret(opened, KEY_ID_SECRET))
+        app.state.responses = Responses(settings.database, settings.responses_retention_days, db, name_keys)
         await app.state.keys.backend.prepare()      # postgres: its table
         registry.start()
         try:

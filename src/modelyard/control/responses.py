@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import InvalidRequest, ObjectNotFound
 from ..periodic import Periodic
@@ -119,9 +119,15 @@ def item_id(kind: str) -> str:
 class Responses:
     """The response store of one server, opened on first use (see the module's docstring)."""
 
-    def __init__(self, url: str, retention_days: int, db: Database | None = None) -> None:
+    def __init__(self, url: str, retention_days: int, db: Database | None = None,
+                 on_open: Callable[[Database], object] | None = None) -> None:
         self.url, self.retention_days = url, retention_days
         self._shared = db            # the control plane's database, when it is on: not ours to close
+        # Run (on a worker thread) once the database is opened here. Responses are owned by key
+        # ids, and without a control plane a configured key's id is made per process
+        # (quota/keys): the app names the keys under the database's secret instead, or a
+        # restarted server would not know its own keys' responses.
+        self._on_open = on_open
         self._store: ResponseStore | None = None
         self._lock = asyncio.Lock()
         self._sweep: Periodic | None = None
@@ -131,6 +137,8 @@ class Responses:
             async with self._lock:
                 if self._store is None:
                     db = self._shared or await asyncio.to_thread(open_database, self.url)
+                    if self._shared is None and self._on_open is not None:
+                        await asyncio.to_thread(self._on_open, db)
                     store = ResponseStore(db, self.retention_days)
                     await asyncio.to_thread(store.sweep)
                     self._sweep = Periodic("responses-sweep", SWEEP_INTERVAL, lambda: asyncio.to_thread(store.sweep),

@@ -134,10 +134,13 @@ async def context(request: Request, body: InputTokensRequest) -> list[dict]:
     if previous.startswith(UNSTORED):
         raise InvalidRequest(f"previous_response_id {previous!r} was created with store: false, so nothing of "
                              "it is kept to continue from", param="previous_response_id")
-    return await request.app.state.responses.run("context", key_id(request), previous) + items
+    return await request.app.state.responses.run("context", await key_id(request), previous) + items
 
 
-def key_id(request: Request) -> str | None:
+async def key_id(request: Request) -> str | None:
+    """The caller's key id (None: a keyless server), read once the store is open: opening it
+    may name the configured keys (control/responses.Responses)."""
+    await request.app.state.responses.store()
     quota = getattr(request.state, "quota", None)
     return quota.key_id if quota is not None else None
 
@@ -191,7 +194,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     constraint = constraint_of(body, tools, choice, out)
     items = await fitted(request, body, await context(request, body), tools, body.max_output_tokens or 1)
     messages = chat_messages(items, body.instructions)
-    owner, responses = key_id(request), request.app.state.responses
+    owner, responses = await key_id(request), request.app.state.responses
 
     async def settle(done: ResponseWriter) -> None:
         final = done.response(done.status, done.output(), done.response_usage)
@@ -224,12 +227,12 @@ async def input_tokens(body: InputTokensRequest, request: Request) -> dict:
 
 @router.get("/responses/{response_id}", summary="Retrieve a stored response")
 async def get_response(response_id: str, request: Request) -> dict:
-    return await request.app.state.responses.run("get", key_id(request), response_id)
+    return await request.app.state.responses.run("get", await key_id(request), response_id)
 
 
 @router.delete("/responses/{response_id}", summary="Delete a stored response")
 async def delete_response(response_id: str, request: Request) -> dict:
-    await request.app.state.responses.run("delete", key_id(request), response_id)
+    await request.app.state.responses.run("delete", await key_id(request), response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
@@ -237,4 +240,4 @@ async def delete_response(response_id: str, request: Request) -> dict:
 async def list_input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
                            after: str | None = Query(None, max_length=256),
                            order: Literal["asc", "desc"] = "desc") -> dict:
-    return await request.app.state.responses.run("items_page", key_id(request), response_id, limit, after, order)
+    return await request.app.state.responses.run("items_page", await key_id(request), response_id, limit, after, order)
