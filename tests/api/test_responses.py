@@ -281,3 +281,17 @@ def test_a_stored_response_survives_kill_9(tmp_path):
             assert c.responses.input_items.list(r.id).model_dump() == items
             again = c.responses.create(model=SMOL, input="Go on", previous_response_id=r.id, max_output_tokens=4)
             assert again.previous_response_id == r.id
+
+
+def test_text_format_constrains_the_answer_as_chat_does(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    fmt = {"format": {"type": "json_schema", "name": "place", "schema": schema, "strict": True}}
+    r = client.responses.create(model=SMOL, input="Name a city and its country.", text=fmt, temperature=0,
+                                max_output_tokens=40)
+    assert r.status == "completed" and set(json.loads(r.output_text)) == {"city", "country"}
+    assert r.text.format.type == "json_schema" and r.text.format.name == "place"
+    with pytest.raises(openai.BadRequestError) as err:       # two constraints: refused, not one winning
+        client.responses.create(model=SMOL, input="Weather?", text=fmt, tools=[WEATHER],
+                                tool_choice={"type": "function", "name": "get_weather"})
+    assert err.value.body["param"] == "text.format"
