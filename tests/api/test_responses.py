@@ -295,3 +295,42 @@ def test_text_format_constrains_the_answer_as_chat_does(client):
         client.responses.create(model=SMOL, input="Weather?", text=fmt, tools=[WEATHER],
                                 tool_choice={"type": "function", "name": "get_weather"})
     assert err.value.body["param"] == "text.format"
+
+
+def test_a_conversation_keeps_every_turn(client, gateway):
+    conv = client.conversations.create(metadata={"topic": "numbers"},
+                                       items=[{"role": "user", "content": "My secret number is 4721. Say OK."}])
+    assert conv.id.startswith("conv_") and conv.metadata == {"topic": "numbers"}
+    first = client.responses.create(model=SMOL, temperature=0, max_output_tokens=8, conversation=conv.id,
+                                    input="Say OK.")
+    client.responses.create(model=SMOL, temperature=0, max_output_tokens=8, conversation={"id": conv.id},
+                            input="What colour is the sky?")
+    third = client.responses.create(model=SMOL, temperature=0, max_output_tokens=24, conversation=conv.id,
+                                    input="What is my secret number?", store=False)
+    assert third.conversation.id == conv.id and "4721" in third.output_text, third.output_text
+    items = client.conversations.items.list(conv.id, order="asc", limit=100).data
+    assert [i.content[0].text for i in items] == [
+        "My secret number is 4721. Say OK.", "Say OK.", first.output_text, "What colour is the sky?",
+        items[4].content[0].text, "What is my secret number?", third.output_text]
+    assert [i.role for i in items] == ["user", "user", "assistant", "user", "assistant", "user", "assistant"]
+    added = client.conversations.items.create(conv.id, items=[{"type": "message", "role": "user",
+                                                                "content": [{"type": "input_text", "text": "More"}]}])
+    [new] = added.data
+    assert client.conversations.items.retrieve(new.id, conversation_id=conv.id).content[0].text == "More"
+    client.conversations.items.delete(new.id, conversation_id=conv.id)
+    assert client.conversations.update(conv.id, metadata={"topic": "done"}).metadata == {"topic": "done"}
+    with client_for(gateway, OTHER) as other:             # another key: 404 everywhere
+        for call in (lambda: other.conversations.retrieve(conv.id), lambda: other.conversations.delete(conv.id),
+                     lambda: other.conversations.items.list(conv.id),
+                     lambda: other.conversations.items.retrieve(items[0].id, conversation_id=conv.id),
+                     lambda: other.conversations.update(conv.id, metadata={}),
+                     lambda: other.responses.create(model=SMOL, input="Go on", conversation=conv.id,
+                                                    max_output_tokens=4)):
+            with pytest.raises(openai.NotFoundError):
+                call()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=SMOL, input="x", conversation=conv.id, previous_response_id=first.id)
+    assert err.value.body["param"] == "conversation"
+    assert client.conversations.delete(conv.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.list(conv.id)

@@ -62,3 +62,18 @@ def test_retention_sweeps_a_response_and_its_items(store):
     assert store.sweep(int(time.time())) == 0
     assert store.sweep(int(time.time()) + 31 * 86_400) == 1
     assert store.db.query("SELECT count(*) AS n FROM response_items")[0]["n"] == 0
+
+
+def test_a_conversation_is_its_key_s_and_its_use_keeps_it(store):
+    from modelyard.control.conversations import ConversationStore
+    conversations = ConversationStore(store.db, 30)
+    conv = conversations.create("key-a", {"k": "v"}, items(2))
+    conversations.add("key-a", conv["id"], items(1))
+    assert [i["id"] for i in conversations.items("key-a", conv["id"])] == ["msg_0", "msg_1", "msg_0"]
+    with pytest.raises(ObjectNotFound):
+        conversations.add("key-b", conv["id"], items(1))
+    with pytest.raises(ObjectNotFound):
+        conversations.page("key-b", conv["id"], 10, None, "asc")
+    assert conversations.sweep(int(time.time()) + 29 * 86_400) == 0
+    assert conversations.sweep(int(time.time()) + 31 * 86_400) == 1
+    assert store.db.query("SELECT count(*) AS n FROM conversation_items")[0]["n"] == 0

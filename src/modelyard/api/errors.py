@@ -24,8 +24,9 @@ ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 40
 
 
 def responses_path(path: str) -> bool:
-    """OpenAI's Responses API (api/openai/responses), which refuses unknown fields with a 400."""
-    return path.endswith(("/v1/responses", "/v1/responses/input_tokens"))
+    """OpenAI's Responses and Conversations APIs (api/openai/responses, conversations), which
+    refuse unknown fields with a 400."""
+    return path.endswith(("/v1/responses", "/v1/responses/input_tokens")) or "/v1/conversations" in path
 
 
 def unknown_parameters(errors: list[dict]) -> JSONResponse | None:

@@ -136,5 +136,23 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             item TEXT NOT NULL,
             PRIMARY KEY (response_id, position)
         )""",
+        # conversations (control/conversations.py): their items in order, appended by the
+        # responses made in them; owned and swept as responses are (expires_at moves on with
+        # every change)
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL
+        )""",
+        "CREATE INDEX conversations_expires ON conversations (expires_at)",
+        """CREATE TABLE conversation_items (
+            conversation_id TEXT NOT NULL,
+            position BIGINT NOT NULL,
+            id TEXT NOT NULL,
+            item TEXT NOT NULL,
+            PRIMARY KEY (conversation_id, position)
+        )""",
     ]),
 ]

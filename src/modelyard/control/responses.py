@@ -1,5 +1,6 @@
 """Stored Responses (OpenAI's Responses API, api/openai/responses): each response as answered,
-owned by the key that created it, and the input items it was generated from, in order.
+owned by the key that created it, and the input items it was generated from, in order; and
+`Responses`, the store of responses and conversations (control/conversations) one server opens.
 
 Why the whole context is stored with each response, not only its own input: continuing a
 response (`previous_response_id`) then reads one row set, not a chain of them, deleting an early
@@ -81,20 +82,7 @@ class ResponseStore:
                    order: str) -> dict:
         """OpenAI's list object of the response's input items, `order` asc or desc by position."""
         self.get(key_id, response_id)
-        desc = order == "desc"
-        where, params = "response_id = ?", [response_id]
-        if after is not None:
-            at = self.db.query("SELECT position FROM response_items WHERE response_id = ? AND id = ?",
-                               (response_id, after))
-            if not at:
-                raise InvalidRequest(f"after {after!r} is not an input item of this response", param="after")
-            where += f" AND position {'<' if desc else '>'} ?"
-            params.append(at[0]["position"])
-        rows = self.db.query(f"SELECT item FROM response_items WHERE {where} ORDER BY position "
-                             f"{'DESC' if desc else 'ASC'} LIMIT ?", (*params, limit + 1))
-        data = [json.loads(r["item"]) for r in rows[:limit]]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+        return items_page(self.db, "response_items", "response_id", response_id, limit, after, order)
 
     def delete(self, key_id: str | None, response_id: str) -> None:
         with self.db.transaction() as tx:
@@ -111,9 +99,24 @@ class ResponseStore:
             return tx.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
 
 
-def item_id(kind: str) -> str:
-    """An id for an item: msg_ (messages), fc_ (calls), fco_ (call outputs)."""
-    return new_id(kind)
+def items_page(db: Database, table: str, owner_column: str, owner_id: str, limit: int, after: str | None,
+               order: str) -> dict:
+    """OpenAI's list object of the items of one response or conversation (`table`), in position
+    order, asc or desc, from the item after `after`. `table` and `owner_column` are ours."""
+    desc = order == "desc"
+    where, params = f"{owner_column} = ?", [owner_id]
+    if after is not None:
+        at = db.query(f"SELECT position FROM {table} WHERE {owner_column} = ? AND id = ? ORDER BY position LIMIT 1",
+                      (owner_id, after))
+        if not at:
+            raise InvalidRequest(f"after {after!r} is not an item of this list", param="after")
+        where += f" AND position {'<' if desc else '>'} ?"
+        params.append(at[0]["position"])
+    rows = db.query(f"SELECT item FROM {table} WHERE {where} ORDER BY position {'DESC' if desc else 'ASC'} LIMIT ?",
+                    (*params, limit + 1))
+    data = [json.loads(r["item"]) for r in rows[:limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
 
 class Responses:
@@ -129,6 +132,7 @@ class Responses:
         # restarted server would not know its own keys' responses.
         self._on_open = on_open
         self._store: ResponseStore | None = None
+        self._conversations = None      # control/conversations.ConversationStore, opened with the store
         self._lock = asyncio.Lock()
         self._sweep: Periodic | None = None
 
@@ -139,9 +143,15 @@ class Responses:
                     db = self._shared or await asyncio.to_thread(open_database, self.url)
                     if self._shared is None and self._on_open is not None:
                         await asyncio.to_thread(self._on_open, db)
+                    from .conversations import ConversationStore     # it builds on this module
                     store = ResponseStore(db, self.retention_days)
-                    await asyncio.to_thread(store.sweep)
-                    self._sweep = Periodic("responses-sweep", SWEEP_INTERVAL, lambda: asyncio.to_thread(store.sweep),
+                    self._conversations = conversations = ConversationStore(db, self.retention_days)
+
+                    def sweep() -> None:
+                        store.sweep()
+                        conversations.sweep()
+                    await asyncio.to_thread(sweep)
+                    self._sweep = Periodic("responses-sweep", SWEEP_INTERVAL, lambda: asyncio.to_thread(sweep),
                                            log=log, failure="response retention sweep failed (retried next round)")
                     self._sweep.start()
                     self._store = store
@@ -151,6 +161,11 @@ class Responses:
         """`ResponseStore.<method>(*args)` on a worker thread."""
         store = await self.store()
         return await asyncio.to_thread(getattr(store, method), *args)
+
+    async def conversation(self, method: str, *args: Any) -> Any:
+        """`ConversationStore.<method>(*args)` on a worker thread."""
+        await self.store()
+        return await asyncio.to_thread(getattr(self._conversations, method), *args)
 
     async def close(self) -> None:
         if self._sweep is not None:

@@ -2,7 +2,7 @@
 field bounded.
 
 Unknown fields are refused (400 naming them, api/errors), as OpenAI's API does: a field this
-server does not implement (`conversation`, `include`, `reasoning`, built-in tools, images,
+server does not implement (`include`, `reasoning`, built-in tools, images,
 `background: true`) must not be ignored. The openai client sends only the fields its caller set,
 so a refusal names something the caller asked for.
 """
@@ -74,6 +74,16 @@ class FunctionCallOutputItem(_Strict):
 
 
 InputItem = Annotated[Union[MessageItem, FunctionCallItem, FunctionCallOutputItem], Field(discriminator="type")]
+Metadata = Annotated[dict[Annotated[str, Field(max_length=MAX_METADATA_KEY)],
+                          Annotated[str, Field(max_length=MAX_METADATA_VALUE)]], Field(max_length=MAX_METADATA)]
+MAX_ADDED_ITEMS = 20         # items one request adds to a conversation (OpenAI's limit)
+
+
+def typed(v: Any) -> Any:
+    """OpenAI's "easy" input message, {"role", "content"}, is a message item without its type."""
+    if isinstance(v, list):
+        return [{**x, "type": "message"} if isinstance(x, dict) and "type" not in x and "role" in x else x for x in v]
+    return v
 
 
 class FunctionTool(_Strict):
@@ -109,6 +119,10 @@ class TextParam(_Strict):
     format: TextFormat | None = None
 
 
+class ConversationRef(_Strict):
+    id: str = Field(min_length=1, max_length=MAX_ID)
+
+
 class InputTokensRequest(_Strict):
     """What the model would be fed: `POST /responses/input_tokens` takes these fields only."""
 
@@ -122,14 +136,13 @@ class InputTokensRequest(_Strict):
     text: TextParam | None = None
     truncation: Literal["auto", "disabled"] | None = None
 
-    @field_validator("input", mode="before")
-    @classmethod
-    def _messages_may_omit_type(cls, v: Any) -> Any:
-        # OpenAI's "easy" input message, {"role", "content"}, is a message item without its type
-        if isinstance(v, list):
-            return [{**x, "type": "message"} if isinstance(x, dict) and "type" not in x and "role" in x else x
-                    for x in v]
-        return v
+    conversation: Union[Annotated[str, Field(min_length=1, max_length=MAX_ID)], ConversationRef, None] = None
+
+    _typed = field_validator("input", mode="before")(typed)
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.conversation.id if isinstance(self.conversation, ConversationRef) else self.conversation
 
     @model_validator(mode="after")
     def _tools(self) -> "InputTokensRequest":
@@ -154,9 +167,7 @@ class ResponseRequest(InputTokensRequest):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    metadata: Annotated[dict[Annotated[str, Field(max_length=MAX_METADATA_KEY)],
-                             Annotated[str, Field(max_length=MAX_METADATA_VALUE)]],
-                        Field(max_length=MAX_METADATA)] | None = None
+    metadata: Metadata | None = None
     user: str | None = Field(None, max_length=MAX_NAME)
 
     @field_validator("background")
@@ -179,3 +190,22 @@ class ResponseRequest(InputTokensRequest):
     @property
     def include_usage(self) -> bool:
         return False
+
+
+# -- conversations (api/openai/conversations) ---------------------------------------------------
+
+class ConversationCreate(_Strict):
+    items: Annotated[list[InputItem], Field(max_length=MAX_ADDED_ITEMS)] | None = None
+    metadata: Metadata | None = None
+
+    _typed = field_validator("items", mode="before")(typed)
+
+
+class ConversationUpdate(_Strict):
+    metadata: Metadata
+
+
+class ItemsCreate(_Strict):
+    items: Annotated[list[InputItem], Field(min_length=1, max_length=MAX_ADDED_ITEMS)]
+
+    _typed = field_validator("items", mode="before")(typed)

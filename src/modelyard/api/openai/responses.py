@@ -8,7 +8,9 @@ turns), and it runs through the same pipeline as /chat/completions (api/openai/p
 limits, endpoint, ledger, priming, disconnects). `ResponseWriter` (api/openai/response_object)
 writes the Response object and its stream events.
 
-State: with `store` (the default) the response is kept (control/responses) with the whole context
+State: with `conversation`, the conversation's items (control/conversations) are the context
+and the response's input and output items are appended to it once it has ended. With `store`
+(the default) the response is kept (control/responses) with the whole context
 it was generated from, before the client sees its end; `previous_response_id` continues from
 that context (the earlier input and output items, then the new input; the earlier instructions
 are not carried over, as OpenAI does). A response made with `store: false` gets an id that says
@@ -37,7 +39,8 @@ from ...errors import InvalidRequest
 from .cache_scope import cache_partition
 from .pipeline import ERRORS, ready_engine, respond
 from .response_object import ResponseWriter, text_part
-from .response_schemas import FunctionCallItem, InputTokensRequest, MessageItem, NamedFunction, ResponseRequest
+from .response_schemas import (FunctionCallItem, FunctionCallOutputItem, InputTokensRequest, MessageItem,
+                               NamedFunction, ResponseRequest)
 from .structured import json_constraint, tool_call_schema
 
 router = APIRouter()
@@ -46,10 +49,10 @@ UNSTORED = "resp_unstored_"
 
 # -- the request, as a chat -------------------------------------------------------------------
 
-def stored_items(body: InputTokensRequest) -> list[dict]:
-    """The request's input items as they are stored and listed: each with an id and a status."""
+def stored_items(items: list[MessageItem | FunctionCallItem | FunctionCallOutputItem]) -> list[dict]:
+    """A request's input items as they are stored and listed: each with an id and a status."""
     out = []
-    for item in body.items:
+    for item in items:
         if isinstance(item, MessageItem):
             kind = "output_text" if item.role == "assistant" else "input_text"
             part = text_part(item.text) if kind == "output_text" else {"type": "input_text", "text": item.text}
@@ -125,9 +128,14 @@ def constraint_of(body: ResponseRequest, tools: tuple[dict, ...] | None, choice:
     return constraint
 
 
-async def context(request: Request, body: InputTokensRequest) -> list[dict]:
-    """The items the model sees: the stored chain's, then this request's."""
-    items = stored_items(body)
+async def context(request: Request, body: InputTokensRequest, items: list[dict]) -> list[dict]:
+    """The items the model sees: the stored chain's or the conversation's, then this request's."""
+    if body.conversation_id is not None:
+        if body.previous_response_id is not None:       # OpenAI's answer too: a 400
+            raise InvalidRequest("conversation and previous_response_id both say where the context comes from; "
+                                 "send one", param="conversation")
+        return await request.app.state.responses.conversation("items", await key_id(request), body.conversation_id,
+                                                              "conversation") + items
     previous = body.previous_response_id
     if previous is None:
         return items
@@ -182,7 +190,8 @@ def echo(body: ResponseRequest, response_id: str) -> dict:
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "truncation": body.truncation or "disabled", "max_output_tokens": body.max_output_tokens,
             "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
-            **({"user": body.user} if body.user is not None else {})}     # the document's `user` is never null
+            **({"user": body.user} if body.user is not None else {}),     # the document's `user` is never null
+            **({"conversation": {"id": body.conversation_id}} if body.conversation_id is not None else {})}
 
 
 @router.post("/responses", responses=ERRORS, summary="Create a model response (OpenAI's Responses API)")
@@ -192,7 +201,8 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     out.echo = echo(body, rid)
     tools, choice = chat_tools(body)
     constraint = constraint_of(body, tools, choice, out)
-    items = await fitted(request, body, await context(request, body), tools, body.max_output_tokens or 1)
+    new = stored_items(body.items)
+    items = await fitted(request, body, await context(request, body, new), tools, body.max_output_tokens or 1)
     messages = chat_messages(items, body.instructions)
     owner, responses = await key_id(request), request.app.state.responses
 
@@ -200,6 +210,8 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
         final = done.response(done.status, done.output(), done.response_usage)
         if body.store is not False:
             await responses.run("save", owner, final, items)
+        if body.conversation_id is not None:        # its input and output join the conversation
+            await responses.conversation("add", owner, body.conversation_id, new + final["output"])
         done.final = final
 
     def build(deadline: float | None) -> list[EngineRequest]:
@@ -220,7 +232,7 @@ async def input_tokens(body: InputTokensRequest, request: Request) -> dict:
         raise InvalidRequest(f"model endpoint {body.model!r} is served by a remote engine; its tokenizer is the "
                              "upstream's, so this server cannot count its tokens", param="model")
     tools, _ = chat_tools(body)
-    items = await fitted(request, body, await context(request, body), tools, 1)
+    items = await fitted(request, body, await context(request, body, stored_items(body.items)), tools, 1)
     ids = await engine.tokenize(None, chat_messages(items, body.instructions), False, tools)
     return {"object": "response.input_tokens", "input_tokens": len(ids)}
 
