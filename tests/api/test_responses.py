@@ -223,8 +223,9 @@ def test_fields_not_implemented_are_refused(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, extra_body={"reasoning": {"effort": "low"}})
     assert err.value.code == "unknown_parameter" and err.value.body["param"] == "reasoning"
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, background=True)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, include=["message.output_text.logprobs"])
+    assert err.value.code == "unknown_parameter" and err.value.body["param"] == "include"
     with pytest.raises(openai.BadRequestError) as err:          # an embedded endpoint cannot choose: as chat
         client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, tools=[WEATHER])
     with pytest.raises(openai.UnprocessableEntityError):
@@ -334,3 +335,35 @@ def test_a_conversation_keeps_every_turn(client, gateway):
     assert client.conversations.delete(conv.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.conversations.items.list(conv.id)
+
+
+def poll(client: openai.OpenAI, rid: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.responses.retrieve(rid)
+        if r.status not in ("queued", "in_progress") or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
+def test_a_background_response_runs_detached_and_can_be_cancelled(client, gateway):
+    started = client.responses.create(model=SMOL, input=ASK, max_output_tokens=12, temperature=0, background=True)
+    assert started.background and started.status == "in_progress" and not started.output
+    done = poll(client, started.id)
+    whole = client.responses.create(model=SMOL, input=ASK, max_output_tokens=12, temperature=0)
+    assert done.status == whole.status and done.output_text == whole.output_text
+    assert done.usage.total_tokens == whole.usage.total_tokens
+    long = client.responses.create(model=SMOL, input="Write a very long story about dragons.", temperature=0,
+                                   max_output_tokens=900, background=True)
+    with client_for(gateway, OTHER) as other, pytest.raises(openai.NotFoundError):
+        other.responses.cancel(long.id)
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
+    assert gateway.wait_idle(key=KEY)["in_flight"] == 0          # the generation stopped with it
+    assert client.responses.cancel(done.id).status == done.status         # an ended one, as it is
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.cancel(whole.id)
+    assert err.value.body["param"] == "response_id"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=SMOL, input=ASK, background=True, store=False)
+    assert err.value.body["param"] == "store"

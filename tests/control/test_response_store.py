@@ -77,3 +77,15 @@ def test_a_conversation_is_its_key_s_and_its_use_keeps_it(store):
     assert conversations.sweep(int(time.time()) + 29 * 86_400) == 0
     assert conversations.sweep(int(time.time()) + 31 * 86_400) == 1
     assert store.db.query("SELECT count(*) AS n FROM conversation_items")[0]["n"] == 0
+
+
+def test_a_background_response_whose_gateway_died_is_failed(store):
+    running = {**body("resp_1"), "status": "in_progress", "background": True, "output": []}
+    store.save("k", running, items(1), lease_until=int(time.time()) + 30)
+    assert store.fail_stale(int(time.time())) == 0
+    store.renew(["resp_1"], int(time.time()) + 60)
+    assert store.fail_stale(int(time.time()) + 59) == 0
+    assert store.fail_stale(int(time.time()) + 61) == 1
+    failed = store.get("k", "resp_1")
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert not store.finish({**failed, "status": "completed"})       # an ended one stays ended

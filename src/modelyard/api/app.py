@@ -19,6 +19,7 @@ from ..settings import Settings
 from . import errors, probes
 from .anthropic import messages as anthropic_messages
 from .admin import audit, auth as admin_auth, endpoints as admin_endpoints, keys, models as admin_models, usage
+from .openai.background import BackgroundRuns
 from .openai import chat, completions, conversations, embeddings, models, responses, tokenizer
 from .middleware.body_limits import BodyLimits
 from .middleware.browser_guard import BrowserGuard, allowed_origin_keys
@@ -74,6 +75,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         def name_keys(opened) -> None:        # a control plane named them already (above)
             app.state.keys.name_configured(server_secret(opened, KEY_ID_SECRET))
         app.state.responses = Responses(settings.database, settings.responses_retention_days, db, name_keys)
+        app.state.background = BackgroundRuns(app.state.responses)
         await app.state.keys.backend.prepare()      # postgres: its table
         registry.start()
         try:
@@ -82,6 +84,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             app.state.shutting_down = True
             registry.drain()
             await registry.stop()
+            await app.state.background.stop()
             await app.state.responses.close()
             if sync is not None:
                 await sync.stop()

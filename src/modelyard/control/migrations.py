@@ -118,6 +118,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         # owned by the key that created it (another key gets 404), swept once expires_at passes;
         # its input items (the whole context it was generated from, chain included) in order,
         # so that input_items pages and a continuation reads them without walking the chain.
+        # lease_until: a background response in progress, renewed by the gateway running it;
+        # one whose lease passed (its gateway died) is marked failed.
         """CREATE TABLE responses (
             id TEXT PRIMARY KEY,
             key_id TEXT NOT NULL,
@@ -126,7 +128,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             previous_response_id TEXT,
             body TEXT NOT NULL,
             created_at BIGINT NOT NULL,
-            expires_at BIGINT NOT NULL
+            expires_at BIGINT NOT NULL,
+            lease_until BIGINT
         )""",
         "CREATE INDEX responses_expires ON responses (expires_at)",
         """CREATE TABLE response_items (

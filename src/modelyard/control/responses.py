@@ -48,14 +48,15 @@ class ResponseStore:
         self.db = db
         self.retention = retention_days * DAY
 
-    def save(self, key_id: str | None, body: dict, items: list[dict]) -> None:
-        """The response and its input items, in one transaction."""
+    def save(self, key_id: str | None, body: dict, items: list[dict], lease_until: int | None = None) -> None:
+        """The response and its input items, in one transaction (`lease_until`: a background
+        one, in progress)."""
         now = int(time.time())
         with self.db.transaction() as tx:
             tx.execute("INSERT INTO responses (id, key_id, model, status, previous_response_id, body, created_at, "
-                       "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       "expires_at, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (body["id"], owner(key_id), body["model"], body["status"], body.get("previous_response_id"),
-                        json.dumps(body), int(body["created_at"]), now + self.retention))
+                        json.dumps(body), int(body["created_at"]), now + self.retention, lease_until))
             for position, item in enumerate(items):
                 tx.execute("INSERT INTO response_items (response_id, position, id, item) VALUES (?, ?, ?, ?)",
                            (body["id"], position, item["id"], json.dumps(item)))
@@ -89,6 +90,42 @@ class ResponseStore:
             if not tx.execute("DELETE FROM responses WHERE id = ? AND key_id = ?", (response_id, owner(key_id))):
                 raise ObjectNotFound(f"no response with id {response_id!r}", param="response_id")
             tx.execute("DELETE FROM response_items WHERE response_id = ?", (response_id,))
+
+    # -- background responses (api/openai/background) --------------------------------------------
+
+    def finish(self, body: dict) -> bool:
+        """A background response's end (completed, incomplete, failed, cancelled), unless it has
+        ended already (cancelled meanwhile, or failed for a lease that passed): whether it was."""
+        return bool(self.db.execute(
+            "UPDATE responses SET status = ?, body = ?, lease_until = NULL WHERE id = ? AND lease_until IS NOT NULL",
+            (body["status"], json.dumps(body), body["id"])))
+
+    def renew(self, ids: list[str], until: int) -> None:
+        for rid in ids:
+            self.db.execute("UPDATE responses SET lease_until = ? WHERE id = ? AND lease_until IS NOT NULL",
+                            (until, rid))
+
+    def cancel(self, key_id: str | None, response_id: str) -> dict:
+        """Mark a background response cancelled (wherever it runs: its gateway's end is then a
+        no-op); one that has ended is answered as it is."""
+        body = self.get(key_id, response_id)
+        if not body.get("background"):
+            raise InvalidRequest(f"response {response_id!r} was not created with background: true; only a "
+                                 "background response can be cancelled", param="response_id")
+        if body["status"] in ("queued", "in_progress"):
+            self.finish({**body, "status": "cancelled"})
+        return self.get(key_id, response_id)
+
+    def fail_stale(self, now: int | None = None) -> int:
+        """Background responses whose gateway stopped renewing their lease (it died): failed,
+        never left in progress."""
+        now = int(time.time()) if now is None else now
+        rows = self.db.query("SELECT body FROM responses WHERE lease_until IS NOT NULL AND lease_until < ?", (now,))
+        for row in rows:
+            body = json.loads(row["body"])
+            self.finish({**body, "status": "failed", "error": {
+                "code": "server_error", "message": "the gateway that ran this background response stopped"}})
+        return len(rows)
 
     def sweep(self, now: int | None = None) -> int:
         """Delete the responses (and their items) whose retention has passed; how many."""
@@ -148,6 +185,7 @@ class Responses:
                     self._conversations = conversations = ConversationStore(db, self.retention_days)
 
                     def sweep() -> None:
+                        store.fail_stale()
                         store.sweep()
                         conversations.sweep()
                     await asyncio.to_thread(sweep)

@@ -2,9 +2,9 @@
 field bounded.
 
 Unknown fields are refused (400 naming them, api/errors), as OpenAI's API does: a field this
-server does not implement (`include`, `reasoning`, built-in tools, images,
-`background: true`) must not be ignored. The openai client sends only the fields its caller set,
-so a refusal names something the caller asked for.
+server does not implement (`include`, `reasoning`, built-in tools, images) must not be ignored.
+The openai client sends only the fields its caller set, so a refusal names something the caller
+asked for.
 """
 
 from __future__ import annotations
@@ -169,13 +169,6 @@ class ResponseRequest(InputTokensRequest):
     top_p: float | None = Field(None, gt=0, le=1)
     metadata: Metadata | None = None
     user: str | None = Field(None, max_length=MAX_NAME)
-
-    @field_validator("background")
-    @classmethod
-    def _not_background(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("background responses are not implemented by this server; send background: false")
-        return v
 
     # what api/openai/pipeline reads of a generation request (no client field: one choice, no
     # stop strings, usage always in the final event)

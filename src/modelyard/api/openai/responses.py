@@ -1,6 +1,6 @@
 """OpenAI's Responses API on every completions endpoint, embedded or remote: `POST /responses`
 (whole or streamed), `GET` and `DELETE /responses/{id}`, `GET /responses/{id}/input_items`,
-`POST /responses/input_tokens`.
+`POST /responses/input_tokens`, `POST /responses/{id}/cancel` (background ones: api/openai/background).
 
 A response is a chat: `instructions` as the system turn, then the input items (messages,
 `function_call` items as the assistant's `tool_calls`, `function_call_output` items as `tool`
@@ -31,7 +31,7 @@ import time
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from ...control.records import new_id
 from ...engine.types import EngineRequest, ModelType, SamplingParams
@@ -190,12 +190,17 @@ def echo(body: ResponseRequest, response_id: str) -> dict:
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "truncation": body.truncation or "disabled", "max_output_tokens": body.max_output_tokens,
             "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
+            "background": bool(body.background),
             **({"user": body.user} if body.user is not None else {}),     # the document's `user` is never null
             **({"conversation": {"id": body.conversation_id}} if body.conversation_id is not None else {})}
 
 
 @router.post("/responses", responses=ERRORS, summary="Create a model response (OpenAI's Responses API)")
 async def create_response(body: ResponseRequest, request: Request) -> Response:
+    if body.background and (body.store is False or body.stream):
+        field = "store" if body.store is False else "stream"
+        raise InvalidRequest(f"a background response is stored and polled: {field} must not be "
+                             f"{'false' if field == 'store' else 'true'} with background: true", param=field)
     rid = new_id("resp") if body.store is not False else UNSTORED + new_id("x")[2:]
     out = ResponseWriter(rid, int(time.time()), body.model, 1)
     out.echo = echo(body, rid)
@@ -208,7 +213,9 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
 
     async def settle(done: ResponseWriter) -> None:
         final = done.response(done.status, done.output(), done.response_usage)
-        if body.store is not False:
+        if body.background:         # stored in progress already (api/openai/background)
+            await responses.run("finish", final)
+        elif body.store is not False:
             await responses.run("save", owner, final, items)
         if body.conversation_id is not None:        # its input and output join the conversation
             await responses.conversation("add", owner, body.conversation_id, new + final["output"])
@@ -219,6 +226,8 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
         return [EngineRequest(request_id=out.id, prompt="", messages=messages, sampling=sampling, n=1,
                               max_tokens=body.max_output_tokens, stop=(), deadline=deadline, constraint=constraint,
                               tools=tools, tool_choice=choice, cache_partition=cache_partition(request, None))]
+    if body.background:
+        return JSONResponse(await request.app.state.background.start(request, body, out, owner, items, build, settle))
     return await respond(request, body, out, logprobs=None, prompts=1, build=build, settle=settle)
 
 
@@ -253,3 +262,11 @@ async def list_input_items(response_id: str, request: Request, limit: int = Quer
                            after: str | None = Query(None, max_length=256),
                            order: Literal["asc", "desc"] = "desc") -> dict:
     return await request.app.state.responses.run("items_page", await key_id(request), response_id, limit, after, order)
+
+
+@router.post("/responses/{response_id}/cancel", summary="Cancel a background response")
+async def cancel_response(response_id: str, request: Request) -> dict:
+    """A background response in progress becomes cancelled (its generation stops if it runs
+    here; on another gateway, that one's end is then not stored); an ended one is answered as it
+    is; one not made in the background is a 400."""
+    return await request.app.state.background.cancel(await key_id(request), response_id)
