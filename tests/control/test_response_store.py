@@ -1,5 +1,6 @@
 """control/responses: stored responses are their key's alone (another key: not found), their
-input items page in order either way, and retention sweeps them with their items."""
+input items page in order either way, and retention sweeps them with their items; conversations
+likewise; a background response whose gateway died is failed. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,16 +8,13 @@ import time
 
 import pytest
 
-from modelyard.control.db import open_database
 from modelyard.control.responses import ResponseStore
 from modelyard.errors import InvalidRequest, ObjectNotFound
 
 
 @pytest.fixture
-def store(tmp_path):
-    db = open_database(f"sqlite:///{tmp_path / 'c.db'}")
-    yield ResponseStore(db, 30)
-    db.close()
+def store(db):          # tests/control/conftest.py: SQLite and PostgreSQL, the same SQL
+    return ResponseStore(db, 30)
 
 
 def body(rid: str) -> dict:

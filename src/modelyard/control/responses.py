@@ -100,10 +100,12 @@ class ResponseStore:
             "UPDATE responses SET status = ?, body = ?, lease_until = NULL WHERE id = ? AND lease_until IS NOT NULL",
             (body["status"], json.dumps(body), body["id"])))
 
-    def renew(self, ids: list[str], until: int) -> None:
-        for rid in ids:
-            self.db.execute("UPDATE responses SET lease_until = ? WHERE id = ? AND lease_until IS NOT NULL",
-                            (until, rid))
+    def renew(self, ids: list[str], until: int) -> list[str]:
+        """Extend the leases of `ids`; those that ended meanwhile (cancelled through another
+        gateway, or failed) are returned: their runs should stop."""
+        return [rid for rid in ids
+                if not self.db.execute("UPDATE responses SET lease_until = ? WHERE id = ? AND lease_until IS NOT NULL",
+                                       (until, rid))]
 
     def cancel(self, key_id: str | None, response_id: str) -> dict:
         """Mark a background response cancelled (wherever it runs: its gateway's end is then a

@@ -6,12 +6,14 @@ once, and a task of this process reads the generation to its end and stores the 
 (completed, incomplete, failed; `POST /responses/{id}/cancel` makes it cancelled and stops the
 task if it runs here). The client may leave: nothing watches its connection.
 
-The request's ledger (quota/ledger) goes with the task, so the key's in-flight slot is held
+The request's deadline (`request_timeout`, X-Request-Timeout) applies as to any generation. The
+request's ledger (quota/ledger) goes with the task, so the key's in-flight slot is held
 until the generation ends rather than given back with the HTTP answer, and its tokens settle as
 any request's do.
 
 Never left in progress for ever: the gateway running a response renews its lease every
-LEASE / 3 seconds, and a response whose lease passed (its gateway died, however) is marked
+LEASE / 3 seconds (and stops a run that was cancelled through another gateway sharing the
+database), and a response whose lease passed (its gateway died, however) is marked
 failed by whichever gateway sweeps next (control/responses.fail_stale: at the store's opening,
 and every lease round).
 """
@@ -51,7 +53,11 @@ class BackgroundRuns:
         store = await self.responses.store()
         await asyncio.to_thread(store.fail_stale)
         if self.tasks:
-            await asyncio.to_thread(store.renew, list(self.tasks), int(time.time()) + LEASE)
+            ended = await asyncio.to_thread(store.renew, list(self.tasks), int(time.time()) + LEASE)
+            for rid in ended:           # cancelled through another gateway: stop generating
+                task = self.tasks.get(rid)
+                if task is not None:
+                    task.cancel()
 
     async def start(self, request: Request, body, out: ResponseWriter, owner: str | None, items: list[dict],
                     build: Callable[[float | None], list[EngineRequest]],
