@@ -367,3 +367,27 @@ def test_a_background_response_runs_detached_and_can_be_cancelled(client, gatewa
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model=SMOL, input=ASK, background=True, store=False)
     assert err.value.body["param"] == "store"
+
+
+def test_a_failure_mid_stream_is_an_error_event_then_response_failed(gateway, spec):
+    events = []
+    with httpx.stream("POST", f"{gateway.api}/responses", timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}", "X-Request-Timeout": "0.5"},
+                      json={"model": SMOL, "input": "Write a very long story about dragons.", "temperature": 0,
+                            "max_output_tokens": 900, "stream": True}) as r:
+        assert r.status_code == 200
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                assert event["type"] == name
+                events.append(event)
+    for event in events:                                   # as sent, against the document
+        conforms(spec, "ResponseStreamEvent", event)
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert "response.output_text.delta" in [e["type"] for e in events]       # it failed under way
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["message"] == events[-2]["message"]
