@@ -391,3 +391,29 @@ def test_a_failure_mid_stream_is_an_error_event_then_response_failed(gateway, sp
     assert "response.output_text.delta" in [e["type"] for e in events]       # it failed under way
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["message"] == events[-2]["message"]
+
+
+def test_an_admin_lists_and_deletes_any_key_s_responses(client, gateway):
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    r = client.responses.create(model=SMOL, input=ASK, max_output_tokens=4, temperature=0)
+    listed, after = [], None
+    while True:
+        page = httpx.get(f"{gateway.base}/api/v1/control/responses", headers=admin,
+                         params={"limit": 5, **({"after": after} if after else {})}).json()
+        listed += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    [mine] = [x for x in listed if x["id"] == r.id]
+    assert mine["model"] == SMOL and mine["status"] == r.status and "output" not in mine     # never the content
+    owned = httpx.get(f"{gateway.base}/api/v1/control/responses", headers=admin,
+                      params={"key_id": mine["key_id"], "limit": 1000}).json()["data"]
+    assert r.id in [x["id"] for x in owned] and {x["key_id"] for x in owned} == {mine["key_id"]}
+    gone = httpx.delete(f"{gateway.base}/api/v1/control/responses/{r.id}", headers=admin)
+    assert gone.status_code == 200 and gone.json()["deleted"]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    audit = httpx.get(f"{gateway.base}/api/v1/control/audit-log", headers=admin).json()["data"]
+    assert any(a["action"] == "response.delete" and a["object_id"] == r.id for a in audit)
+    refused = httpx.get(f"{gateway.base}/api/v1/control/responses", headers={"Authorization": f"Bearer {KEY}"})
+    assert refused.status_code == 403                                   # an inference key is no admin

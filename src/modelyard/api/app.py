@@ -19,6 +19,7 @@ from ..settings import Settings
 from . import errors, probes
 from .anthropic import messages as anthropic_messages
 from .admin import audit, auth as admin_auth, endpoints as admin_endpoints, keys, models as admin_models, usage
+from .admin import responses as admin_responses
 from .openai.background import BackgroundRuns
 from .openai import chat, completions, conversations, embeddings, models, responses, tokenizer
 from .middleware.body_limits import BodyLimits
@@ -153,7 +154,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     include(probes.probes)
     include(tokenizer.router, "", auth)     # vLLM's place for them: the root
     if settings.control_enabled:    # admin tokens, not inference keys (api/admin/auth)
-        for router in (keys.router, audit.router, usage.router, admin_endpoints.router, admin_models.router):
+        for router in (keys.router, audit.router, usage.router, admin_endpoints.router, admin_models.router,
+                       admin_responses.router):
             include(router, "/api/v1/control")
             routes += ["/api/v1/control" + r.path for r in router.routes]
         from ..console import mount       # the web console at /console (console/)

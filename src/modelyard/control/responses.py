@@ -30,7 +30,7 @@ from typing import Any, Callable
 from ..errors import InvalidRequest, ObjectNotFound
 from ..periodic import Periodic
 from .db import Database, open_database
-from .records import new_id
+from .records import audit, page
 
 log = logging.getLogger("modelyard.responses")
 DAY = 86_400
@@ -90,6 +90,32 @@ class ResponseStore:
             if not tx.execute("DELETE FROM responses WHERE id = ? AND key_id = ?", (response_id, owner(key_id))):
                 raise ObjectNotFound(f"no response with id {response_id!r}", param="response_id")
             tx.execute("DELETE FROM response_items WHERE response_id = ?", (response_id,))
+
+    # -- the admin API (api/admin/responses): every key's, metadata only -------------------------
+
+    def listed(self, key_id: str | None, limit: int, after: str | None) -> dict:
+        """Stored responses in id (creation) order: who owns each, its model, status and times;
+        never its content (an operator manages storage, not reads conversations)."""
+        where, params = ["expires_at > ?"], [int(time.time())]
+        if key_id is not None:
+            where.append("key_id = ?")
+            params.append(key_id)
+        if after is not None:
+            where.append("id > ?")
+            params.append(after)
+        rows = self.db.query("SELECT id, key_id, model, status, previous_response_id, created_at, expires_at FROM "
+                             f"responses WHERE {' AND '.join(where)} ORDER BY id LIMIT ?", (*params, limit + 1))
+        return page(rows, limit, lambda r: {**r, "object": "response.summary"})
+
+    def remove(self, actor: str, response_id: str) -> None:
+        """Any key's response deleted by an admin, audited."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT key_id FROM responses WHERE id = ?", (response_id,))
+            if not rows:
+                raise ObjectNotFound(f"no response with id {response_id!r}", param="response_id")
+            tx.execute("DELETE FROM response_items WHERE response_id = ?", (response_id,))
+            tx.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            audit(tx, actor, "response.delete", response_id, {"key_id": rows[0]["key_id"]})
 
     # -- background responses (api/openai/background) --------------------------------------------
 
