@@ -62,10 +62,14 @@ class ResponseStore:
                            (body["id"], position, item["id"], json.dumps(item)))
 
     def get(self, key_id: str | None, response_id: str) -> dict:
-        rows = self.db.query("SELECT body FROM responses WHERE id = ? AND key_id = ? AND expires_at > ?",
-                             (response_id, owner(key_id), int(time.time())))
+        now = int(time.time())
+        rows = self.db.query("SELECT body, lease_until FROM responses WHERE id = ? AND key_id = ? AND expires_at > ?",
+                             (response_id, owner(key_id), now))
         if not rows:
             raise ObjectNotFound(f"no response with id {response_id!r}", param="response_id")
+        if rows[0]["lease_until"] is not None and rows[0]["lease_until"] < now:
+            self.fail_stale(now)        # its gateway died: a client polling it learns so now
+            return self.get(key_id, response_id)
         return json.loads(rows[0]["body"])
 
     def context(self, key_id: str | None, response_id: str) -> list[dict]:
