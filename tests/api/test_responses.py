@@ -274,6 +274,8 @@ def test_a_stored_response_survives_kill_9(tmp_path):
         with client_for(srv, KEY) as c:
             r = c.responses.create(model=SMOL, input=ASK, max_output_tokens=6, temperature=0)
             items = c.responses.input_items.list(r.id).model_dump()
+            running = c.responses.create(model=SMOL, input="Write a very long story about dragons.",
+                                         max_output_tokens=900, temperature=0, background=True)
         srv.kill()
         srv.start()
         wait_ready(srv, "plain, restarted")
@@ -282,6 +284,9 @@ def test_a_stored_response_survives_kill_9(tmp_path):
             assert c.responses.input_items.list(r.id).model_dump() == items
             again = c.responses.create(model=SMOL, input="Go on", previous_response_id=r.id, max_output_tokens=4)
             assert again.previous_response_id == r.id
+            # the background response its killed run left: failed once its lease (30 s) has passed
+            dead = poll(c, running.id, timeout=45)
+            assert dead.status == "failed" and dead.error.code == "server_error"
 
 
 def test_text_format_constrains_the_answer_as_chat_does(client):
