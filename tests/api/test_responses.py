@@ -19,6 +19,8 @@ import jsonschema
 import openai
 import pytest
 import yaml
+from openai.types.responses import ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from servers import ServerProcess, served, wait_ready
 
@@ -30,6 +32,7 @@ ENGINE = "context = 1024\nparallel = 2\nthreads = 1\n"
 ASK = "Name three colours."
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
 SPECS = [Path(__file__).resolve().parents[n] / "shared/spec/openai/openapi.yaml" for n in (2, 3)]
 
 
@@ -88,6 +91,7 @@ def test_create_answers_what_chat_answers_and_is_stored(client, gateway, spec):
                                     temperature=0, metadata={"case": "basic"})
         raw = client.responses.with_raw_response.retrieve(r.id).http_response.json()
         conforms(spec, "Response", raw)
+        openai.types.responses.Response.model_validate(raw, strict=True)
         assert r.id.startswith("resp_") and r.object == "response" and r.model == model and r.store
         assert r.status in ("completed", "incomplete") and r.metadata == {"case": "basic"}
         [message] = r.output
@@ -389,8 +393,9 @@ def test_a_failure_mid_stream_is_an_error_event_then_response_failed(gateway, sp
                 event = json.loads(line[6:])
                 assert event["type"] == name
                 events.append(event)
-    for event in events:                                   # as sent, against the document
+    for event in events:                # as sent, against the document and the SDK's types in strict mode
         conforms(spec, "ResponseStreamEvent", event)
+        STREAM_EVENT.validate_python(event, strict=True)
     assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert "response.output_text.delta" in [e["type"] for e in events]       # it failed under way
