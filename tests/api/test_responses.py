@@ -427,3 +427,35 @@ def test_an_admin_lists_and_deletes_any_key_s_responses(client, gateway):
     assert any(a["action"] == "response.delete" and a["object_id"] == r.id for a in audit)
     refused = httpx.get(f"{gateway.base}/api/v1/control/responses", headers={"Authorization": f"Bearer {KEY}"})
     assert refused.status_code == 403                                   # an inference key is no admin
+
+
+def test_an_openai_agents_run_calls_its_tool_and_finishes_through_responses(gateway):
+    """OpenAI's Agents SDK: a named tool_choice makes the small model call the tool, the SDK runs
+    it, and a hook asks the next turn for text (tool_choice "none": after a tool, the SDK would
+    drop tool_choice, and an embedded endpoint cannot choose for itself: "auto" is a 400)."""
+    agents = pytest.importorskip("agents", reason="openai-agents is a dev extra (pyproject.toml)")
+    import asyncio
+    import dataclasses
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"Sunny, 24 degrees in {city}"
+
+    class AnswerAfterTheTool(agents.RunHooks):
+        async def on_tool_end(self, context, agent, tool, result):
+            agent.model_settings = dataclasses.replace(agent.model_settings, tool_choice="none")
+
+    agents.set_tracing_disabled(True)
+    model = agents.OpenAIResponsesModel(model=SMOL, openai_client=openai.AsyncOpenAI(
+        base_url=gateway.api, api_key=KEY, max_retries=0, timeout=120))
+    agent = agents.Agent(name="weather", instructions="Answer with the weather.", tools=[get_weather], model=model,
+                         model_settings=agents.ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=48),
+                         reset_tool_choice=False)
+    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4,
+                                           hooks=AnswerAfterTheTool()))
+    assert calls and isinstance(calls[0], str)
+    assert [type(i).__name__ for i in result.new_items] == ["ToolCallItem", "ToolCallOutputItem", "MessageOutputItem"]
+    assert result.final_output and len(result.raw_responses) == 2
