@@ -165,8 +165,8 @@ class ResponseRequest(InputTokensRequest):
     stream: bool | None = False
     background: bool | None = None
     # what else to return (logprobs, reasoning, tool outputs): none of it is implemented, so only
-    # an empty list is taken (OpenAI's Agents SDK always sends one)
-    include: Annotated[list[str], Field(max_length=0)] | None = None
+    # an empty list is taken (OpenAI's Agents SDK always sends one); anything else: a 400 (responses.py)
+    include: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=16)] | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)

@@ -197,6 +197,9 @@ def echo(body: ResponseRequest, response_id: str) -> dict:
 
 @router.post("/responses", responses=ERRORS, summary="Create a model response (OpenAI's Responses API)")
 async def create_response(body: ResponseRequest, request: Request) -> Response:
+    if body.include:
+        raise InvalidRequest(f"include {body.include[0]!r} is not implemented by this server (it returns no "
+                             "logprobs, reasoning or tool outputs beyond the Response itself)", param="include")
     if body.background and (body.store is False or body.stream):
         field = "store" if body.store is False else "stream"
         raise InvalidRequest(f"a background response is stored and polled: {field} must not be "
