@@ -2,7 +2,8 @@
 field bounded.
 
 Unknown fields are refused (400 naming them, api/errors), as OpenAI's API does: a field this
-server does not implement (`include`, `reasoning`, built-in tools, images) must not be ignored.
+server does not implement (`reasoning`, built-in tools, images) must not be ignored; `include` is
+taken only empty (api/openai/responses refuses the rest).
 The openai client sends only the fields its caller set, so a refusal names something the caller
 asked for.
 """
