@@ -66,6 +66,15 @@ def test_anthropic_example(server):
     assert len(out.stdout.splitlines()[0]) < len(out.stdout)      # the streamed story followed
 
 
+def test_responses_example(server):
+    code = block("python", "previous_response_id").replace(DEFAULT_BASE, server.base)
+    code = code.replace('api_key="none"', f'api_key="{server.key}"')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    found = re.search(r"^resp_\w+ (\d+)\n(.+)", out.stdout, re.M | re.S)
+    assert found and int(found.group(1)) > 0 and found.group(2).strip(), out.stdout   # the chain, then the story
+
+
 def test_structured_output_example(server):
     code = block("python", "response_format").replace(DEFAULT_BASE, server.base)
     code = code.replace('api_key="none"', f'api_key="{server.key}"')

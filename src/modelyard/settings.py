@@ -204,6 +204,8 @@ CONTROL_LIMITS: dict[str, tuple[float, float, str]] = {
     "max_streams_per_token": (1, 1000, "streams"),
     # seconds between writes of the usage table (control/usage): the most a killed process loses
     "usage_flush_interval": (0.05, 300.0, "seconds"),
+    # days a stored response (OpenAI's Responses API, control/responses) is kept, then swept
+    "responses_retention_days": (1, 3650, "days"),
 }
 
 
@@ -253,6 +255,7 @@ class Settings:
     login_failures_per_minute: int = 10
     max_streams_per_token: int = 8
     usage_flush_interval: float = 5.0
+    responses_retention_days: int = 30
 
     @property
     def control_enabled(self) -> bool:

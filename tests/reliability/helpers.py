@@ -69,9 +69,21 @@ def sse_events(lines: Iterator[str]) -> list[object]:
     return events
 
 
+RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
+
+
 def check_stream_end(events: list[object]) -> str:
     """A stream must end with [DONE] after either a finish_reason chunk per choice or an error
-    event; returns "finished" or "error" (never a silent cut)."""
+    event; returns "finished" or "error" (never a silent cut). The Responses API's named events
+    (api/openai/response_object) have no [DONE]: they end with the response's final event, an
+    `error` event before a failed one, every sequence_number one more than the last."""
+    if events and isinstance(events[0], dict) and str(events[0].get("type", "")).startswith("response."):
+        assert [e.get("sequence_number") for e in events] == list(range(len(events))), events[-3:]
+        assert events[-1]["type"] in RESPONSE_ENDS, f"stream not ended by a response's final event: {events[-3:]}"
+        if events[-1]["type"] != "response.failed":
+            return "finished"
+        assert events[-2]["type"] == "error", events[-3:]
+        return "error"
     assert events and events[-1] == "[DONE]", f"stream not ended by [DONE]: {events[-3:]}"
     assert events.count("[DONE]") == 1, events
     body = [e for e in events[:-1]]
@@ -112,7 +124,9 @@ def check_response(response, ok: tuple[int, ...] = (200,)) -> None:
         events = [line[5:].strip() for line in lines if line.startswith("data:")]
         parsed = [e if e == "[DONE]" else json.loads(e) for e in events]
         how = check_stream_end(parsed)
-        if how == "error":
+        if how == "error" and "error" in parsed[-2]:
             assert parsed[-2]["error"]["type"] != "server_error", f"internal error in stream: {where}"
+        elif how == "error":        # a Responses stream's error event
+            assert parsed[-2]["code"] != "server_error", f"internal error in stream: {where}"
     elif "application/json" in ctype:
         json.loads(text)

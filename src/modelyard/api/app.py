@@ -10,6 +10,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from ..control.records import server_secret
+from ..control.responses import Responses
 from ..metrics import Metrics
 from ..quota.keys import KeyChecker
 from ..registry.registry import Registry
@@ -17,7 +19,9 @@ from ..settings import Settings
 from . import errors, probes
 from .anthropic import messages as anthropic_messages
 from .admin import audit, auth as admin_auth, endpoints as admin_endpoints, keys, models as admin_models, usage
-from .openai import chat, completions, embeddings, models, tokenizer
+from .admin import responses as admin_responses
+from .openai.background import BackgroundRuns
+from .openai import chat, completions, conversations, embeddings, models, responses, tokenizer
 from .middleware.body_limits import BodyLimits
 from .middleware.browser_guard import BrowserGuard, allowed_origin_keys
 from .middleware.credentials import CredentialGate, GatedRoutes
@@ -37,14 +41,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sync = usage = book = None
+        sync = usage = book = db = None
         if settings.control_enabled:
             from ..control.db import open_database
             from ..control.endpoints import EndpointStore
             from ..control.keys import KeyStore
             from ..control.notify import ChangeFeed
             from ..control.sync import ControlSync, EndpointSync
-            from ..control.records import server_secret
             from ..control.usage import UsageRecorder, rename_keys
             db = await asyncio.to_thread(open_database, settings.database)
             from ..control.admin_tokens import AdminTokenStore, StoredAdmins
@@ -68,6 +71,12 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await usage.start()
             if book is not None:
                 await book.start()
+        # stored responses: the control plane's database when it is on, else settings.database,
+        # opened on the first /responses request (control/responses says why)
+        def name_keys(opened) -> None:        # a control plane named them already (above)
+            app.state.keys.name_configured(server_secret(opened, KEY_ID_SECRET))
+        app.state.responses = Responses(settings.database, settings.responses_retention_days, db, name_keys)
+        app.state.background = BackgroundRuns(app.state.responses)
         await app.state.keys.backend.prepare()      # postgres: its table
         registry.start()
         try:
@@ -76,6 +85,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             app.state.shutting_down = True
             registry.drain()
             await registry.stop()
+            await app.state.background.stop()
+            await app.state.responses.close()
             if sync is not None:
                 await sync.stop()
                 if book is not None:
@@ -131,7 +142,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     auth = (Depends(require_key),)
     routes: list[str] = []      # every route template we serve: the only route labels of metrics
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
-        for router in (completions.router, chat.router, embeddings.router, models.router):
+        for router in (completions.router, chat.router, embeddings.router, models.router, responses.router,
+                       conversations.router):
             include(router, prefix, auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
     # Anthropic's client appends /v1/messages to its base URL: the server's root, or this prefix
@@ -142,7 +154,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     include(probes.probes)
     include(tokenizer.router, "", auth)     # vLLM's place for them: the root
     if settings.control_enabled:    # admin tokens, not inference keys (api/admin/auth)
-        for router in (keys.router, audit.router, usage.router, admin_endpoints.router, admin_models.router):
+        for router in (keys.router, audit.router, usage.router, admin_endpoints.router, admin_models.router,
+                       admin_responses.router):
             include(router, "/api/v1/control")
             routes += ["/api/v1/control" + r.path for r in router.routes]
         from ..console import mount       # the web console at /console (console/)

@@ -23,6 +23,23 @@ ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 40
                    503: "overloaded_error", 529: "overloaded_error"}
 
 
+def responses_path(path: str) -> bool:
+    """OpenAI's Responses and Conversations APIs (api/openai/responses, conversations), which
+    refuse unknown fields with a 400."""
+    return path.endswith(("/v1/responses", "/v1/responses/input_tokens")) or "/v1/conversations" in path
+
+
+def unknown_parameters(errors: list[dict]) -> JSONResponse | None:
+    """OpenAI's 400 for fields it does not know, naming them (its own message and code)."""
+    unknown = [".".join(str(p) for p in e.get("loc", ())[1:]) for e in errors if e.get("type") == "extra_forbidden"]
+    if not unknown:
+        return None
+    names = ", ".join(f"'{u}'" for u in unknown[:MAX_ERRORS])
+    return JSONResponse({"error": {"message": f"Unknown parameter{'s' if len(unknown) > 1 else ''}: {names}.",
+                                   "type": "invalid_request_error", "param": unknown[0],
+                                   "code": "unknown_parameter"}}, status_code=400)
+
+
 def anthropic_path(path: str) -> bool:
     return path.endswith(ANTHROPIC_PATHS)
 
@@ -84,6 +101,8 @@ def install(app: FastAPI) -> None:
             where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             return JSONResponse(anthropic_body(400, f"{where}: {first.get('msg')}{more}"), status_code=400)
+        if responses_path(request.url.path) and (refused := unknown_parameters(errors)) is not None:
+            return refused
         detail = [bounded_error(e) for e in errors[:MAX_ERRORS]]
         if len(errors) > MAX_ERRORS:
             detail.append({"loc": ["body"], "type": "too_many_errors", "input": None,

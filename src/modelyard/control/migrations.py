@@ -113,4 +113,49 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         # for a process of the version before, which makes a new key that no one here trusts)
         "DELETE FROM console_secret WHERE name = 'session_hmac'",
     ]),
+    (9, [
+        # OpenAI's Responses API (control/responses.py): the Response object as answered (JSON),
+        # owned by the key that created it (another key gets 404), swept once expires_at passes;
+        # its input items (the whole context it was generated from, chain included) in order,
+        # so that input_items pages and a continuation reads them without walking the chain.
+        # lease_until: a background response in progress, renewed by the gateway running it;
+        # one whose lease passed (its gateway died) is marked failed.
+        """CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            status TEXT NOT NULL,
+            previous_response_id TEXT,
+            body TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            lease_until BIGINT
+        )""",
+        "CREATE INDEX responses_expires ON responses (expires_at)",
+        """CREATE TABLE response_items (
+            response_id TEXT NOT NULL,
+            position BIGINT NOT NULL,
+            id TEXT NOT NULL,
+            item TEXT NOT NULL,
+            PRIMARY KEY (response_id, position)
+        )""",
+        # conversations (control/conversations.py): their items in order, appended by the
+        # responses made in them; owned and swept as responses are (expires_at moves on with
+        # every change)
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL
+        )""",
+        "CREATE INDEX conversations_expires ON conversations (expires_at)",
+        """CREATE TABLE conversation_items (
+            conversation_id TEXT NOT NULL,
+            position BIGINT NOT NULL,
+            id TEXT NOT NULL,
+            item TEXT NOT NULL,
+            PRIMARY KEY (conversation_id, position)
+        )""",
+    ]),
 ]

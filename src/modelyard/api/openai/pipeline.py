@@ -24,7 +24,7 @@ from ..auth import find_endpoint
 from .. import sse
 from ..errors import limit_error
 from .schemas import ErrorResponse, GenerationRequest
-from .streaming import Completion, collect, merge, prime_all, to_sse
+from .streaming import Completion, Settle, collect, merge, prime_all, to_sse
 
 ERRORS = {400: {"model": ErrorResponse, "description": "Invalid model endpoint specified or model endpoint not ready."},
           401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
@@ -34,8 +34,10 @@ ERRORS = {400: {"model": ErrorResponse, "description": "Invalid model endpoint s
 
 
 async def respond(request: Request, body: GenerationRequest, out: Completion, *, logprobs: int | None,
-                  prompts: int, build: Callable[[float | None], list[EngineRequest]]) -> Response:
-    """Run one validated request: `build(deadline)` makes its EngineRequests, `out` its bodies."""
+                  prompts: int, build: Callable[[float | None], list[EngineRequest]],
+                  settle: Settle | None = None) -> Response:
+    """Run one validated request: `build(deadline)` makes its EngineRequests, `out` its bodies;
+    `settle(out)`, if given, runs once the generation has ended, before the answer's end is sent."""
     state = request.app.state
     out.on_done = reporter(request, body.model)
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
@@ -44,10 +46,10 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     events = merge(await prime_all([engine.generate(r) for r in ledgered(request, body.model, build(deadline))]),
                    body.n or 1)
     if body.stream:
-        return sse.response(to_sse(events, out, body.include_usage))
+        return sse.response(to_sse(events, out, body.include_usage, settle))
     # A client that leaves cancels this route (api/middleware/disconnect), and so the collection
     # and its engine streams: nothing here needs to watch the connection.
-    return JSONResponse(await collect(events, out))
+    return JSONResponse(await collect(events, out, settle))
 
 
 def ready_engine(request: Request, name: str, kind: ModelType) -> Engine:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from ...engine.types import MAX_PENDING, ChoiceDelta, EngineOutput, TokenLogprobs, Usage, reads_too_slowly
 from ...errors import ModelyardError
@@ -287,9 +287,15 @@ class Completion:
         return {**self.envelope(choices), "usage": self.usage}
 
 
-async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: bool) -> AsyncIterator[str]:
+Settle = Callable[[Completion], Awaitable[None]]
+
+
+async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: bool,
+                 settle: Settle | None = None) -> AsyncIterator[str]:
     """The stream's SSE lines, framed by `out` (OpenAI's data-only chunks and `[DONE]`, or, for
-    Anthropic's API, its named events): whatever ends it, an error event rather than a cut."""
+    Anthropic's API, its named events): whatever ends it, an error event rather than a cut.
+    `settle` runs once the generation has ended, before its last events (the Responses API
+    stores the response there, so that one whose end a client saw is kept)."""
     try:
         for line in out.sse_start():
             yield line
@@ -300,6 +306,8 @@ async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: b
                     yield line
             else:
                 out.add_usage(event)
+        if settle is not None:
+            await settle(out)
         for line in out.sse_end(include_usage):
             yield line
         out.done()
@@ -315,12 +323,14 @@ async def to_sse(events: AsyncIterator[Event], out: Completion, include_usage: b
         yield line
 
 
-async def collect(events: AsyncIterator[Event], out: Completion) -> dict:
+async def collect(events: AsyncIterator[Event], out: Completion, settle: Settle | None = None) -> dict:
     async for prompt, event in events:
         if isinstance(event, ChoiceDelta):
             out.saw(event)
             out.collect(prompt, event)
         else:
             out.add_usage(event)
+    if settle is not None:
+        await settle(out)
     out.done()
     return out.body()
