@@ -22,7 +22,7 @@ import yaml
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from servers import ServerProcess, served, wait_ready
+from testkit.servers import ServerProcess, served, wait_ready
 
 pytestmark = pytest.mark.model
 

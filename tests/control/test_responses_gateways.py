@@ -11,8 +11,8 @@ import time
 import openai
 import pytest
 
-from pg import fresh_database
-from servers import OPENAI_PREFIX, served
+from testkit.pg import fresh_database
+from testkit.servers import OPENAI_PREFIX, served
 
 pytestmark = pytest.mark.model
 

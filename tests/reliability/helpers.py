@@ -47,6 +47,36 @@ def assert_openai_error(body: object, type_: str | None = None) -> dict:
     return err
 
 
+def assert_anthropic_error(body: object, type_: str | None = None) -> dict:
+    """Anthropic's `{"type": "error", "error": {"type", "message"}}` with a non-empty message."""
+    assert isinstance(body, dict) and body.get("type") == "error" and set(body) == {"type", "error"}, body
+    err = body["error"]
+    assert isinstance(err, dict) and set(err) == {"type", "message"}, body
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), body
+    if type_ is not None:
+        assert err["type"] == type_, body
+    return err
+
+
+ANTHROPIC_ENDS = ("message_stop",)
+
+
+def check_anthropic_stream(text: str) -> str:
+    """An Anthropic stream: named events from message_start to message_stop, or an `error`
+    event last; "finished" or "error", never a silent cut."""
+    names = [line[len("event: "):] for line in text.splitlines() if line.startswith("event: ")]
+    data = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert names and len(names) == len(data), text[-300:]
+    assert all(d.get("type") == n for n, d in zip(names, data)), text[-300:]
+    if names[-1] == "error":
+        assert_anthropic_error(data[-1])
+        assert data[-1]["error"]["type"] != "api_error", f"internal error in stream: {text[-300:]}"
+        return "error"
+    assert names[0] == "message_start" and names[-1] == "message_stop", names
+    assert names[-2] == "message_delta", names
+    return "finished"
+
+
 def assert_validation_error(body: object) -> list:
     """FastAPI's `{"detail": [{"loc", "msg", "type", ...}]}`; the details."""
     assert isinstance(body, dict) and "detail" in body, body
@@ -104,21 +134,31 @@ def check_response(response, ok: tuple[int, ...] = (200,)) -> None:
     ctype = ",".join(response.headers.get("content-type", []))
     text = response.content.decode("utf-8", errors="replace")
     where = f"{response.request.method} {response.request.url} -> {status}: {text[:500]}"
+    anthropic = response.request.url.split("?")[0].endswith(("/v1/messages", "/v1/messages/count_tokens"))
     if status >= 500:
         assert status == 503, f"server error: {where}"
         retry = response.headers.get("retry-after", [])
         assert retry and retry[0].isdigit() and int(retry[0]) >= 1, f"503 without Retry-After: {where}"
-        assert_openai_error(json.loads(text), "server_overloaded")
+        if anthropic:
+            assert_anthropic_error(json.loads(text), "overloaded_error")
+        else:
+            assert_openai_error(json.loads(text), "server_overloaded")
         return
     if 400 <= status < 500:
         body = json.loads(text)     # every error is JSON
-        if status == 422:
+        if anthropic:               # Anthropic's routes answer in Anthropic's shape, a bad body 400
+            assert status != 422, f"a 422 on Anthropic's API: {where}"
+            assert_anthropic_error(body)
+        elif status == 422:
             assert_validation_error(body)
         else:
             assert_openai_error(body)
         return
     assert status in ok, f"unexpected status: {where}"
-    if "text/event-stream" in ctype:
+    if "text/event-stream" in ctype and anthropic:
+        assert not response.stream_cut_short, where
+        check_anthropic_stream(text)
+    elif "text/event-stream" in ctype:
         assert not response.stream_cut_short, where
         lines = text.splitlines()
         events = [line[5:].strip() for line in lines if line.startswith("data:")]
