@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ...engine.types import ChoiceDelta, EngineRequest, ModelType, SamplingParams
+from ...engine.types import ChoiceDelta, EngineRequest, SamplingParams
 from ...errors import InvalidRequest, UpstreamError
 from .. import sse
 from ..errors import anthropic_body
 from ..openai.cache_scope import cache_partition
 from ..openai.chat import ChatCompletion
-from ..openai.pipeline import ready_engine, respond
+from ..openai.pipeline import respond, tokenizing_engine
 from ..openai.structured import json_constraint, tool_call_schema
 from .schemas import CountTokensRequest, MessageParam, MessagesRequest, ToolResultBlock, ToolUseBlock
 
@@ -255,10 +255,7 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
     """The tokens the model would be fed for these turns and tools: an embedded endpoint's own
     count. A remote endpoint's tokenizer is the upstream's, so it is a 400, not a guess."""
     request.state.endpoint = body.model
-    engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
-    if not hasattr(engine, "tokenize"):
-        raise InvalidRequest(f"model endpoint {body.model!r} is served by a remote engine; its tokenizer is the "
-                             "upstream's, so this server cannot count its tokens", param="model")
+    engine = tokenizing_engine(request, body.model)
     tools, _ = chat_tools(body)
     ids = await engine.tokenize(None, chat_messages(body), False, tools)
     return {"input_tokens": len(ids)}

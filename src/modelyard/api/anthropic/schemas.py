@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
 from ...settings import MAX_NAME
+from ..strict import StrictBody
 
 MAX_MESSAGES = 2048          # as /chat/completions
 MAX_BLOCKS = 1024            # content blocks of one message
@@ -20,27 +21,13 @@ MAX_ID = 256
 MAX_STOP_SEQUENCES = 4       # the server's [limits] max_stop applies too (api/openai/pipeline)
 
 
-class _Strict(BaseModel):
-    """Unknown fields refused, but a null one is an absent one: the client sends back the
-    blocks it was given, whose fields this server does not use are null (`caller`,
-    `toolset_name`, `citations`)."""
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
-        return data
-
-
-class TextBlock(_Strict):
+class TextBlock(StrictBody):
     type: Literal["text"]
     text: str
     cache_control: dict | None = None        # a prompt-caching hint: this server caches prefixes by itself
 
 
-class ToolUseBlock(_Strict):
+class ToolUseBlock(StrictBody):
     type: Literal["tool_use"]
     id: str = Field(min_length=1, max_length=MAX_ID)
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
@@ -48,7 +35,7 @@ class ToolUseBlock(_Strict):
     cache_control: dict | None = None
 
 
-class ToolResultBlock(_Strict):
+class ToolResultBlock(StrictBody):
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1, max_length=MAX_ID)
     content: Union[str, Annotated[list[TextBlock], Field(max_length=MAX_BLOCKS)], None] = None
@@ -64,12 +51,12 @@ class ToolResultBlock(_Strict):
 ContentBlock = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock], Field(discriminator="type")]
 
 
-class MessageParam(_Strict):
+class MessageParam(StrictBody):
     role: Literal["user", "assistant"]
     content: Union[str, Annotated[list[ContentBlock], Field(min_length=1, max_length=MAX_BLOCKS)]]
 
 
-class Tool(_Strict):
+class Tool(StrictBody):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     input_schema: dict[str, Any]
@@ -77,29 +64,29 @@ class Tool(_Strict):
     cache_control: dict | None = None
 
 
-class ToolChoice(_Strict):
+class ToolChoice(StrictBody):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     disable_parallel_tool_use: bool | None = None
 
 
-class Metadata(_Strict):
+class Metadata(StrictBody):
     user_id: str | None = Field(None, max_length=256)
 
 
-class OutputFormat(_Strict):
+class OutputFormat(StrictBody):
     type: Literal["json_schema"]
     schema_: dict[str, Any] = Field(alias="schema")
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictBody):
     """Structured output: the answer is JSON valid against `format.schema` (constrained as
     /chat/completions' json_schema is). `effort` means nothing to these models: refused."""
     format: OutputFormat | None = None
     effort: None = None
 
 
-class CountTokensRequest(_Strict):
+class CountTokensRequest(StrictBody):
     model: str = Field(min_length=1, max_length=MAX_NAME)
     messages: Annotated[list[MessageParam], Field(min_length=1, max_length=MAX_MESSAGES)]
     system: Union[str, Annotated[list[TextBlock], Field(max_length=MAX_BLOCKS)], None] = None

@@ -60,6 +60,17 @@ def ready_engine(request: Request, name: str, kind: ModelType) -> Engine:
     return endpoint.require_ready()
 
 
+def tokenizing_engine(request: Request, name: str, why: str | None = None, param: str = "model"):
+    """The engine of endpoint `name` when it owns a tokenizer (an embedded one: token counts,
+    /tokenize, truncation). A remote endpoint's tokenizer is the upstream's: a 400 saying why,
+    not a guess."""
+    engine = ready_engine(request, name, ModelType.COMPLETIONS)
+    if not hasattr(engine, "tokenize"):
+        raise InvalidRequest(why or f"model endpoint {name!r} is served by a remote engine; its tokenizer is the "
+                             "upstream's, so this server cannot count its tokens", param=param)
+    return engine
+
+
 R = TypeVar("R", EngineRequest, EmbeddingRequest)
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...settings import MAX_NAME
+from ..strict import StrictBody
 from .schemas import MAX_CALL_ARGUMENTS, MAX_CALL_ID, MAX_MESSAGES, MAX_TOOLS
 
 MAX_PARTS = 1024             # content parts of one message item
@@ -24,20 +25,7 @@ MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 
 
-class _Strict(BaseModel):
-    """Unknown fields refused, but a null one is an absent one: a client sends back the output
-    items it was given, whose fields this server does not use may be null."""
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
-        return data
-
-
-class TextPart(_Strict):
+class TextPart(StrictBody):
     # output_text: an assistant message sent back (its annotations and logprobs are not used)
     type: Literal["input_text", "output_text"]
     text: str
@@ -45,7 +33,7 @@ class TextPart(_Strict):
     logprobs: list | None = None
 
 
-class MessageItem(_Strict):
+class MessageItem(StrictBody):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: Union[str, Annotated[list[TextPart], Field(max_length=MAX_PARTS)]]
@@ -57,7 +45,7 @@ class MessageItem(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionCallItem(_Strict):
+class FunctionCallItem(StrictBody):
     type: Literal["function_call"]
     call_id: str = Field(min_length=1, max_length=MAX_CALL_ID)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -66,7 +54,7 @@ class FunctionCallItem(_Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
-class FunctionCallOutputItem(_Strict):
+class FunctionCallOutputItem(StrictBody):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1, max_length=MAX_CALL_ID)
     output: str
@@ -87,7 +75,7 @@ def typed(v: Any) -> Any:
     return v
 
 
-class FunctionTool(_Strict):
+class FunctionTool(StrictBody):
     type: Literal["function"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
@@ -95,12 +83,12 @@ class FunctionTool(_Strict):
     strict: bool | None = None
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictBody):
     type: Literal["function"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class TextFormat(_Strict):
+class TextFormat(StrictBody):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
@@ -116,15 +104,15 @@ class TextFormat(_Strict):
         return self
 
 
-class TextParam(_Strict):
+class TextParam(StrictBody):
     format: TextFormat | None = None
 
 
-class ConversationRef(_Strict):
+class ConversationRef(StrictBody):
     id: str = Field(min_length=1, max_length=MAX_ID)
 
 
-class InputTokensRequest(_Strict):
+class InputTokensRequest(StrictBody):
     """What the model would be fed: `POST /responses/input_tokens` takes these fields only."""
 
     model: str = Field(min_length=1, max_length=MAX_NAME)
@@ -191,18 +179,18 @@ class ResponseRequest(InputTokensRequest):
 
 # -- conversations (api/openai/conversations) ---------------------------------------------------
 
-class ConversationCreate(_Strict):
+class ConversationCreate(StrictBody):
     items: Annotated[list[InputItem], Field(max_length=MAX_ADDED_ITEMS)] | None = None
     metadata: Metadata | None = None
 
     _typed = field_validator("items", mode="before")(typed)
 
 
-class ConversationUpdate(_Strict):
+class ConversationUpdate(StrictBody):
     metadata: Metadata
 
 
-class ItemsCreate(_Strict):
+class ItemsCreate(StrictBody):
     items: Annotated[list[InputItem], Field(min_length=1, max_length=MAX_ADDED_ITEMS)]
 
     _typed = field_validator("items", mode="before")(typed)

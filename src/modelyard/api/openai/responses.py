@@ -34,10 +34,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...control.records import new_id
-from ...engine.types import EngineRequest, ModelType, SamplingParams
+from ...engine.types import EngineRequest, SamplingParams
 from ...errors import InvalidRequest
 from .cache_scope import cache_partition
-from .pipeline import ERRORS, ready_engine, respond
+from .pipeline import ERRORS, respond, tokenizing_engine
 from .response_object import ResponseWriter, text_part
 from .response_schemas import (FunctionCallItem, FunctionCallOutputItem, InputTokensRequest, MessageItem,
                                NamedFunction, ResponseRequest)
@@ -159,11 +159,9 @@ async def fitted(request: Request, body: InputTokensRequest, items: list[dict], 
     (truncation "auto"; a call's output never stays without its call)."""
     if body.truncation != "auto":
         return items
-    engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
-    if not hasattr(engine, "tokenize"):
-        raise InvalidRequest(f"truncation: 'auto' counts tokens with the endpoint's tokenizer, and {body.model!r} "
-                             "is served by a remote engine (its tokenizer is the upstream's); send "
-                             "truncation: 'disabled'", param="truncation")
+    engine = tokenizing_engine(request, body.model, param="truncation", why=(
+        f"truncation: 'auto' counts tokens with the endpoint's tokenizer, and {body.model!r} is served by a "
+        "remote engine (its tokenizer is the upstream's); send truncation: 'disabled'"))
     limit = engine.spec.context
     while len(items) > 1:
         ids = await engine.tokenize(None, chat_messages(items, body.instructions), False, tools)
@@ -239,10 +237,7 @@ async def input_tokens(body: InputTokensRequest, request: Request) -> dict:
     """The tokens the model would be fed (the chain, instructions and tools included): an
     embedded endpoint's own count; a remote endpoint's tokenizer is the upstream's (a 400)."""
     request.state.endpoint = body.model
-    engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
-    if not hasattr(engine, "tokenize"):
-        raise InvalidRequest(f"model endpoint {body.model!r} is served by a remote engine; its tokenizer is the "
-                             "upstream's, so this server cannot count its tokens", param="model")
+    engine = tokenizing_engine(request, body.model)
     tools, _ = chat_tools(body)
     items = await fitted(request, body, await context(request, body, stored_items(body.items)), tools, 1)
     ids = await engine.tokenize(None, chat_messages(items, body.instructions), False, tools)

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...engine.types import ModelType
 from ...errors import ContextOverflow, InvalidRequest
 from ...settings import MAX_NAME
-from ..auth import find_endpoint, visible_endpoints
+from ..auth import visible_endpoints
+from .pipeline import tokenizing_engine
 from .schemas import Message
 
 router = APIRouter()
@@ -59,13 +60,8 @@ def _engine(request: Request, model: str | None):
             raise InvalidRequest(f"model is required: this server has {len(local)} embedded completions "
                                  f"endpoints ({names}); name one", param="model")
         model = local[0].name
-    ep = find_endpoint(request, model)
-    ep.require_type(ModelType.COMPLETIONS, request.url.path)
-    engine = ep.require_ready()
-    if not hasattr(engine, "tokenize"):
-        raise InvalidRequest(f"model endpoint {model!r} is served by a remote engine; its tokenizer is the "
-                             "upstream's: ask the upstream", param="model")
-    return engine
+    return tokenizing_engine(request, model, f"model endpoint {model!r} is served by a remote engine; its "
+                             "tokenizer is the upstream's: ask the upstream")
 
 
 @router.post("/tokenize", summary="Text or chat messages -> the endpoint's token ids (vLLM's shape)")
