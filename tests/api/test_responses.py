@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
-import jsonschema
 import openai
 import pytest
-import yaml
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from testkit.openai_document import conforms as check, document
 from testkit.servers import ServerProcess, served, wait_ready
 
 pytestmark = pytest.mark.model
@@ -33,26 +31,16 @@ ASK = "Name three colours."
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
-SPECS = [Path(__file__).resolve().parents[n] / "shared/spec/openai/openapi.yaml" for n in (2, 3)]
 
 
 @pytest.fixture(scope="module")
 def spec() -> dict:
-    found = next((p for p in SPECS if p.exists()), None)
-    if found is None:
-        pytest.skip(f"OpenAI's published document is not here ({', '.join(map(str, SPECS))})")
-    return yaml.load(found.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return document()
 
 
 def conforms(spec: dict, name: str, instance: dict) -> None:
-    """`instance` against the document's components/schemas/`name` (JSON Schema 2020-12); a
-    stream event against the one event schema of its type (the union's error says nothing)."""
-    if name == "ResponseStreamEvent":
-        schemas = spec["components"]["schemas"]
-        refs = [a["$ref"].rsplit("/", 1)[-1] for a in schemas[name]["anyOf"]]
-        [name] = [r for r in refs if instance["type"] in schemas[r]["properties"]["type"].get("enum", ())]
-    schema = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
-    jsonschema.Draft202012Validator(schema).validate(instance)
+    """testkit's check against OpenAI's document (`spec`, the fixture, loads it once)."""
+    check(name, instance)
 
 
 @pytest.fixture(scope="module")
