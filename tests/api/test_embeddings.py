@@ -21,6 +21,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from testkit.openai_document import conforms
 from testkit.servers import ServerProcess, served
 
 pytestmark = pytest.mark.model
@@ -227,3 +228,16 @@ def test_readme_embeddings_example(srv):
     assert out.returncode == 0, out.stderr
     close, unrelated = map(float, out.stdout.split())
     assert close > unrelated + 0.2 and close > 0.5, out.stdout
+
+
+def test_answers_and_errors_hold_to_openais_document(client):
+    """OpenAI's published document (testkit/openai_document): float answers and an error body.
+    (A base64 answer's `embedding` is a string, as OpenAI's own API sends it; the document says
+    an array of floats only, so base64 is checked by the client test above, not here.)"""
+    for extra in ({}, {"dimensions": 384}):
+        r = embed(client, ["one text", "another"], **extra)
+        assert r.status_code == 200, r.text
+        conforms("CreateEmbeddingResponse", r.json())
+    r = embed(client, "x", model="nope")
+    assert r.status_code == 404
+    conforms("ErrorResponse", r.json())
