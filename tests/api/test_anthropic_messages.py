@@ -25,6 +25,11 @@ WEATHER = {"name": "get_weather", "description": "The weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
+def fed(msg) -> int:
+    """The input tokens the model was fed: Anthropic counts those read from the cache apart."""
+    return msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
+
+
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with served(tmp_path_factory.mktemp("anthropic-up"),
@@ -63,8 +68,8 @@ def test_create_answers_what_chat_answers_in_anthropic_s_shape(client, gateway, 
                       json={"model": model, "max_tokens": 12, "temperature": 0,
                             "messages": [{"role": "system", "content": "You are terse."}, *ASK]}).json()
     assert chat["choices"][0]["message"]["content"] == block.text           # one pipeline, two shapes
-    assert chat["usage"] == {"prompt_tokens": msg.usage.input_tokens, "completion_tokens": msg.usage.output_tokens,
-                             "total_tokens": msg.usage.input_tokens + msg.usage.output_tokens}
+    fed = msg.usage.input_tokens + msg.usage.cache_read_input_tokens      # Anthropic counts cache reads apart
+    assert (chat["usage"]["prompt_tokens"], chat["usage"]["completion_tokens"]) == (fed, msg.usage.output_tokens)
 
 
 @pytest.mark.parametrize("model", [SMOL, REMOTE])
@@ -76,8 +81,8 @@ def test_stream_events_rebuild_the_same_message(client, model):
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
     assert final.content[0].text == whole.content[0].text
-    assert (final.stop_reason, final.usage.input_tokens, final.usage.output_tokens) == (
-        whole.stop_reason, whole.usage.input_tokens, whole.usage.output_tokens)
+    assert (final.stop_reason, fed(final), final.usage.output_tokens) == (
+        whole.stop_reason, fed(whole), whole.usage.output_tokens)
 
 
 def test_a_stop_sequence_is_named_as_the_stop_reason(client):
@@ -112,13 +117,13 @@ def test_a_forced_tool_use_and_its_tool_result_turn(client, stream):
     bare = client.messages.count_tokens(model=SMOL, messages=ask + [{"role": "assistant", "content": "ok"},
                                                                    {"role": "user", "content": "go on"}],
                                         tools=[WEATHER])
-    assert answer.usage.input_tokens > bare.input_tokens
+    assert fed(answer) > bare.input_tokens
 
 
 def test_count_tokens_is_what_create_is_fed(client):
     counted = client.messages.count_tokens(model=SMOL, messages=ASK, system="You are terse.")
     msg = client.messages.create(model=SMOL, max_tokens=1, extra_body=GREEDY, messages=ASK, system="You are terse.")
-    assert counted.input_tokens == msg.usage.input_tokens > 0
+    assert counted.input_tokens == fed(msg) > 0
     with pytest.raises(anthropic.BadRequestError) as err:        # a remote endpoint's tokenizer is the upstream's
         client.messages.count_tokens(model=REMOTE, messages=ASK)
     assert err.value.body["error"]["type"] == "invalid_request_error" and "remote" in err.value.body["error"]["message"]

@@ -114,7 +114,9 @@ def test_stream_events_rebuild_the_stored_response(client, spec):
         assert final.output_text == text and text
         assert client.responses.retrieve(final.id).model_dump() == final.model_dump()
         whole = client.responses.create(model=model, input=ASK, max_output_tokens=12, temperature=0)
-        assert whole.output_text == text and whole.usage.model_dump() == final.usage.model_dump()
+        # the same counts (what the prefix cache held differs: the second found the first's prompt)
+        assert whole.output_text == text and whole.usage.model_dump(exclude={"input_tokens_details"}) == \
+            final.usage.model_dump(exclude={"input_tokens_details"})
 
 
 def test_max_output_tokens_cuts_an_incomplete_response(client):

@@ -171,6 +171,7 @@ class ChoiceDelta:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0        # of the prompt's, computed before (a prefix cache): OpenAI's cached_tokens
 
     @property
     def total_tokens(self) -> int:

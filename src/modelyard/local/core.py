@@ -150,7 +150,7 @@ class EngineCore:
             self.scheduler.release(seq)
             if req.done:
                 self._retire(req, RequestStatus.FINISHED)
-                self._out.setdefault(req, []).append(Usage(req.num_prompt, req.num_output))
+                self._out.setdefault(req, []).append(Usage(req.num_prompt, req.num_output, req.cached_tokens))
 
     def _release_logprobs(self, req: Request, seq: Sequence, cut: bool) -> TokenLogprobs | None:
         """Logprobs travel with the text they belong to: a token's entry is sent once text

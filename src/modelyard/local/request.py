@@ -92,6 +92,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_computed: int = 0                    # prompt tokens whose KV is in the first slot
+    cached_tokens: int = 0                   # of those, taken from the prefix cache at admission
     # told what it computed when it retires (prompt tokens, generated): its ledger's settle
     on_end: Callable[[int, int], None] | None = None
     cache_partition: str = ""                # reuses cached prefixes of this partition only (slots)

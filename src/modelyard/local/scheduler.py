@@ -152,6 +152,7 @@ class Scheduler:
             # generation, and a chunk of one token would take another kernel path than the
             # same prompt prefilled without a cache (see slots.reusable).
             req.num_computed = max(0, min(shared, req.num_prompt - 2))
+            req.cached_tokens = req.num_computed        # its usage says so (OpenAI's cached_tokens)
             self.reused_tokens += req.num_computed
             self._truncations.append((slots[0], req.num_computed))
             self.slots.truncate(slots[0], req.num_computed)

@@ -166,7 +166,9 @@ def read_chunk(event: dict, n: int) -> list[ChoiceDelta]:
 
 def read_usage(usage: Any) -> Usage:
     try:
-        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        details = usage.get("prompt_tokens_details") or {}
+        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                     int(details.get("cached_tokens") or 0))
     except _SHAPE_ERRORS:
         raise SSEError(f"upstream sent malformed usage: {json.dumps(usage)[:200]}") from None
 

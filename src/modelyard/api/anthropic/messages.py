@@ -140,7 +140,11 @@ class AnthropicMessage(ChatCompletion):
 
     @property
     def anthropic_usage(self) -> dict:
-        return {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens}
+        # Anthropic counts cached input apart: input_tokens are those not read from the cache
+        if not self.cached_visible:
+            return {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens}
+        return {"input_tokens": self.prompt_tokens - self.cached_tokens, "output_tokens": self.completion_tokens,
+                "cache_read_input_tokens": self.cached_tokens, "cache_creation_input_tokens": 0}
 
     def body(self) -> dict:
         content, uses = self._content(0)

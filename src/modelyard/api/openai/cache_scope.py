@@ -25,3 +25,12 @@ def cache_partition(request: Request, cache_salt: str | None) -> str:
         return ""
     # JSON: no key id and salt can spell another pair's partition.
     return json.dumps([tenant, cache_salt])
+
+
+def cached_tokens_visible(request: Request) -> bool:
+    """Whether a request's usage may say how much of its prompt the cache held (OpenAI's
+    `cached_tokens`): yes where its partition holds only the caller's own prompts (scope "key",
+    or a keyless server, one tenant); under "shared" it would tell one key what another's
+    prompts begin with, the side channel the partitions close."""
+    quota = getattr(request.state, "quota", None)
+    return quota is None or request.app.state.settings.prefix_cache_scope == "key"

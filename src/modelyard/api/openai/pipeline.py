@@ -23,6 +23,7 @@ from ...settings import Limits
 from ..auth import find_endpoint
 from .. import sse
 from ..errors import limit_error
+from .cache_scope import cached_tokens_visible
 from .schemas import ErrorResponse, GenerationRequest
 from .streaming import Completion, Settle, collect, merge, prime_all, to_sse
 
@@ -40,6 +41,7 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     `settle(out)`, if given, runs once the generation has ended, before the answer's end is sent."""
     state = request.app.state
     out.on_done = reporter(request, body.model)
+    out.cached_visible = cached_tokens_visible(request)
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
     engine = ready_engine(request, body.model, ModelType.COMPLETIONS)

@@ -65,9 +65,10 @@ class ResponseWriter(ChatCompletion):
 
     @property
     def response_usage(self) -> dict:
-        # cached_tokens: the engines do not report how much of a prompt their prefix cache held
+        # cached_tokens: what the prefix cache held of the input (the key's own partition)
         return {"input_tokens": self.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached_tokens if self.cached_visible else 0,
+                                         "cache_write_tokens": 0},
                 "output_tokens": self.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 

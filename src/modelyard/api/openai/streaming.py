@@ -213,6 +213,8 @@ class Completion:
     n: int
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    cached_visible: bool = True       # api/openai/cache_scope.cached_tokens_visible
     texts: dict[int, list[str]] = field(default_factory=dict)
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
@@ -235,11 +237,17 @@ class Completion:
     def add_usage(self, usage: Usage) -> None:
         self.prompt_tokens += usage.prompt_tokens
         self.completion_tokens += usage.completion_tokens
+        self.cached_tokens += usage.cached_tokens
 
     @property
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        # cached_tokens: the prompt tokens its prefix cache held (its own key's partition only,
+        # api/openai/cache_scope: a tenant learns nothing of another's prompts from it)
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if self.cached_visible:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
 
     def envelope(self, choices: list[dict]) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
