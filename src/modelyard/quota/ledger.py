@@ -38,45 +38,31 @@ if TYPE_CHECKING:
 
 class RequestLedger:
     """One admitted request: its key's quota (None on a keyless server), its in-flight slot, and
-    the totals its entries settled."""
+    whether the usage table has counted it yet."""
 
-    __slots__ = ("quota", "slot", "usage", "metrics", "endpoint", "prompt_tokens", "completion_tokens",
-                 "entries", "settled", "recorded", "closed")
+    __slots__ = ("quota", "slot", "usage", "metrics", "endpoint", "recorded")
 
     def __init__(self, quota: Any = None, slot: Slot | None = None, usage: "UsageRecorder | None" = None,
                  metrics: "Metrics | None" = None) -> None:
         self.quota, self.slot, self.usage, self.metrics = quota, slot, usage, metrics
         self.endpoint = "-"            # the endpoint the route resolved (usage rows, metrics)
-        self.prompt_tokens = self.completion_tokens = 0
-        self.entries = self.settled = 0
         self.recorded = False          # the request counted once in the usage table
-        self.closed = False
-
-    def entry(self) -> "Entry":
-        self.entries += 1
-        return Entry(self)
 
     def entries_for(self, n: int) -> list["Entry"]:
-        return [self.entry() for _ in range(n)]
+        return [Entry(self) for _ in range(n)]
 
     @property
     def metered(self) -> bool:
         """Whether reservations are checked (the key has a tpm window or a budget)."""
-        return self.quota is not None and bool(getattr(self.quota, "metered", False))
+        return self.quota is not None and self.quota.metered
 
     def close(self) -> None:
         """The response has ended: the key's slot goes back. Entries an engine is still retiring
         (an aborted request's last step on the engine thread) settle later, by themselves."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.slot is not None:
+        if self.slot is not None:            # Slot.release is idempotent
             self.slot.release()
 
     def _settled(self, entry: "Entry", prompt: int, completion: int) -> None:
-        self.prompt_tokens += prompt
-        self.completion_tokens += completion
-        self.settled += 1
         # 1. the usage row (before the reservation goes: see the module's docstring)
         if self.usage is not None and self.quota is not None:
             self.usage.record(self.quota.key_id, self.endpoint, prompt, completion,
@@ -95,12 +81,11 @@ class RequestLedger:
 class Entry:
     """One engine request's place in its ledger: reserve once, settle once."""
 
-    __slots__ = ("ledger", "reservation", "reserved", "settled")
+    __slots__ = ("ledger", "reservation", "settled")
 
     def __init__(self, ledger: RequestLedger) -> None:
         self.ledger = ledger
         self.reservation: Any = None
-        self.reserved = 0
         self.settled = False
 
     async def reserve(self, tokens: int) -> None:
@@ -109,7 +94,6 @@ class Entry:
         ledger = self.ledger
         if ledger.metered:
             self.reservation = await ledger.quota.reserve(tokens)
-        self.reserved = tokens
 
     def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
         """What the engine computed for it, once, however it ended (on the event loop)."""
