@@ -182,6 +182,11 @@ class StoreBusy(StoreError):
     kind = ErrorKind.CONFLICT
 
 
+class DataCorrupt(ModelyardError):
+    """Stored bytes that no longer match the sha256 recorded with them (control/files): a 500,
+    never served as if they were what was stored."""
+
+
 class EngineError(ModelyardError):
     kind = ErrorKind.ENGINE
 

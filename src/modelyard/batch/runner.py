@@ -15,7 +15,8 @@ A line runs through the whole app in process, as the key that created the batch 
 so its body is the one the online request gets, its tokens are the key's (marked as batch in
 usage), and its engine requests run at batch priority (api/openai/pipeline.ledgered). A line the
 server could not run yet (the key's rate limit or in-flight bound: 429, an endpoint not ready, a
-stale control store: 503) is released to be retried, not stored as failed.
+stale control store: 503) is released to be retried, not stored as failed; one refused for the
+key's budget is stored with that 429 (docs/batches.md).
 """
 
 from __future__ import annotations
@@ -113,8 +114,11 @@ class BatchRunner:
         stored = False
         try:
             status, body = await self.call(line)
-            retry = status in (429, 503) or (status == 400 and isinstance(body, dict) and isinstance(
-                body.get("error"), dict) and body["error"].get("code") in RETRIED_CODES)
+            code = body["error"].get("code") if isinstance(body, dict) and isinstance(body.get("error"), dict) \
+                else None
+            # a budget spent is the line's answer (it would not reset within the window, or
+            # not soon); a rate limit, the key's in-flight bound or an endpoint not ready pass
+            retry = (status in (429, 503) and code != "budget_exceeded") or code in RETRIED_CODES
             if not retry:
                 result = {"id": f"batch_req_{line.batch_id[6:]}_{line.line}", "custom_id": line.custom_id,
                           "response": {"status_code": status, "request_id": f"req_{secrets.token_hex(12)}",

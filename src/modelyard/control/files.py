@@ -4,9 +4,10 @@ gateway sharing it reads (a batch's input uploaded through one gateway runs on a
 The bytes are kept in chunks of at most CHUNK (1 MiB), so that no part of the server ever holds a
 whole file (200 MB by default, `[server] max_file_bytes`): an upload is copied from Starlette's
 spooled temporary file a chunk at a time, a download is sent a chunk at a time. Each chunk keeps
-its sha256 and the file the sha256 of all its bytes: a chunk whose bytes no longer match is a
-`ChecksumMismatch` before any of it is sent (the first chunk before the answer's headers: a
-clean error), never served as if it were the file.
+the file keeps the sha256 and size of all its bytes: a download reads every chunk and checks
+them before the answer's headers go (a mismatch is `DataCorrupt`, a 500, never the file), then
+sends them a chunk at a time, checking them again as it goes (a change in between cuts the
+answer short of its Content-Length).
 
 Ownership is a WHERE clause, as for stored responses (control/responses): every read names the
 key, so another key's file is "not found". Blocking calls (control/db): callers run them on a
@@ -19,7 +20,7 @@ import hashlib
 import time
 from typing import BinaryIO, Iterable, Iterator
 
-from ..errors import ChecksumMismatch, InvalidRequest, ObjectNotFound
+from ..errors import DataCorrupt, InvalidRequest, ObjectNotFound
 from .db import Database
 from .records import new_id
 from .responses import owner
@@ -151,7 +152,7 @@ class FileStore:
                 break
             yield data
         if size != row["bytes"] or whole.hexdigest() != row["sha256"]:
-            raise ChecksumMismatch(f"file {row['id']!r}: its stored bytes do not match the sha256 recorded at "
+            raise DataCorrupt(f"file {row['id']!r}: its stored bytes do not match the sha256 recorded at "
                                    "upload (the database was changed or damaged); not served", code="file_corrupt")
 
     def verified(self, key_id: str | None, file_id: str) -> dict:
