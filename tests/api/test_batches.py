@@ -298,3 +298,15 @@ def rss_kib(pid: int) -> int:
         if row.startswith("VmRSS:"):
             return int(row.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_responses_batch_equals_online(server):
+    c = client(server)
+    bodies = [{"model": SMOL, "input": f"Name a colour, number {i}.", "max_output_tokens": 16, "temperature": 0,
+               "store": False} for i in range(5)]
+    done = run(c, jsonl([line(i, "/v1/responses", b) for i, b in enumerate(bodies)]), "/v1/responses")
+    assert done.status == "completed" and done.request_counts.completed == 5, done
+    out = {o["custom_id"]: o["response"]["body"] for o in output(c, done.output_file_id)}
+    online = c.responses.create(**bodies[2])
+    assert out["req-2"]["object"] == "response" and out["req-2"]["status"] == online.status
+    assert out["req-2"]["output"][0]["content"][0]["text"] == online.output_text
