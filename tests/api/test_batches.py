@@ -6,7 +6,6 @@ limit refused while it streams in."""
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import time
@@ -183,7 +182,10 @@ def test_files_api(server):
     rest = c.files.list(purpose="user_data", limit=100, order="asc", after=page.data[-1].id)
     assert [x.id for x in page.data + rest.data][-3:] == ids
     assert all(x.purpose == "user_data" for x in rest.data)
-    assert c.files.delete(f.id).deleted
+    conforms("ListFilesResponse", documented(server, "/files?purpose=user_data&limit=2"))
+    gone = httpx.delete(f"{server.base}{OPENAI_PREFIX}/files/{f.id}", headers={"Authorization": f"Bearer {KEY}"})
+    conforms("DeleteFileResponse", gone.json())
+    assert gone.json()["deleted"]
     with pytest.raises(openai.NotFoundError):
         c.files.retrieve(f.id)
     with pytest.raises(openai.BadRequestError) as bad:
