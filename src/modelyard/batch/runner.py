@@ -93,7 +93,8 @@ class BatchRunner:
             await self._phase(*phase)
             self.wake()              # there may be more
         free = self.concurrency - len(self.running)
-        if free > 0 and not self.stopping:
+        # draining (SIGTERM: server.py): the lines in flight finish, no new one starts here
+        if free > 0 and not self.stopping and not getattr(self.app.state, "shutting_down", False):
             for line in await asyncio.to_thread(store.lease_lines, self.token, free, self.lease):
                 task = asyncio.create_task(self._run(line), name=f"batch {line.batch_id}:{line.line}")
                 self.running[(line.batch_id, line.line)] = (line, task)
