@@ -17,6 +17,7 @@ import pytest
 from testkit.openai_document import conforms
 from testkit.servers import OPENAI_PREFIX, served
 from testkit.until import until
+from modelyard.control.db import open_database
 
 pytestmark = pytest.mark.model
 
@@ -312,3 +313,16 @@ def test_responses_batch_equals_online(server):
     online = c.responses.create(**bodies[2])
     assert out["req-2"]["object"] == "response" and out["req-2"]["status"] == online.status
     assert out["req-2"]["output"][0]["content"][0]["text"] == online.output_text
+
+
+def test_a_damaged_file_is_an_error_not_its_bytes(server):
+    c = client(server)
+    f = c.files.create(file=("keep.jsonl", b'{"x": 1}\n' * 100), purpose="user_data")
+    db = open_database(f"sqlite:///{server.log.parent / 'server-control.db'}")
+    try:
+        db.execute("UPDATE file_chunks SET data = ? WHERE file_id = ?", (b'{"x": 2}\n' * 100, f.id))
+    finally:
+        db.close()
+    r = httpx.get(f"{server.base}{OPENAI_PREFIX}/files/{f.id}/content", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "file_corrupt"
+    assert b'{"x": 2}' not in r.content
