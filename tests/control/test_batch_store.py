@@ -121,3 +121,9 @@ def test_a_validating_batch_whose_gateway_died_fails(db):
     assert store.take(60, int(time.time()) + 6) == (b["id"], "validate")
     store.fail_validation(b["id"])
     assert store.get(KEY, b["id"])["status"] == "failed"
+
+
+def test_lines_are_numbered_as_the_file_is_and_bounded():
+    from modelyard.control.batches import split_lines
+    data = [b'{"a":', b' 1}\n\n  \n', b'x' * 50 + b'\n{"b": 2}', b'\n' + b'y' * 30]
+    assert list(split_lines(iter(data), 40)) == [(1, b'{"a": 1}'), (4, None), (5, b'{"b": 2}'), (6, b'y' * 30)]

@@ -32,6 +32,8 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/r
 WINDOW = 86_400                 # "24h", the only completion_window (OpenAI's)
 MAX_ERRORS = 1000               # line errors a failed batch lists (the count says how many more)
 MAX_CUSTOM_ID = 512             # characters of a custom_id
+MAX_LINE_BYTES = 1_000_000      # a line's bytes unless told (the route: [limits] max_body_bytes, what a body may be)
+VALIDATING = 600                # seconds a gateway may take to validate a batch before another fails it
 PAGE = 1000                     # lines read at once when the output files are written
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
@@ -54,7 +56,8 @@ def line_error(line: int, code: str, message: str, param: str | None = None) -> 
 
 
 def parse_lines(data: Iterator[bytes], endpoint: str, model_error: Callable[[str], tuple[str, str] | None],
-                max_lines: int, sink: Callable[[str, dict], None] | None = None) -> list[dict]:
+                max_lines: int, sink: Callable[[str, dict], None] | None = None,
+                max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
     """Every error of the input file's lines (OpenAI's shape, 1-based line numbers): not JSON,
     not an object, custom_id missing or not a string or repeated, method not POST, url not the
     batch's endpoint, body not an object, body.model missing, unknown to this key or of the
@@ -63,12 +66,17 @@ def parse_lines(data: Iterator[bytes], endpoint: str, model_error: Callable[[str
     errors: list[dict] = []
     seen: set[str] = set()
     models: dict[str, tuple[str, str] | None] = {}
-    number = 0
-    for number, raw in enumerate(split_lines(data), start=1):
-        if number > max_lines:
+    count = 0
+    for number, raw in split_lines(data, max_line_bytes):
+        count += 1
+        if count > max_lines:
             errors.append(line_error(number, "too_many_lines", f"a batch may hold at most {max_lines} lines "
                                      "([server] max_batch_lines)"))
             break
+        if raw is None:
+            errors.append(line_error(number, "line_too_large", f"line {number} is over {max_line_bytes} bytes, "
+                                     "the most a request body may be ([limits] max_body_bytes)"))
+            continue
         try:
             item = json.loads(raw)
         except ValueError as exc:
@@ -111,22 +119,34 @@ def parse_lines(data: Iterator[bytes], endpoint: str, model_error: Callable[[str
             continue
         if sink is not None and isinstance(custom_id, str):
             sink(custom_id, body)
-    if number == 0:
+    if count == 0:
         errors.append(line_error(1, "empty_file", "the input file has no lines"))
     return errors
 
 
-def split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Non-blank lines of a file read in chunks (blank lines, a trailing newline included, skipped)."""
-    rest = b""
+def split_lines(chunks: Iterator[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number from 1, its bytes) for each non-blank line of a file read in chunks; None for a
+    line over `max_line_bytes`, whose bytes are skipped rather than held."""
+    number, rest, over = 1, bytearray(), False
     for chunk in chunks:
-        rest += chunk
-        *whole, rest = rest.split(b"\n")
-        for line in whole:
-            if line.strip():
-                yield line
-    if rest.strip():
-        yield rest
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if not over:
+                rest += chunk[start:] if end < 0 else chunk[start:end]
+                if len(rest) > max_line_bytes:
+                    over = True
+                    rest.clear()
+            if end < 0:
+                break
+            if over or rest.strip():
+                yield number, None if over else bytes(rest)
+            number += 1
+            rest.clear()
+            over = False
+            start = end + 1
+    if over or rest.strip():
+        yield number, None if over else bytes(rest)
 
 
 class BatchStore:
@@ -153,15 +173,15 @@ class BatchStore:
         return self.get(key_id, batch_id)
 
     def validate(self, batch_id: str, endpoint: str, model_error: Callable[[str], tuple[str, str] | None],
-                 max_lines: int) -> None:
+                 max_lines: int, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         """Check the batch's input file (a first read, keeping only the custom_ids), then store
         every line (a second read) and start the batch, or fail it with the errors."""
         batch, chunks = self.input_chunks(batch_id)
-        errors = parse_lines(chunks, endpoint, model_error, max_lines)
+        errors = parse_lines(chunks, endpoint, model_error, max_lines, max_line_bytes=max_line_bytes)
         if errors:
             return self.validated(batch_id, None, errors)
         self.validated(batch_id, lambda sink: parse_lines(self.input_chunks(batch_id)[1], endpoint, model_error,
-                                                          max_lines, sink), [])
+                                                          max_lines, sink, max_line_bytes), [])
 
     def validated(self, batch_id: str, lines: Callable[[Callable[[str, dict], None]], object] | None,
                   errors: list[dict]) -> None:

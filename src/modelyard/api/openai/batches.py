@@ -16,6 +16,7 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import Field
 
+from ...control.batches import VALIDATING
 from ...engine.types import ModelType
 from ...errors import ModelyardError
 from ..auth import find_endpoint
@@ -56,12 +57,13 @@ async def create_batch(body: BatchCreate, request: Request) -> dict:
     owner = await key_id(request)
     batches = await store(request)
     runner = request.app.state.batches
+    settings = request.app.state.settings
     created = await asyncio.to_thread(batches.create, owner, body.input_file_id, body.endpoint, body.metadata,
-                                      runner.lease)
+                                      max(runner.lease, VALIDATING))
     # the lines checked while this gateway holds the batch's lease (one that dies meanwhile
     # leaves it to the next runner, which fails it: control/batches.take)
     await asyncio.to_thread(batches.validate, created["id"], body.endpoint, model_check(request, body.endpoint),
-                            request.app.state.settings.max_batch_lines)
+                            settings.max_batch_lines, settings.limits.max_body_bytes)
     runner.wake()
     return await asyncio.to_thread(batches.get, owner, created["id"])
 
