@@ -132,8 +132,14 @@ class BatchRunner:
                 stored = True
         except asyncio.CancelledError:
             pass
-        except Exception:  # noqa: BLE001 - the line is released; its lease would pass anyway
-            log.exception("batch %s line %d failed to run (released)", line.batch_id, line.line)
+        except Exception:  # noqa: BLE001 - the line is tried again later; the log says why
+            log.exception("batch %s line %d could not be run or stored (tried again in %ss)", line.batch_id,
+                          line.line, RETRY)
+            try:
+                await asyncio.to_thread(store.release_line, line, self.token, int(time.time()) + RETRY)
+                stored = True
+            except Exception:  # noqa: BLE001 - released below, or its lease passes
+                pass
         finally:
             self.running.pop((line.batch_id, line.line), None)
             if not stored:               # aborted (cancel, shutdown) or broken: open again now
@@ -172,6 +178,11 @@ class BatchRunner:
                 chunks.append(message.get("body", b""))
         try:
             await self.app(scope, receive, send)
+        except Exception:
+            # Starlette re-raises a route's unexpected error after its 500 went out: that 500 is
+            # the line's answer, as it would be the online request's
+            if not chunks:
+                raise
         finally:
             ended.set()
         raw = b"".join(chunks)
