@@ -23,6 +23,7 @@
     ├── StoreError                      STORE            (CLI; 400 if seen by a request)
     │   ├── ChecksumMismatch
     │   └── StoreBusy                   CONFLICT         409   conflict_error  (a pull of that model runs)
+    ├── DataCorrupt                     ENGINE           500   server_error  (a stored file's sha256 fails)
     ├── EngineError                     ENGINE           500   server_error
     └── ConfigError                     CONFIG           (CLI only)
 
