@@ -106,3 +106,14 @@ def test_control_plane_example(tmp_path):
         until(lambda: "small" not in {e["name"] for e in httpx.get(  # it drains, then it is gone
             f"{srv.base}/api/v1/control/model-endpoints", headers={"Authorization": f"Bearer {token}"}).json()["data"]},
               30, "the deleted endpoint gone from the list")
+
+
+def test_batches_example(server):
+    code = block("python", "client.batches.create").replace(DEFAULT_BASE, server.base)
+    code = code.replace('api_key="none"', f'api_key="{server.key}"')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "completed 3", out.stdout
+    # each answer's custom_id, then its text (which may hold line breaks of its own)
+    assert sorted(re.findall(r"^(q\d) ", out.stdout, re.M)) == ["q0", "q1", "q2"], out.stdout

@@ -71,6 +71,10 @@ def test_model_flag_serves_that_one_model(tmp_path):
     ('[[endpoints]]\nname = "' + "n" * 257 + '"', "257 characters, above the limit of 256"),
     ('[[endpoints]]\nname = "r"\nengine = "openai"\nurls = ["http://169.254.169.254/v1"]', "link-local"),
     ('[server]\nallow_private_upstreams = 1', "allow_private_upstreams must be true or false"),
+    ('[server]\nmax_file_bytes = 0', "max_file_bytes must be a whole number from 1"),
+    ('[server]\nmax_batch_lines = 2000000', "max_batch_lines must be a whole number from 1 to 1000000"),
+    ('[server]\nbatch_lease_seconds = 1', "batch_lease_seconds must be from 2.0"),
+    ('[server]\nbatch_concurrency = 0', "batch_concurrency must be a whole number"),
 ])
 def test_bad_config_names_the_problem(tmp_path, text, words):
     with pytest.raises(ConfigError, match=words):
@@ -98,7 +102,7 @@ def test_a_configured_key_may_be_limited_to_some_endpoints(tmp_path):
 
 def test_public_surface_is_exactly_all():
     public = {name for name in vars(modelyard) if not name.startswith("_")}
-    modules = {"api", "bert_gguf", "cli", "console", "control", "engine", "errors", "local", "metrics", "periodic", "proxy", "quota", "redact",
+    modules = {"api", "batch", "bert_gguf", "cli", "console", "control", "engine", "errors", "local", "metrics", "periodic", "proxy", "quota", "redact",
                "registry", "server", "settings", "store"}
     assert public - modules == set(modelyard.__all__)
     for name in modelyard.__all__:

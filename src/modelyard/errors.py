@@ -23,6 +23,7 @@
     ├── StoreError                      STORE            (CLI; 400 if seen by a request)
     │   ├── ChecksumMismatch
     │   └── StoreBusy                   CONFLICT         409   conflict_error  (a pull of that model runs)
+    ├── DataCorrupt                     ENGINE           500   server_error  (a stored file's sha256 fails)
     ├── EngineError                     ENGINE           500   server_error
     └── ConfigError                     CONFIG           (CLI only)
 
@@ -180,6 +181,11 @@ class ChecksumMismatch(StoreError):
 
 class StoreBusy(StoreError):
     kind = ErrorKind.CONFLICT
+
+
+class DataCorrupt(ModelyardError):
+    """Stored bytes that no longer match the sha256 recorded with them (control/files): a 500,
+    never served as if they were what was stored."""
 
 
 class EngineError(ModelyardError):

@@ -206,6 +206,13 @@ CONTROL_LIMITS: dict[str, tuple[float, float, str]] = {
     "usage_flush_interval": (0.05, 300.0, "seconds"),
     # days a stored response (OpenAI's Responses API, control/responses) is kept, then swept
     "responses_retention_days": (1, 3650, "days"),
+    # Files and Batches (control/files, control/batches, batch/runner; docs/batches.md): a file's
+    # size (refused while it streams in), a batch input's lines, the lease a gateway holds on
+    # the lines it runs (a gateway killed holds them this long at most), lines one gateway runs at once
+    "max_file_bytes": (1, 10_000_000_000, "bytes"),
+    "max_batch_lines": (1, 1_000_000, "lines"),
+    "batch_lease_seconds": (2.0, 3600.0, "seconds"),
+    "batch_concurrency": (1, 1024, "lines"),
 }
 
 
@@ -256,6 +263,10 @@ class Settings:
     max_streams_per_token: int = 8
     usage_flush_interval: float = 5.0
     responses_retention_days: int = 30
+    max_file_bytes: int = 200_000_000       # OpenAI's 200 MB a file
+    max_batch_lines: int = 50_000           # OpenAI's 50,000 requests a batch
+    batch_lease_seconds: float = 60.0
+    batch_concurrency: int = 4
 
     @property
     def control_enabled(self) -> bool:

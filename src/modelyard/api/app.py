@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -19,9 +20,10 @@ from ..settings import Settings
 from . import errors, probes
 from .anthropic import messages as anthropic_messages
 from .admin import audit, auth as admin_auth, endpoints as admin_endpoints, keys, models as admin_models, usage
-from .admin import responses as admin_responses
+from .admin import batches as admin_batches, responses as admin_responses
 from .openai.background import BackgroundRuns
-from .openai import chat, completions, conversations, embeddings, models, responses, tokenizer
+from .openai import batches, chat, completions, conversations, embeddings, files, models, responses, tokenizer
+from ..batch.runner import BatchRunner
 from .middleware.body_limits import BodyLimits
 from .middleware.browser_guard import BrowserGuard, allowed_origin_keys
 from .middleware.credentials import CredentialGate, GatedRoutes
@@ -77,12 +79,21 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             app.state.keys.name_configured(server_secret(opened, KEY_ID_SECRET))
         app.state.responses = Responses(settings.database, settings.responses_retention_days, db, name_keys)
         app.state.background = BackgroundRuns(app.state.responses)
+        # Files and batches (batch/runner): in the same database, opened with it. A gateway
+        # whose database exists (or is shared: a control plane, PostgreSQL) starts its runner
+        # now, so batches in progress resume after a restart; else on the first /files or
+        # /batches request (control/responses says why a database is not made unasked).
+        app.state.batches = BatchRunner(app, app.state.responses, settings)
+        if db is not None or settings.database.startswith(("postgresql://", "postgres://")) or \
+                Path(settings.database.removeprefix("sqlite:///")).expanduser().exists():
+            await app.state.batches.store()
         await app.state.keys.backend.prepare()      # postgres: its table
         registry.start()
         try:
             yield
         finally:
             app.state.shutting_down = True
+            await app.state.batches.stop()      # its lines released for another gateway
             registry.drain()
             await registry.stop()
             await app.state.background.stop()
@@ -126,7 +137,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.add_middleware(CancelOnDisconnect)
     gated = GatedRoutes()       # filled by include() below, before the first request
     app.add_middleware(CredentialGate, routes=gated)
-    app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes)
+    # the Files API's upload alone takes a file's size ([server] max_file_bytes), multipart
+    upload = (files.upload_limit(settings.max_file_bytes), "[server] max_file_bytes")
+    app.add_middleware(BodyLimits, max_bytes=settings.limits.max_body_bytes,
+                       uploads={OPENAI_PREFIX + "/files": upload, "/v1/files": upload})
     app.add_middleware(CloseLedger)      # outside CancelOnDisconnect: runs once the app's task has ended
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
@@ -143,7 +157,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     routes: list[str] = []      # every route template we serve: the only route labels of metrics
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
         for router in (completions.router, chat.router, embeddings.router, models.router, responses.router,
-                       conversations.router):
+                       conversations.router, files.router, batches.router):
             include(router, prefix, auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
     # Anthropic's client appends /v1/messages to its base URL: the server's root, or this prefix
@@ -155,7 +169,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     include(tokenizer.router, "", auth)     # vLLM's place for them: the root
     if settings.control_enabled:    # admin tokens, not inference keys (api/admin/auth)
         for router in (keys.router, audit.router, usage.router, admin_endpoints.router, admin_models.router,
-                       admin_responses.router):
+                       admin_responses.router, admin_batches.router):
             include(router, "/api/v1/control")
             routes += ["/api/v1/control" + r.path for r in router.routes]
         from ..console import mount       # the web console at /console (console/)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from ..quota.ledger import RequestLedger
+from .scope import BATCH_CALLER
 from .middleware.credentials import before_body
 
 if TYPE_CHECKING:
@@ -52,9 +53,19 @@ async def require_key(request: Request) -> None:
     opens the request's ledger (quota/ledger) with the key's quota and in-flight slot; it is
     closed by api/middleware/ledger.CloseLedger once the response has ended, however it ended."""
     state = request.app.state
-    quota, slot = await state.keys.admit(credential(request))
+    batch = request.scope.get(BATCH_CALLER)     # a batch's line, run in process (batch/runner)
+    if batch is not None:
+        quota, slot = await state.keys.admit_id(batch)
+    else:
+        quota, slot = await state.keys.admit(credential(request))
     request.state.quota = quota
-    request.state.ledger = RequestLedger(quota, slot, getattr(state, "usage", None), state.metrics)
+    request.state.ledger = RequestLedger(quota, slot, getattr(state, "usage", None), state.metrics,
+                                         batch=batch is not None)
+
+
+def is_batch(request: Request) -> bool:
+    """Whether this request is a batch's line (batch/runner): its engine requests run at batch priority."""
+    return request.scope.get(BATCH_CALLER) is not None
 
 
 def may_see_reasons(request: Request) -> bool:

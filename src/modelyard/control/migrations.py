@@ -158,4 +158,76 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             PRIMARY KEY (conversation_id, position)
         )""",
     ]),
+    (10, [
+        # OpenAI's Files API (control/files.py): a file's record, owned by the key that uploaded
+        # it (another key gets 404); its bytes in chunks of at most 1 MiB (never one value of
+        # 200 MB in memory), their sha256 checked on every read. BYTEA: PostgreSQL's bytes;
+        # SQLite keeps a blob as it is whatever the column's declared type.
+        """CREATE TABLE files (
+            id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            bytes BIGINT NOT NULL,
+            lines BIGINT NOT NULL,
+            sha256 TEXT NOT NULL,
+            created_at BIGINT NOT NULL
+        )""",
+        "CREATE INDEX files_key ON files (key_id, id)",
+        """CREATE TABLE file_chunks (
+            file_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            data BYTEA NOT NULL,
+            PRIMARY KEY (file_id, seq)
+        )""",
+        # OpenAI's Batch API (control/batches.py): the batch (status, times, errors as JSON;
+        # lease_until: who validates or finalizes it, a phase a killed gateway leaves to the
+        # next), and one row per input line: its request, the gateway's lease on it while it
+        # runs, its result once done. (batch_id, line) is the key: a line redone after its
+        # lease passed stores one result, whoever finishes first (`done = 0` in the update).
+        """CREATE TABLE batches (
+            id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            input_file_id TEXT NOT NULL,
+            completion_window TEXT NOT NULL,
+            status TEXT NOT NULL,
+            metadata TEXT,
+            errors TEXT,
+            total BIGINT NOT NULL,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            lease_until BIGINT,
+            created_at BIGINT NOT NULL,
+            in_progress_at BIGINT,
+            expires_at BIGINT NOT NULL,
+            finalizing_at BIGINT,
+            completed_at BIGINT,
+            failed_at BIGINT,
+            expired_at BIGINT,
+            cancelling_at BIGINT,
+            cancelled_at BIGINT
+        )""",
+        "CREATE INDEX batches_key ON batches (key_id, id)",
+        "CREATE INDEX batches_status ON batches (status)",
+        """CREATE TABLE batch_lines (
+            batch_id TEXT NOT NULL,
+            line BIGINT NOT NULL,
+            custom_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            done BIGINT NOT NULL,
+            ok BIGINT,
+            lease_owner TEXT,
+            lease_until BIGINT,
+            result TEXT,
+            PRIMARY KEY (batch_id, line)
+        )""",
+        "CREATE INDEX batch_lines_open ON batch_lines (batch_id, done, lease_until)",
+    ]),
+    (11, [
+        # batch lines' share of a usage row (control/usage): requests and tokens a batch ran,
+        # counted in the row's totals too (budgets read the totals), shown apart
+        "ALTER TABLE usage ADD COLUMN batch_requests BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE usage ADD COLUMN batch_tokens BIGINT NOT NULL DEFAULT 0",
+    ]),
 ]

@@ -227,6 +227,11 @@ class Responses:
                     self._store = store
         return self._store
 
+    async def database(self) -> Database:
+        """The database this store opened (or shares): the Files and Batches APIs' too
+        (control/files, control/batches), opened once and named the same way."""
+        return (await self.store()).db
+
     async def run(self, method: str, *args: Any) -> Any:
         """`ResponseStore.<method>(*args)` on a worker thread."""
         store = await self.store()

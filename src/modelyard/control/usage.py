@@ -44,14 +44,18 @@ class UsageRecorder:
         self.committed = 0
 
     def record(self, key_id: str, endpoint: str, prompt_tokens: int, completion_tokens: int,
-               requests: int = 1) -> None:
+               requests: int = 1, batch: bool = False) -> None:
         """Tokens computed for a request of `key_id` (quota/ledger: a request of several engine
-        requests is recorded once per engine request, counted as one request)."""
+        requests is recorded once per engine request, counted as one request); `batch`: a batch's
+        line (batch/runner), counted in the totals and in the row's batch share too."""
         minute = int(time.time()) // 60 * 60
-        row = self._pending.setdefault((key_id, endpoint, minute), [0, 0, 0])
+        row = self._pending.setdefault((key_id, endpoint, minute), [0, 0, 0, 0, 0])
         row[0] += requests
         row[1] += prompt_tokens
         row[2] += completion_tokens
+        if batch:
+            row[3] += requests
+            row[4] += prompt_tokens + completion_tokens
         per_minute = self._tokens.setdefault(key_id, {})
         per_minute[minute] = per_minute.get(minute, 0) + prompt_tokens + completion_tokens
 
@@ -84,11 +88,10 @@ class UsageRecorder:
                 for m, t in minutes.items():
                     mine[m] = mine.get(m, 0) + t
             # keep what could not be written for the next flush (added to what came meanwhile)
-            for bucket, (n, p, c) in pending.items():
-                row = self._pending.setdefault(bucket, [0, 0, 0])
-                row[0] += n
-                row[1] += p
-                row[2] += c
+            for bucket, counts in pending.items():
+                row = self._pending.setdefault(bucket, [0, 0, 0, 0, 0])
+                for i, v in enumerate(counts):
+                    row[i] += v
             raise
         self.committed += 1
         entry[0] = self.committed
@@ -101,13 +104,16 @@ class UsageRecorder:
         # same order, so two flushes never wait for each other in a cycle (a PostgreSQL
         # deadlock, seen by bench/usage_flush.py with 4 processes flushing together).
         with self.db.transaction() as db:
-            for (key_id, endpoint, minute), (n, p, c) in sorted(pending.items()):
-                db.execute("INSERT INTO usage (key_id, endpoint, minute, requests, prompt_tokens, completion_tokens) "
-                           "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, endpoint, minute) DO UPDATE SET "
+            for (key_id, endpoint, minute), (n, p, c, bn, bt) in sorted(pending.items()):
+                db.execute("INSERT INTO usage (key_id, endpoint, minute, requests, prompt_tokens, completion_tokens, "
+                           "batch_requests, batch_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                           "ON CONFLICT (key_id, endpoint, minute) DO UPDATE SET "
                            "requests = usage.requests + excluded.requests, "
                            "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
-                           "completion_tokens = usage.completion_tokens + excluded.completion_tokens",
-                           (key_id, endpoint, minute, n, p, c))
+                           "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
+                           "batch_requests = usage.batch_requests + excluded.batch_requests, "
+                           "batch_tokens = usage.batch_tokens + excluded.batch_tokens",
+                           (key_id, endpoint, minute, n, p, c, bn, bt))
 
     async def start(self) -> None:
         self._flusher.start()
@@ -163,7 +169,8 @@ def query(db: Database, granularity: str, key_id: str | None, endpoint: str | No
         outer = (" WHERE start > ? OR (start = ? AND key_id > ?) OR (start = ? AND key_id = ? AND endpoint > ?)")
         outer_args = [c_start, c_start, c_key, c_start, c_key, c_endpoint]
     inner = (f"SELECT key_id, endpoint, (minute / {step}) * {step} AS start, SUM(requests) AS requests, "
-             "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens FROM usage"
+             "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
+             "SUM(batch_requests) AS batch_requests, SUM(batch_tokens) AS batch_tokens FROM usage"
              + (" WHERE " + " AND ".join(where) if where else "")
              + f" GROUP BY key_id, endpoint, (minute / {step}) * {step}")
     sql = f"SELECT * FROM ({inner}) AS buckets{outer} ORDER BY start, key_id, endpoint LIMIT ?"
@@ -172,7 +179,10 @@ def query(db: Database, granularity: str, key_id: str | None, endpoint: str | No
              "key_id": r["key_id"], "endpoint": r["endpoint"], "start": int(r["start"]),
              "granularity": granularity, "requests": int(r["requests"]), "prompt_tokens": int(r["prompt_tokens"]),
              "completion_tokens": int(r["completion_tokens"]),
-             "total_tokens": int(r["prompt_tokens"]) + int(r["completion_tokens"])} for r in rows[:limit]]
+             "total_tokens": int(r["prompt_tokens"]) + int(r["completion_tokens"]),
+             # of which batches' lines (batch/runner): counted in the figures above too
+             "batch_requests": int(r["batch_requests"]), "batch_tokens": int(r["batch_tokens"])}
+            for r in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit,
             "last_id": data[-1]["id"] if data else None}
 
@@ -188,14 +198,18 @@ def rename_keys(db: Database, renamed: list[tuple[str, str]]) -> int:
         for old, new in renamed:
             if old == new:
                 continue
-            rows = tx.query("DELETE FROM usage WHERE key_id = ? "
-                            "RETURNING endpoint, minute, requests, prompt_tokens, completion_tokens", (old,))
+            rows = tx.query("DELETE FROM usage WHERE key_id = ? RETURNING endpoint, minute, requests, "
+                            "prompt_tokens, completion_tokens, batch_requests, batch_tokens", (old,))
             for r in rows:
-                tx.execute("INSERT INTO usage (key_id, endpoint, minute, requests, prompt_tokens, completion_tokens) "
-                           "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, endpoint, minute) DO UPDATE SET "
+                tx.execute("INSERT INTO usage (key_id, endpoint, minute, requests, prompt_tokens, completion_tokens, "
+                           "batch_requests, batch_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                           "ON CONFLICT (key_id, endpoint, minute) DO UPDATE SET "
                            "requests = usage.requests + excluded.requests, "
                            "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
-                           "completion_tokens = usage.completion_tokens + excluded.completion_tokens",
-                           (new, r["endpoint"], r["minute"], r["requests"], r["prompt_tokens"], r["completion_tokens"]))
+                           "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
+                           "batch_requests = usage.batch_requests + excluded.batch_requests, "
+                           "batch_tokens = usage.batch_tokens + excluded.batch_tokens",
+                           (new, r["endpoint"], r["minute"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
+                            r["batch_requests"], r["batch_tokens"]))
             moved += len(rows)
     return moved

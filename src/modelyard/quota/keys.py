@@ -105,6 +105,27 @@ class KeyChecker:
             raise Unauthorized("this API key has expired", code="expired_api_key")
         return found, await found.admit()
 
+    async def admit_id(self, key_id: str) -> tuple[KeyQuota | None, Slot | None]:
+        """`admit` for a batch's line (batch/runner), by the id of the key that created the batch
+        (no secret is kept for it): the key must still be valid (revoked, expired: 401), and the
+        line counts against its quota as any request of it does (docs/batches.md)."""
+        if not self.enabled:
+            return None, None
+        found, stored = None, False
+        for _, quota in self._keys:
+            if quota.key_id == key_id:
+                found = quota
+        if key_id in self._stored:
+            found, stored = self._stored[key_id][1], True
+        if found is None:
+            raise Unauthorized("the API key that created this batch no longer exists (revoked)",
+                               code="invalid_api_key")
+        if stored and self._stale():
+            raise ControlStale(self.sync.refusal("stored API keys"), code="control_store_unavailable")
+        if found.expires_at is not None and time.time() >= found.expires_at:
+            raise Unauthorized("the API key that created this batch has expired", code="expired_api_key")
+        return found, await found.admit()
+
     def knows(self, authorization: str | None) -> bool:
         """Whether the header carries a valid key (no quota is counted: for open routes)."""
         scheme, _, token = (authorization or "").partition(" ")

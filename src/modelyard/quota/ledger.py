@@ -40,11 +40,12 @@ class RequestLedger:
     """One admitted request: its key's quota (None on a keyless server), its in-flight slot, and
     whether the usage table has counted it yet."""
 
-    __slots__ = ("quota", "slot", "usage", "metrics", "endpoint", "recorded")
+    __slots__ = ("quota", "slot", "usage", "metrics", "endpoint", "recorded", "batch")
 
     def __init__(self, quota: Any = None, slot: Slot | None = None, usage: "UsageRecorder | None" = None,
-                 metrics: "Metrics | None" = None) -> None:
+                 metrics: "Metrics | None" = None, batch: bool = False) -> None:
         self.quota, self.slot, self.usage, self.metrics = quota, slot, usage, metrics
+        self.batch = batch             # a batch's line (batch/runner): its usage is marked so
         self.endpoint = "-"            # the endpoint the route resolved (usage rows, metrics)
         self.recorded = False          # the request counted once in the usage table
 
@@ -66,7 +67,7 @@ class RequestLedger:
         # 1. the usage row (before the reservation goes: see the module's docstring)
         if self.usage is not None and self.quota is not None:
             self.usage.record(self.quota.key_id, self.endpoint, prompt, completion,
-                              requests=0 if self.recorded else 1)
+                              requests=0 if self.recorded else 1, batch=self.batch)
             self.recorded = True
         # 2. the metrics' token counters
         if self.metrics is not None:

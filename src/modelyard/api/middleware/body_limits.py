@@ -24,20 +24,25 @@ class BodyLimits:
     would otherwise read and discard the rest of it to keep the connection, for as long as the
     client cared to send."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # POST paths that take a multipart upload (the Files API): path -> (their own limit, the
+        # setting that names it). Only these keep their Content-Type and get the larger bound.
+        self.uploads = uploads or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["method"] == "POST":
+        upload = self.uploads.get(scope["path"]) if scope["method"] == "POST" else None
+        limit, setting = upload or (self.max_bytes, "[limits] max_body_bytes")
+        if scope["method"] == "POST" and upload is None:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             headers.append((b"content-type", b"application/json"))
             scope = {**scope, "headers": headers}
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(send, int(length))
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._too_large(send, int(length), limit, setting)
         seen = 0
         too_large: int | None = None
         body_read = not has_body(scope)
@@ -47,9 +52,9 @@ class BodyLimits:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     too_large = seen
-                    raise _TooLarge(seen)
+                    raise TooLarge(seen)
                 body_read = body_read or not message.get("more_body", False)
             return message
 
@@ -65,15 +70,14 @@ class BodyLimits:
 
         try:
             await self.app(scope, limited, guarded)
-        except _TooLarge:
+        except TooLarge:
             pass
         if too_large is not None:
-            await self._too_large(send, too_large)
+            await self._too_large(send, too_large, limit, setting)
 
-    async def _too_large(self, send: Send, size: int) -> None:
+    async def _too_large(self, send: Send, size: int, limit: int, setting: str) -> None:
         body = json.dumps({"error": {
-            "message": f"request body is {size} bytes, above this server's limit of {self.max_bytes} bytes "
-                       "([limits] max_body_bytes)",
+            "message": f"request body is {size} bytes, above this server's limit of {limit} bytes ({setting})",
             "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
         # Connection: close: the rest of the body stays unread, and uvicorn would otherwise read
         # and discard all of it to keep the connection.
@@ -92,5 +96,5 @@ def has_body(scope: Scope) -> bool:
     return False
 
 
-class _TooLarge(Exception):
+class TooLarge(Exception):
     pass

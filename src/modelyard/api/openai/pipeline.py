@@ -20,7 +20,7 @@ from ...engine.protocol import Engine
 from ...engine.types import EmbeddingRequest, EngineRequest, ModelType, SamplingParams
 from ...errors import InvalidRequest
 from ...settings import Limits
-from ..auth import find_endpoint
+from ..auth import find_endpoint, is_batch
 from .. import sse
 from ..errors import limit_error
 from .cache_scope import cached_tokens_visible
@@ -81,7 +81,11 @@ def ledgered(request: Request, endpoint: str, reqs: list[R]) -> list[R]:
     admission): the engine reserves and settles through it, and nothing else counts tokens."""
     ledger = request.state.ledger
     ledger.endpoint = endpoint
-    return [dataclasses.replace(r, ledger=entry) for r, entry in zip(reqs, ledger.entries_for(len(reqs)))]
+    # a batch's line (batch/runner) runs at batch priority: the engine gives it what interactive
+    # requests leave (issue 23; embeddings requests carry no priority)
+    batch = {"priority": "batch"} if is_batch(request) else {}
+    return [dataclasses.replace(r, ledger=entry, **(batch if isinstance(r, EngineRequest) else {}))
+            for r, entry in zip(reqs, ledger.entries_for(len(reqs)))]
 
 
 def check_limits(limits: Limits, n: int, stops: tuple[str, ...], logprobs: int | None, prompts: int) -> None:

@@ -1,0 +1,1 @@
+"""OpenAI's Batch API's work: the runner every gateway runs (batch/runner)."""
