@@ -285,7 +285,8 @@ def test_abort_running_and_waiting_frees_slots() -> None:
 # -- status transitions ------------------------------------------------------------------------
 
 ALLOWED = {(RequestStatus.WAITING, RequestStatus.RUNNING), (RequestStatus.WAITING, RequestStatus.ABORTED),
-           (RequestStatus.RUNNING, RequestStatus.FINISHED), (RequestStatus.RUNNING, RequestStatus.ABORTED)}
+           (RequestStatus.RUNNING, RequestStatus.FINISHED), (RequestStatus.RUNNING, RequestStatus.ABORTED),
+           (RequestStatus.RUNNING, RequestStatus.WAITING)}     # a batch request preempted
 
 
 @pytest.mark.parametrize("old,new", list(itertools.product(RequestStatus, RequestStatus)))

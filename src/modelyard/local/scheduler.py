@@ -4,6 +4,15 @@ NOTE: there is no prefill phase and no decode phase. Each step builds ONE batch:
 token for every running sequence first (so streams keep flowing), then prompt chunks of
 admitted requests in arrival order, up to the step's token budget. A prompt longer than the
 budget is prefilled over several steps, and running streams never wait more than one step.
+
+Priority (issue 23): batch-priority requests wait in their own FIFO and are admitted only into
+slots interactive requests leave free, and only while no interactive request waits; their prompt
+chunks take the step budget after interactive ones'. When an interactive request waits and no
+slot is free, running batch requests are preempted (youngest first) and go back to the head of
+their queue to restart from zero (Request.restart): on a deterministic endpoint the output does
+not depend on what ran beside it, so the rerun gives the same answer, and a batch request's
+output is held back until it finishes (EngineCore), so nobody sees the discarded attempt. A
+batch request waits only while interactive requests do: when interactive traffic stops, it runs.
 """
 
 from __future__ import annotations
@@ -94,7 +103,8 @@ class Scheduler:
         self.slots = slots
         self.step_tokens = step_tokens
         self.prefix_cache = prefix_cache
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()          # interactive, FIFO
+        self.batch_waiting: deque[Request] = deque()    # batch priority, FIFO
         self.running: list[Request] = []
         self._truncations: list[tuple[int, int]] = []
         self._copies: list[tuple[int, int]] = []
@@ -102,14 +112,15 @@ class Scheduler:
         self._restores: list[tuple[int, Entry]] = []
         self.host_cache = host_cache if prefix_cache else None
         self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
+        self.preemptions = 0        # batch requests sent back to restart, in all
 
     def add(self, req: Request) -> None:
         """Called when a request arrives (engine thread, from the inbox)."""
-        self.waiting.append(req)
+        (self.batch_waiting if req.batch else self.waiting).append(req)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.batch_waiting)
 
     def schedule(self) -> Batch | None:
         """Called once per engine step: admit what fits, then fill one batch."""
@@ -127,7 +138,8 @@ class Scheduler:
         for req, seq in sorted(decoding, key=lambda rs: rs[1].slot):
             self._add_decode(batch, req, seq)
         scored = PROMPT_LOGITS_ROWS       # echo + logprobs rows this step may still take
-        for req in self.running:
+        # interactive prompt chunks first (a stable sort keeps arrival order within each class)
+        for req in sorted(self.running, key=lambda r: r.batch):
             if req.prefilling and len(batch.tokens) < self.step_tokens:
                 scored -= self._add_prefill(batch, req, scored)
         if not batch.tokens:   # nothing to decode: KV work waits for the next batch
@@ -136,33 +148,72 @@ class Scheduler:
         return batch
 
     def _admit(self) -> None:
-        # FIFO: the head waits until its n slots are free, and nobody overtakes it.
-        while self.waiting and self.waiting[0].n <= self.slots.n_free:
-            req = self.waiting.popleft()
-            reuse = self.prefix_cache and not req.wants_prompt_logprobs
-            part = req.cache_partition
-            slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse, part)
-            entry, from_host = self.host_cache.best(req.prompt_ids, part) if reuse and self.host_cache else (None, 0)
-            restore = entry is not None and min(from_host, req.num_prompt - 2) > min(shared, req.num_prompt - 2)
-            self._save_overwritten(slots, 0 if restore else shared)
-            if restore:
-                self._restore(slots[0], entry, from_host)
-                shared = from_host
-            # Compute at least the last two prompt tokens: the last one's logits start the
-            # generation, and a chunk of one token would take another kernel path than the
-            # same prompt prefilled without a cache (see slots.reusable).
-            req.num_computed = max(0, min(shared, req.num_prompt - 2))
-            req.cached_tokens = req.num_computed        # its usage says so (OpenAI's cached_tokens)
-            self.reused_tokens += req.num_computed
-            self._truncations.append((slots[0], req.num_computed))
-            self.slots.truncate(slots[0], req.num_computed)
-            for seq, slot in zip(req.seqs, slots):
-                seq.slot = slot
-                self.slots.claim(slot, part)
-            for slot in slots[1:]:
-                self.slots.forget(slot)     # refilled by a copy when the prompt is done
-            req.set_status(RequestStatus.RUNNING)
-            self.running.append(req)
+        # FIFO per class: the head waits until its n slots are free, and nobody overtakes it. An
+        # interactive head that does not fit takes slots from running batch requests if that
+        # makes room; batch requests are admitted only while no interactive request waits.
+        while True:
+            if self.waiting:
+                head = self.waiting[0]
+                if head.n > self.slots.n_free:
+                    if not self._preempt_for(head.n):
+                        return
+                self._start(self.waiting.popleft())
+            elif self.batch_waiting and self.batch_waiting[0].n <= self.slots.n_free:
+                self._start(self.batch_waiting.popleft())
+            else:
+                return
+
+    def _preempt_for(self, n: int) -> bool:
+        """Free n slots by preempting running batch requests, youngest first; none is
+        preempted unless together they make enough room (else the head waits for interactive
+        requests to finish, and batch work goes on meanwhile)."""
+        held = lambda r: sum(1 for seq in r.seqs if not seq.finished)   # noqa: E731
+        batch = [r for r in self.running if r.batch]
+        if self.slots.n_free + sum(held(r) for r in batch) < n:
+            return False
+        victims = []
+        for req in reversed(batch):
+            if self.slots.n_free + sum(held(v) for v in victims) >= n:
+                break
+            victims.append(req)
+        for req in victims:       # the oldest ends up first in its queue again, as it was
+            self.running.remove(req)
+            for seq in req.seqs:
+                if not seq.finished:
+                    # Its KV stays in the slot as a cache: the restart may reuse its prompt.
+                    # A copy still queued into a sibling's slot runs before anything else
+                    # touches that slot (runner order), so the pool's record of it holds.
+                    self.slots.release(seq.slot)
+            req.restart()
+            self.batch_waiting.appendleft(req)
+            self.preemptions += 1
+        return True
+
+    def _start(self, req: Request) -> None:
+        reuse = self.prefix_cache and not req.wants_prompt_logprobs
+        part = req.cache_partition
+        slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse, part)
+        entry, from_host = self.host_cache.best(req.prompt_ids, part) if reuse and self.host_cache else (None, 0)
+        restore = entry is not None and min(from_host, req.num_prompt - 2) > min(shared, req.num_prompt - 2)
+        self._save_overwritten(slots, 0 if restore else shared)
+        if restore:
+            self._restore(slots[0], entry, from_host)
+            shared = from_host
+        # Compute at least the last two prompt tokens: the last one's logits start the
+        # generation, and a chunk of one token would take another kernel path than the
+        # same prompt prefilled without a cache (see slots.reusable).
+        req.num_computed = max(0, min(shared, req.num_prompt - 2))
+        req.cached_tokens = req.num_computed        # its usage says so (OpenAI's cached_tokens)
+        self.reused_tokens += req.num_computed
+        self._truncations.append((slots[0], req.num_computed))
+        self.slots.truncate(slots[0], req.num_computed)
+        for seq, slot in zip(req.seqs, slots):
+            seq.slot = slot
+            self.slots.claim(slot, part)
+        for slot in slots[1:]:
+            self.slots.forget(slot)     # refilled by a copy when the prompt is done
+        req.set_status(RequestStatus.RUNNING)
+        self.running.append(req)
 
     def _save_overwritten(self, slots: list[int], first_keeps: int) -> None:
         """Before a new prompt takes these slots, keep the prompt-computed prefixes it would
@@ -226,7 +277,7 @@ class Scheduler:
     def retire(self, req: Request, status: RequestStatus) -> None:
         """Called when a request is done, aborted or failed; frees any slots it still holds."""
         if req.status is RequestStatus.WAITING:
-            self.waiting.remove(req)
+            (self.batch_waiting if req.batch else self.waiting).remove(req)
         elif req.status is RequestStatus.RUNNING:
             self.running.remove(req)
             for seq in req.seqs:
@@ -244,7 +295,7 @@ class Scheduler:
         for req in self.running:
             if req.id == request_id:
                 return req
-        for req in self.waiting:
+        for req in (*self.waiting, *self.batch_waiting):
             if req.id == request_id:
                 return req
         return None
