@@ -12,6 +12,7 @@ from fake_engine import Harness, Result, coin, scripted
 from modelyard.engine.types import Constraint, SamplingParams
 from modelyard.errors import InvalidRequest
 from modelyard.local.request import RequestStatus
+from modelyard.local.scheduler import BATCH_PREFILL_BESIDE_INTERACTIVE
 
 LONG = 12           # a batch request long enough to be caught running
 
@@ -89,6 +90,21 @@ def test_interactive_prompt_chunks_take_the_step_budget_first() -> None:
     assert "B" not in [r for r, _, _ in rec.prefills]
 
 
+def test_batch_prefill_stays_short_beside_interactive_streams_and_takes_all_when_alone() -> None:
+    h = Harness(n_slots=2, step_tokens=64)
+    h.add("I", "ab", max_tokens=6)
+    h.step()                                   # I prefilled: it decodes from now on
+    h.add("B", "abcdefghijklmnopqrstuvwxy" * 8, max_tokens=2, priority="batch")     # 200 tokens
+    h.run()
+    chunks = [(e - s, any(r == "I" for r, _, _ in rec.decodes))
+              for rec in h.batches for r, s, e in rec.prefills if r == "B"]
+    beside = [n for n, with_i in chunks if with_i]
+    alone_ = [n for n, with_i in chunks if not with_i]
+    assert beside and max(beside) <= BATCH_PREFILL_BESIDE_INTERACTIVE
+    assert alone_ and max(alone_) > BATCH_PREFILL_BESIDE_INTERACTIVE       # the whole budget once I is done
+    same_output(h.result("B"), alone("B", "abcdefghijklmnopqrstuvwxy" * 8, max_tokens=2))
+
+
 # -- preemption --------------------------------------------------------------------------------
 
 def test_interactive_preempts_the_youngest_batch_request_when_no_slot_is_free() -> None:
@@ -113,8 +129,8 @@ def test_interactive_preempts_the_youngest_batch_request_when_no_slot_is_free() 
 
 def test_no_preemption_when_it_would_not_make_room() -> None:
     h = Harness(n_slots=2)
-    h.add("I1", "ab", max_tokens=LONG)
-    b = h.add("B", "cd", max_tokens=LONG, priority="batch")
+    h.add("I1", "ab", max_tokens=20)
+    b = h.add("B", "cd", max_tokens=4, priority="batch")        # ends while I1 runs
     h.step()
     i2 = h.add("I2", "ef", n=2, max_tokens=2)     # needs both slots: I1 holds one
     h.step()

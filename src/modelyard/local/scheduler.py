@@ -34,6 +34,12 @@ from .slots import SlotPool
 # 32 + 2 x parallel rows of the vocabulary's width (gemma3, parallel 16: 64 rows, 64 MiB).
 PROMPT_LOGITS_ROWS = 32
 
+# While interactive requests run, batch prompt chunks take at most this many tokens of a step:
+# an interactive request that arrives waits for the step under way, and its streams' next tokens
+# too, so batch prefill must keep that step short (issue 23's TTFT bound); batch work alone
+# takes the whole budget. Chunking never shows in the output (see _add_prefill).
+BATCH_PREFILL_BESIDE_INTERACTIVE = 32
+
 
 @dataclass
 class PrefillChunk:
@@ -138,14 +144,28 @@ class Scheduler:
         for req, seq in sorted(decoding, key=lambda rs: rs[1].slot):
             self._add_decode(batch, req, seq)
         scored = PROMPT_LOGITS_ROWS       # echo + logprobs rows this step may still take
-        # interactive prompt chunks first (a stable sort keeps arrival order within each class)
-        for req in sorted(self.running, key=lambda r: r.batch):
-            if req.prefilling and len(batch.tokens) < self.step_tokens:
+        for req in self.running:          # interactive prompt chunks first, in arrival order
+            if not req.batch and req.prefilling and len(batch.tokens) < self.step_tokens:
                 scored -= self._add_prefill(batch, req, scored)
+        self._add_batch_prefills(batch, scored)
         if not batch.tokens:   # nothing to decode: KV work waits for the next batch
             self._truncations, self._copies = batch.truncations, batch.copies
             return None
         return batch
+
+    def _add_batch_prefills(self, batch: Batch, scored: int) -> None:
+        """Batch prompt chunks, in what the step has left: none in a step that prefills an
+        interactive prompt (its first token waits for the whole step), and at most
+        BATCH_PREFILL_BESIDE_INTERACTIVE tokens while interactive requests run (one arriving
+        waits for the step under way); all the budget when batch work runs alone."""
+        if batch.prefills:
+            return
+        interactive = any(not r.batch for r in self.running)
+        budget = min(self.step_tokens, len(batch.tokens) + BATCH_PREFILL_BESIDE_INTERACTIVE) \
+            if interactive else self.step_tokens
+        for req in self.running:
+            if req.batch and req.prefilling and len(batch.tokens) < budget:
+                scored -= self._add_prefill(batch, req, scored, budget)
 
     def _admit(self) -> None:
         # FIFO per class: the head waits until its n slots are free, and nobody overtakes it. An
@@ -240,11 +260,11 @@ class Scheduler:
         self.slots.append_decoded(seq.slot, token)
         batch.decodes.append((req, seq, row))
 
-    def _add_prefill(self, batch: Batch, req: Request, scored: int) -> int:
-        """Add req's next prompt chunk; returns the rows it scores (echo + logprobs), of the
-        `scored` rows the step has left."""
+    def _add_prefill(self, batch: Batch, req: Request, scored: int, budget: int | None = None) -> int:
+        """Add req's next prompt chunk, within `budget` tokens in the batch (the step's); returns
+        the rows it scores (echo + logprobs), of the `scored` rows the step has left."""
         start = req.num_computed
-        end = min(req.num_prompt, start + self.step_tokens - len(batch.tokens))
+        end = min(req.num_prompt, start + (budget or self.step_tokens) - len(batch.tokens))
         if req.wants_prompt_logprobs:
             end = min(end, start + scored)
         # Chunks of one token take another kernel path than chunks of two or more: never cut
