@@ -12,7 +12,7 @@ from fake_engine import Harness, Result, coin, scripted
 from modelyard.engine.types import Constraint, SamplingParams
 from modelyard.errors import InvalidRequest
 from modelyard.local.request import RequestStatus
-from modelyard.local.scheduler import BATCH_PREFILL_BESIDE_INTERACTIVE
+from modelyard.local.scheduler import BATCH_PREFILL_TOKENS
 
 LONG = 12           # a batch request long enough to be caught running
 
@@ -90,19 +90,17 @@ def test_interactive_prompt_chunks_take_the_step_budget_first() -> None:
     assert "B" not in [r for r, _, _ in rec.prefills]
 
 
-def test_batch_prefill_stays_short_beside_interactive_streams_and_takes_all_when_alone() -> None:
+def test_batch_prefill_keeps_every_step_short() -> None:
     h = Harness(n_slots=2, step_tokens=64)
     h.add("I", "ab", max_tokens=6)
     h.step()                                   # I prefilled: it decodes from now on
-    h.add("B", "abcdefghijklmnopqrstuvwxy" * 8, max_tokens=2, priority="batch")     # 200 tokens
+    prompt = "abcdefghijklmnopqrstuvwxy" * 8   # 200 tokens
+    h.add("B", prompt, max_tokens=2, priority="batch")
     h.run()
-    chunks = [(e - s, any(r == "I" for r, _, _ in rec.decodes))
-              for rec in h.batches for r, s, e in rec.prefills if r == "B"]
-    beside = [n for n, with_i in chunks if with_i]
-    alone_ = [n for n, with_i in chunks if not with_i]
-    assert beside and max(beside) <= BATCH_PREFILL_BESIDE_INTERACTIVE
-    assert alone_ and max(alone_) > BATCH_PREFILL_BESIDE_INTERACTIVE       # the whole budget once I is done
-    same_output(h.result("B"), alone("B", "abcdefghijklmnopqrstuvwxy" * 8, max_tokens=2))
+    chunks = [e - s for rec in h.batches for r, s, e in rec.prefills if r == "B"]
+    assert sum(chunks) == 200 and max(chunks) <= BATCH_PREFILL_TOKENS
+    assert max(len(rec.tokens) for rec in h.batches[1:]) <= 1 + BATCH_PREFILL_TOKENS
+    same_output(h.result("B"), alone("B", prompt, max_tokens=2))
 
 
 # -- preemption --------------------------------------------------------------------------------
