@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+from types import SimpleNamespace
 
 import pytest
 
 from modelyard import settings as settings_mod
 from modelyard.engine.types import ChoiceDelta, EngineRequest, SamplingParams, Usage
 from modelyard.local.engine import LocalEngine
+from modelyard.metrics import _EndpointCollector
+from modelyard.registry.endpoint import EndpointState
 from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
 from testkit.until import until
@@ -43,6 +46,17 @@ async def _answer(engine: LocalEngine, r: EngineRequest) -> tuple[str, Usage]:
     return text, usage
 
 
+def _metric(engine: LocalEngine, name: str) -> float:
+    """The endpoint's sample of `name` as /metrics renders it (metrics._EndpointCollector over a
+    registry of this one engine)."""
+    endpoint = SimpleNamespace(name=MODEL, state=EndpointState.READY, engine=engine, not_ready_reason=lambda: None)
+    for family in _EndpointCollector(SimpleNamespace(endpoints={MODEL: endpoint})).collect():
+        for sample in family.samples:
+            if sample.name == f"{name}_total" and sample.labels == {"endpoint": MODEL}:
+                return sample.value
+    raise AssertionError(f"no {name} sample")
+
+
 def test_a_preempted_batch_request_answers_as_an_interactive_one(model_path):
     # One slot: every interactive arrival must take it from the batch request.
     engine = LocalEngine(EndpointSpec(name=MODEL, model=MODEL, context=512, parallel=1, threads=1), model_path)
@@ -62,6 +76,7 @@ def test_a_preempted_batch_request_answers_as_an_interactive_one(model_path):
             got, got_usage = await asyncio.wait_for(batch, 300)
             status = engine.status()
             assert status["batch_preemptions"] == 2
+            assert _metric(engine, "modelyard_batch_preemptions") == 2.0
             assert status["batch_queue_depth"] == 0 and status["batch_running"] == 0
             want, want_usage = await _answer(engine, _request("again", "interactive"))
             assert got == want and len(got) > 0
