@@ -90,16 +90,20 @@ def test_interactive_prompt_chunks_take_the_step_budget_first() -> None:
     assert "B" not in [r for r, _, _ in rec.prefills]
 
 
-def test_batch_prefill_keeps_every_step_short() -> None:
+def test_batch_prefill_stays_short_beside_interactive_streams_and_takes_all_when_alone() -> None:
     h = Harness(n_slots=2, step_tokens=64)
     h.add("I", "ab", max_tokens=6)
     h.step()                                   # I prefilled: it decodes from now on
     prompt = "abcdefghijklmnopqrstuvwxy" * 8   # 200 tokens
     h.add("B", prompt, max_tokens=2, priority="batch")
     h.run()
-    chunks = [e - s for rec in h.batches for r, s, e in rec.prefills if r == "B"]
-    assert sum(chunks) == 200 and max(chunks) <= BATCH_PREFILL_TOKENS
-    assert max(len(rec.tokens) for rec in h.batches[1:]) <= 1 + BATCH_PREFILL_TOKENS
+    chunks = [(e - s, any(r == "I" for r, _, _ in rec.decodes))
+              for rec in h.batches for r, s, e in rec.prefills if r == "B"]
+    beside = [n for n, with_i in chunks if with_i]
+    alone_ = [n for n, with_i in chunks if not with_i]
+    assert sum(n for n, _ in chunks) == 200
+    assert beside and max(beside) <= BATCH_PREFILL_TOKENS
+    assert alone_ and max(alone_) > BATCH_PREFILL_TOKENS       # the whole budget once I is done
     same_output(h.result("B"), alone("B", prompt, max_tokens=2))
 
 

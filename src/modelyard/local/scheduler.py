@@ -34,11 +34,11 @@ from .slots import SlotPool
 # 32 + 2 x parallel rows of the vocabulary's width (gemma3, parallel 16: 64 rows, 64 MiB).
 PROMPT_LOGITS_ROWS = 32
 
-# Batch prompt chunks take at most this many tokens of a step, whatever else runs: an
-# interactive request that arrives waits for the step under way (and on a CPU a step's time
-# grows with its tokens), so batch prefill must keep every step short (issue 23's TTFT bound).
-# Batch work alone loses little by it: the other batch requests' decodes fill the same steps,
-# and the total of tokens computed is the same. Chunking never shows in the output.
+# While interactive requests run, batch prompt chunks take at most this many tokens of a step:
+# an interactive request that arrives waits for the step under way (and on a CPU a step's time
+# grows with its tokens), so batch prefill must keep those steps short (issue 23's TTFT bound).
+# Batch work alone takes the whole budget (its throughput when interactive traffic stops is
+# that of any request). Chunking never shows in the output.
 BATCH_PREFILL_TOKENS = 16
 
 
@@ -156,11 +156,12 @@ class Scheduler:
 
     def _add_batch_prefills(self, batch: Batch, scored: int) -> None:
         """Batch prompt chunks, in what the step has left: none in a step that prefills an
-        interactive prompt (its first token waits for the whole step), and at most
-        BATCH_PREFILL_TOKENS in all."""
+        interactive prompt (its first token waits for the whole step), at most
+        BATCH_PREFILL_TOKENS while interactive requests run or wait, the rest of the budget alone."""
         if batch.prefills:
             return
-        budget = min(self.step_tokens, len(batch.tokens) + BATCH_PREFILL_TOKENS)
+        interactive = bool(self.waiting) or any(not r.batch for r in self.running)
+        budget = min(self.step_tokens, len(batch.tokens) + BATCH_PREFILL_TOKENS) if interactive else self.step_tokens
         for req in self.running:
             if req.batch and req.prefilling and len(batch.tokens) < budget:
                 scored -= self._add_prefill(batch, req, scored, budget)
