@@ -5,7 +5,8 @@ The upstream's scheduler is not ours, so the only lever is how many batch reques
 once. Capacity is counted, not probed: replicas (spec.urls) x spec.parallel, the requests each
 replica is counted to serve at once. A batch request over the share waits here, in arrival
 order, until one ends or its deadline passes (DeadlineExceeded); it does not fail for waiting.
-Interactive requests never wait here.
+Interactive requests never wait here. The count is this gateway's: N gateways in front of one
+upstream each send up to their share (set batch_share / N to hold the total).
 """
 
 from __future__ import annotations
