@@ -10,8 +10,8 @@ as batch, and HTTP would add the same cost to both sides of each comparison.
 
 1. Interactive TTFT: --interactive closed-loop clients (chat, greedy, 16 tokens, a different
    question each time) for --seconds, without and with a stream of batch-priority requests
-   (--parallel of them in flight at all times, texts to continue for 64 tokens: batch work
-   wants every slot).
+   (--parallel of them in flight at all times, chats asking for a story, up to 64 tokens: batch
+   work wants every slot).
    TTFT = time from generate() to the first delta. Rounds interleave the two (a slower minute
    of a shared machine hurts both alike). Target: p50 and p99 with batch <= 1.25x without.
 2. Batch throughput when interactive traffic stops: --batch-requests requests at concurrency
@@ -42,15 +42,17 @@ TOPICS = ["rivers", "bread", "owls", "glaciers", "chess", "bees", "volcanoes", "
 _ids = itertools.count()
 
 
-def _request(priority: str, max_tokens: int, chat: bool = True) -> EngineRequest:
-    """A chat question (interactive), or a text to continue (throughput: a continuation runs to
+def _request(priority: str, max_tokens: int, chat: bool = True, story: bool = False) -> EngineRequest:
+    """A chat question (interactive), a chat asking for a story (the batch stream: batch work is
+    often chat on the same template), or a text to continue (throughput: a continuation runs to
     max_tokens, where a chat answer may end after a few tokens)."""
     k = next(_ids)
     topic = TOPICS[k % len(TOPICS)]
     if not chat:
         return EngineRequest(f"{priority}-{k}", f"Chapter {k}. The long history of {topic} begins",
                              sampling=SamplingParams(), max_tokens=max_tokens, priority=priority)
-    question = f"In two sentences, what is interesting about {topic}? (#{k})"
+    question = (f"Write a long story about {topic}. (#{k})" if story else
+                f"In two sentences, what is interesting about {topic}? (#{k})")
     return EngineRequest(f"{priority}-{k}", "", messages=({"role": "user", "content": question},),
                          sampling=SamplingParams(), max_tokens=max_tokens, priority=priority)
 
@@ -79,7 +81,7 @@ async def interactive_phase(engine: LocalEngine, clients: int, seconds: float, b
 
     async def feeder() -> None:
         while not halt.is_set():
-            await _one(engine, _request("batch", 64, chat=False))
+            await _one(engine, _request("batch", 64, story=True))
 
     before = engine.status()["batch_preemptions"]
     feeders = [asyncio.ensure_future(feeder()) for _ in range(batch_in_flight)]

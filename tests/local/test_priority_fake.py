@@ -129,6 +129,22 @@ def test_interactive_preempts_the_youngest_batch_request_when_no_slot_is_free() 
     same_output(h.result("B1"), alone("B1", "ab", max_tokens=LONG))
 
 
+def test_the_preempted_one_is_the_one_whose_slot_holds_the_interactive_prompts_prefix() -> None:
+    h = Harness(n_slots=2)
+    older = h.add("B1", "klmnopq", max_tokens=LONG, priority="batch")
+    h.step()
+    younger = h.add("B2", "abcdefg", max_tokens=LONG, priority="batch")
+    h.step()
+    h.step()
+    i = h.add("I", "klmnopxyz", max_tokens=3)        # shares "klmnop" with B1's prompt
+    h.step()
+    assert older.status is RequestStatus.WAITING and younger.status is RequestStatus.RUNNING
+    assert i.cached_tokens == 6                       # prefilled only what B1's slot did not hold
+    h.run()
+    same_output(h.result("B1"), alone("B1", "klmnopq", max_tokens=LONG))
+    same_output(h.result("I"), alone("I", "klmnopxyz", max_tokens=3))
+
+
 def test_no_preemption_when_it_would_not_make_room() -> None:
     h = Harness(n_slots=2)
     h.add("I1", "ab", max_tokens=20)

@@ -39,7 +39,7 @@ PROMPT_LOGITS_ROWS = 32
 # grows with its tokens), so batch prefill must keep those steps short (issue 23's TTFT bound).
 # Batch work alone takes the whole budget (its throughput when interactive traffic stops is
 # that of any request). Chunking never shows in the output.
-BATCH_PREFILL_TOKENS = 16
+BATCH_PREFILL_TOKENS = 4
 
 
 @dataclass
@@ -174,7 +174,7 @@ class Scheduler:
             if self.waiting:
                 head = self.waiting[0]
                 if head.n > self.slots.n_free:
-                    if not self._preempt_for(head.n):
+                    if not self._preempt_for(head):
                         return
                 self._start(self.waiting.popleft())
             elif self.batch_waiting and self.batch_waiting[0].n <= self.slots.n_free:
@@ -182,19 +182,28 @@ class Scheduler:
             else:
                 return
 
-    def _preempt_for(self, n: int) -> bool:
-        """Free n slots by preempting running batch requests, youngest first; none is
+    def _preempt_for(self, head: Request) -> bool:
+        """Free head.n slots by preempting running batch requests: first those whose slot holds
+        the longest reusable prefix of the head's prompt (it takes that slot: what the batch
+        request computed saves it prefill), then the youngest (the least work lost). None is
         preempted unless together they make enough room (else the head waits for interactive
         requests to finish, and batch work goes on meanwhile)."""
         held = lambda r: sum(1 for seq in r.seqs if not seq.finished)   # noqa: E731
         batch = [r for r in self.running if r.batch]
-        if self.slots.n_free + sum(held(r) for r in batch) < n:
+        if self.slots.n_free + sum(held(r) for r in batch) < head.n:
             return False
+        reuse = self.prefix_cache and not head.wants_prompt_logprobs
+
+        def affinity(r: Request) -> int:
+            return max((self.slots.reusable_prefix(seq.slot, head.prompt_ids, head.cache_partition)
+                        for seq in r.seqs if not seq.finished), default=0) if reuse else 0
+        order = sorted(reversed(batch), key=affinity, reverse=True)    # stable: youngest first among equals
         victims = []
-        for req in reversed(batch):
-            if self.slots.n_free + sum(held(v) for v in victims) >= n:
+        for req in order:
+            if self.slots.n_free + sum(held(v) for v in victims) >= head.n:
                 break
             victims.append(req)
+        victims.sort(key=lambda r: self.running.index(r), reverse=True)
         for req in victims:       # the oldest ends up first in its queue again, as it was
             self.running.remove(req)
             for seq in req.seqs:
