@@ -12,7 +12,7 @@ from fake_engine import Harness, Result, coin, scripted
 from modelyard.engine.types import Constraint, SamplingParams
 from modelyard.errors import InvalidRequest
 from modelyard.local.request import RequestStatus
-from modelyard.local.scheduler import BATCH_PREFILL_TOKENS
+from modelyard.local.scheduler import BATCH_ROWS_BESIDE_INTERACTIVE, INTERACTIVE_GRACE_STEPS
 
 LONG = 12           # a batch request long enough to be caught running
 
@@ -90,21 +90,43 @@ def test_interactive_prompt_chunks_take_the_step_budget_first() -> None:
     assert "B" not in [r for r, _, _ in rec.prefills]
 
 
-def test_batch_prefill_stays_short_beside_interactive_streams_and_takes_all_when_alone() -> None:
-    h = Harness(n_slots=2, step_tokens=64)
-    h.add("I", "ab", max_tokens=6)
-    h.step()                                   # I prefilled: it decodes from now on
+def test_batch_work_beside_interactive_requests_is_a_few_rows_a_step_and_all_alone() -> None:
+    h = Harness(n_slots=4, step_tokens=64)
     prompt = "abcdefghijklmnopqrstuvwxy" * 8   # 200 tokens
-    h.add("B", prompt, max_tokens=2, priority="batch")
+    h.add("I", "ab", max_tokens=20)
+    h.step()                                   # I prefilled: it decodes from now on
+    for k in range(2):
+        h.add(f"B{k}", "cdefg"[k:], max_tokens=8, priority="batch")
+    h.add("BP", prompt, max_tokens=2, priority="batch")
+    h.add("J", "xy", max_tokens=1)             # an interactive prompt: that step has no batch rows
     h.run()
-    chunks = [(e - s, any(r == "I" for r, _, _ in rec.decodes))
-              for rec in h.batches for r, s, e in rec.prefills if r == "B"]
-    beside = [n for n, with_i in chunks if with_i]
-    alone_ = [n for n, with_i in chunks if not with_i]
-    assert sum(n for n, _ in chunks) == 200
-    assert beside and max(beside) <= BATCH_PREFILL_TOKENS
-    assert alone_ and max(alone_) > BATCH_PREFILL_TOKENS       # the whole budget once I is done
-    same_output(h.result("B"), alone("B", prompt, max_tokens=2))
+    i_steps = [rec for rec in h.batches[1:] if any(r in ("I", "J") for r, _, _ in rec.decodes + rec.prefills)]
+    for rec in i_steps:
+        batch_rows = sum(1 for r, _, _ in rec.decodes if r.startswith("B")) + \
+            sum(e - s for r, s, e in rec.prefills if r.startswith("B"))
+        assert batch_rows <= BATCH_ROWS_BESIDE_INTERACTIVE
+        if any(r == "J" for r, _, _ in rec.prefills):
+            assert batch_rows == 0
+    # every batch stream moved while I ran (in turn), and BP's prompt went faster once I was done
+    moved = {r for rec in i_steps for r, _, _ in rec.decodes + rec.prefills if r.startswith("B")}
+    assert moved == {"B0", "B1", "BP"}
+    alone_ = [e - s for rec in h.batches if rec not in i_steps for r, s, e in rec.prefills if r == "BP"]
+    assert alone_ and max(alone_) > BATCH_ROWS_BESIDE_INTERACTIVE
+    for rid, p, n in (("B0", "cdefg", 8), ("B1", "defg", 8), ("BP", prompt, 2)):
+        same_output(h.result(rid), alone(rid, p, max_tokens=n))
+
+
+def test_batch_work_stays_small_for_a_few_steps_after_interactive_traffic_left() -> None:
+    """A closed-loop client's next request comes a moment after its answer: the step it then
+    waits for must not be a full one of batch prompt."""
+    h = Harness(n_slots=2, step_tokens=64)
+    h.add("I", "ab", max_tokens=1)
+    h.step()                                   # I done in one step
+    h.add("B", "abcdefghijklmnopqrstuvwxy" * 4, max_tokens=2, priority="batch")
+    h.run()
+    sizes = [e - s for rec in h.batches for r, s, e in rec.prefills if r == "B"]
+    assert sizes[:INTERACTIVE_GRACE_STEPS] == [3] * INTERACTIVE_GRACE_STEPS
+    assert max(sizes) > 3
 
 
 # -- preemption --------------------------------------------------------------------------------

@@ -34,12 +34,14 @@ from .slots import SlotPool
 # 32 + 2 x parallel rows of the vocabulary's width (gemma3, parallel 16: 64 rows, 64 MiB).
 PROMPT_LOGITS_ROWS = 32
 
-# While interactive requests run, batch prompt chunks take at most this many tokens of a step:
-# an interactive request that arrives waits for the step under way (and on a CPU a step's time
-# grows with its tokens), so batch prefill must keep those steps short (issue 23's TTFT bound).
-# Batch work alone takes the whole budget (its throughput when interactive traffic stops is
-# that of any request). Chunking never shows in the output.
-BATCH_PREFILL_TOKENS = 4
+# While interactive requests run or wait, batch work takes at most this many rows of a step
+# (decode tokens, then prompt tokens), and none in a step that prefills an interactive prompt: on
+# a CPU a step's time grows with its rows, and an interactive request that arrives waits for the
+# step under way, then for the step of its prompt (issue 23's TTFT bound). Batch work alone takes
+# the whole budget, so its throughput when interactive traffic stops is any request's. Neither
+# chunking nor a skipped step shows in the output (a sequence's next token waits in its list).
+BATCH_ROWS_BESIDE_INTERACTIVE = 3     # the least that lets any prompt progress (a 3-token chunk)
+INTERACTIVE_GRACE_STEPS = 8     # ...and for this many steps after the last interactive request left
 
 
 @dataclass
@@ -120,6 +122,8 @@ class Scheduler:
         self.host_cache = host_cache if prefix_cache else None
         self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
         self.preemptions = 0        # batch requests sent back to restart, in all
+        self._batch_turn = 0        # which batch decodes go next beside interactive work
+        self._quiet_steps = INTERACTIVE_GRACE_STEPS + 1    # steps since interactive work was seen
 
     def add(self, req: Request) -> None:
         """Called when a request arrives (engine thread, from the inbox)."""
@@ -140,31 +144,54 @@ class Scheduler:
         # In slot order: with a KV stream per sequence, llama.cpp puts only consecutive,
         # increasing sequence ids into one ubatch, and each ubatch reads all the weights again
         # (16 decodes in admission order cost 1.6-1.8x the same in slot order).
-        decoding = [(req, seq) for req in self.running if not req.prefilling
-                    for seq in req.seqs if not seq.finished]
+        decoding = every = [(req, seq) for req in self.running if not req.prefilling
+                            for seq in req.seqs if not seq.finished]
+        # Interactive traffic counts as present for a few steps after its last request left: a
+        # client's next request arrives a moment after its last answer, and must not find a
+        # full step of batch prompt under way.
+        if self.waiting or any(not r.batch for r in self.running):
+            self._quiet_steps = 0
+        else:
+            self._quiet_steps += 1
+        interactive = self._quiet_steps <= INTERACTIVE_GRACE_STEPS
+        batch_rows = self.step_tokens
+        if interactive:
+            # Beside interactive requests batch work gets BATCH_ROWS_BESIDE_INTERACTIVE rows a
+            # step (decode tokens first, in turn, then prompt tokens), and none in a step that
+            # prefills an interactive prompt: on a CPU a step's time grows with its rows, and an
+            # interactive request waits for the step under way, then for its prompt's step.
+            prefilling = any(not r.batch and r.prefilling for r in self.running)
+            batch_rows = 0 if prefilling else BATCH_ROWS_BESIDE_INTERACTIVE
+            decoding = self._batch_in_turn(decoding, batch_rows)
+            batch_rows -= sum(1 for req, _ in decoding if req.batch)
         for req, seq in sorted(decoding, key=lambda rs: rs[1].slot):
             self._add_decode(batch, req, seq)
         scored = PROMPT_LOGITS_ROWS       # echo + logprobs rows this step may still take
         for req in self.running:          # interactive prompt chunks first, in arrival order
             if not req.batch and req.prefilling and len(batch.tokens) < self.step_tokens:
                 scored -= self._add_prefill(batch, req, scored)
-        self._add_batch_prefills(batch, scored)
+        budget = min(self.step_tokens, len(batch.tokens) + batch_rows)
+        for req in self.running:
+            if req.batch and req.prefilling and budget - len(batch.tokens) >= 2:
+                scored -= self._add_prefill(batch, req, scored, budget)
+        if not batch.tokens and every:         # never a step without progress (not expected)
+            for req, seq in sorted(every, key=lambda rs: rs[1].slot):
+                self._add_decode(batch, req, seq)
         if not batch.tokens:   # nothing to decode: KV work waits for the next batch
             self._truncations, self._copies = batch.truncations, batch.copies
             return None
         return batch
 
-    def _add_batch_prefills(self, batch: Batch, scored: int) -> None:
-        """Batch prompt chunks, in what the step has left: none in a step that prefills an
-        interactive prompt (its first token waits for the whole step), at most
-        BATCH_PREFILL_TOKENS while interactive requests run or wait, the rest of the budget alone."""
-        if batch.prefills:
-            return
-        interactive = bool(self.waiting) or any(not r.batch for r in self.running)
-        budget = min(self.step_tokens, len(batch.tokens) + BATCH_PREFILL_TOKENS) if interactive else self.step_tokens
-        for req in self.running:
-            if req.batch and req.prefilling and len(batch.tokens) < budget:
-                scored -= self._add_prefill(batch, req, scored, budget)
+    def _batch_in_turn(self, decoding: list[tuple[Request, Sequence]], rows: int) -> list[tuple[Request, Sequence]]:
+        """Every interactive decode, and `rows` of the batch ones, taken in turn from step to
+        step so that every batch stream moves while interactive traffic lasts."""
+        batch = [rs for rs in decoding if rs[0].batch]
+        if len(batch) <= rows:
+            return decoding
+        start = self._batch_turn % len(batch)
+        chosen = {id(rs[1]) for rs in (batch[start:] + batch[:start])[:rows]}
+        self._batch_turn += rows
+        return [rs for rs in decoding if not rs[0].batch or id(rs[1]) in chosen]
 
     def _admit(self) -> None:
         # FIFO per class: the head waits until its n slots are free, and nobody overtakes it. An
