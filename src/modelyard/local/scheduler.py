@@ -6,10 +6,11 @@ admitted requests in arrival order, up to the step's token budget. A prompt long
 budget is prefilled over several steps, and running streams never wait more than one step.
 
 Priority (issue 23): batch-priority requests wait in their own FIFO and are admitted only into
-slots interactive requests leave free, and only while no interactive request waits; their prompt
-chunks take the step budget after interactive ones'. When an interactive request waits and no
-slot is free, running batch requests are preempted (youngest first) and go back to the head of
-their queue to restart from zero (Request.restart): on a deterministic endpoint the output does
+slots interactive requests leave free, and only while no interactive request waits; beside
+interactive requests they get a few rows of each step (BATCH_ROWS_BESIDE_INTERACTIVE), alone the
+whole budget. When an interactive request waits and no slot is free, running batch requests are
+preempted (the one whose slot holds the most of its prompt, then the youngest) and go back to the
+head of their queue to restart from zero (Request.restart): on a deterministic endpoint the output does
 not depend on what ran beside it, so the rerun gives the same answer, and a batch request's
 output is held back until it finishes (EngineCore), so nobody sees the discarded attempt. A
 batch request waits only while interactive requests do: when interactive traffic stops, it runs.
@@ -299,7 +300,7 @@ class Scheduler:
         """Add req's next prompt chunk, within `budget` tokens in the batch (the step's); returns
         the rows it scores (echo + logprobs), of the `scored` rows the step has left."""
         start = req.num_computed
-        end = min(req.num_prompt, start + (budget or self.step_tokens) - len(batch.tokens))
+        end = min(req.num_prompt, start + (self.step_tokens if budget is None else budget) - len(batch.tokens))
         if req.wants_prompt_logprobs:
             end = min(end, start + scored)
         # Chunks of one token take another kernel path than chunks of two or more: never cut
