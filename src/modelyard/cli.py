@@ -1,4 +1,5 @@
-"""modelyard serve | pull | models | admin: argv -> Settings -> server, store or control database."""
+"""modelyard serve | pull | models | admin | batch: argv -> Settings -> server, store, control database,
+or a Batch API client (batch_client)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,31 @@ def _parser() -> argparse.ArgumentParser:
     tokens.add_parser("list-tokens", parents=[common], help="the active tokens: names, roles, prefixes")
     revoke = tokens.add_parser("revoke-token", parents=[common], help="revoke a token (servers refuse it within 2 s)")
     revoke.add_argument("name")
+    _batch_parser(sub)
     return p
+
+
+def _batch_parser(sub) -> None:
+    batch = sub.add_parser("batch", help="OpenAI's Batch API: submit a JSONL file, follow it, download results")
+    cmds = batch.add_subparsers(dest="batch_command", required=True)
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--url", help="the server's OpenAI base URL (default: $OPENAI_BASE_URL, "
+                        "else http://127.0.0.1:8000/v1)")
+    server.add_argument("--api-key", help="an inference key (default: $MODELYARD_API_KEY, then $OPENAI_API_KEY)")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--output", type=Path, help="where the output file goes; its error file goes beside "
+                     "it (results.jsonl -> results.errors.jsonl)")
+    submit = cmds.add_parser("submit", parents=[server, out], help="upload FILE, create the batch, follow it "
+                             "with a progress bar and download its results")
+    submit.add_argument("file", type=Path, help="the requests, one JSON object per line (OpenAI's batch input)")
+    submit.add_argument("--endpoint", default="/v1/chat/completions", help="the route every line calls")
+    submit.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="the batch's metadata")
+    submit.add_argument("--no-wait", action="store_true", help="print the batch id and return at once")
+    submit.add_argument("--poll", type=float, default=2.0, help="seconds between progress checks (0.01 to 600)")
+    for name, what in (("status", "the batch's status and counts"), ("cancel", "cancel the batch"),
+                       ("download", "download the batch's output and error files")):
+        cmd = cmds.add_parser(name, parents=[server] + ([out] if name == "download" else []), help=what)
+        cmd.add_argument("id", help="the batch id (batch_...)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "admin":
             return admin(args)
+        if args.command == "batch":
+            return batch(args)
         cfg = settings_mod.load()
         store = ModelStore(cfg.store_dir)
         if args.command == "pull":
@@ -116,3 +143,44 @@ def admin(args: argparse.Namespace) -> int:
     finally:
         db.close()
     return 0
+
+
+def batch(args: argparse.Namespace, env: dict[str, str] | None = None) -> int:
+    """submit | status | cancel | download against the server's /files and /batches."""
+    import os
+
+    from . import batch_client as bc
+    from .errors import InvalidRequest
+
+    env = os.environ if env is None else env
+    url = args.url or env.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1"
+    key = args.api_key or env.get("MODELYARD_API_KEY") or env.get("OPENAI_API_KEY")
+    say = lambda line: print(line, file=sys.stderr)   # noqa: E731
+    with bc.BatchClient(url, key) as client:
+        if args.batch_command == "submit":
+            metadata = {}
+            for item in args.metadata:
+                k, sep, v = item.partition("=")
+                if not sep or not k:
+                    raise InvalidRequest(f"--metadata takes KEY=VALUE, got {item!r}", param="metadata")
+                metadata[k] = v
+            if not 0.01 <= args.poll <= 600:
+                raise InvalidRequest(f"--poll is {args.poll:g} seconds; it must be between 0.01 and 600", param="poll")
+            output = args.output or args.file.with_name(f"{args.file.stem}.output.jsonl")
+            done = bc.submit(client, args.file, args.endpoint, output, follow=not args.no_wait,
+                             metadata=metadata or None, say=say, poll=args.poll)
+            print(done["id"] if args.no_wait else bc.summary(done))
+            return 0 if args.no_wait else bc.exit_code(done)
+        if args.batch_command == "status":
+            print(bc.summary(client.retrieve(args.id)))
+            return 0
+        if args.batch_command == "cancel":
+            print(bc.summary(client.cancel(args.id)))
+            return 0
+        done = client.retrieve(args.id)
+        if done["status"] not in bc.TERMINAL:
+            raise InvalidRequest(f"batch {args.id} is {done['status']}: its results are there once it ends "
+                                 "(`modelyard batch status` says)", param="id")
+        bc.fetch_results(client, done, args.output or Path(f"{args.id}.output.jsonl"), say)
+        print(bc.summary(done))
+        return bc.exit_code(done)

@@ -177,6 +177,8 @@ class _EndpointCollector:
                                       labels=["endpoint"])
         grammar = {key: CounterMetricFamily(f"modelyard_{key}", doc, labels=["endpoint"])
                    for key, doc in GRAMMAR_COUNTERS.items()}
+        preempted = CounterMetricFamily("modelyard_batch_preemptions", "Batch-priority requests preempted (to "
+                                        "restart later) for interactive ones, embedded endpoints", labels=["endpoint"])
         for ep in self.registry.endpoints.values():
             ready.add_metric([ep.name, ep.state.value], 1.0 if ep.not_ready_reason() is None else 0.0)
             status = ep.engine.status() if ep.engine is not None else {}
@@ -185,7 +187,9 @@ class _EndpointCollector:
             for key, family in grammar.items():
                 if key in status:
                     family.add_metric([ep.name], float(status[key]))
-        yield from (ready, queue, in_flight, *grammar.values())
+            if "batch_preemptions" in status:
+                preempted.add_metric([ep.name], float(status["batch_preemptions"]))
+        yield from (ready, queue, in_flight, *grammar.values(), preempted)
 
 
 class _CacheCollector:

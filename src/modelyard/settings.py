@@ -105,6 +105,10 @@ class EndpointSpec:
     upstream_server: str = "openai"       # one of UPSTREAM_SERVERS
     api_key: str | None = field(default=None, repr=False)
     timeout: float = 600.0
+    # engine = "openai": the share of the endpoint's capacity (replicas x `parallel`, the requests
+    # each replica is counted to serve at once) that batch-priority requests may hold; past it
+    # they wait (proxy/batch_share). 0 < share <= 1: there is no "off".
+    batch_share: float = 0.5
 
     def __post_init__(self) -> None:
         if len(self.name) > MAX_NAME:
@@ -118,6 +122,9 @@ class EndpointSpec:
         for key in ("context", "parallel", "batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"endpoint {self.name!r}: {key} must be >= 1, got {getattr(self, key)}", param=key)
+        if not 0 < self.batch_share <= 1:
+            raise ConfigError(f"endpoint {self.name!r}: batch_share must be > 0 and <= 1, got {self.batch_share}",
+                              param="batch_share")
         if self.prefix_cache_mib < 0:
             raise ConfigError(f"endpoint {self.name!r}: prefix_cache_mib must be >= 0, got {self.prefix_cache_mib}",
                               param="prefix_cache_mib")

@@ -21,8 +21,8 @@ from modelyard.console.pages import ROUTERS, endpoints, models, playground
 from modelyard.errors import ConfigError
 from modelyard.settings import AdminToken, Settings
 
-PAGES = ("endpoints", "live", "playground", "keys", "usage", "models")
-FRAGMENTS = ("endpoints/table", "live/charts", "models/table")
+PAGES = ("endpoints", "live", "playground", "keys", "usage", "models", "batches")
+FRAGMENTS = ("endpoints/table", "live/charts", "models/table", "batches/table")
 
 
 def change_routes(app) -> list[str]:
@@ -36,6 +36,8 @@ def change_routes(app) -> list[str]:
                 paths += [f"/console/endpoints/ep_x/{a}" for a in ("load", "unload", "delete")]
             elif r.path == "/console/keys/{key_id}/{action}":
                 paths += [f"/console/keys/KEY/{a}" for a in ("revoke", "rotate")]
+            elif r.path == "/console/batches/{batch_id}/cancel":
+                paths.append("/console/batches/batch_x/cancel")
             else:
                 paths.append(r.path)
     return paths
@@ -46,7 +48,8 @@ def test_change_routes_are_all_known(app):
     assert set(change_routes(app)) == {
         "/console/endpoints", "/console/endpoints/ep_x/load", "/console/endpoints/ep_x/unload",
         "/console/endpoints/ep_x/delete", "/console/playground/key", "/console/keys", "/console/keys/KEY/revoke",
-        "/console/keys/KEY/rotate", "/console/models/pull", "/console/models/delete"}
+        "/console/keys/KEY/rotate", "/console/models/pull", "/console/models/delete",
+        "/console/batches/batch_x/cancel"}
 
 
 @pytest.mark.parametrize("token,role", [(ADMIN, "admin"), (VIEWER, "viewer")])

@@ -77,6 +77,7 @@ def test_bad_requests_name_the_field_and_conflicts_are_409(srv):
         assert loc({"name": "x", "engine": "tgi"})[0] == ["body", "engine"]
         assert loc({"name": "x", **SMALL, "context": 0})[0] == ["body", "context"]
         assert loc({"name": "x", **SMALL, "surprise": 1})[0] == ["body", "surprise"]
+        assert loc({"name": "x", **SMALL, "batch_share": 0})[0] == ["body", "batch_share"]
         where, msg = loc({"name": "x", "engine": "openai", "upstream_model": "m"})
         assert where == ["body", "urls"] and "urls" in msg
         where, msg = loc({"name": "x", "model": "no-such-model"})

@@ -345,12 +345,12 @@ class Harness:
     def build(self, rid: str, prompt: str | list[int], *, n: int = 1, max_tokens: int = 16,
               stop: tuple[str, ...] = (), echo: bool = False, sampling: SamplingParams = SamplingParams(),
               deadline: float | None = None, constraint: Constraint | None = None,
-              cache_partition: str = "") -> Request:
+              cache_partition: str = "", priority: str = "interactive") -> Request:
         """With the production code (prepare.prepare), as LocalEngine builds them."""
         sink = self.sinks.setdefault(rid, [])
         r = EngineRequest(rid, prompt if isinstance(prompt, str) else tuple(prompt), sampling, n=n,
                           max_tokens=max_tokens, stop=stop, echo=echo, deadline=deadline, constraint=constraint,
-                          cache_partition=cache_partition)
+                          cache_partition=cache_partition, priority=priority)
         grammar = self.grammars.compile(constraint) if constraint is not None else None
         req = prepare(r, self.vocab, None, context=CONTEXT, parallel=self.n_slots, parse_special=False,
                       sink=sink.append, grammar=grammar)

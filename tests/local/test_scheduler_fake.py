@@ -285,7 +285,8 @@ def test_abort_running_and_waiting_frees_slots() -> None:
 # -- status transitions ------------------------------------------------------------------------
 
 ALLOWED = {(RequestStatus.WAITING, RequestStatus.RUNNING), (RequestStatus.WAITING, RequestStatus.ABORTED),
-           (RequestStatus.RUNNING, RequestStatus.FINISHED), (RequestStatus.RUNNING, RequestStatus.ABORTED)}
+           (RequestStatus.RUNNING, RequestStatus.FINISHED), (RequestStatus.RUNNING, RequestStatus.ABORTED),
+           (RequestStatus.RUNNING, RequestStatus.WAITING)}     # a batch request preempted
 
 
 @pytest.mark.parametrize("old,new", list(itertools.product(RequestStatus, RequestStatus)))
@@ -388,19 +389,22 @@ def test_failed_batch_does_not_forget_a_slot_another_request_took() -> None:
 
 # -- randomized: outputs must not depend on load, chunking or the prefix cache -------------------
 
-def _scenario(seed: int) -> None:
+def _scenario(seed: int) -> int:
+    """Runs one workload and checks it; returns the batch preemptions it had."""
     rnd = random.Random(seed)
     n_slots = rnd.randint(1, 4)
     h = Harness(n_slots=n_slots, step_tokens=rnd.randint(n_slots + 2, 8), prefix_cache=rnd.random() < 0.8)
     bases = ["abcdefgh", "abcxyz", "klmnop", "ab"]
     specs, arrivals = {}, {}
+    priorities = random.Random(seed * 7919 + 1)      # apart, so the workloads stay what they were
     for i in range(rnd.randint(3, 10)):
         base = rnd.choice(bases)
         prompt = base[:rnd.randint(1, len(base))] + "".join(rnd.choice(LETTERS) for _ in range(rnd.randint(0, 3)))
         kw = dict(n=rnd.randint(1, n_slots), max_tokens=rnd.randint(1, 6),
                   stop=tuple(rnd.sample(["de", "q", "xyz", "mn"], rnd.randint(0, 2))), echo=rnd.random() < 0.2,
                   sampling=SamplingParams(temperature=rnd.choice([0.0, 0.0, 1.5]), seed=rnd.randint(0, 99),
-                                          logprobs=rnd.choice([None, None, 0, 2])))
+                                          logprobs=rnd.choice([None, None, 0, 2])),
+                  priority="batch" if priorities.random() < 0.4 else "interactive")
         specs[f"R{i}"] = (prompt, kw)
         arrivals.setdefault(rnd.randint(0, 12), []).append(f"R{i}")
     abort_at = {rnd.randint(0, 12): f"R{rnd.randrange(len(specs))}"} if rnd.random() < 0.3 else {}
@@ -432,18 +436,21 @@ def _scenario(seed: int) -> None:
         assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (ref.usage.prompt_tokens,
                                                                           ref.usage.completion_tokens)
         assert ref.usage.cached_tokens == 0 and 0 <= res.usage.cached_tokens < res.usage.prompt_tokens
+    return h.sched.preemptions
 
 
 def test_outputs_do_not_depend_on_load_chunking_or_cache() -> None:
-    """30 seeded random workloads (arrivals, n, stops, echo, logprobs, sampling, an abort, a
-    failed decode); every request that completes must match the same request run alone."""
-    failed = []
+    """30 seeded random workloads (arrivals, n, stops, echo, logprobs, sampling, priorities, an
+    abort, a failed decode); every request that completes must match the same request run alone,
+    batch-priority ones preempted or not."""
+    failed, preemptions = [], 0
     for seed in range(30):
         try:
-            _scenario(seed)
+            preemptions += _scenario(seed)
         except AssertionError as exc:
             failed.append((seed, f"{type(exc).__name__}: {str(exc)[:200]}"))
     assert not failed, f"{len(failed)}/30 workloads broke; first: {failed[0]}"
+    assert preemptions > 0
 
 
 # -- echo + logprobs: the logits rows one step holds --------------------------------------------

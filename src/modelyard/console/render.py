@@ -23,7 +23,7 @@ env.filters["utc"] = views.utc
 env.filters["tojson_attr"] = lambda v: json.dumps(v)      # autoescaped where used in an attribute
 
 PAGES = (("endpoints", "Endpoints"), ("live", "Live"), ("playground", "Playground"), ("keys", "Keys"),
-         ("usage", "Usage"), ("models", "Models"))
+         ("usage", "Usage"), ("models", "Models"), ("batches", "Batches"))
 
 
 def render(request: Request, template: str, session: Session | None, status: int = 200,

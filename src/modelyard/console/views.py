@@ -92,3 +92,20 @@ async def models(app, who: AdminToken) -> tuple[list[dict], str | None]:
     if isinstance(got, internal.Answer):
         return [], f"the models API answered {got.status}: {got.message()}"
     return got, None
+
+
+BATCHES_API = "/batches"        # the control plane's every-key listing (OpenAI's batch objects + owner)
+BATCH_ENDED = ("completed", "failed", "expired", "cancelled")
+
+
+async def batches(app, who: AdminToken) -> tuple[list[dict], str | None]:
+    """Every key's batches, newest first, each with its progress (lines done of total, percent)."""
+    got = await internal.list_all(app, who, BATCHES_API)
+    if isinstance(got, internal.Answer):
+        return [], f"the batches API answered {got.status}: {got.message()}"
+    for b in got:
+        c = b.get("request_counts") or {}
+        total, done = c.get("total") or 0, (c.get("completed") or 0) + (c.get("failed") or 0)
+        b["progress"] = {"done": done, "total": total, "percent": done * 100 // total if total else 0}
+        b["ended"] = b.get("status") in BATCH_ENDED
+    return sorted(got, key=lambda b: -(b.get("created_at") or 0)), None

@@ -111,6 +111,7 @@ class EngineRequest:
     # Its place in the request's ledger (quota/ledger): the engine reserves the most it may use
     # before any work and settles what it computed once, however it ended. None: not accounted.
     ledger: "LedgerEntry | None" = field(default=None, compare=False, repr=False)
+    priority: str = "interactive"     # "interactive" | "batch": batch work takes only what interactive leaves
 
 
 _BYTES = "bytes:"

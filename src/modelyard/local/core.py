@@ -198,12 +198,23 @@ class EngineCore:
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
-        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+        for req in [*self.scheduler.running, *self.scheduler.waiting, *self.scheduler.batch_waiting]:
             if req.deadline is not None and now >= req.deadline:
                 self.abort(req.id, DeadlineExceeded(
                     f"request {req.id} exceeded its deadline after {now - req.arrival:.1f}s"))
 
     def _flush(self) -> None:
         if self._out:
-            out, self._out = list(self._out.items()), {}
-            self.emit(out)
+            out = []
+            for req, items in self._out.items():
+                if req.batch:
+                    # Held back until it finishes: a preempted batch request restarts from zero
+                    # (Scheduler._preempt_for), and what it emitted before must not reach anyone.
+                    req.held.extend(items)
+                    if req.status is not RequestStatus.FINISHED:
+                        continue
+                    items, req.held = req.held, []
+                out.append((req, items))
+            self._out = {}
+            if out:
+                self.emit(out)

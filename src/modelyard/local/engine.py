@@ -45,6 +45,7 @@ class LocalEngine(EngineThread):
         self._init_thread()
         self._core: EngineCore | None = None
         self._sinks: dict[str, object] = {}    # request id -> its output queue's put
+        self._batch_ids: set[str] = set()       # of those, the batch-priority ones
         self._broken: str | None = None
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
@@ -80,7 +81,10 @@ class LocalEngine(EngineThread):
         sched = core.scheduler
         host = self._host_cache
         return {"in_flight": len(self._sinks), "running": len(sched.running),
-                "queue_depth": len(sched.waiting), "slots_total": sched.slots.n,
+                "queue_depth": len(sched.waiting) + len(sched.batch_waiting),
+                "batch_queue_depth": len(sched.batch_waiting),
+                "batch_running": sum(1 for r in sched.running if r.batch),
+                "batch_preemptions": sched.preemptions, "slots_total": sched.slots.n,
                 "slots_used": sched.slots.n_used,
                 "cached_tokens": sum(len(c) for c in sched.slots.cached),
                 "prefix_reused_tokens": sched.reused_tokens,
@@ -98,13 +102,19 @@ class LocalEngine(EngineThread):
         if self._broken:
             raise EngineError(f"engine is broken: {self._broken}")
         self._check_running()
-        if len(self._sinks) >= self.spec.parallel + self.spec.max_queue:
-            raise QueueFull(f"endpoint {self.spec.name!r} is at capacity: {len(self._sinks)} requests "
+        # Each priority class has the room parallel + max_queue on its own: queued batch work
+        # never makes an interactive request QueueFull.
+        batch = request.priority == "batch"
+        in_class = len(self._batch_ids) if batch else len(self._sinks) - len(self._batch_ids)
+        if in_class >= self.spec.parallel + self.spec.max_queue:
+            raise QueueFull(f"endpoint {self.spec.name!r} is at capacity: {in_class} {request.priority} requests "
                             f"in flight (parallel {self.spec.parallel} + max_queue {self.spec.max_queue})",
                             retry_after=1.0)
         outputs: asyncio.Queue = asyncio.Queue()
         sink = self._bounded_sink(request.request_id, outputs)
         self._sinks[request.request_id] = sink      # counted in flight (capacity) from now on
+        if batch:
+            self._batch_ids.add(request.request_id)
         done = True
         try:
             # Tokenizing (and rendering a chat template) a long prompt takes a while: on a worker
@@ -136,6 +146,7 @@ class LocalEngine(EngineThread):
                         return
         finally:
             del self._sinks[request.request_id]
+            self._batch_ids.discard(request.request_id)
             if not done:   # the consumer left: free the request's slots at once
                 self._inbox.put(("abort", request.request_id))
 
@@ -287,5 +298,5 @@ class LocalEngine(EngineThread):
 
     def _abort_all(self) -> None:
         sched = self._core.scheduler
-        for req in [*sched.running, *sched.waiting]:
+        for req in [*sched.running, *sched.waiting, *sched.batch_waiting]:
             self._core.abort(req.id, self._not_running())

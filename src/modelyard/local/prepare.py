@@ -19,6 +19,8 @@ from .request import Request, Sequence, completion_budget
 from .sampling import Sampler
 from .stop import StopMatcher
 
+PRIORITIES = ("interactive", "batch")     # engine.types.EngineRequest.priority
+
 
 class Vocab(Protocol):
     n_vocab: int
@@ -79,17 +81,26 @@ def prepare(r: EngineRequest, vocab: Vocab, chat: ChatTemplate | None, *, contex
     if r.n > parallel:
         raise InvalidRequest(f"n is {r.n}, but this endpoint runs at most {parallel} sequences at once",
                              param="n")
-    seqs = [Sequence(i, Sampler(r.sampling.for_choice(i)), StopMatcher(r.stop)) for i in range(r.n)]
-    if r.constraint is not None:
-        if grammar is None:
-            raise InvalidRequest(f"{r.constraint.field}: this endpoint has no structured output",
-                                 param=r.constraint.field)
-        for seq, matcher in zip(seqs, grammar.matchers(r.n)):
-            seq.matcher = matcher
+    if r.constraint is not None and grammar is None:
+        raise InvalidRequest(f"{r.constraint.field}: this endpoint has no structured output",
+                             param=r.constraint.field)
+    if r.priority not in PRIORITIES:
+        raise InvalidRequest(f"priority is {r.priority!r}; it must be one of {', '.join(PRIORITIES)}",
+                             param="priority")
+
+    def fresh_seqs() -> list[Sequence]:
+        seqs = [Sequence(i, Sampler(r.sampling.for_choice(i)), StopMatcher(r.stop)) for i in range(r.n)]
+        if r.constraint is not None:
+            for seq, matcher in zip(seqs, grammar.matchers(r.n)):
+                seq.matcher = matcher
+        return seqs
+
+    seqs = fresh_seqs()
     echo = prompt_lp = None
     if r.echo and r.messages is None:
         echo = r.prompt if isinstance(r.prompt, str) else detokenize(vocab, ids)
         if r.sampling.logprobs is not None:
             prompt_lp = echo_tokens(vocab, ids, echo)
     return Request(r.request_id, ids, max_tokens, seqs, sink, echo, prompt_lp, deadline=r.deadline,
-                   cache_partition=r.cache_partition)
+                   cache_partition=r.cache_partition, priority=r.priority,
+                   fresh_seqs=fresh_seqs if r.priority == "batch" else None)

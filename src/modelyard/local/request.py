@@ -50,7 +50,8 @@ class RequestStatus(enum.Enum):
 
 _ALLOWED = {
     RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.ABORTED},
-    RequestStatus.RUNNING: {RequestStatus.FINISHED, RequestStatus.ABORTED},
+    # RUNNING -> WAITING: a batch-priority request preempted for interactive work (Request.restart)
+    RequestStatus.RUNNING: {RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.WAITING},
     RequestStatus.FINISHED: set(),
     RequestStatus.ABORTED: set(),
 }
@@ -96,10 +97,36 @@ class Request:
     # told what it computed when it retires (prompt tokens, generated): its ledger's settle
     on_end: Callable[[int, int], None] | None = None
     cache_partition: str = ""                # reuses cached prefixes of this partition only (slots)
+    # "batch": admitted only into what interactive requests leave, preempted when they queue
+    # (scheduler). Its outputs are held back until it finishes (EngineCore._flush), so that a
+    # preempted one restarts from zero and its consumer never sees the discarded attempt.
+    priority: str = "interactive"
+    fresh_seqs: Callable[[], list[Sequence]] | None = None   # new choices, as prepare made them
+    held: list = field(default_factory=list)                  # batch: outputs not yet delivered
+    preemptions: int = 0
+
+    def restart(self) -> None:
+        """Back to how prepare built it (a preempted batch request): new choices (samplers,
+        stop matchers, grammar states), nothing computed, nothing held. Its ledger reservation
+        stays: on_end is called once, when it really ends."""
+        assert self.fresh_seqs is not None, f"{self.id}: cannot restart"
+        self.set_status(RequestStatus.WAITING)
+        self.seqs = self.fresh_seqs()
+        self.num_computed = self.cached_tokens = 0
+        self.last_prompt_row = None
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs.token_logprobs.clear()
+            self.prompt_logprobs.top_logprobs.clear()
+        self.held = []
+        self.preemptions += 1
 
     def set_status(self, new: RequestStatus) -> None:
         assert self.status.can_become(new), f"{self.id}: {self.status} -> {new}"
         self.status = new
+
+    @property
+    def batch(self) -> bool:
+        return self.priority == "batch"
 
     @property
     def n(self) -> int:

@@ -4,6 +4,16 @@ NOTE: there is no prefill phase and no decode phase. Each step builds ONE batch:
 token for every running sequence first (so streams keep flowing), then prompt chunks of
 admitted requests in arrival order, up to the step's token budget. A prompt longer than the
 budget is prefilled over several steps, and running streams never wait more than one step.
+
+Priority (issue 23): batch-priority requests wait in their own FIFO and are admitted only into
+slots interactive requests leave free, and only while no interactive request waits; beside
+interactive requests they get a few rows of each step (BATCH_ROWS_BESIDE_INTERACTIVE), alone the
+whole budget. When an interactive request waits and no slot is free, running batch requests are
+preempted (the one whose slot holds the most of its prompt, then the youngest) and go back to the
+head of their queue to restart from zero (Request.restart): on a deterministic endpoint the output does
+not depend on what ran beside it, so the rerun gives the same answer, and a batch request's
+output is held back until it finishes (EngineCore), so nobody sees the discarded attempt. A
+batch request waits only while interactive requests do: when interactive traffic stops, it runs.
 """
 
 from __future__ import annotations
@@ -24,6 +34,15 @@ from .slots import SlotPool
 # chunk (its last token) and per echo request between chunks (Request.last_prompt_row), at most
 # 32 + 2 x parallel rows of the vocabulary's width (gemma3, parallel 16: 64 rows, 64 MiB).
 PROMPT_LOGITS_ROWS = 32
+
+# While interactive requests run or wait, batch work takes at most this many rows of a step
+# (decode tokens, then prompt tokens), and none in a step that prefills an interactive prompt: on
+# a CPU a step's time grows with its rows, and an interactive request that arrives waits for the
+# step under way, then for the step of its prompt (issue 23's TTFT bound). Batch work alone takes
+# the whole budget, so its throughput when interactive traffic stops is any request's. Neither
+# chunking nor a skipped step shows in the output (a sequence's next token waits in its list).
+BATCH_ROWS_BESIDE_INTERACTIVE = 3     # the least that lets any prompt progress (a 3-token chunk)
+INTERACTIVE_GRACE_STEPS = 8     # ...and for this many steps after the last interactive request left
 
 
 @dataclass
@@ -94,7 +113,8 @@ class Scheduler:
         self.slots = slots
         self.step_tokens = step_tokens
         self.prefix_cache = prefix_cache
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()          # interactive, FIFO
+        self.batch_waiting: deque[Request] = deque()    # batch priority, FIFO
         self.running: list[Request] = []
         self._truncations: list[tuple[int, int]] = []
         self._copies: list[tuple[int, int]] = []
@@ -102,14 +122,17 @@ class Scheduler:
         self._restores: list[tuple[int, Entry]] = []
         self.host_cache = host_cache if prefix_cache else None
         self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
+        self.preemptions = 0        # batch requests sent back to restart, in all
+        self._batch_turn = 0        # which batch decodes go next beside interactive work
+        self._quiet_steps = INTERACTIVE_GRACE_STEPS + 1    # steps since interactive work was seen
 
     def add(self, req: Request) -> None:
         """Called when a request arrives (engine thread, from the inbox)."""
-        self.waiting.append(req)
+        (self.batch_waiting if req.batch else self.waiting).append(req)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.batch_waiting)
 
     def schedule(self) -> Batch | None:
         """Called once per engine step: admit what fits, then fill one batch."""
@@ -122,47 +145,131 @@ class Scheduler:
         # In slot order: with a KV stream per sequence, llama.cpp puts only consecutive,
         # increasing sequence ids into one ubatch, and each ubatch reads all the weights again
         # (16 decodes in admission order cost 1.6-1.8x the same in slot order).
-        decoding = [(req, seq) for req in self.running if not req.prefilling
-                    for seq in req.seqs if not seq.finished]
+        decoding = every = [(req, seq) for req in self.running if not req.prefilling
+                            for seq in req.seqs if not seq.finished]
+        # Interactive traffic counts as present for a few steps after its last request left: a
+        # client's next request arrives a moment after its last answer, and must not find a
+        # full step of batch prompt under way.
+        if self.waiting or any(not r.batch for r in self.running):
+            self._quiet_steps = 0
+        else:
+            self._quiet_steps += 1
+        interactive = self._quiet_steps <= INTERACTIVE_GRACE_STEPS
+        batch_rows = self.step_tokens
+        if interactive:
+            # Beside interactive requests batch work gets BATCH_ROWS_BESIDE_INTERACTIVE rows a
+            # step (decode tokens first, in turn, then prompt tokens), and none in a step that
+            # prefills an interactive prompt: on a CPU a step's time grows with its rows, and an
+            # interactive request waits for the step under way, then for its prompt's step.
+            prefilling = any(not r.batch and r.prefilling for r in self.running)
+            batch_rows = 0 if prefilling else BATCH_ROWS_BESIDE_INTERACTIVE
+            decoding = self._batch_in_turn(decoding, batch_rows)
+            batch_rows -= sum(1 for req, _ in decoding if req.batch)
         for req, seq in sorted(decoding, key=lambda rs: rs[1].slot):
             self._add_decode(batch, req, seq)
         scored = PROMPT_LOGITS_ROWS       # echo + logprobs rows this step may still take
-        for req in self.running:
-            if req.prefilling and len(batch.tokens) < self.step_tokens:
+        for req in self.running:          # interactive prompt chunks first, in arrival order
+            if not req.batch and req.prefilling and len(batch.tokens) < self.step_tokens:
                 scored -= self._add_prefill(batch, req, scored)
+        budget = min(self.step_tokens, len(batch.tokens) + batch_rows)
+        for req in self.running:
+            if req.batch and req.prefilling and budget - len(batch.tokens) >= 2:
+                scored -= self._add_prefill(batch, req, scored, budget)
+        if not batch.tokens and every:         # never a step without progress (not expected)
+            for req, seq in sorted(every, key=lambda rs: rs[1].slot):
+                self._add_decode(batch, req, seq)
         if not batch.tokens:   # nothing to decode: KV work waits for the next batch
             self._truncations, self._copies = batch.truncations, batch.copies
             return None
         return batch
 
+    def _batch_in_turn(self, decoding: list[tuple[Request, Sequence]], rows: int) -> list[tuple[Request, Sequence]]:
+        """Every interactive decode, and `rows` of the batch ones, taken in turn from step to
+        step so that every batch stream moves while interactive traffic lasts."""
+        batch = [rs for rs in decoding if rs[0].batch]
+        if len(batch) <= rows:
+            return decoding
+        start = self._batch_turn % len(batch)
+        chosen = {id(rs[1]) for rs in (batch[start:] + batch[:start])[:rows]}
+        self._batch_turn += rows
+        return [rs for rs in decoding if not rs[0].batch or id(rs[1]) in chosen]
+
     def _admit(self) -> None:
-        # FIFO: the head waits until its n slots are free, and nobody overtakes it.
-        while self.waiting and self.waiting[0].n <= self.slots.n_free:
-            req = self.waiting.popleft()
-            reuse = self.prefix_cache and not req.wants_prompt_logprobs
-            part = req.cache_partition
-            slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse, part)
-            entry, from_host = self.host_cache.best(req.prompt_ids, part) if reuse and self.host_cache else (None, 0)
-            restore = entry is not None and min(from_host, req.num_prompt - 2) > min(shared, req.num_prompt - 2)
-            self._save_overwritten(slots, 0 if restore else shared)
-            if restore:
-                self._restore(slots[0], entry, from_host)
-                shared = from_host
-            # Compute at least the last two prompt tokens: the last one's logits start the
-            # generation, and a chunk of one token would take another kernel path than the
-            # same prompt prefilled without a cache (see slots.reusable).
-            req.num_computed = max(0, min(shared, req.num_prompt - 2))
-            req.cached_tokens = req.num_computed        # its usage says so (OpenAI's cached_tokens)
-            self.reused_tokens += req.num_computed
-            self._truncations.append((slots[0], req.num_computed))
-            self.slots.truncate(slots[0], req.num_computed)
-            for seq, slot in zip(req.seqs, slots):
-                seq.slot = slot
-                self.slots.claim(slot, part)
-            for slot in slots[1:]:
-                self.slots.forget(slot)     # refilled by a copy when the prompt is done
-            req.set_status(RequestStatus.RUNNING)
-            self.running.append(req)
+        # FIFO per class: the head waits until its n slots are free, and nobody overtakes it. An
+        # interactive head that does not fit takes slots from running batch requests if that
+        # makes room; batch requests are admitted only while no interactive request waits.
+        while True:
+            if self.waiting:
+                head = self.waiting[0]
+                if head.n > self.slots.n_free:
+                    if not self._preempt_for(head):
+                        return
+                self._start(self.waiting.popleft())
+            elif self.batch_waiting and self.batch_waiting[0].n <= self.slots.n_free:
+                self._start(self.batch_waiting.popleft())
+            else:
+                return
+
+    def _preempt_for(self, head: Request) -> bool:
+        """Free head.n slots by preempting running batch requests: first those whose slot holds
+        the longest reusable prefix of the head's prompt (it takes that slot: what the batch
+        request computed saves it prefill), then the youngest (the least work lost). None is
+        preempted unless together they make enough room (else the head waits for interactive
+        requests to finish, and batch work goes on meanwhile)."""
+        held = lambda r: sum(1 for seq in r.seqs if not seq.finished)   # noqa: E731
+        batch = [r for r in self.running if r.batch]
+        if self.slots.n_free + sum(held(r) for r in batch) < head.n:
+            return False
+        reuse = self.prefix_cache and not head.wants_prompt_logprobs
+
+        def affinity(r: Request) -> int:
+            return max((self.slots.reusable_prefix(seq.slot, head.prompt_ids, head.cache_partition)
+                        for seq in r.seqs if not seq.finished), default=0) if reuse else 0
+        order = sorted(reversed(batch), key=affinity, reverse=True)    # stable: youngest first among equals
+        victims = []
+        for req in order:
+            if self.slots.n_free + sum(held(v) for v in victims) >= head.n:
+                break
+            victims.append(req)
+        victims.sort(key=lambda r: self.running.index(r), reverse=True)
+        for req in victims:       # the oldest ends up first in its queue again, as it was
+            self.running.remove(req)
+            for seq in req.seqs:
+                if not seq.finished:
+                    # Its KV stays in the slot as a cache: the restart may reuse its prompt.
+                    # A copy still queued into a sibling's slot runs before anything else
+                    # touches that slot (runner order), so the pool's record of it holds.
+                    self.slots.release(seq.slot)
+            req.restart()
+            self.batch_waiting.appendleft(req)
+            self.preemptions += 1
+        return True
+
+    def _start(self, req: Request) -> None:
+        reuse = self.prefix_cache and not req.wants_prompt_logprobs
+        part = req.cache_partition
+        slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse, part)
+        entry, from_host = self.host_cache.best(req.prompt_ids, part) if reuse and self.host_cache else (None, 0)
+        restore = entry is not None and min(from_host, req.num_prompt - 2) > min(shared, req.num_prompt - 2)
+        self._save_overwritten(slots, 0 if restore else shared)
+        if restore:
+            self._restore(slots[0], entry, from_host)
+            shared = from_host
+        # Compute at least the last two prompt tokens: the last one's logits start the
+        # generation, and a chunk of one token would take another kernel path than the
+        # same prompt prefilled without a cache (see slots.reusable).
+        req.num_computed = max(0, min(shared, req.num_prompt - 2))
+        req.cached_tokens = req.num_computed        # its usage says so (OpenAI's cached_tokens)
+        self.reused_tokens += req.num_computed
+        self._truncations.append((slots[0], req.num_computed))
+        self.slots.truncate(slots[0], req.num_computed)
+        for seq, slot in zip(req.seqs, slots):
+            seq.slot = slot
+            self.slots.claim(slot, part)
+        for slot in slots[1:]:
+            self.slots.forget(slot)     # refilled by a copy when the prompt is done
+        req.set_status(RequestStatus.RUNNING)
+        self.running.append(req)
 
     def _save_overwritten(self, slots: list[int], first_keeps: int) -> None:
         """Before a new prompt takes these slots, keep the prompt-computed prefixes it would
@@ -189,11 +296,11 @@ class Scheduler:
         self.slots.append_decoded(seq.slot, token)
         batch.decodes.append((req, seq, row))
 
-    def _add_prefill(self, batch: Batch, req: Request, scored: int) -> int:
-        """Add req's next prompt chunk; returns the rows it scores (echo + logprobs), of the
-        `scored` rows the step has left."""
+    def _add_prefill(self, batch: Batch, req: Request, scored: int, budget: int | None = None) -> int:
+        """Add req's next prompt chunk, within `budget` tokens in the batch (the step's); returns
+        the rows it scores (echo + logprobs), of the `scored` rows the step has left."""
         start = req.num_computed
-        end = min(req.num_prompt, start + self.step_tokens - len(batch.tokens))
+        end = min(req.num_prompt, start + (self.step_tokens if budget is None else budget) - len(batch.tokens))
         if req.wants_prompt_logprobs:
             end = min(end, start + scored)
         # Chunks of one token take another kernel path than chunks of two or more: never cut
@@ -226,7 +333,7 @@ class Scheduler:
     def retire(self, req: Request, status: RequestStatus) -> None:
         """Called when a request is done, aborted or failed; frees any slots it still holds."""
         if req.status is RequestStatus.WAITING:
-            self.waiting.remove(req)
+            (self.batch_waiting if req.batch else self.waiting).remove(req)
         elif req.status is RequestStatus.RUNNING:
             self.running.remove(req)
             for seq in req.seqs:
@@ -244,7 +351,7 @@ class Scheduler:
         for req in self.running:
             if req.id == request_id:
                 return req
-        for req in self.waiting:
+        for req in (*self.waiting, *self.batch_waiting):
             if req.id == request_id:
                 return req
         return None

@@ -64,7 +64,7 @@ class SlotPool:
         assert n <= len(self._free)
         first, shared = None, 0
         if reuse:
-            first, shared = max(((s, self._reusable_prefix(s, prompt, partition)) for s in self._free),
+            first, shared = max(((s, self.reusable_prefix(s, prompt, partition)) for s in self._free),
                                 key=lambda t: (t[1], -t[0]))
         if not shared:
             first = self._cheapest(self._free)
@@ -74,7 +74,8 @@ class SlotPool:
             self._last_used[s] = next(self._clock)
         return slots, shared
 
-    def _reusable_prefix(self, slot: int, prompt: Sequence[int], partition: str) -> int:
+    def reusable_prefix(self, slot: int, prompt: Sequence[int], partition: str) -> int:
+        """How much of `prompt` the slot's cache could spare it (of the same partition only)."""
         if self.partition[slot] != partition:
             return 0
         return min(self.reusable[slot], common_prefix(self.cached[slot], prompt))

@@ -9,6 +9,7 @@ request does: reserve in its ledger, send, relay, settle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, AsyncIterator
 
@@ -17,6 +18,7 @@ import httpx
 from ..engine.types import EmbeddingRequest, EmbeddingResult, EngineOutput, EngineRequest, ModelType
 from ..errors import DeadlineExceeded
 from ..settings import EndpointSpec
+from .batch_share import BatchShare
 from .embeddings import embedding_body, read_embeddings
 from .errors import map_error
 from .replicas import HEALTH_INTERVAL, ReplicaPool
@@ -33,6 +35,7 @@ class ProxyEngine:
         # An upstream's kind cannot be probed reliably (OpenAI's /models does not say): configured.
         self.model_type = ModelType.EMBEDDINGS if spec.kind == "embeddings" else ModelType.COMPLETIONS
         self.pool = ReplicaPool(spec, transport, health_interval=health_interval)
+        self.batch_share = BatchShare(spec)
 
     async def start(self) -> None:
         await self.pool.start()
@@ -47,9 +50,18 @@ class ProxyEngine:
         return self.pool.ready_reason()
 
     def status(self) -> dict[str, Any]:
-        return self.pool.status()
+        return {**self.pool.status(), **self.batch_share.status()}
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        # aclosing: a consumer that leaves early closes the upstream request at once, as before
+        async with contextlib.AsyncExitStack() as stack:
+            if request.priority == "batch":     # at most its share of the capacity (batch_share)
+                await stack.enter_async_context(self.batch_share.hold(request.deadline))
+            async with contextlib.aclosing(self._generate(request)) as outputs:
+                async for out in outputs:
+                    yield out
+
+    async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         # The prompt's tokens are the upstream's to count, so the reservation is a bound (see
         # prompt_bound) plus, per choice, the max_tokens the upstream is sent: always sent, so
         # that whatever is reserved is what the upstream may generate (a chat without max_tokens

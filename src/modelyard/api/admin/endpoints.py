@@ -58,6 +58,7 @@ class EndpointFields(BaseModel):
     upstream_server: Literal[UPSTREAM_SERVERS] | None = None      # type: ignore[valid-type]
     api_key: str | None = Field(None, min_length=1, max_length=4096)
     timeout: float | None = Field(None, ge=0.1, le=86_400)     # seconds; 5e-324 was accepted
+    batch_share: float | None = Field(None, gt=0, le=1)        # openai: batch work's share of capacity
 
 
 class EndpointCreate(EndpointFields):

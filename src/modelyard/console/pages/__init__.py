@@ -10,6 +10,6 @@ the page's #flash region (out of band).
 
 from __future__ import annotations
 
-from . import endpoints, keys, live, models, playground, sign_in, usage
+from . import batches, endpoints, keys, live, models, playground, sign_in, usage
 
-ROUTERS = tuple(page.router for page in (sign_in, endpoints, live, playground, keys, usage, models))
+ROUTERS = tuple(page.router for page in (sign_in, endpoints, live, playground, keys, usage, models, batches))
