@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from ..errors import InvalidRequest, ObjectNotFound
 from .db import Database
 from .files import OUTPUT_PURPOSE, FileStore
-from .records import new_id
+from .records import audit, new_id
 from .responses import owner
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -263,6 +263,13 @@ class BatchStore:
             self.db.execute("UPDATE batches SET status = 'cancelling', cancelling_at = ?, lease_until = NULL "
                             "WHERE id = ? AND status IN ('validating', 'in_progress')", (now, batch_id))
         return self.get(key_id, batch_id)
+
+    def cancel_any(self, actor: str, batch_id: str) -> dict:
+        """Any key's batch cancelled by an admin (the console), audited; the batch as its owner sees it."""
+        owner_id = self._row(None, batch_id, any_key=True)["key_id"]
+        answer = self.cancel(owner_id, batch_id)
+        audit(self.db, actor, "batch.cancel", batch_id, {"key_id": owner_id, "status": answer["status"]})
+        return answer
 
     # -- the runners' calls (batch/runner) ---------------------------------------------------------
 

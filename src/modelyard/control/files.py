@@ -103,6 +103,13 @@ class FileStore:
             raise ObjectNotFound(f"no file with id {file_id!r}", param="file_id")
         return rows[0]
 
+    def owner_of(self, file_id: str) -> str:
+        """The key a file belongs to (the admin API's reads of any key's file)."""
+        rows = self.db.query("SELECT key_id FROM files WHERE id = ?", (file_id,))
+        if not rows:
+            raise ObjectNotFound(f"no file with id {file_id!r}", param="file_id")
+        return rows[0]["key_id"]
+
     def get(self, key_id: str | None, file_id: str) -> dict:
         return file_object(self._row(key_id, file_id))
 

@@ -106,12 +106,13 @@ class EngineRequest:
     # with the same partition, so that one tenant cannot time another's prompt out of the cache
     # (api/openai/cache_scope makes it from the key and vLLM's cache_salt). An opaque id, never a secret.
     cache_partition: str = ""
-    # "interactive" or "batch": the scheduler takes batch work only into room interactive leaves (issue 23)
-    priority: str = "interactive"
     # Its place in the request's ledger (quota/ledger): the engine reserves the most it may use
     # before any work and settles what it computed once, however it ended. None: not accounted.
     ledger: "LedgerEntry | None" = field(default=None, compare=False, repr=False)
-    priority: str = "interactive"     # "interactive" | "batch": batch work takes only what interactive leaves
+    # "interactive" | "batch": the scheduler gives batch work only the room interactive work leaves
+    # (local/scheduler), a remote endpoint only its batch_share (proxy/batch_share); the batch
+    # runner (batch/runner) sets it.
+    priority: str = "interactive"
 
 
 _BYTES = "bytes:"

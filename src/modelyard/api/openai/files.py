@@ -88,10 +88,13 @@ async def delete_file(file_id: str, request: Request) -> dict:
 
 @router.get("/files/{file_id}/content", summary="A file's bytes")
 async def file_content(file_id: str, request: Request) -> Response:
-    owner = await key_id(request)
-    files = await store(request)
-    # every chunk read and checked against the sha256 first: a damaged file is an error, never
-    # sent; then sent a chunk at a time (checked again as it goes)
+    return await streamed(await store(request), await key_id(request), file_id)
+
+
+async def streamed(files, owner: str | None, file_id: str) -> Response:
+    """A file's bytes as a response: every chunk read and checked against the sha256 first (a
+    damaged file is an error, never sent), then sent a chunk at a time (checked again as it goes).
+    The admin API's download of any key's file answers the same way."""
     row = await asyncio.to_thread(files.verified, owner, file_id)
     chunks = files.chunks(row)
 
