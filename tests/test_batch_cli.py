@@ -1,7 +1,7 @@
 """`modelyard batch` (cli.py + batch_client.py) against a small fake of OpenAI's Files and Batches
 routes, served over real HTTP (testkit.upstream.running): a client test, so the server side is a
 fake that keeps OpenAI's shapes (shared/spec/openai/openapi.yaml) and advances a batch one step
-per retrieve. The end-to-end test against the real gateway comes with the Batch API itself."""
+per retrieve. The end-to-end run against a real gateway is tests/api/test_batches.py's last test."""
 
 from __future__ import annotations
 

@@ -326,3 +326,41 @@ def test_a_damaged_file_is_an_error_not_its_bytes(server):
     r = httpx.get(f"{server.base}{OPENAI_PREFIX}/files/{f.id}/content", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 500 and r.json()["error"]["code"] == "file_corrupt"
     assert b'{"x": 2}' not in r.content
+
+
+def test_the_command_line_submits_follows_and_downloads(server, tmp_path):
+    """`modelyard batch submit` as a user runs it (its own process, the key from the environment)
+    against this gateway: every custom_id's answer downloaded, each equal to the online one; a
+    progress bar on stderr; then `status` and `download` of the same batch."""
+    import os
+    import subprocess
+    import sys
+
+    from testkit.servers import ROOT
+
+    bodies = [{"model": SMOL, "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 4,
+               "temperature": 0} for i in range(20)]
+    source = tmp_path / "requests.jsonl"
+    source.write_bytes(jsonl([line(i, "/v1/chat/completions", b) for i, b in enumerate(bodies)]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MODELYARD_API_KEY": KEY}
+    env.pop("OPENAI_API_KEY", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "modelyard", "batch", *args, "--url",
+                               server.base + OPENAI_PREFIX], env=env, capture_output=True, text=True, timeout=600)
+
+    done = cli("submit", str(source), "--endpoint", "/v1/chat/completions", "--poll", "0.2",
+               "--output", str(tmp_path / "out.jsonl"))
+    assert done.returncode == 0, done.stderr
+    assert "20/20" in done.stderr                           # the bar's last state
+    got = {o["custom_id"]: o for o in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert sorted(got) == sorted(f"req-{i}" for i in range(20))
+    online = client(server).chat.completions.with_raw_response.create(**bodies[4]).http_response.json()
+    assert got["req-4"]["response"]["body"]["choices"] == online["choices"]
+    batch_id = done.stdout.split()[0]                       # the summary: its id first
+    assert client(server).batches.retrieve(batch_id).output_file_id
+    status = cli("status", batch_id)
+    assert status.returncode == 0 and "completed" in status.stdout and "20" in status.stdout
+    again = cli("download", batch_id, "--output", str(tmp_path / "again.jsonl"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "out.jsonl").read_bytes()
