@@ -25,6 +25,8 @@ def test_batch_lines_run_at_batch_priority():
     reqs = [EngineRequest(request_id="a", prompt="x"), EngineRequest(request_id="b", prompt="y")]
     assert [r.priority for r in ledgered(request(True), "ep", reqs)] == ["batch", "batch"]
     assert [r.priority for r in ledgered(request(False), "ep", reqs)] == ["interactive", "interactive"]
-    # embeddings requests carry no priority; they pass unchanged but for their ledger entry
+    # embeddings requests too (local/embeddings_batch.Packer, the remote batch_share)
     [emb] = ledgered(request(True), "ep", [EmbeddingRequest(request_id="e", inputs=("x",))])
-    assert emb.ledger is not None
+    assert emb.ledger is not None and emb.priority == "batch"
+    [emb] = ledgered(request(False), "ep", [EmbeddingRequest(request_id="e", inputs=("x",))])
+    assert emb.priority == "interactive"

@@ -97,3 +97,16 @@ def test_an_input_longer_than_the_budget_runs_alone():
 
     assert [s.index for s in first.spans] == [0] and len(first.tokens) == 40
     assert [s.index for s in second.spans] == [1]
+
+
+def test_batch_jobs_take_only_the_room_interactive_jobs_leave():
+    """issue 23: a batch's inputs never go before an interactive request's, whenever it came;
+    with room left they fill it, and alone they take the whole decode."""
+    packer = Packer(max_seqs=3, max_tokens=64, align=8)
+    background = EmbedJob("batch", [[7] * 8] * 4, finish=lambda _: None, batch=True)
+    first = packer.pack(deque([background]))
+    assert [(s.job.id, s.index) for s in first.spans] == [("batch", 0), ("batch", 1), ("batch", 2)]
+    late = job("interactive", 8, 8)
+    second = packer.pack(deque([background, late]))         # the batch job came first, and waits
+    assert [(s.job.id, s.index) for s in second.spans] == [("interactive", 0), ("interactive", 1), ("batch", 3)]
+    assert second.spans[0].offset == 0

@@ -204,6 +204,9 @@ class EmbeddingRequest:
     truncate: bool = False            # True: inputs past the context are cut (documented), else 400
     deadline: float | None = None
     ledger: "LedgerEntry | None" = field(default=None, compare=False, repr=False)
+    # as EngineRequest's: a batch's inputs are packed only into room interactive inputs leave
+    # (local/embeddings_batch.Packer), a remote endpoint's within its batch_share
+    priority: str = "interactive"
 
 
 @dataclass(frozen=True)

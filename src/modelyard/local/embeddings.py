@@ -106,7 +106,8 @@ class EmbeddingEngine(EngineThread):
                 await request.ledger.reserve(sum(map(len, inputs)))
                 reserved = True
             done: asyncio.Future = self._loop.create_future()
-            job = EmbedJob(request.request_id, inputs, self._finisher(done), request.deadline)
+            job = EmbedJob(request.request_id, inputs, self._finisher(done), request.deadline,
+                           batch=request.priority == "batch")
             self._inbox.put(("add", job))
             try:
                 return await done

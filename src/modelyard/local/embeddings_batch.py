@@ -28,6 +28,7 @@ class EmbedJob:
     inputs: list[list[int]]
     finish: Callable[[EmbeddingResult | BaseException], None]   # called once, on the engine thread
     deadline: float | None = None
+    batch: bool = False    # a batch's line (issue 23): packed only into room interactive jobs leave
     arrival: float = field(default_factory=time.monotonic)
     vectors: list[tuple[float, ...] | None] = field(default_factory=list)
     next: int = 0          # inputs handed to a batch so far
@@ -72,7 +73,9 @@ class Packed:
 
 class Packer:
     """FIFO over jobs: the head job's next inputs first, then the next job's, while the batch has
-    sequences and tokens left. An input never waits behind a later one."""
+    sequences and tokens left. An input never waits behind a later one of its class, and batch
+    jobs' inputs (priority "batch") take only the room interactive jobs leave: a decode is one
+    step, so an interactive request waits at most for the decode under way."""
 
     def __init__(self, max_seqs: int, max_tokens: int, align: int) -> None:
         self.max_seqs, self.max_tokens, self.align = max_seqs, max_tokens, align
@@ -86,7 +89,7 @@ class Packer:
         is taken whatever its length (the context holds the longest one admission lets through),
         the others while the batch stays within max_tokens."""
         out = Packed([], [], [], [])
-        for job in jobs:
+        for job in [j for j in jobs if not j.batch] + [j for j in jobs if j.batch]:
             while job.next < len(job.inputs):
                 ids = job.inputs[job.next]
                 full = len(out.spans) == self.max_seqs or len(out.tokens) + self.aligned(len(ids)) > self.max_tokens

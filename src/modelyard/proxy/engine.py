@@ -101,6 +101,12 @@ class ProxyEngine:
         generate; the answer is checked (one finite vector per input) before anyone sees it.
         tpm as generate: each input's bound reserved, settled to the upstream's count (0 if it
         refused, the bound if it answered without one)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if request.priority == "batch":     # at most its share of the capacity (batch_share)
+                await stack.enter_async_context(self.batch_share.hold(request.deadline))
+            return await self._embed(request)
+
+    async def _embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         bound = sum(text_bound(x) for x in request.inputs)
         if request.ledger is not None:
             await request.ledger.reserve(bound)

@@ -82,10 +82,9 @@ def ledgered(request: Request, endpoint: str, reqs: list[R]) -> list[R]:
     ledger = request.state.ledger
     ledger.endpoint = endpoint
     # a batch's line (batch/runner) runs at batch priority: the engine gives it what interactive
-    # requests leave (issue 23; embeddings requests carry no priority)
+    # requests leave (issue 23)
     batch = {"priority": "batch"} if is_batch(request) else {}
-    return [dataclasses.replace(r, ledger=entry, **(batch if isinstance(r, EngineRequest) else {}))
-            for r, entry in zip(reqs, ledger.entries_for(len(reqs)))]
+    return [dataclasses.replace(r, ledger=entry, **batch) for r, entry in zip(reqs, ledger.entries_for(len(reqs)))]
 
 
 def check_limits(limits: Limits, n: int, stops: tuple[str, ...], logprobs: int | None, prompts: int) -> None:
