@@ -109,6 +109,9 @@ class EngineRequest:
     # Its place in the request's ledger (quota/ledger): the engine reserves the most it may use
     # before any work and settles what it computed once, however it ended. None: not accounted.
     ledger: "LedgerEntry | None" = field(default=None, compare=False, repr=False)
+    # A remote endpoint's replica affinity (proxy/routing): the client's `user`, or the endpoint's
+    # session header. Routing only; never sent upstream, never logged.
+    session: str | None = field(default=None, repr=False)
 
 
 _BYTES = "bytes:"

@@ -19,7 +19,8 @@ from ..errors import DeadlineExceeded
 from ..settings import EndpointSpec
 from .embeddings import embedding_body, read_embeddings
 from .errors import map_error
-from .replicas import HEALTH_INTERVAL, ReplicaPool
+from .replicas import HEALTH_INTERVAL, ReplicaPool, Route
+from .routing import prompt_text
 from .sse import SSEError
 from .wire import Tally, completion_bound, prompt_bound, relay, request_body, text_bound
 
@@ -66,7 +67,8 @@ class ProxyEngine:
         try:
             path = "/chat/completions" if request.messages is not None else "/completions"
             body = request_body(self.spec, request, per_choice)
-            replica, resp = await self.pool.send(path, body, request.deadline)
+            route = Route(prompt_text(body), request.session, request.cache_partition)
+            replica, resp = await self.pool.send(path, body, request.deadline, route)
             if not resp.is_success:
                 await resp.aread()
                 raise map_error(replica.url, resp, secret=self.spec.api_key)

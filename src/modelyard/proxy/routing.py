@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from ..settings import BALANCES
+
 BLOCK_CHARS = 64            # characters per hashed block of prompt text
 MAX_BLOCKS = 8192           # blocks hashed per request (512k characters): beyond, the tail is not routed on
-BALANCES = ("prefix", "least_in_flight")
 _DIGEST = 8                 # bytes per block hash: collisions among 10^7 blocks are ~1e-5 likely
 
 
@@ -49,6 +51,20 @@ def block_hashes(text: str, salt: str = "", block: int = BLOCK_CHARS, limit: int
                                digest_size=_DIGEST).digest()
         out.append(prev)
     return out
+
+
+def prompt_text(body: dict) -> str | None:
+    """What an upstream body is routed by: a completion's prompt (token ids written out), a chat's
+    messages each serialized on its own line in order, so that a conversation's next turn extends
+    its last turn's text; None for anything else."""
+    if "messages" in body:
+        return "".join(json.dumps(m, sort_keys=True, separators=(",", ":")) + "\n" for m in body["messages"])
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return ",".join(map(str, prompt)) + ","
+    return None
 
 
 def rendezvous(key: bytes, names: Iterable[str]) -> list[str]:
