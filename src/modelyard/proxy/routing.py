@@ -13,7 +13,8 @@ Two policies (EndpointSpec.balance):
   index holds the longest run of the request's leading hashes. A prompt no replica has seen is
   placed by rendezvous (highest-random-weight) hashing of its first block over the candidates:
   every gateway computes the same order from the same URLs, so identical system prompts meet on
-  one replica without gateways talking, and removing a replica moves only the keys it ranked
+  one replica without gateways talking (placement is unsalted: it depends on the text alone;
+  matches are salted by the cache partition, so a tenant never matches another's history), and removing a replica moves only the keys it ranked
   first. A `session` (the request's `user`, or the endpoint's session header) is placed the same
   way by its own hash, so a conversation's turns stick while its replica is healthy.
 
@@ -158,12 +159,15 @@ class Router:
         hashes = block_hashes(text, salt) if text is not None else []
         by_name = {c.name: c for c in candidates}
         matched = {c.name: self._index[c.name].match(hashes) if c.name in self._index else 0 for c in candidates}
+        # Placement is by unsalted hashes: it depends on the text alone, never on what was sent
+        # before, so it tells no one about other tenants' prompts, and every gateway computes it
+        # alike (a key's partition id may differ between gateways with their own databases).
         if session is not None:
-            placed = rendezvous(b"session\0" + salt.encode() + b"\0" + session.encode(), by_name)
+            placed = rendezvous(b"session\0" + session.encode(), by_name)
             preferred, reason = placed[0], "session"
         else:
-            first = hashes[0] if hashes else b""
-            placed = rendezvous(first, by_name)
+            first = block_hashes(text[:BLOCK_CHARS])[:1] if text else []
+            placed = rendezvous(first[0] if first else b"", by_name)
             best = max(matched.values())
             # the longest match; equal matches go by rendezvous rank, so gateways agree
             preferred = next(n for n in placed if matched[n] == best)
