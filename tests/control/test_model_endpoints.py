@@ -201,7 +201,7 @@ def test_state_changes_stream_as_server_sent_events(srv):
 
             def mine():
                 return [d for k, d in events if k == "endpoint" and d["id"] == ep["id"]]
-            until(lambda: any(d["state"] == "ready" and d["replicas"] == {"healthy": 1, "total": 1}
+            until(lambda: any(d["state"] == "ready" and d["replicas"]["healthy"] == d["replicas"]["total"] == 1
                               for d in mine()), 20, "rt-remote ready in the events")
             states = [d["state"] for d in mine()]
             assert states[0] == "loading" and "ready" in states, states
