@@ -103,9 +103,24 @@ def scripted_app(answer: Answer, seen: list[dict], model: str = "org/model", loa
         out = answer(script_of(body), body, request)
         return await out if inspect.isawaitable(out) else out
 
+    async def other(request):
+        """Any other POST (the routes modelyard passes through: /v1/rerank, /v1/audio/..., /classify):
+        kept in `seen` as {"path", "content_type", "raw"} (and "json" when it is), answered by
+        `answer("passthrough:" + path, ...)`."""
+        raw = await request.body()
+        kept: dict = {"path": request.url.path, "content_type": request.headers.get("content-type", ""), "raw": raw}
+        try:
+            kept["json"] = json.loads(raw)
+        except ValueError:
+            pass
+        seen.append(kept)
+        out = answer("passthrough:" + request.url.path, kept, request)
+        return await out if inspect.isawaitable(out) else out
+
     return Starlette(routes=[Route("/v1/models", models), Route("/metrics", metrics)] + [
         Route(path, generate, methods=["POST"]) for path in ("/v1/completions", "/v1/chat/completions",
-                                                             "/v1/embeddings")])
+                                                             "/v1/embeddings")]
+                     + [Route("/{path:path}", other, methods=["POST"])])
 
 
 @contextmanager

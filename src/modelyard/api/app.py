@@ -21,7 +21,7 @@ from .anthropic import messages as anthropic_messages
 from .admin import audit, auth as admin_auth, endpoints as admin_endpoints, keys, models as admin_models, usage
 from .admin import responses as admin_responses
 from .openai.background import BackgroundRuns
-from .openai import chat, completions, conversations, embeddings, models, responses, tokenizer
+from .openai import chat, completions, conversations, embeddings, models, passthrough, responses, tokenizer
 from .middleware.body_limits import BodyLimits
 from .middleware.browser_guard import BrowserGuard, allowed_origin_keys
 from .middleware.credentials import CredentialGate, GatedRoutes
@@ -143,7 +143,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     routes: list[str] = []      # every route template we serve: the only route labels of metrics
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
         for router in (completions.router, chat.router, embeddings.router, models.router, responses.router,
-                       conversations.router):
+                       conversations.router, passthrough.router):
             include(router, prefix, auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
     # Anthropic's client appends /v1/messages to its base URL: the server's root, or this prefix

@@ -118,6 +118,35 @@ class ProxyEngine:
                 await resp.aclose()
 
 
+    async def forward(self, path: str, deadline: float | None, *, root: bool = False, body: dict | None = None,
+                      **request: Any) -> "Forwarded":
+        """A route modelyard does not implement, passed to a replica as it came (api/openai/
+        passthrough): the upstream's answer, opened; its error (before any byte) mapped."""
+        replica, resp = await self.pool.send(path, body, deadline, root=root, **request)
+        if not resp.is_success:
+            try:
+                await _until(resp.aread(), deadline)
+                raise map_error(replica.url, resp, secret=self.spec.api_key)
+            finally:
+                replica.in_flight -= 1
+                await resp.aclose()
+        return Forwarded(replica, resp)
+
+
+class Forwarded:
+    """An upstream answer being passed through: its replica's in-flight count until closed."""
+
+    def __init__(self, replica, resp: httpx.Response) -> None:
+        self.replica, self.resp = replica, resp
+        self._open = True
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.replica.in_flight -= 1
+            await self.resp.aclose()
+
+
 async def _until(work, deadline: float | None):
     """`work`, or DeadlineExceeded once the request's deadline passes (httpx's timeouts bound
     each read, not the whole answer)."""

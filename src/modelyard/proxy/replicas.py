@@ -190,10 +190,11 @@ class ReplicaPool:
         return list(self._replicas)
 
     async def send(self, path: str, body: dict | None, deadline: float | None, route: Route | None = None, *,
-                   method: str = "POST", **request: Any) -> tuple[Replica, httpx.Response]:
+                   root: bool = False, **request: Any) -> tuple[Replica, httpx.Response]:
         """Open the upstream stream on the replica `route` picks (proxy/routing), trying the
-        decision's next on connect errors. `body` goes as JSON; `request` (content, headers,
-        params) is httpx's for bodies passed through as they came."""
+        decision's next on connect errors. `body` goes as JSON; `request` (content, headers) is
+        httpx's, for bodies passed through as they came. `root`: `path` is at the URL's root
+        (vLLM's /classify, /pooling), not under its /v1."""
         client = self.client()
         decision = self.decide(route)
         by_name = {r.name: r for r in self._replicas}
@@ -204,7 +205,8 @@ class ReplicaPool:
             replica.in_flight += 1
             opened = False
             try:
-                sent = client.build_request(method, replica.url + path, json=body,
+                base = metrics_url(replica.url).rsplit("/metrics", 1)[0] if root else replica.url
+                sent = client.build_request("POST", base + path, json=body,
                                             timeout=timeout_for(self.spec.timeout, deadline), **request)
                 resp = await client.send(sent, stream=True)
                 opened = True

@@ -10,6 +10,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 
+# Routes whose bodies are multipart forms (api/openai/passthrough: OpenAI's audio uploads), the
+# only POSTs whose Content-Type is kept: a form's boundary is in it.
+MULTIPART_PATHS = ("/audio/transcriptions", "/audio/translations")
+
+
+def _multipart(scope: Scope) -> bool:
+    ctype = dict(scope["headers"]).get(b"content-type", b"")
+    return scope["path"].endswith(MULTIPART_PATHS) and ctype.lower().startswith(b"multipart/form-data")
+
+
 class BodyLimits:
     """Rejects bodies above `max_bytes` with 413 before reading them into memory, whatever the
     method (a PATCH or DELETE body is read by FastAPI as much as a POST one), and treats every
@@ -31,7 +41,7 @@ class BodyLimits:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["method"] == "POST":
+        if scope["method"] == "POST" and not _multipart(scope):
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             headers.append((b"content-type", b"application/json"))
             scope = {**scope, "headers": headers}
