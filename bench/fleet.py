@@ -46,10 +46,11 @@ def text(rng: random.Random, chars: int) -> str:
     return " ".join(out)
 
 
-def workload(seed: int, conversations: int, turns: int, groups: int, group_size: int, unique: int) -> dict:
+def workload(seed: int, conversations: int, turns: int, groups: int, group_size: int, unique: int,
+             doc_chars: int = 1200) -> dict:
     rng = random.Random(seed)
     return {
-        "conversations": [{"doc": text(rng, 1200), "questions": [text(rng, 80) for _ in range(turns)]}
+        "conversations": [{"doc": text(rng, doc_chars), "questions": [text(rng, 80) for _ in range(turns)]}
                           for _ in range(conversations)],
         "groups": [{"system": text(rng, 1400), "questions": [text(rng, 80) for _ in range(group_size)]}
                    for _ in range(groups)],
@@ -137,8 +138,10 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--unique", type=int, default=4)
+    p.add_argument("--doc-chars", type=int, default=1200, help="a conversation's document (context is 2048 tokens)")
     args = p.parse_args()
-    work = workload(args.seed, args.conversations, args.turns, args.groups, args.group_size, args.unique)
+    work = workload(args.seed, args.conversations, args.turns, args.groups, args.group_size, args.unique,
+                    args.doc_chars)
     workdir = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     procs = []
     record: dict = {"args": vars(args), "runs": []}

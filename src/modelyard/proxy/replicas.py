@@ -174,6 +174,8 @@ class ReplicaPool:
     def mark_down(self, replica: Replica, reason: str) -> None:
         if replica.healthy:
             log.warning("endpoint %s: replica %s is down: %s", self.spec.name, replica.url, reason)
+            # what it cached may be gone with it (a restarted engine): placed afresh when it is back
+            self.router.forget(replica.name)
         replica.healthy, replica.last_error = False, reason
 
     def ready_reason(self) -> str | None:
