@@ -67,7 +67,9 @@ class ProxyEngine:
         try:
             path = "/chat/completions" if request.messages is not None else "/completions"
             body = request_body(self.spec, request, per_choice)
-            route = Route(prompt_text(body), request.session, request.cache_partition)
+            # the prompt's text is serialized only for the policy that routes on it
+            text = prompt_text(body) if self.spec.balance == "prefix" else None
+            route = Route(text, request.session, request.cache_partition)
             replica, resp = await self.pool.send(path, body, request.deadline, route)
             if not resp.is_success:
                 await resp.aread()
