@@ -104,6 +104,12 @@ def test_a_conversation_sticks_to_one_upstream(fleet):
         fleet.clients[turn % 2].completions.create(model=FLEET, prompt=f"headed turn {turn} " + "q" * turn * 90,
                                                    max_tokens=4, extra_headers={"x-session-id": "abc"})
     assert len(fleet.where("headed turn")) == 4 and len(set(fleet.where("headed turn"))) == 1
+    # bounded as `user` is, refused before any work
+    with pytest.raises(openai.BadRequestError) as err:
+        fleet.clients[0].completions.create(model=FLEET, prompt="too long a session", max_tokens=4,
+                                            extra_headers={"x-session-id": "s" * 300})
+    assert err.value.body["param"] == "x-session-id" and "256" in err.value.body["message"]
+    assert not fleet.where("too long a session")
 
 
 def test_an_overloaded_upstream_spills_to_one_other(fleet):
