@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from common import ROOT, free_port, median_spread, modelyard_proc, parser, percentile, start_server, stream, write_record  # noqa: F401
+from common import free_port, median_spread, modelyard_proc, parser, percentile, start_server, stream, write_record
 
 MODEL = "smollm2-135m"
 REPLICAS = 3
@@ -65,7 +65,8 @@ def replica_config() -> str:
 
 def gateway_config(urls: list[str], balance: str) -> str:
     listed = ", ".join(f'"{u}"' for u in urls)
-    return (f'[server]\nlog_level = "warning"\npublic_cache_counters = true\n\n[[endpoints]]\nname = "fleet"\nengine = "openai"\n'
+    return (f'[server]\nlog_level = "warning"\npublic_cache_counters = true\n\n'
+            f'[[endpoints]]\nname = "fleet"\nengine = "openai"\n'
             f'urls = [{listed}]\nupstream_model = "{MODEL}"\nupstream_server = "modelyard"\nbalance = "{balance}"\n')
 
 
@@ -120,13 +121,15 @@ async def run(bases: list[str], work: dict, tag: str, *, pinned: list[str] | Non
 
         tasks = [conversation(c, conv) for c, conv in enumerate(work["conversations"])]
         tasks += [group(g, grp, k, q) for g, grp in enumerate(work["groups"]) for k, q in enumerate(grp["questions"])]
-        tasks += [one(*target(u, u), [{"role": "user", "content": f"[{tag}] {p}"}]) for u, p in enumerate(work["unique"])]
+        tasks += [one(*target(u, u), [{"role": "user", "content": f"[{tag}] {p}"}])
+                  for u, p in enumerate(work["unique"])]
         t0 = time.perf_counter()
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
     ttfts = [s.ttft for s in results if s.ok and s.ttft is not None]
     return {"requests": len(results), "failed": sum(1 for s in results if not s.ok), "wall_s": wall,
-            "throughput_rps": len(results) / wall, "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99),
+            "throughput_rps": len(results) / wall,
+            "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99),
             "errors": sorted({s.error for s in results if s.error})[:3]}
 
 
@@ -146,7 +149,8 @@ def main() -> None:
     procs = []
     record: dict = {"args": vars(args), "runs": []}
     try:
-        replicas = [modelyard_proc(workdir, replica_config(), free_port(), name=f"replica-{i}") for i in range(REPLICAS)]
+        replicas = [modelyard_proc(workdir, replica_config(), free_port(), name=f"replica-{i}")
+                    for i in range(REPLICAS)]
         for r in replicas:
             procs.append(r)
             start_server(r, workdir)
@@ -169,7 +173,8 @@ def main() -> None:
                     out = asyncio.run(run(gateways.get(mode, []), work, f"run{n}",
                                           pinned=[r.base for r in replicas] if mode == "pinned" else None))
                     after = [counters(client, r.base) for r in replicas]
-                    computed = [(a["prompt"] - b["prompt"]) - (a["reused"] - b["reused"]) for a, b in zip(after, before)]
+                    computed = [(a["prompt"] - b["prompt"]) - (a["reused"] - b["reused"])
+                                for a, b in zip(after, before)]
                     served = [a["requests"] - b["requests"] for a, b in zip(after, before)]
                     routed_after = routed(client, gateways.get(mode, []))
                     out.update({k: routed_after[k] - routed_before[k] for k in routed_after})
@@ -192,8 +197,10 @@ def main() -> None:
     write_record(args.json, record)
     lif, pre, pin = summary.get("least_in_flight"), summary.get("prefix"), summary.get("pinned")
     if lif and pre:
-        print(f"prefix / least_in_flight: computed {pre['computed_prompt_tokens'] / lif['computed_prompt_tokens']:.2f}x, "
-              f"TTFT p50 {pre['ttft_p50'] / lif['ttft_p50']:.2f}x, throughput {pre['throughput_rps'] / lif['throughput_rps']:.2f}x")
+        print(f"prefix / least_in_flight: "
+              f"computed {pre['computed_prompt_tokens'] / lif['computed_prompt_tokens']:.2f}x, "
+              f"TTFT p50 {pre['ttft_p50'] / lif['ttft_p50']:.2f}x, "
+              f"throughput {pre['throughput_rps'] / lif['throughput_rps']:.2f}x")
     if pin and pre:
         print(f"prefix / pinned: computed {pre['computed_prompt_tokens'] / pin['computed_prompt_tokens']:.2f}x")
 

@@ -138,7 +138,8 @@ REPLICA_SERIES = {
 REPLICA_CACHE_SERIES = {
     "prefix_hit_blocks": "Blocks of prompt text (64 characters) this gateway had sent to the replica before, "
                          "counted over the requests routed to it: its estimated prefix-cache hits",
-    "prefix_hit_chars": "Characters of prompt text this gateway had sent to the replica before (prefix_hit_blocks x 64)",
+    "prefix_hit_chars": "Characters of prompt text this gateway had sent to the replica before "
+                        "(prefix_hit_blocks x 64)",
 }
 
 

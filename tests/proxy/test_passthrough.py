@@ -44,8 +44,10 @@ def stack(tmp_path_factory) -> Iterator[tuple[str, list[dict]]]:
     with upstream(answer) as (url, seen):
         config = (f'[server]\napi_keys = ["{KEY}"]\nlog_level = "info"\n\n'
                   f'[[keys]]\nkey = "{LIMITED}"\nendpoints = ["{EMBEDDED}"]\n\n'
-                  f'[[endpoints]]\nname = "{REMOTE}"\nengine = "openai"\nurls = ["{url}"]\nupstream_model = "org/model"\n\n'
-                  f'[[endpoints]]\nname = "{EMBEDDED}"\nmodel = "{EMBEDDED}"\ncontext = 256\nparallel = 1\nthreads = 1\n')
+                  f'[[endpoints]]\nname = "{REMOTE}"\nengine = "openai"\nurls = ["{url}"]\n'
+                  f'upstream_model = "org/model"\n\n'
+                  f'[[endpoints]]\nname = "{EMBEDDED}"\nmodel = "{EMBEDDED}"\n'
+                  f'context = 256\nparallel = 1\nthreads = 1\n')
         with served(tmp_path_factory.mktemp("passthrough"), config, name="gateway", key=KEY) as srv:
             yield srv, seen
 

@@ -14,9 +14,10 @@ Two policies (EndpointSpec.balance):
   placed by rendezvous (highest-random-weight) hashing of its first block over the candidates:
   every gateway computes the same order from the same URLs, so identical system prompts meet on
   one replica without gateways talking (placement is unsalted: it depends on the text alone;
-  matches are salted by the cache partition, so a tenant never matches another's history), and removing a replica moves only the keys it ranked
-  first. A `session` (the request's `user`, or the endpoint's session header) is placed the same
-  way by its own hash, so a conversation's turns stick while its replica is healthy.
+  matches are salted by the cache partition, so a tenant never matches another's history),
+  and removing a replica moves only the keys it ranked first. A `session` (the request's
+  `user`, or the endpoint's session header) is placed the same way by its own hash, so a
+  conversation's turns stick while its replica is healthy and not overloaded.
 
 The preferred replica is given up for the least-loaded one only when it is overloaded, by the
 rule of SGLang's router (sgl-project/sglang, sgl-router's cache_aware policy): its load exceeds
