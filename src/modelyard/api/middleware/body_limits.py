@@ -23,7 +23,8 @@ def _multipart(scope: Scope) -> bool:
 class BodyLimits:
     """Rejects bodies above `max_bytes` with 413 before reading them into memory, whatever the
     method (a PATCH or DELETE body is read by FastAPI as much as a POST one), and treats every
-    POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too.
+    POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too (the
+    audio uploads' multipart forms excepted: MULTIPART_PATHS).
     (A browser's POST must say application/json: api/middleware/browser_guard.BrowserGuard refuses it before.)
 
     A Content-Length above the limit is refused before any byte of the body is read; a chunked
