@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ...errors import InvalidRequest, UpstreamError
 from ...proxy.errors import map_error
@@ -72,8 +73,8 @@ def _usage(answer: Any) -> tuple[int, int]:
     return prompt, completion
 
 
-async def _pass(request: Request, name: str, route: str, path: str, root: bool, **send: Any) -> Response:
-    endpoint, engine = _remote(request, name, route)
+async def _pass(request: Request, endpoint, engine, route: str, path: str, root: bool, **send: Any) -> Response:
+    name = endpoint.name
     ledger = request.state.ledger
     ledger.endpoint = name
     [entry] = ledger.entries_for(1)
@@ -95,7 +96,9 @@ async def _pass(request: Request, name: str, route: str, path: str, root: bool, 
             finally:
                 entry.settle(0, 0)
                 await forwarded.close()
-        return StreamingResponse(relay(), status_code=resp.status_code, media_type=ctype)
+        # the task closes it too should the body never be iterated (close is idempotent)
+        return StreamingResponse(relay(), status_code=resp.status_code, media_type=ctype,
+                                 background=BackgroundTask(forwarded.close))
     try:
         chunks, size = [], 0
         async for chunk in resp.aiter_bytes():
@@ -127,9 +130,9 @@ def _json_route(route: str, upstream: str, root: bool):
         if not isinstance(body, dict):
             raise InvalidRequest(f"the body of {route} must be a JSON object", param=None)
         name = _model(body.get("model"))
-        endpoint, _ = _remote(request, name, route)
+        endpoint, engine = _remote(request, name, route)
         body = {**body, "model": endpoint.spec.upstream_model or endpoint.spec.name}
-        return await _pass(request, name, route, upstream, root, body=body)
+        return await _pass(request, endpoint, engine, route, upstream, root, body=body)
     passthrough.__name__ = "passthrough_" + route.strip("/").replace("/", "_")
     return passthrough
 
@@ -145,7 +148,7 @@ def _multipart_route(route: str, upstream: str):
         except Exception as exc:      # starlette's MultiPartException, a malformed form
             raise InvalidRequest(f"{route}: the multipart body could not be read: {exc}", param="file") from None
         name = _model(form.get("model"))
-        endpoint, _ = _remote(request, name, route)
+        endpoint, engine = _remote(request, name, route)
         data: dict[str, list[str]] = {}
         files: list[tuple[str, tuple[str | None, bytes, str | None]]] = []
         for key, value in form.multi_items():
@@ -157,7 +160,7 @@ def _multipart_route(route: str, upstream: str):
         await form.close()
         # re-encoded by httpx (a fresh boundary), the model renamed as for every upstream
         built = httpx.Request("POST", "http://upstream", data=data, files=files)
-        return await _pass(request, name, route, upstream, False, content=built.read(),
+        return await _pass(request, endpoint, engine, route, upstream, False, content=built.read(),
                            headers={"content-type": built.headers["content-type"]})
     passthrough.__name__ = "passthrough_" + route.strip("/").replace("/", "_")
     return passthrough
