@@ -63,11 +63,12 @@ def replica_config() -> str:
             f'model = "{MODEL}"\ncontext = 2048\nparallel = 2\nthreads = 1\n')
 
 
-def gateway_config(urls: list[str], balance: str) -> str:
+def gateway_config(urls: list[str], balance: str, abs_threshold: float, rel_threshold: float) -> str:
     listed = ", ".join(f'"{u}"' for u in urls)
     return (f'[server]\nlog_level = "warning"\npublic_cache_counters = true\n\n'
             f'[[endpoints]]\nname = "fleet"\nengine = "openai"\n'
-            f'urls = [{listed}]\nupstream_model = "{MODEL}"\nupstream_server = "modelyard"\nbalance = "{balance}"\n')
+            f'urls = [{listed}]\nupstream_model = "{MODEL}"\nupstream_server = "modelyard"\nbalance = "{balance}"\n'
+            f'balance_abs_threshold = {abs_threshold}\nbalance_rel_threshold = {rel_threshold}\n')
 
 
 def routed(client: httpx.Client, bases: list[str]) -> dict:
@@ -141,6 +142,8 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--unique", type=int, default=4)
+    p.add_argument("--abs-threshold", type=float, default=4.0, help="the gateways' balance_abs_threshold")
+    p.add_argument("--rel-threshold", type=float, default=1.5, help="the gateways' balance_rel_threshold")
     p.add_argument("--doc-chars", type=int, default=1200, help="a conversation's document (context is 2048 tokens)")
     args = p.parse_args()
     work = workload(args.seed, args.conversations, args.turns, args.groups, args.group_size, args.unique,
@@ -157,7 +160,8 @@ def main() -> None:
         urls = [r.base + "/v1" for r in replicas]
         gateways = {}
         for balance in ("prefix", "least_in_flight"):
-            pair = [modelyard_proc(workdir, gateway_config(urls, balance), free_port(), name=f"gw-{balance}-{g}")
+            pair = [modelyard_proc(workdir, gateway_config(urls, balance, args.abs_threshold, args.rel_threshold),
+                                    free_port(), name=f"gw-{balance}-{g}")
                     for g in range(2)]
             for gw in pair:
                 procs.append(gw)
