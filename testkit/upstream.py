@@ -54,15 +54,48 @@ def sse(parts: Iterable[dict | str] | AsyncIterable[dict | str]):
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-def scripted_app(answer: Answer, seen: list[dict], model: str = "org/model"):
+class Load:
+    """An upstream's load as its engine would report it: GET /metrics serves these as vLLM's
+    gauges (vllm:num_requests_running, vllm:num_requests_waiting); a test sets them."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.scrapes = 0
+
+    def text(self) -> str:
+        return ("# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{model_name="m"}} {self.running}\n'
+                "# TYPE vllm:num_requests_waiting gauge\n"
+                f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting}\n')
+
+
+def ok_answer(script: str, body: dict, request):
+    """A short successful stream ("ok", then usage) in the shape of what was asked: chat or completion."""
+    chat = "messages" in body
+    choice = {"index": 0, "delta": {"content": "ok"}} if chat else {"index": 0, "text": "ok"}
+    return sse([{"id": "up", "object": "chat.completion.chunk" if chat else "text_completion",
+                 "choices": [{**choice, "logprobs": None, "finish_reason": "stop"}]},
+                {"id": "up", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
+                "data: [DONE]\n\n"])
+
+
+def scripted_app(answer: Answer, seen: list[dict], model: str = "org/model", load: Load | None = None):
     """The upstream as a Starlette app: GET /v1/models lists `model`; POST /v1/completions,
-    /v1/chat/completions and /v1/embeddings append the body to `seen` and return `answer`'s."""
+    /v1/chat/completions and /v1/embeddings append the body to `seen` and return `answer`'s;
+    with `load`, GET /metrics serves it (else 404, as servers without metrics answer)."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
     async def models(request):
         return JSONResponse({"object": "list", "data": [{"id": model, "object": "model"}]})
+
+    async def metrics(request):
+        if load is None:
+            return Response(status_code=404)
+        load.scrapes += 1
+        return PlainTextResponse(load.text())
 
     async def generate(request):
         body = await request.json()
@@ -70,9 +103,24 @@ def scripted_app(answer: Answer, seen: list[dict], model: str = "org/model"):
         out = answer(script_of(body), body, request)
         return await out if inspect.isawaitable(out) else out
 
-    return Starlette(routes=[Route("/v1/models", models)] + [
+    async def other(request):
+        """Any other POST (the routes modelyard passes through: /v1/rerank, /v1/audio/..., /classify):
+        kept in `seen` as {"path", "content_type", "raw"} (and "json" when it is), answered by
+        `answer("passthrough:" + path, ...)`."""
+        raw = await request.body()
+        kept: dict = {"path": request.url.path, "content_type": request.headers.get("content-type", ""), "raw": raw}
+        try:
+            kept["json"] = json.loads(raw)
+        except ValueError:
+            pass
+        seen.append(kept)
+        out = answer("passthrough:" + request.url.path, kept, request)
+        return await out if inspect.isawaitable(out) else out
+
+    return Starlette(routes=[Route("/v1/models", models), Route("/metrics", metrics)] + [
         Route(path, generate, methods=["POST"]) for path in ("/v1/completions", "/v1/chat/completions",
-                                                             "/v1/embeddings")])
+                                                             "/v1/embeddings")]
+                     + [Route("/{path:path}", other, methods=["POST"])])
 
 
 @contextmanager
@@ -99,8 +147,9 @@ def running(app, *, lifespan: str = "off", timeout: float = 60.0) -> Iterator[st
 
 
 @contextmanager
-def upstream(answer: Answer, model: str = "org/model") -> Iterator[tuple[str, list[dict]]]:
-    """The scripted upstream, running: (its OpenAI base URL, ".../v1"; the bodies it was sent)."""
+def upstream(answer: Answer, model: str = "org/model", load: Load | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """The scripted upstream, running: (its OpenAI base URL, ".../v1"; the bodies it was sent).
+    With `load`, its /metrics reports it."""
     seen: list[dict] = []
-    with running(scripted_app(answer, seen, model)) as base:
+    with running(scripted_app(answer, seen, model, load)) as base:
         yield base + "/v1", seen

@@ -11,7 +11,7 @@ import pytest
 import modelyard
 from modelyard.errors import ConfigError
 from modelyard import settings as settings_mod
-from modelyard.settings import DEFAULT_MODEL, load
+from modelyard.settings import DEFAULT_MODEL, EndpointSpec, load
 
 
 def write(tmp_path, text: str):
@@ -136,3 +136,21 @@ def test_the_readmes_config_examples_load(tmp_path):
     assert any("[[keys]]" in b for b in blocks)
     for block in blocks:
         load(write(tmp_path, block), env={})
+
+
+@pytest.mark.parametrize("field, value", [("balance", "random"), ("balance_abs_threshold", -1),
+                                          ("balance_rel_threshold", 0.5), ("prefix_blocks", 0),
+                                          ("prefix_blocks", 10_000_001), ("balance_abs_threshold", True),
+                                          ("session_header", "x session"), ("session_header", "x" * 101)])
+def test_routing_fields_are_checked_naming_the_field(field, value):
+    with pytest.raises(ConfigError) as err:
+        EndpointSpec(name="r", engine="openai", urls=("http://h/v1",), **{field: value})
+    assert err.value.param == field and field in err.value.message
+
+
+def test_routing_defaults():
+    spec = EndpointSpec(name="r", engine="openai", urls=("http://h/v1",))
+    assert (spec.balance, spec.balance_abs_threshold, spec.balance_rel_threshold, spec.session_header) == \
+        ("least_in_flight", 4.0, 1.5, "x-session-id")
+    assert EndpointSpec(name="r", engine="openai", urls=("http://h/v1",), balance="prefix", session_header="").balance \
+        == "prefix"

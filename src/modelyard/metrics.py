@@ -125,6 +125,24 @@ GRAMMAR_COUNTERS = {
 }
 
 
+# A remote endpoint's replicas (proxy/replicas.Replica.as_dict): what routing did and saw.
+REPLICA_SERIES = {
+    "healthy": (GaugeMetricFamily, "1 while the replica answers its health probe"),
+    "load": (GaugeMetricFamily, "Requests running and waiting on the replica: its engine's /metrics, plus what "
+                                "this gateway sent since; this gateway's in-flight count where it serves none"),
+    "requests": (CounterMetricFamily, "Requests this gateway sent to the replica"),
+    "overload_spills": (CounterMetricFamily, "Requests whose cache-best (or session) replica this was, sent to "
+                                             "the least-loaded one instead: this one was overloaded"),
+}
+# Prefix-hit estimates say whether a prompt was sent before: with the cache series (_CacheCollector).
+REPLICA_CACHE_SERIES = {
+    "prefix_hit_blocks": "Blocks of prompt text (64 characters) this gateway had sent to the replica before, "
+                         "counted over the requests routed to it: its estimated prefix-cache hits",
+    "prefix_hit_chars": "Characters of prompt text this gateway had sent to the replica before "
+                        "(prefix_hit_blocks x 64)",
+}
+
+
 class _QuotaCollector:
     """Shared quotas (Redis, PostgreSQL): whether this process is on its local fallback, and how often it was."""
 
@@ -179,6 +197,9 @@ class _EndpointCollector:
                    for key, doc in GRAMMAR_COUNTERS.items()}
         preempted = CounterMetricFamily("modelyard_batch_preemptions", "Batch-priority requests preempted (to "
                                         "restart later) for interactive ones, embedded endpoints", labels=["endpoint"])
+        # a remote endpoint's replicas (proxy/replicas), labelled by their index in its urls: never a URL
+        replica = {key: kind(f"modelyard_replica_{key}", doc, labels=["endpoint", "replica"])
+                   for key, (kind, doc) in REPLICA_SERIES.items()}
         for ep in self.registry.endpoints.values():
             ready.add_metric([ep.name, ep.state.value], 1.0 if ep.not_ready_reason() is None else 0.0)
             status = ep.engine.status() if ep.engine is not None else {}
@@ -189,7 +210,10 @@ class _EndpointCollector:
                     family.add_metric([ep.name], float(status[key]))
             if "batch_preemptions" in status:
                 preempted.add_metric([ep.name], float(status["batch_preemptions"]))
-        yield from (ready, queue, in_flight, *grammar.values(), preempted)
+            for r in status.get("replicas") or ():
+                for key, family in replica.items():
+                    family.add_metric([ep.name, str(r["index"])], float(r[key]))
+        yield from (ready, queue, in_flight, *grammar.values(), preempted, *replica.values())
 
 
 class _CacheCollector:
@@ -206,10 +230,15 @@ class _CacheCollector:
         host_tokens = CounterMetricFamily("modelyard_prefix_cache_host_hit_tokens",
                                           "Prompt tokens restored from host memory instead of computed",
                                           labels=["endpoint"])
+        replica = {key: CounterMetricFamily(f"modelyard_replica_{key}", doc, labels=["endpoint", "replica"])
+                   for key, doc in REPLICA_CACHE_SERIES.items()}
         for ep in self.registry.endpoints.values():
             status = ep.engine.status() if ep.engine is not None else {}
             if "host_cache_bytes" in status:
                 host_bytes.add_metric([ep.name], float(status["host_cache_bytes"]))
                 host_hits.add_metric([ep.name], float(status["host_cache_hits"]))
                 host_tokens.add_metric([ep.name], float(status["host_cache_hit_tokens"]))
-        yield from (host_bytes, host_hits, host_tokens)
+            for r in status.get("replicas") or ():
+                for key, family in replica.items():
+                    family.add_metric([ep.name, str(r["index"])], float(r[key]))
+        yield from (host_bytes, host_hits, host_tokens, *replica.values())

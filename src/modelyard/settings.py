@@ -31,6 +31,9 @@ KINDS = ("completions", "embeddings")
 # translated into the fields it takes (proxy/structured.py); "openai": response_format only.
 UPSTREAM_SERVERS = ("openai", "vllm", "sglang", "llama-server", "ollama", "modelyard")
 PREFIX_CACHE_SCOPES = ("key", "shared")
+BALANCES = ("prefix", "least_in_flight")        # a remote endpoint's replica choice (proxy/routing)
+MAX_PREFIX_BLOCKS = 10_000_000                  # block hashes kept per replica: ~100 bytes each
+MAX_SESSION_HEADER = 100
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,14 @@ class EndpointSpec:
     # each replica is counted to serve at once) that batch-priority requests may hold; past it
     # they wait (proxy/batch_share). 0 < share <= 1: there is no "off".
     batch_share: float = 0.5
+    # Replica choice (proxy/routing): "least_in_flight" (fewest requests in flight from this
+    # gateway) or "prefix" (where the prompt's prefix was sent, unless that replica's load
+    # exceeds the least-loaded one's by more than both thresholds: SGLang's rule).
+    balance: str = "least_in_flight"
+    balance_abs_threshold: float = 4.0      # requests running + waiting
+    balance_rel_threshold: float = 1.5      # times the least-loaded replica's load
+    prefix_blocks: int = 65_536             # block hashes remembered per replica (LRU)
+    session_header: str = "x-session-id"    # a request header that pins a session like `user`; "": none
 
     def __post_init__(self) -> None:
         if len(self.name) > MAX_NAME:
@@ -133,6 +144,20 @@ class EndpointSpec:
         if self.upstream_server not in UPSTREAM_SERVERS:
             raise ConfigError(f"endpoint {self.name!r}: upstream_server must be one of {UPSTREAM_SERVERS}, "
                               f"got {self.upstream_server!r}", param="upstream_server")
+        if self.balance not in BALANCES:
+            raise ConfigError(f"endpoint {self.name!r}: balance must be one of {BALANCES}, got {self.balance!r}",
+                              param="balance")
+        for key, low, high in (("balance_abs_threshold", 0, 1_000_000), ("balance_rel_threshold", 1, 1000),
+                               ("prefix_blocks", 1, MAX_PREFIX_BLOCKS)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(f"endpoint {self.name!r}: {key} must be between {low} and {high}, got {value!r}",
+                                  param=key)
+        if not isinstance(self.session_header, str) or len(self.session_header) > MAX_SESSION_HEADER or \
+                any(not (c.isascii() and (c.isalnum() or c in "-_")) for c in self.session_header):
+            raise ConfigError(f"endpoint {self.name!r}: session_header must be a header name of at most "
+                              f"{MAX_SESSION_HEADER} letters, digits, '-' or '_', got {self.session_header!r}",
+                              param="session_header")
         if self.engine == "openai" and not self.urls:
             raise ConfigError(f"endpoint {self.name!r}: engine 'openai' needs urls = [...]", param="urls")
 

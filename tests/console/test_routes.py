@@ -268,7 +268,9 @@ def test_endpoints_stream_sends_the_table(app, client, monkeypatch):
     assert text.startswith("event: endpoints\ndata: ") and 'data-endpoint="remote"' in text
     # its replica is down: the count and why (the endpoints API says "ready" with a reason; the
     # registry's own view, before it, "unavailable")
-    assert re.search(r"<td data-replicas[^>]*>0/1</td>", text) and "connection refused" in text
+    assert re.search(r"<td data-replicas[^>]*>0/1\s", text) and "connection refused" in text
+    # and each replica by its index with its load, or down
+    assert re.search(r'<li data-replica="0"[^>]*>#0 down</li>', text)
 
 
 def test_endpoints_page_drives_the_api(app, client):

@@ -80,6 +80,11 @@ def test_bad_requests_name_the_field_and_conflicts_are_409(srv):
         assert loc({"name": "x", **SMALL, "batch_share": 0})[0] == ["body", "batch_share"]
         where, msg = loc({"name": "x", "engine": "openai", "upstream_model": "m"})
         assert where == ["body", "urls"] and "urls" in msg
+        # the routing fields (issue 25), each bounded
+        remote = {"name": "x", "engine": "openai", "urls": ["http://127.0.0.1:9/v1"], "upstream_model": "m"}
+        for field, value in (("balance", "random"), ("balance_abs_threshold", -1), ("balance_rel_threshold", 0.5),
+                             ("prefix_blocks", 10_000_001), ("session_header", "x session")):
+            assert loc({**remote, field: value})[0] == ["body", field], field
         where, msg = loc({"name": "x", "model": "no-such-model"})
         assert where == ["body", "model"] and "no-such-model" in msg
         r = admin.post("/model-endpoints", json={"name": MODEL, **SMALL})
@@ -202,7 +207,7 @@ def test_state_changes_stream_as_server_sent_events(srv):
 
             def mine():
                 return [d for k, d in events if k == "endpoint" and d["id"] == ep["id"]]
-            until(lambda: any(d["state"] == "ready" and d["replicas"] == {"healthy": 1, "total": 1}
+            until(lambda: any(d["state"] == "ready" and d["replicas"]["healthy"] == d["replicas"]["total"] == 1
                               for d in mine()), 20, "rt-remote ready in the events")
             states = [d["state"] for d in mine()]
             assert states[0] == "loading" and "ready" in states, states

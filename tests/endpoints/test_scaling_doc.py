@@ -68,3 +68,26 @@ def test_a_broken_block_is_named(tmp_path):
     assert label == "block 1 (docs/scaling.md line 3: '[[endpoints]]')"
     with pytest.raises(pytest.fail.Exception, match=r"block 1 .*needs urls"):
         test_block_is_a_valid_config(label, body, tmp_path)
+
+
+def test_documented_metrics_exist():
+    """Every modelyard_* series the page names is one metrics.py exports (a counter by its name
+    or with `_total`), and the engines' load series are the ones proxy/load reads."""
+    from modelyard import metrics
+    from modelyard.proxy.load import LOAD_SERIES
+
+    source = Path(metrics.__file__).read_text()
+    exported = {f"modelyard_replica_{k}" for k in (*metrics.REPLICA_SERIES, *metrics.REPLICA_CACHE_SERIES)}
+    exported |= {f"modelyard_{k}" for k in metrics.GRAMMAR_COUNTERS}
+    exported |= set(re.findall(r'"(modelyard_[a-z_]+)"', source))
+    text = DOC.read_text()
+    named = set(re.findall(r"\b(modelyard_[a-z_]+)\b", text))
+    assert {"modelyard_replica_load", "modelyard_replica_overload_spills_total"} <= named
+    missing = sorted(n for n in named if n not in exported and n.removesuffix("_total") not in exported)
+    assert not missing, f"docs/scaling.md names metrics nobody exports: {missing}"
+    for series in LOAD_SERIES.values():
+        for name in series:
+            assert f"`{name}`" in text, f"docs/scaling.md does not name the load series {name}"
+    engine_series = set(re.findall(r"`((?:vllm|sglang|llamacpp):[a-z_]+)`", text))
+    read = {n for series in LOAD_SERIES.values() for n in series}
+    assert engine_series <= read, f"documented but not read: {sorted(engine_series - read)}"

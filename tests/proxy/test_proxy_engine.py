@@ -57,6 +57,8 @@ class Upstream:
             if not self.up.get(request.url.host, True):
                 raise httpx.ConnectError("connection refused")
             return httpx.Response(200, json={"object": "list", "data": []})
+        if request.url.path == "/metrics":      # the probe's load read (proxy/load): none served here
+            return httpx.Response(404)
         self.seen.append(request)
         return self.complete(request)
 

@@ -22,7 +22,8 @@ from .anthropic import messages as anthropic_messages
 from .admin import audit, auth as admin_auth, endpoints as admin_endpoints, keys, models as admin_models, usage
 from .admin import batches as admin_batches, responses as admin_responses
 from .openai.background import BackgroundRuns
-from .openai import batches, chat, completions, conversations, embeddings, files, models, responses, tokenizer
+from .openai import (batches, chat, completions, conversations, embeddings, files, models, passthrough, responses,
+                     tokenizer)
 from ..batch.runner import BatchRunner
 from .middleware.body_limits import BodyLimits
 from .middleware.browser_guard import BrowserGuard, allowed_origin_keys
@@ -157,7 +158,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     routes: list[str] = []      # every route template we serve: the only route labels of metrics
     for prefix, documented in ((OPENAI_PREFIX, True), ("/v1", False)):
         for router in (completions.router, chat.router, embeddings.router, models.router, responses.router,
-                       conversations.router, files.router, batches.router):
+                       conversations.router, files.router, batches.router, passthrough.router):
             include(router, prefix, auth, include_in_schema=documented)
             routes += [prefix + r.path for r in router.routes]
     # Anthropic's client appends /v1/messages to its base URL: the server's root, or this prefix

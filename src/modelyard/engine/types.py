@@ -113,6 +113,9 @@ class EngineRequest:
     # (local/scheduler), a remote endpoint only its batch_share (proxy/batch_share); the batch
     # runner (batch/runner) sets it.
     priority: str = "interactive"
+    # A remote endpoint's replica affinity (proxy/routing): the client's `user`, or the endpoint's
+    # session header. Routing only; never sent upstream, never logged.
+    session: str | None = field(default=None, repr=False)
 
 
 _BYTES = "bytes:"

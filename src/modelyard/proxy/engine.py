@@ -21,7 +21,8 @@ from ..settings import EndpointSpec
 from .batch_share import BatchShare
 from .embeddings import embedding_body, read_embeddings
 from .errors import map_error
-from .replicas import HEALTH_INTERVAL, ReplicaPool
+from .replicas import HEALTH_INTERVAL, ReplicaPool, Route
+from .routing import prompt_text
 from .sse import SSEError
 from .wire import Tally, completion_bound, prompt_bound, relay, request_body, text_bound
 
@@ -78,7 +79,10 @@ class ProxyEngine:
         try:
             path = "/chat/completions" if request.messages is not None else "/completions"
             body = request_body(self.spec, request, per_choice)
-            replica, resp = await self.pool.send(path, body, request.deadline)
+            # the prompt's text is serialized only for the policy that routes on it
+            text = prompt_text(body) if self.spec.balance == "prefix" else None
+            route = Route(text, request.session, request.cache_partition)
+            replica, resp = await self.pool.send(path, body, request.deadline, route)
             if not resp.is_success:
                 await resp.aread()
                 raise map_error(replica.url, resp, secret=self.spec.api_key)
@@ -132,6 +136,35 @@ class ProxyEngine:
                 replica.in_flight -= 1
             if resp is not None:
                 await resp.aclose()
+
+
+    async def forward(self, path: str, deadline: float | None, *, root: bool = False, body: dict | None = None,
+                      **request: Any) -> "Forwarded":
+        """A route modelyard does not implement, passed to a replica as it came (api/openai/
+        passthrough): the upstream's answer, opened; its error (before any byte) mapped."""
+        replica, resp = await self.pool.send(path, body, deadline, root=root, **request)
+        if not resp.is_success:
+            try:
+                await _until(resp.aread(), deadline)
+                raise map_error(replica.url, resp, secret=self.spec.api_key)
+            finally:
+                replica.in_flight -= 1
+                await resp.aclose()
+        return Forwarded(replica, resp)
+
+
+class Forwarded:
+    """An upstream answer being passed through: its replica's in-flight count until closed."""
+
+    def __init__(self, replica, resp: httpx.Response) -> None:
+        self.replica, self.resp = replica, resp
+        self._open = True
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.replica.in_flight -= 1
+            await self.resp.aclose()
 
 
 async def _until(work, deadline: float | None):

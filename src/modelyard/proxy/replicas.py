@@ -1,13 +1,13 @@
-"""An endpoint's upstream replicas: one HTTP client, health probes in the background, the choice
-of a replica for each request (the least busy healthy one) and the send, moving on to the next
-replica only when the connection failed before the upstream saw anything. What is sent, and how
-its answer is read, is proxy/wire's; how its failures become ours, proxy/errors'.
+"""An endpoint's upstream replicas: one HTTP client, health probes in the background (with each,
+a read of the engine's load from its /metrics: proxy/load), the choice of a replica for each
+request (proxy/routing: the spec's `balance`) and the send, moving on to the next replica of the
+decision's order only when the connection failed before the upstream saw anything. What is sent,
+and how its answer is read, is proxy/wire's; how its failures become ours, proxy/errors'.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +19,8 @@ from ..errors import DeadlineExceeded, EndpointNotReady
 from ..periodic import Periodic
 from ..settings import EndpointSpec
 from .errors import map_error, reason
+from .load import MAX_METRICS_BYTES, engine_load, metrics_url
+from .routing import BLOCK_CHARS, Candidate, Decision, Router
 
 log = logging.getLogger("modelyard.proxy.engine")    # the remote engine's log, as it always was
 
@@ -33,18 +35,50 @@ SLOW_PROBES_TO_DOWN = 3
 POOL_LIMITS = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30.0)
 # Only these happen before the upstream saw the request, so only these are safe to retry.
 CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+# A replica whose /metrics gave nothing usable (404, no known series) is asked again only
+# every this many probes: most engines that lack it lack it for good.
+METRICS_RETRY_PROBES = 30
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a request is routed by (proxy/routing): its prompt's text, its session, its cache
+    partition (so one tenant's prompts never match another's)."""
+    text: str | None = None
+    session: str | None = None
+    salt: str = ""
 
 
 @dataclass(eq=False)
 class Replica:
     url: str                              # base URL, e.g. http://host:8001/v1
+    index: int = 0                        # its place in spec.urls: the only label it gets in /metrics
+    name: str = ""                        # what routing hashes: its URL (#k for a repeated one)
     healthy: bool = False
     in_flight: int = 0
     last_error: str | None = "not probed yet"
     slow_probes: int = 0                  # probes in a row that connected but timed out
+    engine_load: float | None = None      # running + waiting, from its /metrics at the last probe
+    in_flight_at_scrape: int = 0          # this gateway's in_flight then
+    metrics_skip: int = 0                 # probes to go before /metrics is asked again
+    requests: int = 0                     # sent here (the upstream accepted the connection)
+    prefix_hit_blocks: int = 0            # of those, blocks of prompt this gateway had sent here before
+    overload_spills: int = 0              # requests whose preferred replica this was, sent elsewhere: overloaded
+
+    @property
+    def load(self) -> float:
+        """Requests running and waiting there: its engine's figure plus what this gateway sent
+        since it was read; this gateway's in_flight where the engine reports none."""
+        if self.engine_load is None:
+            return float(self.in_flight)
+        return self.engine_load + max(0, self.in_flight - self.in_flight_at_scrape)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["in_flight_at_scrape"], out["metrics_skip"], out["name"]
+        out["load"] = self.load
+        out["prefix_hit_chars"] = self.prefix_hit_blocks * BLOCK_CHARS
+        return out
 
 
 class ReplicaPool:
@@ -55,8 +89,12 @@ class ReplicaPool:
         self.spec = spec
         self._transport = transport
         self._interval = health_interval
-        self._replicas = [Replica(url.rstrip("/")) for url in spec.urls]
-        self._turn = itertools.count()    # breaks ties between equally loaded replicas
+        self._replicas = [Replica(url.rstrip("/"), i) for i, url in enumerate(spec.urls)]
+        for r in self._replicas:      # the same names on every gateway configured with the same URLs
+            twins = sum(1 for x in self._replicas[:r.index] if x.url == r.url)
+            r.name = r.url + (f"#{twins}" if twins else "")
+        self.router = Router(spec.balance, abs_threshold=spec.balance_abs_threshold,
+                             rel_threshold=spec.balance_rel_threshold, capacity=spec.prefix_blocks)
         self._client: httpx.AsyncClient | None = None
         self._health: Periodic | None = None     # the probes every health_interval, once started
 
@@ -98,8 +136,37 @@ class ReplicaPool:
         replica.slow_probes = 0
         if resp.is_success:
             replica.healthy, replica.last_error = True, None
+            await self.read_load(replica)
         else:
             self.mark_down(replica, f"HTTP {resp.status_code}")
+
+    async def read_load(self, replica: Replica) -> None:
+        """Its engine's load from GET /metrics at the URL's root (proxy/load); kept as it was on
+        a failed read, forgotten (this gateway's count instead) when the engine serves none."""
+        if replica.metrics_skip > 0:
+            replica.metrics_skip -= 1
+            return
+        seen = replica.in_flight
+        try:
+            async with self.client().stream("GET", metrics_url(replica.url), timeout=PROBE_TIMEOUT) as resp:
+                if not resp.is_success or int(resp.headers.get("content-length") or 0) > MAX_METRICS_BYTES:
+                    load = None
+                else:
+                    chunks, size = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        size += len(chunk)
+                        if size > MAX_METRICS_BYTES:
+                            raise ValueError(f"/metrics is above {MAX_METRICS_BYTES} bytes")
+                        chunks.append(chunk)
+                    load = engine_load(b"".join(chunks).decode("utf-8", "replace"))
+        except httpx.HTTPError:
+            return        # a slow scrape: the last figure stands until the next probe
+        except ValueError as exc:     # too large, or not an exposition
+            log.info("endpoint %s: replica %d's /metrics is unusable: %s", self.spec.name, replica.index, exc)
+            load = None
+        replica.engine_load, replica.in_flight_at_scrape = load, seen
+        if load is None:
+            replica.metrics_skip = METRICS_RETRY_PROBES
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(r) for r in self._replicas))
@@ -107,6 +174,8 @@ class ReplicaPool:
     def mark_down(self, replica: Replica, reason: str) -> None:
         if replica.healthy:
             log.warning("endpoint %s: replica %s is down: %s", self.spec.name, replica.url, reason)
+            # what it cached may be gone with it (a restarted engine): placed afresh when it is back
+            self.router.forget(replica.name)
         replica.healthy, replica.last_error = False, reason
 
     def ready_reason(self) -> str | None:
@@ -115,23 +184,34 @@ class ReplicaPool:
         return "no replica answers: " + "; ".join(f"{r.url}: {r.last_error}" for r in self._replicas)
 
     def status(self) -> dict[str, Any]:
-        return {"replicas": [r.as_dict() for r in self._replicas],
+        return {"replicas": [r.as_dict() for r in self._replicas], "balance": self.spec.balance,
                 "in_flight": sum(r.in_flight for r in self._replicas)}
 
-    async def send(self, path: str, body: dict, deadline: float | None) -> tuple[Replica, httpx.Response]:
-        """Open the upstream stream on the least busy healthy replica, trying the next on connect errors."""
+    @property
+    def replicas(self) -> list[Replica]:
+        return list(self._replicas)
+
+    async def send(self, path: str, body: dict | None, deadline: float | None, route: Route | None = None, *,
+                   root: bool = False, **request: Any) -> tuple[Replica, httpx.Response]:
+        """Open the upstream stream on the replica `route` picks (proxy/routing), trying the
+        decision's next on connect errors. `body` goes as JSON; `request` (content, headers) is
+        httpx's, for bodies passed through as they came. `root`: `path` is at the URL's root
+        (vLLM's /classify, /pooling), not under its /v1."""
         client = self.client()
-        tried: list[Replica] = []
-        while (replica := self.pick(tried)) is not None:
-            tried.append(replica)
+        decision = self.decide(route)
+        by_name = {r.name: r for r in self._replicas}
+        for name in decision.order:
+            replica = by_name[name]
+            if not replica.healthy:      # marked down since the decision (a connect error of another request)
+                continue
             replica.in_flight += 1
             opened = False
             try:
-                request = client.build_request("POST", replica.url + path, json=body,
-                                               timeout=timeout_for(self.spec.timeout, deadline))
-                resp = await client.send(request, stream=True)
+                base = metrics_url(replica.url).rsplit("/metrics", 1)[0] if root else replica.url
+                sent = client.build_request("POST", base + path, json=body,
+                                            timeout=timeout_for(self.spec.timeout, deadline), **request)
+                resp = await client.send(sent, stream=True)
                 opened = True
-                return replica, resp
             except CONNECT_ERRORS as exc:
                 self.mark_down(replica, reason(exc))
             except httpx.HTTPError as exc:
@@ -139,15 +219,28 @@ class ReplicaPool:
             finally:
                 if not opened:
                     replica.in_flight -= 1
+            if opened:
+                self._count(replica, decision)
+                return replica, resp
         raise EndpointNotReady(self.ready_reason() or "no replica answers")
 
-    def pick(self, tried: list[Replica]) -> Replica | None:
-        live = [r for r in self._replicas if r.healthy and r not in tried]
-        if not live:
-            return None
-        least = min(r.in_flight for r in live)
-        tied = [r for r in live if r.in_flight == least]
-        return tied[next(self._turn) % len(tied)]
+    def decide(self, route: Route | None = None) -> Decision:
+        """The routing decision over the healthy replicas: the chosen one first, then the order
+        to fail over in (before the first byte only)."""
+        route = route or Route()
+        live = [r for r in self._replicas if r.healthy]
+        return self.router.choose([Candidate(r.name, r.load, r.in_flight) for r in live], route.text,
+                                  session=route.session, salt=route.salt)
+
+    def _count(self, replica: Replica, decision: Decision) -> None:
+        replica.requests += 1
+        if replica.name == decision.order[0]:
+            replica.prefix_hit_blocks += decision.matched_blocks
+        if decision.spilled_from is not None:
+            spilled = next((r for r in self._replicas if r.name == decision.spilled_from), None)
+            if spilled is not None:
+                spilled.overload_spills += 1
+        self.router.record(replica.name, decision.hashes)
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:

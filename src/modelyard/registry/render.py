@@ -25,6 +25,12 @@ from .endpoint import ENGINE_NAMES, Endpoint, EndpointState
 CACHE_COUNTERS = frozenset({
     "cached_tokens", "prefix_reused_tokens", "host_cache_entries", "host_cache_bytes",
     "host_cache_hits", "host_cache_hit_tokens", "host_cache_evictions"})
+# The same, of each of a remote endpoint's replicas: routing's prefix-hit estimates.
+REPLICA_CACHE_COUNTERS = frozenset({"prefix_hit_blocks", "prefix_hit_chars"})
+
+
+# What the admin API and the console show of each replica (proxy/replicas.Replica.as_dict)
+REPLICA_FIELDS = ("index", "healthy", "load", "in_flight", "requests", "overload_spills")
 
 
 class Wanted(Protocol):
@@ -55,7 +61,9 @@ def endpoint_object(ep: Endpoint | None, wanted: Wanted | None = None, *, state:
     replicas = None
     if spec.engine == "openai":
         listed = status.get("replicas")
-        replicas = ({"healthy": sum(1 for r in listed if r.get("healthy")), "total": len(listed)}
+        replicas = ({"healthy": sum(1 for r in listed if r.get("healthy")), "total": len(listed),
+                     # each replica by its index in config.urls: its load and what routing sent it
+                     "each": [{k: r[k] for k in REPLICA_FIELDS} for r in listed], "balance": status.get("balance")}
                     if listed is not None else {"healthy": 0, "total": len(spec.urls)})
     if ep is None:      # stored, not applied in this process yet (within the sync bound)
         state_value, why = ("unloaded" if wanted.desired == "unloaded" else "loading"), "not applied in this process yet"
@@ -91,6 +99,9 @@ def status(ep: Endpoint, detail: bool = False, cache: bool = False) -> dict[str,
         engine = {k: v for k, v in engine.items() if isinstance(v, (int, float, bool))}
     if not cache:
         engine = {k: v for k, v in engine.items() if k not in CACHE_COUNTERS}
+        if "replicas" in engine:
+            engine["replicas"] = [{k: v for k, v in r.items() if k not in REPLICA_CACHE_COUNTERS}
+                                  for r in engine["replicas"]]
     out = {"name": ep.name, "state": ep.state.value, "ready": ep.not_ready_reason() is None,
            "engine": ep.spec.engine, "model_type": ep.model_type.value if ep.model_type else None,
            "model_engine": ep.model_engine, **engine}

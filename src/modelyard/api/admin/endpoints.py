@@ -27,7 +27,8 @@ from ...registry.endpoint import Endpoint
 from ...registry.events import endpoint_events
 from ...registry.render import endpoint_object
 from ...redact import mask_url_credentials
-from ...settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
+from ...settings import (BALANCES, MAX_PREFIX_BLOCKS, MAX_SESSION_HEADER, UPSTREAM_SERVERS, AdminToken,
+                          EndpointSpec, endpoint_spec, spec_fields, upstream_refusal)
 from .. import sse
 from .auth import actor, admin, revision_of, still_valid, viewer
 
@@ -59,6 +60,11 @@ class EndpointFields(BaseModel):
     api_key: str | None = Field(None, min_length=1, max_length=4096)
     timeout: float | None = Field(None, ge=0.1, le=86_400)     # seconds; 5e-324 was accepted
     batch_share: float | None = Field(None, gt=0, le=1)        # openai: batch work's share of capacity
+    balance: Literal[BALANCES] | None = None      # type: ignore[valid-type]
+    balance_abs_threshold: float | None = Field(None, ge=0, le=1_000_000)
+    balance_rel_threshold: float | None = Field(None, ge=1, le=1000)
+    prefix_blocks: int | None = Field(None, ge=1, le=MAX_PREFIX_BLOCKS)
+    session_header: str | None = Field(None, max_length=MAX_SESSION_HEADER, pattern=r"^[A-Za-z0-9_-]*$")
 
 
 class EndpointCreate(EndpointFields):

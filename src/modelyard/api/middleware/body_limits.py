@@ -10,10 +10,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 
+# Routes whose bodies are multipart forms (api/openai/passthrough: OpenAI's audio uploads), the
+# only POSTs whose Content-Type is kept: a form's boundary is in it.
+MULTIPART_PATHS = ("/audio/transcriptions", "/audio/translations")
+
+
+def _multipart(scope: Scope) -> bool:
+    ctype = dict(scope["headers"]).get(b"content-type", b"")
+    return scope["path"].endswith(MULTIPART_PATHS) and ctype.lower().startswith(b"multipart/form-data")
+
+
 class BodyLimits:
     """Rejects bodies above `max_bytes` with 413 before reading them into memory, whatever the
     method (a PATCH or DELETE body is read by FastAPI as much as a POST one), and treats every
-    POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too.
+    POST body as JSON: `curl -d` sends form-urlencoded, and OpenAI's API accepts it too (the
+    multipart forms of the Files upload, `uploads`, and the audio uploads, MULTIPART_PATHS, excepted).
     (A browser's POST must say application/json: api/middleware/browser_guard.BrowserGuard refuses it before.)
 
     A Content-Length above the limit is refused before any byte of the body is read; a chunked
@@ -36,7 +47,7 @@ class BodyLimits:
             return await self.app(scope, receive, send)
         upload = self.uploads.get(scope["path"]) if scope["method"] == "POST" else None
         limit, setting = upload or (self.max_bytes, "[limits] max_body_bytes")
-        if scope["method"] == "POST" and upload is None:
+        if scope["method"] == "POST" and upload is None and not _multipart(scope):
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             headers.append((b"content-type", b"application/json"))
             scope = {**scope, "headers": headers}

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from ...engine.protocol import Engine
 from ...engine.types import EmbeddingRequest, EngineRequest, ModelType, SamplingParams
 from ...errors import InvalidRequest
-from ...settings import Limits
+from ...settings import MAX_NAME, Limits
 from ..auth import find_endpoint, is_batch
 from .. import sse
 from ..errors import limit_error
@@ -45,13 +45,29 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
     engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
-    events = merge(await prime_all([engine.generate(r) for r in ledgered(request, body.model, build(deadline))]),
+    reqs = with_session(request, engine, getattr(body, "user", None), build(deadline))
+    events = merge(await prime_all([engine.generate(r) for r in ledgered(request, body.model, reqs)]),
                    body.n or 1)
     if body.stream:
         return sse.response(to_sse(events, out, body.include_usage, settle))
     # A client that leaves cancels this route (api/middleware/disconnect), and so the collection
     # and its engine streams: nothing here needs to watch the connection.
     return JSONResponse(await collect(events, out, settle))
+
+
+def with_session(request: Request, engine: Engine, user: str | None, reqs: list[EngineRequest]) -> list[EngineRequest]:
+    """A remote endpoint's replica affinity (proxy/routing): the body's `user`, else the endpoint's
+    session header (bounded as `user` is)."""
+    spec = getattr(engine, "spec", None)
+    if spec is None or spec.engine != "openai":
+        return reqs
+    session = user or (request.headers.get(spec.session_header) if spec.session_header else None)
+    if not session:
+        return reqs
+    if len(session) > MAX_NAME:
+        raise InvalidRequest(f"header {spec.session_header!r} is {len(session)} characters, above the limit of "
+                             f"{MAX_NAME}", param=spec.session_header)
+    return [dataclasses.replace(r, session=session) for r in reqs]
 
 
 def ready_engine(request: Request, name: str, kind: ModelType) -> Engine:
