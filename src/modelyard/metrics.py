@@ -164,6 +164,34 @@ class _ControlCollector:
         yield from (age, closed)
 
 
+# The models' lifecycle (registry/lifecycle), by endpoint: name -> (a counter?, help). The names
+# an autoscaler reads (docs/scaling.md: pending, load_waiting) are checked against /metrics.
+LIFECYCLE_SERIES = {
+    "loaded": (False, "1 while the endpoint's model is loaded"),
+    "resident_bytes": (False, "Bytes the loaded model holds (what llama.cpp allocated, with the host prefix cache bound)"),
+    "pending": (False, "Requests holding the endpoint: waiting for its load, queued or being served"),
+    "load_waiting": (False, "Requests waiting for the endpoint's model to load"),
+    "loads": (True, "Model loads"),
+    "load_seconds": (True, "Seconds spent loading the model"),
+    "unloads": (True, "Model unloads (idle, evicted, an admin's, a reload)"),
+    "idle_unloads": (True, "Unloads after keep_alive seconds idle"),
+    "evictions": (True, "Unloads to make room for another endpoint under the memory budget"),
+    "load_wait_seconds": (True, "Seconds requests spent waiting for a load, summed"),
+}
+
+
+def _lifecycle_value(ep, key: str) -> float:
+    if key == "loaded":
+        return 1.0 if ep.engine is not None else 0.0
+    if key == "resident_bytes":
+        return float(ep.resident or 0)
+    if key == "pending":
+        return float(ep.pending)
+    if key == "load_waiting":
+        return float(ep.counts.get("waiting", 0))
+    return float(ep.counts.get(key, 0))
+
+
 class _EndpointCollector:
     def __init__(self, registry: "Registry", routes: Iterable[str] = ()) -> None:
         self.registry = registry
@@ -177,15 +205,20 @@ class _EndpointCollector:
                                       labels=["endpoint"])
         grammar = {key: CounterMetricFamily(f"modelyard_{key}", doc, labels=["endpoint"])
                    for key, doc in GRAMMAR_COUNTERS.items()}
+        lifecycle = {key: (CounterMetricFamily if counter else GaugeMetricFamily)(
+                         f"modelyard_endpoint_{key}", doc, labels=["endpoint"])
+                     for key, (counter, doc) in LIFECYCLE_SERIES.items()}
         for ep in self.registry.endpoints.values():
             ready.add_metric([ep.name, ep.state.value], 1.0 if ep.not_ready_reason() is None else 0.0)
+            for key, family in lifecycle.items():
+                family.add_metric([ep.name], _lifecycle_value(ep, key))
             status = ep.engine.status() if ep.engine is not None else {}
             queue.add_metric([ep.name], float(status.get("queue_depth", 0)))
             in_flight.add_metric([ep.name], float(status.get("in_flight", 0)))
             for key, family in grammar.items():
                 if key in status:
                     family.add_metric([ep.name], float(status[key]))
-        yield from (ready, queue, in_flight, *grammar.values())
+        yield from (ready, queue, in_flight, *grammar.values(), *lifecycle.values())
 
 
 class _CacheCollector:

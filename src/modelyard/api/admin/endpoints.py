@@ -27,6 +27,7 @@ from ...registry.endpoint import Endpoint
 from ...registry.events import endpoint_events
 from ...registry.render import endpoint_object
 from ...redact import mask_url_credentials
+from ..openai.schemas import KeepAlive
 from ...settings import UPSTREAM_SERVERS, AdminToken, EndpointSpec, endpoint_spec, spec_fields, upstream_refusal
 from .. import sse
 from .auth import actor, admin, revision_of, still_valid, viewer
@@ -58,6 +59,9 @@ class EndpointFields(BaseModel):
     upstream_server: Literal[UPSTREAM_SERVERS] | None = None      # type: ignore[valid-type]
     api_key: str | None = Field(None, min_length=1, max_length=4096)
     timeout: float | None = Field(None, ge=0.1, le=86_400)     # seconds; 5e-324 was accepted
+    # the lifecycle (registry/lifecycle): loaded at once or on its first request; seconds idle
+    load: Literal["always", "on_demand"] | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class EndpointCreate(EndpointFields):
