@@ -137,11 +137,15 @@ class Registry:
             return
         from ..local.footprint import estimate
         for ep in self.endpoints.values():
+            if ep.spec.engine != "llamacpp" or ep.spec.convert:
+                continue
             known = KNOWN.get(ep.spec.model)
-            path = self.store.root / "models" / f"{ep.spec.model}.gguf" if known else Path(ep.spec.model)
-            if ep.spec.engine != "llamacpp" or ep.spec.convert or not path.is_file():
+            stored = self.store.entry(ep.spec.model)
+            path = stored.path if stored is not None else Path(ep.spec.model).expanduser()
+            if not path.is_file():
                 continue        # checked when it loads (then the endpoint fails, saying so)
-            embeddings = (known.model_type if known else declared_type(ep.spec)) is ModelType.EMBEDDINGS
+            from ..local.gguf_header import model_type
+            embeddings = (known.model_type if known else model_type(path)) is ModelType.EMBEDDINGS
             self.lifecycle.check_fits(ep, estimate(path, ep.spec, embeddings).total)
 
     # ---- the lifecycle: on demand, keep-alive, budget (registry/lifecycle) ------------------

@@ -66,7 +66,8 @@ def _keep_alive(value: float) -> float:
 
 # Ollama's field: seconds the model stays loaded after this request (-1: never unload); the
 # longest a pending request asked for wins (registry/lifecycle). Numbers only, not "5m".
-KeepAlive = Annotated[float, Field(ge=-1, le=MAX_KEEP_ALIVE, allow_inf_nan=False), AfterValidator(_keep_alive)]
+KeepAlive = Annotated[float, Field(ge=-1, le=MAX_KEEP_ALIVE, allow_inf_nan=False, strict=True),
+                     AfterValidator(_keep_alive)]
 
 
 class StreamOptions(BaseModel):
