@@ -182,14 +182,18 @@ LIFECYCLE_SERIES = {
 
 def _lifecycle_value(ep, key: str) -> float:
     if key == "loaded":
-        return 1.0 if ep.engine is not None else 0.0
+        awake = not (ep.engine.status().get("asleep", False)) if ep.engine is not None else False
+        return 1.0 if awake else 0.0
     if key == "resident_bytes":
         return float(ep.resident or 0)
     if key == "pending":
         return float(ep.pending)
+    # a remote endpoint on demand (proxy/lifecycle): its upstream's wakes and sleeps, its held requests
+    remote = ep.engine.status() if ep.engine is not None and ep.spec.engine == "openai" else {}
     if key == "load_waiting":
-        return float(ep.counts.get("waiting", 0))
-    return float(ep.counts.get(key, 0))
+        return float(ep.counts.get("waiting", 0) + remote.get("wake_waiting", 0))
+    extra = {"loads": "wakes", "unloads": "sleeps", "load_wait_seconds": "wake_wait_seconds"}.get(key)
+    return float(ep.counts.get(key, 0) + (remote.get(extra, 0) if extra else 0))
 
 
 class _EndpointCollector:

@@ -19,6 +19,7 @@ from ..errors import DeadlineExceeded
 from ..settings import EndpointSpec
 from .embeddings import embedding_body, read_embeddings
 from .errors import map_error
+from .lifecycle import UpstreamSleeper
 from .replicas import HEALTH_INTERVAL, ReplicaPool
 from .sse import SSEError
 from .wire import Tally, completion_bound, prompt_bound, relay, request_body, text_bound
@@ -33,21 +34,29 @@ class ProxyEngine:
         # An upstream's kind cannot be probed reliably (OpenAI's /models does not say): configured.
         self.model_type = ModelType.EMBEDDINGS if spec.kind == "embeddings" else ModelType.COMPLETIONS
         self.pool = ReplicaPool(spec, transport, health_interval=health_interval)
+        # load = "on_demand": requests held while no replica is up, the upstream woken and put to
+        # sleep by keep_alive (proxy/lifecycle); the registry sets its hold_timeout
+        self.sleeper = UpstreamSleeper(spec, self.pool) if spec.load == "on_demand" else None
 
     async def start(self) -> None:
         await self.pool.start()
+        if self.sleeper is not None:
+            self.sleeper.start()
 
     async def stop(self) -> None:
+        if self.sleeper is not None:
+            await self.sleeper.stop()
         await self.pool.stop()
 
     async def probe_all(self) -> None:
         await self.pool.probe_all()
 
     def ready_reason(self) -> str | None:
-        return self.pool.ready_reason()
+        # on demand, a request is held while the replicas come up: not a reason to refuse it
+        return None if self.sleeper is not None else self.pool.ready_reason()
 
     def status(self) -> dict[str, Any]:
-        return self.pool.status()
+        return {**self.pool.status(), **(self.sleeper.status() if self.sleeper is not None else {})}
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         # The prompt's tokens are the upstream's to count, so the reservation is a bound (see
@@ -63,7 +72,11 @@ class ProxyEngine:
             await request.ledger.reserve(bound + request.n * per_choice)
         tally = Tally()
         replica = resp = None
+        held = False
         try:
+            if self.sleeper is not None:
+                await self.sleeper.before()
+                held = True
             path = "/chat/completions" if request.messages is not None else "/completions"
             body = request_body(self.spec, request, per_choice)
             replica, resp = await self.pool.send(path, body, request.deadline)
@@ -79,6 +92,8 @@ class ProxyEngine:
         finally:
             if request.ledger is not None:
                 request.ledger.settle(*tally.used(bound))
+            if held:
+                self.sleeper.after()
             if replica is not None:
                 replica.in_flight -= 1
             if resp is not None:
@@ -94,7 +109,11 @@ class ProxyEngine:
             await request.ledger.reserve(bound)
         used = 0
         replica = resp = None
+        held = False
         try:
+            if self.sleeper is not None:
+                await self.sleeper.before()
+                held = True
             replica, resp = await self.pool.send("/embeddings", embedding_body(self.spec, request), request.deadline)
             if not resp.is_success:
                 await _until(resp.aread(), request.deadline)
@@ -110,6 +129,8 @@ class ProxyEngine:
         finally:
             if request.ledger is not None:
                 request.ledger.settle(used, 0)
+            if held:
+                self.sleeper.after()
             if replica is not None:
                 replica.in_flight -= 1
             if resp is not None:

@@ -109,6 +109,10 @@ class ReplicaPool:
             log.warning("endpoint %s: replica %s is down: %s", self.spec.name, replica.url, reason)
         replica.healthy, replica.last_error = False, reason
 
+    @property
+    def replicas(self) -> list[Replica]:
+        return list(self._replicas)
+
     def ready_reason(self) -> str | None:
         if any(r.healthy for r in self._replicas):
             return None

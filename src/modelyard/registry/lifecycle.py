@@ -135,7 +135,8 @@ class Lifecycle:
 
     def expired(self, endpoints: Iterable[Endpoint], now: float) -> list[Endpoint]:
         return [ep for ep in endpoints
-                if ep.state is EndpointState.READY and not ep.parked and ep.desired == "loaded"
+                if ep.spec.engine == "llamacpp" and ep.state is EndpointState.READY and not ep.parked
+                and ep.desired == "loaded"
                 and ep.expires_at is not None and now >= ep.expires_at and not busy(ep)]
 
 

@@ -82,7 +82,7 @@ class Registry:
         self._sweeper: asyncio.Task | None = None
         for spec in settings.endpoints:
             ep = Endpoint(spec, model_type=declared_type(spec))
-            if spec.load == "on_demand":
+            if spec.load == "on_demand" and spec.engine == "llamacpp":     # a remote one: proxy/lifecycle
                 ep.state, ep.reason, ep.parked = S.UNLOADED, PARKED, True
             self._put(ep)
 
@@ -248,7 +248,7 @@ class Registry:
                            f"({self.endpoints[spec.name].source})", param="name", code="endpoint_exists")
         self.check_kernels(spec, choose=True)
         unloaded = desired != "loaded"
-        parked = not unloaded and spec.load == "on_demand"
+        parked = not unloaded and spec.load == "on_demand" and spec.engine == "llamacpp"
         ep = Endpoint(spec, model_type=declared_type(spec), source="api", id=id, desired=desired, revision=revision,
                       state=S.UNLOADED if unloaded or parked else S.LOADING,
                       reason="unloaded" if unloaded else PARKED if parked else "loading the model", parked=parked)
@@ -420,6 +420,8 @@ class Registry:
                     await self._start_engine(ep, engine)
             else:
                 engine = self._factory(spec, path)
+                if getattr(engine, "sleeper", None) is not None:     # a remote endpoint on demand
+                    engine.sleeper.hold_timeout = self.lifecycle.load_timeout
                 await self._start_engine(ep, engine)
             if ep.state is S.LOADING:       # not unloaded or deleted meanwhile (the reconciler goes on)
                 ep.become(S.READY)
