@@ -382,6 +382,9 @@ class Registry:
             await asyncio.sleep(DRAIN_POLL)
         try:
             await engine.stop()
+            if ep.spec.engine == "llamacpp":
+                from ..local.footprint import give_back
+                await asyncio.to_thread(give_back)      # what the engine freed, back to the system
         finally:
             ep.resident = ep.expires_at = None
             ep.count("unloads")

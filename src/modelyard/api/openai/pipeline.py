@@ -44,7 +44,8 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     out.cached_visible = cached_tokens_visible(request)
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
-    engine = await ready_engine(request, body.model, ModelType.COMPLETIONS, body.keep_alive)
+    # Ollama's keep_alive: completions' and chat's bodies take it (Messages and Responses do not)
+    engine = await ready_engine(request, body.model, ModelType.COMPLETIONS, getattr(body, "keep_alive", None))
     events = merge(await prime_all([engine.generate(r) for r in ledgered(request, body.model, build(deadline))]),
                    body.n or 1)
     if body.stream:
