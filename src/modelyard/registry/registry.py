@@ -266,8 +266,10 @@ class Registry:
             self.check_kernels(spec, choose=True)
             ep.pending_spec = spec
         retry = revision != ep.revision and desired == "loaded" and ep.state is S.FAILED
-        if desired != "loaded" or (revision != ep.revision and ep.desired != "loaded"):
-            ep.parked = False       # an admin's unload stays until an admin's load, which loads now
+        if desired != "loaded" or (revision != ep.revision and spec == ep.spec):
+            # an admin's unload holds until an admin's load, and a load (the revision moved, the
+            # spec did not: not a PATCH) loads now, parked or not
+            ep.parked = False
         ep.desired, ep.revision = desired, revision
         if retry and ep.pending_spec is None:
             ep.pending_spec = ep.spec           # try again with the same spec
