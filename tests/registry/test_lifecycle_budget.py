@@ -53,6 +53,8 @@ load = "on_demand"
 {EMBED_SHAPE}"""
 # end-of-generation tokens banned so that a stream runs to max_tokens (smollm2: <|endoftext|>,
 # <|im_start|>, <|im_end|>; gemma3: <eos>, <end_of_turn>)
+SAMPLED = {"prompt": "Write a word:", "max_tokens": 12, "temperature": 0.9, "seed": 11, "logprobs": 2}
+BEFORE: dict[str, list] = {}        # smol's answer to SAMPLED before it was evicted
 NO_EOS = {SMOL: {"0": -100, "1": -100, "2": -100}, GEMMA: {"1": -100, "106": -100}}
 
 
@@ -91,6 +93,10 @@ def counter(http: httpx.Client, name: str, endpoint: str) -> float:
 def complete(http: httpx.Client, model: str, max_tokens: int = 4) -> httpx.Response:
     return http.post("/v1/completions", json={"model": model, "prompt": "The capital of France is",
                                               "max_tokens": max_tokens, "temperature": 0})
+
+
+def complete_sampled(http: httpx.Client) -> httpx.Response:
+    return http.post("/v1/completions", json={"model": SMOL, **SAMPLED})
 
 
 def embed(http: httpx.Client) -> httpx.Response:
@@ -146,6 +152,9 @@ def test_concurrent_first_requests_share_one_load(http):
     assert smol["loaded"] and smol["state"] == "ready" and smol["pending"] == 0
     # what llama.cpp allocated, against the GGUF's estimate made before the load
     assert 0 < smol["resident_mib"] <= smol["need_mib"] * 1.1
+    r = complete_sampled(http)
+    assert r.status_code == 200, r.text
+    BEFORE[SMOL] = r.json()["choices"]
     assert smol["last_used"] is not None and smol["expires_at"] is None       # keep_alive -1: never
 
 
@@ -168,6 +177,10 @@ def test_a_busy_endpoint_keeps_its_model_and_the_next_idle_one_goes(server, http
         assert counter(http, "modelyard_endpoint_evictions_total", GEMMA) == 0
         assert counter(http, "modelyard_endpoint_evictions_total", MINILM) == 1
         assert stream.status == 200 and not stream.stop.is_set()
+        # smol was evicted and loaded again: the same request gives the same bits
+        again = complete_sampled(http)
+        assert again.status_code == 200 and again.json()["choices"] == BEFORE[SMOL]
+        assert counter(http, "modelyard_endpoint_loads_total", SMOL) == 2
         before = stream.chunks
         until(lambda: stream.chunks > before, 60, "the stream on gemma going on after the eviction")
     finally:

@@ -19,7 +19,7 @@ class EndpointState(str, enum.Enum):
     READY = "ready"
     FAILED = "failed"
     DRAINING = "draining"       # finishing what it has, taking nothing new (unload, shutdown)
-    UNLOADED = "unloaded"       # an admin unloaded it: known, listed, no engine
+    UNLOADED = "unloaded"       # an admin unloaded it, or the lifecycle did (parked: loads on its next request)
     DELETING = "deleting"       # being deleted: finishing what it has; listed as "model.deleted"
     STOPPED = "stopped"         # the server is stopping, or it was deleted: final
 
