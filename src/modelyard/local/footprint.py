@@ -17,6 +17,7 @@ llama.cpp's own figures for smollm2-135m and gemma3-270m at two shapes each (wit
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,12 +91,17 @@ def give_back() -> None:
     vocabulary's strings), so without this a process's RSS crept up by that much per reload
     and passed the budget after twenty evictions (bench/lifecycle.py); malloc_trim(0) trims
     every arena. Not glibc (musl, macOS): nothing to do."""
-    import ctypes
-    import ctypes.util
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")        # runs ldconfig: once
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
