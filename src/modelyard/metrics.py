@@ -182,8 +182,8 @@ LIFECYCLE_SERIES = {
 
 def _lifecycle_value(ep, key: str) -> float:
     if key == "loaded":
-        awake = not (ep.engine.status().get("asleep", False)) if ep.engine is not None else False
-        return 1.0 if awake else 0.0
+        asleep = ep.engine is not None and ep.engine.status().get("asleep", False)   # a remote upstream
+        return 1.0 if ep.loaded and not asleep else 0.0
     if key == "resident_bytes":
         return float(ep.resident or 0)
     if key == "pending":

@@ -39,14 +39,14 @@ def model_type(path: Path) -> ModelType:
 def read_keys(path: Path, wanted) -> dict[str, object]:
     """The scalar and string metadata values whose key `wanted(key)` accepts (an array's: its
     length)."""
-    return read_header(path, wanted)[0]
+    return read_header(path, wanted, tensors=False)[0]
 
 
-def read_header(path: Path, wanted) -> tuple[dict[str, object], int]:
+def read_header(path: Path, wanted, tensors: bool = True) -> tuple[dict[str, object], int]:
     """`read_keys`' values and the bytes of tensor data the file holds (from the end of the
     header, aligned, to the end of the file): what local/footprint needs, without the tensors.
     (gguf's GGUFReader parses every array too: 30 s for gemma3's 262,144-token vocabulary on a
-    loaded machine, where this takes a fraction of one.)"""
+    loaded machine, where this takes a fraction of one.) `tensors=False`: the keys only (0 bytes)."""
     try:
         with open(path, "rb") as f:
             magic, version = f.read(4), _read(f, "<I")
@@ -62,6 +62,8 @@ def read_header(path: Path, wanted) -> tuple[dict[str, object], int]:
                 value = _value(f, _read(f, "<I"), keep=wanted(key))
                 if value is not None:
                     found[key] = value
+            if not tensors:
+                return found, 0
             for _ in range(n_tensors):          # name, dims, type, offset: skipped
                 _string(f, keep=False)
                 f.seek(8 * _read(f, "<I") + 4 + 8, 1)

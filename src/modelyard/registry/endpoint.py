@@ -107,6 +107,11 @@ class Endpoint:
         if self.on_change is not None:
             self.on_change(self)
 
+    @property
+    def loaded(self) -> bool:
+        """Its model holds memory: an engine, or one still stopping (until its memory is freed)."""
+        return self.engine is not None or self.resident is not None
+
     def count(self, what: str, by: float = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + by
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -136,6 +137,7 @@ class Registry:
         if not self.lifecycle.budget:
             return
         from ..local.footprint import estimate
+        from ..local.gguf_header import model_type
         for ep in self.endpoints.values():
             if ep.spec.engine != "llamacpp" or ep.spec.convert:
                 continue
@@ -144,7 +146,6 @@ class Registry:
             path = stored.path if stored is not None else Path(ep.spec.model).expanduser()
             if not path.is_file():
                 continue        # checked when it loads (then the endpoint fails, saying so)
-            from ..local.gguf_header import model_type
             embeddings = (known.model_type if known else model_type(path)) is ModelType.EMBEDDINGS
             self.lifecycle.check_fits(ep, estimate(path, ep.spec, embeddings).total)
 
@@ -200,7 +201,6 @@ class Registry:
 
     async def _sweep(self) -> None:
         """Park the endpoints idle past their keep_alive; their reconcilers unload them."""
-        import time
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             for ep in self.lifecycle.expired(list(self.endpoints.values()), time.time()):
@@ -415,9 +415,7 @@ class Registry:
                 ep.model_type = checked_type(ep.spec, await asyncio.to_thread(model_type, path))
             spec = dataclasses.replace(ep.spec, kind=ep.model_type.value.lower())
             if ep.spec.engine == "llamacpp":
-                from ..local.footprint import estimate
-                ep.need = (await asyncio.to_thread(estimate, path, spec, ep.model_type is ModelType.EMBEDDINGS)).total
-                self.lifecycle.check_fits(ep, ep.need)
+                ep.need = await self._need(ep, spec, path)
             if ep.spec.engine == "llamacpp" and self.lifecycle.bounded:
                 async with self.lifecycle.lock:         # room made, then taken: by one load at a time
                     await self._make_room(ep, ep.need)
@@ -445,6 +443,20 @@ class Registry:
             if ep.state is S.LOADING:
                 ep.become(S.FAILED, mask_url_credentials(f"{type(exc).__name__}: {exc}"))
             log.error("endpoint %s failed: %s", ep.name, mask_url_credentials(f"{type(exc).__name__}: {exc}"))
+
+    async def _need(self, ep: Endpoint, spec: EndpointSpec, path: Path) -> int | None:
+        """The bytes `ep` needs loaded (local/footprint). Under a budget a model that cannot be
+        sized, or could never fit, fails its endpoint; without one the figure is only shown."""
+        from ..local.footprint import estimate
+        try:
+            need = (await asyncio.to_thread(estimate, path, spec, ep.model_type is ModelType.EMBEDDINGS)).total
+        except Exception:  # noqa: BLE001 - llama.cpp may still load what the estimate cannot read
+            if self.lifecycle.bounded:
+                raise
+            log.warning("endpoint %s: its memory could not be estimated from %s", ep.name, path, exc_info=True)
+            return None
+        self.lifecycle.check_fits(ep, need)
+        return need
 
     async def _start_engine(self, ep: Endpoint, engine: Engine) -> None:
         loop = asyncio.get_running_loop()

@@ -90,7 +90,7 @@ def lifecycle(ep: Endpoint) -> dict[str, Any]:
     """Ollama's `/api/ps` in modelyard's shape: whether its model is loaded, what it holds
     (MiB: what llama.cpp allocated) and needs (the GGUF's estimate), when it unloads if still
     idle and when it was last used (unix seconds; null: never / not yet)."""
-    return {"load": ep.spec.load, "keep_alive": ep.spec.keep_alive, "loaded": ep.engine is not None,
+    return {"load": ep.spec.load, "keep_alive": ep.spec.keep_alive, "loaded": ep.loaded,
             "resident_mib": mib(ep.resident), "need_mib": mib(ep.need),
             "expires_at": _seconds(ep.expires_at), "last_used": _seconds(ep.last_used),
             "pending": ep.pending}
