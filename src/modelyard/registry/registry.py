@@ -81,6 +81,7 @@ class Registry:
         self._started = False
         self.lifecycle = Lifecycle(settings)
         self._sweeper: asyncio.Task | None = None
+        self._draining = False
         for spec in settings.endpoints:
             ep = Endpoint(spec, model_type=declared_type(spec))
             if spec.load == "on_demand" and spec.engine == "llamacpp":     # a remote one: proxy/lifecycle
@@ -158,7 +159,7 @@ class Registry:
         the same load), up to `[server] load_timeout`."""
         self.lifecycle.hold(ep, keep_alive)
         try:
-            if ep.on_demand:
+            if ep.on_demand and not self._draining:     # shutting down: nothing new is loaded
                 await self._wait_load(ep)
             return ep.require_ready()
         except BaseException:
@@ -477,6 +478,7 @@ class Registry:
         return sum(ep.engine.status().get("in_flight", 0) for ep in self.endpoints.values() if ep.engine)
 
     def drain(self) -> None:
+        self._draining = True
         for ep in self.endpoints.values():
             if ep.state is S.READY:
                 ep.become(S.DRAINING, "the server is shutting down")
