@@ -5,7 +5,8 @@ For an endpoint with `load = "on_demand"` (engine "openai"), `UpstreamSleeper`:
 - holds each request, up to `hold_timeout` (the server's `load_timeout`), while no replica can
   serve it (all asleep, scaled to zero, down), instead of a 400 at once; then a 503 with
   Retry-After. Concurrent requests share one wake;
-- wakes the upstream on the first request after idle, where it can be woken: vLLM's sleep mode
+- wakes the upstream on the first request after idle (and on the first request at all, which
+  asks: a router may start with the model unloaded), where it can be woken: vLLM's sleep mode
   (`POST /wake_up`, up when `GET /is_sleeping` says false) and llama-server's router mode
   (`POST /models/load {"model": upstream_model}`, up when its `GET /models` lists it "loaded");
 - puts it to sleep after `keep_alive` seconds idle (`POST /sleep?level=1`; `POST /models/unload`),
@@ -44,7 +45,9 @@ class UpstreamSleeper:
     def __init__(self, spec: EndpointSpec, pool: ReplicaPool, hold_timeout: float = 300.0) -> None:
         self.spec, self.pool, self.hold_timeout = spec, pool, hold_timeout
         self.can_sleep = spec.upstream_server in SLEEPERS
-        self.asleep = False                 # we put it to sleep (or it was found so): wake first
+        # whether the upstream sleeps: None until a request finds out (a router may start with the
+        # model unloaded, or unload it by its own LRU); True once we put it to sleep
+        self.asleep: bool | None = None
         self.held = 0                       # requests between before() and after()
         self.last_used = time.monotonic()
         self._waking: asyncio.Task | None = None
@@ -58,7 +61,7 @@ class UpstreamSleeper:
         self.held += 1
         self.last_used = time.monotonic()
         try:
-            if self.asleep or self.pool.ready_reason() is not None:
+            if self.asleep is not False or self.pool.ready_reason() is not None:
                 await self._wait_up()
         except BaseException:
             self.after()
@@ -85,16 +88,19 @@ class UpstreamSleeper:
             self.counts["wait_seconds"] += loop.time() - started
 
     async def _wake(self) -> None:
-        """Wake every replica that can be woken, then wait until one serves (probing it)."""
-        if self.can_sleep and self.asleep:
-            await asyncio.gather(*(self._call(r.url, wake=True) for r in self.pool.replicas), return_exceptions=True)
-            self.counts["wakes"] += 1
+        """Until a replica serves: probe them, ask the healthy ones whether the model is up (vLLM
+        awake, the router's model loaded), and wake them once if none is."""
+        woken = False
         while True:
             await self.pool.probe_all()
-            ups = await asyncio.gather(*(self._is_up(r.url) for r in self.pool.replicas if r.healthy))
-            if any(ups):
+            healthy = [r for r in self.pool.replicas if r.healthy]
+            if any(await asyncio.gather(*(self._is_up(r.url) for r in healthy))):
                 self.asleep = False
                 return
+            if self.can_sleep and healthy and not woken:
+                await asyncio.gather(*(self._call(r.url, wake=True) for r in healthy), return_exceptions=True)
+                self.counts["wakes"] += 1
+                woken = True
             await asyncio.sleep(POLL)
 
     # ---- idle: sleep after keep_alive ---------------------------------------------------------
@@ -114,7 +120,7 @@ class UpstreamSleeper:
             await asyncio.sleep(min(1.0, max(0.1, self.spec.keep_alive / 4)))
             idle = time.monotonic() - self.last_used
             busy = self.held or self.pool.status()["in_flight"] or (self._waking and not self._waking.done())
-            if not self.asleep and not busy and idle >= self.spec.keep_alive:
+            if self.asleep is not True and not busy and idle >= self.spec.keep_alive:
                 self.asleep = True          # from here, a request wakes it first
                 await asyncio.gather(*(self._call(r.url, wake=False) for r in self.pool.replicas),
                                      return_exceptions=True)
@@ -151,6 +157,6 @@ class UpstreamSleeper:
             return False
 
     def status(self) -> dict[str, Any]:
-        return {"asleep": self.asleep, "wake_waiting": self.counts["waiting"],
+        return {"asleep": bool(self.asleep), "wake_waiting": self.counts["waiting"],
                 "wake_wait_seconds": round(self.counts["wait_seconds"], 3),
                 "wakes": self.counts["wakes"], "sleeps": self.counts["sleeps"]}
