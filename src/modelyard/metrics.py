@@ -182,6 +182,38 @@ class _ControlCollector:
         yield from (age, closed)
 
 
+# The models' lifecycle (registry/lifecycle), by endpoint: name -> (a counter?, help). The names
+# an autoscaler reads (docs/scaling.md: pending, load_waiting) are checked against /metrics.
+LIFECYCLE_SERIES = {
+    "loaded": (False, "1 while the endpoint's model is loaded"),
+    "resident_bytes": (False, "Bytes the loaded model holds (what llama.cpp allocated, with the host prefix cache bound)"),
+    "pending": (False, "Requests holding the endpoint: waiting for its load, queued or being served"),
+    "load_waiting": (False, "Requests waiting for the endpoint's model to load"),
+    "loads": (True, "Model loads"),
+    "load_seconds": (True, "Seconds spent loading the model"),
+    "unloads": (True, "Model unloads (idle, evicted, an admin's, a reload)"),
+    "idle_unloads": (True, "Unloads after keep_alive seconds idle"),
+    "evictions": (True, "Unloads to make room for another endpoint under the memory budget"),
+    "load_wait_seconds": (True, "Seconds requests spent waiting for a load, summed"),
+}
+
+
+def _lifecycle_value(ep, key: str) -> float:
+    if key == "loaded":
+        asleep = ep.engine is not None and ep.engine.status().get("asleep", False)   # a remote upstream
+        return 1.0 if ep.loaded and not asleep else 0.0
+    if key == "resident_bytes":
+        return float(ep.resident or 0)
+    if key == "pending":
+        return float(ep.pending)
+    # a remote endpoint on demand (proxy/lifecycle): its upstream's wakes and sleeps, its held requests
+    remote = ep.engine.status() if ep.engine is not None and ep.spec.engine == "openai" else {}
+    if key == "load_waiting":
+        return float(ep.counts.get("waiting", 0) + remote.get("wake_waiting", 0))
+    extra = {"loads": "wakes", "unloads": "sleeps", "load_wait_seconds": "wake_wait_seconds"}.get(key)
+    return float(ep.counts.get(key, 0) + (remote.get(extra, 0) if extra else 0))
+
+
 class _EndpointCollector:
     def __init__(self, registry: "Registry", routes: Iterable[str] = ()) -> None:
         self.registry = registry
@@ -200,8 +232,13 @@ class _EndpointCollector:
         # a remote endpoint's replicas (proxy/replicas), labelled by their index in its urls: never a URL
         replica = {key: kind(f"modelyard_replica_{key}", doc, labels=["endpoint", "replica"])
                    for key, (kind, doc) in REPLICA_SERIES.items()}
+        lifecycle = {key: (CounterMetricFamily if counter else GaugeMetricFamily)(
+                         f"modelyard_endpoint_{key}", doc, labels=["endpoint"])
+                     for key, (counter, doc) in LIFECYCLE_SERIES.items()}
         for ep in self.registry.endpoints.values():
             ready.add_metric([ep.name, ep.state.value], 1.0 if ep.not_ready_reason() is None else 0.0)
+            for key, family in lifecycle.items():
+                family.add_metric([ep.name], _lifecycle_value(ep, key))
             status = ep.engine.status() if ep.engine is not None else {}
             queue.add_metric([ep.name], float(status.get("queue_depth", 0)))
             in_flight.add_metric([ep.name], float(status.get("in_flight", 0)))
@@ -213,7 +250,7 @@ class _EndpointCollector:
             for r in status.get("replicas") or ():
                 for key, family in replica.items():
                     family.add_metric([ep.name, str(r["index"])], float(r[key]))
-        yield from (ready, queue, in_flight, *grammar.values(), preempted, *replica.values())
+        yield from (ready, queue, in_flight, *grammar.values(), preempted, *replica.values(), *lifecycle.values())
 
 
 class _CacheCollector:

@@ -34,6 +34,13 @@ PREFIX_CACHE_SCOPES = ("key", "shared")
 BALANCES = ("prefix", "least_in_flight")        # a remote endpoint's replica choice (proxy/routing)
 MAX_PREFIX_BLOCKS = 10_000_000                  # block hashes kept per replica: ~100 bytes each
 MAX_SESSION_HEADER = 100
+# When an endpoint's model is loaded (registry/lifecycle): "always", at start (and again on its
+# next request after an idle unload or an eviction); "on_demand", on its first request.
+LOAD_POLICIES = ("always", "on_demand")
+# keep_alive: seconds an idle endpoint stays loaded; -1 never unloads. Bounded (a year) so that a
+# typo cannot pin a model for ever by accident, and the same bound holds for a request's field.
+MAX_KEEP_ALIVE = 31_536_000
+NEVER = -1
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,9 @@ class EndpointSpec:
     balance_rel_threshold: float = 1.5      # times the least-loaded replica's load
     prefix_blocks: int = 65_536             # block hashes remembered per replica (LRU)
     session_header: str = "x-session-id"    # a request header that pins a session like `user`; "": none
+    # Lifecycle (registry/lifecycle): when the model loads, and how long it stays loaded idle.
+    load: str = "always"                  # one of LOAD_POLICIES
+    keep_alive: float = NEVER             # seconds idle before it is unloaded; -1: never
 
     def __post_init__(self) -> None:
         if len(self.name) > MAX_NAME:
@@ -158,12 +168,26 @@ class EndpointSpec:
             raise ConfigError(f"endpoint {self.name!r}: session_header must be a header name of at most "
                               f"{MAX_SESSION_HEADER} letters, digits, '-' or '_', got {self.session_header!r}",
                               param="session_header")
+        if self.load not in LOAD_POLICIES:
+            raise ConfigError(f"endpoint {self.name!r}: load must be one of {LOAD_POLICIES}, got {self.load!r}",
+                              param="load")
+        why = keep_alive_refusal(self.keep_alive)
+        if why:
+            raise ConfigError(f"endpoint {self.name!r}: {why}", param="keep_alive")
         if self.engine == "openai" and not self.urls:
             raise ConfigError(f"endpoint {self.name!r}: engine 'openai' needs urls = [...]", param="urls")
 
     @property
     def n_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)
+
+
+def keep_alive_refusal(value: object) -> str | None:
+    """Why `value` is not a keep_alive (None: it is): seconds from 0 to MAX_KEEP_ALIVE, or -1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or not (value == NEVER or 0 <= value <= MAX_KEEP_ALIVE):
+        return f"keep_alive must be -1 (never unload) or from 0 to {MAX_KEEP_ALIVE} seconds, got {value!r}"
+    return None
 
 
 ADMIN_ROLES = ("admin", "viewer")
@@ -248,6 +272,19 @@ CONTROL_LIMITS: dict[str, tuple[float, float, str]] = {
 }
 
 
+# [server] bounds of the models' lifecycle (registry/lifecycle): setting -> (lowest, highest, unit).
+# The budget and the count take 0 for "no bound" (the default: one model per server needs none).
+LIFECYCLE_LIMITS: dict[str, tuple[float, float, str]] = {
+    # how long a request waits for its endpoint's model to load (on demand) before a 503
+    "load_timeout": (1.0, 3600.0, "seconds"),
+    # MiB the loaded models may need together (weights, KV cache, compute buffers, host prefix
+    # cache); a load past it evicts the least recently used idle endpoint first
+    "memory_budget_mib": (0, 16_777_216, "MiB"),
+    # models loaded at once; a load past it evicts likewise
+    "max_loaded_models": (0, 10_000, "models"),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -299,6 +336,10 @@ class Settings:
     max_batch_lines: int = 50_000           # OpenAI's 50,000 requests a batch
     batch_lease_seconds: float = 60.0
     batch_concurrency: int = 4
+    # The models' lifecycle (LIFECYCLE_LIMITS has the ranges; README, "Models that come and go").
+    load_timeout: float = 300.0
+    memory_budget_mib: int = 0
+    max_loaded_models: int = 0
 
     @property
     def control_enabled(self) -> bool:
@@ -309,7 +350,8 @@ class Settings:
         return self.database_url or f"sqlite:///{self.store_dir / 'control.db'}"
 
     def __post_init__(self) -> None:
-        for name, (low, high, unit) in (*CONNECTION_LIMITS.items(), *CONTROL_LIMITS.items()):
+        for name, (low, high, unit) in (*CONNECTION_LIMITS.items(), *CONTROL_LIMITS.items(),
+                                        *LIFECYCLE_LIMITS.items()):
             value = getattr(self, name)
             whole = isinstance(low, int)
             if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
@@ -392,7 +434,8 @@ def load(config: Path | None = None, env: Mapping[str, str] | None = None, **ove
             raise ConfigError(f"cannot read config {config}: {exc}") from None
         server = doc.get("server", {})
         for key in ("host", "port", "log_level", "request_timeout", "grace_period", "public_cache_counters",
-                    "prefix_cache_scope", "allow_private_upstreams", *CONNECTION_LIMITS, *CONTROL_LIMITS):
+                    "prefix_cache_scope", "allow_private_upstreams", *CONNECTION_LIMITS, *CONTROL_LIMITS,
+                    *LIFECYCLE_LIMITS):
             if key in server:
                 values[key] = server[key]
         if "api_keys" in server:

@@ -41,6 +41,7 @@ KEY_ID_SECRET = "config_key_ids"      # control/records.server_secret: the confi
 def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     allowed_origin_keys(settings.allowed_origins)      # a bad origin is a ConfigError now
     registry = registry or Registry(settings)
+    registry.check_budget()         # a model that could never fit the memory budget: ConfigError now
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

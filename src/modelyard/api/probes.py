@@ -54,9 +54,10 @@ async def ready(request: Request) -> JSONResponse:
     app = request.app.state
     detail = may_see_reasons(request)
     # An endpoint an admin unloaded or is deleting is not wanted: it does not make the server unready.
+    # One the lifecycle unloaded serves too: its requests wait for its load (registry/lifecycle).
     not_ready = {ep.name: mask_url_credentials(ep.not_ready_reason()) if detail else ep.not_ready_state()
                  for ep in app.registry.endpoints.values()
-                 if ep.desired == "loaded" and ep.not_ready_reason() is not None}
+                 if ep.desired == "loaded" and ep.serving_reason() is not None}
     if app.shutting_down:
         return JSONResponse({"status": "shutting down", "not_ready": not_ready}, status_code=503)
     if not_ready:

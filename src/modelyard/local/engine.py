@@ -21,6 +21,7 @@ from .chat_template import ChatTemplate
 from .core import EngineCore
 from .engine_thread import STOP, EngineThread
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
+from .footprint import Footprint, reported
 from .grammar import Compiled, Grammars
 from .prefix_cache import HostCache
 from .prepare import check_ids, detokenize, prepare, prompt_ids
@@ -48,6 +49,7 @@ class LocalEngine(EngineThread):
         self._batch_ids: set[str] = set()       # of those, the batch-priority ones
         self._broken: str | None = None
         self._host_cache = HostCache(spec.prefix_cache_mib * 2**20)
+        self.footprint: Footprint | None = None     # what llama.cpp allocated, once loaded
         self.build_info: dict[str, Any] = {}   # what llama.cpp runs: SIMD features, weight buffers
         self._grammars: Grammars | None = None
         # Tokenizing, templating and the tokenizer routes run on this endpoint's own threads,
@@ -248,6 +250,7 @@ class LocalEngine(EngineThread):
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
                 n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads,
                 flash_attn=not self.spec.deterministic))
+            self.footprint = reported(self.model.size_bytes, ctx.buffers, self._host_cache.capacity)
             kernels = {"weight_repacking": not self.spec.deterministic,
                        "flash_attention": not self.spec.deterministic,
                        "tiled_kquant_matmul": tiled_kquant_matmul()}

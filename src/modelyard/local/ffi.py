@@ -22,6 +22,9 @@ from ..errors import EngineError
 
 _GGML_LOG_LEVEL_ERROR = 4
 _BUFFER_LINE = re.compile(r"(\S+) (?:model|KV|compute) buffer size = +([0-9.]+) MiB")
+# a context's allocations as llama.cpp logs them: "CPU  output buffer size = 0.38 MiB", "CPU KV
+# buffer size = 11.25 MiB" (one line per KV cache: gemma3 has two), "CPU compute buffer size = ..."
+_CONTEXT_LINE = re.compile(r"\S+ +(output|KV|compute) buffer size = +([0-9.]+) MiB")
 
 # llama.cpp logs through one process-wide C callback, from the thread that makes the call;
 # a model loads on its endpoint's engine thread, so a thread-local list collects that load's
@@ -69,6 +72,23 @@ def system_info() -> str:
     return C.llama_print_system_info().decode()
 
 
+def _context_buffers(make):
+    """`make()` (a llama_init_from_model call) and the MiB llama.cpp says it allocated, by kind
+    ({"output", "KV", "compute"}): what local/footprint's estimate is checked against."""
+    _init_backend()
+    _capture.lines = []
+    try:
+        ctx = make()
+        out: dict[str, float] = {}
+        for line in _capture.lines:
+            m = _CONTEXT_LINE.search(line)
+            if m:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        return ctx, out
+    finally:
+        _capture.lines = None
+
+
 def _buffers(lines: list[str]) -> dict[str, float]:
     """llama.cpp's "<type> model buffer size = N MiB" lines -> {type: MiB} (weights only)."""
     out: dict[str, float] = {}
@@ -109,6 +129,7 @@ class LlamaModel:
         self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
         self.n_embd: int = C.llama_model_n_embd(self._model)
+        self.size_bytes: int = C.llama_model_size(self._model)     # the tensors' bytes, as loaded
         self._pieces: dict[int, bytes] = {}
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -286,7 +307,7 @@ class LlamaContext:
         # attention gives bit-identical logits for any chunking of >= 2 tokens.
         p.flash_attn_type = (C.LLAMA_FLASH_ATTN_TYPE_AUTO if shape.flash_attn
                              else C.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        self._ctx = C.llama_init_from_model(model._model, p)
+        self._ctx, self.buffers = _context_buffers(lambda: C.llama_init_from_model(model._model, p))
         if not self._ctx:
             raise EngineError(f"llama.cpp could not create a context of {p.n_ctx} tokens")
         self._mem = C.llama_get_memory(self._ctx)
@@ -374,7 +395,7 @@ class EmbeddingContext:
         p.pooling_type = C.LLAMA_POOLING_TYPE_NONE
         p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.no_perf = True
-        self._ctx = C.llama_init_from_model(model._model, p)
+        self._ctx, self.buffers = _context_buffers(lambda: C.llama_init_from_model(model._model, p))
         if not self._ctx:
             raise EngineError(f"llama.cpp could not create an embeddings context of {n_batch} tokens")
         self.n_embd, self.n_batch = model.n_embd, n_batch

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 
@@ -21,6 +21,7 @@ from ..settings import EndpointSpec
 from .batch_share import BatchShare
 from .embeddings import embedding_body, read_embeddings
 from .errors import map_error
+from .lifecycle import UpstreamSleeper
 from .replicas import HEALTH_INTERVAL, ReplicaPool, Route
 from .routing import prompt_text
 from .sse import SSEError
@@ -37,21 +38,30 @@ class ProxyEngine:
         self.model_type = ModelType.EMBEDDINGS if spec.kind == "embeddings" else ModelType.COMPLETIONS
         self.pool = ReplicaPool(spec, transport, health_interval=health_interval)
         self.batch_share = BatchShare(spec)
+        # load = "on_demand": requests held while no replica is up, the upstream woken and put to
+        # sleep by keep_alive (proxy/lifecycle); the registry sets its hold_timeout
+        self.sleeper = UpstreamSleeper(spec, self.pool) if spec.load == "on_demand" else None
 
     async def start(self) -> None:
         await self.pool.start()
+        if self.sleeper is not None:
+            self.sleeper.start()
 
     async def stop(self) -> None:
+        if self.sleeper is not None:
+            await self.sleeper.stop()
         await self.pool.stop()
 
     async def probe_all(self) -> None:
         await self.pool.probe_all()
 
     def ready_reason(self) -> str | None:
-        return self.pool.ready_reason()
+        # on demand, a request is held while the replicas come up: not a reason to refuse it
+        return None if self.sleeper is not None else self.pool.ready_reason()
 
     def status(self) -> dict[str, Any]:
-        return {**self.pool.status(), **self.batch_share.status()}
+        return {**self.pool.status(), **self.batch_share.status(),
+                **(self.sleeper.status() if self.sleeper is not None else {})}
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         # aclosing: a consumer that leaves early closes the upstream request at once, as before
@@ -76,7 +86,11 @@ class ProxyEngine:
             await request.ledger.reserve(bound + request.n * per_choice)
         tally = Tally()
         replica = resp = None
+        held = False
         try:
+            if self.sleeper is not None:
+                await self.sleeper.before()
+                held = True
             path = "/chat/completions" if request.messages is not None else "/completions"
             body = request_body(self.spec, request, per_choice)
             # the prompt's text is serialized only for the policy that routes on it
@@ -95,6 +109,8 @@ class ProxyEngine:
         finally:
             if request.ledger is not None:
                 request.ledger.settle(*tally.used(bound))
+            if held:
+                self.sleeper.after()
             if replica is not None:
                 replica.in_flight -= 1
             if resp is not None:
@@ -116,7 +132,11 @@ class ProxyEngine:
             await request.ledger.reserve(bound)
         used = 0
         replica = resp = None
+        held = False
         try:
+            if self.sleeper is not None:
+                await self.sleeper.before()
+                held = True
             replica, resp = await self.pool.send("/embeddings", embedding_body(self.spec, request), request.deadline)
             if not resp.is_success:
                 await _until(resp.aread(), request.deadline)
@@ -132,6 +152,8 @@ class ProxyEngine:
         finally:
             if request.ledger is not None:
                 request.ledger.settle(used, 0)
+            if held:
+                self.sleeper.after()
             if replica is not None:
                 replica.in_flight -= 1
             if resp is not None:
@@ -141,29 +163,40 @@ class ProxyEngine:
     async def forward(self, path: str, deadline: float | None, *, root: bool = False, body: dict | None = None,
                       **request: Any) -> "Forwarded":
         """A route modelyard does not implement, passed to a replica as it came (api/openai/
-        passthrough): the upstream's answer, opened; its error (before any byte) mapped."""
-        replica, resp = await self.pool.send(path, body, deadline, root=root, **request)
+        passthrough): the upstream's answer, opened; its error (before any byte) mapped. On
+        demand, the upstream is woken first and counted busy until the answer is closed."""
+        if self.sleeper is not None:
+            await self.sleeper.before()
+        after = self.sleeper.after if self.sleeper is not None else (lambda: None)
+        try:
+            replica, resp = await self.pool.send(path, body, deadline, root=root, **request)
+        except BaseException:
+            after()
+            raise
         if not resp.is_success:
             try:
                 await _until(resp.aread(), deadline)
                 raise map_error(replica.url, resp, secret=self.spec.api_key)
             finally:
                 replica.in_flight -= 1
+                after()
                 await resp.aclose()
-        return Forwarded(replica, resp)
+        return Forwarded(replica, resp, after)
 
 
 class Forwarded:
-    """An upstream answer being passed through: its replica's in-flight count until closed."""
+    """An upstream answer being passed through: its replica's in-flight count (and, on demand,
+    the upstream's keep-awake) until closed."""
 
-    def __init__(self, replica, resp: httpx.Response) -> None:
-        self.replica, self.resp = replica, resp
+    def __init__(self, replica, resp: httpx.Response, after: Callable[[], None]) -> None:
+        self.replica, self.resp, self._after = replica, resp, after
         self._open = True
 
     async def close(self) -> None:
         if self._open:
             self._open = False
             self.replica.in_flight -= 1
+            self._after()
             await self.resp.aclose()
 
 

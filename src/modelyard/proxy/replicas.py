@@ -178,6 +178,10 @@ class ReplicaPool:
             self.router.forget(replica.name)
         replica.healthy, replica.last_error = False, reason
 
+    @property
+    def replicas(self) -> list[Replica]:
+        return list(self._replicas)
+
     def ready_reason(self) -> str | None:
         if any(r.healthy for r in self._replicas):
             return None

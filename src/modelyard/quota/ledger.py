@@ -27,7 +27,7 @@ never missed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .limits import Slot
 
@@ -40,7 +40,7 @@ class RequestLedger:
     """One admitted request: its key's quota (None on a keyless server), its in-flight slot, and
     whether the usage table has counted it yet."""
 
-    __slots__ = ("quota", "slot", "usage", "metrics", "endpoint", "recorded", "batch")
+    __slots__ = ("quota", "slot", "usage", "metrics", "endpoint", "recorded", "batch", "closers")
 
     def __init__(self, quota: Any = None, slot: Slot | None = None, usage: "UsageRecorder | None" = None,
                  metrics: "Metrics | None" = None, batch: bool = False) -> None:
@@ -48,7 +48,12 @@ class RequestLedger:
         self.batch = batch             # a batch's line (batch/runner): its usage is marked so
         self.endpoint = "-"            # the endpoint the route resolved (usage rows, metrics)
         self.recorded = False          # the request counted once in the usage table
+        self.closers: list[Callable[[], None]] = []     # what else ends with the response (on_close)
 
+    def on_close(self, release: Callable[[], None]) -> None:
+        """`release()` once the response has ended (the endpoint the request holds loaded:
+        registry.serve)."""
+        self.closers.append(release)
     def entries_for(self, n: int) -> list["Entry"]:
         return [Entry(self) for _ in range(n)]
 
@@ -62,6 +67,9 @@ class RequestLedger:
         (an aborted request's last step on the engine thread) settle later, by themselves."""
         if self.slot is not None:            # Slot.release is idempotent
             self.slot.release()
+        closers, self.closers = self.closers, []
+        for release in closers:
+            release()
 
     def _settled(self, entry: "Entry", prompt: int, completion: int) -> None:
         # 1. the usage row (before the reservation goes: see the module's docstring)

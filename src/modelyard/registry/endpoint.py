@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,7 +19,7 @@ class EndpointState(str, enum.Enum):
     READY = "ready"
     FAILED = "failed"
     DRAINING = "draining"       # finishing what it has, taking nothing new (unload, shutdown)
-    UNLOADED = "unloaded"       # an admin unloaded it: known, listed, no engine
+    UNLOADED = "unloaded"       # an admin unloaded it, or the lifecycle did (parked: loads on its next request)
     DELETING = "deleting"       # being deleted: finishing what it has; listed as "model.deleted"
     STOPPED = "stopped"         # the server is stopping, or it was deleted: final
 
@@ -60,6 +61,20 @@ class Endpoint:
     updated_at: int = 0
     # Bytes fetched / total while the model file is being pulled into the store (else None).
     progress: tuple[int, int] | None = None
+    # The lifecycle (registry/lifecycle). `parked`: the lifecycle unloaded it (on demand, idle,
+    # evicted): it is served, and loads on its next request. `pending`: requests that asked for
+    # it and have not ended (waiting for its load, or being served): while any, it is never
+    # unloaded or evicted. `load_done`: what those waiting for a load await (None: no load asked).
+    parked: bool = False
+    pending: int = 0
+    asked_keep_alive: float | None = None   # the longest keep_alive its pending requests sent
+    last_used: float | None = None          # unix seconds a request last began or ended
+    expires_at: float | None = None         # unix seconds it unloads if still idle (None: never)
+    need: int | None = None                 # bytes it needs loaded (local/footprint's estimate)
+    resident: int | None = None             # bytes it holds (what llama.cpp allocated); None: none
+    load_done: "asyncio.Future[None] | None" = field(default=None, repr=False)
+    # counters for /metrics: loads, load seconds, unloads (by why), load waits and their seconds
+    counts: dict[str, float] = field(default_factory=dict, repr=False)
     # Called after every state change (registry/events: the admin API's event stream).
     on_change: Callable[["Endpoint"], None] | None = field(default=None, repr=False)
 
@@ -91,6 +106,28 @@ class Endpoint:
             self.progress = None
         if self.on_change is not None:
             self.on_change(self)
+
+    @property
+    def loaded(self) -> bool:
+        """Its model holds memory: an engine, or one still stopping (until its memory is freed)."""
+        return self.engine is not None or self.resident is not None
+
+    def count(self, what: str, by: float = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + by
+
+    @property
+    def on_demand(self) -> bool:
+        """Its requests wait for a load rather than being refused: unloaded by the lifecycle, or
+        loading for requests already waiting."""
+        return self.desired == "loaded" and (self.parked or self.load_done is not None)
+
+    def serving_reason(self) -> str | None:
+        """None when its requests are served (now, or once the load they wait for is done);
+        else why not. What /ready and the endpoint lists say."""
+        if self.on_demand and self.state in (EndpointState.UNLOADED, EndpointState.LOADING,
+                                             EndpointState.DRAINING):
+            return None
+        return self.not_ready_reason()
 
     def not_ready_reason(self) -> str | None:
         """None when requests can be served now; else why not (loading, failed, upstream down)."""

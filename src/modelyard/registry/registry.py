@@ -14,22 +14,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Collection
 
 from ..engine.protocol import Engine
 from ..engine.types import ModelType
-from ..errors import Conflict, ConfigError, ModelNotFound
+from ..errors import Conflict, ConfigError, ModelNotFound, QueueFull
 from ..redact import mask_url_credentials
 from ..settings import EndpointSpec, Settings
 from ..store import KNOWN, ModelStore
 from .endpoint import Endpoint, EndpointState
+from .lifecycle import SWEEP_INTERVAL, Lifecycle, mib
 
 log = logging.getLogger("modelyard.registry")
 
 EngineFactory = Callable[[EndpointSpec, "Path | None"], Engine]
 DRAIN_POLL = 0.05          # seconds between looks at a draining engine's in-flight count
 S = EndpointState
+PARKED = "not loaded: loads on its next request"
 
 
 def default_engine_factory(spec: EndpointSpec, model_path: Path | None) -> Engine:
@@ -76,8 +79,14 @@ class Registry:
         self._tasks: dict[str, asyncio.Task] = {}       # name -> its reconciler (or first load)
         self._listeners: list[Callable[[Endpoint], None]] = []
         self._started = False
+        self.lifecycle = Lifecycle(settings)
+        self._sweeper: asyncio.Task | None = None
+        self._draining = False
         for spec in settings.endpoints:
-            self._put(Endpoint(spec, model_type=declared_type(spec)))
+            ep = Endpoint(spec, model_type=declared_type(spec))
+            if spec.load == "on_demand" and spec.engine == "llamacpp":     # a remote one: proxy/lifecycle
+                ep.state, ep.reason, ep.parked = S.UNLOADED, PARKED, True
+            self._put(ep)
 
     def _put(self, ep: Endpoint) -> None:
         ep.on_change = self._changed
@@ -121,6 +130,108 @@ class Registry:
         for ep in self.endpoints.values():
             if ep.state is S.LOADING:
                 self._tasks[ep.name] = asyncio.create_task(self._first_load(ep), name=f"load-{ep.name}")
+        self._sweeper = asyncio.create_task(self._sweep(), name="lifecycle-sweep")
+
+    def check_budget(self) -> None:
+        """ConfigError naming the first configured endpoint whose model, already in the store,
+        could never fit the memory budget even alone (at start, before serving)."""
+        if not self.lifecycle.budget:
+            return
+        from ..local.footprint import estimate
+        from ..local.gguf_header import model_type
+        for ep in self.endpoints.values():
+            if ep.spec.engine != "llamacpp" or ep.spec.convert:
+                continue
+            known = KNOWN.get(ep.spec.model)
+            stored = self.store.entry(ep.spec.model)
+            path = stored.path if stored is not None else Path(ep.spec.model).expanduser()
+            if not path.is_file():
+                continue        # checked when it loads (then the endpoint fails, saying so)
+            embeddings = (known.model_type if known else model_type(path)) is ModelType.EMBEDDINGS
+            self.lifecycle.check_fits(ep, estimate(path, ep.spec, embeddings).total)
+
+    # ---- the lifecycle: on demand, keep-alive, budget (registry/lifecycle) ------------------
+
+    async def serve(self, ep: Endpoint, keep_alive: float | None = None) -> Engine:
+        """The engine of `ep` for one request, holding the endpoint (never unloaded or evicted)
+        until `done(ep)`, which the caller owes once the response has ended. An endpoint the
+        lifecycle unloaded is loaded first (its reconciler does it; concurrent requests wait for
+        the same load), up to `[server] load_timeout`."""
+        self.lifecycle.hold(ep, keep_alive)
+        try:
+            if ep.on_demand and not self._draining:     # shutting down: nothing new is loaded
+                await self._wait_load(ep)
+            return ep.require_ready()
+        except BaseException:
+            self.done(ep)
+            raise
+
+    def done(self, ep: Endpoint) -> None:
+        self.lifecycle.release(ep)
+
+    async def _wait_load(self, ep: Endpoint) -> None:
+        loop = asyncio.get_running_loop()
+        if ep.load_done is None:
+            ep.load_done = loop.create_future()
+        ep.parked = False
+        self._kick(ep)
+        started = loop.time()
+        ep.count("load_waits")
+        ep.count("waiting")
+        try:
+            await asyncio.wait_for(asyncio.shield(ep.load_done), self.lifecycle.load_timeout)
+        except asyncio.TimeoutError:
+            raise QueueFull(f"model endpoint {ep.name!r} is still loading after {self.lifecycle.load_timeout:g} s "
+                            "([server] load_timeout)", param="model", code="load_timeout",
+                            retry_after=self.lifecycle.load_timeout) from None
+        finally:
+            ep.count("waiting", -1)
+            ep.count("load_wait_seconds", loop.time() - started)
+
+    @staticmethod
+    def _settle(ep: Endpoint, error: BaseException | None = None) -> None:
+        """Those waiting for `ep`'s load learn how it ended (its state, or `error`)."""
+        done, ep.load_done = ep.load_done, None
+        if done is None or done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+            done.exception()            # retrieved: waiters that timed out are not warned about
+
+    async def _sweep(self) -> None:
+        """Park the endpoints idle past their keep_alive; their reconcilers unload them."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            for ep in self.lifecycle.expired(list(self.endpoints.values()), time.time()):
+                log.info("endpoint %s idle past its keep_alive: unloading", ep.name)
+                ep.count("idle_unloads")
+                self._park(ep)
+
+    def _park(self, ep: Endpoint) -> None:
+        ep.parked = True
+        self._kick(ep)
+
+    async def _make_room(self, ep: Endpoint, need: int) -> None:
+        """Evict (least recently used idle first) until `ep` fits; QueueFull when nothing can.
+        Holds the lifecycle's lock (the caller's): no other load counts the same room."""
+        loop = asyncio.get_running_loop()
+        for _ in range(3):          # a victim a request took back meanwhile: plan again
+            victims = self.lifecycle.plan(ep, need, list(self.endpoints.values()))
+            if not victims:
+                return
+            for victim in victims:
+                log.info("endpoint %s evicted (least recently used, idle) to load %s", victim.name, ep.name)
+                victim.count("evictions")
+                self._park(victim)
+            deadline = loop.time() + self.grace + 30
+            while any(v.resident is not None and v.parked for v in victims) and loop.time() < deadline:
+                await asyncio.sleep(DRAIN_POLL)
+        victims = self.lifecycle.plan(ep, need, list(self.endpoints.values()))
+        if victims:
+            raise QueueFull(f"model endpoint {ep.name!r}: the endpoints evicted for it were asked for again; "
+                            "retry", param="model", code="memory_budget_exceeded", retry_after=1.0)
 
     async def wait_loaded(self) -> None:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -138,12 +249,13 @@ class Registry:
                            f"({self.endpoints[spec.name].source})", param="name", code="endpoint_exists")
         self.check_kernels(spec, choose=True)
         unloaded = desired != "loaded"
+        parked = not unloaded and spec.load == "on_demand" and spec.engine == "llamacpp"
         ep = Endpoint(spec, model_type=declared_type(spec), source="api", id=id, desired=desired, revision=revision,
-                      state=S.UNLOADED if unloaded else S.LOADING,
-                      reason="unloaded" if unloaded else "loading the model")
+                      state=S.UNLOADED if unloaded or parked else S.LOADING,
+                      reason="unloaded" if unloaded else PARKED if parked else "loading the model", parked=parked)
         self._put(ep)
         self._changed(ep)
-        if not unloaded:
+        if not unloaded and not parked:
             self._kick(ep, first=True)
         return ep
 
@@ -155,6 +267,10 @@ class Registry:
             self.check_kernels(spec, choose=True)
             ep.pending_spec = spec
         retry = revision != ep.revision and desired == "loaded" and ep.state is S.FAILED
+        if desired != "loaded" or (revision != ep.revision and spec == ep.spec):
+            # an admin's unload holds until an admin's load, and a load (the revision moved, the
+            # spec did not: not a PATCH) loads now, parked or not
+            ep.parked = False
         ep.desired, ep.revision = desired, revision
         if retry and ep.pending_spec is None:
             ep.pending_spec = ep.spec           # try again with the same spec
@@ -201,7 +317,14 @@ class Registry:
 
     async def _reconcile(self, ep: Endpoint) -> None:
         """Move `ep` to what it should be, one step at a time, reading `desired` again after
-        every step (it may change during any await); returns when the state matches it."""
+        every step (it may change during any await); returns when the state matches it. Those
+        waiting for its load learn the outcome when it returns (or is cancelled: a stop)."""
+        try:
+            await self._reconcile_steps(ep)
+        finally:
+            self._settle(ep)
+
+    async def _reconcile_steps(self, ep: Endpoint) -> None:
         while True:
             if ep.desired == "deleted":
                 await self._release(ep, S.DELETING, "being deleted: finishing the requests in flight")
@@ -212,6 +335,7 @@ class Registry:
                 log.info("endpoint %s deleted", ep.name)
                 return
             if ep.desired == "unloaded":
+                ep.parked = False
                 if ep.state is not S.UNLOADED:
                     await self._release(ep, S.DRAINING, "unloading: finishing the requests in flight")
                     if ep.desired != "unloaded":
@@ -225,8 +349,17 @@ class Registry:
                     await self._release(ep, S.DRAINING, "reloading with a new configuration")
                     if ep.desired != "loaded":
                         continue
-                    ep.become(S.UNLOADED, "reloading with a new configuration")
+                    ep.become(S.UNLOADED, PARKED if ep.parked else "reloading with a new configuration")
                 self._apply_pending(ep)
+                if ep.parked:
+                    continue
+            elif ep.parked:         # idle past its keep_alive, or evicted: unload, drained first
+                if ep.state not in (S.READY, S.DRAINING):
+                    return
+                await self._release(ep, S.DRAINING, "unloading (idle or evicted)")
+                if ep.desired == "loaded" and ep.state is S.DRAINING:
+                    ep.become(S.UNLOADED, PARKED)
+                continue
             elif ep.state is not S.UNLOADED:
                 return                          # ready, or failed until someone asks again
             ep.become(S.LOADING, "loading the model")
@@ -250,7 +383,14 @@ class Registry:
         deadline = loop.time() + self.grace
         while engine.status().get("in_flight", 0) and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL)
-        await engine.stop()
+        try:
+            await engine.stop()
+            if ep.spec.engine == "llamacpp":
+                from ..local.footprint import give_back
+                await asyncio.to_thread(give_back)      # what the engine freed, back to the system
+        finally:
+            ep.resident = ep.expires_at = None
+            ep.count("unloads")
 
     async def _load(self, ep: Endpoint) -> None:
         engine = None
@@ -274,9 +414,19 @@ class Registry:
             if ep.spec.engine == "llamacpp" and known is None:     # a file: its header says
                 from ..local.gguf_header import model_type
                 ep.model_type = checked_type(ep.spec, await asyncio.to_thread(model_type, path))
-            engine = self._factory(dataclasses.replace(ep.spec, kind=ep.model_type.value.lower()), path)
-            await engine.start()
-            ep.engine = engine
+            spec = dataclasses.replace(ep.spec, kind=ep.model_type.value.lower())
+            if ep.spec.engine == "llamacpp":
+                ep.need = await self._need(ep, spec, path)
+            if ep.spec.engine == "llamacpp" and self.lifecycle.bounded:
+                async with self.lifecycle.lock:         # room made, then taken: by one load at a time
+                    await self._make_room(ep, ep.need)
+                    engine = self._factory(spec, path)
+                    await self._start_engine(ep, engine)
+            else:
+                engine = self._factory(spec, path)
+                if getattr(engine, "sleeper", None) is not None:     # a remote endpoint on demand
+                    engine.sleeper.hold_timeout = self.lifecycle.load_timeout
+                await self._start_engine(ep, engine)
             if ep.state is S.LOADING:       # not unloaded or deleted meanwhile (the reconciler goes on)
                 ep.become(S.READY)
             log.info("endpoint %s ready (%s)", ep.name, mask_url_credentials(str(ep.model_path or list(ep.spec.urls))))
@@ -284,16 +434,51 @@ class Registry:
             if engine is not None and ep.engine is None:
                 await asyncio.shield(engine.stop())
             raise
+        except QueueFull as exc:        # no room under the budget now: not loaded, its waiters told why
+            if ep.state is S.LOADING:
+                ep.parked = True
+                ep.become(S.UNLOADED, f"{PARKED} ({exc})")
+            self._settle(ep, exc)
+            log.warning("endpoint %s not loaded: %s", ep.name, exc)
         except Exception as exc:  # noqa: BLE001 - any failure is this endpoint's state, not the server's
             if ep.state is S.LOADING:
                 ep.become(S.FAILED, mask_url_credentials(f"{type(exc).__name__}: {exc}"))
             log.error("endpoint %s failed: %s", ep.name, mask_url_credentials(f"{type(exc).__name__}: {exc}"))
+
+    async def _need(self, ep: Endpoint, spec: EndpointSpec, path: Path) -> int | None:
+        """The bytes `ep` needs loaded (local/footprint). Under a budget a model that cannot be
+        sized, or could never fit, fails its endpoint; without one the figure is only shown."""
+        from ..local.footprint import estimate
+        try:
+            need = (await asyncio.to_thread(estimate, path, spec, ep.model_type is ModelType.EMBEDDINGS)).total
+        except Exception:  # noqa: BLE001 - llama.cpp may still load what the estimate cannot read
+            if self.lifecycle.bounded:
+                raise
+            log.warning("endpoint %s: its memory could not be estimated from %s", ep.name, path, exc_info=True)
+            return None
+        self.lifecycle.check_fits(ep, need)
+        return need
+
+    async def _start_engine(self, ep: Endpoint, engine: Engine) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await engine.start()
+        ep.engine = engine
+        ep.count("loads")
+        ep.count("load_seconds", loop.time() - started)
+        reported = getattr(engine, "footprint", None)
+        ep.resident = reported.total if reported is not None else ep.need
+        if reported is not None and ep.need is not None and reported.total > ep.need * 1.1:
+            log.warning("endpoint %s: llama.cpp allocated %s MiB, above the %s MiB estimated from its GGUF",
+                        ep.name, mib(reported.total), mib(ep.need))
+        self.lifecycle.loaded(ep)
 
     @property
     def in_flight(self) -> int:
         return sum(ep.engine.status().get("in_flight", 0) for ep in self.endpoints.values() if ep.engine)
 
     def drain(self) -> None:
+        self._draining = True
         for ep in self.endpoints.values():
             if ep.state is S.READY:
                 ep.become(S.DRAINING, "the server is shutting down")
@@ -301,6 +486,8 @@ class Registry:
     async def stop(self) -> None:
         """Ends every endpoint (requests in flight end with an error). Safe to call twice."""
         self._started = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -311,3 +498,4 @@ class Registry:
                 ep.engine = None
             if ep.state is not S.STOPPED:
                 ep.become(S.STOPPED, "stopped")
+            self._settle(ep)

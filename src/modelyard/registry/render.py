@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from ..redact import mask_url_credentials
 from ..settings import EndpointSpec, spec_fields
 from .endpoint import ENGINE_NAMES, Endpoint, EndpointState
+from .lifecycle import mib
 
 # Engine status fields that move when a prompt shares a prefix with one cached earlier: a
 # tenant who sends a guessed prompt and reads them learns whether another tenant sent it.
@@ -84,11 +85,27 @@ def endpoint_object(ep: Endpoint | None, wanted: Wanted | None = None, *, state:
         "config": shown_spec(spec), "desired": wanted.desired if wanted is not None else ep.desired,
         "state": state_value, "reason": why, "last_error": last_error, "progress": progress, "replicas": replicas,
         # whether requests are served now: a ready remote endpoint with no healthy replica is not
-        "serving": ep is not None and (state or ep.state) is EndpointState.READY and ep.not_ready_reason() is None,
+        "serving": ep is not None and (((state or ep.state) is EndpointState.READY and ep.not_ready_reason() is None)
+                                       or (state is None and ep.serving_reason() is None)),
         "in_flight": int(status.get("in_flight", 0)), "queued": int(status.get("queue_depth", 0)),
         "created_at": wanted.created_at if wanted is not None else (ep.created_at or started),
         "updated_at": wanted.updated_at if wanted is not None else (ep.updated_at or started),
-        "revision": wanted.revision if wanted is not None else ep.revision})
+        "revision": wanted.revision if wanted is not None else ep.revision,
+        **(lifecycle(ep) if ep is not None else {"loaded": False})})
+
+
+def lifecycle(ep: Endpoint) -> dict[str, Any]:
+    """Ollama's `/api/ps` in modelyard's shape: whether its model is loaded, what it holds
+    (MiB: what llama.cpp allocated) and needs (the GGUF's estimate), when it unloads if still
+    idle and when it was last used (unix seconds; null: never / not yet)."""
+    return {"load": ep.spec.load, "keep_alive": ep.spec.keep_alive, "loaded": ep.loaded,
+            "resident_mib": mib(ep.resident), "need_mib": mib(ep.need),
+            "expires_at": _seconds(ep.expires_at), "last_used": _seconds(ep.last_used),
+            "pending": ep.pending}
+
+
+def _seconds(t: float | None) -> float | None:
+    return None if t is None else round(t, 3)
 
 
 def status(ep: Endpoint, detail: bool = False, cache: bool = False) -> dict[str, Any]:
@@ -102,9 +119,9 @@ def status(ep: Endpoint, detail: bool = False, cache: bool = False) -> dict[str,
         if "replicas" in engine:
             engine["replicas"] = [{k: v for k, v in r.items() if k not in REPLICA_CACHE_COUNTERS}
                                   for r in engine["replicas"]]
-    out = {"name": ep.name, "state": ep.state.value, "ready": ep.not_ready_reason() is None,
+    out = {"name": ep.name, "state": ep.state.value, "ready": ep.serving_reason() is None,
            "engine": ep.spec.engine, "model_type": ep.model_type.value if ep.model_type else None,
-           "model_engine": ep.model_engine, **engine}
+           "model_engine": ep.model_engine, **lifecycle(ep), **engine}
     if detail:
         model = ep.spec.model if ep.spec.engine == "llamacpp" else ep.spec.upstream_model
         out.update(reason=ep.not_ready_reason(), model=model, model_path=ep.model_path)

@@ -27,6 +27,7 @@ from ...registry.endpoint import Endpoint
 from ...registry.events import endpoint_events
 from ...registry.render import endpoint_object
 from ...redact import mask_url_credentials
+from ..openai.schemas import KeepAlive
 from ...settings import (BALANCES, MAX_PREFIX_BLOCKS, MAX_SESSION_HEADER, UPSTREAM_SERVERS, AdminToken,
                           EndpointSpec, endpoint_spec, spec_fields, upstream_refusal)
 from .. import sse
@@ -65,6 +66,9 @@ class EndpointFields(BaseModel):
     balance_rel_threshold: float | None = Field(None, ge=1, le=1000)
     prefix_blocks: int | None = Field(None, ge=1, le=MAX_PREFIX_BLOCKS)
     session_header: str | None = Field(None, max_length=MAX_SESSION_HEADER, pattern=r"^[A-Za-z0-9_-]*$")
+    # the lifecycle (registry/lifecycle): loaded at once or on its first request; seconds idle
+    load: Literal["always", "on_demand"] | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class EndpointCreate(EndpointFields):

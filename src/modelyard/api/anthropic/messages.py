@@ -259,7 +259,7 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
     """The tokens the model would be fed for these turns and tools: an embedded endpoint's own
     count. A remote endpoint's tokenizer is the upstream's, so it is a 400, not a guess."""
     request.state.endpoint = body.model
-    engine = tokenizing_engine(request, body.model)
+    engine = await tokenizing_engine(request, body.model)
     tools, _ = chat_tools(body)
     ids = await engine.tokenize(None, chat_messages(body), False, tools)
     return {"input_tokens": len(ids)}

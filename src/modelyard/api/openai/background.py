@@ -66,7 +66,7 @@ class BackgroundRuns:
         the stored response as it is now."""
         out.on_done = reporter(request, body.model)
         check_limits(request.app.state.settings.limits, 1, (), None, 1)
-        engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
+        engine = await ready_engine(request, body.model, ModelType.COMPLETIONS)
         events = merge(await prime_all([engine.generate(r) for r in ledgered(request, body.model,
                                                                              build(deadline_for(request)))]))
         ledger: RequestLedger = request.state.ledger

@@ -38,7 +38,7 @@ async def create_embeddings(body: CreateEmbeddingRequest, request: Request) -> R
     if len(inputs) > limit:
         raise limit_error("input", len(inputs), limit, "the number of inputs")
     deadline = deadline_for(request)
-    engine = ready_engine(request, body.model, ModelType.EMBEDDINGS)
+    engine = await ready_engine(request, body.model, ModelType.EMBEDDINGS, body.keep_alive)
     [req] = ledgered(request, body.model, [EmbeddingRequest(f"embd-{uuid.uuid4().hex}", inputs, body.dimensions,
                                                             bool(body.truncate), deadline)])
     result = await engine.embed(req)      # a client that leaves cancels it (api/middleware/disconnect)

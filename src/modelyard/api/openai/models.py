@@ -17,5 +17,5 @@ async def list_models(request: Request) -> dict:
         {"id": ep.name, "object": "model.deleted" if ep.state is EndpointState.DELETING else "model",
          "created": request.app.state.started, "owned_by": "modelyard",
          "model_type": ep.model_type.value if ep.model_type else None, "model_engine": ep.model_engine,
-         "state": ep.state.value, "ready": ep.not_ready_reason() is None}
+         "state": ep.state.value, "ready": ep.serving_reason() is None}
         for ep in seen_endpoints(request)]}

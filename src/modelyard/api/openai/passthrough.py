@@ -27,7 +27,8 @@ from ...proxy.errors import map_error
 from ...settings import MAX_NAME
 from ..auth import find_endpoint
 from ..errors import limit_error
-from .pipeline import deadline_for
+from ...engine.types import ModelType
+from .pipeline import deadline_for, ready_engine
 
 router = APIRouter()
 
@@ -47,14 +48,15 @@ def _model(value: Any) -> str:
     return value
 
 
-def _remote(request: Request, name: str, route: str):
-    """The endpoint's remote engine: 404 unknown (or not the key's), 400 embedded, 400 not ready."""
+async def _remote(request: Request, name: str, route: str):
+    """The endpoint's remote engine: 404 unknown (or not the key's), 400 embedded, 400 not ready;
+    held as the pipeline's routes hold theirs (ready_engine: an on-demand endpoint woken first)."""
     endpoint = find_endpoint(request, name)
     if endpoint.spec.engine != "openai":
         raise InvalidRequest(f"model endpoint {name!r} is served by modelyard's embedded engine, which does not "
                              f"serve {route}; it is passed through only to remote (engine = \"openai\") endpoints",
                              param="model", code="unsupported_route")
-    return endpoint, endpoint.require_ready()
+    return endpoint, await ready_engine(request, name, ModelType.COMPLETIONS)
 
 
 def _usage(answer: Any) -> tuple[int, int]:
@@ -130,7 +132,7 @@ def _json_route(route: str, upstream: str, root: bool):
         if not isinstance(body, dict):
             raise InvalidRequest(f"the body of {route} must be a JSON object", param=None)
         name = _model(body.get("model"))
-        endpoint, engine = _remote(request, name, route)
+        endpoint, engine = await _remote(request, name, route)
         body = {**body, "model": endpoint.spec.upstream_model or endpoint.spec.name}
         return await _pass(request, endpoint, engine, route, upstream, root, body=body)
     passthrough.__name__ = "passthrough_" + route.strip("/").replace("/", "_")
@@ -148,7 +150,7 @@ def _multipart_route(route: str, upstream: str):
         except Exception as exc:      # starlette's MultiPartException, a malformed form
             raise InvalidRequest(f"{route}: the multipart body could not be read: {exc}", param="file") from None
         name = _model(form.get("model"))
-        endpoint, engine = _remote(request, name, route)
+        endpoint, engine = await _remote(request, name, route)
         data: dict[str, list[str]] = {}
         files: list[tuple[str, tuple[str | None, bytes, str | None]]] = []
         for key, value in form.multi_items():

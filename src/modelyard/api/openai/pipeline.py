@@ -44,7 +44,8 @@ async def respond(request: Request, body: GenerationRequest, out: Completion, *,
     out.cached_visible = cached_tokens_visible(request)
     check_limits(state.settings.limits, body.n or 1, body.stops, logprobs, prompts)
     deadline = deadline_for(request)
-    engine = ready_engine(request, body.model, ModelType.COMPLETIONS)
+    # Ollama's keep_alive: completions' and chat's bodies take it (Messages and Responses do not)
+    engine = await ready_engine(request, body.model, ModelType.COMPLETIONS, getattr(body, "keep_alive", None))
     reqs = with_session(request, engine, getattr(body, "user", None), build(deadline))
     events = merge(await prime_all([engine.generate(r) for r in ledgered(request, body.model, reqs)]),
                    body.n or 1)
@@ -70,19 +71,29 @@ def with_session(request: Request, engine: Engine, user: str | None, reqs: list[
     return [dataclasses.replace(r, session=session) for r in reqs]
 
 
-def ready_engine(request: Request, name: str, kind: ModelType) -> Engine:
+async def ready_engine(request: Request, name: str, kind: ModelType, keep_alive: float | None = None) -> Engine:
     """The engine of endpoint `name`: 404 unknown (or not among the key's endpoints), 400 when
-    it serves the other kind, 400 not ready."""
+    it serves the other kind, 400 not ready. An endpoint loaded on demand is loaded first (the
+    request waits, up to `[server] load_timeout`: registry.serve); the endpoint is held (never
+    unloaded or evicted) until the request's response has ended, when its ledger closes.
+    `keep_alive`: the request's own (Ollama's field), seconds the model stays loaded after it."""
     endpoint = find_endpoint(request, name)
     endpoint.require_type(kind, request.url.path.rsplit("/v1", 1)[-1])
-    return endpoint.require_ready()
+    registry = request.app.state.registry
+    engine = await registry.serve(endpoint, keep_alive)
+    ledger = getattr(request.state, "ledger", None)
+    if ledger is None:          # a route with no ledger: holds it only as long as this call
+        registry.done(endpoint)
+    else:
+        ledger.on_close(lambda: registry.done(endpoint))
+    return engine
 
 
-def tokenizing_engine(request: Request, name: str, why: str | None = None, param: str = "model"):
+async def tokenizing_engine(request: Request, name: str, why: str | None = None, param: str = "model"):
     """The engine of endpoint `name` when it owns a tokenizer (an embedded one: token counts,
     /tokenize, truncation). A remote endpoint's tokenizer is the upstream's: a 400 saying why,
     not a guess."""
-    engine = ready_engine(request, name, ModelType.COMPLETIONS)
+    engine = await ready_engine(request, name, ModelType.COMPLETIONS)
     if not hasattr(engine, "tokenize"):
         raise InvalidRequest(why or f"model endpoint {name!r} is served by a remote engine; its tokenizer is the "
                              "upstream's, so this server cannot count its tokens", param=param)

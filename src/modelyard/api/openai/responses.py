@@ -159,7 +159,7 @@ async def fitted(request: Request, body: InputTokensRequest, items: list[dict], 
     (truncation "auto"; a call's output never stays without its call)."""
     if body.truncation != "auto":
         return items
-    engine = tokenizing_engine(request, body.model, param="truncation", why=(
+    engine = await tokenizing_engine(request, body.model, param="truncation", why=(
         f"truncation: 'auto' counts tokens with the endpoint's tokenizer, and {body.model!r} is served by a "
         "remote engine (its tokenizer is the upstream's); send truncation: 'disabled'"))
     limit = engine.spec.context
@@ -237,7 +237,7 @@ async def input_tokens(body: InputTokensRequest, request: Request) -> dict:
     """The tokens the model would be fed (the chain, instructions and tools included): an
     embedded endpoint's own count; a remote endpoint's tokenizer is the upstream's (a 400)."""
     request.state.endpoint = body.model
-    engine = tokenizing_engine(request, body.model)
+    engine = await tokenizing_engine(request, body.model)
     tools, _ = chat_tools(body)
     items = await fitted(request, body, await context(request, body, stored_items(body.items)), tools, 1)
     ids = await engine.tokenize(None, chat_messages(items, body.instructions), False, tools)

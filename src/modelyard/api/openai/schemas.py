@@ -14,7 +14,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       field_validator, model_validator)
 
 from ...engine.types import Constraint
-from ...settings import MAX_NAME
+from ...settings import MAX_KEEP_ALIVE, MAX_NAME, NEVER
 from .structured import StructuredFields, json_constraint, tool_call_schema
 
 
@@ -58,6 +58,18 @@ def each_prompt(p: Prompt) -> tuple[str | tuple[int, ...], ...]:
     return tuple(tuple(ids) for ids in p)  # type: ignore[union-attr]
 
 
+def _keep_alive(value: float) -> float:
+    if not (value == NEVER or value >= 0):
+        raise ValueError(f"keep_alive must be -1 (never unload) or from 0 to {MAX_KEEP_ALIVE} seconds")
+    return value
+
+
+# Ollama's field: seconds the model stays loaded after this request (-1: never unload); the
+# longest a pending request asked for wins (registry/lifecycle). Numbers only, not "5m".
+KeepAlive = Annotated[float, Field(ge=-1, le=MAX_KEEP_ALIVE, allow_inf_nan=False, strict=True),
+                     AfterValidator(_keep_alive)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool | None = False
@@ -87,6 +99,7 @@ class GenerationRequest(StructuredFields):
     # vLLM's field: prompts reuse cached prefixes only of requests with the same salt (within the
     # key's partition, api/openai/cache_scope), so a client can keep its prompts apart even from its own.
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
+    keep_alive: KeepAlive | None = None
 
     _constraint: Constraint | None = PrivateAttr(None)
 
@@ -297,6 +310,7 @@ class CreateEmbeddingRequest(BaseModel):
     user: str | None = None
     truncate: bool | None = Field(False, description="Cut inputs longer than the model's context to it "
                                                      "(default: such an input is a 400 naming it)")
+    keep_alive: KeepAlive | None = None
 
     @field_validator("input")
     @classmethod

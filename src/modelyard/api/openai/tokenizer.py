@@ -50,7 +50,7 @@ class Detokenize(BaseModel):
     tokens: list[int]
 
 
-def _engine(request: Request, model: str | None):
+async def _engine(request: Request, model: str | None):
     if model is None:       # the one embedded completions endpoint among those the key may see
         visible = visible_endpoints(request)
         seen = [ep for ep in request.app.state.registry.endpoints.values() if visible is None or ep.name in visible]
@@ -60,13 +60,13 @@ def _engine(request: Request, model: str | None):
             raise InvalidRequest(f"model is required: this server has {len(local)} embedded completions "
                                  f"endpoints ({names}); name one", param="model")
         model = local[0].name
-    return tokenizing_engine(request, model, f"model endpoint {model!r} is served by a remote engine; its "
+    return await tokenizing_engine(request, model, f"model endpoint {model!r} is served by a remote engine; its "
                              "tokenizer is the upstream's: ask the upstream")
 
 
 @router.post("/tokenize", summary="Text or chat messages -> the endpoint's token ids (vLLM's shape)")
 async def tokenize(body: Union[TokenizeChat, TokenizeCompletion], request: Request) -> dict:
-    engine = _engine(request, body.model)
+    engine = await _engine(request, body.model)
     if isinstance(body, TokenizeChat):
         ids = await engine.tokenize(None, tuple(m.as_dict() for m in body.messages), False)
     else:
@@ -83,9 +83,9 @@ async def tokenize(body: Union[TokenizeChat, TokenizeCompletion], request: Reque
 
 @router.post("/detokenize", summary="Token ids -> text (vLLM's shape)")
 async def detokenize(body: Detokenize, request: Request) -> dict:
-    return {"prompt": await _engine(request, body.model).detokenize(body.tokens)}
+    return {"prompt": await (await _engine(request, body.model)).detokenize(body.tokens)}
 
 
 @router.get("/tokenizer_info", summary="The endpoint's tokenizer: special tokens, context, chat template")
 async def tokenizer_info(request: Request, model: Annotated[str | None, Query(min_length=1)] = None) -> dict:
-    return _engine(request, model).tokenizer_info()
+    return (await _engine(request, model)).tokenizer_info()
