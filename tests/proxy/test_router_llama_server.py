@@ -4,8 +4,8 @@ store's smollm2-135m) and `--no-models-autoload`, so only the gateway's `POST /m
 brings the model up. The gateway unloads it after keep_alive idle (`POST /models/unload`: the
 router lists it "unloaded") and loads it again for the next request, which is served.
 
-Needs the built peer (like the importorskip of optional clients elsewhere): without it the
-module is skipped, saying how to build it."""
+Needs the built peer, which `scripts/install --dev` builds (scripts/bench-peers): without it
+the test fails, saying how to build it."""
 
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from testkit.until import until
 pytestmark = pytest.mark.model
 
 PEER = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelyard" / "peers" / "llama-server"
-if not PEER.is_file():
-    pytest.skip(f"{PEER} is not built (scripts/bench-peers builds it)", allow_module_level=True)
 
 MODEL_FILE = Path.home() / ".cache" / "modelyard" / "models" / "smollm2-135m.gguf"
 
@@ -35,6 +33,7 @@ def router_status(base: str, model: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    assert PEER.is_file(), f"{PEER} is not built: scripts/install --dev builds it (scripts/bench-peers)"
     models = tmp_path_factory.mktemp("router-models")
     (models / "smol.gguf").symlink_to(MODEL_FILE)
     port = free_port()
