@@ -102,7 +102,7 @@ def test_a_configured_key_may_be_limited_to_some_endpoints(tmp_path):
 
 def test_public_surface_is_exactly_all():
     public = {name for name in vars(modelyard) if not name.startswith("_")}
-    modules = {"api", "batch", "bert_gguf", "cli", "console", "control", "engine", "errors", "local", "metrics", "periodic", "proxy", "quota", "redact",
+    modules = {"api", "batch", "batch_client", "bert_gguf", "cli", "console", "control", "engine", "errors", "local", "metrics", "periodic", "proxy", "quota", "redact",
                "registry", "server", "settings", "store"}
     assert public - modules == set(modelyard.__all__)
     for name in modelyard.__all__:

@@ -288,7 +288,7 @@ def test_remote_endpoint_loading_to_ready_without_reload(srv, browser, shots, tm
     # its upstream is not up yet: not serving (the state says why: loading, or ready with no
     # replica answering), no healthy replica
     expect(row).to_have_attribute("data-serving", "no")
-    expect(row.locator("[data-replicas]")).to_have_text("0/1")
+    expect(row.locator("[data-replicas]")).to_have_text(re.compile(r"^\s*0/1\s+#0 down\s*$"))
     expect(row.locator(".reason")).to_be_visible()
     page.screenshot(path=str(shots / "endpoints-remote-waiting.png"), full_page=True)
     upstream.start()
@@ -296,7 +296,7 @@ def test_remote_endpoint_loading_to_ready_without_reload(srv, browser, shots, tm
         wait_ready(upstream, "upstream ready")
         expect(row.locator("[data-state]")).to_have_text("ready", timeout=60_000)
         expect(row).to_have_attribute("data-serving", "yes", timeout=60_000)
-        expect(row.locator("[data-replicas]")).to_have_text("1/1")
+        expect(row.locator("[data-replicas]")).to_have_text(re.compile(r"^\s*1/1\s+#0 0\s*$"))   # up, idle
         assert page.evaluate("window.__same_page === true")                 # live: no reload
         page.screenshot(path=str(shots / "endpoints-remote-ready.png"), full_page=True)
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key=page_key(srv), max_retries=0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 from modelyard.console.charts import chart, nice_max
 from modelyard.console.sampler import Sampler, quantile, read
@@ -21,6 +22,9 @@ class _Endpoint:
     def __init__(self, name):
         from modelyard.registry.endpoint import EndpointState
         self.name, self.state, self.engine = name, EndpointState.READY, _Engine()
+        # what the lifecycle's series read (registry/endpoint): loaded since start, never used
+        self.loaded, self.resident, self.pending, self.counts = True, None, 0, {}
+        self.spec = SimpleNamespace(engine="llamacpp")
 
     def not_ready_reason(self):
         return None

@@ -50,7 +50,8 @@ def test_usage_before_the_period_does_not_count(db):
         rec = UsageRecorder(db)
         book = BudgetBook(db, rec)
         start, _ = period_bounds("day")
-        db.execute("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?)", ("k", "ep", start - 60, 1, 500, 0))
+        db.execute("INSERT INTO usage (key_id, endpoint, minute, requests, prompt_tokens, completion_tokens) "
+                   "VALUES (?, ?, ?, ?, ?, ?)", ("k", "ep", start - 60, 1, 500, 0))
         rec.record("k", "ep", 3, 0)
         await rec.flush()
         await book.refresh({"k": "day"})

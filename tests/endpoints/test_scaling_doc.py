@@ -78,6 +78,7 @@ def test_documented_metrics_exist():
 
     source = Path(metrics.__file__).read_text()
     exported = {f"modelyard_replica_{k}" for k in (*metrics.REPLICA_SERIES, *metrics.REPLICA_CACHE_SERIES)}
+    exported |= {f"modelyard_endpoint_{k}" for k in metrics.LIFECYCLE_SERIES}
     exported |= {f"modelyard_{k}" for k in metrics.GRAMMAR_COUNTERS}
     exported |= set(re.findall(r'"(modelyard_[a-z_]+)"', source))
     text = DOC.read_text()

@@ -49,7 +49,9 @@ async def _answer(engine: LocalEngine, r: EngineRequest) -> tuple[str, Usage]:
 def _metric(engine: LocalEngine, name: str) -> float:
     """The endpoint's sample of `name` as /metrics renders it (metrics._EndpointCollector over a
     registry of this one engine)."""
-    endpoint = SimpleNamespace(name=MODEL, state=EndpointState.READY, engine=engine, not_ready_reason=lambda: None)
+    endpoint = SimpleNamespace(name=MODEL, state=EndpointState.READY, engine=engine, not_ready_reason=lambda: None,
+                               loaded=True, resident=None, pending=0, counts={},
+                               spec=SimpleNamespace(engine="llamacpp"))
     for family in _EndpointCollector(SimpleNamespace(endpoints={MODEL: endpoint})).collect():
         for sample in family.samples:
             if sample.name == f"{name}_total" and sample.labels == {"endpoint": MODEL}:
