@@ -133,6 +133,8 @@ REPLICA_SERIES = {
     "requests": (CounterMetricFamily, "Requests this gateway sent to the replica"),
     "overload_spills": (CounterMetricFamily, "Requests whose cache-best (or session) replica this was, sent to "
                                              "the least-loaded one instead: this one was overloaded"),
+    "dropped": (CounterMetricFamily, "Connections the replica dropped before answering (a killed engine, a "
+                                     "closed keep-alive connection); each request was sent again"),
 }
 # Prefix-hit estimates say whether a prompt was sent before: with the cache series (_CacheCollector).
 REPLICA_CACHE_SERIES = {

@@ -33,8 +33,14 @@ HEALTH_INTERVAL = 2.0
 SLOW_PROBES_TO_DOWN = 3
 # Generous: each streaming request holds one connection for its whole length.
 POOL_LIMITS = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30.0)
-# Only these happen before the upstream saw the request, so only these are safe to retry.
+# These happen before the upstream saw the request: the replica is down, the next one is tried.
 CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+# The connection died before the answer's first byte (a killed engine; a kept-alive connection
+# the server had just closed). The upstream may have begun the work, but the client has seen
+# nothing, so the request is sent again: once more to the same replica on a fresh connection
+# (a stale one is no sign of a down replica; a dead one then refuses the connect, and is marked
+# down), then on to the decision's next.
+DROPPED_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # A replica whose /metrics gave nothing usable (404, no known series) is asked again only
 # every this many probes: most engines that lack it lack it for good.
 METRICS_RETRY_PROBES = 30
@@ -64,6 +70,7 @@ class Replica:
     requests: int = 0                     # sent here (the upstream accepted the connection)
     prefix_hit_blocks: int = 0            # of those, blocks of prompt this gateway had sent here before
     overload_spills: int = 0              # requests whose preferred replica this was, sent elsewhere: overloaded
+    dropped: int = 0                      # connections it dropped before answering (each request sent again)
 
     @property
     def load(self) -> float:
@@ -191,41 +198,48 @@ class ReplicaPool:
         return {"replicas": [r.as_dict() for r in self._replicas], "balance": self.spec.balance,
                 "in_flight": sum(r.in_flight for r in self._replicas)}
 
-    @property
-    def replicas(self) -> list[Replica]:
-        return list(self._replicas)
-
     async def send(self, path: str, body: dict | None, deadline: float | None, route: Route | None = None, *,
                    root: bool = False, **request: Any) -> tuple[Replica, httpx.Response]:
         """Open the upstream stream on the replica `route` picks (proxy/routing), trying the
-        decision's next on connect errors. `body` goes as JSON; `request` (content, headers) is
+        decision's next on connect errors, and the same replica again, then the next, when the
+        connection dies before the first byte (DROPPED_ERRORS). `body` goes as JSON; `request` (content, headers) is
         httpx's, for bodies passed through as they came. `root`: `path` is at the URL's root
         (vLLM's /classify, /pooling), not under its /v1."""
         client = self.client()
         decision = self.decide(route)
         by_name = {r.name: r for r in self._replicas}
+        dropped: BaseException | None = None
         for name in decision.order:
             replica = by_name[name]
-            if not replica.healthy:      # marked down since the decision (a connect error of another request)
-                continue
-            replica.in_flight += 1
-            opened = False
-            try:
-                base = metrics_url(replica.url).rsplit("/metrics", 1)[0] if root else replica.url
-                sent = client.build_request("POST", base + path, json=body,
-                                            timeout=timeout_for(self.spec.timeout, deadline), **request)
-                resp = await client.send(sent, stream=True)
-                opened = True
-            except CONNECT_ERRORS as exc:
-                self.mark_down(replica, reason(exc))
-            except httpx.HTTPError as exc:
-                raise map_error(replica.url, exc, deadline) from exc
-            finally:
-                if not opened:
-                    replica.in_flight -= 1
-            if opened:
+            for _ in range(2):               # a second try only after a dropped connection
+                if not replica.healthy:      # marked down since the decision (a connect error of another request)
+                    break
+                replica.in_flight += 1
+                opened = False
+                try:
+                    base = metrics_url(replica.url).rsplit("/metrics", 1)[0] if root else replica.url
+                    sent = client.build_request("POST", base + path, json=body,
+                                                timeout=timeout_for(self.spec.timeout, deadline), **request)
+                    resp = await client.send(sent, stream=True)
+                    opened = True
+                except CONNECT_ERRORS as exc:
+                    self.mark_down(replica, reason(exc))
+                    break
+                except DROPPED_ERRORS as exc:
+                    dropped = exc
+                    replica.dropped += 1
+                    log.info("endpoint %s: replica %s dropped a connection before answering (%s): sent again",
+                             self.spec.name, replica.url, reason(exc))
+                    continue
+                except httpx.HTTPError as exc:
+                    raise map_error(replica.url, exc, deadline) from exc
+                finally:
+                    if not opened:
+                        replica.in_flight -= 1
                 self._count(replica, decision)
                 return replica, resp
+        if dropped is not None and self.ready_reason() is None:      # live replicas, every try dropped
+            raise map_error(self.spec.name, dropped, deadline) from dropped
         raise EndpointNotReady(self.ready_reason() or "no replica answers")
 
     def decide(self, route: Route | None = None) -> Decision:

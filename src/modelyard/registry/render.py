@@ -31,7 +31,7 @@ REPLICA_CACHE_COUNTERS = frozenset({"prefix_hit_blocks", "prefix_hit_chars"})
 
 
 # What the admin API and the console show of each replica (proxy/replicas.Replica.as_dict)
-REPLICA_FIELDS = ("index", "healthy", "load", "in_flight", "requests", "overload_spills")
+REPLICA_FIELDS = ("index", "healthy", "load", "in_flight", "requests", "overload_spills", "dropped")
 
 
 class Wanted(Protocol):
