@@ -12,19 +12,26 @@ import json
 import pytest
 
 from modelyard.errors import UpstreamError
+from modelyard.engine.types import ChoiceDelta, EngineRequest
+from modelyard.proxy.engine import ProxyEngine
 from modelyard.proxy.replicas import ReplicaPool
 from modelyard.settings import EndpointSpec
 
 MODELS = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]}).encode()
-ANSWER = json.dumps({"id": "x", "object": "text_completion", "choices": []}).encode()
+CHUNK = {"id": "x", "object": "text_completion", "created": 1, "model": "m",
+         "choices": [{"index": 0, "text": "hello", "finish_reason": "stop", "logprobs": None}]}
+USAGE = {**CHUNK, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+STREAM = b"data: %s\n\ndata: %s\n\ndata: [DONE]\n\n" % (json.dumps(CHUNK).encode(), json.dumps(USAGE).encode())
 
 
 class RawServer:
     """HTTP/1.1 by hand: GET → the models list; POST → read whole, then closed unanswered
     (`drop`) or answered 200."""
 
-    def __init__(self, drop: bool) -> None:
-        self.drop, self.posts, self.server = drop, 0, None
+    def __init__(self, drop: bool, headers_first: bool = False) -> None:
+        # headers_first: a dropped POST gets its answer's headers first (an engine killed while
+        # it prefilled a stream), then the close
+        self.drop, self.headers_first, self.posts, self.server = drop, headers_first, 0, None
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -41,10 +48,14 @@ class RawServer:
                 if method == b"POST":
                     self.posts += 1
                     if self.drop:
-                        return                      # closed below, nothing answered
-                body = MODELS if method == b"GET" else ANSWER
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(body), body))
+                        if self.headers_first:
+                            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                         b"transfer-encoding: chunked\r\n\r\n")
+                            await writer.drain()
+                        return                      # closed below, nothing (more) answered
+                body, kind = (MODELS, b"application/json") if method == b"GET" else (STREAM, b"text/event-stream")
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                             % (kind, len(body), body))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -106,3 +117,27 @@ async def test_when_every_replica_drops_the_request_it_is_a_502_not_a_hang():
     finally:
         await pool.stop()
         await dropping.stop()
+
+
+@pytest.mark.anyio
+async def test_an_answer_that_dies_before_its_first_event_is_sent_again():
+    """The engine sent its stream's headers, then died (killed while it prefilled): no event
+    reached anyone, so the request goes to the next replica and the client gets one whole answer."""
+    dying, good = RawServer(drop=True, headers_first=True), RawServer(drop=False)
+    urls = (await dying.start(), await good.start())
+    engine = ProxyEngine(EndpointSpec(name="ep", engine="openai", urls=urls, upstream_model="m", timeout=10),
+                         health_interval=3600)
+    await engine.start()
+    try:
+        texts = []
+        for i in range(4):
+            out = [e async for e in engine.generate(EngineRequest(f"r{i}", "x", max_tokens=4))]
+            texts.append("".join(e.text for e in out if isinstance(e, ChoiceDelta)))
+        assert texts == ["hello"] * 4
+        dead = engine.pool.replicas[0]
+        assert dying.posts == dead.dropped > 0 and good.posts == 4
+        assert all(r.in_flight == 0 for r in engine.pool.replicas)
+    finally:
+        await engine.stop()
+        await dying.stop()
+        await good.stop()

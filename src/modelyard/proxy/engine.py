@@ -22,7 +22,7 @@ from .batch_share import BatchShare
 from .embeddings import embedding_body, read_embeddings
 from .errors import map_error
 from .lifecycle import UpstreamSleeper
-from .replicas import HEALTH_INTERVAL, ReplicaPool, Route
+from .replicas import DROPPED_ERRORS, HEALTH_INTERVAL, ReplicaPool, Route
 from .routing import prompt_text
 from .sse import SSEError
 from .wire import Tally, completion_bound, prompt_bound, relay, request_body, text_bound
@@ -96,13 +96,29 @@ class ProxyEngine:
             # the prompt's text is serialized only for the policy that routes on it
             text = prompt_text(body) if self.spec.balance == "prefix" else None
             route = Route(text, request.session, request.cache_partition)
-            replica, resp = await self.pool.send(path, body, request.deadline, route)
-            if not resp.is_success:
-                await resp.aread()
-                raise map_error(replica.url, resp, secret=self.spec.api_key)
-            tally.started = True
-            async for out in relay(replica.url, resp, request, tally, self.spec.api_key):
-                yield out
+            # An answer whose connection dies before its first event (an engine killed while it
+            # prefilled: its headers were out, nothing else) was seen by nobody: it is sent
+            # again, as the pool resends a request dropped before its headers. Once an event has
+            # been relayed, a failure is the client's error: output is never repeated.
+            for tries_left in range(len(self.pool.replicas), -1, -1):
+                replica, resp = await self.pool.send(path, body, request.deadline, route)
+                if not resp.is_success:
+                    await resp.aread()
+                    raise map_error(replica.url, resp, secret=self.spec.api_key)
+                tally.started = True
+                relayed = False
+                try:
+                    async for out in relay(replica.url, resp, request, tally, self.spec.api_key):
+                        relayed = True
+                        yield out
+                    break
+                except DROPPED_ERRORS:
+                    if relayed or not tries_left:
+                        raise
+                replica.dropped += 1
+                replica.in_flight -= 1
+                await resp.aclose()
+                replica = resp = None
         except (httpx.HTTPError, SSEError) as exc:
             raise map_error(replica.url if replica else self.spec.name, exc, request.deadline,
                             secret=self.spec.api_key) from exc
