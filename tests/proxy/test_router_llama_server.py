@@ -16,14 +16,14 @@ from typing import Iterator
 import httpx
 import pytest
 
+from modelyard.settings import Settings
+from modelyard.store import ModelStore
 from testkit.servers import ServerProcess, free_port, served, wait_for
 from testkit.until import until
 
 pytestmark = pytest.mark.model
 
 PEER = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelyard" / "peers" / "llama-server"
-
-MODEL_FILE = Path.home() / ".cache" / "modelyard" / "models" / "smollm2-135m.gguf"
 
 
 def router_status(base: str, model: str) -> str | None:
@@ -35,7 +35,8 @@ def router_status(base: str, model: str) -> str | None:
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     assert PEER.is_file(), f"{PEER} is not built: scripts/install --dev builds it (scripts/bench-peers)"
     models = tmp_path_factory.mktemp("router-models")
-    (models / "smol.gguf").symlink_to(MODEL_FILE)
+    # the store's file, fetched now if no earlier test did (the default store, as the gateway's)
+    (models / "smol.gguf").symlink_to(ModelStore(Settings().store_dir, progress=False).resolve("smollm2-135m"))
     port = free_port()
     srv = ServerProcess([str(PEER), "--models-dir", str(models), "--no-models-autoload", "--models-max", "1",
                          "-c", "512", "-t", "1", "--host", "127.0.0.1", "--port", str(port)],
