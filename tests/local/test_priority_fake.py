@@ -12,7 +12,7 @@ from fake_engine import Harness, Result, coin, scripted
 from modelyard.engine.types import Constraint, SamplingParams
 from modelyard.errors import InvalidRequest
 from modelyard.local.request import RequestStatus
-from modelyard.local.scheduler import BATCH_ROWS_BESIDE_INTERACTIVE, INTERACTIVE_GRACE_STEPS
+from modelyard.local.scheduler import BATCH_ROWS_BESIDE_INTERACTIVE, INTERACTIVE_GRACE_STEPS, INTERACTIVE_SPARE_SLOTS
 
 LONG = 12           # a batch request long enough to be caught running
 
@@ -54,15 +54,25 @@ def test_batch_waits_while_interactive_requests_wait() -> None:
     assert h.sched.preemptions == 0
 
 
-def test_batch_takes_the_slots_interactive_leaves_free() -> None:
+def test_batch_takes_the_slots_interactive_leaves_free_but_a_spare_one() -> None:
+    """Beside a running interactive request, batch work leaves INTERACTIVE_SPARE_SLOTS free (the
+    interactive client's next request finds a slot, not a preemption); alone, it takes them all."""
     h = Harness(n_slots=3)
     i = h.add("I", "ab", max_tokens=5)
     b1 = h.add("B1", "cd", max_tokens=5, priority="batch")
     b2 = h.add("B2", "ef", max_tokens=5, priority="batch")
     h.step()
-    assert {r.status for r in (i, b1, b2)} == {RequestStatus.RUNNING}
+    assert (i.status, b1.status, b2.status) == (RequestStatus.RUNNING, RequestStatus.RUNNING, RequestStatus.WAITING)
+    assert h.sched.slots.n_free == INTERACTIVE_SPARE_SLOTS
+    i2 = h.add("I2", "gh", max_tokens=2)        # arrives: takes the spare slot, no preemption
+    h.step()
+    assert i2.status is RequestStatus.RUNNING and h.sched.preemptions == 0
     h.run()
     assert h.result("B2").choices[0].text == "ghijk"
+    h2 = Harness(n_slots=3)
+    alone = [h2.add(f"B{k}", "ab", max_tokens=3, priority="batch") for k in range(3)]
+    h2.step()
+    assert all(b.status is RequestStatus.RUNNING for b in alone)
 
 
 def test_interactive_fifo_is_unchanged_by_batch_work() -> None:
@@ -168,11 +178,11 @@ def test_the_preempted_one_is_the_one_whose_slot_holds_the_interactive_prompts_p
 
 
 def test_no_preemption_when_it_would_not_make_room() -> None:
-    h = Harness(n_slots=2)
+    h = Harness(n_slots=3)
     h.add("I1", "ab", max_tokens=20)
     b = h.add("B", "cd", max_tokens=4, priority="batch")        # ends while I1 runs
     h.step()
-    i2 = h.add("I2", "ef", n=2, max_tokens=2)     # needs both slots: I1 holds one
+    i2 = h.add("I2", "ef", n=3, max_tokens=2)     # needs every slot: I1 holds one
     h.step()
     assert b.status is RequestStatus.RUNNING and i2.status is RequestStatus.WAITING
     b2 = h.add("B2", "gh", max_tokens=2, priority="batch")
