@@ -192,6 +192,9 @@ def test_files_api(server):
     with pytest.raises(openai.BadRequestError) as bad:
         c.files.create(file=("x.jsonl", data), purpose="fine-tune")
     assert bad.value.body["param"] == "purpose"
+    with pytest.raises(openai.BadRequestError) as bad:           # a name past the limit: refused, not cut
+        c.files.create(file=("n" * 513 + ".jsonl", data), purpose="user_data")
+    assert bad.value.body["param"] == "file" and "519 characters, above the limit of 512" in bad.value.body["message"]
 
 
 def errors_of(c: openai.OpenAI, data: bytes, endpoint: str = "/v1/chat/completions", server=None):

@@ -55,7 +55,10 @@ async def upload(request: Request) -> dict:
                                  param="purpose")
         if not isinstance(file, UploadFile):
             raise InvalidRequest("the form has no file in its 'file' field", param="file")
-        filename = (file.filename or "upload")[:MAX_FILENAME]
+        filename = file.filename or "upload"
+        if len(filename) > MAX_FILENAME:
+            raise InvalidRequest(f"the file's name is {len(filename)} characters, above the limit of {MAX_FILENAME}",
+                                 param="file")
         owner = await key_id(request)
         files = await store(request)
         return await asyncio.to_thread(files.upload, owner, purpose, filename, file.file, settings.max_file_bytes,
