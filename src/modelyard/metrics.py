@@ -200,16 +200,16 @@ LIFECYCLE_SERIES = {
 }
 
 
-def _lifecycle_value(ep, key: str) -> float:
+def _lifecycle_value(ep, status: dict, key: str) -> float:
+    """One lifecycle series of `ep`; `status` is its engine's, read once per scrape."""
     if key == "loaded":
-        asleep = ep.engine is not None and ep.engine.status().get("asleep", False)   # a remote upstream
-        return 1.0 if ep.loaded and not asleep else 0.0
+        return 1.0 if ep.loaded and not status.get("asleep", False) else 0.0     # asleep: a remote upstream
     if key == "resident_bytes":
         return float(ep.resident or 0)
     if key == "pending":
         return float(ep.pending)
     # a remote endpoint on demand (proxy/lifecycle): its upstream's wakes and sleeps, its held requests
-    remote = ep.engine.status() if ep.engine is not None and ep.spec.engine == "openai" else {}
+    remote = status if ep.spec.engine == "openai" else {}
     if key == "load_waiting":
         return float(ep.counts.get("waiting", 0) + remote.get("wake_waiting", 0))
     extra = {"loads": "wakes", "unloads": "sleeps", "load_wait_seconds": "wake_wait_seconds"}.get(key)
@@ -239,9 +239,9 @@ class _EndpointCollector:
                      for key, (counter, doc) in LIFECYCLE_SERIES.items()}
         for ep in self.registry.endpoints.values():
             ready.add_metric([ep.name, ep.state.value], 1.0 if ep.not_ready_reason() is None else 0.0)
-            for key, family in lifecycle.items():
-                family.add_metric([ep.name], _lifecycle_value(ep, key))
             status = ep.engine.status() if ep.engine is not None else {}
+            for key, family in lifecycle.items():
+                family.add_metric([ep.name], _lifecycle_value(ep, status, key))
             queue.add_metric([ep.name], float(status.get("queue_depth", 0)))
             in_flight.add_metric([ep.name], float(status.get("in_flight", 0)))
             for key, family in grammar.items():
