@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from ..errors import InvalidRequest, ObjectNotFound
 from .db import Database
 from .files import OUTPUT_PURPOSE, FileStore
-from .records import audit, new_id
+from .records import audit, first_id_page, new_id
 from .responses import owner
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -250,9 +250,7 @@ class BatchStore:
             params.append(after)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self.db.query(f"SELECT * FROM batches {clause} ORDER BY id DESC LIMIT ?", (*params, limit + 1))
-        data = [{**self.render(r), **({"key_id": r["key_id"]} if every_key else {})} for r in rows[:limit]]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+        return first_id_page(rows, limit, lambda r: {**self.render(r), **({"key_id": r["key_id"]} if every_key else {})})
 
     def cancel(self, key_id: str | None, batch_id: str) -> dict:
         """No line is leased from now on; runners abort the ones in flight at their next renewal

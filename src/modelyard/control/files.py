@@ -22,7 +22,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 from ..errors import DataCorrupt, InvalidRequest, ObjectNotFound
 from .db import Database
-from .records import new_id
+from .records import first_id_page, new_id
 from .responses import owner
 
 CHUNK = 1 << 20
@@ -135,9 +135,7 @@ class FileStore:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self.db.query(f"SELECT * FROM files {clause} ORDER BY id {'DESC' if desc else 'ASC'} LIMIT ?",
                              (*params, limit + 1))
-        data = [{**file_object(r), **({"key_id": r["key_id"]} if every_key else {})} for r in rows[:limit]]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+        return first_id_page(rows, limit, lambda r: {**file_object(r), **({"key_id": r["key_id"]} if every_key else {})})
 
     def content(self, key_id: str | None, file_id: str) -> tuple[dict, Iterator[bytes]]:
         """The file's record and its bytes, a chunk at a time, checked (see the module's docstring)."""

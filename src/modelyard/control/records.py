@@ -40,6 +40,13 @@ def page(rows: list[Row], limit: int, render: Callable[[Row], dict[str, Any]]) -
             "last_id": data[-1]["id"] if data else None}
 
 
+def first_id_page(rows: list[Row], limit: int, render: Callable[[Row], dict[str, Any]]) -> dict:
+    """`page`, with OpenAI's `first_id` too (the Files and Batch APIs' lists)."""
+    out = page(rows, limit, render)
+    out["first_id"] = out["data"][0]["id"] if out["data"] else None
+    return out
+
+
 def server_secret(db: Database, name: str) -> bytes:
     """The database's random secret `name` (the configured keys' id key): made by the first
     process that needs it, read by every other one sharing the database, kept across restarts. The table is migration 7's (named for its first use); no
