@@ -75,6 +75,34 @@ def test_batch_takes_the_slots_interactive_leaves_free_but_a_spare_one() -> None
     assert all(b.status is RequestStatus.RUNNING for b in alone)
 
 
+def test_slots_interactive_requests_just_left_stay_free_for_their_next_ones() -> None:
+    """Two closed-loop clients whose answers end in the same step: their next requests come a
+    moment later, and must find their slots free, not taken by batch work in the step between
+    (bench/batch_priority: a preemption for nearly every interactive request before this). Once
+    interactive traffic has been gone for the grace steps, batch work takes every slot."""
+    h = Harness(n_slots=4)
+    i1, i2 = h.add("I1", "ab", max_tokens=2), h.add("I2", "cd", max_tokens=2)
+    batch = [h.add(f"B{k}", "efgh", max_tokens=LONG, priority="batch") for k in range(8)]
+    while RequestStatus.FINISHED not in (i1.status, i2.status):
+        h.step()
+    assert i1.status is i2.status is RequestStatus.FINISHED     # in the same step
+    h.step()                                     # the step before the clients come back
+    assert h.sched.slots.n_free == 2 + INTERACTIVE_SPARE_SLOTS
+    i3, i4 = h.add("I3", "ab", max_tokens=2), h.add("I4", "cd", max_tokens=2)
+    h.step()
+    assert i3.status is i4.status is RequestStatus.RUNNING and h.sched.preemptions == 0
+    while RequestStatus.FINISHED not in (i3.status, i4.status):
+        h.step()
+    running = []                # batch requests running after each step
+    for _ in range(INTERACTIVE_GRACE_STEPS + 4):
+        h.step()
+        running.append(sum(1 for r in h.sched.running if r.batch))
+    assert running[0] < 4 and max(running) == 4
+    assert h.sched.preemptions == 0
+    h.run()
+    for b in batch:
+        same_output(h.result(b.id), alone(b.id, "efgh", max_tokens=LONG))
+
 def test_interactive_fifo_is_unchanged_by_batch_work() -> None:
     h = Harness(n_slots=2)
     for k in range(3):

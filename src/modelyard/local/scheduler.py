@@ -6,8 +6,8 @@ admitted requests in arrival order, up to the step's token budget. A prompt long
 budget is prefilled over several steps, and running streams never wait more than one step.
 
 Priority (issue 23): batch-priority requests wait in their own FIFO and are admitted only into
-slots interactive requests leave free (less one spare slot while an interactive request runs:
-INTERACTIVE_SPARE_SLOTS), and only while no interactive request waits; beside
+slots interactive requests leave free (less those they held in the last few steps, and one spare
+slot: INTERACTIVE_SPARE_SLOTS), and only while no interactive request waits; beside
 interactive requests they get a few rows of each step (BATCH_ROWS_BESIDE_INTERACTIVE), alone the
 whole budget. When an interactive request waits and no slot is free, running batch requests are
 preempted (the one whose slot holds the most of its prompt, then the youngest) and go back to the
@@ -44,9 +44,11 @@ PROMPT_LOGITS_ROWS = 32
 # chunking nor a skipped step shows in the output (a sequence's next token waits in its list).
 BATCH_ROWS_BESIDE_INTERACTIVE = 3     # the least that lets any prompt progress (a 3-token chunk)
 INTERACTIVE_GRACE_STEPS = 8     # ...and for this many steps after the last interactive request left
-# While an interactive request runs, batch work is admitted only while this many slots stay free
-# beside it: an interactive client's next request, a moment after its last answer, finds a slot
-# instead of waiting for a preemption (bench/batch_priority: 52-62 preemptions a round without it).
+# While interactive requests run, or ran in the last grace steps, batch work is admitted only while
+# the slots they held then, and this many more, stay free: an interactive client's next request, a
+# moment after its last answer, finds a slot instead of waiting for a preemption (bench/
+# batch_priority: 52-62 preemptions a round with no spare slot, 27-90 with one spare slot beside
+# running interactive requests only, 2 with the slots of the grace steps kept too).
 INTERACTIVE_SPARE_SLOTS = 1
 
 
@@ -130,6 +132,8 @@ class Scheduler:
         self.preemptions = 0        # batch requests sent back to restart, in all
         self._batch_turn = 0        # which batch decodes go next beside interactive work
         self._quiet_steps = INTERACTIVE_GRACE_STEPS + 1    # steps since interactive work was seen
+        # Slots interactive requests held (or waited for) in each of the last grace steps.
+        self._interactive_held: deque[int] = deque(maxlen=INTERACTIVE_GRACE_STEPS + 1)
 
     def add(self, req: Request) -> None:
         """Called when a request arrives (engine thread, from the inbox)."""
@@ -155,7 +159,9 @@ class Scheduler:
         # Interactive traffic counts as present for a few steps after its last request left: a
         # client's next request arrives a moment after its last answer, and must not find a
         # full step of batch prompt under way.
-        if self.waiting or any(not r.batch for r in self.running):
+        held = self._interactive_slots()
+        self._interactive_held.append(held)
+        if held:
             self._quiet_steps = 0
         else:
             self._quiet_steps += 1
@@ -215,11 +221,22 @@ class Scheduler:
             else:
                 return
 
+    def _interactive_slots(self) -> int:
+        return (sum(1 for r in self.running if not r.batch for seq in r.seqs if not seq.finished)
+                + sum(r.n for r in self.waiting))
+
     def _spare(self) -> int:
-        """Slots batch admission leaves free: INTERACTIVE_SPARE_SLOTS while an interactive request
-        runs, none otherwise. (Not the grace steps: a batch request held back with nothing else
-        running would wait for steps that never come; a running interactive request always ends.)"""
-        return INTERACTIVE_SPARE_SLOTS if any(not r.batch for r in self.running) else 0
+        """Slots batch admission leaves free: those interactive requests held at most over the last
+        grace steps and do not hold now, plus INTERACTIVE_SPARE_SLOTS. A closed-loop client's next
+        request comes a moment after its last answer, and two clients whose answers ended in the
+        same step would otherwise find their slots taken and both wait for a preemption. Only
+        while something runs: the grace steps age only as steps come (a batch request held back
+        with nothing running would wait for steps that never come)."""
+        if not self.running:
+            return 0
+        now = self._interactive_slots()
+        recent = max(now, *self._interactive_held) if self._interactive_held else now
+        return recent - now + INTERACTIVE_SPARE_SLOTS if recent else 0
 
     def _preempt_for(self, head: Request) -> bool:
         """Free head.n slots by preempting running batch requests: first those whose slot holds
