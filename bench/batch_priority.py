@@ -2,18 +2,24 @@
 alone, and does it still use the idle capacity?
 
     python bench/batch_priority.py [--model smollm2-135m] [--parallel 4] [--interactive 2]
-                                   [--seconds 20] [--batch-requests 32] [--threads 2] [--rounds 3]
-                                   [--smoke] [--json PATH]
+                                   [--think-ms 100] [--seconds 20] [--batch-requests 32] [--threads 2]
+                                   [--rounds 3] [--smoke] [--json PATH]
 
 In process, on LocalEngine directly (as the batch runner drives it): no client can mark a request
 as batch, and HTTP would add the same cost to both sides of each comparison.
 
 1. Interactive TTFT: --interactive closed-loop clients (chat, greedy, 16 tokens, a different
-   question each time) for --seconds, without and with a stream of batch-priority requests
+   question each time, a pause of uniform(0, --think-ms) ms between a client's requests, seeded
+   alike in both phases) for --seconds, without and with a stream of batch-priority requests
    (--parallel of them in flight at all times, chats asking for a story, up to 64 tokens: batch
    work wants every slot).
    TTFT = time from generate() to the first delta. Rounds interleave the two (a slower minute
    of a shared machine hurts both alike). Target: p50 and p99 with batch <= 1.25x without.
+   Why the pause: every answer here is 16 tokens, so with no pause two clients whose requests
+   once started in one step stay in lockstep for as long as the engine never idles, which batch
+   work guarantees; both prompts then share one step, and the second waits for the first's
+   prefill. Without batch work the engine idles between answers, wakes on the first arrival,
+   and the clients drift apart. --think-ms 0 measures that lockstep (docs/performance.md).
 2. Batch throughput when interactive traffic stops: --batch-requests requests at concurrency
    --parallel, once at batch priority and once at interactive priority (a plain closed loop);
    tokens/s = completion tokens / wall time. Target: batch >= 0.9x the plain loop.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import time
 
 from common import machine_line, median_spread, parser, percentile, ratio, write_record
@@ -69,15 +76,19 @@ async def _one(engine: LocalEngine, r: EngineRequest) -> tuple[float | None, int
     return ttft, tokens
 
 
-async def interactive_phase(engine: LocalEngine, clients: int, seconds: float, batch_in_flight: int) -> dict:
+async def interactive_phase(engine: LocalEngine, clients: int, seconds: float, batch_in_flight: int,
+                            think_ms: float = 0.0, seed: int = 0) -> dict:
     stop = time.monotonic() + seconds
     ttfts: list[float] = []
     halt = asyncio.Event()
 
-    async def client() -> None:
+    async def client(k: int) -> None:
+        pauses = random.Random(seed * 1000 + k)     # the same pauses in both phases of a round
         while time.monotonic() < stop:
             ttft, _ = await _one(engine, _request("interactive", 16))
             ttfts.append(ttft)
+            if think_ms:
+                await asyncio.sleep(pauses.uniform(0, think_ms) / 1000)
 
     async def feeder() -> None:
         while not halt.is_set():
@@ -87,7 +98,7 @@ async def interactive_phase(engine: LocalEngine, clients: int, seconds: float, b
     feeders = [asyncio.ensure_future(feeder()) for _ in range(batch_in_flight)]
     if feeders:     # batch work holds the slots before interactive traffic starts
         await asyncio.sleep(1.0)
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(k) for k in range(clients)))
     halt.set()
     for f in feeders:
         f.cancel()
@@ -120,8 +131,9 @@ async def main_async(args) -> dict:
     try:
         await _one(engine, _request("interactive", 4))          # warm-up
         for r in range(args.rounds):
-            rnd = {"without": await interactive_phase(engine, args.interactive, args.seconds, 0),
-                   "with": await interactive_phase(engine, args.interactive, args.seconds, args.parallel),
+            phase = dict(clients=args.interactive, seconds=args.seconds, think_ms=args.think_ms, seed=r)
+            rnd = {"without": await interactive_phase(engine, batch_in_flight=0, **phase),
+                   "with": await interactive_phase(engine, batch_in_flight=args.parallel, **phase),
                    "plain_loop": await closed_loop(engine, "interactive", args.batch_requests, args.parallel),
                    "batch_loop": await closed_loop(engine, "batch", args.batch_requests, args.parallel)}
             record["rounds"].append(rnd)
@@ -167,6 +179,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--parallel", type=int, default=4, help="the endpoint's slots (and batch requests in flight)")
     p.add_argument("--interactive", type=int, default=2, help="interactive closed-loop clients")
+    p.add_argument("--think-ms", type=float, default=100.0,
+                   help="an interactive client pauses uniform(0, this) ms between requests (0: none)")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each TTFT phase")
     p.add_argument("--batch-requests", type=int, default=32, help="requests of each throughput loop")
     p.add_argument("--threads", type=int, default=2)

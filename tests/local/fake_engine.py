@@ -251,7 +251,7 @@ class FakeRunner:
         self.batches: list[BatchRecord] = []
         self.raise_in_execute: BaseException | None = None   # raised before touching the KV
 
-    def execute(self, batch: Batch):
+    def execute(self, batch: Batch, prefilled=None):
         self.batches.append(BatchRecord(
             list(batch.tokens), list(batch.positions), list(batch.slots), list(batch.logits),
             list(batch.truncations), list(batch.copies),
@@ -260,7 +260,7 @@ class FakeRunner:
         if self.raise_in_execute is not None:
             exc, self.raise_in_execute = self.raise_in_execute, None
             raise exc
-        return self._runner.execute(batch)
+        return self._runner.execute(batch, prefilled)
 
     def fail_next_decode(self, exc: BaseException | None = None) -> None:
         self.ctx.fail_next = exc or EngineError("llama_decode failed with code 1")

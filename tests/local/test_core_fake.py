@@ -425,19 +425,22 @@ def test_model_error_after_some_output_keeps_what_was_sent() -> None:
     assert h.pool.n_free == 2
 
 
-def test_exception_while_updating_fails_the_batch_without_partial_outputs() -> None:
-    """B's sampler raises (an out-of-vocabulary logit_bias slipped past validation): every
-    request of that batch gets the error and none of the step's deltas, A's included."""
+def test_exception_while_updating_a_prompt_fails_that_request_alone() -> None:
+    """B's sampler raises (an out-of-vocabulary logit_bias slipped past validation) as its
+    prompt's call returns: B gets the error and none of its deltas; A, whose prompt was its own
+    call in the same step, is answered as if alone (each prompt chunk is updated as its call
+    returns: EngineCore._prefilled_early)."""
     h = Harness(n_slots=3)
     h.add("A", "abc", max_tokens=3)
     b = h.build("B", "xy", max_tokens=3)
     b.seqs[0].sampler = Sampler(SamplingParams(logit_bias={1000: 1.0}))   # what prepare() refuses
     h.sched.add(b)
     h.step()
-    for rid in "AB":
-        res = h.result(rid)
-        assert isinstance(res.error, EngineError) and "IndexError" in res.error.message
-        assert res.items == []                        # the error is all that was sent
+    res = h.result("B")
+    assert isinstance(res.error, EngineError) and "IndexError" in res.error.message
+    assert res.items == []                        # the error is all that was sent
+    h.run()
+    assert one(h, "A").text == "def"
     assert h.pool.n_free == 3
     h.add("C", "abc", max_tokens=3)
     h.run()
@@ -503,12 +506,16 @@ def test_usage_once_and_last_when_choices_finish_at_different_steps() -> None:
         assert len(finishes) == 1
 
 
-def test_each_step_emits_once() -> None:
+def test_each_step_emits_once_and_each_prompt_as_its_call_returns() -> None:
+    """A step's outputs go out in one emit (one hop to the event loop), except a prompt's first
+    token, which goes out as its own call returns: the first step's two prompts emit twice, the
+    decode steps after it once each."""
     h = Harness(n_slots=2)
     h.add("A", "ab", max_tokens=3)
     h.add("B", "cd", max_tokens=3)
     steps = h.run()
-    assert len(h.emits) == steps
+    assert [[r.id for r, _ in e] for e in h.emits[:2]] == [["A"], ["B"]]
+    assert len(h.emits) == steps + 1
     assert all(len({id(r) for r, _ in e}) == len(e) for e in h.emits)   # one entry per request
 
 

@@ -1,8 +1,8 @@
 """Models that load on demand under a memory budget, over real HTTP with real models (issue 24).
 
 One server, three store models as `load = "on_demand"` endpoints under a budget that holds two
-of them (needs from their GGUFs at these shapes: smol ~195 MiB,
-gemma ~375 MiB, minilm ~92 MiB; budget 600 MiB: any two, not three). The tests run in order, each from the state the last
+of them (needs from their GGUFs at these shapes: smol ~214 MiB,
+gemma ~424 MiB, minilm ~98 MiB; budget 680 MiB: any two, not three). The tests run in order, each from the state the last
 left (module scope: every load costs seconds on a busy machine):
 
   nothing loaded -> concurrent first requests load smol once -> minilm beside it -> gemma evicts
@@ -29,7 +29,7 @@ KEY = "sk-lifecycle"
 SMOL, GEMMA, MINILM = "smol", "gemma", "minilm"
 SHAPE = "context = 2048\nparallel = 2\nbatch = 64\nthreads = 1\nprefix_cache_mib = 0\n"   # room for long streams
 EMBED_SHAPE = "context = 256\nparallel = 2\nbatch = 64\nthreads = 1\n"
-BUDGET = 600
+BUDGET = 680
 CONFIG = f"""\
 [server]
 api_keys = ["{KEY}"]

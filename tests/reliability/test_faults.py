@@ -60,13 +60,13 @@ class Fault:
         self._original = LlamaCppRunner.execute
         fault = self
 
-        def execute(runner, batch):
+        def execute(runner, batch, prefilled=None):
             if fault.left and fault.hits(batch):
                 fault.left -= 1
                 fault.fired += 1
                 fault.batch_sizes.append(len(batch.requests))
                 raise EngineError("injected")
-            return fault._original(runner, batch)
+            return fault._original(runner, batch, prefilled)
         self.execute = execute
 
     def hits(self, batch) -> bool:

@@ -31,6 +31,7 @@ class EngineCore:
         self.emit = emit
         self._out: dict[Request, list[EngineOutput]] = {}
         self._failed: list[tuple[Request, ModelyardError]] = []     # requests to fail after an update
+        self._early: set[Request] = set()      # requests of this step updated as their call returned
 
     def step(self) -> bool:
         """One engine iteration; False when there was nothing to do."""
@@ -38,19 +39,22 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return False
+        self._early: set[Request] = set()
         if not self._run(batch):
             # Which request broke the decode is unknown: retry each alone, fail only the guilty.
+            # Those whose prompt chunk had returned were updated (and answered) already.
             for part in batch.split():
-                self._run(part, last_try=True)
+                if not part.requests & self._early:
+                    self._run(part, last_try=True)
         self._flush()
         return True
 
     def _run(self, batch: Batch, last_try: bool = False) -> bool:
         """Execute and update one batch; False if the decode failed and may be retried."""
         try:
-            logits = self.runner.execute(batch)
+            logits = self.runner.execute(batch, self._prefilled_early)
         except Exception as exc:  # a C failure must fail its requests, not the engine
-            if not last_try and len(batch.requests) > 1:
+            if not last_try and len(batch.requests - self._early) > 1:
                 return False
             self._fail(batch, _engine_error(exc))
             return True
@@ -59,6 +63,24 @@ class EngineCore:
         except Exception as exc:  # a bug in one request's update: fail the batch, keep serving
             self._fail(batch, _engine_error(exc))
         return True
+
+    def _prefilled_early(self, chunk: PrefillChunk, logits: Logits) -> None:
+        """A prompt chunk's llama_decode returned, and the step's other calls have yet to run:
+        update its request now and send what it has (a finished prompt's first token). Each
+        chunk is a call of its own (runner), so a prompt's first token no longer waits for the
+        other prompts of its step and their decodes: two prompts arriving together were both
+        answered after both prefills (bench/batch_priority: 80 ms instead of 40)."""
+        req = chunk.request
+        self._early.add(req)
+        try:
+            self._prefilled(chunk, logits)
+            self._settle_failed()
+        except Exception as exc:  # as in _run: fail this request, keep serving
+            if req.status is RequestStatus.RUNNING:
+                self._out.pop(req, None)
+                self.scheduler.discard_kv(req)
+                self.abort(req.id, _engine_error(exc))
+        self._flush()
 
     def abort(self, request_id: str, error: ModelyardError | None = None) -> None:
         req = self.scheduler.find(request_id)
@@ -79,9 +101,13 @@ class EngineCore:
 
     def _update(self, batch: Batch, logits: Logits) -> None:
         for chunk in batch.prefills:
-            self._prefilled(chunk, logits)
+            if chunk.request not in self._early:
+                self._prefilled(chunk, logits)
         for req, seq, row in batch.decodes:
             self._advance(req, seq, logits(row))
+        self._settle_failed()
+
+    def _settle_failed(self) -> None:
         failed, self._failed = self._failed, []
         for req, error in failed:
             if req.status is RequestStatus.RUNNING:
@@ -189,7 +215,7 @@ class EngineCore:
     # -- failure, deadlines, output ----------------------------------------------------
 
     def _fail(self, batch: Batch, error: ModelyardError) -> None:
-        for req in batch.requests:
+        for req in batch.requests - self._early:    # those answered already stand
             if req.status is RequestStatus.RUNNING:
                 self.scheduler.discard_kv(req)
                 self._retire(req, RequestStatus.ABORTED)

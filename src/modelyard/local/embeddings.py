@@ -31,7 +31,7 @@ from ..settings import EndpointSpec
 from .embeddings_batch import EmbedJob, Packed, Packer, pool
 from .engine_thread import STOP, EngineThread
 from .ffi import EmbeddingContext, LlamaModel, simd_lanes, system_info
-from .footprint import Footprint, reported
+from .footprint import Footprint, reported, vocab_of
 from .vocab_guard import VocabGuard
 
 log = logging.getLogger("modelyard.engine")
@@ -218,7 +218,7 @@ class EmbeddingEngine(EngineThread):
         packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1)
         capacity = packer.aligned(max(self.spec.batch, self.context))   # holds the longest input
         ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn=not exact)
-        self.footprint = reported(model.size_bytes, ctx.buffers)
+        self.footprint = reported(model.size_bytes, ctx.buffers, vocab=vocab_of(self.model_path))
         self._packer = packer
         log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "
                  "%d tokens per decode, deterministic=%s, llama.cpp: %s", self.spec.name, self.pooling,

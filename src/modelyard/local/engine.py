@@ -21,7 +21,7 @@ from .chat_template import ChatTemplate
 from .core import EngineCore
 from .engine_thread import STOP, EngineThread
 from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
-from .footprint import Footprint, reported
+from .footprint import Footprint, reported, vocab_of
 from .grammar import Compiled, Grammars
 from .prefix_cache import HostCache
 from .prepare import check_ids, detokenize, prepare, prompt_ids
@@ -250,7 +250,8 @@ class LocalEngine(EngineThread):
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
                 n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads,
                 flash_attn=not self.spec.deterministic))
-            self.footprint = reported(self.model.size_bytes, ctx.buffers, self._host_cache.capacity)
+            self.footprint = reported(self.model.size_bytes, ctx.buffers, self._host_cache.capacity,
+                                      vocab_of(self.model_path))
             kernels = {"weight_repacking": not self.spec.deterministic,
                        "flash_attention": not self.spec.deterministic,
                        "tiled_kquant_matmul": tiled_kquant_matmul()}

@@ -8,11 +8,21 @@ before paying for the load; so the figure comes from the file and the endpoint's
     compute  = n_batch x (n_vocab + 4 x n_embd) x 4 bytes (llama.cpp's CPU graph is dominated
                by the logits of one batch) + the output buffer (parallel x n_vocab x 4 bytes)
     host     = the endpoint's host prefix cache bound (prefix_cache_mib), which it may fill
+    vocab    = (tokens + BPE merges) x VOCAB_ENTRY_BYTES: llama.cpp's vocabulary on the heap (a
+               std::string, score and attribute per token, the token-to-id map, the merge ranks
+               as pairs of strings), which no buffer line reports
 
 An upper bound by construction: sliding-window layers (gemma3) are counted as full ones. After
 the load the engine reports what llama.cpp allocated (`Footprint` from the context's buffer
-lines, local/ffi), and that figure replaces the estimate in the budget. Checked against
-llama.cpp's own figures for smollm2-135m and gemma3-270m at two shapes each (within 3 %, above).
+lines, local/ffi, plus the vocabulary's term), and that figure replaces the estimate in the
+budget. Checked against llama.cpp's own figures for smollm2-135m and gemma3-270m at two shapes
+each (within 3 %, above), and against the process's RSS (below).
+
+The vocabulary's term was missing until bench/lifecycle.py's RSS passed the budget: loading a
+model raised RSS by its weights plus 18.3 MiB (smollm2-135m: 49,152 tokens and 48,900 merges)
+and 49.5 MiB (gemma3-270m: 262,144 tokens, no merges), measured on 2026-12-07 (AMD EPYC,
+AVX-512) with LlamaModel alone; 200 bytes an entry covers both. Without it, smollm2 loaded and
+answering held 137 MiB of RSS against a 127.5 MiB estimate.
 """
 
 from __future__ import annotations
@@ -23,11 +33,12 @@ from pathlib import Path
 
 from ..errors import StoreError
 from ..settings import EndpointSpec
-from .gguf_header import read_header
+from .gguf_header import read_header, read_keys
 
 MIB = 1 << 20
 F16 = 2
 F32 = 4
+VOCAB_ENTRY_BYTES = 200     # heap bytes per vocabulary token or BPE merge (see the module)
 
 
 @dataclass(frozen=True)
@@ -36,10 +47,11 @@ class Footprint:
     kv: int
     compute: int
     host: int = 0
+    vocab: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.compute + self.host
+        return self.weights + self.kv + self.compute + self.host + self.vocab
 
     @property
     def mib(self) -> float:
@@ -53,7 +65,8 @@ def n_batch(spec: EndpointSpec) -> int:
 
 def estimate(path: Path, spec: EndpointSpec, embeddings: bool) -> Footprint:
     """The memory endpoint `spec` will need to serve the GGUF at `path` (see the module)."""
-    meta, weights = read_header(path, lambda key: key.startswith(("general.", "tokenizer.ggml.tokens"))
+    meta, weights = read_header(path, lambda key: key.startswith(("general.", "tokenizer.ggml.tokens",
+                                                                  "tokenizer.ggml.merges"))
                                 or key.count(".") >= 1 and not key.startswith("tokenizer."))
     arch = meta.get("general.architecture")
 
@@ -65,24 +78,36 @@ def estimate(path: Path, spec: EndpointSpec, embeddings: bool) -> Footprint:
         return int(value)
     n_embd, n_head = num("embedding_length"), num("attention.head_count")
     n_vocab = num("vocab_size", 0) or int(meta.get("tokenizer.ggml.tokens", 0))     # an array: its length
+    vocab = vocab_bytes(int(meta.get("tokenizer.ggml.tokens", n_vocab)), int(meta.get("tokenizer.ggml.merges", 0)))
     host = spec.prefix_cache_mib * MIB if spec.prefix_cache and not embeddings else 0
     if embeddings:          # an encoder: no KV cache; a batch of hidden states and its attention
         batch = max(spec.batch, spec.context)       # the engine's batch holds its longest input
-        return Footprint(weights, 0, batch * (8 * n_embd + batch * n_head) * F32)
+        return Footprint(weights, 0, batch * (8 * n_embd + batch * n_head) * F32, vocab=vocab)
     head_dim = n_embd // n_head
     n_head_kv = num("attention.head_count_kv", n_head)
     k = n_head_kv * num("attention.key_length", head_dim)
     v = n_head_kv * num("attention.value_length", head_dim)
     kv = num("block_count") * spec.context * spec.parallel * (k + v) * F16
     compute = n_batch(spec) * (n_vocab + 4 * n_embd) * F32 + spec.parallel * n_vocab * F32
-    return Footprint(weights, kv, compute, host)
+    return Footprint(weights, kv, compute, host, vocab)
 
 
-def reported(model_bytes: int, buffers_mib: dict[str, float], host: int = 0) -> Footprint:
+def vocab_bytes(tokens: int, merges: int) -> int:
+    return (tokens + merges) * VOCAB_ENTRY_BYTES
+
+
+def vocab_of(path: Path) -> int:
+    """vocab_bytes of the GGUF at `path`, from its header's token and merge lists' lengths."""
+    meta = read_keys(path, lambda key: key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+    return vocab_bytes(int(meta.get("tokenizer.ggml.tokens", 0)), int(meta.get("tokenizer.ggml.merges", 0)))
+
+
+def reported(model_bytes: int, buffers_mib: dict[str, float], host: int = 0, vocab: int = 0) -> Footprint:
     """What llama.cpp allocated for a loaded endpoint: its weights (llama_model_size) and its
-    context's buffers as it logged them (local/ffi), plus the host prefix cache's bound."""
+    context's buffers as it logged them (local/ffi), plus the host prefix cache's bound and the
+    vocabulary's heap (`vocab_bytes`, which no buffer line reports)."""
     return Footprint(model_bytes, int(buffers_mib.get("KV", 0.0) * MIB),
-                     int((buffers_mib.get("compute", 0.0) + buffers_mib.get("output", 0.0)) * MIB), host)
+                     int((buffers_mib.get("compute", 0.0) + buffers_mib.get("output", 0.0)) * MIB), host, vocab)
 
 
 def give_back() -> None:

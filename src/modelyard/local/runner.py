@@ -9,9 +9,12 @@ import numpy as np
 from ..errors import EngineError
 from .ffi import LlamaContext
 from .prefix_cache import HostCache
-from .scheduler import Batch
+from .scheduler import Batch, PrefillChunk
 
 Logits = Callable[[int], np.ndarray]   # batch row -> logits (valid until the next execute)
+# Called as each prompt chunk's llama_decode returns, before the step's next call: the core
+# samples a finished prompt's first token and sends it then (see EngineCore.step).
+Prefilled = Callable[[PrefillChunk, Logits], None]
 
 
 class Vocab(Protocol):
@@ -20,7 +23,7 @@ class Vocab(Protocol):
 
 
 class Runner(Protocol):
-    def execute(self, batch: Batch) -> Logits: ...
+    def execute(self, batch: Batch, prefilled: Prefilled | None = None) -> Logits: ...
 
 
 class LlamaCppRunner:
@@ -40,7 +43,7 @@ class LlamaCppRunner:
         self.peak_logits_rows = 0   # the most logits rows one llama_decode asked for (memory)
         self.peak_step_rows = 0     # the most prompt logits rows one step copied and held (memory)
 
-    def execute(self, batch: Batch) -> Logits:
+    def execute(self, batch: Batch, prefilled: Prefilled | None = None) -> Logits:
         # Copies first: they were decided a step earlier, and a slot they read or write may
         # since have been freed and re-admitted (its truncation comes with this batch). Saves
         # next (a copy's target holds what the slot pool says only after the copy), then
@@ -58,6 +61,8 @@ class LlamaCppRunner:
             rows = range(chunk.first_row, chunk.first_row + chunk.end - chunk.start)
             self._decode(batch, rows)
             kept.update((r, self.ctx.logits_row(i).copy()) for i, r in enumerate(rows) if batch.logits[r])
+            if prefilled is not None:
+                prefilled(chunk, kept.__getitem__)
         self.peak_step_rows = max(self.peak_step_rows, len(kept))
         n_decode = len(batch.decodes)  # decode rows come first in a batch
         if n_decode:
