@@ -15,7 +15,8 @@ Figures:
   loaded, against that model's load time (`modelyard_endpoint_load_seconds_total`'s step): what a
   load adds, and what is the request's own;
 - warm: the same for requests whose model was loaded, beside a plain server's (the same endpoint,
-  `load = "always"`, started alone first) time to first token: target, unchanged;
+  `load = "always"`, running beside it; each warm request paired with one there, just before or
+  after it) time to first token: target, unchanged;
 - hit rate: requests whose model was loaded when they arrived;
 - RSS over the run (VmRSS sampled every 0.1 s) against the budget, above the process's own RSS
   with nothing loaded (its overhead: Python, FastAPI, llama.cpp's library); target, the peak
@@ -39,7 +40,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import free_port, machine_line, modelyard_proc, parser, percentile, start_server, stream, write_record
+from common import (ServerProcess, free_port, machine_line, modelyard_proc, parser, percentile, start_server, stream,
+                    write_record)
 
 from modelyard.local.footprint import estimate
 from modelyard.settings import EndpointSpec
@@ -125,21 +127,13 @@ def plan(n: int, seed: int) -> list[str]:
     return out
 
 
-async def warm_plain(workdir: Path, threads: int, rounds: int) -> dict[str, float | None]:
-    """Time to first token of each completions model on a plain server (loaded at start)."""
-    port = free_port()
-    srv = modelyard_proc(workdir, config(0, threads, "always", ("smol", "gemma")), port, name="plain")
+def start_plain(workdir: Path, threads: int) -> ServerProcess:
+    """A plain server (both completions models loaded at start), running beside the lifecycle
+    server for the whole run: each warm request there is paired with the same request here, just
+    before or just after it (alternately), so the two figures share the machine's minute."""
+    srv = modelyard_proc(workdir, config(0, threads, "always", ("smol", "gemma")), free_port(), name="plain")
     start_server(srv, workdir, timeout=300)
-    out = {}
-    try:
-        async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
-            for name in ("smol", "gemma"):
-                await one(client, srv.base, name)       # its first request is not a warm one
-                times = [(await one(client, srv.base, name))[1] for _ in range(rounds)]
-                out[name] = percentile([t for t in times if t is not None], 0.5)
-    finally:
-        srv.stop()
-    return out
+    return srv
 
 
 async def main() -> int:
@@ -158,32 +152,46 @@ async def main() -> int:
     print(machine_line())
     print(f"needs (MiB, from the GGUFs): " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in need.items())
           + f"; budget {budget_mib} MiB (any two, not three)")
-    plain = await warm_plain(workdir, args.threads, 3 if args.smoke else 8)
-
+    plain_srv = start_plain(workdir, args.threads)
+    paired: dict[str, list[float]] = {"smol": [], "gemma": []}
     srv = modelyard_proc(workdir, config(budget_mib, args.threads), free_port(), name="lifecycle")
-    start_server(srv, workdir, timeout=300)
     rows: list[dict] = []
     try:
+        start_server(srv, workdir, timeout=300)
+        async with httpx.AsyncClient(timeout=600, trust_env=False) as client:
+            for name in paired:         # its first request is not a warm one
+                await one(client, plain_srv.base, name)
         time.sleep(1.0)
         overhead = rss_mib(srv.pid)         # nothing loaded yet: the process's own
         sampler = RssSampler(srv.pid)
         async with httpx.AsyncClient(timeout=600, trust_env=False) as client:
             for name in plan(n, args.seed):
                 hit = is_loaded(srv.base, name)
+                pair = hit and name in paired
+                if pair and len(rows) % 2:
+                    paired[name].append((await one(client, plain_srv.base, name))[1])
                 before = counters(srv.base, "modelyard_endpoint_load_seconds_total").get(name, 0.0)
                 ok, first = await one(client, srv.base, name)
                 load = counters(srv.base, "modelyard_endpoint_load_seconds_total").get(name, 0.0) - before
-                rows.append({"model": name, "hit": hit, "ok": ok, "first_s": first, "load_s": round(load, 4)})
+                if pair and not len(rows) % 2:
+                    paired[name].append((await one(client, plain_srv.base, name))[1])
+                rows.append({"model": name, "hit": hit, "ok": ok, "first_s": first, "load_s": round(load, 4),
+                             "after": rows[-1]["model"] if rows else None})
         sampler.stop()
         evictions = counters(srv.base, "modelyard_endpoint_evictions_total")
         loads = counters(srv.base, "modelyard_endpoint_loads_total")
     finally:
         srv.stop()
+        plain_srv.stop()
+    plain = {name: percentile([t for t in times if t is not None], 0.5) for name, times in paired.items()}
 
     peak = max((r for _, r in sampler.samples), default=0.0)
     print(f"\n{'model':8} {'warm p50 ms':>12} {'plain p50 ms':>13} {'cold p50 ms':>12} {'load p50 ms':>12} "
           f"{'cold - load':>12} {'requests':>9} {'hits':>5}")
     summary = {}
+
+    def ms(x):
+        return f"{x * 1000:.0f}" if x is not None else "-"
     for name in MODELS:
         mine = [r for r in rows if r["model"] == name and r["ok"]]
         warm = percentile([r["first_s"] for r in mine if r["hit"] and r["first_s"] is not None], 0.5)
@@ -193,12 +201,20 @@ async def main() -> int:
         summary[name] = {"warm_p50_s": warm, "plain_p50_s": plain.get(name), "cold_p50_s": cold,
                          "load_p50_s": load, "requests": len([r for r in rows if r["model"] == name]),
                          "hits": len([r for r in mine if r["hit"]])}
-
-        def ms(x):
-            return f"{x * 1000:.0f}" if x is not None else "-"
         print(f"{name:8} {ms(warm):>12} {ms(plain.get(name)):>13} {ms(cold):>12} {ms(load):>12} "
               f"{ms(cold - load if cold is not None and load is not None else None):>12} "
               f"{summary[name]['requests']:>9} {summary[name]['hits']:>5}")
+    # A warm request right after another model's pays for the switch on the same cores (the
+    # other model's weights pushed this one's out of the CPU's caches); one after its own model's
+    # is what a plain server sees.
+    print("\nwarm TTFT p50 by the request before it:")
+    for name in ("smol", "gemma"):
+        warm = [r for r in rows if r["model"] == name and r["ok"] and r["hit"] and r["first_s"] is not None]
+        same = percentile([r["first_s"] for r in warm if r["after"] == name], 0.5)
+        other = percentile([r["first_s"] for r in warm if r["after"] != name], 0.5)
+        summary[name].update(warm_same_model_p50_s=same, warm_after_switch_p50_s=other)
+        print(f"  {name:8} same model {ms(same):>5} ms ({sum(r['after'] == name for r in warm)}), after another "
+              f"model {ms(other):>5} ms ({sum(r['after'] != name for r in warm)}); plain server {ms(plain.get(name))} ms")
     failed = [r for r in rows if not r["ok"]]
     hits = sum(r["hit"] for r in rows)
     above = peak - overhead
