@@ -97,3 +97,28 @@ def test_a_replica_that_never_comes_up_is_a_503_after_load_timeout(tmp_path):
         assert r.json()["error"]["code"] == "upstream_not_up" and "load_timeout" in r.json()["error"]["message"]
         assert float(r.headers["retry-after"]) > 0
         assert sleepy.calls == []
+
+
+def test_a_requests_keep_alive_counts_on_a_remote_endpoint(tmp_path):
+    """Ollama's `keep_alive` in a request body is the policy for a remote endpoint too (as on an
+    embedded one: registry/lifecycle): 0 puts the upstream to sleep as soon as the request is
+    done, on an endpoint whose own keep_alive is -1 (never); then a long one keeps it awake past
+    the endpoint's own keep_alive."""
+    sleepy = Sleepy("vllm")
+    with running(sleepy.app()) as url, served(tmp_path, gateway_config(url, "vllm", -1)) as srv:
+        r = httpx.post(srv.base + "/v1/completions", json={"model": "remote", "prompt": "Hi", "max_tokens": 2,
+                                                           "keep_alive": 0}, timeout=60, trust_env=False)
+        assert r.status_code == 200, r.text
+        until(lambda: sleepy.asleep, 30, "asleep once the request that asked for keep_alive 0 was done")
+        assert sleepy.calls[-1] == "sleep" and metric(srv, "modelyard_endpoint_unloads_total") == 1
+    sleepy = Sleepy("vllm")
+    with running(sleepy.app()) as url, served(tmp_path / "b", gateway_config(url, "vllm", 1)) as srv:
+        until(lambda: sleepy.asleep, 30, "asleep after the endpoint's own keep_alive (1 s)")
+        r = httpx.post(srv.base + "/v1/completions", json={"model": "remote", "prompt": "Hi", "max_tokens": 2,
+                                                           "keep_alive": 3600}, timeout=60, trust_env=False)
+        assert r.status_code == 200, r.text
+        calls = list(sleepy.calls)
+        assert calls[-2:] == ["wake", "completion"]
+        # the sweep looks every 0.25 s: 12 looks past the endpoint's 1 s, and it stays awake
+        threading.Event().wait(4)
+        assert sleepy.calls == calls and not sleepy.asleep

@@ -10,7 +10,10 @@ For an endpoint with `load = "on_demand"` (engine "openai"), `UpstreamSleeper`:
   (`POST /wake_up`, up when `GET /is_sleeping` says false) and llama-server's router mode
   (`POST /models/load {"model": upstream_model}`, up when its `GET /models` lists it "loaded");
 - puts it to sleep after `keep_alive` seconds idle (`POST /sleep?level=1`; `POST /models/unload`),
-  never with a request held or in flight; -1 never.
+  never with a request held or in flight; -1 never. A request's own `keep_alive` (Ollama's field)
+  counts as on an embedded endpoint: the registry holds every endpoint from `serve` to `done`
+  and keeps its `expires_at` (registry/lifecycle: the longest a pending request asked, else the
+  spec's), which it hands to the sleeper as `expires_at`.
 
 Those paths are at the server's root: a replica URL's trailing /v1 is cut. Other upstreams are
 only held for (an autoscaler brings their replicas up: docs/scaling.md). What it holds and for
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -52,6 +55,9 @@ class UpstreamSleeper:
         self.last_used = time.monotonic()
         self._waking: asyncio.Task | None = None
         self._idle: asyncio.Task | None = None
+        # When it may sleep (time.time(); None: never): the registry's endpoint's expires_at,
+        # which counts requests' keep_alive; alone (no registry), its spec's after the last use.
+        self.expires_at: Callable[[], float | None] = self._own_expiry
         self.counts = {"wakes": 0, "sleeps": 0, "waiting": 0, "wait_seconds": 0.0}
 
     # ---- a request's life --------------------------------------------------------------------
@@ -105,8 +111,13 @@ class UpstreamSleeper:
 
     # ---- idle: sleep after keep_alive ---------------------------------------------------------
 
+    def _own_expiry(self) -> float | None:
+        keep = self.spec.keep_alive
+        return None if keep == NEVER else time.time() - (time.monotonic() - self.last_used) + keep
+
     def start(self) -> None:
-        if self.can_sleep and self.spec.keep_alive != NEVER:
+        # Even with keep_alive -1: a request may ask for less.
+        if self.can_sleep:
             self._idle = asyncio.create_task(self._sleep_when_idle(), name=f"sleep:{self.spec.name}")
 
     async def stop(self) -> None:
@@ -117,10 +128,12 @@ class UpstreamSleeper:
 
     async def _sleep_when_idle(self) -> None:
         while True:
-            await asyncio.sleep(min(1.0, max(0.1, self.spec.keep_alive / 4)))
+            keep = self.spec.keep_alive
+            await asyncio.sleep(min(1.0, max(0.1, keep / 4)) if keep != NEVER else 0.25)
+            expires = self.expires_at()
             idle = time.monotonic() - self.last_used
             busy = self.held or self.pool.status()["in_flight"] or (self._waking and not self._waking.done())
-            if self.asleep is not True and not busy and idle >= self.spec.keep_alive:
+            if self.asleep is not True and not busy and expires is not None and time.time() >= expires:
                 self.asleep = True          # from here, a request wakes it first
                 await asyncio.gather(*(self._call(r.url, wake=False) for r in self.pool.replicas),
                                      return_exceptions=True)

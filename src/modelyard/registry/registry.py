@@ -426,6 +426,8 @@ class Registry:
                 engine = self._factory(spec, path)
                 if getattr(engine, "sleeper", None) is not None:     # a remote endpoint on demand
                     engine.sleeper.hold_timeout = self.lifecycle.load_timeout
+                    # asleep after its keep_alive as the registry counts it (requests' own too)
+                    engine.sleeper.expires_at = lambda ep=ep: None if ep.pending else ep.expires_at
                 await self._start_engine(ep, engine)
             if ep.state is S.LOADING:       # not unloaded or deleted meanwhile (the reconciler goes on)
                 ep.become(S.READY)
