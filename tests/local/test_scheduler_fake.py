@@ -16,7 +16,7 @@ from modelyard.engine.types import FinishReason, SamplingParams
 from modelyard.errors import EngineError
 from modelyard.local.request import RequestStatus
 from modelyard.local.scheduler import PROMPT_LOGITS_ROWS
-from modelyard.local.slots import SlotPool, common_prefix
+from modelyard.local.slots import RUN_TOKENS, SlotPool, common_prefix
 
 LETTERS = "abcdefghijklmnopqrst"        # a 20-token prompt
 
@@ -244,6 +244,29 @@ def test_slot_pool_acquire_prefers_empty_then_least_recently_used() -> None:
     slots, shared = pool.acquire([9], 2, reuse=True)
     assert (sorted(slots), shared) == ([1, 2], 0)
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+
+
+
+def test_slot_pool_keeps_busy_ids_in_one_run_unless_a_cache_spares_much_more() -> None:
+    """llama.cpp decodes only consecutive sequence ids in one ubatch, each ubatch a pass over all
+    the weights: a slot next to the busy ones is taken over one whose cache spares fewer than
+    RUN_TOKENS more tokens, and not over one that spares more."""
+    pool = SlotPool(4)
+    template = list(range(100, 140))                      # a chat template both prompts share
+    old, new = template + [1, 2, 3, 4, 5, 6], template + [7, 8]
+    for slot, cached in ((0, old), (1, template[:30])):
+        pool.acquire([], 1, reuse=False)
+        pool.cached[slot], pool.reusable[slot] = list(cached), len(cached)
+    pool.acquire([], 2, reuse=False)                      # slots 2 and 3 busy
+    pool.release(0)
+    pool.release(1)
+    # slot 0 spares 40 tokens, slot 1 (beside the busy 2) spares 30: 10 more is not worth a run
+    assert pool.acquire(new, 1, reuse=True) == ([1], 30)
+    pool.release(1)
+    pool.cached[0] = pool.cached[0] + list(range(RUN_TOKENS))
+    pool.reusable[0] = len(pool.cached[0])
+    longer = pool.cached[0] + [9]                         # slot 0 spares RUN_TOKENS + 46 tokens
+    assert pool.acquire(longer, 1, reuse=True) == ([0], len(longer) - 1)
 
 
 # -- freeing -----------------------------------------------------------------------------------

@@ -15,6 +15,16 @@ from typing import Sequence
 import numpy as np
 
 
+# What one more run of busy slot ids is worth in prompt tokens. With a KV stream per sequence,
+# llama.cpp puts only consecutive sequence ids into one ubatch (llama_batch_allocr::split_equal),
+# and each ubatch reads all the weights again: a decode step over slots {0, 2, 3} is two passes.
+# On 2 threads that cost a step of two interactive decodes and a batch one 25-30 ms instead of
+# about 20 (bench/batch_priority, 2026-12-07, AVX-512), on every step the request lives; a prompt
+# token reused saves about 4 ms once. So a slot that keeps the busy ids in one run is taken over
+# one whose cache would spare fewer than this many more tokens.
+RUN_TOKENS = 32
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the common prefix of two token lists (the slots' caches grow every step, so they
     stay lists: converting one to an array costs more than this loop)."""
@@ -65,14 +75,20 @@ class SlotPool:
         first, shared = None, 0
         if reuse:
             first, shared = max(((s, self.reusable_prefix(s, prompt, partition)) for s in self._free),
-                                key=lambda t: (t[1], -t[0]))
+                                key=lambda t: (t[1] - RUN_TOKENS * self._new_runs(t[0]), -t[0]))
         if not shared:
-            first = self._cheapest(self._free)
+            first = min(self._free, key=lambda s: (self._new_runs(s), self._value(s), s))
         slots = [first] + self._take_rest(first, n - 1)
         for s in slots:
             self._free.discard(s)
             self._last_used[s] = next(self._clock)
         return slots, shared
+
+    def _new_runs(self, slot: int) -> int:
+        """How taking free `slot` changes the number of runs of consecutive busy ids: -1 (it
+        joins two), 0 (it extends one), 1 (it starts one); see RUN_TOKENS."""
+        busy = [0 <= s < self.n and s not in self._free for s in (slot - 1, slot + 1)]
+        return 1 - sum(busy)
 
     def reusable_prefix(self, slot: int, prompt: Sequence[int], partition: str) -> int:
         """How much of `prompt` the slot's cache could spare it (of the same partition only)."""
