@@ -39,7 +39,7 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return False
-        self._early: set[Request] = set()
+        self._early = set()
         if not self._run(batch):
             # Which request broke the decode is unknown: retry each alone, fail only the guilty.
             # Those whose prompt chunk had returned were updated (and answered) already.

@@ -97,8 +97,13 @@ def vocab_bytes(tokens: int, merges: int) -> int:
 
 
 def vocab_of(path: Path) -> int:
-    """vocab_bytes of the GGUF at `path`, from its header's token and merge lists' lengths."""
-    meta = read_keys(path, lambda key: key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+    """vocab_bytes of the GGUF at `path`, from its header's token and merge lists' lengths; 0
+    when this reader cannot parse the header (a loaded model's figure is then llama.cpp's alone:
+    under a budget, `estimate` already refused such a file before the load)."""
+    try:
+        meta = read_keys(path, lambda key: key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+    except StoreError:
+        return 0
     return vocab_bytes(int(meta.get("tokenizer.ggml.tokens", 0)), int(meta.get("tokenizer.ggml.merges", 0)))
 
 
