@@ -70,16 +70,12 @@ class EngineCore:
         chunk is a call of its own (runner), so a prompt's first token no longer waits for the
         other prompts of its step and their decodes: two prompts arriving together were both
         answered after both prefills (bench/batch_priority: 80 ms instead of 40)."""
-        req = chunk.request
-        self._early.add(req)
+        self._early.add(chunk.request)
         try:
             self._prefilled(chunk, logits)
-            self._settle_failed()
-        except Exception as exc:  # as in _run: fail this request, keep serving
-            if req.status is RequestStatus.RUNNING:
-                self._out.pop(req, None)
-                self.scheduler.discard_kv(req)
-                self.abort(req.id, _engine_error(exc))
+        except Exception as exc:  # as in _run, but this request alone: fail it, keep serving
+            self._failed.append((chunk.request, _engine_error(exc)))
+        self._settle_failed()
         self._flush()
 
     def abort(self, request_id: str, error: ModelyardError | None = None) -> None:

@@ -39,6 +39,7 @@ MIB = 1 << 20
 F16 = 2
 F32 = 4
 VOCAB_ENTRY_BYTES = 200     # heap bytes per vocabulary token or BPE merge (see the module)
+VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")     # arrays: read_header gives their lengths
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,7 @@ def n_batch(spec: EndpointSpec) -> int:
 
 def estimate(path: Path, spec: EndpointSpec, embeddings: bool) -> Footprint:
     """The memory endpoint `spec` will need to serve the GGUF at `path` (see the module)."""
-    meta, weights = read_header(path, lambda key: key.startswith(("general.", "tokenizer.ggml.tokens",
-                                                                  "tokenizer.ggml.merges"))
+    meta, weights = read_header(path, lambda key: key.startswith(("general.", *VOCAB_KEYS))
                                 or key.count(".") >= 1 and not key.startswith("tokenizer."))
     arch = meta.get("general.architecture")
 
@@ -78,7 +78,7 @@ def estimate(path: Path, spec: EndpointSpec, embeddings: bool) -> Footprint:
         return int(value)
     n_embd, n_head = num("embedding_length"), num("attention.head_count")
     n_vocab = num("vocab_size", 0) or int(meta.get("tokenizer.ggml.tokens", 0))     # an array: its length
-    vocab = vocab_bytes(int(meta.get("tokenizer.ggml.tokens", n_vocab)), int(meta.get("tokenizer.ggml.merges", 0)))
+    vocab = _vocab({"tokenizer.ggml.tokens": n_vocab, **meta})
     host = spec.prefix_cache_mib * MIB if spec.prefix_cache and not embeddings else 0
     if embeddings:          # an encoder: no KV cache; a batch of hidden states and its attention
         batch = max(spec.batch, spec.context)       # the engine's batch holds its longest input
@@ -92,25 +92,25 @@ def estimate(path: Path, spec: EndpointSpec, embeddings: bool) -> Footprint:
     return Footprint(weights, kv, compute, host, vocab)
 
 
-def vocab_bytes(tokens: int, merges: int) -> int:
-    return (tokens + merges) * VOCAB_ENTRY_BYTES
+def _vocab(meta: dict) -> int:
+    """The vocabulary's heap from a header's token and merge lists' lengths (see the module)."""
+    return sum(int(meta.get(key, 0)) for key in VOCAB_KEYS) * VOCAB_ENTRY_BYTES
 
 
 def vocab_of(path: Path) -> int:
-    """vocab_bytes of the GGUF at `path`, from its header's token and merge lists' lengths; 0
-    when this reader cannot parse the header (a loaded model's figure is then llama.cpp's alone:
-    under a budget, `estimate` already refused such a file before the load)."""
+    """`_vocab` of the GGUF at `path`; 0 when this reader cannot parse the header (a loaded
+    model's figure is then llama.cpp's alone: under a budget, `estimate` already refused such a
+    file before the load)."""
     try:
-        meta = read_keys(path, lambda key: key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+        return _vocab(read_keys(path, lambda key: key in VOCAB_KEYS))
     except StoreError:
         return 0
-    return vocab_bytes(int(meta.get("tokenizer.ggml.tokens", 0)), int(meta.get("tokenizer.ggml.merges", 0)))
 
 
 def reported(model_bytes: int, buffers_mib: dict[str, float], host: int = 0, vocab: int = 0) -> Footprint:
     """What llama.cpp allocated for a loaded endpoint: its weights (llama_model_size) and its
     context's buffers as it logged them (local/ffi), plus the host prefix cache's bound and the
-    vocabulary's heap (`vocab_bytes`, which no buffer line reports)."""
+    vocabulary's heap (`vocab_of`, which no buffer line reports)."""
     return Footprint(model_bytes, int(buffers_mib.get("KV", 0.0) * MIB),
                      int((buffers_mib.get("compute", 0.0) + buffers_mib.get("output", 0.0)) * MIB), host, vocab)
 

@@ -131,8 +131,8 @@ class Scheduler:
         self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
         self.preemptions = 0        # batch requests sent back to restart, in all
         self._batch_turn = 0        # which batch decodes go next beside interactive work
-        self._quiet_steps = INTERACTIVE_GRACE_STEPS + 1    # steps since interactive work was seen
-        # Slots interactive requests held (or waited for) in each of the last grace steps.
+        # Slots interactive requests held (or waited for) in this step and each of the last grace
+        # steps: interactive traffic counts as present while any of them is non-zero.
         self._interactive_held: deque[int] = deque(maxlen=INTERACTIVE_GRACE_STEPS + 1)
 
     def add(self, req: Request) -> None:
@@ -159,13 +159,8 @@ class Scheduler:
         # Interactive traffic counts as present for a few steps after its last request left: a
         # client's next request arrives a moment after its last answer, and must not find a
         # full step of batch prompt under way.
-        held = self._interactive_slots()
-        self._interactive_held.append(held)
-        if held:
-            self._quiet_steps = 0
-        else:
-            self._quiet_steps += 1
-        interactive = self._quiet_steps <= INTERACTIVE_GRACE_STEPS
+        self._interactive_held.append(self._interactive_slots())
+        interactive = any(self._interactive_held)
         batch_rows = self.step_tokens
         if interactive:
             # Beside interactive requests batch work gets BATCH_ROWS_BESIDE_INTERACTIVE rows a
