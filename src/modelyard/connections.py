@@ -16,6 +16,14 @@ connections open at once. uvicorn's h11 protocol, subclassed, because uvicorn ha
   half-sent heads are held whatever the limit, and it counts the connection asking, so N lets
   N-1 connections work. Here at most `max_connections` are open: one past that is answered 503
   (OpenAI's error shape, Retry-After) as soon as it opens, and closed.
+- An answer given while the client is still sending its body (a 413 for a body over the limit,
+  a 401 before the body is read: api/middleware/body_limits) ends with `Connection: close`. A
+  plain close() with the body's bytes still arriving makes the kernel answer them with a TCP
+  reset, and a client that reads the reset before the answer sees "connection reset by peer"
+  in place of the 413 that names its limit. Here such a connection is closed as nginx's
+  lingering_close does it: the answer and a FIN go out (write_eof), what the client still
+  sends is read and dropped (never held), and the socket closes when the client's FIN comes,
+  or after LINGER_SECONDS or LINGER_BYTES, whichever is first.
 
 Bodies are not timed here: a request's body is read by the app (api/middleware/body_limits.BodyLimits bounds
 its size) and a whole request by [server] request_timeout; docs/reliability.md says what a
@@ -36,6 +44,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .errors import QueueFull
 
 log = logging.getLogger("modelyard.connections")
+
+# A lingering close's bounds (nginx: lingering_time 30 s, lingering_timeout 5 s, no byte bound):
+# shorter here, and bounded in bytes too, because a refused client costs only this much.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
 
 
 class _HeadLimited(h11.Connection):
@@ -75,15 +88,22 @@ class BoundedH11Protocol(H11Protocol):
             transport.close()
             return
         super().connection_made(transport)
+        # In place of uvicorn's transport for everything uvicorn does with it, its cycles included.
+        self.transport = _LingeringClose(transport, self)        # type: ignore[assignment]
         self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:        # never counted, never parsed: nothing to undo
             return
         self._cancel_head_deadline()
+        if isinstance(self.transport, _LingeringClose):
+            self.transport.lost()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if isinstance(self.transport, _LingeringClose) and self.transport.lingering:
+            self.transport.dropped(len(data))       # the rest of a refused body: never parsed
+            return
         super().data_received(data)
         if self.conn.their_state is h11.IDLE:
             # Bytes of a head, not all of it yet: on a kept-alive connection uvicorn has just
@@ -107,6 +127,47 @@ class BoundedH11Protocol(H11Protocol):
             log.debug("closing a connection from %s: no complete request head within %ss",
                       self.client, self.header_timeout)
             self.transport.close()
+
+
+class _LingeringClose:
+    """The connection's transport, whose close() lingers while the client is still sending its
+    request body (see the module's docstring); every other call goes to the transport."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: BoundedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+        self.lingering = False
+        self._dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._protocol.conn.their_state is not h11.SEND_BODY or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()         # after what is buffered: the whole answer, then FIN
+        self._transport.resume_reading()    # uvicorn may have paused it at its body high-water mark
+        self._timer = self._protocol.loop.call_later(LINGER_SECONDS, self._transport.close)
+
+    def dropped(self, n: int) -> None:
+        self._dropped += n
+        if self._dropped > LINGER_BYTES:
+            self._transport.close()
+
+    def lost(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _too_many(limit: int) -> bytes:

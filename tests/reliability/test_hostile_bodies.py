@@ -10,6 +10,8 @@ server's resident memory (VmRSS) must grow by far less than that, and it must ke
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -161,3 +163,65 @@ def test_an_honest_patch_under_the_limit_is_served(srv):
         r = c.patch(f"/api/v1/control/api-keys/{created.json()['id']}", json={"name": "honest-" + "x" * 90})
         assert r.status_code == 200, r.text
         assert r.json()["name"].startswith("honest-x") and r.headers.get("connection") != "close"
+
+
+def _raw(srv: ServerProcess) -> socket.socket:
+    host, port = srv.base.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP answer read off `sock` (its head, its body by Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed inside an answer: {head!r}"
+        body += chunk
+    assert len(body) == length, "more bytes than the answer's length: nothing was asked"
+    return head, body
+
+
+def test_an_early_answer_to_a_small_body_keeps_the_connection(srv):
+    """A viewer's POST is refused (403) before its body is read. Its 20-byte body, sent only
+    after the answer, is read and dropped and the connection serves the next request: no
+    `Connection: close`, so no client ever races a reset for a body already on its way."""
+    body = b'{"name": "refused!"}'
+    with _raw(srv) as sock:
+        sock.sendall(b"POST /api/v1/control/api-keys HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + VIEWER.encode() + b"\r\nContent-Length: " +
+                     str(len(body)).encode() + b"\r\n\r\n")
+        head, answer = _answer(sock)
+        assert head.startswith(b"HTTP/1.1 403") and b"connection: close" not in head.lower(), head
+        assert_openai_error(json.loads(answer))
+        sock.sendall(body + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, _ = _answer(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+
+
+def test_a_refused_body_still_arriving_gets_its_answer_then_a_clean_close(srv):
+    """A 413 for a 50 MiB Content-Length, while a megabyte of its body is in flight: the answer
+    comes, then an orderly end of the stream (FIN), not a TCP reset: the server reads and
+    drops what is still arriving instead of closing a socket with unread bytes in it."""
+    with _raw(srv) as sock:
+        sock.sendall(f"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {KEY}\r\nContent-Length: {BODY}\r\n\r\n".encode())
+        sock.setblocking(False)
+        sent = 0
+        try:
+            while sent < 1 << 20:                   # as much as the buffers take, at most 1 MiB
+                sent += sock.send(b" " * CHUNK)
+        except BlockingIOError:
+            pass
+        assert sent > 0
+        sock.settimeout(10)
+        head, answer = _answer(sock)
+        assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower(), head
+        assert str(BODY) in json.loads(answer)["error"]["message"]
+        assert sock.recv(65536) == b"", "bytes after the answer"   # FIN; a reset raises here
+    still_serving(srv)

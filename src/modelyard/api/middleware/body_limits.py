@@ -15,6 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 MULTIPART_PATHS = ("/audio/transcriptions", "/audio/translations")
 
 
+# An unread body of at most this many bytes (by its Content-Length) is read and dropped after an
+# early answer, and the connection kept; a longer or chunked one ends the connection.
+DISCARD_BYTES = 1024 * 1024
+
+
 def _multipart(scope: Scope) -> bool:
     ctype = dict(scope["headers"]).get(b"content-type", b"")
     return scope["path"].endswith(MULTIPART_PATHS) and ctype.lower().startswith(b"multipart/form-data")
@@ -33,7 +38,11 @@ class BodyLimits:
     Either way the rest of the body is not read: the 413 says `Connection: close`, as does any
     answer given before the body was read to its end (api/middleware/credentials's 401, a 404, a 405): uvicorn
     would otherwise read and discard the rest of it to keep the connection, for as long as the
-    client cared to send."""
+    client cared to send (connections.py closes such a connection without resetting it).
+    Except a body whose Content-Length is at most DISCARD_BYTES: its rest is read and dropped
+    (never held) and the connection is kept, as nginx discards a small unread body. A JSON
+    body sent with a wrong key is the common case, and closing on it would cost the client its
+    kept-alive connection, and a reset race for nothing: the body is on its way already."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
@@ -57,6 +66,8 @@ class BodyLimits:
         seen = 0
         too_large: int | None = None
         body_read = not has_body(scope)
+        # An early answer keeps the connection when the unread rest is known and small.
+        discardable = length is not None and length.isdigit() and int(length) <= min(limit, DISCARD_BYTES)
 
         async def limited() -> Message:
             nonlocal seen, too_large, body_read
@@ -75,7 +86,7 @@ class BodyLimits:
             # dropped and the 413 below goes out instead.
             if too_large is not None:
                 return
-            if message["type"] == "http.response.start" and not body_read:
+            if message["type"] == "http.response.start" and not body_read and not discardable:
                 message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 
