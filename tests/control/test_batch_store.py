@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 
 import pytest
 
 from modelyard.control.batches import BatchStore, WINDOW
-from modelyard.control.files import CHUNK, FileStore
+from modelyard.control.files import CHUNK, ORPHAN_SECONDS, UPLOAD_CHUNKS_PER_TX, FileStore
 from modelyard.errors import DataCorrupt, InvalidRequest, ObjectNotFound
 
 KEY = "key-a"
@@ -48,6 +49,59 @@ def test_a_file_is_chunked_and_checked(db):
         files.upload(KEY, "user_data", "big.bin", io.BytesIO(data), len(data) - 1, 10)
     with pytest.raises(InvalidRequest, match="max_batch_lines"):
         files.upload(KEY, "batch", "many.jsonl", io.BytesIO(jsonl(11)), 10_000_000, 10)
+
+
+class Watched(io.BytesIO):
+    """An upload's source that, at each read, asks from another thread whether the database's
+    connection is free: a gateway has one (control/db), and every request's reads and writes
+    wait for it."""
+
+    def __init__(self, data: bytes, db) -> None:
+        super().__init__(data)
+        self.db, self.reads, self.held = db, 0, 0
+
+    def read(self, n: int = -1) -> bytes:
+        free: list[bool] = []
+
+        def probe() -> None:
+            got = self.db._lock.acquire(blocking=False)
+            free.append(got)
+            if got:
+                self.db._lock.release()
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        self.reads += 1
+        self.held += not free[0]
+        return super().read(n)
+
+
+def test_an_upload_holds_the_database_a_few_chunks_at_a_time(db):
+    """Each group of chunks is read before its transaction opens: the connection is free at
+    every read of the source (in one transaction it was held from the first chunk to the row)."""
+    files = FileStore(db)
+    data = bytes(range(256)) * (CHUNK // 256) * (3 * UPLOAD_CHUNKS_PER_TX) + b"tail"
+    source = Watched(data, db)
+    f = files.upload(KEY, "user_data", "big.bin", source, len(data), 10)
+    assert source.reads > 3 * UPLOAD_CHUNKS_PER_TX and source.held == 0, (source.reads, source.held)
+    assert b"".join(files.content(KEY, f["id"])[1]) == data
+
+
+def test_a_refused_upload_leaves_no_chunks_and_a_dead_ones_are_swept(db):
+    files = FileStore(db)
+    data = b"x" * (CHUNK * (2 * UPLOAD_CHUNKS_PER_TX) + 1)
+    with pytest.raises(InvalidRequest, match="max_file_bytes"):      # refused after two groups were written
+        files.upload(KEY, "user_data", "big.bin", io.BytesIO(data), len(data) - 1, 10)
+    assert db.query("SELECT COUNT(*) AS n FROM file_chunks")[0]["n"] == 0
+    # a gateway killed mid-upload left chunks without a row: an old one's and a recent one's
+    now = time.time()
+    dead, recent = (f"file-{int(t * 1_000_000):014x}00000000aa" for t in (now - ORPHAN_SECONDS - 60, now - 60))
+    for orphan in (dead, recent):
+        db.execute("INSERT INTO file_chunks (file_id, seq, data) VALUES (?, ?, ?)", (orphan, 0, b"lost"))
+    kept = files.upload(KEY, "user_data", "small.bin", io.BytesIO(b"kept"), 100, 10)   # sweeps first
+    left = {r["file_id"] for r in db.query("SELECT DISTINCT file_id FROM file_chunks")}
+    assert left == {recent, kept["id"]}, left      # an upload under way elsewhere is not touched
+    assert files.sweep_orphans(now + ORPHAN_SECONDS) == 1 and b"".join(files.content(KEY, kept["id"])[1]) == b"kept"
 
 
 def test_leases_are_exclusive_and_pass(db):
