@@ -29,6 +29,7 @@ LINES = 200
 CONFIG = f"""\
 [server]
 api_keys = ["{KEY}", "{OTHER}"]
+log_level = "info"
 max_file_bytes = {MAX_FILE}
 batch_lease_seconds = 3
 batch_concurrency = 4
@@ -89,6 +90,11 @@ def output(c: openai.OpenAI, file_id: str | None) -> list[dict]:
     return [json.loads(x) for x in c.files.content(file_id).text.splitlines()] if file_id else []
 
 
+def request_log(server) -> list[dict]:
+    """The server's request log lines (api/middleware/request_log), parsed."""
+    return [json.loads(x[x.index("{"):]) for x in server.log_text().splitlines() if '"route": ' in x]
+
+
 def test_chat_batch_equals_online(server):
     c = client(server)
     bodies = [{"model": SMOL, "messages": [{"role": "user", "content": f"Count to {i % 7 + 2}."}], "max_tokens": 6,
@@ -121,7 +127,16 @@ def test_completions_and_embeddings_batches(server):
     done = run(c, jsonl([line(i, "/v1/completions", b) for i, b in enumerate(bodies)]), "/v1/completions")
     assert done.status == "completed" and done.request_counts.completed == LINES
     out = {o["custom_id"]: o["response"]["body"] for o in output(c, done.output_file_id)}
-    assert out["req-3"]["choices"] == c.completions.with_raw_response.create(**bodies[3]).http_response.json()["choices"]
+    online = c.completions.with_raw_response.create(**bodies[3]).http_response.json()
+    assert out["req-3"]["choices"] == online["choices"]
+    # The request log tells batch lines from interactive requests: each line under its batch
+    # and number, the online request with neither.
+    logged = request_log(server)
+    mine = [x for x in logged if x.get("batch_id") == done.id]
+    assert len({x["batch_line"] for x in mine}) == LINES, mine[:3]       # every line, a retried one once more
+    assert all(x["route"].endswith("/completions") and x["status"] == 200 for x in mine)
+    [answer] = [x for x in logged if x.get("id") == online["id"]]
+    assert "batch_id" not in answer and "batch_line" not in answer, answer
 
     texts = [f"sentence number {i}" for i in range(LINES)]
     done = run(c, jsonl([line(i, "/v1/embeddings", {"model": MINILM, "input": t}) for i, t in enumerate(texts)]),

@@ -7,3 +7,5 @@ CONSOLE_CALLER = "modelyard.console_caller"
 # The batch runner (batch/runner) runs a batch's lines in process as the key that created the
 # batch: its key id rides here (api/auth.require_key admits it by id; the key must still be valid).
 BATCH_CALLER = "modelyard.batch_caller"
+# ...and which line it is: {"batch_id", "line"}, for the request log (api/middleware/request_log).
+BATCH_LINE = "modelyard.batch_line"

@@ -30,7 +30,7 @@ import socket
 import time
 from typing import Any
 
-from ..api.scope import BATCH_CALLER
+from ..api.scope import BATCH_CALLER, BATCH_LINE
 from ..control.batches import BatchStore, Line
 
 log = logging.getLogger("modelyard.batches")
@@ -157,7 +157,7 @@ class BatchRunner:
                  "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "extensions": {},
                  "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"),
                              (b"content-length", str(len(body)).encode())],
-                 BATCH_CALLER: line.key_id}
+                 BATCH_CALLER: line.key_id, BATCH_LINE: {"batch_id": line.batch_id, "line": line.line}}
         sent = False
         ended = asyncio.Event()
 

@@ -6,13 +6,15 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..scope import CONSOLE_CALLER
+from ..scope import BATCH_LINE, CONSOLE_CALLER
 from .disconnect import CLIENT_GONE
 
 
 class RequestLog:
     """Counts and logs every API request once it has fully ended (streams included), with the
-    endpoint and token counts the route left in request.state."""
+    endpoint and token counts the route left in request.state. A batch's line (batch/runner, in
+    process) is logged with its batch id and line number, so that an operator can tell offline
+    work from interactive traffic in the log."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -38,5 +40,7 @@ class RequestLog:
             if state.get("client_gone") and status == 500:    # left before any answer
                 status = CLIENT_GONE
             metrics = scope["app"].state.metrics
-            metrics.request(state.get("endpoint", "-"), scope["path"], status, time.monotonic() - started,
-                            state.get("log", {}))
+            extra = state.get("log", {})
+            if BATCH_LINE in scope:
+                extra = {**extra, "batch_id": scope[BATCH_LINE]["batch_id"], "batch_line": scope[BATCH_LINE]["line"]}
+            metrics.request(state.get("endpoint", "-"), scope["path"], status, time.monotonic() - started, extra)
