@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 
@@ -116,8 +116,7 @@ class ProxyEngine:
                     if relayed or not tries_left:
                         raise
                 replica.dropped += 1
-                replica.in_flight -= 1
-                await resp.aclose()
+                await self.pool.release(replica, resp)
                 replica = resp = None
         except (httpx.HTTPError, SSEError) as exc:
             raise map_error(replica.url if replica else self.spec.name, exc, request.deadline,
@@ -127,10 +126,7 @@ class ProxyEngine:
                 request.ledger.settle(*tally.used(bound))
             if held:
                 self.sleeper.after()
-            if replica is not None:
-                replica.in_flight -= 1
-            if resp is not None:
-                await resp.aclose()   # releases (or, mid-stream, drops) the upstream connection
+            await self.pool.release(replica, resp)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """POST /embeddings upstream: the same replica choice, retries and error mapping as
@@ -170,10 +166,7 @@ class ProxyEngine:
                 request.ledger.settle(used, 0)
             if held:
                 self.sleeper.after()
-            if replica is not None:
-                replica.in_flight -= 1
-            if resp is not None:
-                await resp.aclose()
+            await self.pool.release(replica, resp)
 
 
     async def forward(self, path: str, deadline: float | None, *, root: bool = False, body: dict | None = None,
@@ -194,26 +187,25 @@ class ProxyEngine:
                 await _until(resp.aread(), deadline)
                 raise map_error(replica.url, resp, secret=self.spec.api_key)
             finally:
-                replica.in_flight -= 1
                 after()
-                await resp.aclose()
-        return Forwarded(replica, resp, after)
+                await self.pool.release(replica, resp)
+        return Forwarded(replica, resp, after, self.pool.release)
 
 
 class Forwarded:
     """An upstream answer being passed through: its replica's in-flight count (and, on demand,
     the upstream's keep-awake) until closed."""
 
-    def __init__(self, replica, resp: httpx.Response, after: Callable[[], None]) -> None:
-        self.replica, self.resp, self._after = replica, resp, after
+    def __init__(self, replica, resp: httpx.Response, after: Callable[[], None],
+                 release: Callable[[Any, httpx.Response], Awaitable[None]]) -> None:
+        self.replica, self.resp, self._after, self._release = replica, resp, after, release
         self._open = True
 
     async def close(self) -> None:
         if self._open:
             self._open = False
-            self.replica.in_flight -= 1
             self._after()
-            await self.resp.aclose()
+            await self._release(self.replica, self.resp)
 
 
 async def _until(work, deadline: float | None):

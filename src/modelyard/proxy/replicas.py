@@ -242,6 +242,16 @@ class ReplicaPool:
             raise map_error(self.spec.name, dropped, deadline) from dropped
         raise EndpointNotReady(self.ready_reason() or "no replica answers")
 
+    @staticmethod
+    async def release(replica: Replica | None, resp: httpx.Response | None) -> None:
+        """What send() opened, given back however the request ended: the replica's in-flight
+        count first (it must drop even if closing fails), then the answer (its connection back to
+        the pool, or dropped mid-stream)."""
+        if replica is not None:
+            replica.in_flight -= 1
+        if resp is not None:
+            await resp.aclose()
+
     def decide(self, route: Route | None = None) -> Decision:
         """The routing decision over the healthy replicas: the chosen one first, then the order
         to fail over in (before the first byte only)."""
