@@ -2,7 +2,7 @@
 
     python bench/serve.py [--peer llama-server|llama-cpp-python|none] [--models LIST | --model PATH]
                           [--levels 1,4,16] [--sampled-levels 16] [--rounds 2] [--quick]
-                          [--cache-prompts 32] [--cache-concurrency 16] [--deterministic true|false]
+                          [--cache-prompts 32] [--cache-concurrency 16] [--deterministic true|false] [--batch N]
                           [--json PATH]
 
 Models (--models, comma-separated, default all three; --model PATH: one GGUF file instead):
@@ -198,7 +198,8 @@ def build_prompts(model: Path, counts: dict[str, int], n_prefix: int, prompt_tok
 # servers
 
 
-def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str | None) -> ServerProcess:
+def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str | None,
+                     step_tokens: int | None = None) -> ServerProcess:
     port = free_port()
     return modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 5\n'
@@ -206,7 +207,8 @@ def modelyard_server(workdir: Path, m: Model, threads: int, deterministic: str |
         f'store_dir = "{CACHE}"\npublic_cache_counters = true\n\n'
         f'[[endpoints]]\nname = "{m.name}"\nmodel = "{m.ref}"\nparallel = {PARALLEL}\ncontext = {CONTEXT}\n'
         f'threads = {threads}\n' + (f'convert = "{m.convert}"\n' if m.convert else "")
-        + (f"deterministic = {deterministic}\n" if deterministic else "")), port)
+        + (f"deterministic = {deterministic}\n" if deterministic else "")
+        + (f"batch = {step_tokens}\n" if step_tokens else "")), port)
 
 
 def peer_server(peer: str, path: Path, alias: str, threads: int) -> ServerProcess:
@@ -568,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--level-cap", type=float, default=300.0, help="seconds per level before no new requests")
+    p.add_argument("--batch", type=int, default=None,
+                   help="write `batch = N` (the step's token budget) into modelyard's endpoint (default: the engine's, 512)")
     p.add_argument("--deterministic", choices=["true", "false"],
                    help="write `deterministic = ...` into modelyard's endpoint (default: the engine's default)")
     p.add_argument("--no-ceiling", action="store_true")
@@ -625,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {rnd + 1}/{rounds}: {m.name}", flush=True)
                 if not a.no_ceiling:
                     r["ceiling"][m.name] = run_ceiling(files[m.name], levels, a.threads, 64, a.deterministic)
-                servers = [modelyard_server(workdir, m, a.threads, a.deterministic)]
+                servers = [modelyard_server(workdir, m, a.threads, a.deterministic, a.batch)]
                 if peer:
                     servers.append(peer_server(peer, files[m.name], m.name, a.threads))
                 r["sessions"][m.name] = {s.name: asyncio.run(session(s, m, plan, prompts[m.name], workdir,

@@ -135,7 +135,9 @@ def test_completions_and_embeddings_batches(server):
     mine = [x for x in logged if x.get("batch_id") == done.id]
     assert len({x["batch_line"] for x in mine}) == LINES, mine[:3]       # every line, a retried one once more
     assert all(x["route"].endswith("/completions") and x["status"] == 200 for x in mine)
-    [answer] = [x for x in logged if x.get("id") == online["id"]]
+    # a request's line is written once its answer has ended, a moment after the client has it
+    [answer] = until(lambda: [x for x in request_log(server) if x.get("id") == online["id"]], 30,
+                     "the online request's log line")
     assert "batch_id" not in answer and "batch_line" not in answer, answer
 
     texts = [f"sentence number {i}" for i in range(LINES)]

@@ -76,6 +76,19 @@ def test_low_temperature_approaches_greedy() -> None:
     assert set(draws(SamplingParams(temperature=0.01, seed=5), ROW5, 200)) == {4}
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.5, 5e-324])
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-39])
+def test_a_temperature_too_small_for_float32_is_its_limit_not_a_crash(temperature: float, top_p: float) -> None:
+    """1/temperature past float32's range made 0 x inf = NaN at the row's maximum, an empty
+    nucleus and an IndexError (a 500, found by the fuzzer): the draw is the limit instead, the
+    maximum, and ties at it are still drawn from."""
+    assert set(draws(SamplingParams(temperature=temperature, top_p=top_p, seed=3), ROW5, 50)) == {4}
+    tied = np.array([0.0, 2.0, 1.0, 2.0], np.float32)
+    assert set(draws(SamplingParams(temperature=temperature, top_p=top_p, seed=3), tied, 200)) <= {1, 3}
+    if top_p == 1.0:
+        assert set(draws(SamplingParams(temperature=temperature, seed=3), tied, 200)) == {1, 3}
+
+
 # -- top_p ------------------------------------------------------------------------------------
 
 NUCLEUS_ROW = np.log(np.array([0.5, 0.3, 0.15, 0.05])).astype(np.float32)
