@@ -39,8 +39,8 @@ def srv(tmp_path_factory):
 
 def test_a_streaming_reader_of_prompts_queued_behind_each_other_is_not_cut(srv):
     texts: dict[int, int] = {}
+    started: dict[int, float] = {}      # prompt -> when its first token came
     t0 = time.monotonic()
-    first = last_started = None
     with httpx.stream("POST", srv.api + "/completions", headers=srv.headers, timeout=600,
                       json={"model": srv.model, **body(True)}) as r:
         assert r.status_code == 200
@@ -51,16 +51,18 @@ def test_a_streaming_reader_of_prompts_queued_behind_each_other_is_not_cut(srv):
                 event = json.loads(line[6:])
                 assert "error" not in event, event
                 i = event["choices"][0]["index"]
-                first = first or time.monotonic() - t0
-                if i == PROMPTS - 1 and last_started is None:
-                    last_started = time.monotonic() - t0
+                started.setdefault(i, time.monotonic() - t0)
                 texts[i] = texts.get(i, 0) + 1
     events = sse_events(iter(lines))
     assert check_stream_end(events) == "finished"
     finishes = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"][0]["finish_reason"]]
     assert finishes == ["length"] * PROMPTS
-    # The first tokens came as they were made, not once the last prompt had started.
-    assert first is not None and last_started is not None and first < last_started / 4, (first, last_started)
+    # The first tokens came as they were made, not once the last prompt had started. Which prompt
+    # takes the one slot first is not fixed: each is checked and tokenized on a worker thread, and
+    # the first one ready is queued first (the CI run that found it saw prompt 1 first).
+    assert sorted(started) == list(range(PROMPTS)), started
+    first, last_started = min(started.values()), max(started.values())
+    assert first < last_started / 4, started
 
 
 def test_a_whole_body_of_prompts_queued_behind_each_other_is_not_cut(srv):
