@@ -54,12 +54,12 @@ def sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 62))) + "." for _ in range(n)]
 
 
-def modelyard_server(workdir: Path, threads: int, deterministic: bool = True) -> ServerProcess:
+def modelyard_server(workdir: Path, threads: int, deterministic: bool = True, batch: int = BATCH) -> ServerProcess:
     port = free_port()
     return modelyard_proc(workdir, (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\ngrace_period = 5\n'
         f'store_dir = "{CACHE}"\n\n'
-        f'[[endpoints]]\nname = "{MODEL}"\nmodel = "{MODEL}"\nparallel = {PARALLEL}\nbatch = {BATCH}\n'
+        f'[[endpoints]]\nname = "{MODEL}"\nmodel = "{MODEL}"\nparallel = {PARALLEL}\nbatch = {batch}\n'
         f'context = 512\nmax_queue = 1024\nthreads = {threads}\n'
         f'deterministic = {"true" if deterministic else "false"}\n'), port)
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deterministic", choices=["true", "false"], default="true",
                    help="modelyard's endpoint: true (default) keeps vectors bit-identical whatever the "
                         "batch; false turns flash attention on and lane padding off")
+    p.add_argument("--batch", type=int, default=BATCH, help="modelyard's tokens per llama_decode")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="modelyard-bench-embed-") as tmp:
-        servers = [modelyard_server(Path(tmp), a.threads, a.deterministic == "true")]
+        servers = [modelyard_server(Path(tmp), a.threads, a.deterministic == "true", a.batch)]
         if a.peer == "llama-server":
             servers.append(peer_server(path, a.threads))
         try:

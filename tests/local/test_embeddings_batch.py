@@ -32,6 +32,41 @@ def test_each_input_starts_at_a_lane_multiple_and_gaps_are_the_filler_sequence()
     assert (a.next, b.next) == (2, 1)
 
 
+def test_under_a_tile_an_input_never_crosses_a_boundary_it_could_start_on():
+    """Flash attention's tiles (ffi.FLASH_ATTN_TILE): an input that fits in what is left of the
+    tile goes there, at a lane multiple; one that does not, or is longer than a tile, starts on
+    the next boundary; the filler fills the gaps."""
+    packer = Packer(max_seqs=8, max_tokens=256, align=8, tile=32)
+    a = job("a", 10, 12, 20, 40, 5)
+
+    packed = packer.pack(deque([a]))
+
+    assert [(s.offset, s.length) for s in packed.spans] == [(0, 10), (16, 12), (32, 20), (64, 40), (104, 5)]
+    assert packed.seqs[28:32] == [8] * 4 and packed.tokens[28:32] == [FILLER_TOKEN] * 4   # 12 ends at 28
+    assert packed.seqs[56:64] == [8] * 8             # the 40 starts at 64, not 56: it is longer than a tile
+    assert len(packed.tokens) == 112 and packed.padding == 112 - 87
+    for s in packed.spans:           # each one in one tile, or from a boundary
+        assert s.offset % 8 == 0
+        assert s.offset // 32 == (s.offset + s.length - 1) // 32 or s.offset % 32 == 0
+
+
+def test_under_a_tile_a_decode_has_at_least_one_tile_and_the_gap_counts_against_the_budget():
+    packer = Packer(max_seqs=8, max_tokens=64, align=8, tile=32)
+    alone = packer.pack(deque([job("a", 3)]))
+    assert len(alone.tokens) == 32 and alone.seqs[3:] == [8] * 29       # below a tile ggml switches kernel
+    assert packer.capacity(3) == 32 and packer.capacity(40) == 40
+
+    b = job("b", 20, 20, 20)     # 0-20, 32-52 (24-44 would cross 32), then 64-88 passes the 64 tokens
+    packed = packer.pack(deque([b]))
+    assert [(s.offset, s.length) for s in packed.spans] == [(0, 20), (32, 20)]
+    assert [s.index for s in packer.pack(deque([b])).spans] == [2]
+
+
+def test_the_tile_is_a_multiple_of_the_lanes():
+    with pytest.raises(ValueError, match="multiple of the lane alignment"):
+        Packer(max_seqs=8, max_tokens=64, align=16, tile=24)
+
+
 def test_a_batch_stops_at_max_seqs_and_the_rest_waits_in_order():
     packer = Packer(max_seqs=2, max_tokens=64, align=8)
     a, b = job("a", 4, 4, 4), job("b", 4)

@@ -9,9 +9,9 @@ complete. Only the engine thread touches the llama context (why: loop.py's docst
 Endpoint settings, as an encoder reads them: `context` caps one input's tokens (at most the
 model's trained length), `parallel` is the inputs per llama_decode, `batch` the tokens per
 llama_decode (an input longer than that runs alone: a non-causal sequence cannot be split).
-Attention runs over the whole decode (flash attention is off, see ffi.EmbeddingContext), so on a
-CPU decodes of ~256 tokens cost less per input than 512-token ones. `deterministic = false` trades
-the batch invariance for speed, as for completions: flash attention on, no lane padding.
+Attention is ggml's flash attention, which skips the other sequences' keys a tile at a time;
+`deterministic = true` packs inputs so that each meets the same tiles at the same lanes alone or
+in any batch (embeddings_batch.Packer), `deterministic = false` packs them tight (no lane padding).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequ
 from ..settings import EndpointSpec
 from .embeddings_batch import EmbedJob, Packed, Packer, pool
 from .engine_thread import STOP, EngineThread
-from .ffi import EmbeddingContext, LlamaModel, simd_lanes, system_info
+from .ffi import FLASH_ATTN_TILE, EmbeddingContext, LlamaModel, simd_lanes, system_info
 from .footprint import Footprint, reported, vocab_of
 from .vocab_guard import VocabGuard
 
@@ -76,6 +76,7 @@ class EmbeddingEngine(EngineThread):
         packer = self._packer
         limits = ({"context": self.context, "max_inputs_per_decode": packer.max_seqs,
                    "max_tokens_per_decode": packer.max_tokens, "alignment": packer.align,
+                   "attention_tile": packer.tile,
                    "deterministic": self.spec.deterministic}
                   if packer is not None else {})
         return {"in_flight": self._in_flight, **self._counts, **limits}
@@ -215,9 +216,10 @@ class EmbeddingEngine(EngineThread):
         at = full.index(bare[0])
         self._affixes = (full[:at], full[at + len(bare):])
         exact = self.spec.deterministic
-        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1)
-        capacity = packer.aligned(max(self.spec.batch, self.context))   # holds the longest input
-        ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn=not exact)
+        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1,
+                        tile=FLASH_ATTN_TILE if exact else 0)
+        capacity = packer.capacity(max(self.spec.batch, self.context))   # holds the longest input
+        ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads)
         self.footprint = reported(model.size_bytes, ctx.buffers, vocab=vocab_of(self.model_path))
         self._packer = packer
         log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "

@@ -1,5 +1,6 @@
 """Embedding jobs and the one batch per step: inputs of many requests packed into one llama_decode,
-each in its own sequence at a lane-aligned offset; each sequence's rows pooled and normalised.
+each in its own sequence at a lane-aligned offset (and, under flash attention, never across a tile
+boundary it could start on); each sequence's rows pooled and normalised.
 
 Pure Python + numpy, so the packing is tested without a model (tests/local/test_embeddings_batch.py).
 The alignment and the filler sequence are what keep a vector independent of its neighbours; see
@@ -75,14 +76,33 @@ class Packer:
     """FIFO over jobs: the head job's next inputs first, then the next job's, while the batch has
     sequences and tokens left. An input never waits behind a later one of its class, and batch
     jobs' inputs (priority "batch") take only the room interactive jobs leave: a decode is one
-    step, so an interactive request waits at most for the decode under way."""
+    step, so an interactive request waits at most for the decode under way.
 
-    def __init__(self, max_seqs: int, max_tokens: int, align: int) -> None:
-        self.max_seqs, self.max_tokens, self.align = max_seqs, max_tokens, align
+    `tile` (0: none) is the KV tile of the flash-attention kernel the context runs
+    (ffi.FLASH_ATTN_TILE). That kernel folds keys into a row's softmax one tile at a time, so a
+    sequence's vector depends on how its tokens fall into tiles: an input that fits in the rest
+    of the current tile goes there (at a lane multiple), any other starts on a tile boundary, and
+    a decode has at least one tile of tokens (below that ggml takes another kernel). Then every
+    input meets the same tiles, at the same lanes, alone or in any batch."""
+
+    def __init__(self, max_seqs: int, max_tokens: int, align: int, tile: int = 0) -> None:
+        if tile % align:
+            raise ValueError(f"the attention tile ({tile}) must be a multiple of the lane alignment ({align})")
+        self.max_seqs, self.max_tokens, self.align, self.tile = max_seqs, max_tokens, align, tile
         self.filler_seq = max_seqs       # sequence ids 0..max_seqs-1 are inputs; the context has one more
 
     def aligned(self, n: int) -> int:
         return -(-n // self.align) * self.align
+
+    def capacity(self, longest: int) -> int:
+        """Tokens a decode may need: the longest input, aligned, and at least one tile."""
+        return max(self.aligned(longest), self.tile)
+
+    def start(self, at: int, n: int) -> int:
+        """Where an input of n tokens starts in a batch that holds `at` tokens (a lane multiple)."""
+        if self.tile and at % self.tile and at % self.tile + n > self.tile:
+            return at + self.tile - at % self.tile      # it would cross the boundary: start on it
+        return at
 
     def pack(self, jobs: deque[EmbedJob]) -> Packed | None:
         """One batch from the jobs' pending inputs; None when none is pending. The first input
@@ -92,25 +112,33 @@ class Packer:
         for job in [j for j in jobs if not j.batch] + [j for j in jobs if j.batch]:
             while job.next < len(job.inputs):
                 ids = job.inputs[job.next]
-                full = len(out.spans) == self.max_seqs or len(out.tokens) + self.aligned(len(ids)) > self.max_tokens
-                if out.spans and full:
-                    return out
+                end = self.start(len(out.tokens), len(ids)) + self.aligned(len(ids))
+                if out.spans and (len(out.spans) == self.max_seqs or end > self.max_tokens):
+                    return self._topped_up(out)
                 self._place(out, job, ids)
-        return out if out.spans else None
+        return self._topped_up(out) if out.spans else None
 
     def _place(self, out: Packed, job: EmbedJob, ids: list[int]) -> None:
+        self._fill(out, self.start(len(out.tokens), len(ids)) - len(out.tokens))
         seq = len(out.spans)
         out.spans.append(Span(job, job.next, len(out.tokens), len(ids)))
         out.tokens += ids
         out.positions += range(len(ids))
         out.seqs += [seq] * len(ids)
-        gap = self.aligned(len(ids)) - len(ids)
+        self._fill(out, self.aligned(len(ids)) - len(ids))
+        job.next += 1
+
+    def _topped_up(self, out: Packed) -> Packed:
+        self._fill(out, self.tile - len(out.tokens))
+        return out
+
+    def _fill(self, out: Packed, gap: int) -> None:
         # One filler sequence for every gap: llama.cpp wants a sequence's positions non-decreasing
         # (all 0 here) and the filler's rows attend only to each other.
-        out.tokens += [FILLER_TOKEN] * gap
-        out.positions += [0] * gap
-        out.seqs += [self.filler_seq] * gap
-        job.next += 1
+        if gap > 0:
+            out.tokens += [FILLER_TOKEN] * gap
+            out.positions += [0] * gap
+            out.seqs += [self.filler_seq] * gap
 
 
 def pool(rows: np.ndarray, how: str) -> tuple[float, ...]:

@@ -242,6 +242,12 @@ class LlamaModel:
 _POOLING = {"1": "mean", "2": "cls", "3": "last"}
 
 
+# ggml's CPU flash attention: its tiled kernel's tile of queries and of keys (GGML_FA_TILE_Q and
+# GGML_FA_TILE_KV in ggml-cpu/common.h of the llama.cpp that llama-cpp-python 0.3.36 vendors). The
+# invariance tests fail if a new llama.cpp changes them.
+FLASH_ATTN_TILE = 64
+
+
 def simd_lanes() -> int:
     """float32 lanes of the vector width ggml's CPU kernels run with here (AVX-512: 16, else 8;
     8 also covers NEON's 4). EmbeddingContext's callers align sequences to it (see there)."""
@@ -381,19 +387,24 @@ class EmbeddingContext:
     caller pools each sequence's own rows), and the caller starts each sequence at a multiple
     of simd_lanes() and pads the batch to one: then the other sequences' terms are exact zeros
     in lanes of their own, and a vector is bit-identical alone or in any batch (tested).
-    Flash attention stays off for that (flash_attn=False): its CPU kernel takes a tiled path for
-    big batches only. On, it skips the other sequences' keys, which is cheaper for big batches.
+
+    Attention is flash attention. Its CPU kernel (ggml-cpu/ops.cpp) takes a tiled path once a
+    decode has FLASH_ATTN_TILE tokens: per row, keys a tile at a time, a tile wholly masked
+    skipped, the tile's exponentials summed a SIMD vector at a time, the online-softmax rescale
+    between tiles. So a row's result depends on how its sequence's keys fall into tiles and
+    lanes, nothing else: the caller keeps that fixed (embeddings_batch.Packer's `tile`). Plain
+    attention, invariant with lanes alone, computed every pair of the decode's tokens (other
+    sequences' masked), and cost 2x in inputs/s on packed batches (docs/performance.md).
     """
 
-    def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int,
-                 flash_attn: bool = False) -> None:
+    def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int) -> None:
         p = C.llama_context_default_params()
         p.n_ctx = p.n_batch = p.n_ubatch = n_batch   # non-causal: a sequence never spans two ubatches
         p.n_seq_max = n_seq
         p.n_threads = p.n_threads_batch = n_threads
         p.embeddings = True
         p.pooling_type = C.LLAMA_POOLING_TYPE_NONE
-        p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED
         p.no_perf = True
         self._ctx, self.buffers = _context_buffers(lambda: C.llama_init_from_model(model._model, p))
         if not self._ctx:
