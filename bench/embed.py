@@ -15,9 +15,8 @@ time of the level; p50/p95 = request latency (common.percentile). Ratio = modely
 inputs/s; the target (issue 10) is >= 1.0x at every level. The first vectors of both servers are
 compared (cosine), so a wrong server cannot look fast.
 
-Servers: modelyard endpoint parallel 64, batch 256 (inputs and tokens per llama_decode: its
-attention runs over the whole decode, flash attention being off for batch invariance, so smaller
-decodes cost less per input on a CPU; 512-token decodes took ~1.6x the time per input);
+Servers: modelyard endpoint parallel 64, batch 256 (inputs and tokens per llama_decode; --batch
+sets it: 512-token decodes gave 0.9x the inputs/s of 256-token ones on AVX-512, flash attention on);
 llama-server --parallel 64 -c 32768 -b 512 -ub 512 (its context is per slot: 512 tokens, the
 model's trained length). --smoke: 64 sentences, sizes 1,16, levels 1,8: checks the script, not
 the servers (the lead runs the real numbers on a quiet machine).

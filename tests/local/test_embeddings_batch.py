@@ -35,19 +35,23 @@ def test_each_input_starts_at_a_lane_multiple_and_gaps_are_the_filler_sequence()
 def test_under_a_tile_an_input_never_crosses_a_boundary_it_could_start_on():
     """Flash attention's tiles (ffi.FLASH_ATTN_TILE): an input that fits in what is left of the
     tile goes there, at a lane multiple; one that does not, or is longer than a tile, starts on
-    the next boundary; the filler fills the gaps."""
+    the next boundary, and the gap it leaves takes a later input short enough."""
     packer = Packer(max_seqs=8, max_tokens=256, align=8, tile=32)
-    a = job("a", 10, 12, 20, 40, 5)
+    a = job("a", 10, 12, 20, 40, 5, 9)
 
     packed = packer.pack(deque([a]))
 
-    assert [(s.offset, s.length) for s in packed.spans] == [(0, 10), (16, 12), (32, 20), (64, 40), (104, 5)]
+    assert [(s.offset, s.length) for s in packed.spans] == [
+        (0, 10), (16, 12), (32, 20), (64, 40), (56, 5), (104, 9)]   # the 5 in the gap the 40 left
     assert packed.seqs[28:32] == [8] * 4 and packed.tokens[28:32] == [FILLER_TOKEN] * 4   # 12 ends at 28
-    assert packed.seqs[56:64] == [8] * 8             # the 40 starts at 64, not 56: it is longer than a tile
-    assert len(packed.tokens) == 112 and packed.padding == 112 - 87
+    assert packed.seqs[56:61] == [4] * 5 and packed.positions[56:61] == list(range(5))
+    assert packed.seqs[61:64] == [8] * 3 and packed.tokens[61:64] == [FILLER_TOKEN] * 3
+    assert len(packed.tokens) == len(packed.seqs) == len(packed.positions) == 120   # the 9 ends at 113
+    assert packed.padding == 120 - 96
     for s in packed.spans:           # each one in one tile, or from a boundary
         assert s.offset % 8 == 0
         assert s.offset // 32 == (s.offset + s.length - 1) // 32 or s.offset % 32 == 0
+        assert packed.tokens[s.offset:s.offset + s.length] == [100 + s.length] * s.length
 
 
 def test_under_a_tile_a_decode_has_at_least_one_tile_and_the_gap_counts_against_the_budget():

@@ -99,7 +99,9 @@ class Packer:
         return max(self.aligned(longest), self.tile)
 
     def start(self, at: int, n: int) -> int:
-        """Where an input of n tokens starts in a batch that holds `at` tokens (a lane multiple)."""
+        """Where an input of n tokens starts in a batch that holds `at` tokens (a lane multiple),
+        if no hole takes it (pack: an input that skipped to a boundary leaves its gap for later
+        inputs short enough, so that a decode's order, not its content, is what FIFO decides)."""
         if self.tile and at % self.tile and at % self.tile + n > self.tile:
             return at + self.tile - at % self.tile      # it would cross the boundary: start on it
         return at
@@ -109,23 +111,34 @@ class Packer:
         is taken whatever its length (the context holds the longest one admission lets through),
         the others while the batch stays within max_tokens."""
         out = Packed([], [], [], [])
+        holes: list[list[int]] = []     # [start, end) of filler an input skipped: later ones may fit
         for job in [j for j in jobs if not j.batch] + [j for j in jobs if j.batch]:
             while job.next < len(job.inputs):
                 ids = job.inputs[job.next]
-                end = self.start(len(out.tokens), len(ids)) + self.aligned(len(ids))
-                if out.spans and (len(out.spans) == self.max_seqs or end > self.max_tokens):
+                if out.spans and len(out.spans) == self.max_seqs:
                     return self._topped_up(out)
-                self._place(out, job, ids)
+                hole = next((h for h in holes if h[1] - h[0] >= len(ids)), None)
+                if hole is not None:    # inside one tile (holes never span a boundary): no growth
+                    self._write(out, hole[0], job, ids)
+                    hole[0] += self.aligned(len(ids))
+                    continue
+                at = self.start(len(out.tokens), len(ids))
+                if out.spans and at + self.aligned(len(ids)) > self.max_tokens:
+                    return self._topped_up(out)
+                if at > len(out.tokens):
+                    holes.append([len(out.tokens), at])
+                self._fill(out, at - len(out.tokens))
+                self._write(out, at, job, ids)
         return self._topped_up(out) if out.spans else None
 
-    def _place(self, out: Packed, job: EmbedJob, ids: list[int]) -> None:
-        self._fill(out, self.start(len(out.tokens), len(ids)) - len(out.tokens))
-        seq = len(out.spans)
-        out.spans.append(Span(job, job.next, len(out.tokens), len(ids)))
-        out.tokens += ids
-        out.positions += range(len(ids))
-        out.seqs += [seq] * len(ids)
-        self._fill(out, self.aligned(len(ids)) - len(ids))
+    def _write(self, out: Packed, at: int, job: EmbedJob, ids: list[int]) -> None:
+        """The input at `at`: on filler already there (a hole), or appended with its lane gap."""
+        self._fill(out, at + self.aligned(len(ids)) - len(out.tokens))
+        end = at + len(ids)
+        out.spans.append(Span(job, job.next, at, len(ids)))
+        out.tokens[at:end] = ids
+        out.positions[at:end] = range(len(ids))
+        out.seqs[at:end] = [len(out.spans) - 1] * len(ids)
         job.next += 1
 
     def _topped_up(self, out: Packed) -> Packed:
