@@ -1,7 +1,7 @@
 """Structured output (issue 11): what the grammar costs, on this machine.
 
     .venv/bin/python bench/structured.py [--models smollm2-135m,gemma3-270m] [--schemas 48]
-        [--compile-limit 0] [--sequences 16] [--max-tokens 128] [--threads 2] [--no-throughput]
+        [--compile-limit 0] [--sequences 16] [--max-tokens 128] [--threads 2] [--no-throughput] [--rounds 3]
         [--json PATH]
 
   mask       Matcher.masked (mask computed by llguidance, applied to a real logits row) per
@@ -14,7 +14,8 @@
   throughput `modelyard serve` (parallel = --sequences): that many concurrent completions held to
              a JSON schema that cannot close within max_tokens, against the same load
              unconstrained (end-of-generation tokens banned by logit_bias, so both produce
-             max_tokens each): output tokens/s and their ratio
+             max_tokens each): output tokens/s and their ratio, --rounds times interleaved, the
+             median ratio
 Ends with the issue's targets, each MET, MISSED or NOT RUN. A smoke run (the figures mean
 nothing): --schemas 2 --compile-limit 20 --sequences 4 --max-tokens 8 --models smollm2-135m
 """
@@ -124,7 +125,7 @@ async def load(base: str, n: int, max_tokens: int, extra: dict) -> dict:
             "finish": sorted({r.finish_reason or "?" for r in results})}
 
 
-def throughput(model_name: str, model: LlamaModel, n: int, max_tokens: int, threads: int) -> dict:
+def throughput(model_name: str, model: LlamaModel, n: int, max_tokens: int, threads: int, rounds: int) -> dict:
     eog = {str(t): -100 for t in range(model.n_vocab) if model.is_eog(t)}
     port = free_port()
     config = (f'[server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "warning"\n\n'
@@ -135,14 +136,17 @@ def throughput(model_name: str, model: LlamaModel, n: int, max_tokens: int, thre
         start_server(server, Path(tmp))
         try:
             asyncio.run(load(server.base, n, 4, {"logit_bias": eog}))                # warm up
-            plain = asyncio.run(load(server.base, n, max_tokens, {"logit_bias": eog}))
-            constrained = asyncio.run(load(server.base, n, max_tokens, {
-                "logit_bias": eog, "response_format": {"type": "json_schema",
-                                                       "json_schema": {"name": "long", "schema": LONG}}}))
+            schema = {"type": "json_schema", "json_schema": {"name": "long", "schema": LONG}}
+            plain, constrained = [], []
+            for _ in range(rounds):      # interleaved: a slow minute of the machine hurts both alike
+                plain.append(asyncio.run(load(server.base, n, max_tokens, {"logit_bias": eog})))
+                constrained.append(asyncio.run(load(server.base, n, max_tokens,
+                                                    {"logit_bias": eog, "response_format": schema})))
         finally:
             server.stop()
-    return {"sequences": n, "max_tokens": max_tokens, "unconstrained": plain, "constrained": constrained,
-            "ratio": ratio(constrained["tok_s"], plain["tok_s"])}
+    ratios = sorted(ratio(c["tok_s"], p["tok_s"]) or 0.0 for p, c in zip(plain, constrained))
+    return {"sequences": n, "max_tokens": max_tokens, "rounds": rounds, "unconstrained": plain,
+            "constrained": constrained, "ratios": ratios, "ratio": float(np.median(ratios))}
 
 
 def _us(x: float | None) -> float | None:
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="throughput rounds, unconstrained and constrained "
+                   "interleaved; the ratio is their median")
     a = p.parse_args(argv)
     # Grammars logs each ignored keyword (strict off) as a warning: hundreds over the corpus
     logging.getLogger("modelyard.grammar").setLevel(logging.ERROR)
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["compile"] = compile_times(lambda: Grammars(model.ll_tokenizer), a.compile_limit)
                 print(f"compile: { {k: v for k, v in res['compile'].items() if k != 'failed'} }", file=sys.stderr)
                 if not a.no_throughput:
-                    res["throughput"] = throughput(name, model, a.sequences, a.max_tokens, a.threads)
+                    res["throughput"] = throughput(name, model, a.sequences, a.max_tokens, a.threads, a.rounds)
                     print(f"throughput: {res['throughput']}", file=sys.stderr)
         finally:
             model.close()
@@ -195,17 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     def cmp(x: float | None, bound: float, above: bool = False) -> bool | None:
         return None if x is None else (x >= bound if above else x <= bound)
 
-    lines = ["targets (issue 11)",
+    lines = ["targets (issue 11; issue 26 tightened the gemma3 p50 and the throughput ratio)",
              verdict("mask+apply p50 <= 60 us (smollm2)", smol.get("p50_us"), cmp(smol.get("p50_us"), 60), "{:.1f} us"),
              verdict("mask+apply p99 <= 500 us (smollm2)", smol.get("p99_us"), cmp(smol.get("p99_us"), 500), "{:.1f} us"),
-             f"  (report) mask+apply on gemma3's vocabulary: p50 {_fmt(gemma.get('p50_us'))} us, "
-             f"p99 {_fmt(gemma.get('p99_us'))} us",
+             verdict("mask+apply p50 <= 120 us (gemma3's 262,144 tokens)", gemma.get("p50_us"),
+                     cmp(gemma.get("p50_us"), 120), "{:.1f} us"),
+             f"  (report) mask+apply p99 on gemma3's vocabulary: {_fmt(gemma.get('p99_us'))} us",
              verdict("compile p50 <= 5 ms", comp.get("p50_ms"), cmp(comp.get("p50_ms"), 5), "{:.2f} ms"),
              verdict("compile p99 <= 50 ms", comp.get("p99_ms"), cmp(comp.get("p99_ms"), 50), "{:.2f} ms"),
              verdict(">= 75% of the corpus compiles", comp.get("fraction"), cmp(comp.get("fraction"), 0.75, True),
                      "{:.1%}"),
-             verdict(f"throughput, {a.sequences} constrained >= 0.9x unconstrained", thr.get("ratio"),
-                     cmp(thr.get("ratio"), 0.9, True), "{:.2f}x")]
+             verdict(f"throughput, {a.sequences} constrained >= 0.95x unconstrained", thr.get("ratio"),
+                     cmp(thr.get("ratio"), 0.95, True), "{:.2f}x")]
     print("\n".join(lines))
     return 0
 
