@@ -81,6 +81,8 @@ def estimate(path: Path, spec: EndpointSpec, embeddings: bool) -> Footprint:
     vocab = _vocab({"tokenizer.ggml.tokens": n_vocab, **meta})
     host = spec.prefix_cache_mib * MIB if spec.prefix_cache and not embeddings else 0
     if embeddings:          # an encoder: no KV cache; a batch of hidden states and its attention
+        # scores as plain attention holds them (batch x batch a head): an upper bound since the
+        # engine runs flash attention (minilm, 512 tokens: llama.cpp allocates 14.2 MB of 18.9).
         batch = max(spec.batch, spec.context)       # the engine's batch holds its longest input
         return Footprint(weights, 0, batch * (8 * n_embd + batch * n_head) * F32, vocab=vocab)
     head_dim = n_embd // n_head
