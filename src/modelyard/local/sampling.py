@@ -51,6 +51,11 @@ class Sampler:
         self._counts: dict[int, int] = {}
         self._bias = (np.fromiter(params.logit_bias.keys(), np.int64),
                       np.fromiter(params.logit_bias.values(), np.float32)) if params.logit_bias else None
+        # 1/temperature is capped at float32's largest: past it (a temperature under ~3e-39, which
+        # the API allows) the maximum's 0 x inf was NaN. Capped, the draw is the limit the tiny
+        # temperature means: the maximum, ties at it drawn from; unchanged otherwise.
+        self._scale = None if params.greedy else np.float32(
+            min(1.0 / params.temperature, float(np.finfo(np.float32).max)))
 
     @property
     def _adjusts(self) -> bool:
@@ -92,12 +97,8 @@ class Sampler:
             masked[keep] = x[keep]
             x = masked
         # float32 exp of the whole row (gemma3: 262,144 entries) is ~0.3 ms; sums in float64.
-        # 1/temperature is capped at float32's largest: past it (a temperature under ~3e-39,
-        # which the API allows) the maximum's 0 x inf was NaN. Capped, the draw is the limit
-        # the tiny temperature means: the maximum, ties at it drawn from; unchanged otherwise.
-        scale = np.float32(min(1.0 / p.temperature, float(np.finfo(np.float32).max)))
         with np.errstate(over="ignore"):     # a product past float32 is -inf: probability 0, as meant
-            probs = np.exp((x - x.max()) * scale, dtype=np.float32)
+            probs = np.exp((x - x.max()) * self._scale, dtype=np.float32)
         ids = nucleus(probs, p.top_p) if p.top_p < 1.0 else None
         cum = np.cumsum(probs[ids] if ids is not None else probs, dtype=np.float64)
         i = min(int(np.searchsorted(cum, self._rng.random() * cum[-1], "right")), len(cum) - 1)
