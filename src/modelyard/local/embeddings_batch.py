@@ -100,8 +100,9 @@ class Packer:
 
     def start(self, at: int, n: int) -> int:
         """Where an input of n tokens starts in a batch that holds `at` tokens (a lane multiple),
-        if no hole takes it (pack: an input that skipped to a boundary leaves its gap for later
-        inputs short enough, so that a decode's order, not its content, is what FIFO decides)."""
+        unless a hole takes it: the gap an earlier input left when it skipped to a boundary goes
+        to a later input short enough (`pack`). FIFO decides which inputs a decode holds; the
+        holes only decide where in it they sit."""
         if self.tile and at % self.tile and at % self.tile + n > self.tile:
             return at + self.tile - at % self.tile      # it would cross the boundary: start on it
         return at
