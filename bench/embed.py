@@ -1,7 +1,7 @@
 """Embeddings benchmark: modelyard against llama-server `--embedding --pooling mean` on the same GGUF.
 
     python bench/embed.py [--sentences 1000] [--sizes 1,16,64] [--levels 1,8] [--threads 2]
-                          [--deterministic true|false] [--smoke] [--json PATH]
+                          [--deterministic true|false] [--batch 256] [--smoke] [--json PATH]
 
 Both servers run the store's minilm-l6-v2 GGUF (converted once by modelyard's store) with the same
 threads; both stay up, and the load goes to one at a time, level by level, modelyard first, then
