@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from modelyard.local.embeddings_batch import FILLER_TOKEN, EmbedJob, Packer, pool
+from modelyard.local.embeddings_batch import FILLER_TOKEN, EmbedJob, Packed, Packer, invariant, pool
 
 
 def job(name: str, *lengths: int) -> EmbedJob:
@@ -149,3 +149,21 @@ def test_batch_jobs_take_only_the_room_interactive_jobs_leave():
     second = packer.pack(deque([background, late]))         # the batch job came first, and waits
     assert [(s.job.id, s.index) for s in second.spans] == [("interactive", 0), ("interactive", 1), ("batch", 3)]
     assert second.spans[0].offset == 0
+
+
+def test_the_load_probe_passes_a_kernel_that_computes_each_row_from_its_own_sequence():
+    packer = Packer(max_seqs=8, max_tokens=256, align=8, tile=32)
+    own = lambda p: np.array([[t, pos] for t, pos in zip(p.tokens, p.positions)], np.float32)   # noqa: E731
+    assert invariant(packer, own, [5, 6, 7], longest=128)
+
+
+def test_the_load_probe_fails_a_kernel_whose_rows_depend_on_where_they_sit():
+    packer = Packer(max_seqs=8, max_tokens=256, align=8, tile=32)
+    seen: list[Packed] = []
+
+    def by_offset(p: Packed) -> np.ndarray:       # as a 64-key tile would under a 32-token packing
+        seen.append(p)
+        return np.array([[t, j % 64] for j, t in enumerate(p.tokens)], np.float32)
+
+    assert not invariant(packer, by_offset, [5, 6, 7], longest=128)
+    assert max(len(p.spans) for p in seen) > 1 and min(len(p.spans) for p in seen) == 1   # together, then alone

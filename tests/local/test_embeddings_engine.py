@@ -253,3 +253,30 @@ def test_deterministic_false_trades_bit_identity_for_flash_attention_not_meaning
         run(fast.stop())
     exact = embed(run, engine, inputs).vectors
     assert min(float(np.dot(a, b)) for a, b in zip(got, exact)) > 0.99999
+
+
+def test_flash_attention_is_what_a_deterministic_engine_runs_when_the_load_probe_passes(engine):
+    status = engine.status()
+    assert (status["attention"], status["attention_tile"]) == ("flash", 64)
+    assert status["alignment"] in (8, 16)
+
+
+def test_flash_attention_that_fails_the_load_probe_gives_way_to_plain_attention_and_says_so(
+        store, run, monkeypatch, caplog):
+    """A packing that does not match the kernel (here a 16-token tile, where ggml folds keys 64
+    at a time: what another llama.cpp could do to ours) fails the probe at load: the engine
+    serves plain attention, invariant with lanes alone, and says so; vectors stay bit-identical."""
+    import modelyard.local.embeddings as embeddings_mod
+    monkeypatch.setattr(embeddings_mod, "FLASH_ATTN_TILE", 16)
+    mismatched = EmbeddingEngine(spec(), store.resolve(MODEL))
+    with caplog.at_level("WARNING", logger="modelyard.engine"):
+        run(mismatched.start())
+    try:
+        status = mismatched.status()
+        assert (status["attention"], status["attention_tile"]) == ("plain", 0)
+        assert "failed the load-time invariance probe" in caplog.text
+        inputs = mixed_inputs()
+        alone = [embed(run, mismatched, [x]).vectors[0] for x in inputs]
+        assert embed(run, mismatched, inputs).vectors == tuple(alone)
+    finally:
+        run(mismatched.stop())

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator
 from ..engine.types import EmbeddingRequest, EmbeddingResult, EngineOutput, EngineRequest, ModelType
 from ..errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequest, ModelyardError, QueueFull
 from ..settings import EndpointSpec
-from .embeddings_batch import EmbedJob, Packed, Packer, pool
+from .embeddings_batch import EmbedJob, Packed, Packer, invariant, pool
 from .engine_thread import STOP, EngineThread
 from .ffi import FLASH_ATTN_TILE, EmbeddingContext, LlamaModel, simd_lanes, system_info
 from .footprint import Footprint, reported, vocab_of
@@ -37,6 +37,8 @@ from .vocab_guard import VocabGuard
 log = logging.getLogger("modelyard.engine")
 # Sequence ids a llama context takes (llama_max_parallel_sequences); one is the filler's.
 MAX_SEQ = 256
+# The load-time invariance probe's verdicts: {(model file, lanes, tile, attention, context): passed}
+_PROBED: dict[tuple, bool] = {}
 
 
 class EmbeddingEngine(EngineThread):
@@ -49,6 +51,7 @@ class EmbeddingEngine(EngineThread):
         self.model: LlamaModel | None = None
         self.pooling = ""
         self.context = 0                 # the longest input, in tokens (after load)
+        self.attention = ""              # "flash", or "plain" where the load-time probe refused it
         self.footprint: Footprint | None = None     # what llama.cpp allocated, once loaded
         self._affixes: tuple[list[int], list[int]] = ([], [])   # what tokenize adds: [CLS] / [SEP]
         self._init_thread()
@@ -76,7 +79,7 @@ class EmbeddingEngine(EngineThread):
         packer = self._packer
         limits = ({"context": self.context, "max_inputs_per_decode": packer.max_seqs,
                    "max_tokens_per_decode": packer.max_tokens, "alignment": packer.align,
-                   "attention_tile": packer.tile,
+                   "attention": self.attention, "attention_tile": packer.tile,
                    "deterministic": self.spec.deterministic}
                   if packer is not None else {})
         return {"in_flight": self._in_flight, **self._counts, **limits}
@@ -216,16 +219,50 @@ class EmbeddingEngine(EngineThread):
         at = full.index(bare[0])
         self._affixes = (full[:at], full[at + len(bare):])
         exact = self.spec.deterministic
-        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1,
-                        tile=FLASH_ATTN_TILE if exact else 0)
-        capacity = packer.capacity(max(self.spec.batch, self.context))   # holds the longest input
-        ctx = EmbeddingContext(model, packer.max_seqs + 1, capacity, self.spec.n_threads)
+        packer, ctx = self._context(tile=FLASH_ATTN_TILE if exact else 0, flash_attn=True)
+        if exact and not self._probe(packer, ctx):
+            # The kernels do not compute as the tile packing assumes (another llama.cpp, a CPU
+            # whose flash attention sums otherwise): plain attention, invariant with lanes alone,
+            # slower. Said in the log and in status(); and if even that fails, the load does.
+            log.warning("endpoint %s: flash attention failed the load-time invariance probe on this CPU "
+                        "and llama.cpp build; plain attention instead (slower for batched inputs)",
+                        self.spec.name)
+            ctx.close()
+            packer, ctx = self._context(tile=0, flash_attn=False)
+            if not self._probe(packer, ctx):
+                ctx.close()
+                raise EngineError(f"{self.model_path}: an input's vector depends on its batch on this CPU and "
+                                  "llama.cpp build (load-time probe); serve it with deterministic = false")
         self.footprint = reported(model.size_bytes, ctx.buffers, vocab=vocab_of(self.model_path))
         self._packer = packer
         log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "
-                 "%d tokens per decode, deterministic=%s, llama.cpp: %s", self.spec.name, self.pooling,
-                 model.n_embd, self.context, packer.max_seqs, packer.max_tokens, exact, system_info().strip())
+                 "%d tokens per decode, %s attention, deterministic=%s, llama.cpp: %s", self.spec.name,
+                 self.pooling, model.n_embd, self.context, packer.max_seqs, packer.max_tokens,
+                 self.attention, exact, system_info().strip())
         return ctx
+
+    def _context(self, tile: int, flash_attn: bool) -> tuple[Packer, EmbeddingContext]:
+        exact = self.spec.deterministic
+        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1, tile)
+        capacity = packer.capacity(max(self.spec.batch, self.context))   # holds the longest input
+        ctx = EmbeddingContext(self.model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn)
+        self.attention = "flash" if flash_attn else "plain"
+        return packer, ctx
+
+    def _probe(self, packer: Packer, ctx: EmbeddingContext) -> bool:
+        """embeddings_batch.invariant on this context: 8 small decodes, ~0.2 s for minilm, once
+        per process for a model file and a packing (a reload reuses the verdict). A decode that
+        fails closes the context (nobody else holds it yet)."""
+        key = (str(self.model_path), packer.align, packer.tile, self.attention, self.context)
+        if key not in _PROBED:
+            ids = self.model.tokenize("the quick brown fox jumps over a lazy dog", add_special=False)
+            try:
+                _PROBED[key] = invariant(packer, lambda p: ctx.encode(p.tokens, p.positions, p.seqs), ids,
+                                         self.context)
+            except BaseException:
+                ctx.close()
+                raise
+        return _PROBED[key]
 
     def _serve(self, ctx: EmbeddingContext) -> None:
         while self._drain(block=not self._jobs):

@@ -155,6 +155,31 @@ class Packer:
             out.seqs += [self.filler_seq] * gap
 
 
+# Inputs the load-time probe packs alone and together (tokens): inputs that cross a tile boundary
+# from inside one, gaps and an input that fills one, a decode shorter than a tile when alone.
+PROBE_LENGTHS = (20, 70, 3, 45, 9, 130)
+
+
+def invariant(packer: Packer, encode: Callable[[Packed], np.ndarray], ids: list[int], longest: int) -> bool:
+    """Whether `encode` (one llama_decode of a packed batch -> its rows) gives each probe input
+    (PROBE_LENGTHS, at most `longest` tokens, cycling `ids`) bit for bit the same rows alone as
+    packed with the others: the check, at load, that the kernels compute as the packing assumes
+    (ffi.FLASH_ATTN_TILE, simd_lanes) on this CPU with this llama.cpp."""
+    inputs = [(ids * (n // len(ids) + 1))[:min(n, longest)] for n in PROBE_LENGTHS]
+
+    def rows(job: EmbedJob) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        while (packed := packer.pack(deque([job]))) is not None:
+            computed = encode(packed)
+            for s in packed.spans:
+                out[s.index] = computed[s.offset:s.offset + s.length]
+        return out
+
+    together = rows(EmbedJob("probe", inputs, finish=lambda _: None))
+    alone = [rows(EmbedJob("probe", [x], finish=lambda _: None))[0] for x in inputs]
+    return all(np.array_equal(a, together[i]) for i, a in enumerate(alone))
+
+
 def pool(rows: np.ndarray, how: str) -> tuple[float, ...]:
     """One sequence's hidden states [n, d] -> its unit vector, as sentence-transformers pools and
     normalises (Pooling, then Normalize). Always the same arithmetic on the same rows, whatever

@@ -394,17 +394,20 @@ class EmbeddingContext:
     between tiles. So a row's result depends on how its sequence's keys fall into tiles and
     lanes, nothing else: the caller keeps that fixed (embeddings_batch.Packer's `tile`). Plain
     attention, invariant with lanes alone, computed every pair of the decode's tokens (other
-    sequences' masked), and cost 2x in inputs/s on packed batches (docs/performance.md).
+    sequences' masked), and cost 2x in inputs/s on packed batches (docs/performance.md); it is
+    what an engine falls back to (flash_attn=False) where the load-time probe finds flash
+    attention computing otherwise (local/embeddings).
     """
 
-    def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int) -> None:
+    def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int,
+                 flash_attn: bool = True) -> None:
         p = C.llama_context_default_params()
         p.n_ctx = p.n_batch = p.n_ubatch = n_batch   # non-causal: a sequence never spans two ubatches
         p.n_seq_max = n_seq
         p.n_threads = p.n_threads_batch = n_threads
         p.embeddings = True
         p.pooling_type = C.LLAMA_POOLING_TYPE_NONE
-        p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.no_perf = True
         self._ctx, self.buffers = _context_buffers(lambda: C.llama_init_from_model(model._model, p))
         if not self._ctx:
