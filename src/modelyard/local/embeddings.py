@@ -37,7 +37,7 @@ from .vocab_guard import VocabGuard
 log = logging.getLogger("modelyard.engine")
 # Sequence ids a llama context takes (llama_max_parallel_sequences); one is the filler's.
 MAX_SEQ = 256
-# The load-time invariance probe's verdicts: {(model file, lanes, tile, attention, context): passed}
+# The load-time invariance probe's verdicts: {(model file and its stat, lanes, tile, attention, context): passed}
 _PROBED: dict[tuple, bool] = {}
 
 
@@ -250,10 +250,12 @@ class EmbeddingEngine(EngineThread):
         return packer, ctx
 
     def _probe(self, packer: Packer, ctx: EmbeddingContext) -> bool:
-        """embeddings_batch.invariant on this context: 8 small decodes, ~0.2 s for minilm, once
+        """embeddings_batch.invariant on this context: about 8 small decodes, ~0.2 s for minilm, once
         per process for a model file and a packing (a reload reuses the verdict). A decode that
         fails closes the context (nobody else holds it yet)."""
-        key = (str(self.model_path), packer.align, packer.tile, self.attention, self.context)
+        st = self.model_path.stat()      # a file replaced at the same path is probed again
+        key = (str(self.model_path), st.st_size, st.st_mtime_ns, packer.align, packer.tile, self.attention,
+               self.context)
         if key not in _PROBED:
             ids = self.model.tokenize("the quick brown fox jumps over a lazy dog", add_special=False)
             try:
