@@ -37,7 +37,7 @@ from .vocab_guard import VocabGuard
 log = logging.getLogger("modelyard.engine")
 # Sequence ids a llama context takes (llama_max_parallel_sequences); one is the filler's.
 MAX_SEQ = 256
-# The load-time invariance probe's verdicts: {(model file and its stat, lanes, tile, attention, context): passed}
+# The load-time invariance probe's verdicts: {(model file and its stat, lanes, tile, flash, context): passed}
 _PROBED: dict[tuple, bool] = {}
 
 
@@ -233,6 +233,7 @@ class EmbeddingEngine(EngineThread):
                 ctx.close()
                 raise EngineError(f"{self.model_path}: an input's vector depends on its batch on this CPU and "
                                   "llama.cpp build (load-time probe); serve it with deterministic = false")
+        self.attention = "flash" if ctx.flash_attn else "plain"
         self.footprint = reported(model.size_bytes, ctx.buffers, vocab=vocab_of(self.model_path))
         self._packer = packer
         log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "
@@ -245,16 +246,14 @@ class EmbeddingEngine(EngineThread):
         exact = self.spec.deterministic
         packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1, tile)
         capacity = packer.capacity(max(self.spec.batch, self.context))   # holds the longest input
-        ctx = EmbeddingContext(self.model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn)
-        self.attention = "flash" if flash_attn else "plain"
-        return packer, ctx
+        return packer, EmbeddingContext(self.model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn)
 
     def _probe(self, packer: Packer, ctx: EmbeddingContext) -> bool:
         """embeddings_batch.invariant on this context: about 8 small decodes, ~0.2 s for minilm, once
         per process for a model file and a packing (a reload reuses the verdict). A decode that
         fails closes the context (nobody else holds it yet)."""
         st = self.model_path.stat()      # a file replaced at the same path is probed again
-        key = (str(self.model_path), st.st_size, st.st_mtime_ns, packer.align, packer.tile, self.attention,
+        key = (str(self.model_path), st.st_size, st.st_mtime_ns, packer.align, packer.tile, ctx.flash_attn,
                self.context)
         if key not in _PROBED:
             ids = self.model.tokenize("the quick brown fox jumps over a lazy dog", add_special=False)

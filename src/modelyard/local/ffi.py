@@ -243,8 +243,9 @@ _POOLING = {"1": "mean", "2": "cls", "3": "last"}
 
 
 # ggml's CPU flash attention: its tiled kernel's tile of queries and of keys (GGML_FA_TILE_Q and
-# GGML_FA_TILE_KV in ggml-cpu/common.h of the llama.cpp that llama-cpp-python 0.3.36 vendors). The
-# invariance tests fail if a new llama.cpp changes them.
+# GGML_FA_TILE_KV in ggml-cpu/common.h of the llama.cpp that llama-cpp-python 0.3.36 vendors). If a
+# new llama.cpp changes them, the embeddings engine's load-time probe refuses flash attention
+# (local/embeddings) and the invariance tests say so.
 FLASH_ATTN_TILE = 64
 
 
@@ -409,6 +410,7 @@ class EmbeddingContext:
         p.pooling_type = C.LLAMA_POOLING_TYPE_NONE
         p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.no_perf = True
+        self.flash_attn = flash_attn
         self._ctx, self.buffers = _context_buffers(lambda: C.llama_init_from_model(model._model, p))
         if not self._ctx:
             raise EngineError(f"llama.cpp could not create an embeddings context of {n_batch} tokens")
