@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel, choose_kernels, system_info
+from modelyard.local.ffi import (ContextShape, LlamaContext, LlamaModel, choose_kernels, system_info,
+                                 use_fixed_order_kernels)
 from modelyard.settings import EndpointSpec
 
 DEFAULT_MODEL = Path.home() / ".cache" / "modelyard" / "models" / "smollm2-135m.gguf"
@@ -54,12 +55,17 @@ def _prefill(ctx: LlamaContext, ids: list[int], b: int, n_batch: int) -> float:
 
 
 def measure(model_path: Path, batches: list[int], prompt: int, steps: int, threads: int,
-            n_seq: int, n_ctx_seq: int, n_batch: int, deterministic: bool = True) -> dict:
-    # The kernels an endpoint with this `deterministic` runs (see modelyard.local.ffi).
+            n_seq: int, n_ctx_seq: int, n_batch: int, deterministic: bool = True,
+            plain_attention: bool = False) -> dict:
+    # The kernels an endpoint with this `deterministic` runs (see modelyard.local.engine);
+    # `plain_attention`: a deterministic endpoint's on a llama.cpp build without the
+    # fixed-order kernels (scripts/patches).
     choose_kernels(deterministic)
+    want = deterministic and not plain_attention
+    fixed_order = use_fixed_order_kernels(want) and want
     model = LlamaModel(model_path, repack=not deterministic)
     shape = ContextShape(n_seq=n_seq, n_ctx_seq=n_ctx_seq, n_batch=max(n_batch, n_seq), n_threads=threads,
-                         flash_attn=not deterministic)
+                         flash_attn=fixed_order or not deterministic)
     ctx = LlamaContext(model, shape)
     try:
         ids = _prompt_tokens(model, prompt)
@@ -81,6 +87,7 @@ def measure(model_path: Path, batches: list[int], prompt: int, steps: int, threa
         _clear(ctx, n_seq)
         return {"model": str(model_path), "threads": threads, "n_seq": n_seq, "n_ctx_seq": n_ctx_seq,
                 "n_batch": shape.n_batch, "prompt": prompt, "deterministic": deterministic,
+                "attention": "flash, fixed order" if fixed_order else "plain" if deterministic else "flash",
                 "weight_buffers_mib": model.buffers, "system_info": system_info(), "results": out}
     finally:
         ctx.close()
@@ -101,17 +108,21 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"tokens per llama_decode (modelyard's endpoint default: {spec.batch})")
     p.add_argument("--deterministic", choices=("true", "false"), default="true",
                    help="the kernels of an endpoint with this setting (default: true, modelyard's default)")
+    p.add_argument("--plain-attention", action="store_true",
+                   help="with --deterministic true: plain attention, as on a llama.cpp build without "
+                        "the fixed-order kernels (the A/B for scripts/patches)")
     p.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",") if x.strip()]
     if a.prompt + a.steps > a.n_ctx_seq:
         p.error("--prompt + --steps must fit --n-ctx-seq")
     res = measure(a.model, batches, a.prompt, a.steps, a.threads, a.n_seq, a.n_ctx_seq, a.n_batch,
-                  a.deterministic == "true")
+                  a.deterministic == "true", a.plain_attention)
     text = json.dumps(res)
     if a.json:
         a.json.write_text(text)
     print(text)
+    print(f"attention: {res['attention']}", file=sys.stderr)
     for r in res["results"]:
         print(f"B={r['batch']:3d}  prefill {r['prefill_tok_s']:8.1f} tok/s   decode {r['decode_tok_s']:8.1f} tok/s"
               f"  ({r['ms_per_step']:.1f} ms/step)", file=sys.stderr)

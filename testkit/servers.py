@@ -6,7 +6,8 @@ What it guarantees, and why:
 - its environment has none of the caller's `MODELYARD_*` settings (only `MODELYARD_HOME`, where
   the model files are, and what the caller passes in `env`): a developer's shell or a CI job
   exporting, say, MODELYARD_API_KEYS or MODELYARD_DATABASE_URL would otherwise change every
-  server under test or benchmark;
+  server under test or benchmark; nor any GGML_* switch (an in-process test's kernel choice,
+  local/ffi.choose_kernels, must not become the server's);
 - a `modelyard serve` runs this checkout's source (src/ first on PYTHONPATH), whatever the
   virtual environment's editable install points at;
 - unless its config names a control database, each modelyard server gets its own beside its
@@ -90,9 +91,11 @@ class ServerAPI:
 
 
 def scrubbed_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
-    """This process's environment without its MODELYARD_* settings (KEEP_ENV kept), then `extra`
-    (a None value unsets that variable)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_") or k in KEEP_ENV}
+    """This process's environment without its MODELYARD_* settings (KEEP_ENV kept) and ggml's
+    switches (GGML_*: an in-process test's local/ffi.choose_kernels sets GGML_CPU_TILED_MM here, and
+    a server chooses its own kernels), then `extra` (a None value unsets that variable)."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("MODELYARD_") and k not in KEEP_ENV or k.startswith("GGML_"))}
     for k, v in (extra or {}).items():
         if v is None:
             env.pop(k, None)

@@ -39,6 +39,9 @@ def test_a_server_environment_keeps_only_the_store_of_the_callers_modelyard_sett
     monkeypatch.setenv("MODELYARD_DATABASE_URL", "sqlite:///leaked.db")
     monkeypatch.setenv("MODELYARD_HOME", "/models")
     monkeypatch.setenv("OTHER", "kept")
+    monkeypatch.setenv("GGML_CPU_TILED_MM", "0")        # what an in-process choose_kernels sets
+    monkeypatch.setenv("KEPT", "kept")
     env = scrubbed_env({"MODELYARD_API_KEYS": "given", "OTHER": None})
     assert env["MODELYARD_API_KEYS"] == "given" and env["MODELYARD_HOME"] == "/models"
     assert "MODELYARD_DATABASE_URL" not in env and "OTHER" not in env
+    assert "GGML_CPU_TILED_MM" not in env and env["KEPT"] == "kept"

@@ -291,18 +291,39 @@ def test_an_upstream_api_key_is_never_shown(srv):
         assert admin.delete(f"/model-endpoints/{ep['id']}").status_code == 202
 
 
-def test_a_deterministic_endpoint_is_refused_where_the_fast_kernels_already_run(tmp_path: Path):
-    """The kernel choice is process-wide (local/ffi.choose_kernels): once a deterministic = false
-    llama.cpp endpoint runs, a deterministic one would silently lose its invariance. 409."""
+def test_deterministic_completions_join_the_fast_kernels_and_only_embeddings_are_refused(tmp_path: Path):
+    """The tiled K-quant matmul's switch is process-wide (local/ffi.choose_kernels), but a
+    deterministic completions engine pins ggml's fixed-order kernels to its own thread
+    (ffi.use_fixed_order_kernels): it is accepted beside a deterministic = false endpoint, which
+    keeps its fast kernels. A deterministic embeddings endpoint needs the process-wide switch,
+    which is gone once the fast kernels run: it would silently lose its invariance. 409."""
     cfg = (f'[server]\napi_keys = ["{INFER}"]\ndatabase_url = "sqlite:///{tmp_path / "control.db"}"\n\n'
            f'[[admin_tokens]]\nname = "ops"\ntoken = "{ADMIN}"\n\n'
            f'[[endpoints]]\nname = "fast"\nmodel = "{MODEL}"\ndeterministic = false\n'
            'context = 256\nparallel = 1\nthreads = 1\n')
     with served(tmp_path, cfg, key=INFER) as srv, ctl(srv.base, ADMIN) as admin:
         r = admin.post("/model-endpoints", json={"name": "exact", **SMALL})
+        assert r.status_code == 201, r.text
+        wait_state(admin, r.json()["id"], "ready")
+
+        def kernels(name: str) -> dict:
+            r = httpx.get(f"{srv.base}/api/v1/endpoints/{name}", headers={"Authorization": f"Bearer {INFER}"},
+                          timeout=10)
+            assert r.status_code == 200, r.text
+            return r.json()["kernels"]
+        assert kernels("exact") == {"weight_repacking": False, "flash_attention": True, "fixed_order": True,
+                                    "tiled_kquant_matmul": False}
+        assert kernels("fast") == {"weight_repacking": True, "flash_attention": True, "fixed_order": False,
+                                   "tiled_kquant_matmul": True}
+        r = complete(srv, INFER, "exact")
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
+
+        r = admin.post("/model-endpoints", json={"name": "exact-vectors", "model": "minilm-l6-v2",
+                                                 "context": 256, "parallel": 2, "threads": 1})
         assert r.status_code == 409 and r.json()["error"]["code"] == "kernel_conflict", r.text
         assert r.json()["error"]["param"] == "deterministic"
-        assert admin.get("/model-endpoints").json()["data"][-1]["name"] == "fast"      # nothing stored
-        r = admin.post("/model-endpoints", json={"name": "also-fast", **SMALL, "deterministic": False})
+        assert "exact-vectors" not in [e["name"] for e in admin.get("/model-endpoints").json()["data"]]
+        r = admin.post("/model-endpoints", json={"name": "fast-vectors", "model": "minilm-l6-v2", "context": 256,
+                                                 "parallel": 2, "threads": 1, "deterministic": False})
         assert r.status_code == 201, r.text
         wait_state(admin, r.json()["id"], "ready")

@@ -127,9 +127,11 @@ def test_status_says_what_llama_cpp_runs(inv_server):
     features = status["system_info"]
     cpu = Path("/proc/cpuinfo").read_text()
     assert ("AVX2 = 1" in features) == (" avx2" in cpu)
-    # deterministic: every weight in the plain CPU buffer, none repacked
+    # deterministic: every weight in the plain CPU buffer, none repacked; flash attention in one
+    # order (scripts/install's patched llama.cpp: a build without it would say fixed_order False)
     assert status["weight_buffers_mib"] and "CPU_REPACK" not in status["weight_buffers_mib"]
-    assert status["kernels"] == {"weight_repacking": False, "flash_attention": False, "tiled_kquant_matmul": False}
+    assert status["kernels"] == {"weight_repacking": False, "flash_attention": True, "fixed_order": True,
+                                 "tiled_kquant_matmul": False}
     assert "endpoint gemma-q4_k: deterministic=True" in inv_server.log_text()
 
 

@@ -20,7 +20,8 @@ from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore
 from .engine_thread import STOP, EngineThread
-from .ffi import ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul
+from .ffi import (ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul,
+                  use_fixed_order_kernels)
 from .footprint import Footprint, reported, vocab_of
 from .grammar import Compiled, Grammars
 from .prefix_cache import HostCache
@@ -241,20 +242,29 @@ class LocalEngine(EngineThread):
         # (a stop while loading) leaves it for nobody, and its set_result cannot raise.
         started.set_running_or_notify_cancel()
         try:
-            # deterministic: weights in the plain layout and plain attention (see ffi), so a
-            # row's logits never depend on the rows beside it.
-            self.model = LlamaModel(self.model_path, repack=not self.spec.deterministic)
+            # deterministic: weights in the plain layout, and ggml's reference kernels on this
+            # thread, the one that decodes (flash attention in one order; see ffi), so a row's
+            # logits never depend on the rows beside it. A llama.cpp build without them: plain
+            # attention, invariant too, slower.
+            deterministic = self.spec.deterministic
+            fixed_order = deterministic and use_fixed_order_kernels()
+            if deterministic and not fixed_order:
+                log.warning("endpoint %s: this llama.cpp build cannot pin its reference kernels to a "
+                            "thread (scripts/install patches it to): plain attention, slower",
+                            self.spec.name)
+            self.model = LlamaModel(self.model_path, repack=not deterministic)
             self._chat = ChatTemplate(self.model)
             self._grammars = Grammars(self.model.ll_tokenizer, guard=self._vocab_use)
             ctx = LlamaContext(self.model, ContextShape(
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
                 n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads,
-                flash_attn=not self.spec.deterministic))
+                flash_attn=fixed_order or not deterministic))
             self.footprint = reported(self.model.size_bytes, ctx.buffers, self._host_cache.capacity,
                                       vocab_of(self.model_path))
-            kernels = {"weight_repacking": not self.spec.deterministic,
-                       "flash_attention": not self.spec.deterministic,
-                       "tiled_kquant_matmul": tiled_kquant_matmul()}
+            kernels = {"weight_repacking": not deterministic,
+                       "flash_attention": fixed_order or not deterministic,
+                       "fixed_order": fixed_order,
+                       "tiled_kquant_matmul": tiled_kquant_matmul() and not fixed_order}
             self.build_info = {"deterministic": self.spec.deterministic, "kernels": kernels,
                                "weight_buffers_mib": self.model.buffers, "system_info": system_info().strip()}
             # So that a report from a user's machine says which kernels ran.

@@ -63,6 +63,48 @@ def choose_kernels(deterministic: bool) -> None:
         os.environ["GGML_CPU_TILED_MM"] = "0"
 
 
+@functools.cache
+def _thread_use_ref():
+    """ggml_backend_cpu_set_thread_use_ref, which scripts/install patches into the llama.cpp it
+    builds (scripts/patches/ggml-cpu-thread-use-ref.patch), or None in a build without it."""
+    # The copy of ggml-cpu that libllama runs, found by name among the libraries already
+    # loaded (RTLD_NOLOAD). A wheel holds its libraries as copies, not links (libggml-cpu.so,
+    # .so.0, .so.0.25.3), and opening another copy by path gives a second ggml-cpu whose
+    # thread-local switch libllama never reads.
+    for lib in sorted((Path(C.__file__).parent / "lib").glob("*ggml-cpu*")):
+        try:
+            fn = ctypes.CDLL(lib.name, mode=os.RTLD_NOLOAD).ggml_backend_cpu_set_thread_use_ref
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_bool], None
+        return fn
+    return None
+
+
+def fixed_order_kernels() -> bool:
+    """Whether this llama.cpp build can pin its reference kernels to one thread (see
+    use_fixed_order_kernels)."""
+    return _thread_use_ref() is not None
+
+
+def use_fixed_order_kernels(on: bool = True) -> bool:
+    """From now on (`on`; until a call with False), every graph the CALLING thread computes runs
+    ggml's reference kernels:
+    flash attention one key at a time, in cell order, for any number of queries and keys (no
+    tiled path at >= 64 queries, no split of the keys across threads for a lone query), and no
+    tiled matmul. So a row's attention depends on its own keys alone and a deterministic
+    endpoint can run flash attention: ggml's tiled and split-KV paths sum in orders that depend
+    on the batch's shape (a prompt chunked otherwise gave other logits, max |diff| 0.49), which
+    is why deterministic contexts ran plain attention before (docs/performance.md). Per thread,
+    not per process, so the other endpoints of the process keep their own kernels. False (and
+    nothing changes) in a llama.cpp build without the patch."""
+    fn = _thread_use_ref()
+    if fn is None:
+        return False
+    fn(on)
+    return True
+
+
 def tiled_kquant_matmul() -> bool:
     """Whether ggml's tiled K-quant matmul is on in this process (see choose_kernels)."""
     return os.environ.get("GGML_CPU_TILED_MM", "1").strip() not in ("0", "")
@@ -310,8 +352,9 @@ class LlamaContext:
         p.no_perf = True
         # Batch invariance: ggml's CPU flash attention sums in an order that depends on how
         # many query rows a sequence has in the ubatch, so the same prompt chunked differently
-        # (as load decides) gave other logits (max |diff| 0.49 on a 240-token prompt). Plain
-        # attention gives bit-identical logits for any chunking of >= 2 tokens.
+        # (as load decides) gave other logits (max |diff| 0.49 on a 240-token prompt), unless
+        # the thread that decodes runs the reference kernels (use_fixed_order_kernels). Without
+        # them, plain attention gives bit-identical logits for any chunking of >= 2 tokens.
         p.flash_attn_type = (C.LLAMA_FLASH_ATTN_TYPE_AUTO if shape.flash_attn
                              else C.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx, self.buffers = _context_buffers(lambda: C.llama_init_from_model(model._model, p))
@@ -397,7 +440,10 @@ class EmbeddingContext:
     attention, invariant with lanes alone, computed every pair of the decode's tokens (other
     sequences' masked), and cost 2x in inputs/s on packed batches (docs/performance.md); it is
     what an engine falls back to (flash_attn=False) where the load-time probe finds flash
-    attention computing otherwise (local/embeddings).
+    attention computing otherwise (local/embeddings). The fixed-order kernels
+    (use_fixed_order_kernels), with lanes alone and no tiles, were invariant too but slower:
+    0.7-0.9x the inputs/s at batched levels (keys one at a time, each row reading every key's
+    mask; docs/performance.md), so this engine's thread does not run them.
     """
 
     def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int,

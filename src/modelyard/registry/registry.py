@@ -69,6 +69,19 @@ def checked_type(spec: EndpointSpec, found: ModelType) -> ModelType:
     return found
 
 
+def needs_process_kernels(spec: EndpointSpec) -> bool:
+    """Whether `spec` needs the process-wide kernel switch (local/ffi.choose_kernels): a
+    deterministic llama.cpp endpoint whose engine thread cannot pin ggml's fixed-order kernels
+    to itself: an embeddings engine (it runs the tiled flash attention, local/embeddings), one
+    whose kind is not known before its file is read, or any where this llama.cpp build lacks
+    them (ffi.use_fixed_order_kernels). A deterministic completions engine pins them to its own
+    thread, so it runs beside deterministic = false endpoints without touching theirs."""
+    if spec.engine != "llamacpp" or not spec.deterministic:
+        return False
+    from ..local.ffi import fixed_order_kernels
+    return declared_type(spec) is not ModelType.COMPLETIONS or not fixed_order_kernels()
+
+
 class Registry:
     def __init__(self, settings: Settings, store: ModelStore | None = None,
                  engine_factory: EngineFactory = default_engine_factory) -> None:
@@ -125,6 +138,8 @@ class Registry:
         local = [ep.spec for ep in self.endpoints.values() if ep.spec.engine == "llamacpp"]
         if local:
             from ..local.ffi import choose_kernels
+            # Any deterministic endpoint: off for the whole process, as before fixed-order
+            # kernels, so that a deterministic embeddings endpoint can still be added later.
             choose_kernels(deterministic=any(spec.deterministic for spec in local))
         self._started = True
         for ep in self.endpoints.values():
@@ -290,10 +305,11 @@ class Registry:
         return ep
 
     def check_kernels(self, spec: EndpointSpec, choose: bool = False) -> None:
-        """Kernels are chosen once per process (local/ffi.choose_kernels): a deterministic
-        endpoint cannot join a process whose contexts already run the non-invariant kernels
-        (Conflict). The admin API asks before it stores a spec; `choose`: make the choice now."""
-        if spec.engine != "llamacpp" or not spec.deterministic:
+        """Some kernels are chosen once per process (local/ffi.choose_kernels): a deterministic
+        endpoint that needs that choice (needs_process_kernels) cannot join a process whose
+        contexts already run the non-invariant kernels (Conflict). The admin API asks before it
+        stores a spec; `choose`: make the choice now."""
+        if not needs_process_kernels(spec):
             return
         from ..local.ffi import choose_kernels, tiled_kquant_matmul
         if not tiled_kquant_matmul():
