@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from modelyard.local.ffi import (ContextShape, LlamaContext, LlamaModel, choose_kernels, system_info,
-                                 use_fixed_order_kernels)
+from modelyard.local.ffi import (ContextShape, LlamaContext, LlamaModel, choose_kernels, generation_kernels,
+                                 system_info)
 from modelyard.settings import EndpointSpec
 
 DEFAULT_MODEL = Path.home() / ".cache" / "modelyard" / "models" / "smollm2-135m.gguf"
@@ -61,11 +61,10 @@ def measure(model_path: Path, batches: list[int], prompt: int, steps: int, threa
     # `plain_attention`: a deterministic endpoint's on a llama.cpp build without the
     # fixed-order kernels (scripts/patches).
     choose_kernels(deterministic)
-    want = deterministic and not plain_attention
-    fixed_order = use_fixed_order_kernels(want) and want
+    fixed_order, flash_attn = generation_kernels(deterministic, fixed_order=not plain_attention)
     model = LlamaModel(model_path, repack=not deterministic)
     shape = ContextShape(n_seq=n_seq, n_ctx_seq=n_ctx_seq, n_batch=max(n_batch, n_seq), n_threads=threads,
-                         flash_attn=fixed_order or not deterministic)
+                         flash_attn=flash_attn)
     ctx = LlamaContext(model, shape)
     try:
         ids = _prompt_tokens(model, prompt)

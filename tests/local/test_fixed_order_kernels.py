@@ -18,6 +18,7 @@ import pytest
 from modelyard import settings as settings_mod
 from modelyard.engine.types import EngineRequest, SamplingParams
 from modelyard.local import engine as engine_mod
+from modelyard.local import ffi
 from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel, fixed_order_kernels, use_fixed_order_kernels
 from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
@@ -82,7 +83,7 @@ def test_flash_attention_on_the_fixed_order_thread_ignores_chunking_and_only_the
 
 
 def test_an_engine_on_a_build_without_them_runs_plain_attention_and_says_so(model, monkeypatch, caplog):
-    monkeypatch.setattr(engine_mod, "use_fixed_order_kernels", lambda on=True: False)
+    monkeypatch.setattr(ffi, "use_fixed_order_kernels", lambda on=True: False)
     path = ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False).resolve(MODEL)
     engine = engine_mod.LocalEngine(EndpointSpec(name="plain", model=MODEL, context=256, parallel=1, threads=1), path)
 

@@ -20,8 +20,8 @@ from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore
 from .engine_thread import STOP, EngineThread
-from .ffi import (ContextShape, LlamaContext, LlamaModel, system_info, tiled_kquant_matmul,
-                  use_fixed_order_kernels)
+from .ffi import (ContextShape, LlamaContext, LlamaModel, generation_kernels, system_info,
+                  tiled_kquant_matmul)
 from .footprint import Footprint, reported, vocab_of
 from .grammar import Compiled, Grammars
 from .prefix_cache import HostCache
@@ -247,7 +247,7 @@ class LocalEngine(EngineThread):
             # logits never depend on the rows beside it. A llama.cpp build without them: plain
             # attention, invariant too, slower.
             deterministic = self.spec.deterministic
-            fixed_order = deterministic and use_fixed_order_kernels()
+            fixed_order, flash_attn = generation_kernels(deterministic)
             if deterministic and not fixed_order:
                 log.warning("endpoint %s: this llama.cpp build cannot pin its reference kernels to a "
                             "thread (scripts/install patches it to): plain attention, slower",
@@ -258,11 +258,11 @@ class LocalEngine(EngineThread):
             ctx = LlamaContext(self.model, ContextShape(
                 n_seq=self.spec.parallel, n_ctx_seq=self.spec.context,
                 n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads,
-                flash_attn=fixed_order or not deterministic))
+                flash_attn=flash_attn))
             self.footprint = reported(self.model.size_bytes, ctx.buffers, self._host_cache.capacity,
                                       vocab_of(self.model_path))
             kernels = {"weight_repacking": not deterministic,
-                       "flash_attention": fixed_order or not deterministic,
+                       "flash_attention": flash_attn,
                        "fixed_order": fixed_order,
                        "tiled_kquant_matmul": tiled_kquant_matmul() and not fixed_order}
             self.build_info = {"deterministic": self.spec.deterministic, "kernels": kernels,

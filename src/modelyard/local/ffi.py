@@ -89,10 +89,9 @@ def fixed_order_kernels() -> bool:
 
 def use_fixed_order_kernels(on: bool = True) -> bool:
     """From now on (`on`; until a call with False), every graph the CALLING thread computes runs
-    ggml's reference kernels:
-    flash attention one key at a time, in cell order, for any number of queries and keys (no
-    tiled path at >= 64 queries, no split of the keys across threads for a lone query), and no
-    tiled matmul. So a row's attention depends on its own keys alone and a deterministic
+    ggml's reference kernels: flash attention one key at a time, in cell order, for any number of
+    queries and keys (no tiled path at >= 64 queries, no split of the keys across threads for a
+    lone query), no tiled matmul and no op fusion. So a row's attention depends on its own keys alone and a deterministic
     endpoint can run flash attention: ggml's tiled and split-KV paths sum in orders that depend
     on the batch's shape (a prompt chunked otherwise gave other logits, max |diff| 0.49), which
     is why deterministic contexts ran plain attention before (docs/performance.md). Per thread,
@@ -103,6 +102,16 @@ def use_fixed_order_kernels(on: bool = True) -> bool:
         return False
     fn(on)
     return True
+
+
+def generation_kernels(deterministic: bool, fixed_order: bool = True) -> tuple[bool, bool]:
+    """The kernels of a generation context the CALLING thread will decode on, as (fixed_order,
+    flash_attn): deterministic pins ggml's fixed-order kernels to the thread where this build has
+    them (`fixed_order` False: as on a build without them) and runs flash attention only with
+    them, else plain attention; deterministic = false runs llama.cpp's own flash attention."""
+    want = deterministic and fixed_order
+    pinned = use_fixed_order_kernels(want) and want
+    return pinned, pinned or not deterministic
 
 
 def tiled_kquant_matmul() -> bool:
