@@ -22,6 +22,7 @@ from pathlib import Path
 
 from modelyard.local.ffi import (ContextShape, LlamaContext, LlamaModel, choose_kernels, generation_kernels,
                                  system_info)
+from modelyard.local.repacking import load_for_generation
 from modelyard.settings import EndpointSpec
 
 DEFAULT_MODEL = Path.home() / ".cache" / "modelyard" / "models" / "smollm2-135m.gguf"
@@ -62,7 +63,7 @@ def measure(model_path: Path, batches: list[int], prompt: int, steps: int, threa
     # fixed-order kernels (scripts/patches).
     choose_kernels(deterministic)
     fixed_order, flash_attn = generation_kernels(deterministic, fixed_order=not plain_attention)
-    model = LlamaModel(model_path, repack=not deterministic)
+    model, layout = load_for_generation(model_path, deterministic, threads, flash_attn, fixed_order)
     shape = ContextShape(n_seq=n_seq, n_ctx_seq=n_ctx_seq, n_batch=max(n_batch, n_seq), n_threads=threads,
                          flash_attn=flash_attn)
     ctx = LlamaContext(model, shape)
@@ -87,7 +88,7 @@ def measure(model_path: Path, batches: list[int], prompt: int, steps: int, threa
         return {"model": str(model_path), "threads": threads, "n_seq": n_seq, "n_ctx_seq": n_ctx_seq,
                 "n_batch": shape.n_batch, "prompt": prompt, "deterministic": deterministic,
                 "attention": "flash, fixed order" if fixed_order else "plain" if deterministic else "flash",
-                "weight_buffers_mib": model.buffers, "system_info": system_info(), "results": out}
+                "weight_layout": layout, "weight_buffers_mib": model.buffers, "system_info": system_info(), "results": out}
     finally:
         ctx.close()
         model.close()

@@ -5,12 +5,13 @@
                           [--cache-prompts 32] [--cache-concurrency 16] [--deterministic true|false] [--batch N]
                           [--json PATH]
 
-Models (--models, comma-separated, default all three; --model PATH: one GGUF file instead):
+Models (--models, comma-separated, default the first three; --model PATH: one GGUF file instead):
   smollm2-135m        the store's smollm2 (Q4_1)
   gemma3-270m         the store's gemma3 (Q4_K_M)
   smollm2-135m-q4_0   smollm2 with `convert = "q4_0"`; the peer runs the very file modelyard
                       serves (<store>/converted/smollm2-135m.q4_0.gguf, made once before the rounds
                       by modelyard.local.convert, the function modelyard itself calls)
+  smollm2-135m-q8_0   the same with `convert = "q8_0"` (only when named)
 
 Each round, for each model, one server at a time (two llama.cpp processes on 2 cores slow each
 other many times over), so the rounds interleave A/B/A/B:
@@ -99,7 +100,9 @@ class Model:
 
 
 MODELS = {m.name: m for m in (Model("smollm2-135m", "smollm2-135m"), Model("gemma3-270m", "gemma3-270m"),
-                              Model("smollm2-135m-q4_0", "smollm2-135m", "q4_0"))}
+                              Model("smollm2-135m-q4_0", "smollm2-135m", "q4_0"),
+                              Model("smollm2-135m-q8_0", "smollm2-135m", "q8_0"))}
+DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m", "smollm2-135m-q4_0")
 
 
 def model_file(m: Model, threads: int) -> Path:
@@ -556,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, rounds=2, rounds_help="A/B rounds (each model: modelyard then the peer)",
                json_help="write the raw numbers here")
     p.add_argument("--peer", choices=["llama-server", "llama-cpp-python", "none"], default="llama-server")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--model", type=Path, help="benchmark this one GGUF file instead of --models")
     p.add_argument("--levels", default=None, help="greedy concurrency levels (default 1,4,16; --quick 1,4)")
     p.add_argument("--sampled-levels", default=None, help="sampled concurrency levels (default 16; --quick 4; "

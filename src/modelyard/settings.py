@@ -101,9 +101,10 @@ class EndpointSpec:
     max_queue: int = 256                # requests waiting beyond `parallel`; past it: 503
     prefix_cache: bool = True
     prefix_cache_mib: int = 512         # host memory for prompt KV beyond the slots (LRU); 0: none
-    # True: a request's output does not depend on what else runs (no weight repacking; ggml's
-    # fixed-order kernels, flash attention in one order); False trades that for llama.cpp's
-    # fastest kernels (docs/performance.md).
+    # True: a request's output does not depend on what else runs (ggml's fixed-order kernels,
+    # flash attention in one order; repacked weights only where a load-time probe finds their rows
+    # independent of the batch, local/repacking); False trades that for llama.cpp's fastest
+    # kernels (docs/performance.md).
     deterministic: bool = True
     convert: str | None = None          # opt-in: "q8_0" | "q4_0" (faster kernels, different output)
     chat_parse_special: bool = False    # special tokens written inside chat messages are parsed (HF's way)

@@ -311,9 +311,10 @@ def test_deterministic_completions_join_the_fast_kernels_and_only_embeddings_are
                           timeout=10)
             assert r.status_code == 200, r.text
             return r.json()["kernels"]
+        # smollm2's Q4_1 has no repacked kernels on x86: neither endpoint holds repacked weights
         assert kernels("exact") == {"weight_repacking": False, "flash_attention": True, "fixed_order": True,
                                     "tiled_kquant_matmul": False}
-        assert kernels("fast") == {"weight_repacking": True, "flash_attention": True, "fixed_order": False,
+        assert kernels("fast") == {"weight_repacking": False, "flash_attention": True, "fixed_order": False,
                                    "tiled_kquant_matmul": True}
         r = complete(srv, INFER, "exact")
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text

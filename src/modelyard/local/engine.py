@@ -20,12 +20,12 @@ from ..settings import EndpointSpec
 from .chat_template import ChatTemplate
 from .core import EngineCore
 from .engine_thread import STOP, EngineThread
-from .ffi import (ContextShape, LlamaContext, LlamaModel, generation_kernels, system_info,
-                  tiled_kquant_matmul)
+from .ffi import ContextShape, LlamaContext, LlamaModel, generation_kernels, system_info, tiled_kquant_matmul
 from .footprint import Footprint, reported, vocab_of
 from .grammar import Compiled, Grammars
 from .prefix_cache import HostCache
 from .prepare import check_ids, detokenize, prepare, prompt_ids
+from .repacking import load_for_generation, repacked
 from .request import Request
 from .runner import LlamaCppRunner
 from .scheduler import Scheduler
@@ -242,17 +242,19 @@ class LocalEngine(EngineThread):
         # (a stop while loading) leaves it for nobody, and its set_result cannot raise.
         started.set_running_or_notify_cancel()
         try:
-            # deterministic: weights in the plain layout, and ggml's reference kernels on this
-            # thread, the one that decodes (flash attention in one order; see ffi), so a row's
-            # logits never depend on the rows beside it. A llama.cpp build without them: plain
-            # attention, invariant too, slower.
+            # deterministic: ggml's reference kernels on this thread, the one that decodes
+            # (flash attention in one order; see ffi), and repacked weights only where a
+            # load-time probe finds their rows independent of the batch (local/repacking), so a
+            # row's logits never depend on the rows beside it. A llama.cpp build without the
+            # reference kernels: plain attention, invariant too, slower.
             deterministic = self.spec.deterministic
             fixed_order, flash_attn = generation_kernels(deterministic)
             if deterministic and not fixed_order:
                 log.warning("endpoint %s: this llama.cpp build cannot pin its reference kernels to a "
                             "thread (scripts/install patches it to): plain attention, slower",
                             self.spec.name)
-            self.model = LlamaModel(self.model_path, repack=not deterministic)
+            self.model, layout = load_for_generation(self.model_path, deterministic, self.spec.n_threads,
+                                                     flash_attn, fixed_order)
             self._chat = ChatTemplate(self.model)
             self._grammars = Grammars(self.model.ll_tokenizer, guard=self._vocab_use)
             ctx = LlamaContext(self.model, ContextShape(
@@ -261,15 +263,16 @@ class LocalEngine(EngineThread):
                 flash_attn=flash_attn))
             self.footprint = reported(self.model.size_bytes, ctx.buffers, self._host_cache.capacity,
                                       vocab_of(self.model_path))
-            kernels = {"weight_repacking": not deterministic,
+            kernels = {"weight_repacking": repacked(self.model),
                        "flash_attention": flash_attn,
                        "fixed_order": fixed_order,
                        "tiled_kquant_matmul": tiled_kquant_matmul() and not fixed_order}
             self.build_info = {"deterministic": self.spec.deterministic, "kernels": kernels,
+                               "weight_layout": layout,
                                "weight_buffers_mib": self.model.buffers, "system_info": system_info().strip()}
             # So that a report from a user's machine says which kernels ran.
-            log.info("endpoint %s: deterministic=%s, kernels %s, weight buffers (MiB) %s, llama.cpp: %s",
-                     self.spec.name, self.spec.deterministic, kernels, self.model.buffers,
+            log.info("endpoint %s: deterministic=%s, kernels %s (weight layout: %s), weight buffers (MiB) %s, "
+                     "llama.cpp: %s", self.spec.name, self.spec.deterministic, kernels, layout, self.model.buffers,
                      self.build_info["system_info"])
         except Exception as exc:  # any load failure marks the endpoint failed, with the reason
             if self.model is not None:      # the weights loaded, the context did not

@@ -161,7 +161,8 @@ class LlamaModel:
     Q4_0, Q4_K, IQ4_NL and Q8_0 weights into the CPU_REPACK buffer on AVX2 CPUs, whose
     kernels compute rows in groups (a 4-row GEMM, a GEMV for the rest), so a row's logits
     depend on how many rows its batch has: gemma3-270m's Q4_K_M changed its greedy text
-    under load on an AVX2-only EPYC. The plain layout computes each row alone.
+    under load on an AVX2-only EPYC. The plain layout computes each row alone. Which layout a
+    generation engine gets: local/repacking.
     """
 
     def __init__(self, path: Path, repack: bool = True) -> None:

@@ -1,0 +1,102 @@
+"""Whether a generation endpoint keeps llama.cpp's repacked weights (CPU_REPACK).
+
+Repacked kernels compute a decode's rows in groups: a GEMM over each group of 4 rows (16 first,
+on AVX-512), a GEMV for the rest. So a row takes the GEMM or the GEMV depending on how many rows
+its decode has, which load decides. Whether that changes its result is a property of one quant
+type's kernels on one CPU, and it was measured (issue 26, AVX-512 EPYC, every row's logits of a
+240-token prompt decoded whole and in chunks of 2 to 128): Q4_0's GEMV and GEMM agree bit for
+bit, so its rows never depend on their batch, while Q4_K's do not (gemma3-270m: 216-238 of 240
+rows differ, max |diff| 1.5-1.9, whenever a chunk is not a multiple of 4 rows).
+
+So a deterministic endpoint does not assume either way; it asks the kernels, once per model file
+and context shape per process (load_for_generation): the same prompt decoded whole and in chunks
+that send its rows through every path, every row's logits compared bit for bit. It keeps the
+repacked weights (1.4-1.7x the plain layout's speed on Q4_0, docs/performance.md) where they all
+agree, and reloads the file in the plain layout, which computes each row alone, where one
+differs. The invariance matrix (tests/engine) checks the outcome under real load on whatever CPU
+runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .ffi import ContextShape, LlamaContext, LlamaModel
+
+log = logging.getLogger("modelyard.engine")
+
+REPACK_BUFFER = "CPU_REPACK"
+PROBE_TEXT = "The river carries old stones past quiet towns where people tell long stories. "
+PROBE_TOKENS = 24
+# Rows per decode that send a row through each path: all 24 at once (AVX-512's 16-row GEMM, then
+# 4-row ones), 4 (the 4-row GEMM alone), 5 (a 4-row GEMM and a GEMV), 3 and 2 (the GEMV alone).
+# Never 1: the scheduler never decodes a one-token prompt chunk (scheduler._add_prefill), and a
+# decode step's rows go through the same kernels as a prompt chunk's.
+PROBE_CHUNKS = (PROBE_TOKENS, 4, 5, 3, 2)
+assert all(PROBE_TOKENS % c != 1 for c in PROBE_CHUNKS)
+
+# Verdicts, once per process: {(model file and its stat, threads, flash attention, fixed order): agree}
+_VERDICTS: dict[tuple, bool] = {}
+
+
+def repacked(model: LlamaModel) -> bool:
+    return REPACK_BUFFER in model.buffers
+
+
+def rows_agree(model: LlamaModel, n_threads: int, flash_attn: bool) -> bool:
+    """Whether every row's logits come out the same however a prompt is cut into decodes, on the
+    CALLING thread's kernels (call it on the thread that will decode). About 80 token-rows of
+    prefill: 0.1-0.5 s on the store's models."""
+    ids = (model.tokenize(PROBE_TEXT * 8))[:PROBE_TOKENS]
+    if len(ids) < PROBE_TOKENS:
+        raise ValueError(f"the probe text gives {len(ids)} tokens, under {PROBE_TOKENS}")
+    ctx = LlamaContext(model, ContextShape(n_seq=1, n_ctx_seq=2 * PROBE_TOKENS, n_batch=PROBE_TOKENS,
+                                           n_threads=n_threads, flash_attn=flash_attn))
+    try:
+        first: np.ndarray | None = None
+        for chunk in PROBE_CHUNKS:
+            ctx.seq_rm(0)
+            rows = []
+            for i in range(0, PROBE_TOKENS, chunk):
+                part = ids[i:i + chunk]
+                ctx.decode(part, list(range(i, i + len(part))), [0] * len(part), [True] * len(part))
+                rows.extend(ctx.logits_row(j).copy() for j in range(len(part)))
+            got = np.stack(rows)
+            if first is None:
+                first = got
+            elif not np.array_equal(got, first):
+                return False
+        return True
+    finally:
+        ctx.close()
+
+
+def load_for_generation(path: Path, deterministic: bool, n_threads: int, flash_attn: bool,
+                        fixed_order: bool) -> tuple[LlamaModel, str]:
+    """The model loaded for a generation engine, and what decided its weights' layout ("fast
+    kernels" for deterministic = false; for deterministic: "nothing to repack", "probe passed",
+    "probe failed"). Call it on the engine thread, after ffi.generation_kernels."""
+    if not deterministic:
+        return LlamaModel(path, repack=True), "fast kernels"
+    st = path.stat()        # a file replaced at the same path is probed again
+    key = (str(path), st.st_size, st.st_mtime_ns, n_threads, flash_attn, fixed_order)
+    if _VERDICTS.get(key) is False:
+        return LlamaModel(path, repack=False), "probe failed"
+    model = LlamaModel(path, repack=True)
+    if not repacked(model):
+        return model, "nothing to repack"
+    try:
+        if key not in _VERDICTS:
+            _VERDICTS[key] = rows_agree(model, n_threads, flash_attn)
+            log.info("%s: repacked rows %s on this CPU (load-time probe)", path.name,
+                     "agree with any batch" if _VERDICTS[key] else "depend on their batch: plain layout")
+    except BaseException:
+        model.close()
+        raise
+    if _VERDICTS[key]:
+        return model, "probe passed"
+    model.close()
+    return LlamaModel(path, repack=False), "probe failed"

@@ -1,0 +1,160 @@
+"""local/repacking: a deterministic generation engine keeps llama.cpp's repacked weights only where
+a load-time probe finds every row's logits independent of how its decode was cut, and the probe's
+verdict agrees with a longer, independent measurement on the real models (the Q4_0 conversion and
+gemma3's Q4_K_M) on whatever CPU runs it. The probe's comparison and the verdict cache are also
+tested on a fake context (pure logic)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelyard import settings as settings_mod
+from modelyard.local import repacking
+from modelyard.local.convert import converted
+from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel, generation_kernels
+from modelyard.store import ModelStore
+
+LONG = "the river carries old stones past quiet towns where people tell long stories " * 20
+LONG_TOKENS = 120
+# A longer prompt than the probe's, cut more ways: 16-row GEMMs, 4-row ones, GEMVs, mixed.
+LONG_CHUNKS = (LONG_TOKENS, 48, 16, 12, 7, 6, 5, 3, 2)
+
+
+def _store() -> ModelStore:
+    return ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False)
+
+
+def _all_rows(model: LlamaModel, chunk: int) -> np.ndarray:
+    ctx = LlamaContext(model, ContextShape(n_seq=1, n_ctx_seq=256, n_batch=LONG_TOKENS, n_threads=1,
+                                           flash_attn=True))
+    try:
+        ids = model.tokenize(LONG)[:LONG_TOKENS]
+        rows = []
+        for i in range(0, len(ids), chunk):
+            part = ids[i:i + chunk]
+            ctx.decode(part, list(range(i, i + len(part))), [0] * len(part), [True] * len(part))
+            rows.extend(ctx.logits_row(j).copy() for j in range(len(part)))
+        return np.stack(rows)
+    finally:
+        ctx.close()
+
+
+def _on_the_engine_kernels(fn):
+    """Run fn on a fresh thread with a deterministic engine's kernels pinned to it."""
+    out, errors = [], []
+
+    def run() -> None:
+        try:
+            fixed_order, flash_attn = generation_kernels(True)
+            assert fixed_order and flash_attn, "scripts/install builds llama.cpp with scripts/patches applied"
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            errors.append(exc)
+        finally:
+            generation_kernels(False)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(600)
+    assert not t.is_alive() and not errors, errors
+    return out[0]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("which", ["q4_0", "gemma3"])
+def test_the_probe_agrees_with_a_longer_measurement(which, tmp_path):
+    store = _store()
+    path = (converted(store.resolve("smollm2-135m"), "q4_0", tmp_path, threads=2) if which == "q4_0"
+            else store.resolve("gemma3-270m"))
+    model = LlamaModel(path, repack=True)
+    try:
+        assert repacking.repacked(model), f"{which} has no repacked weights on this CPU"
+
+        def measure():
+            verdict = repacking.rows_agree(model, n_threads=1, flash_attn=True)
+            rows = {c: _all_rows(model, c) for c in LONG_CHUNKS}
+            return verdict, all(np.array_equal(rows[c], rows[LONG_TOKENS]) for c in LONG_CHUNKS)
+        verdict, agree = _on_the_engine_kernels(measure)
+        assert verdict == agree, f"{which}: probe says {verdict}, 120 rows cut 9 ways say {agree}"
+    finally:
+        model.close()
+
+
+@pytest.mark.model
+def test_the_plain_layout_passes_the_probe():
+    """The fallback computes each row alone: the probe must pass there, or it refuses for no reason."""
+    model = LlamaModel(_store().resolve("gemma3-270m"), repack=False)
+    try:
+        assert not repacking.repacked(model)
+        assert _on_the_engine_kernels(lambda: repacking.rows_agree(model, n_threads=1, flash_attn=True))
+    finally:
+        model.close()
+
+
+# -- pure logic: a fake context whose logits depend (or not) on how many rows a decode has ----------
+
+class FakeModel:
+    buffers: dict[str, float] = {}
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+    def close(self) -> None:
+        pass
+
+
+def fake_context(depends_on_rows: int | None):
+    class Ctx:
+        def __init__(self, model, shape: ContextShape) -> None:
+            self.n = 0
+
+        def seq_rm(self, seq: int) -> None:
+            pass
+
+        def decode(self, tokens, positions, seqs, logits) -> None:
+            self.rows = [(p, len(tokens)) for p in positions]
+
+        def logits_row(self, j: int) -> np.ndarray:
+            pos, n = self.rows[j]
+            bump = 0.5 if depends_on_rows is not None and n == depends_on_rows else 0.0
+            return np.full(4, float(pos) + bump, dtype=np.float32)
+
+        def close(self) -> None:
+            pass
+    return Ctx
+
+
+@pytest.mark.parametrize("rows, agree", [(None, True), (5, False), (3, False), (2, False), (4, False)])
+def test_one_row_count_that_differs_fails_the_probe(monkeypatch, rows, agree):
+    monkeypatch.setattr(repacking, "LlamaContext", fake_context(rows))
+    assert repacking.rows_agree(FakeModel(), n_threads=1, flash_attn=True) is agree
+
+
+def test_the_verdict_is_probed_once_per_file_and_shape(monkeypatch, tmp_path: Path):
+    loads: list[bool] = []
+    probes: list[int] = []
+
+    class Model(FakeModel):
+        def __init__(self, path: Path, repack: bool = True) -> None:
+            loads.append(repack)
+            self.buffers = {"CPU_Mapped": 1.0, **({"CPU_REPACK": 1.0} if repack else {})}
+    monkeypatch.setattr(repacking, "LlamaModel", Model)
+    monkeypatch.setattr(repacking, "rows_agree", lambda m, n_threads, flash_attn: probes.append(n_threads) or False)
+    monkeypatch.setattr(repacking, "_VERDICTS", {})
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"x")
+    assert repacking.load_for_generation(f, True, 1, True, True)[1] == "probe failed"
+    assert loads == [True, False] and probes == [1]             # probed on the repacked load, reloaded plain
+    assert repacking.load_for_generation(f, True, 1, True, True)[1] == "probe failed"
+    assert loads == [True, False, False] and probes == [1]      # the verdict is kept: plain at once
+    assert repacking.load_for_generation(f, True, 2, True, True)[1] == "probe failed"
+    assert probes == [1, 2]                                     # another thread count is probed again
+    assert repacking.load_for_generation(f, False, 1, True, False)[1] == "fast kernels"
+    assert loads[-1] is True and probes == [1, 2]               # deterministic = false: never probed
+    os.utime(f, ns=(1, 1))
+    repacking.load_for_generation(f, True, 1, True, True)
+    assert probes == [1, 2, 1]                                   # a file changed in place is probed again
