@@ -158,3 +158,15 @@ def test_the_verdict_is_probed_once_per_file_and_shape(monkeypatch, tmp_path: Pa
     os.utime(f, ns=(1, 1))
     repacking.load_for_generation(f, True, 1, True, True)
     assert probes == [1, 2, 1]                                   # a file changed in place is probed again
+
+
+def test_the_footprint_counts_the_repacked_copies():
+    """Repacked tensors are copies in anonymous memory beside the file's mapped pages: a loaded
+    endpoint's weights are the model's bytes plus its CPU_REPACK buffer (what the registry accounts
+    once it is loaded), and only the model's bytes when nothing was repacked."""
+    from modelyard.local.footprint import MIB, reported
+    ctx = {"KV": 2.0, "compute": 1.0, "output": 0.5}
+    plain = reported(100 * MIB, ctx, weight_buffers_mib={"CPU_Mapped": 100.0})
+    packed = reported(100 * MIB, ctx, weight_buffers_mib={"CPU_Mapped": 99.5, "CPU_REPACK": 57.0})
+    assert plain.weights == 100 * MIB and packed.weights == 157 * MIB
+    assert packed.total - plain.total == 57 * MIB

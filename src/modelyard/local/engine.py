@@ -262,7 +262,7 @@ class LocalEngine(EngineThread):
                 n_batch=max(self.spec.batch, self.spec.parallel + 2), n_threads=self.spec.n_threads,
                 flash_attn=flash_attn))
             self.footprint = reported(self.model.size_bytes, ctx.buffers, self._host_cache.capacity,
-                                      vocab_of(self.model_path))
+                                      vocab_of(self.model_path), self.model.buffers)
             kernels = {"weight_repacking": repacked(self.model),
                        "flash_attention": flash_attn,
                        "fixed_order": fixed_order,

@@ -109,11 +109,18 @@ def vocab_of(path: Path) -> int:
         return 0
 
 
-def reported(model_bytes: int, buffers_mib: dict[str, float], host: int = 0, vocab: int = 0) -> Footprint:
-    """What llama.cpp allocated for a loaded endpoint: its weights (llama_model_size) and its
-    context's buffers as it logged them (local/ffi), plus the host prefix cache's bound and the
-    vocabulary's heap (`vocab_of`, which no buffer line reports)."""
-    return Footprint(model_bytes, int(buffers_mib.get("KV", 0.0) * MIB),
+def reported(model_bytes: int, buffers_mib: dict[str, float], host: int = 0, vocab: int = 0,
+             weight_buffers_mib: dict[str, float] | None = None) -> Footprint:
+    """What llama.cpp allocated for a loaded endpoint: its weights (llama_model_size), plus the
+    copies it made of them in the CPU_REPACK buffer (`weight_buffers_mib`, the model's buffer
+    lines: repacked tensors live there in anonymous memory while the file's pages they were read
+    from stay mapped, +57 MiB of RSS for smollm2's Q4_0 conversion, measured), and its context's
+    buffers as it logged them (local/ffi), plus the host prefix cache's bound and the
+    vocabulary's heap (`vocab_of`, which no buffer line reports). `estimate`, before the load,
+    cannot know whether a deterministic endpoint will keep its repacked weights
+    (local/repacking): after the load the registry accounts this figure instead."""
+    repacked = int((weight_buffers_mib or {}).get("CPU_REPACK", 0.0) * MIB)
+    return Footprint(model_bytes + repacked, int(buffers_mib.get("KV", 0.0) * MIB),
                      int((buffers_mib.get("compute", 0.0) + buffers_mib.get("output", 0.0)) * MIB), host, vocab)
 
 
