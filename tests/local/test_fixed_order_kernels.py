@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from modelyard.local import ffi
 from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel, fixed_order_kernels, use_fixed_order_kernels
 from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
+from testkit.kernels import on_a_thread
 
 pytestmark = pytest.mark.model
 
@@ -55,20 +55,7 @@ def _last_logits(model: LlamaModel, chunk: int) -> np.ndarray:
 
 
 def _on_a_thread(fixed: bool, model: LlamaModel) -> dict[int, np.ndarray]:
-    out: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            assert use_fixed_order_kernels(fixed)
-            out.update({c: _last_logits(model, c) for c in CHUNKS})
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-            errors.append(exc)
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(300)
-    assert not t.is_alive() and not errors, errors
-    return out
+    return on_a_thread(lambda: {c: _last_logits(model, c) for c in CHUNKS}, fixed, timeout=300)
 
 
 def test_flash_attention_on_the_fixed_order_thread_ignores_chunking_and_only_there(model):

@@ -7,7 +7,6 @@ tested on a fake context (pure logic)."""
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,9 @@ import pytest
 from modelyard import settings as settings_mod
 from modelyard.local import repacking
 from modelyard.local.convert import converted
-from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel, generation_kernels
+from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel
 from modelyard.store import ModelStore
+from testkit.kernels import on_a_thread
 
 LONG = "the river carries old stones past quiet towns where people tell long stories " * 20
 LONG_TOKENS = 120
@@ -44,26 +44,6 @@ def _all_rows(model: LlamaModel, chunk: int) -> np.ndarray:
         ctx.close()
 
 
-def _on_the_engine_kernels(fn):
-    """Run fn on a fresh thread with a deterministic engine's kernels pinned to it."""
-    out, errors = [], []
-
-    def run() -> None:
-        try:
-            fixed_order, flash_attn = generation_kernels(True)
-            assert fixed_order and flash_attn, "scripts/install builds llama.cpp with scripts/patches applied"
-            out.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-            errors.append(exc)
-        finally:
-            generation_kernels(False)
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(600)
-    assert not t.is_alive() and not errors, errors
-    return out[0]
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("which", ["q4_0", "gemma3"])
 def test_the_probe_agrees_with_a_longer_measurement(which, tmp_path):
@@ -78,7 +58,7 @@ def test_the_probe_agrees_with_a_longer_measurement(which, tmp_path):
             verdict = repacking.rows_agree(model, n_threads=1, flash_attn=True)
             rows = {c: _all_rows(model, c) for c in LONG_CHUNKS}
             return verdict, all(np.array_equal(rows[c], rows[LONG_TOKENS]) for c in LONG_CHUNKS)
-        verdict, agree = _on_the_engine_kernels(measure)
+        verdict, agree = on_a_thread(measure, fixed=True)
         assert verdict == agree, f"{which}: probe says {verdict}, 120 rows cut 9 ways say {agree}"
     finally:
         model.close()
@@ -90,7 +70,7 @@ def test_the_plain_layout_passes_the_probe():
     model = LlamaModel(_store().resolve("gemma3-270m"), repack=False)
     try:
         assert not repacking.repacked(model)
-        assert _on_the_engine_kernels(lambda: repacking.rows_agree(model, n_threads=1, flash_attn=True))
+        assert on_a_thread(lambda: repacking.rows_agree(model, n_threads=1, flash_attn=True), fixed=True)
     finally:
         model.close()
 

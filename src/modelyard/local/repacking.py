@@ -4,14 +4,15 @@ Repacked kernels compute a decode's rows in groups: a GEMM over each group of 4 
 on AVX-512), a GEMV for the rest. So a row takes the GEMM or the GEMV depending on how many rows
 its decode has, which load decides. Whether that changes its result is a property of one quant
 type's kernels on one CPU, and it was measured (issue 26, AVX-512 EPYC, every row's logits of a
-240-token prompt decoded whole and in chunks of 2 to 128): Q4_0's GEMV and GEMM agree bit for
-bit, so its rows never depend on their batch, while Q4_K's do not (gemma3-270m: 216-238 of 240
-rows differ, max |diff| 1.5-1.9, whenever a chunk is not a multiple of 4 rows).
+240-token prompt decoded whole and in chunks of 2 to 128; the same on an AVX2-only build): Q4_0's
+GEMV and GEMM agree bit for bit, so its rows never depend on their batch, while Q4_K's do not
+(gemma3-270m: 216-238 of 240 rows differ, max |diff| 1.5-1.9, whenever a chunk is not a multiple
+of 4 rows: its one-row path disagrees with the 4-row one on some rows, by value).
 
 So a deterministic endpoint does not assume either way; it asks the kernels, once per model file
 and context shape per process (load_for_generation): the same prompt decoded whole and in chunks
 that send its rows through every path, every row's logits compared bit for bit. It keeps the
-repacked weights (1.4-1.7x the plain layout's speed on Q4_0, docs/performance.md) where they all
+repacked weights (1.1-1.8x the plain layout's speed on Q4_0, docs/performance.md) where they all
 agree, and reloads the file in the plain layout, which computes each row alone, where one
 differs. The invariance matrix (tests/engine) checks the outcome under real load on whatever CPU
 runs it.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import EngineError
 from .ffi import ContextShape, LlamaContext, LlamaModel
 
 log = logging.getLogger("modelyard.engine")
@@ -50,9 +52,9 @@ def rows_agree(model: LlamaModel, n_threads: int, flash_attn: bool) -> bool:
     """Whether every row's logits come out the same however a prompt is cut into decodes, on the
     CALLING thread's kernels (call it on the thread that will decode). About 80 token-rows of
     prefill: 0.1-0.5 s on the store's models."""
-    ids = (model.tokenize(PROBE_TEXT * 8))[:PROBE_TOKENS]
+    ids = model.tokenize(PROBE_TEXT * 8)[:PROBE_TOKENS]
     if len(ids) < PROBE_TOKENS:
-        raise ValueError(f"the probe text gives {len(ids)} tokens, under {PROBE_TOKENS}")
+        raise EngineError(f"the repacking probe's text gives {len(ids)} tokens, under {PROBE_TOKENS}")
     ctx = LlamaContext(model, ContextShape(n_seq=1, n_ctx_seq=2 * PROBE_TOKENS, n_batch=PROBE_TOKENS,
                                            n_threads=n_threads, flash_attn=flash_attn))
     try:
@@ -88,15 +90,16 @@ def load_for_generation(path: Path, deterministic: bool, n_threads: int, flash_a
     model = LlamaModel(path, repack=True)
     if not repacked(model):
         return model, "nothing to repack"
-    try:
-        if key not in _VERDICTS:
-            _VERDICTS[key] = rows_agree(model, n_threads, flash_attn)
-            log.info("%s: repacked rows %s on this CPU (load-time probe)", path.name,
-                     "agree with any batch" if _VERDICTS[key] else "depend on their batch: plain layout")
-    except BaseException:
-        model.close()
-        raise
-    if _VERDICTS[key]:
+    agree = _VERDICTS.get(key)
+    if agree is None:
+        try:
+            agree = _VERDICTS[key] = rows_agree(model, n_threads, flash_attn)
+        except BaseException:
+            model.close()
+            raise
+        log.info("%s: repacked rows %s on this CPU (load-time probe)", path.name,
+                 "agree with any batch" if agree else "depend on their batch: plain layout")
+    if agree:
         return model, "probe passed"
     model.close()
     return LlamaModel(path, repack=False), "probe failed"
