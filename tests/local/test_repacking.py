@@ -1,7 +1,8 @@
 """local/repacking: a deterministic generation engine keeps llama.cpp's repacked weights only where
 a load-time probe finds every row's logits independent of how its decode was cut, and the probe's
 verdict agrees with a longer, independent measurement on the real models (the Q4_0 conversion and
-gemma3's Q4_K_M) on whatever CPU runs it. The probe's comparison and the verdict cache are also
+gemma3's Q4_K_M) on whatever CPU runs it, and both keep their repacked weights on scripts/install's
+build. The probe's comparison and the verdict cache are also
 tested on a fake context (pure logic)."""
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def test_the_probe_agrees_with_a_longer_measurement(which, tmp_path):
             return verdict, all(np.array_equal(rows[c], rows[LONG_TOKENS]) for c in LONG_CHUNKS)
         verdict, agree = on_a_thread(measure, fixed=True)
         assert verdict == agree, f"{which}: probe says {verdict}, 120 rows cut 9 ways say {agree}"
+        # And they agree on this build: Q4_0's kernels round alike in stock llama.cpp, Q4_K's since
+        # scripts/patches/ggml-cpu-q4_K-gemv-order.patch (without it, gemma3's rows differ here).
+        assert agree, f"{which}: a row's logits depend on how its prompt was cut, repacked"
     finally:
         model.close()
 

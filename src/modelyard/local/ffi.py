@@ -160,8 +160,9 @@ class LlamaModel:
     repack=False keeps every weight in ggml's plain CPU layout. With it on, llama.cpp moves
     Q4_0, Q4_K, IQ4_NL and Q8_0 weights into the CPU_REPACK buffer on AVX2 CPUs, whose
     kernels compute rows in groups (a 4-row GEMM, a GEMV for the rest), so a row's logits
-    depend on how many rows its batch has: gemma3-270m's Q4_K_M changed its greedy text
-    under load on an AVX2-only EPYC. The plain layout computes each row alone. Which layout a
+    can depend on how many rows its batch has where the two kernels round differently
+    (stock Q4_K did: gemma3-270m's greedy text changed under load on an AVX2-only EPYC;
+    scripts/patches fixes it). The plain layout computes each row alone. Which layout a
     generation engine gets: local/repacking.
     """
 

@@ -5,17 +5,19 @@ on AVX-512), a GEMV for the rest. So a row takes the GEMM or the GEMV depending 
 its decode has, which load decides. Whether that changes its result is a property of one quant
 type's kernels on one CPU, and it was measured (issue 26, AVX-512 EPYC, every row's logits of a
 240-token prompt decoded whole and in chunks of 2 to 128; the same on an AVX2-only build): Q4_0's
-GEMV and GEMM agree bit for bit, so its rows never depend on their batch, while Q4_K's do not
-(gemma3-270m: 216-238 of 240 rows differ, max |diff| 1.5-1.9, whenever a chunk is not a multiple
-of 4 rows: its one-row path disagrees with the 4-row one on some rows, by value).
+GEMV and GEMM agree bit for bit, so its rows never depend on their batch. Q4_K's did not in stock
+llama.cpp (gemma3-270m: 216-238 of 240 rows differed whenever a chunk was not a multiple of 4
+rows): its GEMV summed a super-block in int32 before scaling, its GEMMs scale and accumulate each
+pair of sub-blocks in float, so the roundings differed. scripts/patches/ggml-cpu-q4_K-gemv-order
+.patch makes the GEMV round as the GEMMs do, and its rows agree too.
 
-So a deterministic endpoint does not assume either way; it asks the kernels, once per model file
-and context shape per process (load_for_generation): the same prompt decoded whole and in chunks
-that send its rows through every path, every row's logits compared bit for bit. It keeps the
-repacked weights (1.1-1.8x the plain layout's speed on Q4_0, docs/performance.md) where they all
-agree, and reloads the file in the plain layout, which computes each row alone, where one
-differs. The invariance matrix (tests/engine) checks the outcome under real load on whatever CPU
-runs it.
+A deterministic endpoint still does not assume either way, because another llama.cpp or another
+CPU's kernels may differ again; it asks the kernels, once per model file and context shape per
+process (load_for_generation): the same prompt decoded whole and in chunks that send its rows
+through every path, every row's logits compared bit for bit. It keeps the repacked weights
+(1.1-1.8x the plain layout's speed, docs/performance.md) where they all agree, and reloads the
+file in the plain layout, which computes each row alone, where one differs. The invariance
+matrix (tests/engine) checks the outcome under real load on whatever CPU runs it.
 """
 
 from __future__ import annotations
