@@ -154,3 +154,27 @@ def test_the_footprint_counts_the_repacked_copies():
     packed = reported(100 * MIB, ctx, weight_buffers_mib={"CPU_Mapped": 99.5, "CPU_REPACK": 57.0})
     assert plain.weights == 100 * MIB and packed.weights == 157 * MIB
     assert packed.total - plain.total == 57 * MIB
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("which", ["q4_0", "gemma3", "q4_1"])
+def test_the_estimate_counts_the_copies_llama_cpp_repacks(which, tmp_path):
+    """Before the load, the memory budget's estimate (local/footprint) counts the matrices llama.cpp
+    will copy into CPU_REPACK: the same bytes as the buffer a repacked load allocates (0 where
+    nothing repacks, smollm2's Q4_1), and none for an embeddings endpoint, which loads plain."""
+    from modelyard.local.footprint import MIB, estimate
+    from modelyard.settings import EndpointSpec
+    store = _store()
+    path = {"q4_0": lambda: converted(store.resolve("smollm2-135m"), "q4_0", tmp_path, threads=2),
+            "gemma3": lambda: store.resolve("gemma3-270m"),
+            "q4_1": lambda: store.resolve("smollm2-135m")}[which]()
+    spec = EndpointSpec(name="x", model="x", context=256, parallel=1, threads=1)
+    file_bytes = estimate(path, spec, embeddings=True).weights
+    counted = estimate(path, spec, embeddings=False).weights - file_bytes
+    model = LlamaModel(path, repack=True)
+    try:
+        allocated = model.buffers.get("CPU_REPACK", 0.0) * MIB
+    finally:
+        model.close()
+    assert abs(counted - allocated) <= 0.01 * MIB, (which, counted / MIB, allocated / MIB)
+    assert (counted > 0) == (which != "q4_1")

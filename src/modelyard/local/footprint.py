@@ -3,7 +3,9 @@
 The memory budget (registry/lifecycle) must decide whether a model fits, and what to evict for it,
 before paying for the load; so the figure comes from the file and the endpoint's shape:
 
-    weights  = the tensors' data (mapped from the file, resident once touched)
+    weights  = the tensors' data (mapped from the file, resident once touched), plus, for a
+               generation endpoint, the copies llama.cpp makes of the matrices its CPU repacks
+               (CPU_REPACK, anonymous memory beside the mapped pages: `repacked_bytes`)
     kv       = n_layer x context x parallel x (n_embd_k_gqa + n_embd_v_gqa) x 2 bytes (f16 K and V)
     compute  = n_batch x (n_vocab + 4 x n_embd) x 4 bytes (llama.cpp's CPU graph is dominated
                by the logits of one batch) + the output buffer (parallel x n_vocab x 4 bytes)
@@ -30,6 +32,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import StoreError
 from ..settings import EndpointSpec
@@ -59,6 +63,37 @@ class Footprint:
         return round(self.total / MIB, 1)
 
 
+# What llama.cpp copies into its CPU_REPACK buffer when a generation engine loads a file repacked
+# (local/repacking: always for deterministic = false, where the load-time probe passes otherwise):
+# on x86, ggml-cpu/repack.cpp's ggml_repack_get_optimal_repack_type, by ggml type and the CPU
+# feature (ggml's system info) its kernels need, for matrices of a multiple of 8 rows; token_embd is
+# read by GET_ROWS, which the repacked buffer does not take. Counted whether or not the probe will
+# pass, so the estimate stays an upper bound. Checked against llama.cpp's CPU_REPACK buffer
+# (tests/local/test_repacking.py): 56.95 MiB for smollm2's Q4_0 conversion, 12.66 MiB for gemma3's
+# Q4_K_M. Other architectures (ARM, RISC-V) repack other types: not counted there.
+REPACKED_ON_X86 = {2: "AVX2", 12: "AVX2", 20: "AVX2", 39: "AVX2", 10: "AVX512"}   # Q4_0, Q4_K, IQ4_NL, MXFP4, Q2_K
+REPACK_ROWS = 8
+
+
+def repacked_bytes(tensors: list[tuple[str, tuple[int, ...], int]], system_info: str) -> int:
+    """Bytes of `tensors` (name, dims, ggml type) llama.cpp copies into CPU_REPACK on a CPU whose
+    ggml reports `system_info` (local/ffi.system_info)."""
+    if "REPACK = 1" not in system_info:
+        return 0
+    total = 0
+    for name, dims, ggml_type in tensors:
+        feature = REPACKED_ON_X86.get(ggml_type)
+        if (feature is None or f" {feature} = 1" not in system_info or len(dims) < 2
+                or dims[1] % REPACK_ROWS or name.startswith("token_embd")):
+            continue
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        elements = 1
+        for d in dims:
+            elements *= d
+        total += elements // block * size
+    return total
+
+
 def n_batch(spec: EndpointSpec) -> int:
     """The tokens per llama_decode the generation engine asks for (local/engine)."""
     return max(spec.batch, spec.parallel + 2)
@@ -66,8 +101,10 @@ def n_batch(spec: EndpointSpec) -> int:
 
 def estimate(path: Path, spec: EndpointSpec, embeddings: bool) -> Footprint:
     """The memory endpoint `spec` will need to serve the GGUF at `path` (see the module)."""
+    tensors: list[tuple[str, tuple[int, ...], int]] = []
     meta, weights = read_header(path, lambda key: key.startswith(("general.", *VOCAB_KEYS))
-                                or key.count(".") >= 1 and not key.startswith("tokenizer."))
+                                or key.count(".") >= 1 and not key.startswith("tokenizer."),
+                                on_tensor=lambda *t: tensors.append(t))
     arch = meta.get("general.architecture")
 
     def num(key: str, default: int | None = None) -> int:
@@ -91,7 +128,10 @@ def estimate(path: Path, spec: EndpointSpec, embeddings: bool) -> Footprint:
     v = n_head_kv * num("attention.value_length", head_dim)
     kv = num("block_count") * spec.context * spec.parallel * (k + v) * F16
     compute = n_batch(spec) * (n_vocab + 4 * n_embd) * F32 + spec.parallel * n_vocab * F32
-    return Footprint(weights, kv, compute, host, vocab)
+    # ggml's CPU features as the load will see them; imported here, so that what imports this
+    # module (the registry, in a gateway with remote endpoints only) does not load llama.cpp
+    from .ffi import system_info
+    return Footprint(weights + repacked_bytes(tensors, system_info()), kv, compute, host, vocab)
 
 
 def _vocab(meta: dict) -> int:
@@ -117,7 +157,7 @@ def reported(model_bytes: int, buffers_mib: dict[str, float], host: int = 0, voc
     from stay mapped, +57 MiB of RSS for smollm2's Q4_0 conversion, measured), and its context's
     buffers as it logged them (local/ffi), plus the host prefix cache's bound and the
     vocabulary's heap (`vocab_of`, which no buffer line reports). `estimate`, before the load,
-    cannot know whether a deterministic endpoint will keep its repacked weights
+    counts the repacked copies whether or not a deterministic endpoint's probe will keep them
     (local/repacking): after the load the registry accounts this figure instead."""
     repacked = int((weight_buffers_mib or {}).get("CPU_REPACK", 0.0) * MIB)
     return Footprint(model_bytes + repacked, int(buffers_mib.get("KV", 0.0) * MIB),

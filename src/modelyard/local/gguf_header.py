@@ -25,6 +25,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 MAX_KEYS = 1 << 20          # sanity bounds: a corrupt header must not make us loop or allocate forever
 MAX_STRING = 1 << 28
+MAX_DIMS = 4                # GGML_MAX_DIMS
 
 
 def model_type(path: Path) -> ModelType:
@@ -42,11 +43,12 @@ def read_keys(path: Path, wanted) -> dict[str, object]:
     return read_header(path, wanted, tensors=False)[0]
 
 
-def read_header(path: Path, wanted, tensors: bool = True) -> tuple[dict[str, object], int]:
+def read_header(path: Path, wanted, tensors: bool = True, on_tensor=None) -> tuple[dict[str, object], int]:
     """`read_keys`' values and the bytes of tensor data the file holds (from the end of the
     header, aligned, to the end of the file): what local/footprint needs, without the tensors.
     (gguf's GGUFReader parses every array too: 30 s for gemma3's 262,144-token vocabulary on a
-    loaded machine, where this takes a fraction of one.) `tensors=False`: the keys only (0 bytes)."""
+    loaded machine, where this takes a fraction of one.) `tensors=False`: the keys only (0 bytes).
+    `on_tensor(name, dims, ggml_type)` is called for each tensor's entry, if given."""
     try:
         with open(path, "rb") as f:
             magic, version = f.read(4), _read(f, "<I")
@@ -64,9 +66,18 @@ def read_header(path: Path, wanted, tensors: bool = True) -> tuple[dict[str, obj
                     found[key] = value
             if not tensors:
                 return found, 0
-            for _ in range(n_tensors):          # name, dims, type, offset: skipped
-                _string(f, keep=False)
-                f.seek(8 * _read(f, "<I") + 4 + 8, 1)
+            for _ in range(n_tensors):          # name, dims, type, offset
+                if on_tensor is None:
+                    _string(f, keep=False)
+                    f.seek(8 * _read(f, "<I") + 4 + 8, 1)
+                    continue
+                name, n_dims = _string(f), _read(f, "<I")
+                if n_dims > MAX_DIMS:
+                    raise struct.error(f"tensor {name!r} has {n_dims} dimensions")
+                dims = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
+                ggml_type = _read(f, "<I")
+                f.seek(8, 1)
+                on_tensor(name, dims, ggml_type)
             align = int(found.get("general.alignment", 32))     # type: ignore[arg-type]
             start = -(-f.tell() // align) * align
             size = f.seek(0, 2)
