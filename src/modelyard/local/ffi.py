@@ -158,7 +158,8 @@ class LlamaModel:
     """Weights and vocabulary of one GGUF file (read-only, shareable across contexts).
 
     repack=False keeps every weight in ggml's plain CPU layout. With it on, llama.cpp moves
-    Q4_0, Q4_K, IQ4_NL and Q8_0 weights into the CPU_REPACK buffer on AVX2 CPUs, whose
+    Q4_0, Q4_K, IQ4_NL and MXFP4 matrices (and Q2_K with AVX-512) into the CPU_REPACK buffer on
+    x86 CPUs with AVX2 (local/footprint.REPACKED_ON_X86; not Q8_0, which it repacks on ARM), whose
     kernels compute rows in groups (a 4-row GEMM, a GEMV for the rest), so a row's logits
     can depend on how many rows its batch has where the two kernels round differently
     (stock Q4_K did: gemma3-270m's greedy text changed under load on an AVX2-only EPYC;
