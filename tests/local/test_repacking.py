@@ -2,8 +2,8 @@
 a load-time probe finds every row's logits independent of how its decode was cut, and the probe's
 verdict agrees with a longer, independent measurement on the real models (the Q4_0 conversion and
 gemma3's Q4_K_M) on whatever CPU runs it, and both keep their repacked weights on scripts/install's
-build. The probe's comparison and the verdict cache are also
-tested on a fake context (pure logic)."""
+build. The probe's comparison and the verdict cache are also tested on a fake context (pure logic),
+and the memory footprint's count of the repacked copies against what llama.cpp allocates."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from modelyard import settings as settings_mod
 from modelyard.local import repacking
 from modelyard.local.convert import converted
 from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel
+from modelyard.local.footprint import MIB, estimate, reported
+from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
 from testkit.kernels import on_a_thread
 
@@ -148,7 +150,6 @@ def test_the_footprint_counts_the_repacked_copies():
     """Repacked tensors are copies in anonymous memory beside the file's mapped pages: a loaded
     endpoint's weights are the model's bytes plus its CPU_REPACK buffer (what the registry accounts
     once it is loaded), and only the model's bytes when nothing was repacked."""
-    from modelyard.local.footprint import MIB, reported
     ctx = {"KV": 2.0, "compute": 1.0, "output": 0.5}
     plain = reported(100 * MIB, ctx, weight_buffers_mib={"CPU_Mapped": 100.0})
     packed = reported(100 * MIB, ctx, weight_buffers_mib={"CPU_Mapped": 99.5, "CPU_REPACK": 57.0})
@@ -162,8 +163,6 @@ def test_the_estimate_counts_the_copies_llama_cpp_repacks(which, tmp_path):
     """Before the load, the memory budget's estimate (local/footprint) counts the matrices llama.cpp
     will copy into CPU_REPACK: the same bytes as the buffer a repacked load allocates (0 where
     nothing repacks, smollm2's Q4_1), and none for an embeddings endpoint, which loads plain."""
-    from modelyard.local.footprint import MIB, estimate
-    from modelyard.settings import EndpointSpec
     store = _store()
     path = {"q4_0": lambda: converted(store.resolve("smollm2-135m"), "q4_0", tmp_path, threads=2),
             "gemma3": lambda: store.resolve("gemma3-270m"),

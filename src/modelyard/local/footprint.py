@@ -30,6 +30,7 @@ answering held 137 MiB of RSS against a 127.5 MiB estimate.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,8 @@ class Footprint:
 # pass, so the estimate stays an upper bound. Checked against llama.cpp's CPU_REPACK buffer
 # (tests/local/test_repacking.py): 56.95 MiB for smollm2's Q4_0 conversion, 12.66 MiB for gemma3's
 # Q4_K_M. Other architectures (ARM, RISC-V) repack other types: not counted there.
-REPACKED_ON_X86 = {2: "AVX2", 12: "AVX2", 20: "AVX2", 39: "AVX2", 10: "AVX512"}   # Q4_0, Q4_K, IQ4_NL, MXFP4, Q2_K
+_Q = GGMLQuantizationType
+REPACKED_ON_X86 = {_Q.Q4_0: "AVX2", _Q.Q4_K: "AVX2", _Q.IQ4_NL: "AVX2", _Q.MXFP4: "AVX2", _Q.Q2_K: "AVX512"}
 REPACK_ROWS = 8
 
 
@@ -87,10 +89,7 @@ def repacked_bytes(tensors: list[tuple[str, tuple[int, ...], int]], system_info:
                 or dims[1] % REPACK_ROWS or name.startswith("token_embd")):
             continue
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        elements = 1
-        for d in dims:
-            elements *= d
-        total += elements // block * size
+        total += math.prod(dims) // block * size
     return total
 
 
