@@ -189,6 +189,7 @@ class FakeContext:
         self.fail_next: BaseException | None = None     # raised by the next decode
         self.fail_when = None                           # slots -> bool: a decode touching them fails
         self.ops: list[tuple] = []                      # ("rm", seq, p0) / ("cp", src, dst) / ("decode", n)
+        self.calls: list[list[int]] = []                # each decode's sequence ids, row by row
         self.violations: list[KVViolation] = []
 
     def seq_rm(self, seq: int, p0: int = 0, p1: int = -1) -> None:
@@ -196,6 +197,11 @@ class FakeContext:
         assert p0 >= 0
         self.ops.append(("rm", seq, p0))
         del self.kv[seq][p0:]
+
+    n_ctx_seq = 1 << 20
+
+    def seq_pos_max(self, seq: int) -> int:
+        return len(self.kv[seq]) - 1
 
     def seq_cp(self, src: int, dst: int) -> None:
         # LlamaContext.seq_cp drops dst's KV first, then copies src's whole KV.
@@ -220,6 +226,7 @@ class FakeContext:
         assert 0 < n <= self.n_batch, f"batch of {n} tokens, n_batch {self.n_batch}"
         assert len(positions) == len(seqs) == len(logits) == n
         self.ops.append(("decode", n))
+        self.calls.append(list(seqs))
         self.rows = {}
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
@@ -245,9 +252,10 @@ class FakeContext:
 class FakeRunner:
     """runner.Runner: records each batch, then runs the real LlamaCppRunner on a FakeContext."""
 
-    def __init__(self, model: Model, n_slots: int, n_batch: int, host_cache: HostCache | None = None) -> None:
+    def __init__(self, model: Model, n_slots: int, n_batch: int, host_cache: HostCache | None = None,
+                 fill_holes: bool = True) -> None:
         self.ctx = FakeContext(model, n_slots, n_batch)
-        self._runner = LlamaCppRunner(self.ctx, host_cache)
+        self._runner = LlamaCppRunner(self.ctx, host_cache, fill_holes=fill_holes)
         self.batches: list[BatchRecord] = []
         self.raise_in_execute: BaseException | None = None   # raised before touching the KV
 
@@ -323,12 +331,12 @@ def collect(items: list) -> Result:
 
 class Harness:
     def __init__(self, n_slots: int = 4, step_tokens: int = 16, prefix_cache: bool = True,
-                 model: Model | None = None, host_cache_bytes: int = 0) -> None:
+                 model: Model | None = None, host_cache_bytes: int = 0, fill_holes: bool = True) -> None:
         self.vocab = FakeVocab()
         self.grammars = fake_grammars()
         self.n_slots = n_slots
         self.host_cache = HostCache(host_cache_bytes)
-        self.runner = FakeRunner(model or scripted(), n_slots, step_tokens, self.host_cache)
+        self.runner = FakeRunner(model or scripted(), n_slots, step_tokens, self.host_cache, fill_holes)
         self.pool = SlotPool(n_slots)
         self.sched = Scheduler(self.pool, step_tokens, prefix_cache, self.host_cache)
         self.emits: list[list[tuple[Request, object]]] = []

@@ -96,6 +96,7 @@ class LocalEngine(EngineThread):
                 "host_cache_hit_tokens": host.hit_tokens, "host_cache_evictions": host.evictions,
                 "peak_logits_rows": core.runner.peak_logits_rows,
                 "peak_step_logits_rows": core.runner.peak_step_rows,
+                "filler_rows": core.runner.filler_rows,
                 **(self._grammars.status() if self._grammars else {}),
                 **self.build_info}
 
@@ -283,7 +284,8 @@ class LocalEngine(EngineThread):
         emit = lambda out: self._loop.call_soon_threadsafe(self._deliver, out)  # noqa: E731
         scheduler = Scheduler(SlotPool(self.spec.parallel), max(self.spec.batch, self.spec.parallel + 2),
                               self.spec.prefix_cache, self._host_cache)
-        self._core = EngineCore(scheduler, LlamaCppRunner(ctx, self._host_cache), self.model, emit)
+        self._core = EngineCore(scheduler, LlamaCppRunner(ctx, self._host_cache, fill_holes=self.model.plain_kv),
+                                self.model, emit)
         started.set_result(None)
         try:
             self._serve()

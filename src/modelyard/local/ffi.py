@@ -184,6 +184,10 @@ class LlamaModel:
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
         self.n_embd: int = C.llama_model_n_embd(self._model)
         self.size_bytes: int = C.llama_model_size(self._model)     # the tensors' bytes, as loaded
+        # Its memory is one plain KV cache: no sliding-window layers (whose cache reuses the cells
+        # of positions out of the window), nothing recurrent. The runner's filler rows rely on it.
+        self.plain_kv: bool = (C.llama_model_n_swa(self._model) == 0 and not C.llama_model_is_recurrent(self._model)
+                               and not C.llama_model_is_hybrid(self._model))
         self._pieces: dict[int, bytes] = {}
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -400,6 +404,14 @@ class LlamaContext:
     def seq_rm(self, seq: int, p0: int = 0, p1: int = -1) -> None:
         if not C.llama_memory_seq_rm(self._mem, seq, p0, p1):
             raise EngineError(f"could not drop positions {p0}..{p1} of sequence {seq}")
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return self.shape.n_ctx_seq
+
+    def seq_pos_max(self, seq: int) -> int:
+        """The last position `seq` holds in the KV (-1: none)."""
+        return C.llama_memory_seq_pos_max(self._mem, seq)
 
     def seq_cp(self, src: int, dst: int) -> None:
         """Copy src's whole KV to dst (with separate streams: a full buffer copy, applied

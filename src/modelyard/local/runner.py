@@ -26,6 +26,30 @@ class Runner(Protocol):
     def execute(self, batch: Batch, prefilled: Prefilled | None = None) -> Logits: ...
 
 
+# With a KV stream per sequence, llama.cpp cuts a batch into ubatches of CONSECUTIVE sequence ids
+# (llama_batch_allocr::split_equal, sequential), and each ubatch reads all the weights again. A
+# slot between two decoding ones (its request finished, or it is prefilling this step) cut the
+# step's decode call in two: 16-row steps took 67 ms, 15 rows with one hole 78 ms (smollm2, AVX-512,
+# c=16: a sixth of the steps). A filler row in the hole (a throwaway token at the end of that
+# slot's KV, no logits, removed right after) costs one row (about 4 ms) and keeps the call whole.
+# Only runs of one slot are filled: a row costs about what the split does, so two rows gain nothing.
+FILLED_RUN = 1
+# llama.cpp pads the keys a ubatch attends over to a multiple of this (llama_kv_cache::get_n_kv, at
+# least 256), over the longest of the ubatch's sequences: a filler whose slot holds more would make
+# every row of the call attend over more (masked) keys.
+KV_PAD = 256
+
+
+def fillable_holes(slots: list[int], run: int = FILLED_RUN) -> list[int]:
+    """The slots missing between consecutive entries of the sorted `slots` (a step's decode
+    rows), in runs of at most `run` slots: those whose filler rows keep the decode one ubatch."""
+    out = []
+    for a, b in zip(slots, slots[1:]):
+        if 1 < b - a <= run + 1:
+            out.extend(range(a + 1, b))
+    return out
+
+
 class LlamaCppRunner:
     """One llama_decode per prompt chunk, then one for all decode tokens.
 
@@ -37,9 +61,15 @@ class LlamaCppRunner:
     separate calls cost about nothing.
     """
 
-    def __init__(self, ctx: LlamaContext, host_cache: HostCache | None = None) -> None:
+    def __init__(self, ctx: LlamaContext, host_cache: HostCache | None = None, fill_holes: bool = False) -> None:
         self.ctx = ctx
         self.host_cache = host_cache
+        # Filler rows (FILLED_RUN) where the model's memory is a plain KV cache (ffi.LlamaModel.
+        # plain_kv): there a filler takes the cell the slot's next token would take and gives it
+        # back, so the slot's KV is as before, cell for cell. A sliding-window cache may overwrite
+        # the cell of a position out of the window instead, which a shorter reused prefix needs.
+        self.fill_holes = fill_holes
+        self.filler_rows = 0        # filler rows computed, in all
         self.peak_logits_rows = 0   # the most logits rows one llama_decode asked for (memory)
         self.peak_step_rows = 0     # the most prompt logits rows one step copied and held (memory)
 
@@ -64,10 +94,9 @@ class LlamaCppRunner:
             if prefilled is not None:
                 prefilled(chunk, kept.__getitem__)
         self.peak_step_rows = max(self.peak_step_rows, len(kept))
-        n_decode = len(batch.decodes)  # decode rows come first in a batch
-        if n_decode:
-            self._decode(batch, range(n_decode))
-        return lambda row: kept[row] if row >= n_decode else self.ctx.logits_row(row)
+        n_decode = len(batch.decodes)  # decode rows come first in a batch, in slot order
+        at = self._decode_rows(batch, n_decode) if n_decode else []
+        return lambda row: kept[row] if row >= n_decode else self.ctx.logits_row(at[row])
 
     def _save(self, slot: int, prefix: tuple[int, ...], partition: str) -> None:
         assert self.host_cache is not None
@@ -77,6 +106,50 @@ class LlamaCppRunner:
         except EngineError:   # a cache that could not be filled is a miss later, not a failure
             return
         self.host_cache.put(prefix, state, self.ctx.state_nbytes(state), partition)
+
+    def _decode_rows(self, batch: Batch, n: int) -> list[int]:
+        """The step's decode rows (batch rows 0..n-1) in one llama_decode, with filler rows in
+        the holes worth filling; returns each decode row's row in that call."""
+        fillers = self._fillers(batch, n)
+        if not fillers:
+            self._decode(batch, range(n))
+            return list(range(n))
+        tokens, positions, slots, logits, at = [], [], [], [], []
+        pending = iter(fillers)
+        filler = next(pending, None)
+        for i in range(n):
+            while filler is not None and filler[0] < batch.slots[i]:
+                tokens.append(batch.tokens[i])   # any token: its row is thrown away
+                positions.append(filler[1])
+                slots.append(filler[0])
+                logits.append(False)
+                filler = next(pending, None)
+            at.append(len(tokens))
+            tokens.append(batch.tokens[i])
+            positions.append(batch.positions[i])
+            slots.append(batch.slots[i])
+            logits.append(batch.logits[i])
+        self.peak_logits_rows = max(self.peak_logits_rows, sum(logits))
+        try:
+            self.ctx.decode(tokens, positions, slots, logits)
+        finally:
+            for slot, pos in fillers:     # even after a failure: the slot holds what it held
+                self.ctx.seq_rm(slot, pos)
+        self.filler_rows += len(fillers)
+        return at
+
+    def _fillers(self, batch: Batch, n: int) -> list[tuple[int, int]]:
+        """(slot, position) of the filler rows for this step's n decode rows: each at the end of
+        its slot's KV, where it fits in the slot's context and adds no keys to the call."""
+        if not self.fill_holes or n < 2:
+            return []
+        longest = -(-(max(batch.positions[:n]) + 1) // KV_PAD) * KV_PAD
+        out = []
+        for slot in fillable_holes(batch.slots[:n]):
+            pos = self.ctx.seq_pos_max(slot) + 1
+            if pos < self.ctx.n_ctx_seq and pos < longest:
+                out.append((slot, pos))
+        return out
 
     def _decode(self, batch: Batch, rows: range) -> None:
         s = slice(rows.start, rows.stop)
