@@ -12,7 +12,7 @@ def test_fillable_holes_are_runs_of_one_slot_between_decoding_ones() -> None:
     assert FILLED_RUN == 1
     assert fillable_holes([0, 1, 2, 3]) == []
     assert fillable_holes([0, 2, 3, 5]) == [1, 4]
-    assert fillable_holes([0, 3]) == []                 # a run of two: a split costs about two rows
+    assert fillable_holes([0, 3]) == []                 # a run of two: two rows cost what the split does
     assert fillable_holes([0, 3], run=2) == [1, 2]
     assert fillable_holes([2, 4]) == [3]                # nothing before the first or after the last
     assert fillable_holes([5]) == []
@@ -82,3 +82,16 @@ def test_a_failed_decode_still_takes_its_fillers_back() -> None:
     h.run()
     for rid in "AC":
         assert h.result(rid).error is None
+
+
+def test_no_filler_for_a_slot_holding_more_than_the_call_attends_over() -> None:
+    """B's slot holds a long prompt when B ends: a filler there would make every row of the call
+    attend over more keys (runner.KV_PAD), so the call is left cut in two."""
+    h = Harness(n_slots=4, step_tokens=16)
+    h.add("A", "abc", max_tokens=40)
+    h.add("B", "bcdefghijklmnopqrstuvwxyz" * 12, max_tokens=1)      # 300 tokens
+    h.add("C", "cde", max_tokens=40)
+    h.run()
+    assert all(h.result(r).error is None for r in "ABC")
+    assert sum(gaps_of_one(c) for c in h.runner.ctx.calls) > 0
+    assert h.runner._runner.filler_rows == 0

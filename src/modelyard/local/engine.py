@@ -284,7 +284,7 @@ class LocalEngine(EngineThread):
         emit = lambda out: self._loop.call_soon_threadsafe(self._deliver, out)  # noqa: E731
         scheduler = Scheduler(SlotPool(self.spec.parallel), max(self.spec.batch, self.spec.parallel + 2),
                               self.spec.prefix_cache, self._host_cache)
-        self._core = EngineCore(scheduler, LlamaCppRunner(ctx, self._host_cache, fill_holes=self.model.plain_kv),
+        self._core = EngineCore(scheduler, LlamaCppRunner(ctx, self._host_cache, fill_holes=self.model.kv_only),
                                 self.model, emit)
         started.set_result(None)
         try:

@@ -184,10 +184,9 @@ class LlamaModel:
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
         self.n_embd: int = C.llama_model_n_embd(self._model)
         self.size_bytes: int = C.llama_model_size(self._model)     # the tensors' bytes, as loaded
-        # Its memory is one plain KV cache: no sliding-window layers (whose cache reuses the cells
-        # of positions out of the window), nothing recurrent. The runner's filler rows rely on it.
-        self.plain_kv: bool = (C.llama_model_n_swa(self._model) == 0 and not C.llama_model_is_recurrent(self._model)
-                               and not C.llama_model_is_hybrid(self._model))
+        # Its memory is a KV cache of cells alone (nothing recurrent): LlamaContext fills each
+        # sequence's cells in position order, which the runner's filler rows rely on.
+        self.kv_only: bool = not C.llama_model_is_recurrent(self._model) and not C.llama_model_is_hybrid(self._model)
         self._pieces: dict[int, bytes] = {}
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -365,6 +364,11 @@ class LlamaContext:
         p.n_seq_max = shape.n_seq
         p.n_threads = p.n_threads_batch = shape.n_threads
         p.kv_unified = shape.kv_unified
+        # Sliding-window layers (gemma3) keep a full-size cache too (llama.cpp's default, made sure
+        # of): a cell is never reused for a new position while it holds one out of the window, so
+        # a sequence's cells below its end are full and above it empty, as in any other layer (a
+        # shorter reused prefix finds its window, and the runner's filler rows rely on it).
+        p.swa_full = True
         p.no_perf = True
         # Batch invariance: ggml's CPU flash attention sums in an order that depends on how
         # many query rows a sequence has in the ubatch, so the same prompt chunked differently

@@ -64,10 +64,10 @@ class LlamaCppRunner:
     def __init__(self, ctx: LlamaContext, host_cache: HostCache | None = None, fill_holes: bool = False) -> None:
         self.ctx = ctx
         self.host_cache = host_cache
-        # Filler rows (FILLED_RUN) where the model's memory is a plain KV cache (ffi.LlamaModel.
-        # plain_kv): there a filler takes the cell the slot's next token would take and gives it
-        # back, so the slot's KV is as before, cell for cell. A sliding-window cache may overwrite
-        # the cell of a position out of the window instead, which a shorter reused prefix needs.
+        # Filler rows (FILLED_RUN) where the model's memory is a KV cache alone (ffi.LlamaModel.
+        # kv_only): a sequence's cells are full below its end and empty above (LlamaContext), so
+        # a filler takes the cell the slot's next token would take and gives it back, and the
+        # slot's KV is as before, cell for cell (cell order is the order flash attention sums in).
         self.fill_holes = fill_holes
         self.filler_rows = 0        # filler rows computed, in all
         self.peak_logits_rows = 0   # the most logits rows one llama_decode asked for (memory)
