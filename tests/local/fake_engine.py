@@ -331,14 +331,15 @@ def collect(items: list) -> Result:
 
 class Harness:
     def __init__(self, n_slots: int = 4, step_tokens: int = 16, prefix_cache: bool = True,
-                 model: Model | None = None, host_cache_bytes: int = 0, fill_holes: bool = True) -> None:
+                 model: Model | None = None, host_cache_bytes: int = 0, fill_holes: bool = True,
+                 window: int = 0) -> None:
         self.vocab = FakeVocab()
         self.grammars = fake_grammars()
         self.n_slots = n_slots
         self.host_cache = HostCache(host_cache_bytes)
         self.runner = FakeRunner(model or scripted(), n_slots, step_tokens, self.host_cache, fill_holes)
         self.pool = SlotPool(n_slots)
-        self.sched = Scheduler(self.pool, step_tokens, prefix_cache, self.host_cache)
+        self.sched = Scheduler(self.pool, step_tokens, prefix_cache, self.host_cache, window=window)
         self.emits: list[list[tuple[Request, object]]] = []
         self.core = EngineCore(self.sched, self.runner, self.vocab, self._emit)
         self.sinks: dict[str, list] = {}

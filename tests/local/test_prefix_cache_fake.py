@@ -157,3 +157,59 @@ def test_shared_prefix_against_the_obvious_loop() -> None:
         a = rng.integers(0, 3, rng.integers(0, 12))
         b = rng.integers(0, 3, rng.integers(0, 12))
         assert shared_prefix(a, b) == common_prefix(a.tolist(), b.tolist())
+
+
+def test_a_restore_must_spare_as_many_tokens_as_a_save_holds() -> None:
+    """A prompt sharing fewer than MIN_TOKENS with an entry (its BOS, a few words) prefills them:
+    a restore copies the entry's whole KV in (it did, for one token, on every c=16 request)."""
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000)
+    run_one(h, "A", LONG_A)
+    run_one(h, "B", LONG_B)                     # A's prefix goes to host
+    run_one(h, "A-ish", LONG_A[:MIN_TOKENS - 1] + "zzzzzzzzzz")
+    assert h.host_cache.hits == 0 and not [op for op in h.runner.ctx.ops if op[0] == "restore"]
+    run_one(h, "B2", LONG_B)                    # the slot shares nothing with what comes next
+    hits, tokens = h.host_cache.hits, h.host_cache.hit_tokens
+    run_one(h, "A-more", LONG_A[:MIN_TOKENS + 2] + "zzzzzzzzzz")
+    assert (h.host_cache.hits - hits, h.host_cache.hit_tokens - tokens) == (1, MIN_TOKENS + 2)
+
+
+WINDOW = 16      # a sliding window shorter than the entries (gemma3's is 512)
+
+
+def test_an_entry_longer_than_the_window_is_restored_only_to_be_continued() -> None:
+    """With sliding-window layers a restored entry lacks the cells out of its last position's
+    window: a prompt that keeps fewer than all but its last token must prefill from the start."""
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000, window=WINDOW)
+    run_one(h, "A", LONG_A)
+    run_one(h, "B", LONG_B)                     # A's 40 tokens go to host
+    n = len(h.batches)
+    run_one(h, "A-cut", LONG_A[:30] + "zzzzzzzzzz")     # shares 30 of 40: would cut it short
+    assert h.host_cache.hits == 0
+    assert h.batches[n].prefills[0][1] == 0             # prefilled from position 0
+    run_one(h, "B2", LONG_B)
+    run_one(h, "A-next", LONG_A + "zzzzzzzz")           # a next turn: keeps all 40
+    assert h.host_cache.hits == 1
+    assert ("restore", 0) in h.runner.ctx.ops
+    # Without a window (or an entry within it) the cut restore is fine, as before.
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000, window=64)
+    run_one(h, "A", LONG_A)
+    run_one(h, "B", LONG_B)
+    run_one(h, "A-cut", LONG_A[:34] + "zzzzzzzzzz")
+    assert h.host_cache.hits == 1
+
+
+def test_a_restored_slot_is_not_cut_below_the_entry_later() -> None:
+    """After such a restore the slot's own prefix may not be reused shorter either: the next
+    prompt that shares less of it prefills from the start (and the slot's floor goes)."""
+    h = Harness(n_slots=1, step_tokens=64, host_cache_bytes=1_000_000, window=WINDOW)
+    run_one(h, "A", LONG_A)
+    run_one(h, "B", LONG_B)
+    run_one(h, "A-next", LONG_A + "zzzzzzzz")           # restored: the slot may not go below 39
+    assert h.host_cache.hits == 1 and h.pool.floor[0] == len(LONG_A) - 1
+    n = len(h.batches)
+    run_one(h, "A-cut", LONG_A[:30] + "yyyyyyyy")       # shares 30 with the slot
+    assert h.batches[n].prefills[0][1] == 0
+    assert h.pool.floor[0] == 0
+    fresh = Harness(n_slots=1, step_tokens=64)
+    run_one(fresh, "A-cut", LONG_A[:30] + "yyyyyyyy")
+    assert text_of(h, "A-cut") == text_of(fresh, "A-cut")

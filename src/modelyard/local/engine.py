@@ -283,7 +283,7 @@ class LocalEngine(EngineThread):
             return
         emit = lambda out: self._loop.call_soon_threadsafe(self._deliver, out)  # noqa: E731
         scheduler = Scheduler(SlotPool(self.spec.parallel), max(self.spec.batch, self.spec.parallel + 2),
-                              self.spec.prefix_cache, self._host_cache)
+                              self.spec.prefix_cache, self._host_cache, window=self.model.n_swa)
         self._core = EngineCore(scheduler, LlamaCppRunner(ctx, self._host_cache, fill_holes=self.model.kv_only),
                                 self.model, emit)
         started.set_result(None)

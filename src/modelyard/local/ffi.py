@@ -187,6 +187,8 @@ class LlamaModel:
         # Its memory is a KV cache of cells alone (nothing recurrent): LlamaContext fills each
         # sequence's cells in position order, which the runner's filler rows rely on.
         self.kv_only: bool = not C.llama_model_is_recurrent(self._model) and not C.llama_model_is_hybrid(self._model)
+        # Its sliding-window layers' window, in tokens (0: none, as smollm2; gemma3-270m: 512).
+        self.n_swa: int = C.llama_model_n_swa(self._model)
         self._pieces: dict[int, bytes] = {}
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:

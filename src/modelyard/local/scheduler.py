@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .prefix_cache import Entry, HostCache
+from .prefix_cache import MIN_TOKENS, Entry, HostCache
 from .request import Request, RequestStatus, Sequence
 from .slots import SlotPool
 
@@ -113,7 +113,7 @@ class Batch:
 
 class Scheduler:
     def __init__(self, slots: SlotPool, step_tokens: int, prefix_cache: bool = True,
-                 host_cache: HostCache | None = None) -> None:
+                 host_cache: HostCache | None = None, window: int = 0) -> None:
         # Room for a decode token per slot, and for a prompt chunk of >= 2 tokens that never
         # leaves a single token behind (so every prompt makes progress).
         assert step_tokens >= slots.n + 2, "a step must fit a decode per slot and a 3-token chunk"
@@ -128,6 +128,7 @@ class Scheduler:
         self._saves: list[tuple[int, tuple[int, ...], str]] = []
         self._restores: list[tuple[int, Entry]] = []
         self.host_cache = host_cache if prefix_cache else None
+        self.window = window        # the model's sliding window (tokens; 0: none): see _restorable
         self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
         self.preemptions = 0        # batch requests sent back to restart, in all
         self._batch_turn = 0        # which batch decodes go next beside interactive work
@@ -273,15 +274,19 @@ class Scheduler:
         part = req.cache_partition
         slots, shared = self.slots.acquire(req.prompt_ids, req.n, reuse, part)
         entry, from_host = self.host_cache.best(req.prompt_ids, part) if reuse and self.host_cache else (None, 0)
-        restore = entry is not None and min(from_host, req.num_prompt - 2) > min(shared, req.num_prompt - 2)
-        self._save_overwritten(slots, 0 if restore else shared)
-        if restore:
-            self._restore(slots[0], entry, from_host)
-            shared = from_host
         # Compute at least the last two prompt tokens: the last one's logits start the
         # generation, and a chunk of one token would take another kernel path than the
         # same prompt prefilled without a cache (see slots.reusable).
-        req.num_computed = max(0, min(shared, req.num_prompt - 2))
+        keep = self.slots.cuttable(slots[0], max(0, min(shared, req.num_prompt - 2)))
+        # A restore copies the entry's whole KV in: worth it only for as many tokens as a save is
+        # (a prompt sharing just its BOS with an entry restored it, for one token).
+        restore = (entry is not None and min(from_host, req.num_prompt - 2) - keep >= MIN_TOKENS
+                   and self._restorable(entry, min(from_host, req.num_prompt - 2)))
+        self._save_overwritten(slots, 0 if restore or not keep else shared)
+        if restore:
+            self._restore(slots[0], entry, from_host)
+            keep = min(from_host, req.num_prompt - 2)
+        req.num_computed = keep
         req.cached_tokens = req.num_computed        # its usage says so (OpenAI's cached_tokens)
         self.reused_tokens += req.num_computed
         self._truncations.append((slots[0], req.num_computed))
@@ -305,12 +310,29 @@ class Scheduler:
             if len(prefix) > (first_keeps if i == 0 else 0) and self.host_cache.worth_saving(prefix, part):
                 self._saves.append((slot, prefix, part))
 
+    def _restorable(self, entry: Entry, keep: int) -> bool:
+        """Whether a prompt may restore `entry` and keep `keep` tokens of it. On a model with
+        sliding-window layers, llama.cpp saves of those layers only the cells of the positions
+        in the window of the entry's last one (llama_kv_cache::state_write), so an entry longer
+        than the window can be cut at its last position at most: cut shorter, the next tokens'
+        window would reach positions it lacks, and their logits would differ from a fresh
+        prefill's (tests/local/test_runner_fillers.py). A prompt that continues the entry (a
+        chat's next turn) restores it."""
+        return self._floor(entry) <= keep
+
+    def _floor(self, entry: Entry) -> int:
+        """The shortest prefix a restore of `entry` may be cut to (see _restorable)."""
+        n = len(entry.tokens)
+        return n - 1 if self.window and n > self.window else 0
+
     def _restore(self, slot: int, entry: Entry, shared: int) -> None:
         # set_data replaces the slot's whole KV: earlier truncations of it have no object.
         self._truncations = [(s, k) for s, k in self._truncations if s != slot]
         self._restores.append((slot, entry))
         self.slots.cached[slot] = list(entry.tokens)
         self.slots.reusable[slot] = len(entry.tokens)
+        # ...and may not be cut below its last position again while it holds this KV.
+        self.slots.floor[slot] = self._floor(entry)
         self.host_cache.use(entry, shared)
 
     def _add_decode(self, batch: Batch, req: Request, seq: Sequence) -> None:

@@ -54,6 +54,11 @@ class SlotPool:
         self.reusable: list[int] = [0] * n
         # Whose prompt each slot's cache holds: it is reused only by the same partition.
         self.partition: list[str] = [""] * n
+        # The shortest prefix a slot's KV may be cut to (0: any). A prefix longer than a model's
+        # sliding window, restored from host memory, holds only the window's cells in those
+        # layers (llama.cpp saves no cell out of the window): cut shorter, the positions its next
+        # tokens attend to would be missing (Scheduler._restorable).
+        self.floor: list[int] = [0] * n
         self._free = set(range(n))
         self._last_used = [0] * n
         self._clock = itertools.count(1)
@@ -125,8 +130,15 @@ class SlotPool:
         self._last_used[slot] = next(self._clock)
 
     def truncate(self, slot: int, keep: int) -> None:
+        assert keep == 0 or keep >= self.floor[slot], f"slot {slot}: cut to {keep}, below {self.floor[slot]}"
         del self.cached[slot][keep:]
         self.reusable[slot] = min(self.reusable[slot], keep)
+        if keep == 0:
+            self.floor[slot] = 0
+
+    def cuttable(self, slot: int, keep: int) -> int:
+        """`keep` if the slot's KV may be cut to it, else 0 (recompute from the start)."""
+        return keep if keep >= self.floor[slot] else 0
 
     def forget(self, slot: int) -> None:
         self.cached[slot] = []
@@ -144,3 +156,4 @@ class SlotPool:
         self.cached[dst] = list(self.cached[src])
         self.reusable[dst] = self.reusable[src]
         self.partition[dst] = self.partition[src]
+        self.floor[dst] = self.floor[src]
