@@ -316,7 +316,7 @@ class Scheduler:
         in the window of the entry's last one (llama_kv_cache::state_write), so an entry longer
         than the window can be cut at its last position at most: cut shorter, the next tokens'
         window would reach positions it lacks, and their logits would differ from a fresh
-        prefill's (tests/local/test_runner_fillers.py). A prompt that continues the entry (a
+        prefill's (tests/local/test_window_restore.py). A prompt that continues the entry (a
         chat's next turn) restores it."""
         return self._floor(entry) <= keep
 
