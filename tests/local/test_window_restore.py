@@ -1,7 +1,7 @@
 """What the host prefix cache relies on for a model with sliding-window layers (gemma3-270m, a
 window of 512), on the real llama.cpp: a saved prefix longer than the window, restored into a slot
 and cut at its last position, goes on bit for bit as the slot that computed it does; cut shorter,
-it does not (llama.cpp saves no cell out of the window), which is why Scheduler._restorable
+it does not (llama.cpp saves no cell out of the window), which is why Scheduler._floor
 refuses that restore (and tests/local/test_prefix_cache_fake.py checks the rule)."""
 
 from __future__ import annotations
@@ -59,4 +59,4 @@ def test_a_restored_entry_longer_than_the_window_goes_on_only_from_its_end():
     restored, computed = out[ENTRY - 40]
     assert not np.array_equal(restored, computed), (
         "cut 40 tokens short, the restored entry gives the same logits: llama.cpp now saves the cells "
-        "out of the window, and Scheduler._restorable could allow any cut")
+        "out of the window, and Scheduler._floor could allow any cut")

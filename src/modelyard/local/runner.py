@@ -114,38 +114,33 @@ class LlamaCppRunner:
         if not fillers:
             self._decode(batch, range(n))
             return list(range(n))
-        tokens, positions, slots, logits, at = [], [], [], [], []
-        pending = iter(fillers)
-        filler = next(pending, None)
-        for i in range(n):
-            while filler is not None and filler[0] < batch.slots[i]:
-                tokens.append(batch.tokens[i])   # any token: its row is thrown away
-                positions.append(filler[1])
-                slots.append(filler[0])
-                logits.append(False)
-                filler = next(pending, None)
-            at.append(len(tokens))
-            tokens.append(batch.tokens[i])
-            positions.append(batch.positions[i])
-            slots.append(batch.slots[i])
-            logits.append(batch.logits[i])
-        self.peak_logits_rows = max(self.peak_logits_rows, sum(logits))
+        # (slot, token, position, logits, decode row or -1): a filler's token is any token, its
+        # row is thrown away. Slot order, as the scheduler sorts decode rows.
+        rows = [(batch.slots[i], batch.tokens[i], batch.positions[i], batch.logits[i], i) for i in range(n)]
+        rows += [(slot, batch.tokens[0], pos, False, -1) for slot, pos in fillers]
+        rows.sort(key=lambda r: r[0])
+        self.peak_logits_rows = max(self.peak_logits_rows, sum(batch.logits[:n]))
         try:
-            self.ctx.decode(tokens, positions, slots, logits)
+            self.ctx.decode([r[1] for r in rows], [r[2] for r in rows], [r[0] for r in rows], [r[3] for r in rows])
         finally:
             for slot, pos in fillers:     # even after a failure: the slot holds what it held
                 self.ctx.seq_rm(slot, pos)
         self.filler_rows += len(fillers)
+        at = [0] * n
+        for j, r in enumerate(rows):
+            if r[4] >= 0:
+                at[r[4]] = j
         return at
 
     def _fillers(self, batch: Batch, n: int) -> list[tuple[int, int]]:
         """(slot, position) of the filler rows for this step's n decode rows: each at the end of
         its slot's KV, where it fits in the slot's context and adds no keys to the call."""
-        if not self.fill_holes or n < 2:
+        holes = fillable_holes(batch.slots[:n]) if self.fill_holes else []
+        if not holes:
             return []
         longest = -(-(max(batch.positions[:n]) + 1) // KV_PAD) * KV_PAD
         out = []
-        for slot in fillable_holes(batch.slots[:n]):
+        for slot in holes:
             pos = self.ctx.seq_pos_max(slot) + 1
             if pos < self.ctx.n_ctx_seq and pos < longest:
                 out.append((slot, pos))

@@ -128,7 +128,7 @@ class Scheduler:
         self._saves: list[tuple[int, tuple[int, ...], str]] = []
         self._restores: list[tuple[int, Entry]] = []
         self.host_cache = host_cache if prefix_cache else None
-        self.window = window        # the model's sliding window (tokens; 0: none): see _restorable
+        self.window = window        # the model's sliding window (tokens; 0: none): see _floor
         self.reused_tokens = 0      # prompt tokens whose prefill a cached prefix saved, in all
         self.preemptions = 0        # batch requests sent back to restart, in all
         self._batch_turn = 0        # which batch decodes go next beside interactive work
@@ -278,14 +278,14 @@ class Scheduler:
         # generation, and a chunk of one token would take another kernel path than the
         # same prompt prefilled without a cache (see slots.reusable).
         keep = self.slots.cuttable(slots[0], max(0, min(shared, req.num_prompt - 2)))
+        host_keep = min(from_host, req.num_prompt - 2)
         # A restore copies the entry's whole KV in: worth it only for as many tokens as a save is
         # (a prompt sharing just its BOS with an entry restored it, for one token).
-        restore = (entry is not None and min(from_host, req.num_prompt - 2) - keep >= MIN_TOKENS
-                   and self._restorable(entry, min(from_host, req.num_prompt - 2)))
+        restore = entry is not None and host_keep - keep >= MIN_TOKENS and self._floor(entry) <= host_keep
         self._save_overwritten(slots, 0 if restore or not keep else shared)
         if restore:
             self._restore(slots[0], entry, from_host)
-            keep = min(from_host, req.num_prompt - 2)
+            keep = host_keep
         req.num_computed = keep
         req.cached_tokens = req.num_computed        # its usage says so (OpenAI's cached_tokens)
         self.reused_tokens += req.num_computed
@@ -310,18 +310,14 @@ class Scheduler:
             if len(prefix) > (first_keeps if i == 0 else 0) and self.host_cache.worth_saving(prefix, part):
                 self._saves.append((slot, prefix, part))
 
-    def _restorable(self, entry: Entry, keep: int) -> bool:
-        """Whether a prompt may restore `entry` and keep `keep` tokens of it. On a model with
-        sliding-window layers, llama.cpp saves of those layers only the cells of the positions
-        in the window of the entry's last one (llama_kv_cache::state_write), so an entry longer
-        than the window can be cut at its last position at most: cut shorter, the next tokens'
-        window would reach positions it lacks, and their logits would differ from a fresh
-        prefill's (tests/local/test_window_restore.py). A prompt that continues the entry (a
-        chat's next turn) restores it."""
-        return self._floor(entry) <= keep
-
     def _floor(self, entry: Entry) -> int:
-        """The shortest prefix a restore of `entry` may be cut to (see _restorable)."""
+        """The shortest prefix a restore of `entry` may be cut to. On a model with sliding-window
+        layers, llama.cpp saves of those layers only the cells of the positions in the window of
+        the entry's last one (llama_kv_cache::state_write), so an entry longer than the window
+        can be cut at its last position at most: cut shorter, the next tokens' window would reach
+        positions it lacks, and their logits would differ from a fresh prefill's
+        (tests/local/test_window_restore.py). A prompt that continues the entry (a chat's next
+        turn) restores it."""
         n = len(entry.tokens)
         return n - 1 if self.window and n > self.window else 0
 

@@ -57,7 +57,7 @@ class SlotPool:
         # The shortest prefix a slot's KV may be cut to (0: any). A prefix longer than a model's
         # sliding window, restored from host memory, holds only the window's cells in those
         # layers (llama.cpp saves no cell out of the window): cut shorter, the positions its next
-        # tokens attend to would be missing (Scheduler._restorable).
+        # tokens attend to would be missing (Scheduler._floor).
         self.floor: list[int] = [0] * n
         self._free = set(range(n))
         self._last_used = [0] * n
