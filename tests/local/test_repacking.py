@@ -8,6 +8,7 @@ and the memory footprint's count of the repacked copies against what llama.cpp a
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from modelyard import settings as settings_mod
 from modelyard.local import repacking
 from modelyard.local.convert import converted
-from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel
+from modelyard.local.ffi import ContextShape, LlamaContext, LlamaModel, system_info
 from modelyard.local.footprint import MIB, estimate, reported
 from modelyard.settings import EndpointSpec
 from modelyard.store import ModelStore
@@ -145,6 +146,14 @@ def test_the_verdict_is_probed_once_per_file_and_shape(monkeypatch, tmp_path: Pa
     repacking.load_for_generation(f, True, 1, True, True)
     assert probes == [1, 2, 1]                                   # a file changed in place is probed again
 
+
+
+def test_system_info_is_one_string_however_many_threads_ask():
+    """The estimate reads ggml's features on the registry's threads while engines log them on
+    theirs: llama.cpp's own call shares one buffer (a torn read crashed a CI server), ffi's not."""
+    with ThreadPoolExecutor(8) as pool:
+        got = set(pool.map(lambda _: system_info(), range(400)))
+    assert len(got) == 1 and "CPU : " in next(iter(got))
 
 def test_the_footprint_counts_the_repacked_copies():
     """Repacked tensors are copies in anonymous memory beside the file's mapped pages: a loaded

@@ -119,8 +119,19 @@ def tiled_kquant_matmul() -> bool:
     return os.environ.get("GGML_CPU_TILED_MM", "1").strip() not in ("0", "")
 
 
+_SYSTEM_INFO_LOCK = threading.Lock()
+_SYSTEM_INFO: list[str] = []
+
+
 def system_info() -> str:
-    return C.llama_print_system_info().decode()
+    """ggml's CPU features and build switches ("AVX2 = 1 | ..."), read once per process. llama.cpp
+    rebuilds one static std::string on every llama_print_system_info call, so two threads calling
+    it at once (the registry's memory estimate beside an engine logging its load) read a torn
+    string, and the process crashed (SIGSEGV, in CI). It never changes once the backends load."""
+    with _SYSTEM_INFO_LOCK:
+        if not _SYSTEM_INFO:
+            _SYSTEM_INFO.append(C.llama_print_system_info().decode())
+        return _SYSTEM_INFO[0]
 
 
 def _context_buffers(make):
