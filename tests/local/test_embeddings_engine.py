@@ -255,18 +255,118 @@ def test_deterministic_false_trades_bit_identity_for_flash_attention_not_meaning
     assert min(float(np.dot(a, b)) for a, b in zip(got, exact)) > 0.99999
 
 
-def test_flash_attention_is_what_a_deterministic_engine_runs_when_the_load_probe_passes(engine):
+def test_a_deterministic_engine_packs_inputs_tight_on_the_tile_invariant_kernel(engine, run):
+    """scripts/install patches the tile-invariant flash attention into llama.cpp, the load probe
+    passes it, and so a deterministic engine packs inputs as tight as deterministic = false
+    does (no lanes, no tile boundaries, no filler up to a tile): not one filler token. Its vectors
+    stay bit-identical (test_a_vector_never_depends_on_what_else_is_in_the_batch)."""
     status = engine.status()
-    assert (status["attention"], status["attention_tile"]) == ("flash", 64)
-    assert status["alignment"] in (8, 16)
+    assert (status["attention"], status["alignment"], status["attention_tile"]) == ("flash-tile-invariant", 1, 0)
+    inputs = [tuple(range(2000, 2000 + n)) for n in (23, 17, 30, 9)]     # no length a lane multiple
+    before = engine.status()["padding_tokens_total"]
+    embed(run, engine, inputs)
+    embed(run, engine, inputs[:1])
+    assert engine.status()["padding_tokens_total"] == before
+
+
+def test_without_the_tile_invariant_kernel_a_deterministic_engine_packs_at_lanes_and_tiles(store, run, monkeypatch):
+    """A llama.cpp build without the patch (ffi.tile_invariant_attention False): inputs at lane
+    multiples, none across a tile boundary it could start on; still bit-identical."""
+    import modelyard.local.embeddings as embeddings_mod
+    monkeypatch.setattr(embeddings_mod, "tile_invariant_attention", lambda on=True: False)
+    tiled = EmbeddingEngine(spec(), store.resolve(MODEL))
+    run(tiled.start())
+    try:
+        status = tiled.status()
+        assert (status["attention"], status["attention_tile"]) == ("flash", 64)
+        assert status["alignment"] in (8, 16)
+        inputs = mixed_inputs()
+        alone = [embed(run, tiled, [x]).vectors[0] for x in inputs]
+        assert embed(run, tiled, inputs).vectors == tuple(alone)
+        assert tiled.status()["padding_tokens_total"] > 0
+    finally:
+        run(tiled.stop())
+
+
+def test_a_tile_invariant_kernel_that_fails_the_load_probe_gives_way_to_lanes_and_tiles(store, run, monkeypatch,
+                                                                                        caplog):
+    """A build that claims the switch but computes as stock ggml (here: the switch does nothing)
+    fails the probe of the tight packing: the engine packs at lanes and tiles, says so, and its
+    vectors stay bit-identical."""
+    import modelyard.local.embeddings as embeddings_mod
+    monkeypatch.setattr(embeddings_mod, "tile_invariant_attention", lambda on=True: True)
+    monkeypatch.setattr(embeddings_mod, "_PROBED", {})     # the module's engine probed the real switch
+    claimed = EmbeddingEngine(spec(), store.resolve(MODEL))
+    with caplog.at_level("WARNING", logger="modelyard.engine"):
+        run(claimed.start())
+    try:
+        status = claimed.status()
+        assert (status["attention"], status["attention_tile"]) == ("flash", 64)
+        assert "tile-invariant flash attention failed the load-time invariance probe" in caplog.text
+        inputs = mixed_inputs()
+        alone = [embed(run, claimed, [x]).vectors[0] for x in inputs]
+        assert embed(run, claimed, inputs).vectors == tuple(alone)
+    finally:
+        run(claimed.stop())
+
+
+def test_the_tile_invariant_switch_is_what_makes_tight_packing_bit_identical(store):
+    """The premise of the tight packing, on the real kernels: with the switch on (this thread),
+    inputs of 3-140 tokens packed tight give each the rows it gets alone (a decode of 3 tokens
+    as of 140), bit for bit; with it off, ggml's tiled flash attention rescales and sums by tile
+    and lane, and below 64 tokens takes another kernel, and they do not."""
+    import random
+    import threading
+    from collections import deque
+
+    from modelyard.local.embeddings_batch import EmbedJob, Packer
+    from modelyard.local.ffi import EmbeddingContext, LlamaModel, tile_invariant_attention
+
+    rng = random.Random(3)
+    lengths = [rng.randint(3, 140) for _ in range(16)]
+    inputs = [[2000 + (7 * i + j) % 3000 for j in range(n)] for i, n in enumerate(lengths)]
+    verdicts: dict[bool, bool] = {}
+
+    def rows(ctx, packer, job):
+        out = {}
+        while (packed := packer.pack(deque([job]))) is not None:
+            got = ctx.encode(packed.tokens, packed.positions, packed.seqs)
+            for span in packed.spans:
+                out[span.index] = got[span.offset:span.offset + span.length]
+        return out
+
+    def on_one_thread():
+        model = LlamaModel(store.resolve(MODEL), repack=False)
+        try:
+            for switch in (True, False):
+                assert tile_invariant_attention(switch)
+                packer = Packer(max_seqs=16, max_tokens=256, align=1, tile=0)
+                ctx = EmbeddingContext(model, 17, 256, 1)
+                try:
+                    together = rows(ctx, packer, EmbedJob("all", inputs, finish=lambda _: None))
+                    alone = [rows(ctx, packer, EmbedJob(f"{i}", [x], finish=lambda _: None))[0]
+                             for i, x in enumerate(inputs)]
+                    verdicts[switch] = all(np.array_equal(a, together[i]) for i, a in enumerate(alone))
+                finally:
+                    ctx.close()
+            tile_invariant_attention(False)
+        finally:
+            model.close()
+
+    thread = threading.Thread(target=on_one_thread)
+    thread.start()
+    thread.join()
+    assert verdicts == {True: True, False: False}
 
 
 def test_flash_attention_that_fails_the_load_probe_gives_way_to_plain_attention_and_says_so(
         store, run, monkeypatch, caplog):
-    """A packing that does not match the kernel (here a 16-token tile, where ggml folds keys 64
-    at a time: what another llama.cpp could do to ours) fails the probe at load: the engine
-    serves plain attention, invariant with lanes alone, and says so; vectors stay bit-identical."""
+    """On a build without the tile-invariant kernel, a packing that does not match the kernel
+    (here a 16-token tile, where ggml folds keys 64 at a time: what another llama.cpp could do
+    to ours) fails the probe at load: the engine serves plain attention, invariant with lanes
+    alone, and says so; vectors stay bit-identical."""
     import modelyard.local.embeddings as embeddings_mod
+    monkeypatch.setattr(embeddings_mod, "tile_invariant_attention", lambda on=True: False)
     monkeypatch.setattr(embeddings_mod, "FLASH_ATTN_TILE", 16)
     mismatched = EmbeddingEngine(spec(), store.resolve(MODEL))
     with caplog.at_level("WARNING", logger="modelyard.engine"):

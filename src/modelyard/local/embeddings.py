@@ -9,9 +9,12 @@ complete. Only the engine thread touches the llama context (why: loop.py's docst
 Endpoint settings, as an encoder reads them: `context` caps one input's tokens (at most the
 model's trained length), `parallel` is the inputs per llama_decode, `batch` the tokens per
 llama_decode (an input longer than that runs alone: a non-causal sequence cannot be split).
-Attention is ggml's flash attention, which skips the other sequences' keys a tile at a time;
-`deterministic = true` packs inputs so that each meets the same tiles at the same lanes alone or
-in any batch (embeddings_batch.Packer), `deterministic = false` packs them tight (no lane padding).
+Attention is ggml's flash attention, which skips the other sequences' keys a tile at a time.
+`deterministic = false` packs inputs tight. `deterministic = true` packs them tight too where
+this llama.cpp build computes the tiled kernel in one order wherever a row's keys fall
+(ffi.tile_invariant_attention, on the engine thread); else so that each input meets the same
+tiles at the same lanes alone or in any batch (embeddings_batch.Packer: about 1.3x the tokens);
+else with plain attention. The load-time probe decides, and status() says which ("attention").
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ from ..errors import ContextOverflow, DeadlineExceeded, EngineError, InvalidRequ
 from ..settings import EndpointSpec
 from .embeddings_batch import EmbedJob, Packed, Packer, invariant, pool
 from .engine_thread import STOP, EngineThread
-from .ffi import FLASH_ATTN_TILE, EmbeddingContext, LlamaModel, simd_lanes, system_info
+from .ffi import FLASH_ATTN_TILE, EmbeddingContext, LlamaModel, simd_lanes, system_info, tile_invariant_attention
 from .footprint import Footprint, reported, vocab_of
 from .vocab_guard import VocabGuard
 
 log = logging.getLogger("modelyard.engine")
 # Sequence ids a llama context takes (llama_max_parallel_sequences); one is the filler's.
 MAX_SEQ = 256
-# The load-time invariance probe's verdicts: {(model file and its stat, lanes, tile, flash, context): passed}
+# The load-time invariance probe's verdicts: {(model file and its stat, packing, attention, context): passed}
 _PROBED: dict[tuple, bool] = {}
 
 
@@ -51,7 +54,9 @@ class EmbeddingEngine(EngineThread):
         self.model: LlamaModel | None = None
         self.pooling = ""
         self.context = 0                 # the longest input, in tokens (after load)
-        self.attention = ""              # "flash", or "plain" where the load-time probe refused it
+        # "flash-tile-invariant" (tight packing), "flash" (lanes and tiles) or "plain": the first
+        # the load-time probe passes on a deterministic endpoint; "flash" when deterministic = false
+        self.attention = ""
         self.footprint: Footprint | None = None     # what llama.cpp allocated, once loaded
         self._affixes: tuple[list[int], list[int]] = ([], [])   # what tokenize adds: [CLS] / [SEP]
         self._init_thread()
@@ -219,21 +224,7 @@ class EmbeddingEngine(EngineThread):
         at = full.index(bare[0])
         self._affixes = (full[:at], full[at + len(bare):])
         exact = self.spec.deterministic
-        packer, ctx = self._context(tile=FLASH_ATTN_TILE if exact else 0, flash_attn=True)
-        if exact and not self._probe(packer, ctx):
-            # The kernels do not compute as the tile packing assumes (another llama.cpp, a CPU
-            # whose flash attention sums otherwise): plain attention, invariant with lanes alone,
-            # slower. Said in the log and in status(); and if even that fails, the load does.
-            log.warning("endpoint %s: flash attention failed the load-time invariance probe on this CPU "
-                        "and llama.cpp build; plain attention instead (slower for batched inputs)",
-                        self.spec.name)
-            ctx.close()
-            packer, ctx = self._context(tile=0, flash_attn=False)
-            if not self._probe(packer, ctx):
-                ctx.close()
-                raise EngineError(f"{self.model_path}: an input's vector depends on its batch on this CPU and "
-                                  "llama.cpp build (load-time probe); serve it with deterministic = false")
-        self.attention = "flash" if ctx.flash_attn else "plain"
+        packer, ctx = self._packed_context(exact)
         self.footprint = reported(model.size_bytes, ctx.buffers, vocab=vocab_of(self.model_path))
         self._packer = packer
         log.info("endpoint %s: embeddings, %s pooling, %d dimensions, %d tokens per input, %d inputs and "
@@ -242,18 +233,54 @@ class EmbeddingEngine(EngineThread):
                  self.attention, exact, system_info().strip())
         return ctx
 
-    def _context(self, tile: int, flash_attn: bool) -> tuple[Packer, EmbeddingContext]:
-        exact = self.spec.deterministic
-        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, simd_lanes() if exact else 1, tile)
+    def _packed_context(self, exact: bool) -> tuple[Packer, EmbeddingContext]:
+        """The packing and the context this engine runs (on the engine thread: the kernel switch
+        is the thread's). Deterministic: the first of three that the load-time probe passes,
+        fastest first; each refusal is said in the log, and status() names the one kept."""
+        if not exact:
+            self.attention = "flash"
+            return self._context(align=1, tile=0, flash_attn=True)
+        if tile_invariant_attention(True):
+            # tight: the tiled kernel at any number of tokens, in one order wherever keys fall
+            packer, ctx = self._context(align=1, tile=0, flash_attn=True)
+            if self._probe(packer, ctx, "flash-tile-invariant"):
+                self.attention = "flash-tile-invariant"
+                return packer, ctx
+            ctx.close()
+            tile_invariant_attention(False)
+            log.warning("endpoint %s: tile-invariant flash attention failed the load-time invariance probe on "
+                        "this CPU and llama.cpp build; inputs packed at lanes and tiles instead (about 1.3x "
+                        "the tokens)", self.spec.name)
+        packer, ctx = self._context(align=simd_lanes(), tile=FLASH_ATTN_TILE, flash_attn=True)
+        if self._probe(packer, ctx, "flash"):
+            self.attention = "flash"
+            return packer, ctx
+        # The kernels do not compute as the tile packing assumes (another llama.cpp, a CPU
+        # whose flash attention sums otherwise): plain attention, invariant with lanes alone,
+        # slower. Said in the log and in status(); and if even that fails, the load does.
+        log.warning("endpoint %s: flash attention failed the load-time invariance probe on this CPU "
+                    "and llama.cpp build; plain attention instead (slower for batched inputs)",
+                    self.spec.name)
+        ctx.close()
+        packer, ctx = self._context(align=simd_lanes(), tile=0, flash_attn=False)
+        if not self._probe(packer, ctx, "plain"):
+            ctx.close()
+            raise EngineError(f"{self.model_path}: an input's vector depends on its batch on this CPU and "
+                              "llama.cpp build (load-time probe); serve it with deterministic = false")
+        self.attention = "plain"
+        return packer, ctx
+
+    def _context(self, align: int, tile: int, flash_attn: bool) -> tuple[Packer, EmbeddingContext]:
+        packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, align, tile)
         capacity = packer.capacity(max(self.spec.batch, self.context))   # holds the longest input
         return packer, EmbeddingContext(self.model, packer.max_seqs + 1, capacity, self.spec.n_threads, flash_attn)
 
-    def _probe(self, packer: Packer, ctx: EmbeddingContext) -> bool:
+    def _probe(self, packer: Packer, ctx: EmbeddingContext, attention: str) -> bool:
         """embeddings_batch.invariant on this context: about 8 small decodes, ~0.2 s for minilm, once
         per process for a model file and a packing (a reload reuses the verdict). A decode that
         fails closes the context (nobody else holds it yet)."""
         st = self.model_path.stat()      # a file replaced at the same path is probed again
-        key = (str(self.model_path), st.st_size, st.st_mtime_ns, packer.align, packer.tile, ctx.flash_attn,
+        key = (str(self.model_path), st.st_size, st.st_mtime_ns, packer.align, packer.tile, attention,
                self.context)
         if key not in _PROBED:
             ids = self.model.tokenize("the quick brown fox jumps over a lazy dog", add_special=False)

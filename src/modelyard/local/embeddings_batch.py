@@ -1,6 +1,8 @@
 """Embedding jobs and the one batch per step: inputs of many requests packed into one llama_decode,
-each in its own sequence at a lane-aligned offset (and, under flash attention, never across a tile
-boundary it could start on); each sequence's rows pooled and normalised.
+each in its own sequence: tight, where the attention kernel computes a row in one order wherever
+its keys fall (ffi.tile_invariant_attention), else at a lane-aligned offset and, under flash
+attention, never across a tile boundary it could start on; each sequence's rows pooled and
+normalised.
 
 Pure Python + numpy, so the packing is tested without a model (tests/local/test_embeddings_batch.py).
 The alignment and the filler sequence are what keep a vector independent of its neighbours; see
@@ -83,7 +85,8 @@ class Packer:
     sequence's vector depends on how its tokens fall into tiles: an input that fits in the rest
     of the current tile goes there (at a lane multiple), any other starts on a tile boundary, and
     a decode has at least one tile of tokens (below that ggml takes another kernel). Then every
-    input meets the same tiles, at the same lanes, alone or in any batch."""
+    input meets the same tiles, at the same lanes, alone or in any batch. With the tile-invariant
+    kernel (ffi.tile_invariant_attention) none of that is needed: align 1, no tile, tight."""
 
     def __init__(self, max_seqs: int, max_tokens: int, align: int, tile: int = 0) -> None:
         if tile % align:

@@ -64,21 +64,26 @@ def choose_kernels(deterministic: bool) -> None:
 
 
 @functools.cache
-def _thread_use_ref():
-    """ggml_backend_cpu_set_thread_use_ref, which scripts/install patches into the llama.cpp it
-    builds (scripts/patches/ggml-cpu-thread-use-ref.patch), or None in a build without it."""
+def _thread_switch(symbol: str):
+    """A per-thread kernel switch that scripts/install patches into the llama.cpp it builds
+    (scripts/patches: ggml_backend_cpu_set_thread_use_ref, ..._set_thread_fa_tile_invariant),
+    as a ctypes function of one bool, or None in a build without it."""
     # The copy of ggml-cpu that libllama runs, found by name among the libraries already
     # loaded (RTLD_NOLOAD). A wheel holds its libraries as copies, not links (libggml-cpu.so,
     # .so.0, .so.0.25.3), and opening another copy by path gives a second ggml-cpu whose
     # thread-local switch libllama never reads.
     for lib in sorted((Path(C.__file__).parent / "lib").glob("*ggml-cpu*")):
         try:
-            fn = ctypes.CDLL(lib.name, mode=os.RTLD_NOLOAD).ggml_backend_cpu_set_thread_use_ref
+            fn = getattr(ctypes.CDLL(lib.name, mode=os.RTLD_NOLOAD), symbol)
         except (OSError, AttributeError):
             continue
         fn.argtypes, fn.restype = [ctypes.c_bool], None
         return fn
     return None
+
+
+def _thread_use_ref():
+    return _thread_switch("ggml_backend_cpu_set_thread_use_ref")
 
 
 def fixed_order_kernels() -> bool:
@@ -98,6 +103,24 @@ def use_fixed_order_kernels(on: bool = True) -> bool:
     not per process, so the other endpoints of the process keep their own kernels. False (and
     nothing changes) in a llama.cpp build without the patch."""
     fn = _thread_use_ref()
+    if fn is None:
+        return False
+    fn(on)
+    return True
+
+
+def tile_invariant_attention(on: bool = True) -> bool:
+    """From now on (`on`; until a call with False), ggml's tiled flash attention computes each
+    row in one order, wherever its keys fall in the KV tiles and SIMD lanes, and runs at any
+    number of queries (stock: from FLASH_ATTN_TILE up), on every graph the CALLING thread computes
+    (scripts/patches/ggml-cpu-tiled-fa-tile-invariant.patch): the row's max over all its keys
+    first (exact in any order), then one pass against it with no rescaling between tiles, the
+    exponentials summed key by key in double, V accumulated key by key as before. A masked key
+    adds exact zeros, so a row depends on its own sequence's keys alone and an encoder's inputs
+    pack tight, at any offset (local/embeddings). It costs a second pass over the scores of the
+    tiles that hold a key of the row (kept from the first, in a buffer of each compute thread's).
+    Per thread; False (and nothing changes) in a build without the patch."""
+    fn = _thread_switch("ggml_backend_cpu_set_thread_fa_tile_invariant")
     if fn is None:
         return False
     fn(on)
@@ -466,25 +489,25 @@ class EmbeddingContext:
     llama_decode computes every token's last hidden state, for many sequences at once.
 
     Batch invariance (an input's vector never depends on its neighbours): llama.cpp pools in
-    the graph with a matmul over all the batch's tokens, and its attention sums over all the
-    batch's keys, so where a sequence sits changes which SIMD lane (and which kernel: tinyBLAS
-    needs rows in multiples of the lane count) adds its terms up. So pooling is off here (the
-    caller pools each sequence's own rows), and the caller starts each sequence at a multiple
-    of simd_lanes() and pads the batch to one: then the other sequences' terms are exact zeros
-    in lanes of their own, and a vector is bit-identical alone or in any batch (tested).
+    the graph with a matmul over all the batch's tokens, so pooling is off here (the caller
+    pools each sequence's own rows). The matmuls compute each row alone (measured: inputs
+    packed at any offset give their rows bit for bit under the fixed-order attention), so what
+    remains is the attention, which sums over the decode's keys.
 
     Attention is flash attention. Its CPU kernel (ggml-cpu/ops.cpp) takes a tiled path once a
     decode has FLASH_ATTN_TILE tokens: per row, keys a tile at a time, a tile wholly masked
     skipped, the tile's exponentials summed a SIMD vector at a time, the online-softmax rescale
-    between tiles. So a row's result depends on how its sequence's keys fall into tiles and
-    lanes, nothing else: the caller keeps that fixed (embeddings_batch.Packer's `tile`). Plain
-    attention, invariant with lanes alone, computed every pair of the decode's tokens (other
-    sequences' masked), and cost 2x in inputs/s on packed batches (docs/performance.md); it is
-    what an engine falls back to (flash_attn=False) where the load-time probe finds flash
-    attention computing otherwise (local/embeddings). The fixed-order kernels
-    (use_fixed_order_kernels), with lanes alone and no tiles, were invariant too but slower:
-    0.7-0.9x the inputs/s at batched levels (keys one at a time, each row reading every key's
-    mask; docs/performance.md), so this engine's thread does not run them.
+    between tiles. Stock, a row's result so depends on how its sequence's keys fall into tiles
+    and lanes, and the caller keeps that fixed (embeddings_batch.Packer's `align` and `tile`:
+    about 1.3x the tokens of a tight packing). With tile_invariant_attention on the calling
+    thread (scripts/install's patch), the kernel computes a row in one order wherever its keys
+    fall and takes the tiled path at any number of tokens, and the caller packs tight, with no
+    filler at all (local/embeddings picks, the load-time probe checks). Plain attention, invariant with lanes alone, computed
+    every pair of the decode's tokens (other sequences' masked), and cost 2x in inputs/s on
+    packed batches (docs/performance.md); it is what an engine falls back to (flash_attn=False)
+    where the probe finds flash attention computing otherwise. The fixed-order kernels
+    (use_fixed_order_kernels) are invariant under tight packing too, but slower: keys one at a
+    time, each row reading every key's mask (0.7-0.9x the inputs/s of the tiles, measured).
     """
 
     def __init__(self, model: LlamaModel, n_seq: int, n_batch: int, n_threads: int,
