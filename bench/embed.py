@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", choices=["llama-server", "none"], default="llama-server")
     p.add_argument("--deterministic", choices=["true", "false"], default="true",
                    help="modelyard's endpoint: true (default) keeps vectors bit-identical whatever the "
-                        "batch; false turns flash attention on and lane padding off")
+                        "batch (tight packing on the tile-invariant flash attention, where the build has "
+                        "it); false runs llama.cpp's own flash attention, packed tight")
     p.add_argument("--batch", type=int, default=BATCH, help="modelyard's tokens per llama_decode")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
