@@ -242,6 +242,13 @@ def test_a_completions_model_fails_to_load_as_an_embeddings_engine(store, run):
     run(wrong.stop())
 
 
+def assert_batch_invariant(run, engine) -> None:
+    """mixed_inputs() alone and together: bit-identical vectors."""
+    inputs = mixed_inputs()
+    alone = [embed(run, engine, [x]).vectors[0] for x in inputs]
+    assert embed(run, engine, inputs).vectors == tuple(alone)
+
+
 def test_deterministic_false_trades_bit_identity_for_flash_attention_not_meaning(engine, store, run):
     fast = EmbeddingEngine(spec(deterministic=False), store.resolve(MODEL))
     run(fast.start())
@@ -280,34 +287,10 @@ def test_without_the_tile_invariant_kernel_a_deterministic_engine_packs_at_lanes
         status = tiled.status()
         assert (status["attention"], status["attention_tile"]) == ("flash", 64)
         assert status["alignment"] in (8, 16)
-        inputs = mixed_inputs()
-        alone = [embed(run, tiled, [x]).vectors[0] for x in inputs]
-        assert embed(run, tiled, inputs).vectors == tuple(alone)
+        assert_batch_invariant(run, tiled)
         assert tiled.status()["padding_tokens_total"] > 0
     finally:
         run(tiled.stop())
-
-
-def test_a_tile_invariant_kernel_that_fails_the_load_probe_gives_way_to_lanes_and_tiles(store, run, monkeypatch,
-                                                                                        caplog):
-    """A build that claims the switch but computes as stock ggml (here: the switch does nothing)
-    fails the probe of the tight packing: the engine packs at lanes and tiles, says so, and its
-    vectors stay bit-identical."""
-    import modelyard.local.embeddings as embeddings_mod
-    monkeypatch.setattr(embeddings_mod, "tile_invariant_attention", lambda on=True: True)
-    monkeypatch.setattr(embeddings_mod, "_PROBED", {})     # the module's engine probed the real switch
-    claimed = EmbeddingEngine(spec(), store.resolve(MODEL))
-    with caplog.at_level("WARNING", logger="modelyard.engine"):
-        run(claimed.start())
-    try:
-        status = claimed.status()
-        assert (status["attention"], status["attention_tile"]) == ("flash", 64)
-        assert "tile-invariant flash attention failed the load-time invariance probe" in caplog.text
-        inputs = mixed_inputs()
-        alone = [embed(run, claimed, [x]).vectors[0] for x in inputs]
-        assert embed(run, claimed, inputs).vectors == tuple(alone)
-    finally:
-        run(claimed.stop())
 
 
 def test_the_tile_invariant_switch_is_what_makes_tight_packing_bit_identical(store):
@@ -359,24 +342,30 @@ def test_the_tile_invariant_switch_is_what_makes_tight_packing_bit_identical(sto
     assert verdicts == {True: True, False: False}
 
 
-def test_flash_attention_that_fails_the_load_probe_gives_way_to_plain_attention_and_says_so(
-        store, run, monkeypatch, caplog):
-    """On a build without the tile-invariant kernel, a packing that does not match the kernel
-    (here a 16-token tile, where ggml folds keys 64 at a time: what another llama.cpp could do
-    to ours) fails the probe at load: the engine serves plain attention, invariant with lanes
-    alone, and says so; vectors stay bit-identical."""
+@pytest.mark.parametrize("switch, tile, attention, said", [
+    # A build that claims the switch but computes as stock ggml (here: the switch does nothing):
+    # the tight packing fails the probe, inputs go at lanes and tiles.
+    (True, 64, ("flash", 64), "tile-invariant flash attention failed the load-time invariance probe"),
+    # A build without the switch whose tiles do not match the packing's (here 16 tokens, where
+    # ggml folds keys 64 at a time: what another llama.cpp could do to ours): plain attention,
+    # invariant with lanes alone.
+    (False, 16, ("plain", 0), "flash attention failed the load-time invariance probe"),
+])
+def test_a_kernel_that_fails_the_load_probe_gives_way_to_the_next_packing_and_says_so(
+        store, run, monkeypatch, caplog, switch, tile, attention, said):
+    """The engine falls back at load, says so in the log and in status, and its vectors stay
+    bit-identical."""
     import modelyard.local.embeddings as embeddings_mod
-    monkeypatch.setattr(embeddings_mod, "tile_invariant_attention", lambda on=True: False)
-    monkeypatch.setattr(embeddings_mod, "FLASH_ATTN_TILE", 16)
-    mismatched = EmbeddingEngine(spec(), store.resolve(MODEL))
+    monkeypatch.setattr(embeddings_mod, "tile_invariant_attention", lambda on=True: switch)
+    monkeypatch.setattr(embeddings_mod, "FLASH_ATTN_TILE", tile)
+    monkeypatch.setattr(embeddings_mod, "_PROBED", {})     # the module's engine probed the real kernels
+    fallen = EmbeddingEngine(spec(), store.resolve(MODEL))
     with caplog.at_level("WARNING", logger="modelyard.engine"):
-        run(mismatched.start())
+        run(fallen.start())
     try:
-        status = mismatched.status()
-        assert (status["attention"], status["attention_tile"]) == ("plain", 0)
-        assert "failed the load-time invariance probe" in caplog.text
-        inputs = mixed_inputs()
-        alone = [embed(run, mismatched, [x]).vectors[0] for x in inputs]
-        assert embed(run, mismatched, inputs).vectors == tuple(alone)
+        status = fallen.status()
+        assert (status["attention"], status["attention_tile"]) == attention
+        assert said in caplog.text
+        assert_batch_invariant(run, fallen)
     finally:
-        run(mismatched.stop())
+        run(fallen.stop())
