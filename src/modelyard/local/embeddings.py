@@ -235,40 +235,33 @@ class EmbeddingEngine(EngineThread):
 
     def _packed_context(self, exact: bool) -> tuple[Packer, EmbeddingContext]:
         """The packing and the context this engine runs (on the engine thread: the kernel switch
-        is the thread's). Deterministic: the first of three that the load-time probe passes,
-        fastest first; each refusal is said in the log, and status() names the one kept."""
+        is the thread's). Deterministic: the first that the load-time probe passes, fastest
+        first: tight on the tile-invariant flash attention (where this build has the switch), at
+        lanes and tiles on stock flash attention (another llama.cpp, a CPU whose kernel sums
+        otherwise: about 1.3x the tokens), at lanes on plain attention (slower for batched
+        inputs); each refusal is said in the log, status() names the one kept, and if all fail,
+        the load does."""
         if not exact:
             self.attention = "flash"
             return self._context(align=1, tile=0, flash_attn=True)
+        lanes = simd_lanes()
+        # (status name, what the log calls it, lanes, tile, flash attention)
+        tries = [("flash", "flash attention", lanes, FLASH_ATTN_TILE, True),
+                 ("plain", "plain attention", lanes, 0, False)]
         if tile_invariant_attention(True):
-            # tight: the tiled kernel at any number of tokens, in one order wherever keys fall
-            packer, ctx = self._context(align=1, tile=0, flash_attn=True)
-            if self._probe(packer, ctx, "flash-tile-invariant"):
-                self.attention = "flash-tile-invariant"
+            tries.insert(0, ("flash-tile-invariant", "tile-invariant flash attention", 1, 0, True))
+        for i, (attention, said, align, tile, flash) in enumerate(tries):
+            tile_invariant_attention(attention == "flash-tile-invariant")
+            packer, ctx = self._context(align=align, tile=tile, flash_attn=flash)
+            if self._probe(packer, ctx, attention):
+                self.attention = attention
                 return packer, ctx
             ctx.close()
-            tile_invariant_attention(False)
-            log.warning("endpoint %s: tile-invariant flash attention failed the load-time invariance probe on "
-                        "this CPU and llama.cpp build; inputs packed at lanes and tiles instead (about 1.3x "
-                        "the tokens)", self.spec.name)
-        packer, ctx = self._context(align=simd_lanes(), tile=FLASH_ATTN_TILE, flash_attn=True)
-        if self._probe(packer, ctx, "flash"):
-            self.attention = "flash"
-            return packer, ctx
-        # The kernels do not compute as the tile packing assumes (another llama.cpp, a CPU
-        # whose flash attention sums otherwise): plain attention, invariant with lanes alone,
-        # slower. Said in the log and in status(); and if even that fails, the load does.
-        log.warning("endpoint %s: flash attention failed the load-time invariance probe on this CPU "
-                    "and llama.cpp build; plain attention instead (slower for batched inputs)",
-                    self.spec.name)
-        ctx.close()
-        packer, ctx = self._context(align=simd_lanes(), tile=0, flash_attn=False)
-        if not self._probe(packer, ctx, "plain"):
-            ctx.close()
-            raise EngineError(f"{self.model_path}: an input's vector depends on its batch on this CPU and "
-                              "llama.cpp build (load-time probe); serve it with deterministic = false")
-        self.attention = "plain"
-        return packer, ctx
+            if i + 1 < len(tries):
+                log.warning("endpoint %s: %s failed the load-time invariance probe on this CPU and llama.cpp "
+                            "build; %s instead", self.spec.name, said, tries[i + 1][1])
+        raise EngineError(f"{self.model_path}: an input's vector depends on its batch on this CPU and "
+                          "llama.cpp build (load-time probe); serve it with deterministic = false")
 
     def _context(self, align: int, tile: int, flash_attn: bool) -> tuple[Packer, EmbeddingContext]:
         packer = Packer(min(self.spec.parallel, MAX_SEQ - 1), self.spec.batch, align, tile)

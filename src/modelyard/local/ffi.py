@@ -82,14 +82,19 @@ def _thread_switch(symbol: str):
     return None
 
 
-def _thread_use_ref():
-    return _thread_switch("ggml_backend_cpu_set_thread_use_ref")
+def _set_thread_switch(symbol: str, on: bool) -> bool:
+    """Sets the calling thread's switch `symbol` (see _thread_switch); False in a build without it."""
+    fn = _thread_switch(symbol)
+    if fn is None:
+        return False
+    fn(on)
+    return True
 
 
 def fixed_order_kernels() -> bool:
     """Whether this llama.cpp build can pin its reference kernels to one thread (see
     use_fixed_order_kernels)."""
-    return _thread_use_ref() is not None
+    return _thread_switch("ggml_backend_cpu_set_thread_use_ref") is not None
 
 
 def use_fixed_order_kernels(on: bool = True) -> bool:
@@ -102,11 +107,7 @@ def use_fixed_order_kernels(on: bool = True) -> bool:
     is why deterministic contexts ran plain attention before (docs/performance.md). Per thread,
     not per process, so the other endpoints of the process keep their own kernels. False (and
     nothing changes) in a llama.cpp build without the patch."""
-    fn = _thread_use_ref()
-    if fn is None:
-        return False
-    fn(on)
-    return True
+    return _set_thread_switch("ggml_backend_cpu_set_thread_use_ref", on)
 
 
 def tile_invariant_attention(on: bool = True) -> bool:
@@ -120,11 +121,7 @@ def tile_invariant_attention(on: bool = True) -> bool:
     pack tight, at any offset (local/embeddings). It costs a second pass over the scores of the
     tiles that hold a key of the row (kept from the first, in a buffer of each compute thread's).
     Per thread; False (and nothing changes) in a build without the patch."""
-    fn = _thread_switch("ggml_backend_cpu_set_thread_fa_tile_invariant")
-    if fn is None:
-        return False
-    fn(on)
-    return True
+    return _set_thread_switch("ggml_backend_cpu_set_thread_fa_tile_invariant", on)
 
 
 def generation_kernels(deterministic: bool, fixed_order: bool = True) -> tuple[bool, bool]:
@@ -502,10 +499,11 @@ class EmbeddingContext:
     about 1.3x the tokens of a tight packing). With tile_invariant_attention on the calling
     thread (scripts/install's patch), the kernel computes a row in one order wherever its keys
     fall and takes the tiled path at any number of tokens, and the caller packs tight, with no
-    filler at all (local/embeddings picks, the load-time probe checks). Plain attention, invariant with lanes alone, computed
-    every pair of the decode's tokens (other sequences' masked), and cost 2x in inputs/s on
-    packed batches (docs/performance.md); it is what an engine falls back to (flash_attn=False)
-    where the probe finds flash attention computing otherwise. The fixed-order kernels
+    filler at all (local/embeddings picks, the load-time probe checks). Plain attention,
+    invariant with lanes alone, computed every pair of the decode's tokens (other sequences'
+    masked), and cost 2x in inputs/s on packed batches (docs/performance.md); it is what an
+    engine falls back to (flash_attn=False) where the probe finds flash attention computing
+    otherwise. The fixed-order kernels
     (use_fixed_order_kernels) are invariant under tight packing too, but slower: keys one at a
     time, each row reading every key's mask (0.7-0.9x the inputs/s of the tiles, measured).
     """
