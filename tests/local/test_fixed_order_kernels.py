@@ -2,14 +2,18 @@
 scripts/patches/ggml-cpu-thread-use-ref.patch), on the real default model: flash attention gives
 bit-identical logits however a prompt is chunked on a thread that runs them, and chunk-dependent
 ones on a thread of the same process that does not (so the switch is per thread, and reaches the
-copy of ggml that libllama runs); an engine on a build without them serves plain attention and
-says so."""
+copy of ggml that libllama runs); the RMS_NORM+MUL fusion that thread keeps
+(scripts/patches/ggml-cpu-use-ref-keeps-fusion.patch) changes no bit; an engine on a build without
+them serves plain attention and says so."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +71,40 @@ def test_flash_attention_on_the_fixed_order_thread_ignores_chunking_and_only_the
     fast = _on_a_thread(False, model)
     assert not np.array_equal(fast[128], fast[48])
     assert float(np.abs(fast[128] - fixed[128]).max()) > 0
+
+
+# The same logits in a process whose ggml never fuses (GGML_CPU_DISABLE_FUSION is read once, when
+# ggml starts: hence a process of its own).
+UNFUSED = """
+import sys
+import numpy as np
+from modelyard.local.ffi import LlamaModel
+from testkit.kernels import on_a_thread
+sys.path.insert(0, {tests!r})
+from test_fixed_order_kernels import CHUNKS, _last_logits
+m = LlamaModel({path!r}, repack=False)
+out = on_a_thread(lambda: {{c: _last_logits(m, c) for c in CHUNKS}}, True, timeout=300)
+np.savez({to!r}, **{{str(c): v for c, v in out.items()}})
+m.close()
+"""
+
+
+def test_the_fusion_kept_on_the_fixed_order_thread_changes_no_bit(model, tmp_path):
+    """The patch's premise: the fused RMS_NORM+MUL computes each row as the two ops do
+    ((x * scale) * w, one row at a time), so keeping it on the fixed-order thread keeps every
+    guarantee and only saves a graph node (and a barrier) per norm."""
+    root = Path(__file__).resolve().parents[2]
+    path = ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False).resolve(MODEL)
+    to = tmp_path / "unfused.npz"
+    env = {**os.environ, "GGML_CPU_DISABLE_FUSION": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    subprocess.run([sys.executable, "-c", UNFUSED.format(tests=str(Path(__file__).parent), path=str(path),
+                                                          to=str(to))],
+                   env=env, cwd=root, check=True, timeout=300)
+    unfused = np.load(to)
+    fused = _on_a_thread(True, model)
+    for c in CHUNKS:
+        assert np.array_equal(fused[c], unfused[str(c)]), f"chunks of {c}: the fusion changed the logits"
 
 
 def test_an_engine_on_a_build_without_them_runs_plain_attention_and_says_so(model, monkeypatch, caplog):

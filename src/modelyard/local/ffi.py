@@ -101,12 +101,14 @@ def use_fixed_order_kernels(on: bool = True) -> bool:
     """From now on (`on`; until a call with False), every graph the CALLING thread computes runs
     ggml's reference kernels: flash attention one key at a time, in cell order, for any number of
     queries and keys (no tiled path at >= 64 queries, no split of the keys across threads for a
-    lone query), no tiled matmul and no op fusion. So a row's attention depends on its own keys alone and a deterministic
-    endpoint can run flash attention: ggml's tiled and split-KV paths sum in orders that depend
-    on the batch's shape (a prompt chunked otherwise gave other logits, max |diff| 0.49), which
-    is why deterministic contexts ran plain attention before (docs/performance.md). Per thread,
-    not per process, so the other endpoints of the process keep their own kernels. False (and
-    nothing changes) in a llama.cpp build without the patch."""
+    lone query), no tiled matmul. So a row's attention depends on its own keys alone and a
+    deterministic endpoint can run flash attention: ggml's tiled and split-KV paths sum in orders
+    that depend on the batch's shape (a prompt chunked otherwise gave other logits, max |diff|
+    0.49), which is why deterministic contexts ran plain attention before (docs/performance.md).
+    Op fusions stay (scripts/patches/ggml-cpu-use-ref-keeps-fusion.patch): the fused RMS_NORM+MUL
+    computes each row as the two ops do, bit for bit, one graph node and barrier fewer a norm
+    (about 3 % of a decode). Per thread, not per process, so the other endpoints of the process
+    keep their own kernels. False (and nothing changes) in a llama.cpp build without the patch."""
     return _set_thread_switch("ggml_backend_cpu_set_thread_use_ref", on)
 
 
