@@ -38,9 +38,13 @@ CHUNKS = (128, 100, 48, 7, 250)
 
 
 @pytest.fixture(scope="module")
-def model():
-    path = ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False).resolve(MODEL)
-    m = LlamaModel(path, repack=False)
+def model_path() -> Path:
+    return ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False).resolve(MODEL)
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    m = LlamaModel(model_path, repack=False)
     yield m
     m.close()
 
@@ -62,9 +66,14 @@ def _on_a_thread(fixed: bool, model: LlamaModel) -> dict[int, np.ndarray]:
     return on_a_thread(lambda: {c: _last_logits(model, c) for c in CHUNKS}, fixed, timeout=300)
 
 
-def test_flash_attention_on_the_fixed_order_thread_ignores_chunking_and_only_there(model):
+@pytest.fixture(scope="module")
+def fixed(model) -> dict[int, np.ndarray]:
+    """Each chunking's last logits on a fixed-order thread (two tests read them)."""
+    return _on_a_thread(True, model)
+
+
+def test_flash_attention_on_the_fixed_order_thread_ignores_chunking_and_only_there(model, fixed):
     assert fixed_order_kernels(), "scripts/install builds llama.cpp with scripts/patches applied"
-    fixed = _on_a_thread(True, model)
     for c in CHUNKS:
         assert np.array_equal(fixed[c], fixed[CHUNKS[0]]), f"chunks of {c} changed the logits"
     # the same process, another thread: ggml's own choice of path, which depends on the chunk
@@ -89,28 +98,26 @@ m.close()
 """
 
 
-def test_the_fusion_kept_on_the_fixed_order_thread_changes_no_bit(model, tmp_path):
+def test_the_fusion_kept_on_the_fixed_order_thread_changes_no_bit(model_path, fixed, tmp_path):
     """The patch's premise: the fused RMS_NORM+MUL computes each row as the two ops do
     ((x * scale) * w, one row at a time), so keeping it on the fixed-order thread keeps every
     guarantee and only saves a graph node (and a barrier) per norm."""
     root = Path(__file__).resolve().parents[2]
-    path = ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False).resolve(MODEL)
     to = tmp_path / "unfused.npz"
     env = {**os.environ, "GGML_CPU_DISABLE_FUSION": "1",
            "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
-    subprocess.run([sys.executable, "-c", UNFUSED.format(tests=str(Path(__file__).parent), path=str(path),
+    subprocess.run([sys.executable, "-c", UNFUSED.format(tests=str(Path(__file__).parent), path=str(model_path),
                                                           to=str(to))],
                    env=env, cwd=root, check=True, timeout=300)
     unfused = np.load(to)
-    fused = _on_a_thread(True, model)
     for c in CHUNKS:
-        assert np.array_equal(fused[c], unfused[str(c)]), f"chunks of {c}: the fusion changed the logits"
+        assert np.array_equal(fixed[c], unfused[str(c)]), f"chunks of {c}: the fusion changed the logits"
 
 
-def test_an_engine_on_a_build_without_them_runs_plain_attention_and_says_so(model, monkeypatch, caplog):
+def test_an_engine_on_a_build_without_them_runs_plain_attention_and_says_so(model_path, monkeypatch, caplog):
     monkeypatch.setattr(ffi, "use_fixed_order_kernels", lambda on=True: False)
-    path = ModelStore(settings_mod.load(env=os.environ).store_dir, progress=False).resolve(MODEL)
-    engine = engine_mod.LocalEngine(EndpointSpec(name="plain", model=MODEL, context=256, parallel=1, threads=1), path)
+    engine = engine_mod.LocalEngine(EndpointSpec(name="plain", model=MODEL, context=256, parallel=1, threads=1),
+                                    model_path)
 
     async def main() -> list:
         await engine.start()
